@@ -1,0 +1,497 @@
+//! Text → [`Spec`]: the pest grammar (`grammar.pest`) and the walk that builds the AST.
+//! Syntax errors become an `E0001` diagnostic at the failing position.
+
+use crate::ast::*;
+use crate::diag::Diagnostic;
+use pest::iterators::Pair;
+use pest::pratt_parser::{Assoc, Op, PrattParser};
+use pest::Parser;
+
+#[derive(pest_derive::Parser)]
+#[grammar = "grammar.pest"]
+struct AttnParser;
+
+fn span(p: &Pair<Rule>) -> Span {
+    Span::new(p.as_span().start(), p.as_span().end())
+}
+
+fn ident(p: Pair<Rule>) -> Ident {
+    Ident {
+        name: p.as_str().to_string(),
+        span: span(&p),
+    }
+}
+
+/// Friendly names for the grammar's rules in "expected ..." messages.
+fn rule_name(r: &Rule) -> String {
+    match r {
+        Rule::ident => "a name".into(),
+        Rule::float | Rule::int => "a number".into(),
+        Rule::expr | Rule::sum_expr | Rule::primary | Rule::power => "an expression".into(),
+        Rule::stmt
+        | Rule::assign
+        | Rule::dims_decl
+        | Rule::dim_def
+        | Rule::const_def
+        | Rule::input_decl
+        | Rule::output_decl
+        | Rule::tensor_def
+        | Rule::fn_def
+        | Rule::let_def
+        | Rule::require_stmt
+        | Rule::branch_block => "a statement".into(),
+        Rule::tensor_type => "a tensor type like `f32[B, H, N, D]`".into(),
+        Rule::EOI => "end of file".into(),
+        Rule::or | Rule::and | Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt => {
+            "an operator".into()
+        }
+        Rule::add | Rule::sub | Rule::mul | Rule::floordiv | Rule::div | Rule::modulo => {
+            "an operator".into()
+        }
+        Rule::index | Rule::slice => "an index".into(),
+        Rule::arg => "an argument".into(),
+        Rule::value_range => "`in LO..HI`".into(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn syntax_error(e: pest::error::Error<Rule>, src: &str) -> Diagnostic {
+    use pest::error::{ErrorVariant, InputLocation};
+    let (start, end) = match e.location {
+        InputLocation::Pos(p) => (p, p),
+        InputLocation::Span((s, e)) => (s, e),
+    };
+    // Point at the offending token (or the end of input) rather than an empty range.
+    let tok_end = if end > start {
+        end
+    } else {
+        let rest = &src[start.min(src.len())..];
+        let n = rest.chars().next().map_or(0, |c| {
+            if c.is_alphanumeric() || c == '_' {
+                rest.find(|c: char| !(c.is_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len())
+            } else {
+                c.len_utf8()
+            }
+        });
+        start + n
+    };
+    let found = &src[start.min(src.len())..tok_end.min(src.len())];
+    let found = if found.is_empty() {
+        "end of file".to_string()
+    } else {
+        format!("`{found}`")
+    };
+    let msg = match &e.variant {
+        ErrorVariant::ParsingError { positives, .. } => {
+            let mut names: Vec<String> = positives.iter().map(rule_name).collect();
+            names.sort();
+            names.dedup();
+            match names.len() {
+                0 => format!("unexpected {found}"),
+                1 => format!("expected {}, found {found}", names[0]),
+                _ => {
+                    let last = names.pop().unwrap_or_default();
+                    format!("expected {} or {last}, found {found}", names.join(", "))
+                }
+            }
+        }
+        ErrorVariant::CustomError { message } => message.clone(),
+    };
+    let label = if found == "end of file" {
+        "the spec ends here".to_string()
+    } else {
+        "unexpected here".to_string()
+    };
+    let mut d = Diagnostic::new(
+        "E0001",
+        format!("syntax error: {msg}"),
+        Span::new(start, tok_end),
+        label,
+    );
+    if src[..start.min(src.len())].matches('{').count()
+        > src[..start.min(src.len())].matches('}').count()
+        && found == "end of file"
+    {
+        d = d.hint("a `{` is never closed");
+    } else {
+        d = d.hint(
+            "a spec is `attention NAME { statements }`; see the language reference in README.md",
+        );
+    }
+    d
+}
+
+fn pratt() -> PrattParser<Rule> {
+    PrattParser::new()
+        .op(Op::infix(Rule::or, Assoc::Left))
+        .op(Op::infix(Rule::and, Assoc::Left))
+        .op(Op::infix(Rule::eq, Assoc::Left)
+            | Op::infix(Rule::ne, Assoc::Left)
+            | Op::infix(Rule::lt, Assoc::Left)
+            | Op::infix(Rule::le, Assoc::Left)
+            | Op::infix(Rule::gt, Assoc::Left)
+            | Op::infix(Rule::ge, Assoc::Left))
+        .op(Op::infix(Rule::add, Assoc::Left) | Op::infix(Rule::sub, Assoc::Left))
+        .op(Op::infix(Rule::mul, Assoc::Left)
+            | Op::infix(Rule::div, Assoc::Left)
+            | Op::infix(Rule::floordiv, Assoc::Left)
+            | Op::infix(Rule::modulo, Assoc::Left))
+        .op(Op::prefix(Rule::neg) | Op::prefix(Rule::not))
+}
+
+struct Walker {
+    pratt: PrattParser<Rule>,
+}
+
+type R<T> = Result<T, Diagnostic>;
+
+impl Walker {
+    fn expr(&self, p: Pair<Rule>) -> R<Expr> {
+        // `expr` and `sum_expr` are flat sequences of prefix ops, powers and infix ops.
+        self.pratt
+            .map_primary(|x| self.power(x))
+            .map_prefix(|op, rhs| {
+                let rhs = rhs?;
+                let s = span(&op).to(rhs.span);
+                let u = if op.as_rule() == Rule::neg {
+                    UnaryOp::Neg
+                } else {
+                    UnaryOp::Not
+                };
+                // Fold `-literal` so `-1` is a literal (needed in shapes and ranges).
+                Ok(match (u, &rhs.kind) {
+                    (UnaryOp::Neg, ExprKind::Int(n)) => Expr {
+                        kind: ExprKind::Int(-n),
+                        span: s,
+                    },
+                    (UnaryOp::Neg, ExprKind::Float(x)) => Expr {
+                        kind: ExprKind::Float(-x),
+                        span: s,
+                    },
+                    _ => Expr {
+                        kind: ExprKind::Unary(u, Box::new(rhs)),
+                        span: s,
+                    },
+                })
+            })
+            .map_infix(|lhs, op, rhs| {
+                let (lhs, rhs) = (lhs?, rhs?);
+                let o = match op.as_rule() {
+                    Rule::or => BinaryOp::Or,
+                    Rule::and => BinaryOp::And,
+                    Rule::eq => BinaryOp::Eq,
+                    Rule::ne => BinaryOp::Ne,
+                    Rule::lt => BinaryOp::Lt,
+                    Rule::le => BinaryOp::Le,
+                    Rule::gt => BinaryOp::Gt,
+                    Rule::ge => BinaryOp::Ge,
+                    Rule::add => BinaryOp::Add,
+                    Rule::sub => BinaryOp::Sub,
+                    Rule::mul => BinaryOp::Mul,
+                    Rule::div => BinaryOp::Div,
+                    Rule::floordiv => BinaryOp::FloorDiv,
+                    Rule::modulo => BinaryOp::Mod,
+                    other => unreachable!("grammar: infix {other:?}"),
+                };
+                let s = lhs.span.to(rhs.span);
+                Ok(Expr {
+                    kind: ExprKind::Binary(o, Box::new(lhs), Box::new(rhs)),
+                    span: s,
+                })
+            })
+            .parse(p.into_inner())
+    }
+
+    fn power(&self, p: Pair<Rule>) -> R<Expr> {
+        debug_assert_eq!(p.as_rule(), Rule::power);
+        let s = span(&p);
+        let mut inner = p.into_inner();
+        let base = self.primary(inner.next().expect("grammar: power has a primary"))?;
+        // The exponent: prefix ops then a power.
+        let rest: Vec<Pair<Rule>> = inner.collect();
+        if rest.is_empty() {
+            return Ok(base);
+        }
+        let mut exp = self.power(rest.last().expect("non-empty").clone())?;
+        for op in rest[..rest.len() - 1].iter().rev() {
+            let u = if op.as_rule() == Rule::neg {
+                UnaryOp::Neg
+            } else {
+                UnaryOp::Not
+            };
+            let sp = span(op).to(exp.span);
+            exp = match (u, &exp.kind) {
+                (UnaryOp::Neg, ExprKind::Int(n)) => Expr {
+                    kind: ExprKind::Int(-n),
+                    span: sp,
+                },
+                (UnaryOp::Neg, ExprKind::Float(x)) => Expr {
+                    kind: ExprKind::Float(-x),
+                    span: sp,
+                },
+                _ => Expr {
+                    kind: ExprKind::Unary(u, Box::new(exp)),
+                    span: sp,
+                },
+            };
+        }
+        Ok(Expr {
+            kind: ExprKind::Binary(BinaryOp::Pow, Box::new(base), Box::new(exp)),
+            span: s,
+        })
+    }
+
+    fn primary(&self, p: Pair<Rule>) -> R<Expr> {
+        let s = span(&p);
+        let kind =
+            match p.as_rule() {
+                Rule::int => ExprKind::Int(p.as_str().parse().map_err(|_| {
+                    Diagnostic::new(
+                        "E0001",
+                        "integer literal is too large",
+                        s,
+                        "does not fit in 64 bits",
+                    )
+                    .hint("integers are 64-bit signed")
+                })?),
+                Rule::float => ExprKind::Float(p.as_str().parse().map_err(|_| {
+                    Diagnostic::new("E0001", "bad float literal", s, "not a number")
+                })?),
+                Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
+                Rule::ident => ExprKind::Name(p.as_str().to_string()),
+                Rule::expr => return self.expr(p),
+                Rule::call => {
+                    let mut inner = p.into_inner();
+                    let func = ident(inner.next().expect("grammar: call name"));
+                    let mut args = Vec::new();
+                    for a in inner {
+                        let mut ai = a.into_inner();
+                        let first = ai.next().expect("grammar: arg");
+                        if first.as_rule() == Rule::ident {
+                            let value = self.expr(ai.next().expect("grammar: named arg value"))?;
+                            args.push(Arg {
+                                name: Some(ident(first)),
+                                value,
+                            });
+                        } else {
+                            args.push(Arg {
+                                name: None,
+                                value: self.expr(first)?,
+                            });
+                        }
+                    }
+                    ExprKind::Call { func, args }
+                }
+                Rule::access => {
+                    let mut inner = p.into_inner();
+                    let tensor = ident(inner.next().expect("grammar: access name"));
+                    let mut indices = Vec::new();
+                    for ix in inner {
+                        let x = ix.into_inner().next().expect("grammar: index");
+                        indices.push(if x.as_rule() == Rule::slice {
+                            Index::Slice(span(&x))
+                        } else {
+                            Index::Expr(self.expr(x)?)
+                        });
+                    }
+                    ExprKind::Access { tensor, indices }
+                }
+                Rule::reduction => {
+                    let mut inner = p.into_inner();
+                    let op_pair = inner.next().expect("grammar: reduction op");
+                    let op = attnc_ir::RedOp::from_text(op_pair.as_str())
+                        .expect("grammar: reduction names match RedOp");
+                    let var = ident(inner.next().expect("grammar: reduction var"));
+                    let range = inner.next().expect("grammar: reduction range");
+                    let (lo, hi) = match range.as_rule() {
+                        Rule::red_lt => (
+                            None,
+                            self.expr(range.into_inner().next().expect("grammar: bound"))?,
+                        ),
+                        _ => {
+                            let mut r = range.into_inner();
+                            let lo = self.expr(r.next().expect("grammar: lo"))?;
+                            (
+                                Some(Box::new(lo)),
+                                self.expr(r.next().expect("grammar: hi"))?,
+                            )
+                        }
+                    };
+                    let body = self.expr(inner.next().expect("grammar: reduction body"))?;
+                    ExprKind::Reduce {
+                        op,
+                        var,
+                        lo,
+                        hi: Box::new(hi),
+                        body: Box::new(body),
+                    }
+                }
+                other => unreachable!("grammar: primary {other:?}"),
+            };
+        Ok(Expr { kind, span: s })
+    }
+
+    fn tensor_type(&self, p: Pair<Rule>) -> R<TensorType> {
+        let s = span(&p);
+        let mut inner = p.into_inner();
+        let dtype = ident(inner.next().expect("grammar: dtype"));
+        let shape = inner.map(|e| self.expr(e)).collect::<R<_>>()?;
+        Ok(TensorType {
+            dtype,
+            shape,
+            span: s,
+        })
+    }
+
+    fn assign(&self, p: Pair<Rule>) -> R<Assign> {
+        let s = span(&p);
+        let mut inner = p.into_inner();
+        let target = ident(inner.next().expect("grammar: target"));
+        let value = self.expr(inner.next().expect("grammar: value"))?;
+        Ok(Assign {
+            target,
+            value,
+            span: s,
+        })
+    }
+
+    fn idents(p: Pair<Rule>) -> Vec<Ident> {
+        p.into_inner().map(ident).collect()
+    }
+
+    fn item(&self, p: Pair<Rule>) -> R<Item> {
+        let s = span(&p);
+        let rule = p.as_rule();
+        let mut inner = p.into_inner();
+        let mut next = || inner.next().expect("grammar: statement part");
+        Ok(match rule {
+            Rule::dims_decl => Item::Dims {
+                names: std::iter::once(next()).chain(inner).map(ident).collect(),
+                span: s,
+            },
+            Rule::dim_def => Item::Dim {
+                name: ident(next()),
+                value: self.expr(next())?,
+                span: s,
+            },
+            Rule::const_def => Item::Const {
+                name: ident(next()),
+                value: self.expr(next())?,
+                span: s,
+            },
+            Rule::input_decl => {
+                let name = ident(next());
+                let ty = self.tensor_type(next())?;
+                let range = match inner.next() {
+                    Some(r) => {
+                        let mut ri = r.into_inner();
+                        Some((
+                            self.expr(ri.next().expect("grammar: lo"))?,
+                            self.expr(ri.next().expect("grammar: hi"))?,
+                        ))
+                    }
+                    None => None,
+                };
+                Item::Input {
+                    name,
+                    ty,
+                    range,
+                    span: s,
+                }
+            }
+            Rule::output_decl => Item::Output {
+                name: ident(next()),
+                ty: self.tensor_type(next())?,
+                span: s,
+            },
+            Rule::tensor_def => {
+                let name = ident(next());
+                let vars = Self::idents(next());
+                let ty = self.tensor_type(next())?;
+                Item::Tensor {
+                    name,
+                    vars,
+                    ty,
+                    body: self.expr(next())?,
+                    span: s,
+                }
+            }
+            Rule::fn_def => {
+                let name = ident(next());
+                let rest: Vec<Pair<Rule>> = inner.collect();
+                let (params, body) = match rest.as_slice() {
+                    [ps, b] => (Self::idents(ps.clone()), b.clone()),
+                    [b] => (vec![], b.clone()),
+                    _ => unreachable!("grammar: fn parts"),
+                };
+                Item::Fn {
+                    name,
+                    params,
+                    body: self.expr(body)?,
+                    span: s,
+                }
+            }
+            Rule::let_def => Item::Let {
+                name: ident(next()),
+                value: self.expr(next())?,
+                span: s,
+            },
+            Rule::require_stmt => Item::Require {
+                cond: self.expr(next())?,
+                span: s,
+            },
+            Rule::branch_block => {
+                let name = ident(next());
+                let assigns = inner.map(|a| self.assign(a)).collect::<R<_>>()?;
+                Item::Branch {
+                    name,
+                    assigns,
+                    span: s,
+                }
+            }
+            Rule::assign => {
+                drop(next);
+                return Ok(Item::Assign(self.assign_from(s, rule, inner)?));
+            }
+            other => unreachable!("grammar: statement {other:?}"),
+        })
+    }
+
+    fn assign_from(
+        &self,
+        s: Span,
+        _rule: Rule,
+        mut inner: pest::iterators::Pairs<Rule>,
+    ) -> R<Assign> {
+        let target = ident(inner.next().expect("grammar: target"));
+        let value = self.expr(inner.next().expect("grammar: value"))?;
+        Ok(Assign {
+            target,
+            value,
+            span: s,
+        })
+    }
+}
+
+/// Parses a `.attn` source into its syntax tree.
+pub fn parse(src: &str) -> Result<Spec, Diagnostic> {
+    let mut pairs = AttnParser::parse(Rule::spec, src).map_err(|e| syntax_error(e, src))?;
+    let spec = pairs.next().expect("grammar: spec");
+    let s = span(&spec);
+    let w = Walker { pratt: pratt() };
+    let mut inner = spec.into_inner();
+    let name = ident(inner.next().expect("grammar: spec name"));
+    let mut items = Vec::new();
+    for p in inner {
+        if p.as_rule() == Rule::EOI {
+            break;
+        }
+        items.push(w.item(p)?);
+    }
+    Ok(Spec {
+        name,
+        items,
+        span: s,
+    })
+}

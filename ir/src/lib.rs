@@ -1,0 +1,26 @@
+//! attnc-ir: the kernel IR every other crate speaks.
+//!
+//! It owns the data structure of one attention kernel ([`Kernel`]), its canonical text form
+//! (`Display` + [`parse_kernel`], round-tripping), the verifier that turns a kernel into the
+//! facts backends need ([`verify`] → [`KernelInfo`]), shape binding ([`bind()`]), the stable
+//! structural hash for cache keys ([`stable_hash`]) and the f64 reference interpreter whose
+//! behaviour *is* the meaning of a kernel ([`reference`]).
+//!
+//! It knows nothing of the surface language (attnc-dsl), of rewrites (attnc-passes) or of
+//! code generation (attnc-codegen).
+
+pub mod bind;
+pub mod expr;
+pub mod hash;
+pub mod kernel;
+pub mod pretty;
+pub mod reference;
+pub mod text;
+pub mod verify;
+
+pub use bind::{bind, BindError, Bindings};
+pub use expr::{BinOp, Expr, RedOp, Ty, UnOp, F64};
+pub use hash::{canonicalize, stable_hash};
+pub use kernel::*;
+pub use text::{parse_expr, parse_kernel, ParseError};
+pub use verify::{verify, Deps, KernelInfo, VerifyError};

@@ -1,0 +1,387 @@
+//! The attnc command line. Exit codes: 0 ok, 1 user error (a diagnostic, a bad input file,
+//! shapes that do not bind), 2 usage error, anything else is a bug.
+
+use anyhow::{anyhow, Context, Result};
+use attnc::{ir, load_spec, parse_dims, Loaded};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "attnc",
+    version,
+    about = "A compiler for attention kernels",
+    long_about = "attnc compiles attention variants written as declarative .attn specs: it checks them \
+with clear diagnostics, lowers them to an IR whose meaning is fixed by an f64 reference interpreter, and runs them.\n\n\
+Start with `attnc check examples/alibi.attn`, then `attnc run examples/alibi.attn --random --dims B=1,H=4,G=4,N=128,M=128,D=64,Dv=64 -o out.safetensors`."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Emit {
+    /// The checked kernel IR in canonical text form (round-trips through the IR parser).
+    Ir,
+    /// The syntax tree with byte spans.
+    Ast,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Backend {
+    /// The f64 reference interpreter: the meaning of a spec; slow, exact.
+    Reference,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Parse and check specs; print diagnostics with codes and spans.
+    Check {
+        /// One or more .attn files.
+        #[arg(required = true)]
+        specs: Vec<PathBuf>,
+    },
+    /// Compile a spec and print (or write) an intermediate form.
+    Compile {
+        spec: PathBuf,
+        /// What to emit.
+        #[arg(long, value_enum, default_value = "ir")]
+        emit: Emit,
+        /// Write to this file instead of standard output.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Run a spec on inputs from a safetensors file (tensors named as in the spec) and write
+    /// its output tensor by name.
+    Run {
+        spec: PathBuf,
+        /// Input tensors (safetensors); dims are bound from their shapes.
+        #[arg(
+            short,
+            long,
+            required_unless_present = "random",
+            conflicts_with = "random"
+        )]
+        input: Option<PathBuf>,
+        /// Run on seeded random inputs instead of a file (needs --dims).
+        #[arg(long, requires = "dims")]
+        random: bool,
+        /// Seed for --random.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64 (needed for --random; with --input,
+        /// only dims that no input carries).
+        #[arg(long)]
+        dims: Option<String>,
+        /// Output file (safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "reference")]
+        backend: Backend,
+    },
+    /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
+    Inputs {
+        spec: PathBuf,
+        /// Dim sizes, e.g. B=1,H=8,G=2,N=512,M=512,D=64,Dv=64.
+        #[arg(long)]
+        dims: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output file (safetensors).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Explain a spec: its dims, tensors and each axis of the kernel in readable form, then the IR.
+    Explain { spec: PathBuf },
+    /// List the diagnostic codes.
+    Codes,
+}
+
+/// An error already reported to the user (diagnostics printed): exit 1 without more output.
+#[derive(Debug)]
+struct Reported;
+impl std::fmt::Display for Reported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("reported")
+    }
+}
+impl std::error::Error for Reported {}
+
+fn load(path: &PathBuf) -> Result<(Loaded, attnc::dsl::Checked)> {
+    let l = load_spec(path).with_context(|| format!("cannot read spec {}", path.display()))?;
+    match &l.result {
+        Ok(c) => {
+            let c = c.clone();
+            Ok((l, c))
+        }
+        Err(_) => {
+            eprint!("{}", l.rendered_error().expect("an error"));
+            Err(Reported.into())
+        }
+    }
+}
+
+fn dims_arg(s: &Option<String>) -> Result<BTreeMap<String, i64>> {
+    match s {
+        Some(s) => parse_dims(s).map_err(|e| anyhow!("--dims: {e}")),
+        None => Ok(BTreeMap::new()),
+    }
+}
+
+/// Dims for making inputs: every free dim must be given.
+fn bind_given(c: &attnc::dsl::Checked, given: &BTreeMap<String, i64>) -> Result<ir::Bindings> {
+    for k in given.keys() {
+        if !c.kernel.dims.iter().any(|d| &d.name == k) {
+            let all: Vec<&str> = c.kernel.dims.iter().map(|d| d.name.as_str()).collect();
+            return Err(anyhow!(
+                "--dims: the spec has no dim `{k}` (its dims: {})",
+                all.join(", ")
+            ));
+        }
+    }
+    let missing: Vec<&str> = c
+        .info
+        .free_dims
+        .iter()
+        .filter(|d| !given.contains_key(*d))
+        .map(String::as_str)
+        .collect();
+    if !missing.is_empty() {
+        return Err(anyhow!(
+            "--dims is missing {} (the spec's free dims are {})",
+            missing.join(", "),
+            c.info.free_dims.join(", ")
+        ));
+    }
+    if let Some(d) = c.info.derived_dims.iter().find(|d| given.contains_key(*d)) {
+        return Err(anyhow!(
+            "--dims: `{d}` is computed by the spec and cannot be given"
+        ));
+    }
+    let shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    // Bind with explicit dims only, then check the requirements hold.
+    let mut k = c.kernel.clone();
+    k.tensors.retain(|t| t.kind != ir::TensorKind::Input);
+    let b = ir::bind(&k, &shapes, given)?;
+    Ok(b)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Check { specs } => {
+            let mut failed = 0;
+            for s in &specs {
+                let l =
+                    load_spec(s).with_context(|| format!("cannot read spec {}", s.display()))?;
+                match &l.result {
+                    Ok(c) => {
+                        let ins: Vec<&str> = c.kernel.inputs().map(|t| t.name.as_str()).collect();
+                        println!(
+                            "ok: {} ({}; inputs {})",
+                            l.path,
+                            c.kernel.name,
+                            ins.join(", ")
+                        );
+                    }
+                    Err(_) => {
+                        eprint!("{}", l.rendered_error().expect("an error"));
+                        failed += 1;
+                    }
+                }
+            }
+            if failed > 0 {
+                if specs.len() > 1 {
+                    eprintln!("{failed} of {} specs failed to check", specs.len());
+                }
+                return Err(Reported.into());
+            }
+        }
+        Cmd::Compile { spec, emit, output } => {
+            let (l, c) = load(&spec)?;
+            let text = match emit {
+                Emit::Ir => c.kernel.to_string(),
+                Emit::Ast => attnc::dsl::parse(&l.src)
+                    .map_err(|_| anyhow!("unreachable: the spec parsed before"))?
+                    .to_string(),
+            };
+            match output {
+                Some(p) => std::fs::write(&p, text)
+                    .with_context(|| format!("cannot write {}", p.display()))?,
+                None => print!("{text}"),
+            }
+        }
+        Cmd::Inputs {
+            spec,
+            dims,
+            seed,
+            output,
+        } => {
+            let (_, c) = load(&spec)?;
+            let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
+            let b = bind_given(&c, &given)?;
+            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed)
+                .map_err(|e| anyhow!(e))?;
+            let list: Vec<(String, ir::DType, &ir::reference::Tensor)> = c
+                .kernel
+                .inputs()
+                .map(|t| (t.name.clone(), t.dtype, &ins[&t.name]))
+                .collect();
+            attnc::io::write(&output, &list)?;
+            eprintln!("wrote {} input tensors to {}", list.len(), output.display());
+        }
+        Cmd::Run {
+            spec,
+            input,
+            random,
+            seed,
+            dims,
+            output,
+            backend,
+        } => {
+            let (_, c) = load(&spec)?;
+            let given = dims_arg(&dims)?;
+            let inputs = if random {
+                let b = bind_given(&c, &given)?;
+                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed)
+                    .map_err(|e| anyhow!(e))?
+            } else {
+                attnc::io::read_inputs(
+                    input.as_ref().expect("clap: --input or --random"),
+                    &c.kernel,
+                )?
+            };
+            let start = Instant::now();
+            let out = match backend {
+                Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
+            };
+            let secs = start.elapsed().as_secs_f64();
+            let o = c.kernel.output();
+            attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
+            eprintln!(
+                "{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}",
+                c.kernel.name,
+                backend,
+                secs,
+                o.name,
+                out.shape,
+                output.display()
+            );
+        }
+        Cmd::Explain { spec } => {
+            let (_, c) = load(&spec)?;
+            print!("{}", explain(&c));
+        }
+        Cmd::Codes => {
+            for (code, what) in attnc::dsl::CODES {
+                println!("{code}  {what}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn explain(c: &attnc::dsl::Checked) -> String {
+    use ir::pretty::infix;
+    use std::fmt::Write;
+    let k = &c.kernel;
+    let mut s = String::new();
+    writeln!(s, "kernel {}  (hash {})", k.name, &ir::stable_hash(k)[..16]).unwrap();
+    let dims: Vec<String> = k
+        .dims
+        .iter()
+        .map(|d| {
+            d.def
+                .as_ref()
+                .map_or(d.name.clone(), |e| format!("{} = {}", d.name, infix(e)))
+        })
+        .collect();
+    writeln!(s, "  dims      {}", dims.join(", ")).unwrap();
+    for r in &k.requires {
+        writeln!(s, "  require   {}", infix(r)).unwrap();
+    }
+    for t in &k.tensors {
+        let shape: Vec<String> = t.shape.iter().map(|e| e.to_string()).collect();
+        let kind = match &t.kind {
+            ir::TensorKind::Input => "input ",
+            ir::TensorKind::Output => "output",
+            ir::TensorKind::Derived { .. } => "tensor",
+        };
+        writeln!(
+            s,
+            "  {kind}    {}: {}[{}]",
+            t.name,
+            t.dtype,
+            shape.join(", ")
+        )
+        .unwrap();
+    }
+    let it = &k.iter;
+    writeln!(
+        s,
+        "  indices   b < {}, h < {}, i < {} (queries), j < {} (keys), e < {} (channels)",
+        it.b, it.h, it.i, it.j, it.e
+    )
+    .unwrap();
+    for (n, br) in k.branches.iter().enumerate() {
+        if k.branches.len() > 1 {
+            writeln!(s, "  branch {n}").unwrap();
+        }
+        writeln!(s, "  score     {}", infix(&br.score)).unwrap();
+        if let Some(e) = &br.bias {
+            writeln!(s, "  bias      {}", infix(e)).unwrap();
+        }
+        if let Some(e) = &br.mask {
+            writeln!(s, "  mask      {}", infix(e)).unwrap();
+        }
+        let norm = match &br.norm {
+            ir::Norm::Softmax { sink, post } => {
+                let mut t = "softmax over j".to_string();
+                if let Some(e) = sink {
+                    write!(t, ", sink logit {}", infix(e)).unwrap();
+                }
+                if let Some(e) = post {
+                    write!(t, ", then w -> {}", infix(e)).unwrap();
+                }
+                t
+            }
+            ir::Norm::Map(e) => format!("pointwise s -> {}", infix(e)),
+            ir::Norm::Linear { eps } => format!("s / (sum over j of s + {:?})", eps.0),
+        };
+        writeln!(s, "  normalize {norm}").unwrap();
+        if let Some(e) = &br.decay {
+            writeln!(s, "  decay     {}", infix(e)).unwrap();
+        }
+        if let Some(e) = &br.weight {
+            writeln!(s, "  weight    {}", infix(e)).unwrap();
+        }
+    }
+    writeln!(s, "  value     {}", infix(&k.value)).unwrap();
+    writeln!(s, "  out       {}[{}]", k.output().name, k.out.join(", ")).unwrap();
+    if let Some(g) = &k.gate {
+        writeln!(s, "  gate      {}", infix(g)).unwrap();
+    }
+    writeln!(
+        s,
+        "  rewrites  none yet: the optimization passes are not implemented in this version"
+    )
+    .unwrap();
+    writeln!(s, "\n{k}").unwrap();
+    s
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if e.downcast_ref::<Reported>().is_none() {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}
