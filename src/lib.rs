@@ -55,3 +55,24 @@ pub fn parse_dims(s: &str) -> Result<std::collections::BTreeMap<String, i64>, St
     }
     Ok(m)
 }
+
+/// Binds a spec's dims from explicit sizes alone (for making inputs): every free dim must
+/// be given, derived dims are computed, requirements are checked.
+pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i64>) -> Result<ir::Bindings, String> {
+    for k in given.keys() {
+        if !c.kernel.dims.iter().any(|d| &d.name == k) {
+            let all: Vec<&str> = c.kernel.dims.iter().map(|d| d.name.as_str()).collect();
+            return Err(format!("--dims: the spec has no dim `{k}` (its dims: {})", all.join(", ")));
+        }
+    }
+    let missing: Vec<&str> = c.info.free_dims.iter().filter(|d| !given.contains_key(*d)).map(String::as_str).collect();
+    if !missing.is_empty() {
+        return Err(format!("--dims is missing {} (the spec's free dims are {})", missing.join(", "), c.info.free_dims.join(", ")));
+    }
+    if let Some(d) = c.info.derived_dims.iter().find(|d| given.contains_key(*d)) {
+        return Err(format!("--dims: `{d}` is computed by the spec and cannot be given"));
+    }
+    let mut k = c.kernel.clone();
+    k.tensors.retain(|t| t.kind != ir::TensorKind::Input);
+    ir::bind(&k, &Default::default(), given).map_err(|e| e.to_string())
+}

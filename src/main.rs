@@ -132,42 +132,8 @@ fn dims_arg(s: &Option<String>) -> Result<BTreeMap<String, i64>> {
     }
 }
 
-/// Dims for making inputs: every free dim must be given.
 fn bind_given(c: &attnc::dsl::Checked, given: &BTreeMap<String, i64>) -> Result<ir::Bindings> {
-    for k in given.keys() {
-        if !c.kernel.dims.iter().any(|d| &d.name == k) {
-            let all: Vec<&str> = c.kernel.dims.iter().map(|d| d.name.as_str()).collect();
-            return Err(anyhow!(
-                "--dims: the spec has no dim `{k}` (its dims: {})",
-                all.join(", ")
-            ));
-        }
-    }
-    let missing: Vec<&str> = c
-        .info
-        .free_dims
-        .iter()
-        .filter(|d| !given.contains_key(*d))
-        .map(String::as_str)
-        .collect();
-    if !missing.is_empty() {
-        return Err(anyhow!(
-            "--dims is missing {} (the spec's free dims are {})",
-            missing.join(", "),
-            c.info.free_dims.join(", ")
-        ));
-    }
-    if let Some(d) = c.info.derived_dims.iter().find(|d| given.contains_key(*d)) {
-        return Err(anyhow!(
-            "--dims: `{d}` is computed by the spec and cannot be given"
-        ));
-    }
-    let shapes: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    // Bind with explicit dims only, then check the requirements hold.
-    let mut k = c.kernel.clone();
-    k.tensors.retain(|t| t.kind != ir::TensorKind::Input);
-    let b = ir::bind(&k, &shapes, given)?;
-    Ok(b)
+    attnc::bind_dims(c, given).map_err(|e| anyhow!(e))
 }
 
 fn run(cli: Cli) -> Result<()> {
