@@ -1,0 +1,85 @@
+//! The command line contract: exit codes, messages naming tensors and shapes, file round trips.
+
+use std::process::Command;
+
+fn attnc(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_attnc")).args(args).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("runs");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn tmp(name: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("attnc-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name).display().to_string()
+}
+
+#[test]
+fn check_accepts_examples_and_rejects_errors() {
+    let (code, out, _) = attnc(&["check", "examples/alibi.attn", "examples/gla.attn"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("ok: examples/alibi.attn"));
+    let bad = tmp("bad.attn");
+    std::fs::write(&bad, "attention x { dims B\n input q: f33[B]\n }").unwrap();
+    let (code, _, err) = attnc(&["check", &bad]);
+    assert_eq!(code, 1, "a diagnostic is a user error");
+    assert!(err.contains("error[E0004]") && err.contains("did you mean `f32`?"), "{err}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    assert_eq!(attnc(&["frobnicate"]).0, 2);
+    assert_eq!(attnc(&["run", "examples/sdpa.attn"]).0, 2, "run needs --input or --random and --output");
+}
+
+#[test]
+fn inputs_then_run_round_trip() {
+    let ins = tmp("in.safetensors");
+    let out = tmp("out.safetensors");
+    let (code, _, err) = attnc(&["inputs", "examples/alibi.attn", "--dims", "B=1,H=2,G=1,N=9,M=12,D=8,Dv=4", "-o", &ins]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--input", &ins, "-o", &out, "--backend", "reference"]);
+    assert_eq!(code, 0, "{err}");
+    let bytes = std::fs::read(&out).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("o").unwrap().shape(), &[1, 2, 9, 4]);
+    // --random with the same seed gives the same output as the saved inputs.
+    let out2 = tmp("out2.safetensors");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,H=2,G=1,N=9,M=12,D=8,Dv=4", "-o", &out2]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read(&out2).unwrap(), bytes);
+}
+
+#[test]
+fn missing_and_misshaped_tensors_are_named() {
+    let ins = tmp("gqa.safetensors");
+    let (code, _, err) = attnc(&["inputs", "examples/sdpa.attn", "--dims", "B=1,H=2,N=4,M=4,D=8,Dv=8", "-o", &ins]);
+    assert_eq!(code, 0, "{err}");
+    // alibi needs `slope`, which the sdpa inputs do not have.
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--input", &ins, "-o", &tmp("x.safetensors")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`slope`") && err.contains("[H]"), "{err}");
+    // gqa_causal binds G from k (2 heads) but H = 2 from q: fine; mla_decode wants 576 channels.
+    let (code, _, err) = attnc(&["run", "examples/mla_decode.attn", "--input", &ins, "-o", &tmp("y.safetensors")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`q`") && err.contains("576"), "{err}");
+}
+
+#[test]
+fn requirements_are_checked_with_values() {
+    let (code, _, err) = attnc(&["run", "examples/gqa_causal.attn", "--random", "--dims", "B=1,H=6,G=4,N=4,M=4,D=8,Dv=8", "-o", &tmp("z.safetensors")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("H % G == 0") && err.contains("H = 6") && err.contains("G = 4"), "{err}");
+    let (code, _, err) = attnc(&["run", "examples/gqa_causal.attn", "--random", "--dims", "B=1,H=2,N=4", "-o", &tmp("w.safetensors")]);
+    assert_eq!(code, 1);
+    assert!(err.contains("missing"), "{err}");
+}
+
+#[test]
+fn compile_emits_ir_that_parses() {
+    let (code, out, _) = attnc(&["compile", "examples/swin_window.attn", "--emit", "ir"]);
+    assert_eq!(code, 0);
+    attnc::ir::parse_kernel(&out).expect("emitted IR parses");
+    let (code, out, _) = attnc(&["explain", "examples/alibi.attn"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("bias      -slope[h] * float(i + (M - N) - j)"), "{out}");
+}
