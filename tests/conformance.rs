@@ -1,0 +1,304 @@
+//! The conformance suite: every example, on every awkward shape, on every backend, against
+//! the f64 reference interpreter. Written once; a backend joins by implementing [`Runner`]
+//! and adding one `conformance!` line. A backend that is not available here skips with a
+//! printed reason.
+
+use attnc::dsl::Checked;
+use attnc::ir::reference::Tensor;
+use attnc_codegen::cpu::{CpuKernel, CpuOptions};
+use std::collections::BTreeMap;
+
+/// A backend under test: compile a checked spec and run it on inputs.
+trait Runner: Sync {
+    fn name(&self) -> String;
+    /// `Err(reason)` when the backend cannot run here (not a failure).
+    fn available(&self) -> Result<(), String>;
+    fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String>;
+}
+
+struct Cpu(CpuOptions);
+
+impl Runner for Cpu {
+    fn name(&self) -> String {
+        format!("cpu(fma={})", self.0.fma)
+    }
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
+        let k = CpuKernel::compile(&c.kernel, &c.info, &self.0).map_err(|e| e.to_string())?;
+        k.run(inputs, &BTreeMap::new()).map_err(|e| e.to_string())
+    }
+}
+
+/// A shape profile: values for whichever of these dims a spec has, plus input tweaks.
+#[derive(Clone, Copy, Debug)]
+enum Tweak {
+    None,
+    /// Scale `q` so logits reach ~1e4.
+    LargeLogits,
+    /// Put a NaN in one element of `q`.
+    Nan,
+}
+
+struct Profile {
+    name: &'static str,
+    dims: &'static [(&'static str, i64)],
+    tweak: Tweak,
+}
+
+const PROFILES: &[Profile] = &[
+    Profile {
+        name: "basic",
+        dims: &[
+            ("B", 1),
+            ("H", 2),
+            ("G", 2),
+            ("N", 37),
+            ("M", 37),
+            ("D", 16),
+            ("Dv", 16),
+            ("K", 2),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "cross_gqa_b2",
+        dims: &[
+            ("B", 2),
+            ("H", 4),
+            ("G", 2),
+            ("N", 29),
+            ("M", 70),
+            ("D", 8),
+            ("Dv", 12),
+            ("K", 3),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "mqa_n70",
+        dims: &[
+            ("B", 2),
+            ("H", 4),
+            ("G", 1),
+            ("N", 70),
+            ("M", 70),
+            ("D", 32),
+            ("Dv", 8),
+            ("K", 2),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "decode",
+        dims: &[
+            ("B", 1),
+            ("H", 2),
+            ("G", 2),
+            ("N", 1),
+            ("M", 65),
+            ("D", 16),
+            ("Dv", 16),
+            ("K", 1),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "masked_rows",
+        dims: &[
+            ("B", 1),
+            ("H", 1),
+            ("G", 1),
+            ("N", 40),
+            ("M", 20),
+            ("D", 16),
+            ("Dv", 16),
+            ("K", 1),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "grid256",
+        dims: &[
+            ("B", 1),
+            ("H", 1),
+            ("G", 1),
+            ("N", 256),
+            ("M", 256),
+            ("D", 8),
+            ("Dv", 8),
+            ("K", 2),
+        ],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "large_logits",
+        dims: &[
+            ("B", 1),
+            ("H", 2),
+            ("G", 2),
+            ("N", 37),
+            ("M", 37),
+            ("D", 16),
+            ("Dv", 16),
+            ("K", 2),
+        ],
+        tweak: Tweak::LargeLogits,
+    },
+    Profile {
+        name: "nan",
+        dims: &[
+            ("B", 1),
+            ("H", 2),
+            ("G", 2),
+            ("N", 37),
+            ("M", 37),
+            ("D", 16),
+            ("Dv", 16),
+            ("K", 2),
+        ],
+        tweak: Tweak::Nan,
+    },
+];
+
+fn examples() -> Vec<(String, Checked)> {
+    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
+        .expect("examples")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().unwrap().to_string_lossy().to_string();
+            let c = attnc::dsl::compile(&std::fs::read_to_string(p).unwrap())
+                .unwrap_or_else(|d| panic!("{name}: {}", d.message));
+            (name, c)
+        })
+        .collect()
+}
+
+/// Inputs for a spec under a profile, or `None` when the profile does not fit the spec
+/// (its requirements fail, e.g. N ≠ M for a spec that needs N == M).
+fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Tensor>> {
+    let dims: BTreeMap<String, i64> = p
+        .dims
+        .iter()
+        .filter(|(d, _)| c.info.free_dims.iter().any(|f| f == d))
+        .map(|(d, v)| (d.to_string(), *v))
+        .collect();
+    let b = attnc::bind_dims(c, &dims).ok()?;
+    let mut ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).ok()?;
+    match p.tweak {
+        Tweak::None => {}
+        Tweak::LargeLogits => {
+            let q = ins.get_mut("q")?;
+            q.data
+                .iter_mut()
+                .for_each(|x| *x = ((*x * 2500.0) as f32) as f64);
+        }
+        Tweak::Nan => {
+            let q = ins.get_mut("q")?;
+            let n = q.data.len();
+            q.data[n / 3] = f64::NAN;
+        }
+    }
+    Some(ins)
+}
+
+/// Max error allowed: f32 arithmetic against f64, relative to the output's scale.
+fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak) -> Result<(), String> {
+    if got.shape != want.shape {
+        return Err(format!(
+            "{name}: shape {:?}, reference {:?}",
+            got.shape, want.shape
+        ));
+    }
+    let finite: Vec<f64> = want
+        .data
+        .iter()
+        .copied()
+        .filter(|x| x.is_finite())
+        .collect();
+    let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
+    let (atol, rtol) = match tweak {
+        // Logits of 1e4 carry an f32 rounding error of ~1e-3 into the exponent.
+        Tweak::LargeLogits => (2e-2 * rms.max(1e-3), 2e-2),
+        _ => (2e-4 * rms.max(1e-3), 2e-3),
+    };
+    let mut worst: Option<(usize, f64, f64)> = None;
+    for (n, (&g, &w)) in got.data.iter().zip(&want.data).enumerate() {
+        let ok = if w.is_nan() || g.is_nan() {
+            w.is_nan() && g.is_nan()
+        } else if w.is_infinite() {
+            g == w
+        } else {
+            (g - w).abs() <= atol + rtol * w.abs()
+        };
+        if !ok && worst.is_none_or(|(_, wg, ww)| (g - w).abs() > (wg - ww).abs() || g.is_nan()) {
+            worst = Some((n, g, w));
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((n, g, w)) => Err(format!(
+            "{name}: element {n} is {g}, reference {w} (atol {atol:.2e}, rtol {rtol:.0e})"
+        )),
+    }
+}
+
+fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
+    if let Err(why) = r.available() {
+        eprintln!("skipping {}: {why}", r.name());
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut ran = 0;
+    for (name, c) in examples() {
+        for p in PROFILES.iter().filter(|p| filter(p.name)) {
+            let Some(ins) = inputs_for(&c, p, 7) else {
+                continue;
+            };
+            let label = format!("{} {name} [{}]", r.name(), p.name);
+            let want = match attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()) {
+                Ok(w) => w,
+                Err(e) => panic!("{label}: reference failed: {e}"),
+            };
+            ran += 1;
+            match r.run(&c, &ins) {
+                Ok(got) => {
+                    if let Err(e) = compare(&label, &got, &want, p.tweak) {
+                        failures.push(e);
+                    }
+                }
+                Err(e) => failures.push(format!("{label}: {e}")),
+            }
+        }
+    }
+    eprintln!("{}: {ran} cases, {} failed", r.name(), failures.len());
+    assert!(ran >= 28, "every example ran at least once");
+    assert!(
+        failures.is_empty(),
+        "{} of {ran} cases differ from the reference:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn cpu_matches_reference_on_every_example_and_shape() {
+    check_backend(&Cpu(CpuOptions::default()), &|_| true);
+}
+
+#[test]
+fn cpu_without_fma_matches_reference() {
+    check_backend(
+        &Cpu(CpuOptions {
+            fma: false,
+            ..CpuOptions::default()
+        }),
+        &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"),
+    );
+}
