@@ -3,6 +3,7 @@
 
 use anyhow::{anyhow, Context, Result};
 use attnc::{ir, load_spec, parse_dims, Loaded};
+use attnc_codegen::cpu::{CpuKernel, CpuOptions};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -29,12 +30,22 @@ enum Emit {
     Ir,
     /// The syntax tree with byte spans.
     Ast,
+    /// Cranelift IR of the generated CPU functions (host ISA).
+    Clif,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// JIT-compiled machine code for this CPU (Cranelift).
+    Cpu,
+    /// The f64 reference interpreter: the meaning of a spec; slow, exact.
+    Reference,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
-enum Backend {
-    /// The f64 reference interpreter: the meaning of a spec; slow, exact.
-    Reference,
+enum Target {
+    /// This machine's CPU, through Cranelift.
+    Cpu,
 }
 
 #[derive(Subcommand)]
@@ -51,6 +62,9 @@ enum Cmd {
         /// What to emit.
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
+        /// Code generation target (for --emit clif).
+        #[arg(long, value_enum, default_value = "cpu")]
+        target: Target,
         /// Write to this file instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -80,7 +94,7 @@ enum Cmd {
         /// Output file (safetensors).
         #[arg(short, long)]
         output: PathBuf,
-        #[arg(long, value_enum, default_value = "reference")]
+        #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
     },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
@@ -166,10 +180,20 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Reported.into());
             }
         }
-        Cmd::Compile { spec, emit, output } => {
+        Cmd::Compile {
+            spec,
+            emit,
+            target,
+            output,
+        } => {
             let (l, c) = load(&spec)?;
             let text = match emit {
                 Emit::Ir => c.kernel.to_string(),
+                Emit::Clif => match target {
+                    Target::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?
+                        .clif
+                        .to_string(),
+                },
                 Emit::Ast => attnc::dsl::parse(&l.src)
                     .map_err(|_| anyhow!("unreachable: the spec parsed before"))?
                     .to_string(),
@@ -223,6 +247,8 @@ fn run(cli: Cli) -> Result<()> {
             let start = Instant::now();
             let out = match backend {
                 Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
+                Backend::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?
+                    .run(&inputs, &given)?,
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
