@@ -19,7 +19,7 @@ pub mod text;
 pub mod verify;
 
 pub use bind::{bind, BindError, Bindings};
-pub use expr::{BinOp, Expr, RedOp, Ty, UnOp, F64};
+pub use expr::{floor_div, floor_mod, BinOp, Expr, RedOp, Ty, UnOp, F64};
 pub use hash::{canonicalize, stable_hash};
 pub use kernel::*;
 pub use text::{parse_expr, parse_kernel, ParseError};

@@ -424,6 +424,16 @@ pub fn run_bound(
     dims: &Bindings,
     inputs: &BTreeMap<String, Tensor>,
 ) -> Result<Tensor, RefError> {
+    let m = machine(k, dims, inputs)?;
+    attend(k, &m)
+}
+
+/// Inputs plus every derived tensor, materialized.
+fn machine<'a>(
+    k: &Kernel,
+    dims: &'a Bindings,
+    inputs: &BTreeMap<String, Tensor>,
+) -> Result<Machine<'a>, RefError> {
     let mut m = Machine {
         dims,
         tensors: Vec::new(),
@@ -455,7 +465,63 @@ pub fn run_bound(
             TensorKind::Output => {}
         }
     }
-    attend(k, &m)
+    Ok(m)
+}
+
+/// A scalar result of [`eval_expr`].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Scalar {
+    Int(i64),
+    Float(f64),
+    Bool(bool),
+}
+
+/// Evaluates expressions of a kernel at concrete values of their free variables, with the
+/// kernel's tensors (inputs and derived, materialized once) in scope: the oracle for
+/// analyses and rewrites.
+pub struct ExprEval<'a> {
+    m: Machine<'a>,
+}
+
+impl<'a> ExprEval<'a> {
+    pub fn new(
+        k: &Kernel,
+        dims: &'a Bindings,
+        inputs: &BTreeMap<String, Tensor>,
+    ) -> Result<ExprEval<'a>, RefError> {
+        Ok(ExprEval {
+            m: machine(k, dims, inputs)?,
+        })
+    }
+
+    pub fn eval(&self, e: &Expr, vars: &[(&str, Scalar)]) -> Result<Scalar, RefError> {
+        let mut scope: Vec<String> = vars.iter().map(|(n, _)| n.to_string()).collect();
+        let node = self.m.compile(e, &mut scope);
+        let mut env: Vec<V> = vars
+            .iter()
+            .map(|(_, v)| match v {
+                Scalar::Int(x) => V::I(*x),
+                Scalar::Float(x) => V::F(*x),
+                Scalar::Bool(x) => V::B(*x),
+            })
+            .collect();
+        Ok(match self.m.eval(&node, &mut env, "expression")? {
+            V::I(x) => Scalar::Int(x),
+            V::F(x) => Scalar::Float(x),
+            V::B(x) => Scalar::Bool(x),
+        })
+    }
+}
+
+/// One-off [`ExprEval::eval`].
+pub fn eval_expr(
+    k: &Kernel,
+    dims: &Bindings,
+    inputs: &BTreeMap<String, Tensor>,
+    e: &Expr,
+    vars: &[(&str, Scalar)],
+) -> Result<Scalar, RefError> {
+    ExprEval::new(k, dims, inputs)?.eval(e, vars)
 }
 
 /// Materializes a derived tensor in row-major order.
