@@ -20,12 +20,7 @@ fn bound(e: &Expr, dims: &Bindings) -> Result<f64, String> {
     }
 }
 
-pub fn random_inputs(
-    kernel: &Kernel,
-    dims: &Bindings,
-    ranges: &BTreeMap<String, (Expr, Expr)>,
-    seed: u64,
-) -> Result<BTreeMap<String, Tensor>, String> {
+pub fn random_inputs(kernel: &Kernel, dims: &Bindings, ranges: &BTreeMap<String, (Expr, Expr)>, seed: u64) -> Result<BTreeMap<String, Tensor>, String> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = BTreeMap::new();
     for t in kernel.inputs() {
@@ -39,35 +34,21 @@ pub fn random_inputs(
             let (lo, hi) = range.unwrap_or((0.0, 2.0));
             let (lo, hi) = (lo as i64, hi as i64);
             if lo >= hi {
-                return Err(format!(
-                    "the value range of `{}` is empty for these dims ({lo}..{hi})",
-                    t.name
-                ));
+                return Err(format!("the value range of `{}` is empty for these dims ({lo}..{hi})", t.name));
             }
             (0..n).map(|_| rng.random_range(lo..hi) as f64).collect()
         } else {
             match range {
                 Some((lo, hi)) if lo < hi => (0..n).map(|_| rng.random_range(lo..hi)).collect(),
-                Some((lo, hi)) => {
-                    return Err(format!(
-                        "the value range of `{}` is empty ({lo}..{hi})",
-                        t.name
-                    ))
-                }
+                Some((lo, hi)) => return Err(format!("the value range of `{}` is empty ({lo}..{hi})", t.name)),
                 None => (0..n).map(|_| StandardNormal.sample(&mut rng)).collect(),
             }
         };
         // Inputs stored in a narrow dtype are rounded now, so every consumer sees the same values.
         let data = match t.dtype {
             attnc_ir::DType::F32 => data.iter().map(|x| *x as f32 as f64).collect(),
-            attnc_ir::DType::F16 => data
-                .iter()
-                .map(|x| half::f16::from_f64(*x).to_f64())
-                .collect(),
-            attnc_ir::DType::BF16 => data
-                .iter()
-                .map(|x| half::bf16::from_f64(*x).to_f64())
-                .collect(),
+            attnc_ir::DType::F16 => data.iter().map(|x| half::f16::from_f64(*x).to_f64()).collect(),
+            attnc_ir::DType::BF16 => data.iter().map(|x| half::bf16::from_f64(*x).to_f64()).collect(),
             attnc_ir::DType::I32 => data,
         };
         out.insert(t.name.clone(), Tensor::new(shape, data));

@@ -16,8 +16,7 @@ fn dtype_name(d: Dtype) -> String {
 /// Extra tensors in the file are ignored.
 pub fn read_inputs(path: &Path, kernel: &Kernel) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let mut out = BTreeMap::new();
     for t in kernel.inputs() {
         let Ok(view) = st.tensor(&t.name) else {
@@ -44,64 +43,25 @@ fn decode(view: &TensorView, want: DType) -> Result<Vec<f64>> {
     let d = view.dtype();
     let chunks = |n: usize| b.chunks_exact(n);
     Ok(match (want.is_int(), d) {
-        (false, Dtype::F32) => chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
-            .collect(),
-        (false, Dtype::F64) => chunks(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-            .collect(),
-        (false, Dtype::F16) => chunks(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        (false, Dtype::BF16) => chunks(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64())
-            .collect(),
-        (true, Dtype::I32) => chunks(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f64)
-            .collect(),
-        (true, Dtype::I64) => chunks(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64)
-            .collect(),
-        (int, other) => bail!(
-            "has dtype {} but the spec declares {} (accepted: {})",
-            dtype_name(other),
-            want,
-            if int {
-                "i32, i64"
-            } else {
-                "f32, f16, bf16, f64"
-            }
-        ),
+        (false, Dtype::F32) => chunks(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64).collect(),
+        (false, Dtype::F64) => chunks(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+        (false, Dtype::F16) => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        (false, Dtype::BF16) => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
+        (true, Dtype::I32) => chunks(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f64).collect(),
+        (true, Dtype::I64) => chunks(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect(),
+        (int, other) => {
+            bail!("has dtype {} but the spec declares {} (accepted: {})", dtype_name(other), want, if int { "i32, i64" } else { "f32, f16, bf16, f64" })
+        }
     })
 }
 
 /// Encodes f64 values as the given dtype (round to nearest).
 pub fn encode(data: &[f64], dtype: DType) -> (Dtype, Vec<u8>) {
     match dtype {
-        DType::F32 => (
-            Dtype::F32,
-            data.iter()
-                .flat_map(|x| (*x as f32).to_le_bytes())
-                .collect(),
-        ),
-        DType::F16 => (
-            Dtype::F16,
-            data.iter()
-                .flat_map(|x| half::f16::from_f64(*x).to_le_bytes())
-                .collect(),
-        ),
-        DType::BF16 => (
-            Dtype::BF16,
-            data.iter()
-                .flat_map(|x| half::bf16::from_f64(*x).to_le_bytes())
-                .collect(),
-        ),
-        DType::I32 => (
-            Dtype::I32,
-            data.iter()
-                .flat_map(|x| (*x as i32).to_le_bytes())
-                .collect(),
-        ),
+        DType::F32 => (Dtype::F32, data.iter().flat_map(|x| (*x as f32).to_le_bytes()).collect()),
+        DType::F16 => (Dtype::F16, data.iter().flat_map(|x| half::f16::from_f64(*x).to_le_bytes()).collect()),
+        DType::BF16 => (Dtype::BF16, data.iter().flat_map(|x| half::bf16::from_f64(*x).to_le_bytes()).collect()),
+        DType::I32 => (Dtype::I32, data.iter().flat_map(|x| (*x as i32).to_le_bytes()).collect()),
     }
 }
 
@@ -119,8 +79,7 @@ pub fn write(path: &Path, tensors: &[(String, DType, &Tensor)]) -> Result<()> {
         .map(|(n, dt, shape, bytes)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), bytes)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    safetensors::tensor::serialize_to_file(views, None, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

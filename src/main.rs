@@ -10,6 +10,32 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
+mod bench;
+
+/// Counts heap bytes in use and their peak, for `attnc bench`'s memory report.
+struct Tracking;
+static IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static PEAK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+unsafe impl std::alloc::GlobalAlloc for Tracking {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let p = unsafe { std::alloc::System.alloc(l) };
+        if !p.is_null() {
+            let now = IN_USE.fetch_add(l.size(), Relaxed) + l.size();
+            PEAK.fetch_max(now, Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        unsafe { std::alloc::System.dealloc(p, l) };
+        IN_USE.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Tracking = Tracking;
+
 #[derive(Parser)]
 #[command(
     name = "attnc",
@@ -74,12 +100,7 @@ enum Cmd {
     Run {
         spec: PathBuf,
         /// Input tensors (safetensors); dims are bound from their shapes.
-        #[arg(
-            short,
-            long,
-            required_unless_present = "random",
-            conflicts_with = "random"
-        )]
+        #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
         input: Option<PathBuf>,
         /// Run on seeded random inputs instead of a file (needs --dims).
         #[arg(long, requires = "dims")]
@@ -108,6 +129,36 @@ enum Cmd {
         /// Output file (safetensors).
         #[arg(short, long)]
         output: PathBuf,
+    },
+    /// Time a spec on seeded random inputs: median time, GFLOP/s of useful work (masked
+    /// pairs are not counted), compile time and peak memory beyond inputs and outputs.
+    Bench {
+        spec: PathBuf,
+        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64.
+        #[arg(long)]
+        dims: String,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// Timed runs (after one warm-up run); the median is reported.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Worker threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Use the row-at-a-time CPU kernel instead of the tiled one.
+        #[arg(long)]
+        no_tiled: bool,
+        /// Run the tile matmuls in generated f32x4 code instead of the std::arch microkernel.
+        #[arg(long)]
+        no_microkernel: bool,
+        /// Query rows per tile.
+        #[arg(long, default_value_t = 64)]
+        block_q: usize,
+        /// Keys per tile (a multiple of 16).
+        #[arg(long, default_value_t = 64)]
+        block_k: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Explain a spec: its dims, tensors and each axis of the kernel in readable form, then the IR.
     Explain { spec: PathBuf },
@@ -155,17 +206,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Check { specs } => {
             let mut failed = 0;
             for s in &specs {
-                let l =
-                    load_spec(s).with_context(|| format!("cannot read spec {}", s.display()))?;
+                let l = load_spec(s).with_context(|| format!("cannot read spec {}", s.display()))?;
                 match &l.result {
                     Ok(c) => {
                         let ins: Vec<&str> = c.kernel.inputs().map(|t| t.name.as_str()).collect();
-                        println!(
-                            "ok: {} ({}; inputs {})",
-                            l.path,
-                            c.kernel.name,
-                            ins.join(", ")
-                        );
+                        println!("ok: {} ({}; inputs {})", l.path, c.kernel.name, ins.join(", "));
                     }
                     Err(_) => {
                         eprint!("{}", l.rendered_error().expect("an error"));
@@ -180,88 +225,110 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Reported.into());
             }
         }
-        Cmd::Compile {
-            spec,
-            emit,
-            target,
-            output,
-        } => {
+        Cmd::Compile { spec, emit, target, output } => {
             let (l, c) = load(&spec)?;
             let text = match emit {
                 Emit::Ir => c.kernel.to_string(),
                 Emit::Clif => match target {
-                    Target::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?
-                        .clif
-                        .to_string(),
+                    Target::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?.clif.to_string(),
                 },
-                Emit::Ast => attnc::dsl::parse(&l.src)
-                    .map_err(|_| anyhow!("unreachable: the spec parsed before"))?
-                    .to_string(),
+                Emit::Ast => attnc::dsl::parse(&l.src).map_err(|_| anyhow!("unreachable: the spec parsed before"))?.to_string(),
             };
             match output {
-                Some(p) => std::fs::write(&p, text)
-                    .with_context(|| format!("cannot write {}", p.display()))?,
+                Some(p) => std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?,
                 None => print!("{text}"),
             }
         }
-        Cmd::Inputs {
-            spec,
-            dims,
-            seed,
-            output,
-        } => {
+        Cmd::Inputs { spec, dims, seed, output } => {
             let (_, c) = load(&spec)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             let b = bind_given(&c, &given)?;
-            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed)
-                .map_err(|e| anyhow!(e))?;
-            let list: Vec<(String, ir::DType, &ir::reference::Tensor)> = c
-                .kernel
-                .inputs()
-                .map(|t| (t.name.clone(), t.dtype, &ins[&t.name]))
-                .collect();
+            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
+            let list: Vec<(String, ir::DType, &ir::reference::Tensor)> = c.kernel.inputs().map(|t| (t.name.clone(), t.dtype, &ins[&t.name])).collect();
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run {
-            spec,
-            input,
-            random,
-            seed,
-            dims,
-            output,
-            backend,
-        } => {
+        Cmd::Run { spec, input, random, seed, dims, output, backend } => {
             let (_, c) = load(&spec)?;
             let given = dims_arg(&dims)?;
             let inputs = if random {
                 let b = bind_given(&c, &given)?;
-                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed)
-                    .map_err(|e| anyhow!(e))?
+                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?
             } else {
-                attnc::io::read_inputs(
-                    input.as_ref().expect("clap: --input or --random"),
-                    &c.kernel,
-                )?
+                attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
             };
             let start = Instant::now();
             let out = match backend {
                 Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
-                Backend::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?
-                    .run(&inputs, &given)?,
+                Backend::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?.run(&inputs, &given)?,
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
-            eprintln!(
-                "{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}",
-                c.kernel.name,
-                backend,
-                secs,
-                o.name,
-                out.shape,
-                output.display()
+            eprintln!("{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}", c.kernel.name, backend, secs, o.name, out.shape, output.display());
+        }
+        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, seed } => {
+            let (_, c) = load(&spec)?;
+            let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
+            let b = bind_given(&c, &given)?;
+            let inputs = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
+            let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
+            let opts = CpuOptions { tiled: !no_tiled, microkernel: !no_microkernel, block_q, block_k, threads, ..CpuOptions::default() };
+            let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+            let mut times = Vec::new();
+            let (compile_ms, peak_extra, label) = match backend {
+                Backend::Cpu => {
+                    let t0 = Instant::now();
+                    let kern = CpuKernel::compile(&c.kernel, &c.info, &opts)?;
+                    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let st = attnc_codegen::cpu::Storage::from_f64(&c.kernel, &inputs);
+                    drop(inputs);
+                    let mut peak_extra = 0usize;
+                    for n in 0..=runs {
+                        let base = IN_USE.load(std::sync::atomic::Ordering::Relaxed);
+                        PEAK.store(base, std::sync::atomic::Ordering::Relaxed);
+                        let t = Instant::now();
+                        let (shape, out) = kern.run_storage(&st, &BTreeMap::new())?;
+                        let dt = t.elapsed().as_secs_f64();
+                        let out_bytes = shape.iter().product::<usize>() * 4;
+                        let peak = PEAK.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(base).saturating_sub(out_bytes);
+                        peak_extra = peak_extra.max(peak);
+                        drop(out);
+                        if n > 0 {
+                            times.push(dt);
+                        }
+                    }
+                    let what = if kern.is_tiled() {
+                        let mk = if opts.microkernel { format!("{:?} microkernel", attnc_codegen::cpu::microkernel::Isa::detect()) } else { "generated f32x4 matmuls".into() };
+                        format!("cpu, tiled {}x{}, {mk}", opts.block_q, opts.block_k)
+                    } else {
+                        "cpu, row kernel".to_string()
+                    };
+                    (compile_ms, peak_extra, what)
+                }
+                Backend::Reference => {
+                    for n in 0..=runs.min(1) {
+                        let t = Instant::now();
+                        ir::reference::run(&c.kernel, &c.info, &inputs, &BTreeMap::new())?;
+                        if n > 0 {
+                            times.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    (0.0, 0, "reference interpreter (f64)".to_string())
+                }
+            };
+            times.sort_by(|a, b| a.total_cmp(b));
+            let med = times[times.len() / 2];
+            println!("{}  {dims_text}  [{label}; {}]", c.kernel.name, attnc_codegen::cpu::HostFeatures::detect().fingerprint());
+            println!("  compile  {compile_ms:.1} ms");
+            println!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
+            println!(
+                "  useful   {:.3} GFLOP ({:.1}% of pairs live) -> {:.1} GFLOP/s",
+                work.flops / 1e9,
+                100.0 * work.pairs as f64 / work.total_pairs.max(1) as f64,
+                work.flops / med / 1e9
             );
+            println!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
         }
         Cmd::Explain { spec } => {
             let (_, c) = load(&spec)?;
@@ -282,15 +349,7 @@ fn explain(c: &attnc::dsl::Checked) -> String {
     let k = &c.kernel;
     let mut s = String::new();
     writeln!(s, "kernel {}  (hash {})", k.name, &ir::stable_hash(k)[..16]).unwrap();
-    let dims: Vec<String> = k
-        .dims
-        .iter()
-        .map(|d| {
-            d.def
-                .as_ref()
-                .map_or(d.name.clone(), |e| format!("{} = {}", d.name, infix(e)))
-        })
-        .collect();
+    let dims: Vec<String> = k.dims.iter().map(|d| d.def.as_ref().map_or(d.name.clone(), |e| format!("{} = {}", d.name, infix(e)))).collect();
     writeln!(s, "  dims      {}", dims.join(", ")).unwrap();
     for r in &k.requires {
         writeln!(s, "  require   {}", infix(r)).unwrap();
@@ -302,22 +361,10 @@ fn explain(c: &attnc::dsl::Checked) -> String {
             ir::TensorKind::Output => "output",
             ir::TensorKind::Derived { .. } => "tensor",
         };
-        writeln!(
-            s,
-            "  {kind}    {}: {}[{}]",
-            t.name,
-            t.dtype,
-            shape.join(", ")
-        )
-        .unwrap();
+        writeln!(s, "  {kind}    {}: {}[{}]", t.name, t.dtype, shape.join(", ")).unwrap();
     }
     let it = &k.iter;
-    writeln!(
-        s,
-        "  indices   b < {}, h < {}, i < {} (queries), j < {} (keys), e < {} (channels)",
-        it.b, it.h, it.i, it.j, it.e
-    )
-    .unwrap();
+    writeln!(s, "  indices   b < {}, h < {}, i < {} (queries), j < {} (keys), e < {} (channels)", it.b, it.h, it.i, it.j, it.e).unwrap();
     for (n, br) in k.branches.iter().enumerate() {
         if k.branches.len() > 1 {
             writeln!(s, "  branch {n}").unwrap();
@@ -356,11 +403,7 @@ fn explain(c: &attnc::dsl::Checked) -> String {
     if let Some(g) = &k.gate {
         writeln!(s, "  gate      {}", infix(g)).unwrap();
     }
-    writeln!(
-        s,
-        "  rewrites  none yet: the optimization passes are not implemented in this version"
-    )
-    .unwrap();
+    writeln!(s, "  rewrites  none yet: the optimization passes are not implemented in this version").unwrap();
     writeln!(s, "\n{k}").unwrap();
     s
 }

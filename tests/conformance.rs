@@ -20,7 +20,8 @@ struct Cpu(CpuOptions);
 
 impl Runner for Cpu {
     fn name(&self) -> String {
-        format!("cpu(fma={})", self.0.fma)
+        let o = &self.0;
+        format!("cpu(tiled={}, microkernel={}, fma={}, tiles={}x{})", o.tiled, o.microkernel, o.fma, o.block_q, o.block_k)
     }
     fn available(&self) -> Result<(), String> {
         Ok(())
@@ -48,118 +49,14 @@ struct Profile {
 }
 
 const PROFILES: &[Profile] = &[
-    Profile {
-        name: "basic",
-        dims: &[
-            ("B", 1),
-            ("H", 2),
-            ("G", 2),
-            ("N", 37),
-            ("M", 37),
-            ("D", 16),
-            ("Dv", 16),
-            ("K", 2),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "cross_gqa_b2",
-        dims: &[
-            ("B", 2),
-            ("H", 4),
-            ("G", 2),
-            ("N", 29),
-            ("M", 70),
-            ("D", 8),
-            ("Dv", 12),
-            ("K", 3),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "mqa_n70",
-        dims: &[
-            ("B", 2),
-            ("H", 4),
-            ("G", 1),
-            ("N", 70),
-            ("M", 70),
-            ("D", 32),
-            ("Dv", 8),
-            ("K", 2),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "decode",
-        dims: &[
-            ("B", 1),
-            ("H", 2),
-            ("G", 2),
-            ("N", 1),
-            ("M", 65),
-            ("D", 16),
-            ("Dv", 16),
-            ("K", 1),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "masked_rows",
-        dims: &[
-            ("B", 1),
-            ("H", 1),
-            ("G", 1),
-            ("N", 40),
-            ("M", 20),
-            ("D", 16),
-            ("Dv", 16),
-            ("K", 1),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "grid256",
-        dims: &[
-            ("B", 1),
-            ("H", 1),
-            ("G", 1),
-            ("N", 256),
-            ("M", 256),
-            ("D", 8),
-            ("Dv", 8),
-            ("K", 2),
-        ],
-        tweak: Tweak::None,
-    },
-    Profile {
-        name: "large_logits",
-        dims: &[
-            ("B", 1),
-            ("H", 2),
-            ("G", 2),
-            ("N", 37),
-            ("M", 37),
-            ("D", 16),
-            ("Dv", 16),
-            ("K", 2),
-        ],
-        tweak: Tweak::LargeLogits,
-    },
-    Profile {
-        name: "nan",
-        dims: &[
-            ("B", 1),
-            ("H", 2),
-            ("G", 2),
-            ("N", 37),
-            ("M", 37),
-            ("D", 16),
-            ("Dv", 16),
-            ("K", 2),
-        ],
-        tweak: Tweak::Nan,
-    },
+    Profile { name: "basic", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2)], tweak: Tweak::None },
+    Profile { name: "cross_gqa_b2", dims: &[("B", 2), ("H", 4), ("G", 2), ("N", 29), ("M", 70), ("D", 8), ("Dv", 12), ("K", 3)], tweak: Tweak::None },
+    Profile { name: "mqa_n70", dims: &[("B", 2), ("H", 4), ("G", 1), ("N", 70), ("M", 70), ("D", 32), ("Dv", 8), ("K", 2)], tweak: Tweak::None },
+    Profile { name: "decode", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 1), ("M", 65), ("D", 16), ("Dv", 16), ("K", 1)], tweak: Tweak::None },
+    Profile { name: "masked_rows", dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 40), ("M", 20), ("D", 16), ("Dv", 16), ("K", 1)], tweak: Tweak::None },
+    Profile { name: "grid256", dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 256), ("M", 256), ("D", 8), ("Dv", 8), ("K", 2)], tweak: Tweak::None },
+    Profile { name: "large_logits", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2)], tweak: Tweak::LargeLogits },
+    Profile { name: "nan", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2)], tweak: Tweak::Nan },
 ];
 
 fn examples() -> Vec<(String, Checked)> {
@@ -173,8 +70,7 @@ fn examples() -> Vec<(String, Checked)> {
         .iter()
         .map(|p| {
             let name = p.file_stem().unwrap().to_string_lossy().to_string();
-            let c = attnc::dsl::compile(&std::fs::read_to_string(p).unwrap())
-                .unwrap_or_else(|d| panic!("{name}: {}", d.message));
+            let c = attnc::dsl::compile(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|d| panic!("{name}: {}", d.message));
             (name, c)
         })
         .collect()
@@ -183,21 +79,14 @@ fn examples() -> Vec<(String, Checked)> {
 /// Inputs for a spec under a profile, or `None` when the profile does not fit the spec
 /// (its requirements fail, e.g. N ≠ M for a spec that needs N == M).
 fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Tensor>> {
-    let dims: BTreeMap<String, i64> = p
-        .dims
-        .iter()
-        .filter(|(d, _)| c.info.free_dims.iter().any(|f| f == d))
-        .map(|(d, v)| (d.to_string(), *v))
-        .collect();
+    let dims: BTreeMap<String, i64> = p.dims.iter().filter(|(d, _)| c.info.free_dims.iter().any(|f| f == d)).map(|(d, v)| (d.to_string(), *v)).collect();
     let b = attnc::bind_dims(c, &dims).ok()?;
     let mut ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).ok()?;
     match p.tweak {
         Tweak::None => {}
         Tweak::LargeLogits => {
             let q = ins.get_mut("q")?;
-            q.data
-                .iter_mut()
-                .for_each(|x| *x = ((*x * 2500.0) as f32) as f64);
+            q.data.iter_mut().for_each(|x| *x = ((*x * 2500.0) as f32) as f64);
         }
         Tweak::Nan => {
             let q = ins.get_mut("q")?;
@@ -211,17 +100,9 @@ fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Te
 /// Max error allowed: f32 arithmetic against f64, relative to the output's scale.
 fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak) -> Result<(), String> {
     if got.shape != want.shape {
-        return Err(format!(
-            "{name}: shape {:?}, reference {:?}",
-            got.shape, want.shape
-        ));
+        return Err(format!("{name}: shape {:?}, reference {:?}", got.shape, want.shape));
     }
-    let finite: Vec<f64> = want
-        .data
-        .iter()
-        .copied()
-        .filter(|x| x.is_finite())
-        .collect();
+    let finite: Vec<f64> = want.data.iter().copied().filter(|x| x.is_finite()).collect();
     let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
     let (atol, rtol) = match tweak {
         // Logits of 1e4 carry an f32 rounding error of ~1e-3 into the exponent.
@@ -243,9 +124,7 @@ fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak) -> Result<(), 
     }
     match worst {
         None => Ok(()),
-        Some((n, g, w)) => Err(format!(
-            "{name}: element {n} is {g}, reference {w} (atol {atol:.2e}, rtol {rtol:.0e})"
-        )),
+        Some((n, g, w)) => Err(format!("{name}: element {n} is {g}, reference {w} (atol {atol:.2e}, rtol {rtol:.0e})")),
     }
 }
 
@@ -279,12 +158,7 @@ fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
     }
     eprintln!("{}: {ran} cases, {} failed", r.name(), failures.len());
     assert!(ran >= 28, "every example ran at least once");
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} cases differ from the reference:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {ran} cases differ from the reference:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
@@ -293,12 +167,31 @@ fn cpu_matches_reference_on_every_example_and_shape() {
 }
 
 #[test]
+fn cpu_row_kernel_matches_reference() {
+    check_backend(&Cpu(CpuOptions { tiled: false, ..CpuOptions::default() }), &|p| p != "grid256");
+}
+
+#[test]
+fn cpu_generated_matmuls_match_reference() {
+    check_backend(&Cpu(CpuOptions { microkernel: false, block_q: 16, block_k: 32, ..CpuOptions::default() }), &|_| true);
+}
+
+#[test]
 fn cpu_without_fma_matches_reference() {
-    check_backend(
-        &Cpu(CpuOptions {
-            fma: false,
-            ..CpuOptions::default()
-        }),
-        &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"),
-    );
+    check_backend(&Cpu(CpuOptions { fma: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
+    check_backend(&Cpu(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "masked_rows"));
+}
+
+/// The tiled kernel takes every example whose score has a separable dot (all but GLA's
+/// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
+#[test]
+fn tiled_kernel_covers_the_examples() {
+    let mut row = Vec::new();
+    for (name, c) in examples() {
+        let k = CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default()).expect("compiles");
+        if !k.is_tiled() {
+            row.push(name);
+        }
+    }
+    assert_eq!(row, vec!["gla".to_string()], "examples on the row kernel");
 }

@@ -17,12 +17,7 @@ pub trait Backend {
     type Options: Clone + std::hash::Hash + std::fmt::Debug;
     /// The generated program; `Display` prints its source (CLIF, PTX, WGSL).
     type Artifact: std::fmt::Display;
-    fn emit(
-        &self,
-        k: &Kernel,
-        info: &KernelInfo,
-        o: &Self::Options,
-    ) -> Result<Self::Artifact, CodegenError>;
+    fn emit(&self, k: &Kernel, info: &KernelInfo, o: &Self::Options) -> Result<Self::Artifact, CodegenError>;
     fn validate(&self, a: &Self::Artifact) -> Result<(), CodegenError>;
 }
 

@@ -49,21 +49,9 @@ impl Layout {
             let base = next();
             let ext = t.shape.iter().map(|_| next()).collect();
             let stride = t.shape.iter().map(|_| next()).collect();
-            tensors.insert(
-                t.name.clone(),
-                TensorSlots {
-                    base,
-                    ext,
-                    stride,
-                    is_int: t.dtype.is_int(),
-                },
-            );
+            tensors.insert(t.name.clone(), TensorSlots { base, ext, stride, is_int: t.dtype.is_int() });
         }
-        Layout {
-            dims,
-            tensors,
-            len: n,
-        }
+        Layout { dims, tensors, len: n }
     }
 }
 
@@ -102,20 +90,27 @@ pub(crate) fn libcalls() -> Vec<(&'static str, usize, *const u8)> {
     ]
 }
 
-fn flags() -> MemFlagsData {
+/// Workspace and output accesses.
+pub(crate) fn flags() -> MemFlagsData {
     MemFlagsData::trusted()
 }
 
+/// Reads of inputs, derived tensors (once computed) and the frame: never written while the
+/// function runs and always in bounds, so the optimizer may hoist them out of loops.
+pub(crate) fn ro_flags() -> MemFlagsData {
+    MemFlagsData::trusted().with_readonly().with_can_move()
+}
+
 #[derive(Clone)]
-struct TVals {
-    base: Value,
-    ext: Vec<Value>,
-    stride: Vec<Value>,
-    is_int: bool,
+pub(crate) struct TVals {
+    pub(crate) base: Value,
+    pub(crate) ext: Vec<Value>,
+    pub(crate) stride: Vec<Value>,
+    pub(crate) is_int: bool,
 }
 
 /// Static type of an expression (the kernel is verified, so this cannot fail).
-fn ty_of(e: &Expr, k: &Kernel) -> Ty {
+pub(crate) fn ty_of(e: &Expr, k: &Kernel) -> Ty {
     match e {
         Expr::Int(_) | Expr::Dim(_) => Ty::Int,
         Expr::Float(_) => Ty::Float,
@@ -147,35 +142,30 @@ fn ty_of(e: &Expr, k: &Kernel) -> Ty {
 
 pub(crate) struct Gen<'f, 'k> {
     pub b: FunctionBuilder<'f>,
-    kernel: &'k Kernel,
-    dims: BTreeMap<String, Value>,
-    tens: BTreeMap<String, TVals>,
-    libs: BTreeMap<&'static str, FuncRef>,
-    env: Vec<(String, Value)>,
+    pub(crate) kernel: &'k Kernel,
+    pub(crate) dims: BTreeMap<String, Value>,
+    pub(crate) tens: BTreeMap<String, TVals>,
+    pub(crate) libs: BTreeMap<&'static str, FuncRef>,
+    pub(crate) env: Vec<(String, Value)>,
+    /// The tensor a `derive` function writes (its reads are not read-only).
+    pub(crate) writing: Option<String>,
 }
 
 impl<'f, 'k> Gen<'f, 'k> {
     /// Starts a function: the entry block loads every dim and tensor descriptor from
     /// `frame` (the first parameter), so the values dominate the whole body.
-    pub fn new(
-        mut b: FunctionBuilder<'f>,
-        kernel: &'k Kernel,
-        layout: &Layout,
-        libs: BTreeMap<&'static str, FuncRef>,
-    ) -> (Self, Vec<Value>) {
+    pub fn new(mut b: FunctionBuilder<'f>, kernel: &'k Kernel, layout: Option<&Layout>, libs: BTreeMap<&'static str, FuncRef>) -> (Self, Vec<Value>) {
         let entry = b.create_block();
         b.append_block_params_for_function_params(entry);
         b.switch_to_block(entry);
         let params = b.block_params(entry).to_vec();
-        let frame = params[0];
-        let load = |b: &mut FunctionBuilder, slot: usize| {
-            b.ins().load(types::I64, flags(), frame, (slot * 8) as i32)
+        // Functions without a frame (the generated matmuls) load nothing.
+        let Some(layout) = layout else {
+            return (Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None }, params);
         };
-        let dims = layout
-            .dims
-            .iter()
-            .map(|(n, s)| (n.clone(), load(&mut b, *s)))
-            .collect();
+        let frame = params[0];
+        let load = |b: &mut FunctionBuilder, slot: usize| b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
+        let dims = layout.dims.iter().map(|(n, s)| (n.clone(), load(&mut b, *s))).collect();
         let tens = layout
             .tensors
             .iter()
@@ -183,37 +173,19 @@ impl<'f, 'k> Gen<'f, 'k> {
                 let base = load(&mut b, t.base);
                 let ext = t.ext.iter().map(|s| load(&mut b, *s)).collect();
                 let stride = t.stride.iter().map(|s| load(&mut b, *s)).collect();
-                (
-                    n.clone(),
-                    TVals {
-                        base,
-                        ext,
-                        stride,
-                        is_int: t.is_int,
-                    },
-                )
+                (n.clone(), TVals { base, ext, stride, is_int: t.is_int })
             })
             .collect();
-        (
-            Gen {
-                b,
-                kernel,
-                dims,
-                tens,
-                libs,
-                env: vec![],
-            },
-            params,
-        )
+        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None }, params)
     }
 
-    fn iconst(&mut self, n: i64) -> Value {
+    pub(crate) fn iconst(&mut self, n: i64) -> Value {
         self.b.ins().iconst(types::I64, n)
     }
-    fn fconst(&mut self, x: f32) -> Value {
+    pub(crate) fn fconst(&mut self, x: f32) -> Value {
         self.b.ins().f32const(x)
     }
-    fn call(&mut self, name: &str, args: &[Value]) -> Value {
+    pub(crate) fn call(&mut self, name: &str, args: &[Value]) -> Value {
         let f = self.libs[name];
         let c = self.b.ins().call(f, args);
         self.b.inst_results(c)[0]
@@ -231,11 +203,7 @@ impl<'f, 'k> Gen<'f, 'k> {
     pub fn for_range(&mut self, lo: Value, hi: Value, body: &mut dyn FnMut(&mut Self, Value)) {
         let iv = self.b.declare_var(types::I64);
         self.b.def_var(iv, lo);
-        let (header, blk, exit) = (
-            self.b.create_block(),
-            self.b.create_block(),
-            self.b.create_block(),
-        );
+        let (header, blk, exit) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().jump(header, &[]);
         self.b.switch_to_block(header);
         let i = self.b.use_var(iv);
@@ -259,7 +227,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.b.switch_to_block(merge);
     }
 
-    fn floor_div(&mut self, a: Value, d: Value) -> (Value, Value) {
+    pub(crate) fn floor_div(&mut self, a: Value, d: Value) -> (Value, Value) {
         let m1 = self.b.ins().icmp_imm_s(IntCC::Equal, d, -1);
         let z = self.b.ins().icmp_imm_s(IntCC::Equal, d, 0);
         let bad = self.b.ins().bor(m1, z);
@@ -289,14 +257,7 @@ impl<'f, 'k> Gen<'f, 'k> {
             Expr::Int(n) => self.iconst(*n),
             Expr::Float(x) => self.fconst(x.0 as f32),
             Expr::Bool(v) => self.b.ins().iconst(types::I8, *v as i64),
-            Expr::Var(v) => {
-                self.env
-                    .iter()
-                    .rev()
-                    .find(|(n, _)| n == v)
-                    .unwrap_or_else(|| panic!("verified kernel: variable `{v}` bound"))
-                    .1
-            }
+            Expr::Var(v) => self.env.iter().rev().find(|(n, _)| n == v).unwrap_or_else(|| panic!("verified kernel: variable `{v}` bound")).1,
             Expr::Dim(d) => self.dims[d],
             Expr::Load(t, idx) => {
                 let tv = self.tens[t].clone();
@@ -312,11 +273,12 @@ impl<'f, 'k> Gen<'f, 'k> {
                 }
                 let bytes = self.b.ins().ishl_imm_u(off, 2);
                 let addr = self.b.ins().iadd(tv.base, bytes);
+                let fl = if self.writing.as_deref() == Some(t.as_str()) { flags() } else { ro_flags() };
                 if tv.is_int {
-                    let v = self.b.ins().load(types::I32, flags(), addr, 0);
+                    let v = self.b.ins().load(types::I32, fl, addr, 0);
                     self.b.ins().sextend(types::I64, v)
                 } else {
-                    self.b.ins().load(types::F32, flags(), addr, 0)
+                    self.b.ins().load(types::F32, fl, addr, 0)
                 }
             }
             Expr::Unary(op, a) => {
@@ -332,13 +294,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 let (x, y) = (self.expr(a), self.expr(b));
                 self.b.ins().select(c, x, y)
             }
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => {
+            Expr::Reduce { op, var, lo, hi, body } => {
                 let ty = ty_of(body, self.kernel);
                 let (lo, hi) = (self.expr(lo), self.expr(hi));
                 let clty = match ty {
@@ -389,7 +345,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.b.ins().fdiv(one, d)
     }
 
-    fn unary(&mut self, op: UnOp, x: Value) -> Value {
+    pub(crate) fn unary(&mut self, op: UnOp, x: Value) -> Value {
         let float = self.is_float(x);
         match op {
             UnOp::Neg if float => self.b.ins().fneg(x),
@@ -415,17 +371,13 @@ impl<'f, 'k> Gen<'f, 'k> {
                 let pos = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
                 let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
                 let keep = self.b.ins().bor(pos, nan);
-                let other = if op == UnOp::Relu {
-                    zero
-                } else {
-                    self.call("attnc_expm1f", &[x])
-                };
+                let other = if op == UnOp::Relu { zero } else { self.call("attnc_expm1f", &[x]) };
                 self.b.ins().select(keep, x, other)
             }
         }
     }
 
-    fn binary(&mut self, op: BinOp, x: Value, y: Value) -> Value {
+    pub(crate) fn binary(&mut self, op: BinOp, x: Value, y: Value) -> Value {
         let float = self.is_float(x);
         let ins = self.b.ins();
         match op {
@@ -475,12 +427,12 @@ impl<'f, 'k> Gen<'f, 'k> {
         }
     }
 
-    fn store_f32(&mut self, base: Value, idx: Value, v: Value) {
+    pub(crate) fn store_f32(&mut self, base: Value, idx: Value, v: Value) {
         let bytes = self.b.ins().ishl_imm_u(idx, 2);
         let addr = self.b.ins().iadd(base, bytes);
         self.b.ins().store(flags(), v, addr, 0);
     }
-    fn load_f32(&mut self, base: Value, idx: Value) -> Value {
+    pub(crate) fn load_f32(&mut self, base: Value, idx: Value) -> Value {
         let bytes = self.b.ins().ishl_imm_u(idx, 2);
         let addr = self.b.ins().iadd(base, bytes);
         self.b.ins().load(types::F32, flags(), addr, 0)
@@ -489,14 +441,13 @@ impl<'f, 'k> Gen<'f, 'k> {
     /// Body of `derive_T(frame, lo, hi)`.
     pub fn derive(&mut self, name: &str, lo: Value, hi: Value) {
         let t = self.kernel.tensor(name).expect("derived tensor").clone();
-        let TensorKind::Derived { vars, def } = &t.kind else {
-            unreachable!("derive of a non-derived tensor")
-        };
+        let TensorKind::Derived { vars, def } = &t.kind else { unreachable!("derive of a non-derived tensor") };
         let (body, scan) = match def {
             TensorDef::Map(e) => (e, None),
             TensorDef::Cumsum { axis, body } => (body, Some(*axis)),
         };
         let tv = self.tens[name].clone();
+        self.writing = Some(name.to_string());
         let rank = vars.len();
         // Nested loops over all axes; the first runs over [lo, hi).
         fn nest(
@@ -532,28 +483,16 @@ impl<'f, 'k> Gen<'f, 'k> {
                     } else {
                         g.b.ins().load(types::F32, flags(), addr, 0)
                     };
-                    let sum = if is_int {
-                        g.b.ins().iadd(v, prev)
-                    } else {
-                        g.b.ins().fadd(v, prev)
-                    };
+                    let sum = if is_int { g.b.ins().iadd(v, prev) } else { g.b.ins().fadd(v, prev) };
                     v = g.b.ins().select(pos, sum, v);
                 }
                 let bytes = g.b.ins().ishl_imm_u(off, 2);
                 let addr = g.b.ins().iadd(tv.base, bytes);
-                let v = if is_int {
-                    g.b.ins().ireduce(types::I32, v)
-                } else {
-                    v
-                };
+                let v = if is_int { g.b.ins().ireduce(types::I32, v) } else { v };
                 g.b.ins().store(flags(), v, addr, 0);
                 return;
             }
-            let (l, h) = if axis == 0 {
-                (lo, hi)
-            } else {
-                (g.iconst(0), tv.ext[axis])
-            };
+            let (l, h) = if axis == 0 { (lo, hi) } else { (g.iconst(0), tv.ext[axis]) };
             g.for_range(l, h, &mut |g, x| {
                 g.bind(&vars[axis], x);
                 idx.push(x);
@@ -564,26 +503,10 @@ impl<'f, 'k> Gen<'f, 'k> {
         }
         if rank == 0 {
             let v = self.expr(body);
-            let v = if tv.is_int {
-                self.b.ins().ireduce(types::I32, v)
-            } else {
-                v
-            };
+            let v = if tv.is_int { self.b.ins().ireduce(types::I32, v) } else { v };
             self.b.ins().store(flags(), v, tv.base, 0);
         } else {
-            nest(
-                self,
-                0,
-                rank,
-                lo,
-                hi,
-                &tv,
-                vars,
-                &mut Vec::new(),
-                body,
-                scan,
-                tv.is_int,
-            );
+            nest(self, 0, rank, lo, hi, &tv, vars, &mut Vec::new(), body, scan, tv.is_int);
         }
         self.b.ins().return_(&[]);
     }
@@ -642,15 +565,7 @@ impl<'f, 'k> Gen<'f, 'k> {
     }
 
     /// One branch of one row: walks the keys, then adds its normalized contribution.
-    fn branch(
-        &mut self,
-        br: &attnc_ir::Branch,
-        mj: Value,
-        ev: Value,
-        acc: Value,
-        out_acc: Value,
-        any_live: Variable,
-    ) {
+    fn branch(&mut self, br: &attnc_ir::Branch, mj: Value, ev: Value, acc: Value, out_acc: Value, any_live: Variable) {
         let zero_i = self.iconst(0);
         self.for_range(zero_i, ev, &mut |g, e| {
             let z = g.fconst(0.0);

@@ -10,6 +10,8 @@
 //! far from peak speed; see the README's status section.
 
 mod gen;
+pub mod microkernel;
+mod tiled;
 
 use crate::{Backend, CodegenError};
 use attnc_ir::reference::Tensor;
@@ -21,13 +23,23 @@ use cranelift_jit::{JITBuilder, JITModule};
 use cranelift_module::{default_libcall_names, FuncId, Linkage, Module};
 use gen::{Gen, Layout};
 use std::collections::BTreeMap;
+use tiled::TiledPlan;
 
 /// Code-generation choices for the CPU (part of the autotune key).
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct CpuOptions {
     /// Use the FMA extension when the host has it (x86-64). Off: lane-wise `fmaf` calls.
     pub fma: bool,
-    /// Query rows per parallel task.
+    /// Use the tiled kernel when the spec allows it (else the row-at-a-time kernel).
+    pub tiled: bool,
+    /// In the tiled kernel, run the tile matmuls in the `std::arch` microkernel (AVX-512,
+    /// AVX2 or portable, detected at run time); off: generated f32x4 loops.
+    pub microkernel: bool,
+    /// Query rows per tile (tiled kernel).
+    pub block_q: usize,
+    /// Keys per tile (tiled kernel; a multiple of 16).
+    pub block_k: usize,
+    /// Query rows per parallel task (row kernel).
     pub rows_per_task: usize,
     /// Worker threads (0: rayon's default, one per core).
     pub threads: usize,
@@ -35,11 +47,7 @@ pub struct CpuOptions {
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions {
-            fma: true,
-            rows_per_task: 16,
-            threads: 0,
-        }
+        CpuOptions { fma: true, tiled: true, microkernel: true, block_q: 64, block_k: 64, rows_per_task: 16, threads: 0 }
     }
 }
 
@@ -70,10 +78,7 @@ impl HostFeatures {
         }
         #[cfg(target_arch = "aarch64")]
         flags.push("neon");
-        HostFeatures {
-            arch: std::env::consts::ARCH,
-            flags,
-        }
+        HostFeatures { arch: std::env::consts::ARCH, flags }
     }
     pub fn has(&self, f: &str) -> bool {
         self.flags.contains(&f)
@@ -87,21 +92,15 @@ impl HostFeatures {
 /// Builds the host ISA (features detected by Cranelift) with the options applied.
 pub fn host_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
     let mut shared = settings::builder();
-    let set = |b: &mut settings::Builder, k: &str, v: &str| {
-        b.set(k, v)
-            .map_err(|e| CodegenError::Emit(format!("cranelift setting {k}: {e}")))
-    };
+    let set = |b: &mut settings::Builder, k: &str, v: &str| b.set(k, v).map_err(|e| CodegenError::Emit(format!("cranelift setting {k}: {e}")));
     set(&mut shared, "opt_level", "speed")?;
     set(&mut shared, "is_pic", "false")?;
     set(&mut shared, "use_colocated_libcalls", "false")?;
-    let mut ib = cranelift_native::builder()
-        .map_err(|e| CodegenError::Unsupported(format!("host ISA: {e}")))?;
+    let mut ib = cranelift_native::builder().map_err(|e| CodegenError::Unsupported(format!("host ISA: {e}")))?;
     if !o.fma && cfg!(target_arch = "x86_64") {
-        ib.set("has_fma", "false")
-            .map_err(|e| CodegenError::Emit(format!("has_fma: {e}")))?;
+        ib.set("has_fma", "false").map_err(|e| CodegenError::Emit(format!("has_fma: {e}")))?;
     }
-    ib.finish(settings::Flags::new(shared))
-        .map_err(|e| CodegenError::Emit(format!("ISA: {e}")))
+    ib.finish(settings::Flags::new(shared)).map_err(|e| CodegenError::Emit(format!("ISA: {e}")))
 }
 
 /// The generated functions as CLIF text (the artifact of [`CpuBackend`]).
@@ -120,62 +119,99 @@ impl std::fmt::Display for ClifArtifact {
     }
 }
 
-/// Which function a [`FuncSpec`] generates.
+/// The functions generated for a kernel.
+#[derive(Clone, Debug, PartialEq)]
 enum FuncKind {
     Derive(String),
     Attend,
+    Pack,
+    Tile,
+    MmQk,
+    MmPv,
 }
 
+impl FuncKind {
+    fn name(&self) -> String {
+        match self {
+            FuncKind::Derive(t) => format!("derive_{t}"),
+            FuncKind::Attend => "attend".into(),
+            FuncKind::Pack => "pack".into(),
+            FuncKind::Tile => "tile".into(),
+            FuncKind::MmQk => "mm_qk".into(),
+            FuncKind::MmPv => "mm_pv".into(),
+        }
+    }
+}
+
+/// Parameters in order: `p` a pointer, `i` an i64.
 fn signature(module: &JITModule, kind: &FuncKind) -> Signature {
     let ptr = module.target_config().pointer_type();
     let mut sig = module.make_signature();
-    sig.params.push(AbiParam::new(ptr));
-    let ints = match kind {
-        FuncKind::Derive(_) => 2,
-        FuncKind::Attend => 4,
+    let params = match kind {
+        FuncKind::Derive(_) => "pii",
+        FuncKind::Attend => "piiiip",
+        FuncKind::Pack => "piipp",
+        FuncKind::Tile => "piiipppp",
+        FuncKind::MmQk => "pippiii",
+        FuncKind::MmPv => "pipipipiii",
     };
-    for _ in 0..ints {
-        sig.params.push(AbiParam::new(types::I64));
-    }
-    if let FuncKind::Attend = kind {
-        sig.params.push(AbiParam::new(ptr));
+    for c in params.chars() {
+        sig.params.push(AbiParam::new(if c == 'p' { ptr } else { types::I64 }));
     }
     sig
 }
 
+/// What generating any one function needs.
+struct Ctx<'a> {
+    k: &'a Kernel,
+    layout: &'a Layout,
+    libs: &'a BTreeMap<&'static str, FuncId>,
+    plan: Option<&'a TiledPlan>,
+    mm: Option<(FuncId, FuncId)>,
+    o: &'a CpuOptions,
+}
+
 /// Generates one function's CLIF into `ctx.func`.
-fn build(
-    module: &mut JITModule,
-    ctx: &mut Context,
-    fctx: &mut FunctionBuilderContext,
-    k: &Kernel,
-    layout: &Layout,
-    kind: &FuncKind,
-    libs: &BTreeMap<&'static str, FuncId>,
-) {
+fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderContext, cx: &Ctx, kind: &FuncKind) {
     let b = FunctionBuilder::new(&mut ctx.func, fctx);
-    let refs = libs
-        .iter()
-        .map(|(n, id)| (*n, module.declare_func_in_func(*id, b.func)))
-        .collect();
-    let (mut g, params) = Gen::new(b, k, layout, refs);
+    let refs = cx.libs.iter().map(|(n, id)| (*n, module.declare_func_in_func(*id, b.func))).collect();
+    let mm = cx.mm.map(|(q, p)| (module.declare_func_in_func(q, b.func), module.declare_func_in_func(p, b.func)));
+    let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
+    let (mut g, p) = Gen::new(b, cx.k, if framed { Some(cx.layout) } else { None }, refs);
     match kind {
-        FuncKind::Derive(t) => g.derive(t, params[1], params[2]),
-        FuncKind::Attend => g.attend(params[1], params[2], params[3], params[4], params[5]),
+        FuncKind::Derive(t) => g.derive(t, p[1], p[2]),
+        FuncKind::Attend => g.attend(p[1], p[2], p[3], p[4], p[5]),
+        FuncKind::Pack => g.pack(cx.plan.expect("tiled"), cx.o.block_k as i64, p[1], p[2], p[3], p[4]),
+        FuncKind::Tile => {
+            let (qk, pv) = mm.expect("matmuls declared");
+            g.tile(cx.plan.expect("tiled"), cx.o.block_q as i64, cx.o.block_k as i64, [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], qk, pv)
+        }
+        FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
+        FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
     }
     g.finish(module.target_config());
 }
 
 type AttendFn = unsafe extern "C" fn(*const i64, i64, i64, i64, i64, *mut f32);
 type DeriveFn = unsafe extern "C" fn(*const i64, i64, i64);
+type PackFn = unsafe extern "C" fn(*const i64, i64, i64, *mut f32, *mut f32);
+type TileFn = unsafe extern "C" fn(*const i64, i64, i64, i64, *const f32, *const f32, *mut f32, *const u8);
+
+/// The compiled form: row-at-a-time, or tiled.
+enum Path {
+    Rows(AttendFn),
+    Tiled { pack: PackFn, tile: TileFn, plan: TiledPlan },
+}
 
 /// A JIT-compiled kernel, ready to run.
 pub struct CpuKernel {
     kernel: Kernel,
     layout: Layout,
-    attend: AttendFn,
+    path: Path,
     derives: Vec<(String, DeriveFn)>,
     options: CpuOptions,
+    /// A pool of `options.threads` workers (none: rayon's global pool).
+    pool: Option<rayon::ThreadPool>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     pub clif: ClifArtifact,
@@ -185,6 +221,27 @@ pub struct CpuKernel {
 // functions are pure code reading their arguments, so they can be called from any thread.
 unsafe impl Send for CpuKernel {}
 unsafe impl Sync for CpuKernel {}
+
+/// Inputs in storage form: f32 bits for float tensors, i32 for integer ones.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub bufs: BTreeMap<String, Vec<u32>>,
+}
+
+impl Storage {
+    /// Rounds f64 values to the storage type of each declared input.
+    pub fn from_f64(k: &Kernel, inputs: &BTreeMap<String, Tensor>) -> Storage {
+        let mut st = Storage { shapes: BTreeMap::new(), bufs: BTreeMap::new() };
+        for (name, t) in inputs {
+            let int = k.tensor(name).is_some_and(|d| d.dtype.is_int());
+            let data = if int { t.data.iter().map(|x| (*x as i32) as u32).collect() } else { t.data.iter().map(|x| (*x as f32).to_bits()).collect() };
+            st.shapes.insert(name.clone(), t.shape.clone());
+            st.bufs.insert(name.clone(), data);
+        }
+        st
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -199,18 +256,22 @@ pub enum RunError {
 }
 
 impl CpuKernel {
-    pub fn compile(
-        k: &Kernel,
-        _info: &KernelInfo,
-        o: &CpuOptions,
-    ) -> Result<CpuKernel, CodegenError> {
+    pub fn compile(k: &Kernel, _info: &KernelInfo, o: &CpuOptions) -> Result<CpuKernel, CodegenError> {
+        if o.block_k == 0 || o.block_k % 16 != 0 || o.block_q == 0 {
+            return Err(CodegenError::Unsupported(format!("tile sizes must be positive and block_k a multiple of 16 (got {}×{})", o.block_q, o.block_k)));
+        }
         let isa = host_isa(o)?;
         let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
         let lib_list = gen::libcalls();
         for (name, _, addr) in &lib_list {
             jb.symbol(*name, *addr);
         }
+        let plan = if o.tiled { TiledPlan::new(k) } else { None };
+        let (mk_qk, mk_pv) = microkernel::kernels(microkernel::Isa::detect());
+        jb.symbol("attnc_mk_qk", mk_qk as *const u8);
+        jb.symbol("attnc_mk_pv", mk_pv as *const u8);
         let mut module = JITModule::new(jb);
+        let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
         let mut libs = BTreeMap::new();
         for (name, arity, _) in &lib_list {
             let mut sig = module.make_signature();
@@ -218,100 +279,210 @@ impl CpuKernel {
                 sig.params.push(AbiParam::new(types::F32));
             }
             sig.returns.push(AbiParam::new(types::F32));
-            let id = module
-                .declare_function(name, Linkage::Import, &sig)
-                .map_err(|e| CodegenError::Emit(e.to_string()))?;
-            libs.insert(*name, id);
+            libs.insert(*name, module.declare_function(name, Linkage::Import, &sig).map_err(err)?);
         }
         let layout = Layout::new(k);
-        let mut kinds: Vec<FuncKind> = k
-            .derived()
-            .map(|t| FuncKind::Derive(t.name.clone()))
-            .collect();
-        kinds.push(FuncKind::Attend);
+        let mut kinds: Vec<FuncKind> = k.derived().map(|t| FuncKind::Derive(t.name.clone())).collect();
+        let mut mm = None;
+        if plan.is_some() {
+            kinds.push(FuncKind::Pack);
+            let (q, p) = if o.microkernel {
+                let q = module.declare_function("attnc_mk_qk", Linkage::Import, &signature(&module, &FuncKind::MmQk)).map_err(err)?;
+                let p = module.declare_function("attnc_mk_pv", Linkage::Import, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
+                (q, p)
+            } else {
+                kinds.push(FuncKind::MmQk);
+                kinds.push(FuncKind::MmPv);
+                let q = module.declare_function("mm_qk", Linkage::Local, &signature(&module, &FuncKind::MmQk)).map_err(err)?;
+                let p = module.declare_function("mm_pv", Linkage::Local, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
+                (q, p)
+            };
+            mm = Some((q, p));
+            kinds.push(FuncKind::Tile);
+        } else {
+            kinds.push(FuncKind::Attend);
+        }
+        let cx = Ctx { k, layout: &layout, libs: &libs, plan: plan.as_ref(), mm, o };
         let mut ctx = module.make_context();
         let mut fctx = FunctionBuilderContext::new();
         let mut ids = Vec::new();
         let mut clif = Vec::new();
         for kind in &kinds {
-            let name = match kind {
-                FuncKind::Derive(t) => format!("derive_{t}"),
-                FuncKind::Attend => "attend".to_string(),
-            };
+            let name = kind.name();
             let sig = signature(&module, kind);
-            let id = module
-                .declare_function(&name, Linkage::Local, &sig)
-                .map_err(|e| CodegenError::Emit(e.to_string()))?;
+            let id = match (kind, mm) {
+                (FuncKind::MmQk, Some((q, _))) => q,
+                (FuncKind::MmPv, Some((_, p))) => p,
+                _ => module.declare_function(&name, Linkage::Local, &sig).map_err(err)?,
+            };
             ctx.func.signature = sig;
             ctx.func.name = UserFuncName::user(0, id.as_u32());
-            build(&mut module, &mut ctx, &mut fctx, k, &layout, kind, &libs);
-            cranelift::codegen::verify_function(&ctx.func, module.isa().flags())
-                .map_err(|e| CodegenError::Invalid(format!("{name}: {e}")))?;
+            build(&mut module, &mut ctx, &mut fctx, &cx, kind);
+            cranelift::codegen::verify_function(&ctx.func, module.isa().flags()).map_err(|e| CodegenError::Invalid(format!("{name}: {e}")))?;
             clif.push((name.clone(), ctx.func.display().to_string()));
-            module
-                .define_function(id, &mut ctx)
-                .map_err(|e| CodegenError::Emit(format!("{name}: {e:?}")))?;
+            module.define_function(id, &mut ctx).map_err(|e| CodegenError::Emit(format!("{name}: {e:?}")))?;
             module.clear_context(&mut ctx);
-            ids.push((kind, id));
+            ids.push((kind.clone(), id));
         }
-        module
-            .finalize_definitions()
-            .map_err(|e| CodegenError::Emit(e.to_string()))?;
+        module.finalize_definitions().map_err(|e| CodegenError::Emit(e.to_string()))?;
         let mut derives = Vec::new();
-        let mut attend: Option<AttendFn> = None;
+        let (mut attend, mut pack, mut tile) = (None, None, None);
         for (kind, id) in ids {
             let p = module.get_finalized_function(id);
             // SAFETY: each function was generated with exactly this signature (`signature`).
-            match kind {
-                FuncKind::Derive(t) => derives.push((t.clone(), unsafe {
-                    std::mem::transmute::<*const u8, DeriveFn>(p)
-                })),
-                FuncKind::Attend => {
-                    attend = Some(unsafe { std::mem::transmute::<*const u8, AttendFn>(p) })
+            unsafe {
+                match kind {
+                    FuncKind::Derive(t) => derives.push((t, std::mem::transmute::<*const u8, DeriveFn>(p))),
+                    FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
+                    FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
+                    FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
+                    FuncKind::MmQk | FuncKind::MmPv => {}
                 }
             }
         }
-        Ok(CpuKernel {
-            kernel: k.clone(),
-            layout,
-            attend: attend.expect("attend is generated"),
-            derives,
-            options: o.clone(),
-            _module: module,
-            clif: ClifArtifact { functions: clif },
-        })
+        let path = match plan {
+            Some(plan) => Path::Tiled { pack: pack.expect("generated"), tile: tile.expect("generated"), plan },
+            None => Path::Rows(attend.expect("generated")),
+        };
+        let pool = match o.threads {
+            0 => None,
+            n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| CodegenError::Unsupported(format!("thread pool: {e}")))?),
+        };
+        Ok(CpuKernel { kernel: k.clone(), layout, path, derives, options: o.clone(), pool, _module: module, clif: ClifArtifact { functions: clif } })
+    }
+
+    /// True when the tiled kernel runs this spec (else the row-at-a-time kernel).
+    pub fn is_tiled(&self) -> bool {
+        matches!(self.path, Path::Tiled { .. })
+    }
+
+    /// Runs the tiled kernel: per (b, h), pack the key panels and values, classify the
+    /// tiles by the mask (cached when the mask does not depend on b or h), then run the
+    /// query tiles in parallel.
+    #[allow(clippy::too_many_arguments)]
+    fn run_tiled(
+        &self,
+        pack: PackFn,
+        tile: TileFn,
+        plan: &TiledPlan,
+        dims: &Bindings,
+        bufs: &BTreeMap<String, &[u32]>,
+        fp: FramePtr,
+    ) {
+        use rayon::prelude::*;
+        let k = &self.kernel;
+        let (bq, bk) = (self.options.block_q as i64, self.options.block_k as i64);
+        let (nb, nh, ni, mj) = (dims.extent(&k.iter.b), dims.extent(&k.iter.h), dims.extent(&k.iter.i), dims.extent(&k.iter.j));
+        let ev = dims.extent(&k.iter.e);
+        let dk = plan.dot.as_ref().map_or(0, |d| attnc_ir::bind::eval_dims(&d.len, &dims.dims).unwrap_or(0).max(0));
+        let ntiles = (mj + bk - 1) / bk;
+        let nqb = (ni + bq - 1) / bq;
+        let nbr = k.branches.len();
+        // The data the mask can read, as f64, for the run-time classifier.
+        let mut data: BTreeMap<String, (Vec<usize>, Vec<f64>, bool)> = BTreeMap::new();
+        for t in &k.tensors {
+            let used = k.branches.iter().any(|b| b.mask.as_ref().is_some_and(|m| m.loads().contains(&t.name)));
+            if !used {
+                continue;
+            }
+            let shape = dims.shape(t);
+            let vals: Vec<f64> = if t.dtype.is_int() {
+                bufs[&t.name].iter().map(|x| *x as i32 as f64).collect()
+            } else {
+                bufs[&t.name].iter().map(|x| f32::from_bits(*x) as f64).collect()
+            };
+            data.insert(t.name.clone(), (shape, vals, t.dtype.is_int()));
+        }
+        let oracle = attnc_passes::tiles::DataOracle {
+            tensors: data.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(),
+            limit: 1 << 14,
+        };
+        // Classes per branch for each distinct (b, h) the mask depends on: [qb][tile].
+        let classify = |br: usize, b: i64, h: i64| -> Vec<u8> {
+            let mask = k.branches[br].mask.as_ref();
+            let mut out = vec![1u8; (nqb * ntiles) as usize];
+            if mask.is_none() {
+                return out;
+            }
+            for qb in 0..nqb {
+                for kb in 0..ntiles {
+                    let bx = attnc_passes::tiles::TileBox { b, h, i: (qb * bq, ((qb + 1) * bq).min(ni)), j: (kb * bk, ((kb + 1) * bk).min(mj)) };
+                    out[(qb * ntiles + kb) as usize] = match attnc_passes::tiles::classify(mask, bx, &dims.dims, &oracle) {
+                        attnc_passes::tiles::TileClass::Empty => 0,
+                        attnc_passes::tiles::TileClass::Full => 1,
+                        attnc_passes::tiles::TileClass::Partial => 2,
+                    };
+                }
+            }
+            out
+        };
+        let keys: Vec<(usize, i64, i64)> = (0..nbr)
+            .flat_map(|br| {
+                let deps = k.branches[br].mask.as_ref().map(attnc_ir::Deps::of).unwrap_or_default();
+                let bs: Vec<i64> = if deps.b { (0..nb).collect() } else { vec![0] };
+                let hs: Vec<i64> = if deps.h { (0..nh).collect() } else { vec![0] };
+                bs.into_iter().flat_map(move |b| hs.clone().into_iter().map(move |h| (br, b, h)))
+            })
+            .collect();
+        let classes: BTreeMap<(usize, i64, i64), Vec<u8>> = keys.par_iter().map(|&(br, b, h)| ((br, b, h), classify(br, b, h))).collect();
+        let lookup = |br: usize, b: i64, h: i64| {
+            let deps = k.branches[br].mask.as_ref().map(attnc_ir::Deps::of).unwrap_or_default();
+            &classes[&(br, if deps.b { b } else { 0 }, if deps.h { h } else { 0 })]
+        };
+        let ws_len = (bq * dk.max(1) + bq * bk + 2 * bq * ev + 5 * bq) as usize;
+        let groups: Vec<(i64, i64)> = (0..nb).flat_map(|b| (0..nh).map(move |h| (b, h))).collect();
+        groups.par_iter().for_each(|&(b, h)| {
+            let mut kt = vec![0f32; (ntiles * bk * dk.max(1)) as usize];
+            let mut vb = vec![0f32; (ntiles * bk * ev) as usize];
+            // SAFETY: kt and vb hold the padded panels `pack` writes.
+            unsafe { pack(fp.get(), b, h, kt.as_mut_ptr(), vb.as_mut_ptr()) };
+            // Per query tile: the classes of every branch, contiguous.
+            let mut cls = vec![0u8; (nqb * nbr as i64 * ntiles) as usize];
+            for qb in 0..nqb {
+                for br in 0..nbr {
+                    let src = &lookup(br, b, h)[(qb * ntiles) as usize..((qb + 1) * ntiles) as usize];
+                    let at = ((qb * nbr as i64 + br as i64) * ntiles) as usize;
+                    cls[at..at + ntiles as usize].copy_from_slice(src);
+                }
+            }
+            let (ktp, vbp) = (SendPtr(kt.as_ptr()), SendPtr(vb.as_ptr()));
+            let clsp = SendPtr(cls.as_ptr());
+            (0..nqb).into_par_iter().for_each_init(
+                || vec![0f32; ws_len],
+                |ws, qb| {
+                    let c = unsafe { clsp.get().add((qb * nbr as i64 * ntiles) as usize) };
+                    // SAFETY: tiles write disjoint output rows; ws holds the tile workspace.
+                    unsafe { tile(fp.get(), b, h, qb * bq, ktp.get(), vbp.get(), ws.as_mut_ptr(), c) };
+                },
+            );
+        });
     }
 
     /// Runs on named inputs (f64 values, rounded to the tensors' storage types).
-    pub fn run(
-        &self,
-        inputs: &BTreeMap<String, Tensor>,
-        explicit: &BTreeMap<String, i64>,
-    ) -> Result<Tensor, RunError> {
-        let shapes = inputs
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shape.clone()))
-            .collect();
-        let dims = bind(&self.kernel, &shapes, explicit)?;
+    pub fn run(&self, inputs: &BTreeMap<String, Tensor>, explicit: &BTreeMap<String, i64>) -> Result<Tensor, RunError> {
+        let (shape, data) = self.run_storage(&Storage::from_f64(&self.kernel, inputs), explicit)?;
+        Ok(Tensor::new(shape, data.iter().map(|x| *x as f64).collect()))
+    }
+
+    /// Runs on inputs already in storage form (what benchmarks time); returns the output's
+    /// shape and f32 values.
+    pub fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError> {
+        let dims = bind(&self.kernel, &st.shapes, explicit)?;
         self.check_divisors(&dims)?;
         let k = &self.kernel;
-        // Storage: every tensor as a flat f32 or i32 buffer (4 bytes per element).
-        let mut bufs: BTreeMap<String, Vec<u32>> = BTreeMap::new();
+        // Derived tensors and the output get fresh buffers; inputs are read in place.
+        let mut owned: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for t in &k.tensors {
-            let n: usize = dims.shape(t).iter().product();
-            let data = match &t.kind {
-                TensorKind::Input => {
-                    let src = &inputs[&t.name];
-                    if t.dtype.is_int() {
-                        src.data.iter().map(|x| (*x as i32) as u32).collect()
-                    } else {
-                        src.data.iter().map(|x| (*x as f32).to_bits()).collect()
-                    }
-                }
-                _ => vec![0u32; n.max(1)],
-            };
-            bufs.insert(t.name.clone(), data);
+            if t.kind != TensorKind::Input {
+                let n: usize = dims.shape(t).iter().product();
+                owned.insert(t.name.clone(), vec![0u32; n.max(1)]);
+            }
         }
+        let bufs: BTreeMap<String, &[u32]> = k
+            .tensors
+            .iter()
+            .map(|t| (t.name.clone(), if t.kind == TensorKind::Input { st.bufs[&t.name].as_slice() } else { owned[&t.name].as_slice() }))
+            .collect();
         let mut frame = vec![0i64; self.layout.len];
         for (d, slot) in &self.layout.dims {
             frame[*slot] = dims.dims[d];
@@ -327,62 +498,48 @@ impl CpuKernel {
                 stride *= shape[a] as i64;
             }
         }
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(self.options.threads)
-            .build()
-            .map_err(|e| RunError::Threads(e.to_string()))?;
         let fp = FramePtr(frame.as_ptr());
-        pool.install(|| {
+        let work = || {
             use rayon::prelude::*;
             for (name, f) in &self.derives {
                 let t = k.tensor(name).expect("derived tensor");
                 let shape = dims.shape(t);
                 let first = shape.first().copied().unwrap_or(1) as i64;
-                let scan_first = matches!(
-                    &t.kind,
-                    TensorKind::Derived {
-                        def: attnc_ir::TensorDef::Cumsum { axis: 0, .. },
-                        ..
-                    }
-                );
+                let scan_first = matches!(&t.kind, TensorKind::Derived { def: attnc_ir::TensorDef::Cumsum { axis: 0, .. }, .. });
                 let f = *f;
                 if scan_first || shape.is_empty() {
                     // SAFETY: the frame describes live buffers of the bound shapes.
                     unsafe { f(fp.get(), 0, first) };
                 } else {
-                    (0..first)
-                        .into_par_iter()
-                        .for_each(|x| unsafe { f(fp.get(), x, x + 1) });
+                    (0..first).into_par_iter().for_each(|x| unsafe { f(fp.get(), x, x + 1) });
                 }
             }
-            let (nb, nh, ni) = (
-                dims.extent(&k.iter.b),
-                dims.extent(&k.iter.h),
-                dims.extent(&k.iter.i),
-            );
-            let ev = dims.extent(&k.iter.e) as usize;
-            let step = self.options.rows_per_task.max(1) as i64;
-            let tasks: Vec<(i64, i64, i64)> = (0..nb)
-                .flat_map(|b| {
-                    (0..nh)
-                        .flat_map(move |h| (0..ni).step_by(step as usize).map(move |i| (b, h, i)))
-                })
-                .collect();
-            let attend = self.attend;
-            tasks.par_iter().for_each_init(
-                || vec![0f32; 2 * ev.max(1)],
-                |ws, &(b, h, i)| {
-                    // SAFETY: tasks write disjoint output rows; ws holds 2·Ev floats.
-                    unsafe { attend(fp.get(), b, h, i, (i + step).min(ni), ws.as_mut_ptr()) };
-                },
-            );
-        });
+            match &self.path {
+                Path::Rows(attend) => {
+                    let (nb, nh, ni) = (dims.extent(&k.iter.b), dims.extent(&k.iter.h), dims.extent(&k.iter.i));
+                    let ev = dims.extent(&k.iter.e) as usize;
+                    let step = self.options.rows_per_task.max(1) as i64;
+                    let tasks: Vec<(i64, i64, i64)> =
+                        (0..nb).flat_map(|b| (0..nh).flat_map(move |h| (0..ni).step_by(step as usize).map(move |i| (b, h, i)))).collect();
+                    let attend = *attend;
+                    tasks.par_iter().for_each_init(
+                        || vec![0f32; 2 * ev.max(1)],
+                        |ws, &(b, h, i)| {
+                            // SAFETY: tasks write disjoint output rows; ws holds 2·Ev floats.
+                            unsafe { attend(fp.get(), b, h, i, (i + step).min(ni), ws.as_mut_ptr()) };
+                        },
+                    );
+                }
+                Path::Tiled { pack, tile, plan } => self.run_tiled(*pack, *tile, plan, &dims, &bufs, fp),
+            }
+        };
+        match &self.pool {
+            Some(p) => p.install(work),
+            None => work(),
+        }
         let out = k.output();
-        let data = bufs[&out.name]
-            .iter()
-            .map(|b| f32::from_bits(*b) as f64)
-            .collect();
-        Ok(Tensor::new(dims.shape(out), data))
+        let data = owned.remove(&out.name).expect("output buffer").into_iter().map(f32::from_bits).collect();
+        Ok((dims.shape(out), data))
     }
 
     /// Integer divisors are dim expressions (E0008); a zero one would be a run-time fault.
@@ -390,18 +547,10 @@ impl CpuKernel {
         let mut err = None;
         for (label, e) in self.kernel.exprs() {
             e.walk(&mut |x| {
-                if let attnc_ir::Expr::Binary(
-                    attnc_ir::BinOp::FloorDiv | attnc_ir::BinOp::Mod,
-                    _,
-                    d,
-                ) = x
-                {
+                if let attnc_ir::Expr::Binary(attnc_ir::BinOp::FloorDiv | attnc_ir::BinOp::Mod, _, d) = x {
                     if d.free_vars().is_empty() && d.loads().is_empty() {
                         if let Ok(0) = attnc_ir::bind::eval_dims(d, &dims.dims) {
-                            err.get_or_insert(format!(
-                                "{label}: the divisor `{}` is 0 for these dims",
-                                attnc_ir::pretty::infix(d)
-                            ));
+                            err.get_or_insert(format!("{label}: the divisor `{}` is 0 for these dims", attnc_ir::pretty::infix(d)));
                         }
                     }
                 }
@@ -433,16 +582,23 @@ impl Backend for CpuBackend {
     const NAME: &'static str = "cpu";
     type Options = CpuOptions;
     type Artifact = ClifArtifact;
-    fn emit(
-        &self,
-        k: &Kernel,
-        info: &KernelInfo,
-        o: &CpuOptions,
-    ) -> Result<ClifArtifact, CodegenError> {
+    fn emit(&self, k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<ClifArtifact, CodegenError> {
         Ok(CpuKernel::compile(k, info, o)?.clif)
     }
     fn validate(&self, _a: &ClifArtifact) -> Result<(), CodegenError> {
         // Every function is run through Cranelift's verifier as it is emitted.
         Ok(())
+    }
+}
+
+/// A read-only pointer shared by parallel tasks.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*const T);
+// The pointee outlives the parallel section and is not written while tasks read it.
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+impl<T> SendPtr<T> {
+    fn get(self) -> *const T {
+        self.0
     }
 }

@@ -1,0 +1,1035 @@
+//! The tiled CPU kernel: query tiles × key tiles, matmuls in microkernels, everything
+//! variant-specific generated as f32x4 code.
+//!
+//! Applies when every branch's score has at most one *separable* channel reduction
+//! `Σ_r A(b,h,i,r)·B(b,h,j,r)` (the dot of queries and keys, whatever feature maps or
+//! layouts `A` and `B` apply); other scores (GLA's `exp(L_i − L_j)` inside the sum) use the
+//! row-at-a-time kernel of [`super::gen`]. Per `(b, h)`:
+//!
+//! - `pack(frame, b, h, kt, vb)` writes `B` transposed in panels of `BK` keys
+//!   (`kt[tile][r][c]`) and the value rows `vb[j][e]`, zero-padded to whole tiles;
+//! - `tile(frame, b, h, i0, kt, vb, ws, classes)` computes query rows `[i0, i0 + BQ)`: packs
+//!   `A`, then for each live key tile calls `qk` (S = A·Bᵀ), evaluates the rest of the
+//!   score, bias, mask (only on partial tiles and the last tile), the normalization with
+//!   its state per row (online softmax: running max, denominator, rescale factor), decay,
+//!   and calls `pv` (O = O·corr + P·V); at the end it scales by the denominator and branch
+//!   weight, applies the gate and stores the rows.
+//!
+//! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
+//! analysis (attnc-passes); empty tiles cost nothing.
+
+use super::gen::{flags, ty_of, Gen};
+use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp, Ty, UnOp};
+use cranelift::codegen::ir::{Endianness, MemFlagsData};
+use cranelift::prelude::*;
+
+/// A separable channel reduction found in a score.
+#[derive(Clone, Debug)]
+pub(crate) struct Dot {
+    /// Query-side factor, a function of `b h i` and `r`.
+    pub a: Expr,
+    /// Key-side factor, a function of `b h j` and `r`.
+    pub b: Expr,
+    pub r: String,
+    /// Channel count (a dim expression).
+    pub len: Expr,
+}
+
+/// The tiled form of a kernel.
+#[derive(Clone, Debug)]
+pub(crate) struct TiledPlan {
+    /// Per branch: the dot (if any) and the score with it replaced by `__dot`.
+    pub branches: Vec<(Option<Dot>, Expr)>,
+    /// Channel count of the (shared) dot; all branches' dots must agree on `B`.
+    pub dot: Option<Dot>,
+}
+
+pub(crate) const DOT: &str = "__dot";
+
+fn no(e: &Expr, v: &str) -> bool {
+    !e.free_vars().contains(v)
+}
+
+/// `Σ_{r<len} A·B` with `A` free of `j` and `B` free of `i`.
+fn as_dot(e: &Expr) -> Option<Dot> {
+    let Expr::Reduce { op: RedOp::Sum, var, lo, hi, body } = e else { return None };
+    if **lo != Expr::Int(0) || !hi.free_vars().is_empty() || !hi.loads().is_empty() {
+        return None;
+    }
+    let Expr::Binary(BinOp::Mul, a, b) = &**body else { return None };
+    let (a, b) = if no(a, "j") && no(b, "i") {
+        (a, b)
+    } else if no(b, "j") && no(a, "i") {
+        (b, a)
+    } else {
+        return None;
+    };
+    if no(a, var) || no(b, var) {
+        return None;
+    }
+    Some(Dot { a: (**a).clone(), b: (**b).clone(), r: var.clone(), len: (**hi).clone() })
+}
+
+/// Replaces the first separable reduction in `e` (outermost first) by `__dot`.
+fn extract(e: &Expr, found: &mut Option<Dot>) -> Expr {
+    if found.is_none() {
+        if let Some(d) = as_dot(e) {
+            *found = Some(d);
+            return Expr::var(DOT);
+        }
+    }
+    if let Expr::Reduce { .. } = e {
+        return e.clone();
+    }
+    e.map_children(&mut |c| extract(c, found))
+}
+
+impl TiledPlan {
+    /// The tiled form, or `None` when a branch's score has no separable structure that the
+    /// tile kernel can use (the row kernel handles it).
+    pub fn new(k: &Kernel) -> Option<TiledPlan> {
+        let mut branches = Vec::new();
+        let mut shared: Option<Dot> = None;
+        for br in &k.branches {
+            let mut found = None;
+            let rest = extract(&br.score, &mut found);
+            // A pair reduction left in the score (not separable) costs O(D) per pair
+            // lane by lane: the row kernel is no worse, keep it simple.
+            let mut pair_reduction = false;
+            rest.walk(&mut |x| {
+                if let Expr::Reduce { .. } = x {
+                    if x.free_vars().contains("j") && x.free_vars().contains("i") {
+                        pair_reduction = true;
+                    }
+                }
+            });
+            if pair_reduction {
+                return None;
+            }
+            if let Some(d) = &found {
+                match &shared {
+                    // Two branches with different key factors would need two key panels.
+                    Some(s) if s.b != d.b || s.len != d.len || s.r != d.r => return None,
+                    _ => shared = Some(d.clone()),
+                }
+            }
+            branches.push((found, rest));
+        }
+        Some(TiledPlan { branches, dot: shared })
+    }
+}
+
+/// Lane-wise value of the vector code: a scalar shared by the 4 lanes, or a vector.
+#[derive(Clone, Copy)]
+enum VV {
+    U(Value),
+    V(Value),
+}
+
+fn little() -> MemFlagsData {
+    MemFlagsData::new().with_endianness(Endianness::Little)
+}
+
+impl Gen<'_, '_> {
+    fn varying(&self, e: &Expr, vecs: &[String]) -> bool {
+        let fv = e.free_vars();
+        vecs.iter().any(|v| fv.contains(v))
+    }
+
+    /// A uniform value as a vector of 4 lanes (ints as i32, conditions as lane masks).
+    fn splat(&mut self, v: Value) -> Value {
+        let ty = self.b.func.dfg.value_type(v);
+        if ty == types::F32 {
+            self.b.ins().splat(types::F32X4, v)
+        } else if ty == types::I64 {
+            let n = self.b.ins().ireduce(types::I32, v);
+            self.b.ins().splat(types::I32X4, n)
+        } else if ty == types::I8 {
+            let m1 = self.b.ins().iconst(types::I32, -1);
+            let z = self.b.ins().iconst(types::I32, 0);
+            let m = self.b.ins().select(v, m1, z);
+            self.b.ins().splat(types::I32X4, m)
+        } else {
+            v
+        }
+    }
+
+    fn vec(&mut self, v: VV) -> Value {
+        match v {
+            VV::U(x) => self.splat(x),
+            VV::V(x) => x,
+        }
+    }
+
+    /// Evaluates `e` for each lane with scalar code (the fallback for anything without a
+    /// vector form: gathers, integer division, reductions, libm calls).
+    fn lanewise(&mut self, e: &Expr) -> Value {
+        let vecs: Vec<(String, Value)> = self.env.iter().filter(|(_, v)| self.b.func.dfg.value_type(*v).is_vector()).cloned().collect();
+        let ty = ty_of(e, self.kernel);
+        let (vty, zero) = match ty {
+            Ty::Float => (types::F32X4, self.fconst(0.0)),
+            _ => (types::I32X4, self.b.ins().iconst(types::I32, 0)),
+        };
+        let mut acc = self.b.ins().splat(vty, zero);
+        for lane in 0..4u8 {
+            for (n, v) in &vecs {
+                let x = self.b.ins().extractlane(*v, lane);
+                let x = if self.b.func.dfg.value_type(x) == types::I32 { self.b.ins().sextend(types::I64, x) } else { x };
+                self.bind(n, x);
+            }
+            let s = self.expr(e);
+            self.unbind(vecs.len());
+            let s = match ty {
+                Ty::Float => s,
+                Ty::Int => self.b.ins().ireduce(types::I32, s),
+                Ty::Bool => {
+                    let m1 = self.b.ins().iconst(types::I32, -1);
+                    let z = self.b.ins().iconst(types::I32, 0);
+                    self.b.ins().select(s, m1, z)
+                }
+            };
+            acc = self.b.ins().insertlane(acc, s, lane);
+        }
+        acc
+    }
+
+    /// `exp` on 4 lanes: range reduction to `r ∈ [-ln2/2, ln2/2]`, a degree-6 polynomial
+    /// (Cephes `expf`, ~1 ulp), and `2^n` built in the exponent bits. exp(-inf) = 0,
+    /// exp(+large) = inf, NaN stays NaN.
+    pub(crate) fn vexp(&mut self, x: Value) -> Value {
+        let c = |g: &mut Self, v: f32| {
+            let s = g.fconst(v);
+            g.b.ins().splat(types::F32X4, s)
+        };
+        let hi = c(self, 88.376_26);
+        let lo = c(self, -87.336_54);
+        let xc = self.b.ins().fmin(x, hi);
+        let xc = self.b.ins().fmax(xc, lo);
+        let log2e = c(self, std::f32::consts::LOG2_E);
+        let t = self.b.ins().fmul(xc, log2e);
+        let n = self.b.ins().nearest(t);
+        let ln2_hi = c(self, 0.693_359_4);
+        let ln2_lo = c(self, -2.121_944_4e-4);
+        let r = self.b.ins().fmul(n, ln2_hi);
+        let r = self.b.ins().fsub(xc, r);
+        let r2 = self.b.ins().fmul(n, ln2_lo);
+        let r = self.b.ins().fsub(r, r2);
+        let coeffs = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
+        let mut p = c(self, coeffs[0]);
+        for k in &coeffs[1..] {
+            let kv = c(self, *k);
+            p = self.b.ins().fmul(p, r);
+            p = self.b.ins().fadd(p, kv);
+        }
+        let rr = self.b.ins().fmul(r, r);
+        p = self.b.ins().fmul(p, rr);
+        p = self.b.ins().fadd(p, r);
+        let one = c(self, 1.0);
+        p = self.b.ins().fadd(p, one);
+        let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
+        let bias = self.b.ins().iconst(types::I32, 127);
+        let bias = self.b.ins().splat(types::I32X4, bias);
+        let e = self.b.ins().iadd(ni, bias);
+        let e = self.b.ins().ishl_imm_u(e, 23);
+        let scale = self.b.ins().bitcast(types::F32X4, little(), e);
+        let y = self.b.ins().fmul(p, scale);
+        // Out of range: underflow to 0, overflow to inf; NaN passes through.
+        let zero = c(self, 0.0);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let y = self.fselect(under, zero, y);
+        let inf = c(self, f32::INFINITY);
+        let over_lim = c(self, 88.722_84);
+        let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, over_lim);
+        let y = self.fselect(over, inf, y);
+        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        self.fselect(nan, x, y)
+    }
+
+    /// Lane select on floats by an i32x4 mask.
+    pub(crate) fn fselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
+        let m = if self.b.func.dfg.value_type(mask) == types::F32X4 { mask } else { self.b.ins().bitcast(types::F32X4, little(), mask) };
+        self.b.ins().bitselect(m, a, b)
+    }
+
+    fn vsigmoid(&mut self, x: Value) -> Value {
+        let nx = self.b.ins().fneg(x);
+        let e = self.vexp(nx);
+        let one = self.fconst(1.0);
+        let one = self.b.ins().splat(types::F32X4, one);
+        let d = self.b.ins().fadd(one, e);
+        self.b.ins().fdiv(one, d)
+    }
+
+    /// Vector code for `e` over the 4 lanes of the vector variables in scope.
+    fn vexpr(&mut self, e: &Expr, vecs: &[String]) -> VV {
+        if !self.varying(e, vecs) {
+            return VV::U(self.expr(e));
+        }
+        match e {
+            Expr::Var(v) => VV::V(self.env.iter().rev().find(|(n, _)| n == v).expect("bound").1),
+            Expr::Unary(op, a) => {
+                let x = self.vexpr(a, vecs);
+                let x = self.vec(x);
+                let f = |g: &mut Self, v: f32| {
+                    let s = g.fconst(v);
+                    g.b.ins().splat(types::F32X4, s)
+                };
+                VV::V(match op {
+                    UnOp::Neg if self.b.func.dfg.value_type(x) == types::F32X4 => self.b.ins().fneg(x),
+                    UnOp::Neg => self.b.ins().ineg(x),
+                    UnOp::Not => self.b.ins().bnot(x),
+                    UnOp::Abs if self.b.func.dfg.value_type(x) == types::F32X4 => self.b.ins().fabs(x),
+                    UnOp::Abs => self.b.ins().iabs(x),
+                    UnOp::ToFloat => self.b.ins().fcvt_from_sint(types::F32X4, x),
+                    UnOp::Sqrt => self.b.ins().sqrt(x),
+                    UnOp::Exp => self.vexp(x),
+                    UnOp::Sigmoid => self.vsigmoid(x),
+                    UnOp::Silu => {
+                        let s = self.vsigmoid(x);
+                        self.b.ins().fmul(x, s)
+                    }
+                    UnOp::Tanh => {
+                        // tanh(x) = sign(x)·(1 − 2/(exp(2|x|) + 1))
+                        let ax = self.b.ins().fabs(x);
+                        let two = f(self, 2.0);
+                        let t = self.b.ins().fmul(ax, two);
+                        let ex = self.vexp(t);
+                        let one = f(self, 1.0);
+                        let d = self.b.ins().fadd(ex, one);
+                        let q = self.b.ins().fdiv(two, d);
+                        let r = self.b.ins().fsub(one, q);
+                        let neg = self.b.ins().fneg(r);
+                        let zero = f(self, 0.0);
+                        let isneg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+                        let r = self.fselect(isneg, neg, r);
+                        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+                        self.fselect(nan, x, r)
+                    }
+                    UnOp::Relu | UnOp::Elu => {
+                        let zero = f(self, 0.0);
+                        let pos = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
+                        let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+                        let keep = self.b.ins().bor(pos, nan);
+                        let other = if *op == UnOp::Relu {
+                            zero
+                        } else {
+                            let ex = self.vexp(x);
+                            let one = f(self, 1.0);
+                            self.b.ins().fsub(ex, one)
+                        };
+                        self.fselect(keep, x, other)
+                    }
+                    UnOp::Log => return VV::V(self.lanewise(e)),
+                })
+            }
+            Expr::Binary(op, a, b) => {
+                let pow2 = |d: &Expr| match d {
+                    Expr::Int(n) if *n > 0 && (*n as u64).is_power_of_two() => Some(n.trailing_zeros()),
+                    _ => None,
+                };
+                match op {
+                    BinOp::Pow => return VV::V(self.vpow(a, b, vecs, e)),
+                    BinOp::FloorDiv | BinOp::Mod if pow2(b).is_none() => return VV::V(self.lanewise(e)),
+                    _ => {}
+                }
+                let (x, y) = (self.vexpr(a, vecs), self.vexpr(b, vecs));
+                let (x, y) = (self.vec(x), self.vec(y));
+                let float = self.b.func.dfg.value_type(x) == types::F32X4;
+                let ins = self.b.ins();
+                VV::V(match op {
+                    BinOp::Add if float => ins.fadd(x, y),
+                    BinOp::Add => ins.iadd(x, y),
+                    BinOp::Sub if float => ins.fsub(x, y),
+                    BinOp::Sub => ins.isub(x, y),
+                    BinOp::Mul if float => ins.fmul(x, y),
+                    BinOp::Mul => ins.imul(x, y),
+                    BinOp::Div => ins.fdiv(x, y),
+                    // Floor division and modulo by 2^k: arithmetic shift and mask are exact
+                    // floor operations for negative numbers too.
+                    BinOp::FloorDiv => {
+                        let k = pow2(b).expect("checked");
+                        ins.sshr_imm_u(x, k as i64)
+                    }
+                    BinOp::Mod => {
+                        let n = match &**b {
+                            Expr::Int(n) => *n,
+                            _ => unreachable!("checked"),
+                        };
+                        let m = ins.iconst(types::I32, n - 1);
+                        let m = self.b.ins().splat(types::I32X4, m);
+                        self.b.ins().band(x, m)
+                    }
+                    BinOp::Min if float => ins.fmin(x, y),
+                    BinOp::Min => ins.smin(x, y),
+                    BinOp::Max if float => ins.fmax(x, y),
+                    BinOp::Max => ins.smax(x, y),
+                    BinOp::And => ins.band(x, y),
+                    BinOp::Or => ins.bor(x, y),
+                    BinOp::Pow => unreachable!("handled above"),
+                    cmp => {
+                        if float {
+                            let cc = match cmp {
+                                BinOp::Eq => FloatCC::Equal,
+                                BinOp::Ne => FloatCC::NotEqual,
+                                BinOp::Lt => FloatCC::LessThan,
+                                BinOp::Le => FloatCC::LessThanOrEqual,
+                                BinOp::Gt => FloatCC::GreaterThan,
+                                _ => FloatCC::GreaterThanOrEqual,
+                            };
+                            ins.fcmp(cc, x, y)
+                        } else {
+                            let cc = match cmp {
+                                BinOp::Eq => IntCC::Equal,
+                                BinOp::Ne => IntCC::NotEqual,
+                                BinOp::Lt => IntCC::SignedLessThan,
+                                BinOp::Le => IntCC::SignedLessThanOrEqual,
+                                BinOp::Gt => IntCC::SignedGreaterThan,
+                                _ => IntCC::SignedGreaterThanOrEqual,
+                            };
+                            ins.icmp(cc, x, y)
+                        }
+                    }
+                })
+            }
+            Expr::Select(c, a, b) => {
+                let cm = self.vexpr(c, vecs);
+                let cm = self.vec(cm);
+                let (x, y) = (self.vexpr(a, vecs), self.vexpr(b, vecs));
+                let (x, y) = (self.vec(x), self.vec(y));
+                VV::V(if self.b.func.dfg.value_type(x) == types::F32X4 { self.fselect(cm, x, y) } else { self.b.ins().bitselect(cm, x, y) })
+            }
+            _ => VV::V(self.lanewise(e)),
+        }
+    }
+
+    /// `base ** y`: with a uniform positive base, `exp(y · ln base)` on 4 lanes (RetNet's
+    /// `γ^(p−j)`); otherwise lane by lane.
+    fn vpow(&mut self, a: &Expr, b: &Expr, vecs: &[String], e: &Expr) -> Value {
+        if self.varying(a, vecs) {
+            return self.lanewise(e);
+        }
+        let base = self.expr(a);
+        let zero = self.fconst(0.0);
+        let pos = self.b.ins().fcmp(FloatCC::GreaterThan, base, zero);
+        let done = self.b.create_block();
+        self.b.append_block_param(done, types::F32X4);
+        let (fast, slow) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(pos, fast, &[], slow, &[]);
+        self.b.switch_to_block(fast);
+        let lb = self.call("attnc_logf", &[base]);
+        let lbv = self.b.ins().splat(types::F32X4, lb);
+        let y = self.vexpr(b, vecs);
+        let y = self.vec(y);
+        let t = self.b.ins().fmul(y, lbv);
+        let r = self.vexp(t);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.switch_to_block(slow);
+        let r = self.lanewise(e);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.switch_to_block(done);
+        self.b.block_params(done)[0]
+    }
+
+    fn vexpr_f(&mut self, e: &Expr, vecs: &[String]) -> Value {
+        let v = self.vexpr(e, vecs);
+        self.vec(v)
+    }
+
+    fn hreduce(&mut self, v: Value, max: bool) -> Value {
+        let mut acc = self.b.ins().extractlane(v, 0);
+        for lane in 1..4u8 {
+            let x = self.b.ins().extractlane(v, lane);
+            acc = if max { self.b.ins().fmax(acc, x) } else { self.b.ins().fadd(acc, x) };
+        }
+        acc
+    }
+
+    fn ptr_off(&mut self, base: Value, floats: Value) -> Value {
+        let bytes = self.b.ins().ishl_imm_u(floats, 2);
+        self.b.ins().iadd(base, bytes)
+    }
+
+    /// Body of `pack(frame, b, h, kt, vb)`.
+    pub fn pack(&mut self, plan: &TiledPlan, bk: i64, b: Value, h: Value, kt: Value, vb: Value) {
+        let k = self.kernel;
+        self.bind("b", b);
+        self.bind("h", h);
+        let mj = self.expr(&k.iter.j.to_expr());
+        let ev = self.expr(&k.iter.e.to_expr());
+        // Keys padded to whole tiles: ceil(M / BK) · BK.
+        let t = self.b.ins().iadd_imm_s(mj, bk - 1);
+        let bkv = self.iconst(bk);
+        let (ntiles, _) = self.floor_div(t, bkv);
+        let mpad = self.b.ins().imul_imm_s(ntiles, bk);
+        let zero = self.iconst(0);
+        let zf = self.fconst(0.0);
+        if let Some(dot) = &plan.dot {
+            let dlen = self.expr(&dot.len);
+            self.for_range(zero, mpad, &mut |g, j| {
+                let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
+                let jc = g.b.ins().iadd_imm_s(mj, -1);
+                let jc = g.b.ins().smin(j, jc);
+                g.bind("j", jc);
+                let (tile, _) = g.floor_div(j, bkv);
+                let c = g.b.ins().srem(j, bkv);
+                let panel = g.b.ins().imul(tile, dlen);
+                let panel = g.b.ins().imul_imm_s(panel, bk);
+                let z = g.iconst(0);
+                g.for_range(z, dlen, &mut |g, r| {
+                    g.bind(&dot.r, r);
+                    let v = g.expr(&dot.b);
+                    g.unbind(1);
+                    let v = g.b.ins().select(inside, v, zf);
+                    let off = g.b.ins().imul_imm_s(r, bk);
+                    let off = g.b.ins().iadd(off, panel);
+                    let off = g.b.ins().iadd(off, c);
+                    g.store_f32(kt, off, v);
+                });
+                g.unbind(1);
+            });
+        }
+        self.for_range(zero, mpad, &mut |g, j| {
+            let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
+            let jc = g.b.ins().iadd_imm_s(mj, -1);
+            let jc = g.b.ins().smin(j, jc);
+            g.bind("j", jc);
+            let row = g.b.ins().imul(j, ev);
+            let z = g.iconst(0);
+            g.for_range(z, ev, &mut |g, e| {
+                g.bind("e", e);
+                let v = g.expr(&k.value);
+                g.unbind(1);
+                let v = g.b.ins().select(inside, v, zf);
+                let off = g.b.ins().iadd(row, e);
+                g.store_f32(vb, off, v);
+            });
+            g.unbind(1);
+        });
+        self.unbind(2);
+        self.b.ins().return_(&[]);
+    }
+
+    /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`; `qk`/`pv` are the matmuls.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], qk: cranelift::codegen::ir::FuncRef, pv: cranelift::codegen::ir::FuncRef) {
+        let [b, h, i0, kt, vb, ws, classes] = args;
+        let k = self.kernel;
+        self.bind("b", b);
+        self.bind("h", h);
+        let ni = self.expr(&k.iter.i.to_expr());
+        let mj = self.expr(&k.iter.j.to_expr());
+        let ev = self.expr(&k.iter.e.to_expr());
+        let dlen = match &plan.dot {
+            Some(d) => self.expr(&d.len),
+            None => self.iconst(0),
+        };
+        let rest = self.b.ins().isub(ni, i0);
+        let bqv = self.iconst(bq);
+        let nq = self.b.ins().smin(rest, bqv);
+        let bkv = self.iconst(bk);
+        let t = self.b.ins().iadd_imm_s(mj, bk - 1);
+        let (ntiles, _) = self.floor_div(t, bkv);
+        // Workspace: A[BQ][D] S[BQ][BK] O[BQ][Dv] OUT[BQ][Dv] m l corr live blive [BQ].
+        let a_ws = ws;
+        let s_off = self.b.ins().imul_imm_s(dlen, bq);
+        let s_ws = self.ptr_off(ws, s_off);
+        let o_ws = {
+            let off = self.iconst(bq * bk);
+            self.ptr_off(s_ws, off)
+        };
+        let bq_dv = self.b.ins().imul_imm_s(ev, bq);
+        let out_ws = self.ptr_off(o_ws, bq_dv);
+        let m_ws = self.ptr_off(out_ws, bq_dv);
+        let bqc = self.iconst(bq);
+        let l_ws = self.ptr_off(m_ws, bqc);
+        let corr_ws = self.ptr_off(l_ws, bqc);
+        let live_ws = self.ptr_off(corr_ws, bqc);
+        let blive_ws = self.ptr_off(live_ws, bqc);
+        let zero = self.iconst(0);
+        let zf = self.fconst(0.0);
+        let one_f = self.fconst(1.0);
+        let ninf = self.fconst(f32::NEG_INFINITY);
+
+        // Pack A (zero rows past the end), clear OUT and the live flags.
+        if let Some(dot) = &plan.dot {
+            self.for_range(zero, bqv, &mut |g, r| {
+                let inside = g.b.ins().icmp(IntCC::SignedLessThan, r, nq);
+                let i = g.b.ins().iadd(i0, r);
+                let il = g.b.ins().iadd_imm_s(ni, -1);
+                let i = g.b.ins().smin(i, il);
+                g.bind("i", i);
+                let row = g.b.ins().imul(r, dlen);
+                let z = g.iconst(0);
+                g.for_range(z, dlen, &mut |g, x| {
+                    g.bind(&dot.r, x);
+                    let v = g.expr(&dot.a);
+                    g.unbind(1);
+                    let v = g.b.ins().select(inside, v, zf);
+                    let off = g.b.ins().iadd(row, x);
+                    g.store_f32(a_ws, off, v);
+                });
+                g.unbind(1);
+            });
+        }
+        self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(out_ws, x, zf));
+        self.for_range(zero, bqv, &mut |g, r| g.store_f32(live_ws, r, zf));
+
+        let iota = {
+            let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
+            self.b.ins().vconst(types::I32X4, c)
+        };
+
+        for (bn, (br, (_dot, score_rest))) in k.branches.iter().zip(&plan.branches).enumerate() {
+            let (softmax, sink, post) = match &br.norm {
+                Norm::Softmax { sink, post } => (true, sink.clone(), post.clone()),
+                _ => (false, None, None),
+            };
+            let linear_eps = match &br.norm {
+                Norm::Linear { eps } => Some(eps.0),
+                _ => None,
+            };
+            // Branch state.
+            self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(o_ws, x, zf));
+            self.for_range(zero, bqv, &mut |g, r| {
+                let i = g.b.ins().iadd(i0, r);
+                let il = g.b.ins().iadd_imm_s(ni, -1);
+                let i = g.b.ins().smin(i, il);
+                g.bind("i", i);
+                let (m0, l0) = match &sink {
+                    Some(se) => {
+                        let sk = g.expr(se);
+                        let is_ninf = g.b.ins().fcmp(FloatCC::Equal, sk, ninf);
+                        let d = g.b.ins().fsub(sk, sk);
+                        let one = g.call("attnc_expf", &[d]);
+                        (sk, g.b.ins().select(is_ninf, zf, one))
+                    }
+                    None => (ninf, zf),
+                };
+                g.unbind(1);
+                g.store_f32(m_ws, r, m0);
+                g.store_f32(l_ws, r, l0);
+                g.store_f32(blive_ws, r, zf);
+            });
+            let passes: &[bool] = if post.is_some() { &[false, true] } else { &[true] };
+            for &accumulate in passes {
+                let two_pass_second = post.is_some() && accumulate;
+                let class_base = self.b.ins().imul_imm_s(ntiles, bn as i64);
+                self.for_range(zero, ntiles, &mut |g, kb| {
+                    let coff = g.b.ins().iadd(class_base, kb);
+                    let caddr = g.b.ins().iadd(classes, coff);
+                    let class = g.b.ins().load(types::I8, flags(), caddr, 0);
+                    let live_tile = g.b.ins().icmp_imm_s(IntCC::NotEqual, class, 0);
+                    g.if_then(live_tile, &mut |g| {
+                        let j0 = g.b.ins().imul_imm_s(kb, bk);
+                        let left = g.b.ins().isub(mj, j0);
+                        let nk = g.b.ins().smin(left, bkv);
+                        let partial = g.b.ins().icmp_imm_s(IntCC::Equal, class, 2);
+                        let tail = g.b.ins().icmp(IntCC::SignedLessThan, nk, bkv);
+                        let check = g.b.ins().bor(partial, tail);
+                        if plan.dot.is_some() {
+                            let panel = g.b.ins().imul(kb, dlen);
+                            let panel = g.b.ins().imul_imm_s(panel, bk);
+                            let ktp = g.ptr_off(kt, panel);
+                            g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                        }
+                        let j0v = g.b.ins().ireduce(types::I32, j0);
+                        let j0v = g.b.ins().splat(types::I32X4, j0v);
+                        let jbase = g.b.ins().iadd(j0v, iota);
+                        let mjv = g.b.ins().ireduce(types::I32, mj);
+                        let mjv = g.b.ins().splat(types::I32X4, mjv);
+                        let z = g.iconst(0);
+                        g.for_range(z, nq, &mut |g, r| {
+                            let i = g.b.ins().iadd(i0, r);
+                            g.bind("i", i);
+                            let srow = g.b.ins().imul_imm_s(r, bk);
+                            let ninf_v = g.b.ins().splat(types::F32X4, ninf);
+                            let zero_v = g.b.ins().splat(types::F32X4, zf);
+                            let rowmax = g.b.declare_var(types::F32X4);
+                            g.b.def_var(rowmax, ninf_v);
+                            let rowsum = g.b.declare_var(types::F32X4);
+                            g.b.def_var(rowsum, zero_v);
+                            let anylive = g.b.declare_var(types::I32X4);
+                            let zi = g.b.ins().iconst(types::I32, 0);
+                            let zi = g.b.ins().splat(types::I32X4, zi);
+                            g.b.def_var(anylive, zi);
+                            let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
+                            let z = g.iconst(0);
+                            let nvec = g.iconst(bk / 4);
+                            // Pass over the tile: scores, mask, then the weights in place.
+                            g.for_range(z, nvec, &mut |g, cv| {
+                                let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                let off = g.b.ins().iadd(srow, c4);
+                                let c4i = g.b.ins().ireduce(types::I32, c4);
+                                let c4i = g.b.ins().splat(types::I32X4, c4i);
+                                let jv = g.b.ins().iadd(jbase, c4i);
+                                // Lanes past the last key read key M-1 (finite); they are masked.
+                                let last = g.b.ins().iconst(types::I32, -1);
+                                let last = g.b.ins().splat(types::I32X4, last);
+                                let mlast = g.b.ins().iadd(mjv, last);
+                                let jcl = g.b.ins().smin(jv, mlast);
+                                let jcl = g.b.ins().smax(jcl, zi);
+                                let addr = g.ptr_off(s_ws, off);
+                                let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                g.bind("j", jcl);
+                                g.bind(DOT, dotv);
+                                let vecs = vec!["j".to_string(), DOT.to_string()];
+                                let mut s = g.vexpr_f(score_rest, &vecs);
+                                if let Some(bias) = &br.bias {
+                                    let bv = g.vexpr_f(bias, &vecs);
+                                    s = g.b.ins().fadd(s, bv);
+                                }
+                                // The lane mask: j < M, and the spec's mask on partial tiles.
+                                let inb = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
+                                let mvar = g.b.declare_var(types::I32X4);
+                                g.b.def_var(mvar, inb);
+                                if let Some(me) = &br.mask {
+                                    g.if_then(check, &mut |g| {
+                                        let mv = g.vexpr_f(me, &vecs);
+                                        let cur = g.b.use_var(mvar);
+                                        let both = g.b.ins().band(cur, mv);
+                                        g.b.def_var(mvar, both);
+                                    });
+                                }
+                                let lanes = g.b.use_var(mvar);
+                                let al = g.b.use_var(anylive);
+                                let al = g.b.ins().bor(al, lanes);
+                                g.b.def_var(anylive, al);
+                                let p = if softmax && !two_pass_second {
+                                    let s = g.fselect(lanes, s, ninf_v);
+                                    let rm = g.b.use_var(rowmax);
+                                    let rm = g.b.ins().fmax(rm, s);
+                                    g.b.def_var(rowmax, rm);
+                                    s
+                                } else if softmax {
+                                    // Second pass: the final max and denominator are known.
+                                    let mv = g.b.ins().splat(types::F32X4, mrow);
+                                    let d = g.b.ins().fsub(s, mv);
+                                    let pe = g.vexp(d);
+                                    let lv = g.b.ins().splat(types::F32X4, lrow);
+                                    let w = g.b.ins().fdiv(pe, lv);
+                                    g.bind("w", w);
+                                    let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
+                                    let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
+                                    g.unbind(1);
+                                    let pw = match &br.decay {
+                                        Some(de) => {
+                                            let dv = g.vexpr_f(de, &vecs);
+                                            g.b.ins().fmul(pw, dv)
+                                        }
+                                        None => pw,
+                                    };
+                                    g.fselect(lanes, pw, zero_v)
+                                } else {
+                                    let pw = match &br.norm {
+                                        Norm::Map(f) => {
+                                            g.bind("s", s);
+                                            let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
+                                            let p = g.vexpr_f(f, &vecs2);
+                                            g.unbind(1);
+                                            p
+                                        }
+                                        _ => s,
+                                    };
+                                    let pw = g.fselect(lanes, pw, zero_v);
+                                    if linear_eps.is_some() {
+                                        let rs = g.b.use_var(rowsum);
+                                        let rs = g.b.ins().fadd(rs, pw);
+                                        g.b.def_var(rowsum, rs);
+                                    }
+                                    match &br.decay {
+                                        Some(de) => {
+                                            let dv = g.vexpr_f(de, &vecs);
+                                            g.b.ins().fmul(pw, dv)
+                                        }
+                                        None => pw,
+                                    }
+                                };
+                                g.unbind(2);
+                                g.b.ins().store(flags(), p, addr, 0);
+                            });
+                            // Row bookkeeping.
+                            let al = g.b.use_var(anylive);
+                            let any = g.b.ins().vany_true(al);
+                            g.if_then(any, &mut |g| {
+                                let one = g.fconst(1.0);
+                                g.store_f32(blive_ws, r, one);
+                            });
+                            if softmax && !two_pass_second {
+                                let rm = g.b.use_var(rowmax);
+                                let tmax = g.hreduce(rm, true);
+                                let m_new = g.b.ins().fmax(mrow, tmax);
+                                let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
+                                let m_use = g.b.ins().select(is_ninf, zf, m_new);
+                                let dm = g.b.ins().fsub(mrow, m_use);
+                                let corr = g.call("attnc_expf", &[dm]);
+                                let mu = g.b.ins().splat(types::F32X4, m_use);
+                                let sum = g.b.declare_var(types::F32X4);
+                                g.b.def_var(sum, zero_v);
+                                if accumulate {
+                                    let z = g.iconst(0);
+                                    g.for_range(z, nvec, &mut |g, cv| {
+                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                        let off = g.b.ins().iadd(srow, c4);
+                                        let addr = g.ptr_off(s_ws, off);
+                                        let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                        let d = g.b.ins().fsub(s, mu);
+                                        let p = g.vexp(d);
+                                        let acc = g.b.use_var(sum);
+                                        let acc = g.b.ins().fadd(acc, p);
+                                        g.b.def_var(sum, acc);
+                                        let p = match &br.decay {
+                                            Some(de) => {
+                                                let c4i = g.b.ins().ireduce(types::I32, c4);
+                                                let c4i = g.b.ins().splat(types::I32X4, c4i);
+                                                let jv = g.b.ins().iadd(jbase, c4i);
+                                                let last = g.b.ins().iconst(types::I32, -1);
+                                                let last = g.b.ins().splat(types::I32X4, last);
+                                                let mlast = g.b.ins().iadd(mjv, last);
+                                                let jcl = g.b.ins().smin(jv, mlast);
+                                                let jcl = g.b.ins().smax(jcl, zi);
+                                                g.bind("j", jcl);
+                                                let dv = g.vexpr_f(de, &["j".to_string()]);
+                                                g.unbind(1);
+                                                g.b.ins().fmul(p, dv)
+                                            }
+                                            None => p,
+                                        };
+                                        g.b.ins().store(flags(), p, addr, 0);
+                                    });
+                                } else {
+                                    let z = g.iconst(0);
+                                    g.for_range(z, nvec, &mut |g, cv| {
+                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                        let off = g.b.ins().iadd(srow, c4);
+                                        let addr = g.ptr_off(s_ws, off);
+                                        let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                        let d = g.b.ins().fsub(s, mu);
+                                        let p = g.vexp(d);
+                                        let acc = g.b.use_var(sum);
+                                        let acc = g.b.ins().fadd(acc, p);
+                                        g.b.def_var(sum, acc);
+                                    });
+                                }
+                                let sv = g.b.use_var(sum);
+                                let tsum = g.hreduce(sv, false);
+                                let l_new = g.b.ins().fmul(lrow, corr);
+                                let l_new = g.b.ins().fadd(l_new, tsum);
+                                g.store_f32(l_ws, r, l_new);
+                                g.store_f32(m_ws, r, m_new);
+                                g.store_f32(corr_ws, r, corr);
+                            } else if linear_eps.is_some() {
+                                let sv = g.b.use_var(rowsum);
+                                let tsum = g.hreduce(sv, false);
+                                let l_new = g.b.ins().fadd(lrow, tsum);
+                                g.store_f32(l_ws, r, l_new);
+                            }
+                            g.unbind(1);
+                        });
+                        if accumulate {
+                            let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
+                            let vt = vb_tile(g, vb, j0, ev);
+                            g.b.ins().call(pv, &[s_ws, bkv, vt, ev, o_ws, ev, corr_arg, nq, nk, ev]);
+                        }
+                    });
+                });
+            }
+            // Fold the branch into OUT: O · weight / denominator, for live rows.
+            self.for_range(zero, nq, &mut |g, r| {
+                let i = g.b.ins().iadd(i0, r);
+                g.bind("i", i);
+                let bl = g.load_f32(blive_ws, r);
+                let mut live = g.b.ins().fcmp(FloatCC::NotEqual, bl, zf);
+                let lrow = g.load_f32(l_ws, r);
+                if softmax {
+                    let mrow = g.load_f32(m_ws, r);
+                    let fin = g.b.ins().fcmp(FloatCC::NotEqual, mrow, ninf);
+                    live = g.b.ins().band(live, fin);
+                }
+                let mut factor = match (softmax && post.is_none(), linear_eps) {
+                    (true, _) => g.b.ins().fdiv(one_f, lrow),
+                    (_, Some(eps)) => {
+                        let e = g.fconst(eps as f32);
+                        let d = g.b.ins().fadd(lrow, e);
+                        g.b.ins().fdiv(one_f, d)
+                    }
+                    _ => one_f,
+                };
+                if let Some(w) = &br.weight {
+                    let wv = g.expr(w);
+                    factor = g.b.ins().fmul(factor, wv);
+                }
+                g.unbind(1);
+                g.if_then(live, &mut |g| {
+                    let one = g.fconst(1.0);
+                    g.store_f32(live_ws, r, one);
+                    let row = g.b.ins().imul(r, ev);
+                    let z = g.iconst(0);
+                    g.for_range(z, ev, &mut |g, e| {
+                        let off = g.b.ins().iadd(row, e);
+                        let o = g.load_f32(o_ws, off);
+                        let o = g.b.ins().fmul(o, factor);
+                        let acc = g.load_f32(out_ws, off);
+                        let acc = g.b.ins().fadd(acc, o);
+                        g.store_f32(out_ws, off, acc);
+                    });
+                });
+            });
+        }
+        // Gate and store.
+        let out = self.tens[&k.output().name].clone();
+        self.for_range(zero, nq, &mut |g, r| {
+            let i = g.b.ins().iadd(i0, r);
+            g.bind("i", i);
+            let lv = g.load_f32(live_ws, r);
+            let live = g.b.ins().fcmp(FloatCC::NotEqual, lv, zf);
+            let row = g.b.ins().imul(r, ev);
+            let z = g.iconst(0);
+            g.for_range(z, ev, &mut |g, e| {
+                g.bind("e", e);
+                let off = g.b.ins().iadd(row, e);
+                let acc = g.load_f32(out_ws, off);
+                let v = match &k.gate {
+                    Some(ge) => {
+                        let gv = g.expr(ge);
+                        g.b.ins().fmul(acc, gv)
+                    }
+                    None => acc,
+                };
+                let v = g.b.ins().select(live, v, zf);
+                let mut o = g.iconst(0);
+                for (axis, var) in k.out.iter().enumerate() {
+                    let x = g.expr(&Expr::var(var));
+                    let p = g.b.ins().imul(x, out.stride[axis]);
+                    o = g.b.ins().iadd(o, p);
+                }
+                g.store_f32(out.base, o, v);
+                g.unbind(1);
+            });
+            g.unbind(1);
+        });
+        self.unbind(2);
+        self.b.ins().return_(&[]);
+    }
+}
+
+fn vb_tile(g: &mut Gen, vb: Value, j0: Value, ev: Value) -> Value {
+    let off = g.b.ins().imul(j0, ev);
+    g.ptr_off(vb, off)
+}
+
+/// Generated matmuls with the microkernels' contract (f32x4 FMA), for when the
+/// microkernel is off: `mm_qk(a, lda, kt, s, rows, d, bk)`.
+pub(crate) fn gen_qk(g: &mut Gen, p: &[Value]) {
+    let [a, lda, kt, s, rows, d, bk] = p.try_into().expect("7 params");
+    let zero = g.iconst(0);
+    g.for_range(zero, rows, &mut |g, r| {
+        let arow = g.b.ins().imul(r, lda);
+        let nc = g.b.ins().sshr_imm_u(bk, 3);
+        let z = g.iconst(0);
+        g.for_range(z, nc, &mut |g, cb| {
+            let c = g.b.ins().ishl_imm_u(cb, 3);
+            let zf = g.fconst(0.0);
+            let zv = g.b.ins().splat(types::F32X4, zf);
+            let acc0 = g.b.declare_var(types::F32X4);
+            let acc1 = g.b.declare_var(types::F32X4);
+            g.b.def_var(acc0, zv);
+            g.b.def_var(acc1, zv);
+            let z = g.iconst(0);
+            g.for_range(z, d, &mut |g, x| {
+                let ai = g.b.ins().iadd(arow, x);
+                let av = g.load_f32(a, ai);
+                let av = g.b.ins().splat(types::F32X4, av);
+                let ko = g.b.ins().imul(x, bk);
+                let ko = g.b.ins().iadd(ko, c);
+                let kaddr = g.ptr_off(kt, ko);
+                let k0 = g.b.ins().load(types::F32X4, flags(), kaddr, 0);
+                let k1 = g.b.ins().load(types::F32X4, flags(), kaddr, 16);
+                let a0 = g.b.use_var(acc0);
+                let a1 = g.b.use_var(acc1);
+                let a0 = g.b.ins().fma(av, k0, a0);
+                let a1 = g.b.ins().fma(av, k1, a1);
+                g.b.def_var(acc0, a0);
+                g.b.def_var(acc1, a1);
+            });
+            let so = g.b.ins().imul(r, bk);
+            let so = g.b.ins().iadd(so, c);
+            let saddr = g.ptr_off(s, so);
+            let a0 = g.b.use_var(acc0);
+            let a1 = g.b.use_var(acc1);
+            g.b.ins().store(flags(), a0, saddr, 0);
+            g.b.ins().store(flags(), a1, saddr, 16);
+        });
+    });
+    g.b.ins().return_(&[]);
+}
+
+/// `mm_pv(p, ldp, v, ldv, o, ldo, corr, rows, nk, dv)` in f32x4 (scalar channel tail).
+pub(crate) fn gen_pv(g: &mut Gen, prm: &[Value]) {
+    let [p, ldp, v, ldv, o, ldo, corr, rows, nk, dv] = prm.try_into().expect("10 params");
+    let zero = g.iconst(0);
+    g.for_range(zero, rows, &mut |g, r| {
+        let has_corr = g.b.ins().icmp_imm_s(IntCC::NotEqual, corr, 0);
+        let r4 = g.b.ins().ishl_imm_u(r, 2);
+        let caddr = g.b.ins().iadd(corr, r4);
+        let one = g.fconst(1.0);
+        // Read corr[r] only when corr is not null (branch, not select: null is unmapped).
+        let cvar = g.b.declare_var(types::F32);
+        g.b.def_var(cvar, one);
+        g.if_then(has_corr, &mut |g| {
+            let c = g.b.ins().load(types::F32, flags(), caddr, 0);
+            g.b.def_var(cvar, c);
+        });
+        let c = g.b.use_var(cvar);
+        let cv = g.b.ins().splat(types::F32X4, c);
+        let orow = g.b.ins().imul(r, ldo);
+        let prow = g.b.ins().imul(r, ldp);
+        let n4 = g.b.ins().sshr_imm_u(dv, 2);
+        let z = g.iconst(0);
+        g.for_range(z, n4, &mut |g, eb| {
+            let e = g.b.ins().ishl_imm_u(eb, 2);
+            let oo = g.b.ins().iadd(orow, e);
+            let oaddr = g.ptr_off(o, oo);
+            let acc = g.b.declare_var(types::F32X4);
+            let x = g.b.ins().load(types::F32X4, flags(), oaddr, 0);
+            let x = g.b.ins().fmul(x, cv);
+            g.b.def_var(acc, x);
+            let z = g.iconst(0);
+            g.for_range(z, nk, &mut |g, c| {
+                let pi = g.b.ins().iadd(prow, c);
+                let pv = g.load_f32(p, pi);
+                let pv = g.b.ins().splat(types::F32X4, pv);
+                let vo = g.b.ins().imul(c, ldv);
+                let vo = g.b.ins().iadd(vo, e);
+                let vaddr = g.ptr_off(v, vo);
+                let vv = g.b.ins().load(types::F32X4, flags(), vaddr, 0);
+                let a = g.b.use_var(acc);
+                let a = g.b.ins().fma(pv, vv, a);
+                g.b.def_var(acc, a);
+            });
+            let a = g.b.use_var(acc);
+            g.b.ins().store(flags(), a, oaddr, 0);
+        });
+        let e0 = g.b.ins().ishl_imm_u(n4, 2);
+        g.for_range(e0, dv, &mut |g, e| {
+            let oo = g.b.ins().iadd(orow, e);
+            let x = g.load_f32(o, oo);
+            let x = g.b.ins().fmul(x, c);
+            let acc = g.b.declare_var(types::F32);
+            g.b.def_var(acc, x);
+            let z = g.iconst(0);
+            g.for_range(z, nk, &mut |g, cc| {
+                let pi = g.b.ins().iadd(prow, cc);
+                let pv = g.load_f32(p, pi);
+                let vo = g.b.ins().imul(cc, ldv);
+                let vo = g.b.ins().iadd(vo, e);
+                let vv = g.load_f32(v, vo);
+                let a = g.b.use_var(acc);
+                let a = g.b.ins().fma(pv, vv, a);
+                g.b.def_var(acc, a);
+            });
+            let a = g.b.use_var(acc);
+            g.store_f32(o, oo, a);
+        });
+    });
+    g.b.ins().return_(&[]);
+}

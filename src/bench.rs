@@ -1,0 +1,70 @@
+//! Useful work of a kernel instance: the live (unmasked) pairs and the FLOPs they cost, so
+//! benchmarks report GFLOP/s of useful work (masked pairs are not counted).
+
+use attnc::dsl::Checked;
+use attnc::ir::reference::{ExprEval, Scalar, Tensor};
+use attnc::ir::Bindings;
+use attnc_passes::tiles::{classify, DataOracle, TileBox, TileClass};
+use std::collections::BTreeMap;
+
+/// Per branch: live pairs, and FLOPs per live pair (2·Dk for the dot when the score has
+/// one, plus 2·Dv for the aggregation).
+pub struct Work {
+    pub pairs: u64,
+    pub total_pairs: u64,
+    pub flops: f64,
+}
+
+pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Work, String> {
+    let k = &c.kernel;
+    let ext = |e: &attnc::ir::Extent| dims.extent(e);
+    let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
+    let eval = ExprEval::new(k, dims, inputs).map_err(|e| e.to_string())?;
+    let oracle = DataOracle {
+        tensors: inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
+        limit: 1 << 14,
+    };
+    let (mut pairs, mut flops) = (0u64, 0f64);
+    for br in &k.branches {
+        // Channels of the score's reduction(s): the size of the first sum's range.
+        let mut dk = 0i64;
+        br.score.walk(&mut |x| {
+            if let attnc::ir::Expr::Reduce { hi, .. } = x {
+                if dk == 0 {
+                    dk = attnc::ir::bind::eval_dims(hi, &dims.dims).unwrap_or(0);
+                }
+            }
+        });
+        let deps = br.mask.as_ref().map(attnc::ir::Deps::of).unwrap_or_default();
+        let (bs, hs) = (if deps.b { nb } else { 1 }, if deps.h { nh } else { 1 });
+        let mut live = 0u64;
+        for b in 0..bs {
+            for h in 0..hs {
+                let t = 64;
+                for i0 in (0..ni).step_by(t as usize) {
+                    for j0 in (0..nj).step_by(t as usize) {
+                        let bx = TileBox { b, h, i: (i0, (i0 + t).min(ni)), j: (j0, (j0 + t).min(nj)) };
+                        let n = ((bx.i.1 - bx.i.0) * (bx.j.1 - bx.j.0)) as u64;
+                        match classify(br.mask.as_ref(), bx, &dims.dims, &oracle) {
+                            TileClass::Empty => {}
+                            TileClass::Full => live += n,
+                            TileClass::Partial => {
+                                let mask = br.mask.as_ref().expect("partial tiles have a mask");
+                                for i in bx.i.0..bx.i.1 {
+                                    for j in bx.j.0..bx.j.1 {
+                                        let v = eval.eval(mask, &[("b", Scalar::Int(b)), ("h", Scalar::Int(h)), ("i", Scalar::Int(i)), ("j", Scalar::Int(j))]).map_err(|e| e.to_string())?;
+                                        live += (v == Scalar::Bool(true)) as u64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let scale = ((nb * nh) / (bs * hs)) as u64;
+        pairs += live * scale;
+        flops += (live * scale) as f64 * (2 * dk + 2 * ne) as f64;
+    }
+    Ok(Work { pairs, total_pairs: (nb * nh * ni * nj) as u64 * k.branches.len() as u64, flops })
+}
