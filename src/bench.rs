@@ -52,7 +52,9 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
                                 let mask = br.mask.as_ref().expect("partial tiles have a mask");
                                 for i in bx.i.0..bx.i.1 {
                                     for j in bx.j.0..bx.j.1 {
-                                        let v = eval.eval(mask, &[("b", Scalar::Int(b)), ("h", Scalar::Int(h)), ("i", Scalar::Int(i)), ("j", Scalar::Int(j))]).map_err(|e| e.to_string())?;
+                                        let v = eval
+                                            .eval(mask, &[("b", Scalar::Int(b)), ("h", Scalar::Int(h)), ("i", Scalar::Int(i)), ("j", Scalar::Int(j))])
+                                            .map_err(|e| e.to_string())?;
                                         live += (v == Scalar::Bool(true)) as u64;
                                     }
                                 }

@@ -12,6 +12,24 @@ use std::time::Instant;
 
 mod bench;
 
+/// `println!`/`print!` that exit quietly when stdout is closed early (`attnc check … | head`).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe { std::process::exit(0) }
+        }
+    }};
+}
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write;
+        if let Err(e) = write!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe { std::process::exit(0) }
+        }
+    }};
+}
+
 /// Counts heap bytes in use and their peak, for `attnc bench`'s memory report.
 struct Tracking;
 static IN_USE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -210,7 +228,7 @@ fn run(cli: Cli) -> Result<()> {
                 match &l.result {
                     Ok(c) => {
                         let ins: Vec<&str> = c.kernel.inputs().map(|t| t.name.as_str()).collect();
-                        println!("ok: {} ({}; inputs {})", l.path, c.kernel.name, ins.join(", "));
+                        outln!("ok: {} ({}; inputs {})", l.path, c.kernel.name, ins.join(", "));
                     }
                     Err(_) => {
                         eprint!("{}", l.rendered_error().expect("an error"));
@@ -236,7 +254,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             match output {
                 Some(p) => std::fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))?,
-                None => print!("{text}"),
+                None => out!("{text}"),
             }
         }
         Cmd::Inputs { spec, dims, seed, output } => {
@@ -299,7 +317,11 @@ fn run(cli: Cli) -> Result<()> {
                         }
                     }
                     let what = if kern.is_tiled() {
-                        let mk = if opts.microkernel { format!("{:?} microkernel", attnc_codegen::cpu::microkernel::Isa::detect()) } else { "generated f32x4 matmuls".into() };
+                        let mk = if opts.microkernel {
+                            format!("{:?} microkernel", attnc_codegen::cpu::microkernel::Isa::detect())
+                        } else {
+                            "generated f32x4 matmuls".into()
+                        };
                         format!("cpu, tiled {}x{}, {mk}", opts.block_q, opts.block_k)
                     } else {
                         "cpu, row kernel".to_string()
@@ -319,24 +341,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             times.sort_by(|a, b| a.total_cmp(b));
             let med = times[times.len() / 2];
-            println!("{}  {dims_text}  [{label}; {}]", c.kernel.name, attnc_codegen::cpu::HostFeatures::detect().fingerprint());
-            println!("  compile  {compile_ms:.1} ms");
-            println!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
-            println!(
+            outln!("{}  {dims_text}  [{label}; {}]", c.kernel.name, attnc_codegen::cpu::HostFeatures::detect().fingerprint());
+            outln!("  compile  {compile_ms:.1} ms");
+            outln!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
+            outln!(
                 "  useful   {:.3} GFLOP ({:.1}% of pairs live) -> {:.1} GFLOP/s",
                 work.flops / 1e9,
                 100.0 * work.pairs as f64 / work.total_pairs.max(1) as f64,
                 work.flops / med / 1e9
             );
-            println!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
+            outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
         }
         Cmd::Explain { spec } => {
             let (_, c) = load(&spec)?;
-            print!("{}", explain(&c));
+            out!("{}", explain(&c));
         }
         Cmd::Codes => {
             for (code, what) in attnc::dsl::CODES {
-                println!("{code}  {what}");
+                outln!("{code}  {what}");
             }
         }
     }

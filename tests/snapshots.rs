@@ -53,11 +53,18 @@ fn ir_round_trip_and_hash() {
 #[test]
 fn hash_sees_structure() {
     let base = attnc::dsl::compile(&read(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sliding_window_sink.attn")))).unwrap();
-    let tweaked_src = read(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sliding_window_sink.attn"))).replace("const W = 256", "const W = 255");
+    let tweaked_src =
+        read(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sliding_window_sink.attn"))).replace("const W = 256", "const W = 255");
     let tweaked = attnc::dsl::compile(&tweaked_src).unwrap();
     assert_ne!(ir::stable_hash(&base.kernel), ir::stable_hash(&tweaked.kernel));
     // Spelling a reduction variable differently does not.
-    let a = attnc::dsl::compile("attention t { dims B, H, N, D\n input q: f32[B,H,N,D]\n output o: f32[B,H,N,D]\n score = sum(d < D: q[b,h,i,d] * q[b,h,j,d])\n value = q[b,h,j,e] }").unwrap();
-    let b = attnc::dsl::compile("attention u { dims B, H, N, D\n input q: f32[B,H,N,D]\n output o: f32[B,H,N,D]\n score = sum(c < D: q[b,h,i,c] * q[b,h,j,c])\n value = q[b,h,j,e] }").unwrap();
+    let a = attnc::dsl::compile(
+        "attention t { dims B, H, N, D\n input q: f32[B,H,N,D]\n output o: f32[B,H,N,D]\n score = sum(d < D: q[b,h,i,d] * q[b,h,j,d])\n value = q[b,h,j,e] }",
+    )
+    .unwrap();
+    let b = attnc::dsl::compile(
+        "attention u { dims B, H, N, D\n input q: f32[B,H,N,D]\n output o: f32[B,H,N,D]\n score = sum(c < D: q[b,h,i,c] * q[b,h,j,c])\n value = q[b,h,j,e] }",
+    )
+    .unwrap();
     assert_eq!(ir::stable_hash(&a.kernel), ir::stable_hash(&b.kernel));
 }

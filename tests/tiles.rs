@@ -11,29 +11,13 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 
 fn example(name: &str) -> attnc::dsl::Checked {
-    let src = std::fs::read_to_string(format!(
-        "{}/examples/{name}.attn",
-        env!("CARGO_MANIFEST_DIR")
-    ))
-    .unwrap();
+    let src = std::fs::read_to_string(format!("{}/examples/{name}.attn", env!("CARGO_MANIFEST_DIR"))).unwrap();
     attnc::dsl::compile(&src).unwrap()
 }
 
 fn oracle<'a>(inputs: &'a BTreeMap<String, Tensor>, k: &ir::Kernel) -> DataOracle<'a> {
     DataOracle {
-        tensors: inputs
-            .iter()
-            .map(|(n, t)| {
-                (
-                    n.clone(),
-                    (
-                        t.shape.as_slice(),
-                        t.data.as_slice(),
-                        k.tensor(n).is_some_and(|d| d.dtype.is_int()),
-                    ),
-                )
-            })
-            .collect(),
+        tensors: inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
         limit: 4096,
     }
 }
@@ -55,24 +39,9 @@ fn tile_classes_are_sound_for_every_example_mask() {
     ] {
         let c = example(name);
         let mask = c.kernel.branches[0].mask.clone().expect("masked example");
-        let (n, m) = if matches!(name, "swin_window" | "neighborhood_2d" | "axial_rows") {
-            (256, 256)
-        } else {
-            (150, 150)
-        };
-        let mut dims: BTreeMap<String, i64> = [
-            ("B", 2),
-            ("H", 2),
-            ("G", 1),
-            ("N", n),
-            ("M", m),
-            ("D", 2),
-            ("Dv", 2),
-            ("K", 2),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), *v))
-        .collect();
+        let (n, m) = if matches!(name, "swin_window" | "neighborhood_2d" | "axial_rows") { (256, 256) } else { (150, 150) };
+        let mut dims: BTreeMap<String, i64> =
+            [("B", 2), ("H", 2), ("G", 1), ("N", n), ("M", m), ("D", 2), ("Dv", 2), ("K", 2)].iter().map(|(k, v)| (k.to_string(), *v)).collect();
         dims.retain(|k, _| c.info.free_dims.contains(k));
         let bind = attnc::bind_dims(&c, &dims).unwrap();
         let mut inputs = attnc::inputs::random_inputs(&c.kernel, &bind, &c.ranges, 3).unwrap();
@@ -90,12 +59,7 @@ fn tile_classes_are_sound_for_every_example_mask() {
                 for h in 0..2 {
                     for i0 in (0..n).step_by(tq as usize) {
                         for j0 in (0..m).step_by(tk as usize) {
-                            let bx = TileBox {
-                                b,
-                                h,
-                                i: (i0, (i0 + tq).min(n)),
-                                j: (j0, (j0 + tk).min(m)),
-                            };
+                            let bx = TileBox { b, h, i: (i0, (i0 + tq).min(n)), j: (j0, (j0 + tk).min(m)) };
                             let class = classify(Some(&mask), bx, &bind.dims, &data);
                             *counts.entry((name, class_name(class))).or_insert(0) += 1;
                             if class == TileClass::Partial {
@@ -103,14 +67,13 @@ fn tile_classes_are_sound_for_every_example_mask() {
                             }
                             for i in bx.i.0..bx.i.1 {
                                 for j in bx.j.0..bx.j.1 {
-                                    let vars = [
-                                        ("b", Scalar::Int(b)),
-                                        ("h", Scalar::Int(h)),
-                                        ("i", Scalar::Int(i)),
-                                        ("j", Scalar::Int(j)),
-                                    ];
+                                    let vars = [("b", Scalar::Int(b)), ("h", Scalar::Int(h)), ("i", Scalar::Int(i)), ("j", Scalar::Int(j))];
                                     let v = ev.eval(&mask, &vars).unwrap();
-                                    assert_eq!(v, Scalar::Bool(class == TileClass::Full), "{name}: tile {bx:?} is {class:?} but the mask at ({i}, {j}) is {v:?}");
+                                    assert_eq!(
+                                        v,
+                                        Scalar::Bool(class == TileClass::Full),
+                                        "{name}: tile {bx:?} is {class:?} but the mask at ({i}, {j}) is {v:?}"
+                                    );
                                 }
                             }
                         }
@@ -120,22 +83,9 @@ fn tile_classes_are_sound_for_every_example_mask() {
         }
     }
     // The analysis is useful, not only sound: the structured masks have empty and full tiles.
-    for name in [
-        "sdpa_causal",
-        "sliding_window_sink",
-        "document_mask",
-        "power_attention",
-        "axial_rows",
-        "block_sparse",
-    ] {
-        assert!(
-            counts.get(&(name, "empty")).copied().unwrap_or(0) > 0,
-            "{name} has no empty tile: {counts:?}"
-        );
-        assert!(
-            counts.get(&(name, "full")).copied().unwrap_or(0) > 0,
-            "{name} has no full tile: {counts:?}"
-        );
+    for name in ["sdpa_causal", "sliding_window_sink", "document_mask", "power_attention", "axial_rows", "block_sparse"] {
+        assert!(counts.get(&(name, "empty")).copied().unwrap_or(0) > 0, "{name} has no empty tile: {counts:?}");
+        assert!(counts.get(&(name, "full")).copied().unwrap_or(0) > 0, "{name} has no full tile: {counts:?}");
     }
 }
 
@@ -148,31 +98,12 @@ fn class_name(c: TileClass) -> &'static str {
 }
 
 fn int_expr() -> impl Strategy<Value = Expr> {
-    let leaf = prop_oneof![
-        (-20i64..20).prop_map(Expr::Int),
-        Just(Expr::var("i")),
-        Just(Expr::var("j")),
-        Just(Expr::dim("N"))
-    ];
+    let leaf = prop_oneof![(-20i64..20).prop_map(Expr::Int), Just(Expr::var("i")), Just(Expr::var("j")), Just(Expr::dim("N"))];
     leaf.prop_recursive(4, 24, 2, |inner| {
         prop_oneof![
-            (
-                prop::sample::select(vec![
-                    BinOp::Add,
-                    BinOp::Sub,
-                    BinOp::Mul,
-                    BinOp::Min,
-                    BinOp::Max
-                ]),
-                inner.clone(),
-                inner.clone()
-            )
+            (prop::sample::select(vec![BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Min, BinOp::Max]), inner.clone(), inner.clone())
                 .prop_map(|(op, a, b)| Expr::bin(op, a, b)),
-            (
-                prop::sample::select(vec![BinOp::FloorDiv, BinOp::Mod]),
-                inner.clone(),
-                prop::sample::select(vec![-7i64, -2, 2, 3, 16, 64])
-            )
+            (prop::sample::select(vec![BinOp::FloorDiv, BinOp::Mod]), inner.clone(), prop::sample::select(vec![-7i64, -2, 2, 3, 16, 64]))
                 .prop_map(|(op, a, d)| Expr::bin(op, a, Expr::Int(d))),
             inner.clone().prop_map(|a| Expr::un(ir::UnOp::Abs, a)),
         ]
@@ -180,27 +111,9 @@ fn int_expr() -> impl Strategy<Value = Expr> {
 }
 
 fn bool_expr() -> impl Strategy<Value = Expr> {
-    let cmp = (
-        prop::sample::select(vec![
-            BinOp::Eq,
-            BinOp::Ne,
-            BinOp::Lt,
-            BinOp::Le,
-            BinOp::Gt,
-            BinOp::Ge,
-        ]),
-        int_expr(),
-        int_expr(),
-    )
+    let cmp = (prop::sample::select(vec![BinOp::Eq, BinOp::Ne, BinOp::Lt, BinOp::Le, BinOp::Gt, BinOp::Ge]), int_expr(), int_expr())
         .prop_map(|(op, a, b)| Expr::bin(op, a, b));
-    cmp.prop_recursive(2, 8, 2, |inner| {
-        (
-            prop::sample::select(vec![BinOp::And, BinOp::Or]),
-            inner.clone(),
-            inner,
-        )
-            .prop_map(|(op, a, b)| Expr::bin(op, a, b))
-    })
+    cmp.prop_recursive(2, 8, 2, |inner| (prop::sample::select(vec![BinOp::And, BinOp::Or]), inner.clone(), inner).prop_map(|(op, a, b)| Expr::bin(op, a, b)))
 }
 
 proptest! {

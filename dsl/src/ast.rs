@@ -12,19 +12,13 @@ pub struct Span {
 
 impl Span {
     pub fn new(start: usize, end: usize) -> Span {
-        Span {
-            start: start as u32,
-            end: end as u32,
-        }
+        Span { start: start as u32, end: end as u32 }
     }
     pub fn range(self) -> std::ops::Range<usize> {
         self.start as usize..self.end as usize
     }
     pub fn to(self, other: Span) -> Span {
-        Span {
-            start: self.start.min(other.start),
-            end: self.end.max(other.end),
-        }
+        Span { start: self.start.min(other.start), end: self.end.max(other.end) }
     }
 }
 
@@ -63,58 +57,16 @@ pub struct Assign {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    Dims {
-        names: Vec<Ident>,
-        span: Span,
-    },
-    Dim {
-        name: Ident,
-        value: Expr,
-        span: Span,
-    },
-    Const {
-        name: Ident,
-        value: Expr,
-        span: Span,
-    },
-    Input {
-        name: Ident,
-        ty: TensorType,
-        range: Option<(Expr, Expr)>,
-        span: Span,
-    },
-    Output {
-        name: Ident,
-        ty: TensorType,
-        span: Span,
-    },
-    Tensor {
-        name: Ident,
-        vars: Vec<Ident>,
-        ty: TensorType,
-        body: Expr,
-        span: Span,
-    },
-    Fn {
-        name: Ident,
-        params: Vec<Ident>,
-        body: Expr,
-        span: Span,
-    },
-    Let {
-        name: Ident,
-        value: Expr,
-        span: Span,
-    },
-    Require {
-        cond: Expr,
-        span: Span,
-    },
-    Branch {
-        name: Ident,
-        assigns: Vec<Assign>,
-        span: Span,
-    },
+    Dims { names: Vec<Ident>, span: Span },
+    Dim { name: Ident, value: Expr, span: Span },
+    Const { name: Ident, value: Expr, span: Span },
+    Input { name: Ident, ty: TensorType, range: Option<(Expr, Expr)>, span: Span },
+    Output { name: Ident, ty: TensorType, span: Span },
+    Tensor { name: Ident, vars: Vec<Ident>, ty: TensorType, body: Expr, span: Span },
+    Fn { name: Ident, params: Vec<Ident>, body: Expr, span: Span },
+    Let { name: Ident, value: Expr, span: Span },
+    Require { cond: Expr, span: Span },
+    Branch { name: Ident, assigns: Vec<Assign>, span: Span },
     Assign(Assign),
 }
 
@@ -260,13 +212,7 @@ impl fmt::Display for Expr {
                 }
                 f.write_str(")")
             }
-            ExprKind::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => match lo {
+            ExprKind::Reduce { op, var, lo, hi, body } => match lo {
                 Some(lo) => write!(f, "({op} {} {lo} {hi} {body})", var.name),
                 None => write!(f, "({op} {} 0 {hi} {body})", var.name),
             },
@@ -290,51 +236,22 @@ impl fmt::Display for Spec {
                     let n: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
                     writeln!(f, "  @{sp} dims {}", n.join(" "))?
                 }
-                Item::Dim { name, value, .. } => {
-                    writeln!(f, "  @{sp} dim {} = {value}", name.name)?
-                }
-                Item::Const { name, value, .. } => {
-                    writeln!(f, "  @{sp} const {} = {value}", name.name)?
-                }
-                Item::Input {
-                    name, ty, range, ..
-                } => match range {
-                    Some((lo, hi)) => writeln!(
-                        f,
-                        "  @{sp} input {}: {} in {lo}..{hi}",
-                        name.name,
-                        shape_text(ty)
-                    )?,
+                Item::Dim { name, value, .. } => writeln!(f, "  @{sp} dim {} = {value}", name.name)?,
+                Item::Const { name, value, .. } => writeln!(f, "  @{sp} const {} = {value}", name.name)?,
+                Item::Input { name, ty, range, .. } => match range {
+                    Some((lo, hi)) => writeln!(f, "  @{sp} input {}: {} in {lo}..{hi}", name.name, shape_text(ty))?,
                     None => writeln!(f, "  @{sp} input {}: {}", name.name, shape_text(ty))?,
                 },
-                Item::Output { name, ty, .. } => {
-                    writeln!(f, "  @{sp} output {}: {}", name.name, shape_text(ty))?
-                }
-                Item::Tensor {
-                    name,
-                    vars,
-                    ty,
-                    body,
-                    ..
-                } => {
+                Item::Output { name, ty, .. } => writeln!(f, "  @{sp} output {}: {}", name.name, shape_text(ty))?,
+                Item::Tensor { name, vars, ty, body, .. } => {
                     let v: Vec<&str> = vars.iter().map(|n| n.name.as_str()).collect();
-                    writeln!(
-                        f,
-                        "  @{sp} tensor {}[{}]: {} = {body}",
-                        name.name,
-                        v.join(", "),
-                        shape_text(ty)
-                    )?
+                    writeln!(f, "  @{sp} tensor {}[{}]: {} = {body}", name.name, v.join(", "), shape_text(ty))?
                 }
-                Item::Fn {
-                    name, params, body, ..
-                } => {
+                Item::Fn { name, params, body, .. } => {
                     let p: Vec<&str> = params.iter().map(|n| n.name.as_str()).collect();
                     writeln!(f, "  @{sp} fn {}({}) = {body}", name.name, p.join(", "))?
                 }
-                Item::Let { name, value, .. } => {
-                    writeln!(f, "  @{sp} let {} = {value}", name.name)?
-                }
+                Item::Let { name, value, .. } => writeln!(f, "  @{sp} let {} = {value}", name.name)?,
                 Item::Require { cond, .. } => writeln!(f, "  @{sp} require {cond}")?,
                 Item::Branch { name, assigns, .. } => {
                     writeln!(f, "  @{sp} branch {}", name.name)?;

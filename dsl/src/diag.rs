@@ -15,10 +15,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0005", "wrong number of indices for a tensor"),
     ("E0006", "type mismatch"),
     ("E0007", "index is not an integer"),
-    (
-        "E0008",
-        "integer division or modulo by something that is not a constant or a dim",
-    ),
+    ("E0008", "integer division or modulo by something that is not a constant or a dim"),
     ("E0009", "division by zero"),
     ("E0010", "variable not available in this part of the spec"),
     ("E0011", "index range does not match the tensor axis"),
@@ -27,16 +24,10 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0014", "missing statement or declaration"),
     ("E0015", "invalid normalization"),
     ("E0016", "unknown function or wrong arguments"),
-    (
-        "E0017",
-        "vector (`:`) used where a scalar is needed, or misused",
-    ),
+    ("E0017", "vector (`:`) used where a scalar is needed, or misused"),
     ("E0018", "vectors of different lengths"),
     ("E0019", "invalid use of the output tensor"),
-    (
-        "E0020",
-        "construct outside the attention model (unsupported)",
-    ),
+    ("E0020", "construct outside the attention model (unsupported)"),
     ("E0021", "recursive definition"),
     ("E0022", "invalid shape"),
     ("E0023", "constant is not a compile-time number"),
@@ -59,24 +50,9 @@ pub struct Diagnostic {
 }
 
 impl Diagnostic {
-    pub fn new(
-        code: &'static str,
-        message: impl Into<String>,
-        span: Span,
-        label: impl Into<String>,
-    ) -> Diagnostic {
-        debug_assert!(
-            CODES.iter().any(|(c, _)| *c == code),
-            "unregistered code {code}"
-        );
-        Diagnostic {
-            code,
-            message: message.into(),
-            span,
-            label: label.into(),
-            secondary: vec![],
-            notes: vec![],
-        }
+    pub fn new(code: &'static str, message: impl Into<String>, span: Span, label: impl Into<String>) -> Diagnostic {
+        debug_assert!(CODES.iter().any(|(c, _)| *c == code), "unregistered code {code}");
+        Diagnostic { code, message: message.into(), span, label: label.into(), secondary: vec![], notes: vec![] }
     }
     pub fn with_note(mut self, note: impl Into<String>) -> Diagnostic {
         self.notes.push(note.into());
@@ -98,50 +74,79 @@ impl Diagnostic {
             let end = (s.end as usize).min(src.len());
             (s.start as usize).min(end)..end
         };
-        let mut labels =
-            vec![Label::primary((), clamp(self.span)).with_message(self.label.clone())];
+        let mut labels = vec![Label::primary((), clamp(self.span)).with_message(self.label.clone())];
         for (s, l) in &self.secondary {
             labels.push(Label::secondary((), clamp(*s)).with_message(l.clone()));
         }
-        let d = CsDiagnostic::error()
-            .with_code(self.code)
-            .with_message(&self.message)
-            .with_labels(labels)
-            .with_notes(self.notes.clone());
+        let d = CsDiagnostic::error().with_code(self.code).with_message(&self.message).with_labels(labels).with_notes(self.notes.clone());
         let config = term::Config::default();
-        term::emit_into_string(&config, &file, &d).unwrap_or_else(|e| {
-            format!(
-                "error[{}]: {} (rendering failed: {e})\n",
-                self.code, self.message
-            )
-        })
+        term::emit_into_string(&config, &file, &d).unwrap_or_else(|e| format!("error[{}]: {} (rendering failed: {e})\n", self.code, self.message))
     }
 }
 
-/// Levenshtein distance, for "did you mean" hints.
+/// Edit distance (Levenshtein, with a swap of two neighbouring letters counting as one
+/// edit), for "did you mean" hints.
 pub fn edit_distance(a: &str, b: &str) -> usize {
+    distance(a, b, 1)
+}
+
+/// Edit distance where replacing a letter costs `sub` (a swap of neighbours costs 1).
+fn distance(a: &str, b: &str, sub: usize) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
+    // Three rows: the one before the previous (for swaps), the previous and the current.
+    let mut prev2: Vec<usize> = vec![0; b.len() + 1];
     let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
+    for (i, ca) in a.iter().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + (ca != *cb) as usize)
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
+            let mut v = (prev[j] + if ca == cb { 0 } else { sub }).min(prev[j + 1] + 1).min(cur[j] + 1);
+            if i > 0 && j > 0 && *ca == b[j - 1] && a[i - 1] == *cb {
+                v = v.min(prev2[j - 1] + 1);
+            }
+            cur.push(v);
         }
-        prev = cur;
+        prev2 = std::mem::replace(&mut prev, cur);
     }
     prev[b.len()]
 }
 
-/// The closest candidate within a small distance.
+/// The closest candidate within a small distance. Among equally close ones, a letter
+/// dropped or added (`Dk` → `D`) beats a letter replaced (`Dk` → `Dv`), then the nearest
+/// length wins.
 pub fn suggest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let len = name.chars().count();
     candidates
         .into_iter()
-        .map(|c| (edit_distance(name, c), c))
-        .filter(|(d, c)| *d <= 2.max(name.len() / 3) && *d < name.len().max(c.len()))
+        .map(|c| {
+            let d = edit_distance(name, c);
+            (d, distance(name, c, 2), len.abs_diff(c.chars().count()), c)
+        })
+        .filter(|(d, _, _, c)| *d <= 2.max(len / 3) && *d < len.max(c.chars().count()))
         .min()
-        .map(|(_, c)| c)
+        .map(|(_, _, _, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swaps_count_once() {
+        assert_eq!(edit_distance("f23", "f32"), 1);
+        assert_eq!(edit_distance("kh", "hk"), 1);
+        assert_eq!(edit_distance("scroe", "score"), 1);
+        assert_eq!(edit_distance("softmx", "softmax"), 1);
+        assert_eq!(edit_distance("abc", "abc"), 0);
+        assert_eq!(edit_distance("", "ab"), 2);
+    }
+
+    #[test]
+    fn suggestions_prefer_the_same_length() {
+        assert_eq!(suggest("f23", ["f16", "f32", "bf16", "i32"]), Some("f32"));
+        assert_eq!(suggest("kh", ["h", "hk", "k"]), Some("hk"));
+        assert_eq!(suggest("Dk", ["D", "Dv", "M"]), Some("D"));
+        assert_eq!(suggest("int32", ["f32", "i32", "bf16"]), Some("i32"));
+        assert_eq!(suggest("zzzz", ["score", "mask"]), None);
+    }
 }

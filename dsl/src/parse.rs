@@ -16,10 +16,7 @@ fn span(p: &Pair<Rule>) -> Span {
 }
 
 fn ident(p: Pair<Rule>) -> Ident {
-    Ident {
-        name: p.as_str().to_string(),
-        span: span(&p),
-    }
+    Ident { name: p.as_str().to_string(), span: span(&p) }
 }
 
 /// Friendly names for the grammar's rules in "expected ..." messages.
@@ -42,15 +39,12 @@ fn rule_name(r: &Rule) -> String {
         | Rule::branch_block => "a statement".into(),
         Rule::tensor_type => "a tensor type like `f32[B, H, N, D]`".into(),
         Rule::EOI => "end of file".into(),
-        Rule::or | Rule::and | Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt => {
-            "an operator".into()
-        }
-        Rule::add | Rule::sub | Rule::mul | Rule::floordiv | Rule::div | Rule::modulo => {
-            "an operator".into()
-        }
+        Rule::or | Rule::and | Rule::eq | Rule::ne | Rule::le | Rule::ge | Rule::lt | Rule::gt => "an operator".into(),
+        Rule::add | Rule::sub | Rule::mul | Rule::floordiv | Rule::div | Rule::modulo => "an operator".into(),
         Rule::index | Rule::slice => "an index".into(),
         Rule::arg => "an argument".into(),
         Rule::value_range => "`in LO..HI`".into(),
+        Rule::kw_in => "`in`".into(),
         other => format!("{other:?}"),
     }
 }
@@ -61,32 +55,32 @@ fn syntax_error(e: pest::error::Error<Rule>, src: &str) -> Diagnostic {
         InputLocation::Pos(p) => (p, p),
         InputLocation::Span((s, e)) => (s, e),
     };
+    let start = start.min(src.len());
     // Point at the offending token (or the end of input) rather than an empty range.
     let tok_end = if end > start {
-        end
+        end.min(src.len())
     } else {
-        let rest = &src[start.min(src.len())..];
+        let rest = &src[start..];
         let n = rest.chars().next().map_or(0, |c| {
             if c.is_alphanumeric() || c == '_' {
-                rest.find(|c: char| !(c.is_alphanumeric() || c == '_'))
-                    .unwrap_or(rest.len())
+                rest.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(rest.len())
             } else {
                 c.len_utf8()
             }
         });
         start + n
     };
-    let found = &src[start.min(src.len())..tok_end.min(src.len())];
-    let found = if found.is_empty() {
-        "end of file".to_string()
-    } else {
-        format!("`{found}`")
-    };
+    let tok = &src[start..tok_end];
+    let found = if tok.is_empty() { "end of file".to_string() } else { format!("`{tok}`") };
     let msg = match &e.variant {
         ErrorVariant::ParsingError { positives, .. } => {
             let mut names: Vec<String> = positives.iter().map(rule_name).collect();
             names.sort();
             names.dedup();
+            // A statement may start with a name; listing both only confuses.
+            if names.iter().any(|n| n == "a statement") {
+                names.retain(|n| n != "a name");
+            }
             match names.len() {
                 0 => format!("unexpected {found}"),
                 1 => format!("expected {}, found {found}", names[0]),
@@ -98,28 +92,128 @@ fn syntax_error(e: pest::error::Error<Rule>, src: &str) -> Diagnostic {
         }
         ErrorVariant::CustomError { message } => message.clone(),
     };
-    let label = if found == "end of file" {
-        "the spec ends here".to_string()
-    } else {
-        "unexpected here".to_string()
+    let label = if tok.is_empty() { "the spec ends here".to_string() } else { "unexpected here".to_string() };
+    let mut d = Diagnostic::new("E0001", format!("syntax error: {msg}"), Span::new(start, tok_end), label);
+    let open = open_brackets(src, start);
+    let innermost = open.last().copied();
+    let closer = |c: char| match c {
+        '(' => ')',
+        '[' => ']',
+        _ => '}',
     };
-    let mut d = Diagnostic::new(
-        "E0001",
-        format!("syntax error: {msg}"),
-        Span::new(start, tok_end),
-        label,
-    );
-    if src[..start.min(src.len())].matches('{').count()
-        > src[..start.min(src.len())].matches('}').count()
-        && found == "end of file"
-    {
-        d = d.hint("a `{` is never closed");
-    } else {
-        d = d.hint(
-            "a spec is `attention NAME { statements }`; see the language reference in README.md",
-        );
+    let rest = &src[start..];
+    // The next statement begins here (`name =`, not `name ==`).
+    let starts_statement = |at: usize| {
+        let r = &src[at..];
+        let n = r.find(|c: char| !(c.is_alphanumeric() || c == '_')).unwrap_or(r.len());
+        let after = r[n..].trim_start_matches([' ', '\t']);
+        n > 0 && after.starts_with('=') && !after.starts_with("==")
+    };
+    let at_line_start = |at: usize| src[..at].trim_end_matches([' ', '\t']).ends_with('\n');
+    // `name =` right before the error: the name a statement would start with.
+    let name_before = {
+        let before = src[..start].trim_end_matches([' ', '\t']);
+        let n = before.len() - before.trim_end_matches(|c: char| c.is_alphanumeric() || c == '_').len();
+        (n > 0 && rest.starts_with('=') && !rest.starts_with("==")).then(|| before.len() - n)
+    };
+    if tok.is_empty() {
+        return match innermost {
+            Some((c, at)) => d.with_secondary(Span::new(at, at + 1), format!("this `{c}` is never closed")).hint(format!("add the missing `{}`", closer(c))),
+            None => d.hint("a spec is `attention NAME { statements }`; see the language reference in README.md"),
+        };
     }
-    d
+    if let Some(c @ (')' | ']' | '}')) = tok.chars().next() {
+        let opener = match c {
+            ')' => '(',
+            ']' => '[',
+            _ => '{',
+        };
+        if innermost.map(|(o, _)| o) != Some(opener) {
+            d.label = format!("this `{c}` has no matching `{opener}`");
+            return d.hint(format!("remove it, or add the `{opener}` it closes"));
+        }
+    }
+    // Operators spelled as in other languages.
+    for (typo, good) in [("=<", "<="), ("=>", ">="), ("=!", "!="), ("<>", "!=")] {
+        if rest.starts_with(typo) {
+            d.span = Span::new(start, start + typo.len());
+            d.label = format!("`{typo}` is not an operator");
+            return d.hint(format!("did you mean `{good}`?"));
+        }
+    }
+    for (typo, good, what) in [('&', "&&", "`&&` joins two conditions"), ('|', "||", "`||` joins two conditions"), ('^', "**", "`**` raises to a power")] {
+        if rest.starts_with(typo) && !rest.starts_with(good) {
+            d.label = format!("`{typo}` is not an operator");
+            return d.hint(format!("did you mean `{good}`? {what}"));
+        }
+    }
+    // A statement whose expression stops early swallows the name of the next statement.
+    if let Some(name_at) = name_before.filter(|at| at_line_start(*at)) {
+        if let Some((op_at, op)) = dangling_operator(src, name_at) {
+            let name = &src[name_at..start].trim_end();
+            return d
+                .with_secondary(Span::new(op_at, op_at + op.len_utf8()), format!("the statement above ends with `{op}`"))
+                .hint(format!("`{name}` was read as the operand of `{op}`; finish the expression above"));
+        }
+    }
+    let new_statement = name_before.is_some_and(|at| at_line_start(at)) || (at_line_start(start) && starts_statement(start));
+    if let Some((c @ ('(' | '['), at)) = innermost {
+        if new_statement {
+            return d
+                .with_secondary(Span::new(at, at + 1), format!("this `{c}` is never closed"))
+                .hint(format!("add the missing `{}` before the next statement", closer(c)));
+        }
+    }
+    if rest.starts_with('=') && !rest.starts_with("==") {
+        d.label = "`=` in an expression".into();
+        return d.hint("`=` gives a statement its value; to compare, write `==`");
+    }
+    if KEYWORDS.contains(&tok) && msg.contains("a name") {
+        return d.hint(format!("`{tok}` is a keyword of the language; pick another name"));
+    }
+    d.hint("a spec is `attention NAME { statements }`; see the language reference in README.md")
+}
+
+/// Words the grammar reserves (`keyword` in grammar.pest).
+const KEYWORDS: [&str; 14] = ["attention", "dims", "dim", "const", "input", "output", "tensor", "fn", "let", "require", "branch", "true", "false", "in"];
+
+/// The brackets still open at `pos`, outermost first, with their positions; `#` comments
+/// are skipped. A closer that does not match the innermost opener closes it anyway.
+fn open_brackets(src: &str, pos: usize) -> Vec<(char, usize)> {
+    let mut open = Vec::new();
+    let mut comment = false;
+    for (at, c) in src[..pos].char_indices() {
+        match c {
+            '\n' => comment = false,
+            _ if comment => {}
+            '#' => comment = true,
+            '(' | '[' | '{' => open.push((c, at)),
+            ')' | ']' | '}' => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    open
+}
+
+/// The operator (or `(`, `[`, `,`) that ends the last code line before `at`, if any: the
+/// sign of an expression that was cut off at a line break.
+fn dangling_operator(src: &str, at: usize) -> Option<(usize, char)> {
+    let mut end = src[..at].rfind('\n')?;
+    loop {
+        let line_start = src[..end].rfind('\n').map_or(0, |n| n + 1);
+        let line = &src[line_start..end];
+        let code = line.split('#').next().unwrap_or_default().trim_end();
+        if let Some(c) = code.chars().last() {
+            let op_at = line_start + code.len() - c.len_utf8();
+            return "+-*/%<>=!&|([,".contains(c).then_some((op_at, c));
+        }
+        if line_start == 0 {
+            return None;
+        }
+        end = line_start - 1;
+    }
 }
 
 fn pratt() -> PrattParser<Rule> {
@@ -154,25 +248,12 @@ impl Walker {
             .map_prefix(|op, rhs| {
                 let rhs = rhs?;
                 let s = span(&op).to(rhs.span);
-                let u = if op.as_rule() == Rule::neg {
-                    UnaryOp::Neg
-                } else {
-                    UnaryOp::Not
-                };
+                let u = if op.as_rule() == Rule::neg { UnaryOp::Neg } else { UnaryOp::Not };
                 // Fold `-literal` so `-1` is a literal (needed in shapes and ranges).
                 Ok(match (u, &rhs.kind) {
-                    (UnaryOp::Neg, ExprKind::Int(n)) => Expr {
-                        kind: ExprKind::Int(-n),
-                        span: s,
-                    },
-                    (UnaryOp::Neg, ExprKind::Float(x)) => Expr {
-                        kind: ExprKind::Float(-x),
-                        span: s,
-                    },
-                    _ => Expr {
-                        kind: ExprKind::Unary(u, Box::new(rhs)),
-                        span: s,
-                    },
+                    (UnaryOp::Neg, ExprKind::Int(n)) => Expr { kind: ExprKind::Int(-n), span: s },
+                    (UnaryOp::Neg, ExprKind::Float(x)) => Expr { kind: ExprKind::Float(-x), span: s },
+                    _ => Expr { kind: ExprKind::Unary(u, Box::new(rhs)), span: s },
                 })
             })
             .map_infix(|lhs, op, rhs| {
@@ -195,17 +276,13 @@ impl Walker {
                     other => unreachable!("grammar: infix {other:?}"),
                 };
                 let s = lhs.span.to(rhs.span);
-                Ok(Expr {
-                    kind: ExprKind::Binary(o, Box::new(lhs), Box::new(rhs)),
-                    span: s,
-                })
+                Ok(Expr { kind: ExprKind::Binary(o, Box::new(lhs), Box::new(rhs)), span: s })
             })
             .parse(p.into_inner())
     }
 
     fn power(&self, p: Pair<Rule>) -> R<Expr> {
         debug_assert_eq!(p.as_rule(), Rule::power);
-        let s = span(&p);
         let mut inner = p.into_inner();
         let base = self.primary(inner.next().expect("grammar: power has a primary"))?;
         // The exponent: prefix ops then a power.
@@ -215,120 +292,76 @@ impl Walker {
         }
         let mut exp = self.power(rest.last().expect("non-empty").clone())?;
         for op in rest[..rest.len() - 1].iter().rev() {
-            let u = if op.as_rule() == Rule::neg {
-                UnaryOp::Neg
-            } else {
-                UnaryOp::Not
-            };
+            let u = if op.as_rule() == Rule::neg { UnaryOp::Neg } else { UnaryOp::Not };
             let sp = span(op).to(exp.span);
             exp = match (u, &exp.kind) {
-                (UnaryOp::Neg, ExprKind::Int(n)) => Expr {
-                    kind: ExprKind::Int(-n),
-                    span: sp,
-                },
-                (UnaryOp::Neg, ExprKind::Float(x)) => Expr {
-                    kind: ExprKind::Float(-x),
-                    span: sp,
-                },
-                _ => Expr {
-                    kind: ExprKind::Unary(u, Box::new(exp)),
-                    span: sp,
-                },
+                (UnaryOp::Neg, ExprKind::Int(n)) => Expr { kind: ExprKind::Int(-n), span: sp },
+                (UnaryOp::Neg, ExprKind::Float(x)) => Expr { kind: ExprKind::Float(-x), span: sp },
+                _ => Expr { kind: ExprKind::Unary(u, Box::new(exp)), span: sp },
             };
         }
-        Ok(Expr {
-            kind: ExprKind::Binary(BinaryOp::Pow, Box::new(base), Box::new(exp)),
-            span: s,
-        })
+        // Not the pair's span: pest's implicit whitespace can leave trailing blanks in it.
+        let s = base.span.to(exp.span);
+        Ok(Expr { kind: ExprKind::Binary(BinaryOp::Pow, Box::new(base), Box::new(exp)), span: s })
     }
 
     fn primary(&self, p: Pair<Rule>) -> R<Expr> {
         let s = span(&p);
-        let kind =
-            match p.as_rule() {
-                Rule::int => ExprKind::Int(p.as_str().parse().map_err(|_| {
-                    Diagnostic::new(
-                        "E0001",
-                        "integer literal is too large",
-                        s,
-                        "does not fit in 64 bits",
-                    )
-                    .hint("integers are 64-bit signed")
-                })?),
-                Rule::float => ExprKind::Float(p.as_str().parse().map_err(|_| {
-                    Diagnostic::new("E0001", "bad float literal", s, "not a number")
-                })?),
-                Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
-                Rule::ident => ExprKind::Name(p.as_str().to_string()),
-                Rule::expr => return self.expr(p),
-                Rule::call => {
-                    let mut inner = p.into_inner();
-                    let func = ident(inner.next().expect("grammar: call name"));
-                    let mut args = Vec::new();
-                    for a in inner {
-                        let mut ai = a.into_inner();
-                        let first = ai.next().expect("grammar: arg");
-                        if first.as_rule() == Rule::ident {
-                            let value = self.expr(ai.next().expect("grammar: named arg value"))?;
-                            args.push(Arg {
-                                name: Some(ident(first)),
-                                value,
-                            });
-                        } else {
-                            args.push(Arg {
-                                name: None,
-                                value: self.expr(first)?,
-                            });
-                        }
-                    }
-                    ExprKind::Call { func, args }
-                }
-                Rule::access => {
-                    let mut inner = p.into_inner();
-                    let tensor = ident(inner.next().expect("grammar: access name"));
-                    let mut indices = Vec::new();
-                    for ix in inner {
-                        let x = ix.into_inner().next().expect("grammar: index");
-                        indices.push(if x.as_rule() == Rule::slice {
-                            Index::Slice(span(&x))
-                        } else {
-                            Index::Expr(self.expr(x)?)
-                        });
-                    }
-                    ExprKind::Access { tensor, indices }
-                }
-                Rule::reduction => {
-                    let mut inner = p.into_inner();
-                    let op_pair = inner.next().expect("grammar: reduction op");
-                    let op = attnc_ir::RedOp::from_text(op_pair.as_str())
-                        .expect("grammar: reduction names match RedOp");
-                    let var = ident(inner.next().expect("grammar: reduction var"));
-                    let range = inner.next().expect("grammar: reduction range");
-                    let (lo, hi) = match range.as_rule() {
-                        Rule::red_lt => (
-                            None,
-                            self.expr(range.into_inner().next().expect("grammar: bound"))?,
-                        ),
-                        _ => {
-                            let mut r = range.into_inner();
-                            let lo = self.expr(r.next().expect("grammar: lo"))?;
-                            (
-                                Some(Box::new(lo)),
-                                self.expr(r.next().expect("grammar: hi"))?,
-                            )
-                        }
-                    };
-                    let body = self.expr(inner.next().expect("grammar: reduction body"))?;
-                    ExprKind::Reduce {
-                        op,
-                        var,
-                        lo,
-                        hi: Box::new(hi),
-                        body: Box::new(body),
+        let kind = match p.as_rule() {
+            Rule::int => ExprKind::Int(
+                p.as_str()
+                    .parse()
+                    .map_err(|_| Diagnostic::new("E0001", "integer literal is too large", s, "does not fit in 64 bits").hint("integers are 64-bit signed"))?,
+            ),
+            Rule::float => ExprKind::Float(p.as_str().parse().map_err(|_| Diagnostic::new("E0001", "bad float literal", s, "not a number"))?),
+            Rule::boolean => ExprKind::Bool(p.as_str() == "true"),
+            Rule::ident => ExprKind::Name(p.as_str().to_string()),
+            Rule::expr => return self.expr(p),
+            Rule::call => {
+                let mut inner = p.into_inner();
+                let func = ident(inner.next().expect("grammar: call name"));
+                let mut args = Vec::new();
+                for a in inner {
+                    let mut ai = a.into_inner();
+                    let first = ai.next().expect("grammar: arg");
+                    if first.as_rule() == Rule::ident {
+                        let value = self.expr(ai.next().expect("grammar: named arg value"))?;
+                        args.push(Arg { name: Some(ident(first)), value });
+                    } else {
+                        args.push(Arg { name: None, value: self.expr(first)? });
                     }
                 }
-                other => unreachable!("grammar: primary {other:?}"),
-            };
+                ExprKind::Call { func, args }
+            }
+            Rule::access => {
+                let mut inner = p.into_inner();
+                let tensor = ident(inner.next().expect("grammar: access name"));
+                let mut indices = Vec::new();
+                for ix in inner {
+                    let x = ix.into_inner().next().expect("grammar: index");
+                    indices.push(if x.as_rule() == Rule::slice { Index::Slice(span(&x)) } else { Index::Expr(self.expr(x)?) });
+                }
+                ExprKind::Access { tensor, indices }
+            }
+            Rule::reduction => {
+                let mut inner = p.into_inner();
+                let op_pair = inner.next().expect("grammar: reduction op");
+                let op = attnc_ir::RedOp::from_text(op_pair.as_str()).expect("grammar: reduction names match RedOp");
+                let var = ident(inner.next().expect("grammar: reduction var"));
+                let range = inner.next().expect("grammar: reduction range");
+                let (lo, hi) = match range.as_rule() {
+                    Rule::red_lt => (None, self.expr(range.into_inner().next().expect("grammar: bound"))?),
+                    _ => {
+                        let mut r = range.into_inner().filter(|p| p.as_rule() != Rule::kw_in);
+                        let lo = self.expr(r.next().expect("grammar: lo"))?;
+                        (Some(Box::new(lo)), self.expr(r.next().expect("grammar: hi"))?)
+                    }
+                };
+                let body = self.expr(inner.next().expect("grammar: reduction body"))?;
+                ExprKind::Reduce { op, var, lo, hi: Box::new(hi), body: Box::new(body) }
+            }
+            other => unreachable!("grammar: primary {other:?}"),
+        };
         Ok(Expr { kind, span: s })
     }
 
@@ -337,11 +370,7 @@ impl Walker {
         let mut inner = p.into_inner();
         let dtype = ident(inner.next().expect("grammar: dtype"));
         let shape = inner.map(|e| self.expr(e)).collect::<R<_>>()?;
-        Ok(TensorType {
-            dtype,
-            shape,
-            span: s,
-        })
+        Ok(TensorType { dtype, shape, span: s })
     }
 
     fn assign(&self, p: Pair<Rule>) -> R<Assign> {
@@ -349,11 +378,7 @@ impl Walker {
         let mut inner = p.into_inner();
         let target = ident(inner.next().expect("grammar: target"));
         let value = self.expr(inner.next().expect("grammar: value"))?;
-        Ok(Assign {
-            target,
-            value,
-            span: s,
-        })
+        Ok(Assign { target, value, span: s })
     }
 
     fn idents(p: Pair<Rule>) -> Vec<Ident> {
@@ -366,56 +391,27 @@ impl Walker {
         let mut inner = p.into_inner();
         let mut next = || inner.next().expect("grammar: statement part");
         Ok(match rule {
-            Rule::dims_decl => Item::Dims {
-                names: std::iter::once(next()).chain(inner).map(ident).collect(),
-                span: s,
-            },
-            Rule::dim_def => Item::Dim {
-                name: ident(next()),
-                value: self.expr(next())?,
-                span: s,
-            },
-            Rule::const_def => Item::Const {
-                name: ident(next()),
-                value: self.expr(next())?,
-                span: s,
-            },
+            Rule::dims_decl => Item::Dims { names: std::iter::once(next()).chain(inner).map(ident).collect(), span: s },
+            Rule::dim_def => Item::Dim { name: ident(next()), value: self.expr(next())?, span: s },
+            Rule::const_def => Item::Const { name: ident(next()), value: self.expr(next())?, span: s },
             Rule::input_decl => {
                 let name = ident(next());
                 let ty = self.tensor_type(next())?;
                 let range = match inner.next() {
                     Some(r) => {
-                        let mut ri = r.into_inner();
-                        Some((
-                            self.expr(ri.next().expect("grammar: lo"))?,
-                            self.expr(ri.next().expect("grammar: hi"))?,
-                        ))
+                        let mut ri = r.into_inner().filter(|p| p.as_rule() != Rule::kw_in);
+                        Some((self.expr(ri.next().expect("grammar: lo"))?, self.expr(ri.next().expect("grammar: hi"))?))
                     }
                     None => None,
                 };
-                Item::Input {
-                    name,
-                    ty,
-                    range,
-                    span: s,
-                }
+                Item::Input { name, ty, range, span: s }
             }
-            Rule::output_decl => Item::Output {
-                name: ident(next()),
-                ty: self.tensor_type(next())?,
-                span: s,
-            },
+            Rule::output_decl => Item::Output { name: ident(next()), ty: self.tensor_type(next())?, span: s },
             Rule::tensor_def => {
                 let name = ident(next());
                 let vars = Self::idents(next());
                 let ty = self.tensor_type(next())?;
-                Item::Tensor {
-                    name,
-                    vars,
-                    ty,
-                    body: self.expr(next())?,
-                    span: s,
-                }
+                Item::Tensor { name, vars, ty, body: self.expr(next())?, span: s }
             }
             Rule::fn_def => {
                 let name = ident(next());
@@ -425,30 +421,14 @@ impl Walker {
                     [b] => (vec![], b.clone()),
                     _ => unreachable!("grammar: fn parts"),
                 };
-                Item::Fn {
-                    name,
-                    params,
-                    body: self.expr(body)?,
-                    span: s,
-                }
+                Item::Fn { name, params, body: self.expr(body)?, span: s }
             }
-            Rule::let_def => Item::Let {
-                name: ident(next()),
-                value: self.expr(next())?,
-                span: s,
-            },
-            Rule::require_stmt => Item::Require {
-                cond: self.expr(next())?,
-                span: s,
-            },
+            Rule::let_def => Item::Let { name: ident(next()), value: self.expr(next())?, span: s },
+            Rule::require_stmt => Item::Require { cond: self.expr(next())?, span: s },
             Rule::branch_block => {
                 let name = ident(next());
                 let assigns = inner.map(|a| self.assign(a)).collect::<R<_>>()?;
-                Item::Branch {
-                    name,
-                    assigns,
-                    span: s,
-                }
+                Item::Branch { name, assigns, span: s }
             }
             Rule::assign => {
                 drop(next);
@@ -458,19 +438,10 @@ impl Walker {
         })
     }
 
-    fn assign_from(
-        &self,
-        s: Span,
-        _rule: Rule,
-        mut inner: pest::iterators::Pairs<Rule>,
-    ) -> R<Assign> {
+    fn assign_from(&self, s: Span, _rule: Rule, mut inner: pest::iterators::Pairs<Rule>) -> R<Assign> {
         let target = ident(inner.next().expect("grammar: target"));
         let value = self.expr(inner.next().expect("grammar: value"))?;
-        Ok(Assign {
-            target,
-            value,
-            span: s,
-        })
+        Ok(Assign { target, value, span: s })
     }
 }
 
@@ -489,9 +460,5 @@ pub fn parse(src: &str) -> Result<Spec, Diagnostic> {
         }
         items.push(w.item(p)?);
     }
-    Ok(Spec {
-        name,
-        items,
-        span: s,
-    })
+    Ok(Spec { name, items, span: s })
 }

@@ -47,28 +47,15 @@ impl Bindings {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BindError {
     #[error("missing input tensor `{name}` (expected {dtype} with shape {expected})")]
-    Missing {
-        name: String,
-        dtype: DType,
-        expected: String,
-    },
+    Missing { name: String, dtype: DType, expected: String },
     #[error("input `{name}` has shape {found:?} but the spec expects {expected}")]
-    Shape {
-        name: String,
-        found: Vec<usize>,
-        expected: String,
-    },
+    Shape { name: String, found: Vec<usize>, expected: String },
     #[error("dim `{dim}` has no value: no input tensor has it in its shape; give it explicitly (e.g. --dims {dim}=64)")]
     Unbound { dim: String },
     #[error("dim `{dim}` = {value} but must be at least 1")]
     NonPositive { dim: String, value: i64 },
     #[error("dim `{dim}` is given as {given}, but input `{tensor}` says {found}")]
-    Conflict {
-        dim: String,
-        given: i64,
-        tensor: String,
-        found: i64,
-    },
+    Conflict { dim: String, given: i64, tensor: String, found: i64 },
     #[error("requirement `{text}` does not hold for {values}")]
     Require { text: String, values: String },
     #[error("cannot evaluate `{text}`: {why}")]
@@ -81,9 +68,7 @@ pub fn eval_dims(e: &Expr, dims: &BTreeMap<String, i64>) -> Result<i64, String> 
     Ok(match e {
         Expr::Int(n) => *n,
         Expr::Bool(b) => *b as i64,
-        Expr::Dim(d) => *dims
-            .get(d)
-            .ok_or_else(|| format!("dim `{d}` is not bound"))?,
+        Expr::Dim(d) => *dims.get(d).ok_or_else(|| format!("dim `{d}` is not bound"))?,
         Expr::Unary(UnOp::Neg, a) => rec(a)?.wrapping_neg(),
         Expr::Unary(UnOp::Abs, a) => rec(a)?.wrapping_abs(),
         Expr::Unary(UnOp::Not, a) => (rec(a)? == 0) as i64,
@@ -113,9 +98,7 @@ pub fn eval_dims(e: &Expr, dims: &BTreeMap<String, i64>) -> Result<i64, String> 
                 BinOp::Ge => (x >= y) as i64,
                 BinOp::And => (x != 0 && y != 0) as i64,
                 BinOp::Or => (x != 0 || y != 0) as i64,
-                BinOp::Div | BinOp::Pow => {
-                    return Err(format!("`{op}` is not an integer operation"))
-                }
+                BinOp::Div | BinOp::Pow => return Err(format!("`{op}` is not an integer operation")),
             }
         }
         other => return Err(format!("`{other}` is not a dim expression")),
@@ -124,11 +107,7 @@ pub fn eval_dims(e: &Expr, dims: &BTreeMap<String, i64>) -> Result<i64, String> 
 
 /// Binds dims from input shapes (and explicit values, e.g. from `--dims`), evaluates derived
 /// dims and checks the kernel's requirements.
-pub fn bind(
-    k: &Kernel,
-    shapes: &BTreeMap<String, Vec<usize>>,
-    explicit: &BTreeMap<String, i64>,
-) -> Result<Bindings, BindError> {
+pub fn bind(k: &Kernel, shapes: &BTreeMap<String, Vec<usize>>, explicit: &BTreeMap<String, i64>) -> Result<Bindings, BindError> {
     let mut b = Bindings::default();
     let free: Vec<&DimDecl> = k.dims.iter().filter(|d| d.def.is_none()).collect();
     for d in &free {
@@ -153,12 +132,7 @@ pub fn bind(
                             b.dims.insert(d.clone(), n as i64);
                         }
                         Some(&given) if explicit.contains_key(d) && given != n as i64 => {
-                            return Err(BindError::Conflict {
-                                dim: d.clone(),
-                                given,
-                                tensor: t.name.clone(),
-                                found: n as i64,
-                            });
+                            return Err(BindError::Conflict { dim: d.clone(), given, tensor: t.name.clone(), found: n as i64 });
                         }
                         Some(_) => {}
                     }
@@ -171,60 +145,34 @@ pub fn bind(
             None => {
                 if !b.dims.contains_key(&d.name) {
                     // A dim that only appears in the output (or nowhere) must be given.
-                    if let Some(t) = k.inputs().find(|t| {
-                        !shapes.contains_key(&t.name)
-                            && t.shape.contains(&Extent::Dim(d.name.clone()))
-                    }) {
-                        return Err(BindError::Missing {
-                            name: t.name.clone(),
-                            dtype: t.dtype,
-                            expected: b.describe(t),
-                        });
+                    if let Some(t) = k.inputs().find(|t| !shapes.contains_key(&t.name) && t.shape.contains(&Extent::Dim(d.name.clone()))) {
+                        return Err(BindError::Missing { name: t.name.clone(), dtype: t.dtype, expected: b.describe(t) });
                     }
-                    return Err(BindError::Unbound {
-                        dim: d.name.clone(),
-                    });
+                    return Err(BindError::Unbound { dim: d.name.clone() });
                 }
             }
             Some(e) => {
-                let v = eval_dims(e, &b.dims).map_err(|why| BindError::Eval {
-                    text: e.to_string(),
-                    why,
-                })?;
+                let v = eval_dims(e, &b.dims).map_err(|why| BindError::Eval { text: e.to_string(), why })?;
                 b.dims.insert(d.name.clone(), v);
             }
         }
         let v = b.dims[&d.name];
         if v < 1 {
-            return Err(BindError::NonPositive {
-                dim: d.name.clone(),
-                value: v,
-            });
+            return Err(BindError::NonPositive { dim: d.name.clone(), value: v });
         }
     }
     for t in k.inputs() {
         let expected = b.describe(t);
         let Some(found) = shapes.get(&t.name) else {
-            return Err(BindError::Missing {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                expected,
-            });
+            return Err(BindError::Missing { name: t.name.clone(), dtype: t.dtype, expected });
         };
         let want = b.shape(t);
         if *found != want {
-            return Err(BindError::Shape {
-                name: t.name.clone(),
-                found: found.clone(),
-                expected,
-            });
+            return Err(BindError::Shape { name: t.name.clone(), found: found.clone(), expected });
         }
     }
     for r in &k.requires {
-        let ok = eval_dims(r, &b.dims).map_err(|why| BindError::Eval {
-            text: r.to_string(),
-            why,
-        })?;
+        let ok = eval_dims(r, &b.dims).map_err(|why| BindError::Eval { text: r.to_string(), why })?;
         if ok == 0 {
             let mut used = Vec::new();
             r.walk(&mut |x| {
@@ -235,10 +183,7 @@ pub fn bind(
                     }
                 }
             });
-            return Err(BindError::Require {
-                text: crate::pretty::infix(r),
-                values: used.join(", "),
-            });
+            return Err(BindError::Require { text: crate::pretty::infix(r), values: used.join(", ") });
         }
     }
     Ok(b)

@@ -116,10 +116,7 @@ ops!(
 
 impl BinOp {
     pub fn is_comparison(self) -> bool {
-        matches!(
-            self,
-            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
-        )
+        matches!(self, BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge)
     }
 }
 
@@ -199,9 +196,7 @@ impl Expr {
                         out.insert(v.clone());
                     }
                 }
-                Expr::Reduce {
-                    var, lo, hi, body, ..
-                } => {
+                Expr::Reduce { var, lo, hi, body, .. } => {
                     go(lo, bound, out);
                     go(hi, bound, out);
                     bound.push(var.clone());
@@ -242,22 +237,12 @@ impl Expr {
     pub fn subst(&self, name: &str, with: &Expr) -> Expr {
         match self {
             Expr::Var(v) if v == name => with.clone(),
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => Expr::Reduce {
+            Expr::Reduce { op, var, lo, hi, body } => Expr::Reduce {
                 op: *op,
                 var: var.clone(),
                 lo: Box::new(lo.subst(name, with)),
                 hi: Box::new(hi.subst(name, with)),
-                body: if var == name {
-                    body.clone()
-                } else {
-                    Box::new(body.subst(name, with))
-                },
+                body: if var == name { body.clone() } else { Box::new(body.subst(name, with)) },
             },
             _ => self.map_children(&mut |c| c.subst(name, with)),
         }
@@ -266,26 +251,14 @@ impl Expr {
     /// Rebuilds this node with `f` applied to each child.
     pub fn map_children(&self, f: &mut dyn FnMut(&Expr) -> Expr) -> Expr {
         match self {
-            Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_) => {
-                self.clone()
-            }
+            Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_) => self.clone(),
             Expr::Load(t, idx) => Expr::Load(t.clone(), idx.iter().map(|c| f(c)).collect()),
             Expr::Unary(op, a) => Expr::Unary(*op, Box::new(f(a))),
             Expr::Binary(op, a, b) => Expr::Binary(*op, Box::new(f(a)), Box::new(f(b))),
             Expr::Select(c, a, b) => Expr::Select(Box::new(f(c)), Box::new(f(a)), Box::new(f(b))),
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => Expr::Reduce {
-                op: *op,
-                var: var.clone(),
-                lo: Box::new(f(lo)),
-                hi: Box::new(f(hi)),
-                body: Box::new(f(body)),
-            },
+            Expr::Reduce { op, var, lo, hi, body } => {
+                Expr::Reduce { op: *op, var: var.clone(), lo: Box::new(f(lo)), hi: Box::new(f(hi)), body: Box::new(f(body)) }
+            }
         }
     }
 }
@@ -311,14 +284,7 @@ mod tests {
 
     #[test]
     fn floor_ops_follow_python() {
-        for (a, b, q, r) in [
-            (7, 2, 3, 1),
-            (-7, 2, -4, 1),
-            (7, -2, -4, -1),
-            (-7, -2, 3, -1),
-            (-1, 16, -1, 15),
-            (0, 5, 0, 0),
-        ] {
+        for (a, b, q, r) in [(7, 2, 3, 1), (-7, 2, -4, 1), (7, -2, -4, -1), (-7, -2, 3, -1), (-1, 16, -1, 15), (0, 5, 0, 0)] {
             assert_eq!(floor_div(a, b), q, "{a} // {b}");
             assert_eq!(floor_mod(a, b), r, "{a} % {b}");
         }
@@ -342,9 +308,6 @@ mod tests {
             }
             _ => unreachable!(),
         }
-        assert_eq!(
-            e.free_vars().into_iter().collect::<Vec<_>>(),
-            vec!["r".to_string(), "x".to_string()]
-        );
+        assert_eq!(e.free_vars().into_iter().collect::<Vec<_>>(), vec!["r".to_string(), "x".to_string()]);
     }
 }

@@ -14,22 +14,10 @@ use sha2::{Digest, Sha256};
 pub fn canonicalize(k: &Kernel) -> Kernel {
     fn reds(e: &Expr, depth: usize) -> Expr {
         match e {
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => {
+            Expr::Reduce { op, var, lo, hi, body } => {
                 let name = format!("r{depth}");
                 let body = body.subst(var, &Expr::Var(name.clone()));
-                Expr::Reduce {
-                    op: *op,
-                    var: name,
-                    lo: Box::new(reds(lo, depth)),
-                    hi: Box::new(reds(hi, depth)),
-                    body: Box::new(reds(&body, depth + 1)),
-                }
+                Expr::Reduce { op: *op, var: name, lo: Box::new(reds(lo, depth)), hi: Box::new(reds(hi, depth)), body: Box::new(reds(&body, depth + 1)) }
             }
             other => other.map_children(&mut |c| reds(c, depth)),
         }
@@ -56,10 +44,7 @@ pub fn canonicalize(k: &Kernel) -> Kernel {
             };
             *def = match def {
                 TensorDef::Map(e) => TensorDef::Map(rename(e)),
-                TensorDef::Cumsum { axis, body } => TensorDef::Cumsum {
-                    axis: *axis,
-                    body: rename(body),
-                },
+                TensorDef::Cumsum { axis, body } => TensorDef::Cumsum { axis: *axis, body: rename(body) },
             };
             *vars = (0..vars.len()).map(|n| format!("x{n}")).collect();
         }
@@ -72,10 +57,7 @@ pub fn canonicalize(k: &Kernel) -> Kernel {
         b.decay = ro(&b.decay);
         b.weight = ro(&b.weight);
         b.norm = match &b.norm {
-            Norm::Softmax { sink, post } => Norm::Softmax {
-                sink: ro(sink),
-                post: ro(post),
-            },
+            Norm::Softmax { sink, post } => Norm::Softmax { sink: ro(sink), post: ro(post) },
             Norm::Map(e) => Norm::Map(r(e)),
             Norm::Linear { eps } => Norm::Linear { eps: *eps },
         };

@@ -144,10 +144,7 @@ pub const ITER_VARS: [&str; 5] = ["b", "h", "i", "j", "e"];
 pub enum Norm {
     /// `exp(s_j - m) / (Σ exp(s - m) + [exp(sink - m)])`, then optionally `post` applied to
     /// each weight (variable `w`): clipped softmax and other post-softmax maps.
-    Softmax {
-        sink: Option<Expr>,
-        post: Option<Expr>,
-    },
+    Softmax { sink: Option<Expr>, post: Option<Expr> },
     /// Pointwise `p_j = f(s_j)` (variable `s`): sigmoid, relu, relu², none (linear attention).
     Map(Expr),
     /// `p_j = s_j / (Σ s + eps)`: the linear-attention denominator.
@@ -192,16 +189,11 @@ impl Kernel {
         self.tensors.iter().filter(|t| t.kind == TensorKind::Input)
     }
     pub fn derived(&self) -> impl Iterator<Item = &TensorDecl> {
-        self.tensors
-            .iter()
-            .filter(|t| matches!(t.kind, TensorKind::Derived { .. }))
+        self.tensors.iter().filter(|t| matches!(t.kind, TensorKind::Derived { .. }))
     }
     /// The output tensor (verify guarantees there is exactly one).
     pub fn output(&self) -> &TensorDecl {
-        self.tensors
-            .iter()
-            .find(|t| t.kind == TensorKind::Output)
-            .expect("kernel has an output (checked by verify)")
+        self.tensors.iter().find(|t| t.kind == TensorKind::Output).expect("kernel has an output (checked by verify)")
     }
 
     /// Every expression of the kernel with a label, for analyses that look at all of them.
@@ -227,12 +219,7 @@ impl Kernel {
         v.push(("value".into(), &self.value));
         for (n, br) in self.branches.iter().enumerate() {
             v.push((format!("branch {n} score"), &br.score));
-            let opts = [
-                ("bias", &br.bias),
-                ("mask", &br.mask),
-                ("decay", &br.decay),
-                ("weight", &br.weight),
-            ];
+            let opts = [("bias", &br.bias), ("mask", &br.mask), ("decay", &br.decay), ("weight", &br.weight)];
             for (label, e) in opts {
                 if let Some(e) = e {
                     v.push((format!("branch {n} {label}"), e));

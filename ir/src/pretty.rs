@@ -70,11 +70,7 @@ fn go(e: &Expr, out: &mut String, parent: u8) {
                 out.push('(');
             }
             // Left-associative operators: the right operand binds tighter; `**` is right-assoc.
-            let (lp, rp) = if *op == BinOp::Pow {
-                (p + 1, p)
-            } else {
-                (p, p + 1)
-            };
+            let (lp, rp) = if *op == BinOp::Pow { (p + 1, p) } else { (p, p + 1) };
             go(a, out, lp);
             write!(out, " {sym} ").unwrap();
             go(b, out, rp);
@@ -91,13 +87,7 @@ fn go(e: &Expr, out: &mut String, parent: u8) {
             go(b, out, 0);
             out.push(')');
         }
-        Expr::Reduce {
-            op,
-            var,
-            lo,
-            hi,
-            body,
-        } => {
+        Expr::Reduce { op, var, lo, hi, body } => {
             write!(out, "{op}({var} in ").unwrap();
             go(lo, out, 0);
             out.push_str("..");

@@ -31,19 +31,12 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn new(shape: Vec<usize>, data: Vec<f64>) -> Tensor {
-        assert_eq!(
-            shape.iter().product::<usize>(),
-            data.len(),
-            "tensor data does not match its shape"
-        );
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "tensor data does not match its shape");
         Tensor { shape, data }
     }
     pub fn zeros(shape: Vec<usize>) -> Tensor {
         let n = shape.iter().product();
-        Tensor {
-            shape,
-            data: vec![0.0; n],
-        }
+        Tensor { shape, data: vec![0.0; n] }
     }
 }
 
@@ -51,16 +44,8 @@ impl Tensor {
 pub enum RefError {
     #[error(transparent)]
     Bind(#[from] BindError),
-    #[error(
-        "{context}: index {index} is out of bounds for axis {axis} of `{tensor}` (length {len})"
-    )]
-    OutOfBounds {
-        context: String,
-        tensor: String,
-        axis: usize,
-        index: i64,
-        len: usize,
-    },
+    #[error("{context}: index {index} is out of bounds for axis {axis} of `{tensor}` (length {len})")]
+    OutOfBounds { context: String, tensor: String, axis: usize, index: i64, len: usize },
     #[error("{context}: integer division by zero")]
     DivByZero { context: String },
 }
@@ -144,20 +129,11 @@ pub fn unary_f64(op: UnOp, x: f64) -> f64 {
 enum Node {
     Const(V),
     Slot(usize),
-    Load {
-        t: usize,
-        idx: Vec<Node>,
-    },
+    Load { t: usize, idx: Vec<Node> },
     Un(UnOp, Box<Node>),
     Bin(BinOp, Box<Node>, Box<Node>),
     Sel(Box<Node>, Box<Node>, Box<Node>),
-    Red {
-        op: RedOp,
-        slot: usize,
-        lo: Box<Node>,
-        hi: Box<Node>,
-        body: Box<Node>,
-    },
+    Red { op: RedOp, slot: usize, lo: Box<Node>, hi: Box<Node>, body: Box<Node> },
 }
 
 struct Store {
@@ -183,47 +159,19 @@ impl Machine<'_> {
             Expr::Float(x) => Node::Const(V::F(x.0)),
             Expr::Bool(b) => Node::Const(V::B(*b)),
             Expr::Dim(d) => Node::Const(V::I(self.dims.dims[d])),
-            Expr::Var(v) => Node::Slot(
-                scope
-                    .iter()
-                    .rposition(|s| s == v)
-                    .expect("verified: variable in scope"),
-            ),
-            Expr::Load(t, idx) => Node::Load {
-                t: self.names[t],
-                idx: idx.iter().map(|x| self.compile(x, scope)).collect(),
-            },
+            Expr::Var(v) => Node::Slot(scope.iter().rposition(|s| s == v).expect("verified: variable in scope")),
+            Expr::Load(t, idx) => Node::Load { t: self.names[t], idx: idx.iter().map(|x| self.compile(x, scope)).collect() },
             Expr::Unary(op, a) => Node::Un(*op, Box::new(self.compile(a, scope))),
-            Expr::Binary(op, a, b) => Node::Bin(
-                *op,
-                Box::new(self.compile(a, scope)),
-                Box::new(self.compile(b, scope)),
-            ),
-            Expr::Select(c, a, b) => Node::Sel(
-                Box::new(self.compile(c, scope)),
-                Box::new(self.compile(a, scope)),
-                Box::new(self.compile(b, scope)),
-            ),
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => {
+            Expr::Binary(op, a, b) => Node::Bin(*op, Box::new(self.compile(a, scope)), Box::new(self.compile(b, scope))),
+            Expr::Select(c, a, b) => Node::Sel(Box::new(self.compile(c, scope)), Box::new(self.compile(a, scope)), Box::new(self.compile(b, scope))),
+            Expr::Reduce { op, var, lo, hi, body } => {
                 let lo = Box::new(self.compile(lo, scope));
                 let hi = Box::new(self.compile(hi, scope));
                 scope.push(var.clone());
                 let slot = scope.len() - 1;
                 let body = Box::new(self.compile(body, scope));
                 scope.pop();
-                Node::Red {
-                    op: *op,
-                    slot,
-                    lo,
-                    hi,
-                    body,
-                }
+                Node::Red { op: *op, slot, lo, hi, body }
             }
         }
     }
@@ -238,13 +186,7 @@ impl Machine<'_> {
                 for (axis, (x, &len)) in idx.iter().zip(&st.shape).enumerate() {
                     let i = self.eval(x, env, cx)?.i();
                     if i < 0 || i as usize >= len {
-                        return Err(RefError::OutOfBounds {
-                            context: cx.to_string(),
-                            tensor: st.name.clone(),
-                            axis,
-                            index: i,
-                            len,
-                        });
+                        return Err(RefError::OutOfBounds { context: cx.to_string(), tensor: st.name.clone(), axis, index: i, len });
                     }
                     flat = flat * len + i as usize;
                 }
@@ -273,11 +215,7 @@ impl Machine<'_> {
                         BinOp::Add => V::I(x.wrapping_add(y)),
                         BinOp::Sub => V::I(x.wrapping_sub(y)),
                         BinOp::Mul => V::I(x.wrapping_mul(y)),
-                        BinOp::FloorDiv | BinOp::Mod if y == 0 => {
-                            return Err(RefError::DivByZero {
-                                context: cx.to_string(),
-                            })
-                        }
+                        BinOp::FloorDiv | BinOp::Mod if y == 0 => return Err(RefError::DivByZero { context: cx.to_string() }),
                         BinOp::FloorDiv => V::I(floor_div(x, y)),
                         BinOp::Mod => V::I(floor_mod(x, y)),
                         BinOp::Min => V::I(x.min(y)),
@@ -317,13 +255,7 @@ impl Machine<'_> {
                     self.eval(b, env, cx)?
                 }
             }
-            Node::Red {
-                op,
-                slot,
-                lo,
-                hi,
-                body,
-            } => {
+            Node::Red { op, slot, lo, hi, body } => {
                 let (lo, hi) = (self.eval(lo, env, cx)?.i(), self.eval(hi, env, cx)?.i());
                 if env.len() <= *slot {
                     env.resize(*slot + 1, V::I(0));
@@ -404,63 +336,33 @@ fn scope_fixed() -> Vec<String> {
 
 /// Runs a verified kernel on named inputs. Shapes bind the dims; `explicit` may give dims
 /// that no input carries.
-pub fn run(
-    k: &Kernel,
-    _info: &KernelInfo,
-    inputs: &BTreeMap<String, Tensor>,
-    explicit: &BTreeMap<String, i64>,
-) -> Result<Tensor, RefError> {
-    let shapes = inputs
-        .iter()
-        .map(|(n, t)| (n.clone(), t.shape.clone()))
-        .collect();
+pub fn run(k: &Kernel, _info: &KernelInfo, inputs: &BTreeMap<String, Tensor>, explicit: &BTreeMap<String, i64>) -> Result<Tensor, RefError> {
+    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
     let dims = bind(k, &shapes, explicit)?;
     run_bound(k, &dims, inputs)
 }
 
 /// Runs a verified kernel whose dims are already bound (shapes checked by [`bind`]).
-pub fn run_bound(
-    k: &Kernel,
-    dims: &Bindings,
-    inputs: &BTreeMap<String, Tensor>,
-) -> Result<Tensor, RefError> {
+pub fn run_bound(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, RefError> {
     let m = machine(k, dims, inputs)?;
     attend(k, &m)
 }
 
 /// Inputs plus every derived tensor, materialized.
-fn machine<'a>(
-    k: &Kernel,
-    dims: &'a Bindings,
-    inputs: &BTreeMap<String, Tensor>,
-) -> Result<Machine<'a>, RefError> {
-    let mut m = Machine {
-        dims,
-        tensors: Vec::new(),
-        names: BTreeMap::new(),
-    };
+fn machine<'a>(k: &Kernel, dims: &'a Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Machine<'a>, RefError> {
+    let mut m = Machine { dims, tensors: Vec::new(), names: BTreeMap::new() };
     for t in &k.tensors {
         match &t.kind {
             TensorKind::Input => {
                 let src = &inputs[&t.name];
                 m.names.insert(t.name.clone(), m.tensors.len());
-                m.tensors.push(Store {
-                    name: t.name.clone(),
-                    shape: src.shape.clone(),
-                    data: src.data.clone(),
-                    is_int: t.dtype.is_int(),
-                });
+                m.tensors.push(Store { name: t.name.clone(), shape: src.shape.clone(), data: src.data.clone(), is_int: t.dtype.is_int() });
             }
             TensorKind::Derived { vars, def } => {
                 let shape = dims.shape(t);
                 let data = derive(&m, &t.name, vars, def, &shape)?;
                 m.names.insert(t.name.clone(), m.tensors.len());
-                m.tensors.push(Store {
-                    name: t.name.clone(),
-                    shape,
-                    data,
-                    is_int: t.dtype.is_int(),
-                });
+                m.tensors.push(Store { name: t.name.clone(), shape, data, is_int: t.dtype.is_int() });
             }
             TensorKind::Output => {}
         }
@@ -484,14 +386,8 @@ pub struct ExprEval<'a> {
 }
 
 impl<'a> ExprEval<'a> {
-    pub fn new(
-        k: &Kernel,
-        dims: &'a Bindings,
-        inputs: &BTreeMap<String, Tensor>,
-    ) -> Result<ExprEval<'a>, RefError> {
-        Ok(ExprEval {
-            m: machine(k, dims, inputs)?,
-        })
+    pub fn new(k: &Kernel, dims: &'a Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<ExprEval<'a>, RefError> {
+        Ok(ExprEval { m: machine(k, dims, inputs)? })
     }
 
     pub fn eval(&self, e: &Expr, vars: &[(&str, Scalar)]) -> Result<Scalar, RefError> {
@@ -514,24 +410,12 @@ impl<'a> ExprEval<'a> {
 }
 
 /// One-off [`ExprEval::eval`].
-pub fn eval_expr(
-    k: &Kernel,
-    dims: &Bindings,
-    inputs: &BTreeMap<String, Tensor>,
-    e: &Expr,
-    vars: &[(&str, Scalar)],
-) -> Result<Scalar, RefError> {
+pub fn eval_expr(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, e: &Expr, vars: &[(&str, Scalar)]) -> Result<Scalar, RefError> {
     ExprEval::new(k, dims, inputs)?.eval(e, vars)
 }
 
 /// Materializes a derived tensor in row-major order.
-fn derive(
-    m: &Machine,
-    name: &str,
-    vars: &[String],
-    def: &TensorDef,
-    shape: &[usize],
-) -> Result<Vec<f64>, RefError> {
+fn derive(m: &Machine, name: &str, vars: &[String], def: &TensorDef, shape: &[usize]) -> Result<Vec<f64>, RefError> {
     let mut scope: Vec<String> = vars.to_vec();
     let (body, scan) = match def {
         TensorDef::Map(e) => (e, None),
@@ -542,9 +426,7 @@ fn derive(
     let mut data = vec![0.0; total];
     let mut env = vec![V::I(0); vars.len()];
     let cx = format!("tensor `{name}`");
-    let strides: Vec<usize> = (0..shape.len())
-        .map(|a| shape[a + 1..].iter().product())
-        .collect();
+    let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
     for flat in 0..total {
         let mut rem = flat;
         for (a, st) in strides.iter().enumerate() {
@@ -566,31 +448,13 @@ fn derive(
 
 fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
     let d = m.dims;
-    let (nb, nh, ni, nj, ne) = (
-        d.extent(&k.iter.b),
-        d.extent(&k.iter.h),
-        d.extent(&k.iter.i),
-        d.extent(&k.iter.j),
-        d.extent(&k.iter.e),
-    );
+    let (nb, nh, ni, nj, ne) = (d.extent(&k.iter.b), d.extent(&k.iter.h), d.extent(&k.iter.i), d.extent(&k.iter.j), d.extent(&k.iter.e));
     let out_decl = k.output();
     let out_shape = d.shape(out_decl);
     let mut out = Tensor::zeros(out_shape.clone());
-    let strides: Vec<usize> = (0..out_shape.len())
-        .map(|a| out_shape[a + 1..].iter().product())
-        .collect();
-    let axis_of = |v: &str| {
-        k.out
-            .iter()
-            .position(|x| x == v)
-            .expect("verified: out lists b h i e")
-    };
-    let (sb, sh, si, se) = (
-        strides[axis_of("b")],
-        strides[axis_of("h")],
-        strides[axis_of("i")],
-        strides[axis_of("e")],
-    );
+    let strides: Vec<usize> = (0..out_shape.len()).map(|a| out_shape[a + 1..].iter().product()).collect();
+    let axis_of = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
+    let (sb, sh, si, se) = (strides[axis_of("b")], strides[axis_of("h")], strides[axis_of("i")], strides[axis_of("e")]);
 
     struct B {
         score: Node,

@@ -28,13 +28,7 @@ impl fmt::Display for Expr {
             Expr::Unary(op, a) => write!(f, "({op} {a})"),
             Expr::Binary(op, a, b) => write!(f, "({op} {a} {b})"),
             Expr::Select(c, a, b) => write!(f, "(select {c} {a} {b})"),
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => write!(f, "(reduce {op} {var} {lo} {hi} {body})"),
+            Expr::Reduce { op, var, lo, hi, body } => write!(f, "(reduce {op} {var} {lo} {hi} {body})"),
         }
     }
 }
@@ -72,11 +66,7 @@ impl fmt::Display for Kernel {
             }
         }
         let it = &self.iter;
-        writeln!(
-            s,
-            "  (iter (b {}) (h {}) (i {}) (j {}) (e {}))",
-            it.b, it.h, it.i, it.j, it.e
-        )?;
+        writeln!(s, "  (iter (b {}) (h {}) (i {}) (j {}) (e {}))", it.b, it.h, it.i, it.j, it.e)?;
         writeln!(s, "  (value {})", self.value)?;
         writeln!(s, "  (out {})", self.out.join(" "))?;
         for br in &self.branches {
@@ -146,10 +136,7 @@ impl Sx {
 }
 
 fn err<T>(pos: usize, message: impl Into<String>) -> Result<T, ParseError> {
-    Err(ParseError {
-        pos,
-        message: message.into(),
-    })
+    Err(ParseError { pos, message: message.into() })
 }
 
 fn read_sx(src: &str) -> Result<Vec<Sx>, ParseError> {
@@ -169,33 +156,18 @@ fn read_sx(src: &str) -> Result<Vec<Sx>, ParseError> {
             '(' | '[' => stack.push((Vec::new(), i, c)),
             ')' | ']' => {
                 let want = if c == ')' { '(' } else { '[' };
-                let (items, start, open) =
-                    stack
-                        .pop()
-                        .filter(|_| !stack.is_empty())
-                        .ok_or(ParseError {
-                            pos: i,
-                            message: format!("unmatched `{c}`"),
-                        })?;
+                let (items, start, open) = stack.pop().filter(|_| !stack.is_empty()).ok_or(ParseError { pos: i, message: format!("unmatched `{c}`") })?;
                 if open != want {
                     return err(i, format!("`{c}` closes `{open}` opened at byte {start}"));
                 }
-                stack
-                    .last_mut()
-                    .expect("stack keeps its root")
-                    .0
-                    .push(Sx::List(items, start, open));
+                stack.last_mut().expect("stack keeps its root").0.push(Sx::List(items, start, open));
             }
             _ => {
                 let start = i;
                 while i < bytes.len() && !b"()[]; \t\r\n".contains(&bytes[i]) {
                     i += 1;
                 }
-                stack
-                    .last_mut()
-                    .expect("stack keeps its root")
-                    .0
-                    .push(Sx::Atom(src[start..i].to_string(), start));
+                stack.last_mut().expect("stack keeps its root").0.push(Sx::Atom(src[start..i].to_string(), start));
                 continue;
             }
         }
@@ -243,10 +215,7 @@ fn head(sx: &Sx) -> Option<&str> {
 
 fn arity(items: &[Sx], n: usize, pos: usize, what: &str) -> Result<(), ParseError> {
     if items.len() != n {
-        return err(
-            pos,
-            format!("`{what}` takes {n} operand(s), found {}", items.len()),
-        );
+        return err(pos, format!("`{what}` takes {n} operand(s), found {}", items.len()));
     }
     Ok(())
 }
@@ -261,13 +230,9 @@ fn is_name(s: &str) -> bool {
 fn parse_number(a: &str, pos: usize) -> Result<Expr, ParseError> {
     let floaty = a.contains(['.', 'e', 'E']) || a.contains("inf") || a.contains("NaN");
     if floaty {
-        a.parse::<f64>()
-            .map(Expr::float)
-            .or_else(|_| err(pos, format!("bad float `{a}`")))
+        a.parse::<f64>().map(Expr::float).or_else(|_| err(pos, format!("bad float `{a}`")))
     } else {
-        a.parse::<i64>()
-            .map(Expr::Int)
-            .or_else(|_| err(pos, format!("bad integer `{a}`")))
+        a.parse::<i64>().map(Expr::Int).or_else(|_| err(pos, format!("bad integer `{a}`")))
     }
 }
 
@@ -290,37 +255,21 @@ fn parse_expr_sx(sx: &Sx) -> Result<Expr, ParseError> {
         }
         Sx::List(items, pos, '(') => {
             let pos = *pos;
-            let op = items.first().map(atom).transpose()?.ok_or(ParseError {
-                pos,
-                message: "empty list".into(),
-            })?;
+            let op = items.first().map(atom).transpose()?.ok_or(ParseError { pos, message: "empty list".into() })?;
             let args = &items[1..];
             match op {
                 "load" => {
-                    let t = args.first().map(atom).transpose()?.ok_or(ParseError {
-                        pos,
-                        message: "`load` needs a tensor".into(),
-                    })?;
-                    let idx = args[1..]
-                        .iter()
-                        .map(parse_expr_sx)
-                        .collect::<Result<_, _>>()?;
+                    let t = args.first().map(atom).transpose()?.ok_or(ParseError { pos, message: "`load` needs a tensor".into() })?;
+                    let idx = args[1..].iter().map(parse_expr_sx).collect::<Result<_, _>>()?;
                     Ok(Expr::Load(t.to_string(), idx))
                 }
                 "select" => {
                     arity(args, 3, pos, op)?;
-                    Ok(Expr::select(
-                        parse_expr_sx(&args[0])?,
-                        parse_expr_sx(&args[1])?,
-                        parse_expr_sx(&args[2])?,
-                    ))
+                    Ok(Expr::select(parse_expr_sx(&args[0])?, parse_expr_sx(&args[1])?, parse_expr_sx(&args[2])?))
                 }
                 "reduce" => {
                     arity(args, 5, pos, op)?;
-                    let rop = RedOp::from_text(atom(&args[0])?).ok_or(ParseError {
-                        pos,
-                        message: "unknown reduction".into(),
-                    })?;
+                    let rop = RedOp::from_text(atom(&args[0])?).ok_or(ParseError { pos, message: "unknown reduction".into() })?;
                     let var = atom(&args[1])?;
                     if !is_name(var) {
                         return err(args[1].pos(), format!("bad variable name `{var}`"));
@@ -339,11 +288,7 @@ fn parse_expr_sx(sx: &Sx) -> Result<Expr, ParseError> {
                         Ok(Expr::un(u, parse_expr_sx(&args[0])?))
                     } else if let Some(b) = BinOp::from_text(op) {
                         arity(args, 2, pos, op)?;
-                        Ok(Expr::bin(
-                            b,
-                            parse_expr_sx(&args[0])?,
-                            parse_expr_sx(&args[1])?,
-                        ))
+                        Ok(Expr::bin(b, parse_expr_sx(&args[0])?, parse_expr_sx(&args[1])?))
                     } else {
                         err(pos, format!("unknown operator `{op}`"))
                     }
@@ -359,9 +304,7 @@ fn parse_extent(sx: &Sx) -> Result<Extent, ParseError> {
     if is_name(a) {
         Ok(Extent::Dim(a.to_string()))
     } else {
-        a.parse::<i64>()
-            .map(Extent::Fixed)
-            .or_else(|_| err(sx.pos(), format!("bad extent `{a}`")))
+        a.parse::<i64>().map(Extent::Fixed).or_else(|_| err(sx.pos(), format!("bad extent `{a}`")))
     }
 }
 
@@ -371,10 +314,7 @@ fn parse_tensor_head(args: &[Sx], pos: usize) -> Result<(String, DType, Vec<Exte
     }
     let name = atom(&args[0])?.to_string();
     let dt = atom(&args[1])?;
-    let dtype = DType::from_name(dt).ok_or(ParseError {
-        pos: args[1].pos(),
-        message: format!("unknown dtype `{dt}`"),
-    })?;
+    let dtype = DType::from_name(dt).ok_or(ParseError { pos: args[1].pos(), message: format!("unknown dtype `{dt}`") })?;
     let shape = match &args[2] {
         Sx::List(items, _, '[') => items.iter().map(parse_extent).collect::<Result<_, _>>()?,
         other => return err(other.pos(), "expected `[EXTENTS]`"),
@@ -388,13 +328,9 @@ fn parse_one(args: &[Sx], pos: usize, what: &str) -> Result<Expr, ParseError> {
 }
 
 fn parse_branch(items: &[Sx], pos: usize) -> Result<Branch, ParseError> {
-    let (mut score, mut bias, mut mask, mut norm, mut decay, mut weight) =
-        (None, None, None, None, None, None);
+    let (mut score, mut bias, mut mask, mut norm, mut decay, mut weight) = (None, None, None, None, None, None);
     for it in items {
-        let h = head(it).ok_or(ParseError {
-            pos: it.pos(),
-            message: "expected a branch clause".into(),
-        })?;
+        let h = head(it).ok_or(ParseError { pos: it.pos(), message: "expected a branch clause".into() })?;
         let args = &list(it)?[1..];
         let p = it.pos();
         let slot = match h {
@@ -412,12 +348,8 @@ fn parse_branch(items: &[Sx], pos: usize) -> Result<Branch, ParseError> {
                         let (mut sink, mut post) = (None, None);
                         for a in nargs {
                             match head(a) {
-                                Some("sink") => {
-                                    sink = Some(parse_one(&list(a)?[1..], a.pos(), "sink")?)
-                                }
-                                Some("post") => {
-                                    post = Some(parse_one(&list(a)?[1..], a.pos(), "post")?)
-                                }
+                                Some("sink") => sink = Some(parse_one(&list(a)?[1..], a.pos(), "sink")?),
+                                Some("post") => post = Some(parse_one(&list(a)?[1..], a.pos(), "post")?),
                                 _ => return err(a.pos(), "expected `(sink E)` or `(post E)`"),
                             }
                         }
@@ -428,12 +360,7 @@ fn parse_branch(items: &[Sx], pos: usize) -> Result<Branch, ParseError> {
                         Expr::Float(eps) => Norm::Linear { eps },
                         _ => return err(n.pos(), "`linear` takes a float epsilon"),
                     },
-                    _ => {
-                        return err(
-                            n.pos(),
-                            "expected `(softmax ...)`, `(map E)` or `(linear EPS)`",
-                        )
-                    }
+                    _ => return err(n.pos(), "expected `(softmax ...)`, `(map E)` or `(linear EPS)`"),
                 });
                 continue;
             }
@@ -445,16 +372,10 @@ fn parse_branch(items: &[Sx], pos: usize) -> Result<Branch, ParseError> {
         *slot = Some(parse_one(args, p, h)?);
     }
     Ok(Branch {
-        score: score.ok_or(ParseError {
-            pos,
-            message: "branch has no `score`".into(),
-        })?,
+        score: score.ok_or(ParseError { pos, message: "branch has no `score`".into() })?,
         bias,
         mask,
-        norm: norm.ok_or(ParseError {
-            pos,
-            message: "branch has no `norm`".into(),
-        })?,
+        norm: norm.ok_or(ParseError { pos, message: "branch has no `norm`".into() })?,
         decay,
         weight,
     })
@@ -464,28 +385,16 @@ fn parse_branch(items: &[Sx], pos: usize) -> Result<Branch, ParseError> {
 pub fn parse_kernel(src: &str) -> Result<Kernel, ParseError> {
     let top = read_sx(src)?;
     let [root] = top.as_slice() else {
-        return err(
-            top.get(1).map_or(0, Sx::pos),
-            "expected exactly one `(kernel ...)`",
-        );
+        return err(top.get(1).map_or(0, Sx::pos), "expected exactly one `(kernel ...)`");
     };
     let items = tagged(root, "kernel")?;
-    let name = items.first().map(atom).transpose()?.ok_or(ParseError {
-        pos: root.pos(),
-        message: "kernel needs a name".into(),
-    })?;
+    let name = items.first().map(atom).transpose()?.ok_or(ParseError { pos: root.pos(), message: "kernel needs a name".into() })?;
     let mut k = Kernel {
         name: name.to_string(),
         dims: vec![],
         tensors: vec![],
         requires: vec![],
-        iter: Iter {
-            b: Extent::Fixed(1),
-            h: Extent::Fixed(1),
-            i: Extent::Fixed(1),
-            j: Extent::Fixed(1),
-            e: Extent::Fixed(1),
-        },
+        iter: Iter { b: Extent::Fixed(1), h: Extent::Fixed(1), i: Extent::Fixed(1), j: Extent::Fixed(1), e: Extent::Fixed(1) },
         value: Expr::float(0.0),
         out: vec![],
         branches: vec![],
@@ -493,73 +402,42 @@ pub fn parse_kernel(src: &str) -> Result<Kernel, ParseError> {
     };
     let (mut saw_iter, mut saw_value, mut saw_out) = (false, false, false);
     for it in &items[1..] {
-        let h = head(it).ok_or(ParseError {
-            pos: it.pos(),
-            message: "expected a kernel clause".into(),
-        })?;
+        let h = head(it).ok_or(ParseError { pos: it.pos(), message: "expected a kernel clause".into() })?;
         let args = &list(it)?[1..];
         let p = it.pos();
         match h {
             "dim" => {
-                let n = args.first().map(atom).transpose()?.ok_or(ParseError {
-                    pos: p,
-                    message: "`dim` needs a name".into(),
-                })?;
+                let n = args.first().map(atom).transpose()?.ok_or(ParseError { pos: p, message: "`dim` needs a name".into() })?;
                 let def = match args.len() {
                     1 => None,
                     2 => Some(parse_expr_sx(&args[1])?),
                     _ => return err(p, "`dim` takes a name and an optional definition"),
                 };
-                k.dims.push(DimDecl {
-                    name: n.to_string(),
-                    def,
-                });
+                k.dims.push(DimDecl { name: n.to_string(), def });
             }
             "require" => k.requires.push(parse_one(args, p, h)?),
             "input" | "output" => {
                 arity(args, 3, p, h)?;
                 let (name, dtype, shape) = parse_tensor_head(args, p)?;
-                let kind = if h == "input" {
-                    TensorKind::Input
-                } else {
-                    TensorKind::Output
-                };
-                k.tensors.push(TensorDecl {
-                    name,
-                    dtype,
-                    shape,
-                    kind,
-                });
+                let kind = if h == "input" { TensorKind::Input } else { TensorKind::Output };
+                k.tensors.push(TensorDecl { name, dtype, shape, kind });
             }
             "tensor" => {
                 arity(args, 5, p, h)?;
                 let (name, dtype, shape) = parse_tensor_head(args, p)?;
-                let vars = list(&args[3])?
-                    .iter()
-                    .map(|v| atom(v).map(str::to_string))
-                    .collect::<Result<_, _>>()?;
+                let vars = list(&args[3])?.iter().map(|v| atom(v).map(str::to_string)).collect::<Result<_, _>>()?;
                 let d = &args[4];
                 let dargs = &list(d)?[1..];
                 let def = match head(d) {
                     Some("map") => TensorDef::Map(parse_one(dargs, d.pos(), "map")?),
                     Some("cumsum") => {
                         arity(dargs, 2, d.pos(), "cumsum")?;
-                        let axis = atom(&dargs[0])?
-                            .parse::<usize>()
-                            .or_else(|_| err(dargs[0].pos(), "bad axis"))?;
-                        TensorDef::Cumsum {
-                            axis,
-                            body: parse_expr_sx(&dargs[1])?,
-                        }
+                        let axis = atom(&dargs[0])?.parse::<usize>().or_else(|_| err(dargs[0].pos(), "bad axis"))?;
+                        TensorDef::Cumsum { axis, body: parse_expr_sx(&dargs[1])? }
                     }
                     _ => return err(d.pos(), "expected `(map E)` or `(cumsum AXIS E)`"),
                 };
-                k.tensors.push(TensorDecl {
-                    name,
-                    dtype,
-                    shape,
-                    kind: TensorKind::Derived { vars, def },
-                });
+                k.tensors.push(TensorDecl { name, dtype, shape, kind: TensorKind::Derived { vars, def } });
             }
             "iter" => {
                 arity(args, 5, p, h)?;
@@ -578,10 +456,7 @@ pub fn parse_kernel(src: &str) -> Result<Kernel, ParseError> {
                 saw_value = true;
             }
             "out" => {
-                k.out = args
-                    .iter()
-                    .map(|v| atom(v).map(str::to_string))
-                    .collect::<Result<_, _>>()?;
+                k.out = args.iter().map(|v| atom(v).map(str::to_string)).collect::<Result<_, _>>()?;
                 saw_out = true;
             }
             "branch" => k.branches.push(parse_branch(args, p)?),

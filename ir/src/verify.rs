@@ -33,13 +33,7 @@ pub struct Deps {
 impl Deps {
     pub fn of(e: &Expr) -> Deps {
         let fv = e.free_vars();
-        Deps {
-            b: fv.contains("b"),
-            h: fv.contains("h"),
-            i: fv.contains("i"),
-            j: fv.contains("j"),
-            e: fv.contains("e"),
-        }
+        Deps { b: fv.contains("b"), h: fv.contains("h"), i: fv.contains("i"), j: fv.contains("j"), e: fv.contains("e") }
     }
 }
 
@@ -75,11 +69,7 @@ struct Ctx<'k> {
 
 impl Ctx<'_> {
     fn fail<T>(&self, context: &str, message: impl Into<String>) -> Result<T, VerifyError> {
-        Err(VerifyError {
-            kernel: self.kernel.name.clone(),
-            context: context.to_string(),
-            message: message.into(),
-        })
+        Err(VerifyError { kernel: self.kernel.name.clone(), context: context.to_string(), message: message.into() })
     }
 
     /// Type of `e` where `vars` are the variables in scope (with their types).
@@ -100,18 +90,11 @@ impl Ctx<'_> {
             }
             Expr::Load(t, idx) => {
                 let Some(&(dtype, rank)) = self.readable.get(t) else {
-                    let why = if self.kernel.tensor(t).is_some() {
-                        "cannot be read here"
-                    } else {
-                        "is not declared"
-                    };
+                    let why = if self.kernel.tensor(t).is_some() { "cannot be read here" } else { "is not declared" };
                     return self.fail(cx, format!("tensor `{t}` {why}"));
                 };
                 if idx.len() != rank {
-                    return self.fail(
-                        cx,
-                        format!("`{t}` has {rank} axes but is indexed with {}", idx.len()),
-                    );
+                    return self.fail(cx, format!("`{t}` has {rank} axes but is indexed with {}", idx.len()));
                 }
                 for (n, x) in idx.iter().enumerate() {
                     let it = self.ty(x, vars, cx)?;
@@ -137,15 +120,10 @@ impl Ctx<'_> {
             Expr::Binary(op, a, b) => {
                 let (ta, tb) = (self.ty(a, vars, cx)?, self.ty(b, vars, cx)?);
                 if ta != tb {
-                    return self.fail(
-                        cx,
-                        format!("`{op}` has operands of two types, {ta} and {tb}"),
-                    );
+                    return self.fail(cx, format!("`{op}` has operands of two types, {ta} and {tb}"));
                 }
                 let ok = match op {
-                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Min | BinOp::Max => {
-                        ta != Ty::Bool
-                    }
+                    BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Min | BinOp::Max => ta != Ty::Bool,
                     BinOp::Div | BinOp::Pow => ta == Ty::Float,
                     BinOp::FloorDiv | BinOp::Mod => ta == Ty::Int,
                     BinOp::Eq | BinOp::Ne => true,
@@ -171,26 +149,14 @@ impl Ctx<'_> {
                 }
                 ta
             }
-            Expr::Reduce {
-                op,
-                var,
-                lo,
-                hi,
-                body,
-            } => {
+            Expr::Reduce { op, var, lo, hi, body } => {
                 for bound in [lo, hi] {
                     if self.ty(bound, vars, cx)? != Ty::Int {
-                        return self
-                            .fail(cx, format!("bound of reduction over `{var}` is not int"));
+                        return self.fail(cx, format!("bound of reduction over `{var}` is not int"));
                     }
                 }
-                if crate::kernel::ITER_VARS.contains(&var.as_str())
-                    || vars.iter().any(|(n, _)| n == var)
-                {
-                    return self.fail(
-                        cx,
-                        format!("reduction variable `{var}` shadows a variable in scope"),
-                    );
+                if crate::kernel::ITER_VARS.contains(&var.as_str()) || vars.iter().any(|(n, _)| n == var) {
+                    return self.fail(cx, format!("reduction variable `{var}` shadows a variable in scope"));
                 }
                 vars.push((var.clone(), Ty::Int));
                 let t = self.ty(body, vars, cx);
@@ -220,8 +186,7 @@ impl Ctx<'_> {
 
 fn is_ident(s: &str) -> bool {
     let mut c = s.chars();
-    matches!(c.next(), Some(x) if x.is_ascii_alphabetic() || x == '_')
-        && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
+    matches!(c.next(), Some(x) if x.is_ascii_alphabetic() || x == '_') && c.all(|x| x.is_ascii_alphanumeric() || x == '_')
 }
 
 const I: Ty = Ty::Int;
@@ -229,11 +194,7 @@ const F: Ty = Ty::Float;
 
 /// Checks a kernel and returns the facts backends need.
 pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
-    let mut cx = Ctx {
-        kernel: k,
-        dims: BTreeSet::new(),
-        readable: BTreeMap::new(),
-    };
+    let mut cx = Ctx { kernel: k, dims: BTreeSet::new(), readable: BTreeMap::new() };
     let mut free_dims = Vec::new();
     let mut derived_dims = Vec::new();
     if !is_ident(&k.name) {
@@ -241,10 +202,7 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
     }
     for d in &k.dims {
         if !is_ident(&d.name) || cx.dims.contains(&d.name) {
-            return cx.fail(
-                "dims",
-                format!("dim `{}` is declared twice or is not an identifier", d.name),
-            );
+            return cx.fail("dims", format!("dim `{}` is declared twice or is not an identifier", d.name));
         }
         match &d.def {
             None => free_dims.push(d.name.clone()),
@@ -260,12 +218,8 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
     }
     let check_extent = |cx: &Ctx, ext: &Extent, what: &str| -> Result<(), VerifyError> {
         match ext {
-            Extent::Dim(d) if !cx.dims.contains(d) => {
-                cx.fail(what, format!("extent `{d}` is not a declared dim"))
-            }
-            Extent::Fixed(n) if *n < 1 => {
-                cx.fail(what, format!("fixed extent {n} is not positive"))
-            }
+            Extent::Dim(d) if !cx.dims.contains(d) => cx.fail(what, format!("extent `{d}` is not a declared dim")),
+            Extent::Fixed(n) if *n < 1 => cx.fail(what, format!("fixed extent {n} is not positive")),
             _ => Ok(()),
         }
     };
@@ -289,10 +243,7 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
             }
             TensorKind::Derived { vars, def } => {
                 if vars.len() != t.shape.len() {
-                    return cx.fail(
-                        &what,
-                        format!("{} index variables for {} axes", vars.len(), t.shape.len()),
-                    );
+                    return cx.fail(&what, format!("{} index variables for {} axes", vars.len(), t.shape.len()));
                 }
                 let uniq: BTreeSet<_> = vars.iter().collect();
                 if uniq.len() != vars.len() || vars.iter().any(|v| !is_ident(v)) {
@@ -319,10 +270,7 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
         }
     }
     if outputs != 1 {
-        return cx.fail(
-            "tensors",
-            format!("a kernel has exactly one output, found {outputs}"),
-        );
+        return cx.fail("tensors", format!("a kernel has exactly one output, found {outputs}"));
     }
     let out_t = k.output();
     for v in ITER_VARS {
@@ -331,45 +279,21 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
     // The output is indexed by a permutation of b h i e whose extents match `iter`.
     let mut out_axis = BTreeMap::new();
     if k.out.len() != out_t.shape.len() {
-        return cx.fail(
-            "out",
-            format!(
-                "`out` lists {} indices for {} axes of `{}`",
-                k.out.len(),
-                out_t.shape.len(),
-                out_t.name
-            ),
-        );
+        return cx.fail("out", format!("`out` lists {} indices for {} axes of `{}`", k.out.len(), out_t.shape.len(), out_t.name));
     }
     for (axis, v) in k.out.iter().enumerate() {
-        if !["b", "h", "i", "e"].contains(&v.as_str()) || out_axis.insert(v.clone(), axis).is_some()
-        {
-            return cx.fail(
-                "out",
-                format!("`{v}` is not one of b h i e, or appears twice"),
-            );
+        if !["b", "h", "i", "e"].contains(&v.as_str()) || out_axis.insert(v.clone(), axis).is_some() {
+            return cx.fail("out", format!("`{v}` is not one of b h i e, or appears twice"));
         }
         if k.iter.get(v) != Some(&out_t.shape[axis]) {
-            return cx.fail(
-                "out",
-                format!(
-                    "axis {axis} of `{}` is {} but `{v}` ranges over {}",
-                    out_t.name,
-                    out_t.shape[axis],
-                    k.iter.get(v).expect("iter var")
-                ),
-            );
+            return cx
+                .fail("out", format!("axis {axis} of `{}` is {} but `{v}` ranges over {}", out_t.name, out_t.shape[axis], k.iter.get(v).expect("iter var")));
         }
     }
     if out_axis.len() != 4 {
         return cx.fail("out", "`out` must use each of b h i e once");
     }
-    cx.expect(
-        &k.value,
-        &[("b", I), ("h", I), ("j", I), ("e", I)],
-        F,
-        "value",
-    )?;
+    cx.expect(&k.value, &[("b", I), ("h", I), ("j", I), ("e", I)], F, "value")?;
     if k.branches.is_empty() {
         return cx.fail("branches", "a kernel has at least one branch");
     }
@@ -424,11 +348,5 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
         cx.expect(g, &[("b", I), ("h", I), ("i", I), ("e", I)], F, "gate")?;
     }
     let masked = k.branches.iter().any(|b| b.mask.is_some());
-    Ok(KernelInfo {
-        free_dims,
-        derived_dims,
-        out_axis,
-        branch_deps,
-        masked,
-    })
+    Ok(KernelInfo { free_dims, derived_dims, out_axis, branch_deps, masked })
 }

@@ -32,49 +32,23 @@ impl Iv {
     }
     pub fn fpoint(x: f64) -> Iv {
         if x.is_nan() {
-            Iv::Float {
-                lo: f64::INFINITY,
-                hi: f64::NEG_INFINITY,
-                nan: true,
-            }
+            Iv::Float { lo: f64::INFINITY, hi: f64::NEG_INFINITY, nan: true }
         } else {
-            Iv::Float {
-                lo: x,
-                hi: x,
-                nan: false,
-            }
+            Iv::Float { lo: x, hi: x, nan: false }
         }
     }
     pub fn bool(b: bool) -> Iv {
         Iv::Bool { f: !b, t: b }
     }
     const ANY_BOOL: Iv = Iv::Bool { f: true, t: true };
-    const ANY_FLOAT: Iv = Iv::Float {
-        lo: f64::NEG_INFINITY,
-        hi: f64::INFINITY,
-        nan: true,
-    };
+    const ANY_FLOAT: Iv = Iv::Float { lo: f64::NEG_INFINITY, hi: f64::INFINITY, nan: true };
 
     /// The least interval containing both.
     pub fn join(self, o: Iv) -> Iv {
         match (self, o) {
             (Iv::Int(a, b), Iv::Int(c, d)) => Iv::Int(a.min(c), b.max(d)),
-            (
-                Iv::Float { lo, hi, nan },
-                Iv::Float {
-                    lo: l2,
-                    hi: h2,
-                    nan: n2,
-                },
-            ) => Iv::Float {
-                lo: lo.min(l2),
-                hi: hi.max(h2),
-                nan: nan || n2,
-            },
-            (Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => Iv::Bool {
-                f: f || f2,
-                t: t || t2,
-            },
+            (Iv::Float { lo, hi, nan }, Iv::Float { lo: l2, hi: h2, nan: n2 }) => Iv::Float { lo: lo.min(l2), hi: hi.max(h2), nan: nan || n2 },
+            (Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => Iv::Bool { f: f || f2, t: t || t2 },
             _ => Iv::Unknown,
         }
     }
@@ -115,10 +89,7 @@ fn int_bin(op: BinOp, (a, b): (i64, i64), (c, d): (i64, i64)) -> Iv {
         BinOp::Sub => Iv::Int(sat(a - d), sat(b - c)),
         BinOp::Mul => {
             let p = [a * c, a * d, b * c, b * d];
-            Iv::Int(
-                sat(*p.iter().min().expect("4")),
-                sat(*p.iter().max().expect("4")),
-            )
+            Iv::Int(sat(*p.iter().min().expect("4")), sat(*p.iter().max().expect("4")))
         }
         BinOp::Min => Iv::Int(sat(a.min(c)), sat(b.min(d))),
         BinOp::Max => Iv::Int(sat(a.max(c)), sat(b.max(d))),
@@ -160,54 +131,29 @@ fn float_bin(op: BinOp, x: (f64, f64, bool), y: (f64, f64, bool)) -> Iv {
         if lo.is_nan() || hi.is_nan() {
             Iv::ANY_FLOAT
         } else {
-            Iv::Float {
-                lo,
-                hi,
-                nan: nan || extra_nan,
-            }
+            Iv::Float { lo, hi, nan: nan || extra_nan }
         }
     };
-    if empty
-        && !matches!(
-            op,
-            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge
-        )
-    {
+    if empty && !matches!(op, BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge) {
         return Iv::ANY_FLOAT;
     }
     match op {
         // inf - inf and 0 * inf are NaN: widen to "may be NaN" when infinities are in range.
-        BinOp::Add => mk(
-            a + c,
-            b + d,
-            a.is_infinite() || b.is_infinite() || c.is_infinite() || d.is_infinite(),
-        ),
-        BinOp::Sub => mk(
-            a - d,
-            b - c,
-            a.is_infinite() || b.is_infinite() || c.is_infinite() || d.is_infinite(),
-        ),
+        BinOp::Add => mk(a + c, b + d, a.is_infinite() || b.is_infinite() || c.is_infinite() || d.is_infinite()),
+        BinOp::Sub => mk(a - d, b - c, a.is_infinite() || b.is_infinite() || c.is_infinite() || d.is_infinite()),
         BinOp::Mul => {
             let p = [a * c, a * d, b * c, b * d];
             if p.iter().any(|v| v.is_nan()) {
                 return Iv::ANY_FLOAT;
             }
-            mk(
-                p.iter().cloned().fold(f64::INFINITY, f64::min),
-                p.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-                false,
-            )
+            mk(p.iter().cloned().fold(f64::INFINITY, f64::min), p.iter().cloned().fold(f64::NEG_INFINITY, f64::max), false)
         }
         BinOp::Div if c > 0.0 || d < 0.0 => {
             let p = [a / c, a / d, b / c, b / d];
             if p.iter().any(|v| v.is_nan()) {
                 return Iv::ANY_FLOAT;
             }
-            mk(
-                p.iter().cloned().fold(f64::INFINITY, f64::min),
-                p.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
-                false,
-            )
+            mk(p.iter().cloned().fold(f64::INFINITY, f64::min), p.iter().cloned().fold(f64::NEG_INFINITY, f64::max), false)
         }
         BinOp::Pow if a == b && c == d && !nan => Iv::fpoint(a.powf(c)),
         BinOp::Min => mk(a.min(c), b.min(d), false),
@@ -244,22 +190,13 @@ fn float_parts(v: Iv) -> Option<(f64, f64, bool)> {
 }
 
 /// Evaluates `e` abstractly. `vars` gives a range for each free variable; `dims` the sizes.
-pub fn eval(
-    e: &Expr,
-    vars: &mut Vec<(String, Iv)>,
-    dims: &BTreeMap<String, i64>,
-    data: &dyn LoadOracle,
-) -> Iv {
+pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>, data: &dyn LoadOracle) -> Iv {
     let rec = |x: &Expr, vars: &mut Vec<(String, Iv)>| eval(x, vars, dims, data);
     match e {
         Expr::Int(n) => Iv::point(*n),
         Expr::Float(x) => Iv::fpoint(x.0),
         Expr::Bool(b) => Iv::bool(*b),
-        Expr::Var(v) => vars
-            .iter()
-            .rev()
-            .find(|(n, _)| n == v)
-            .map_or(Iv::Unknown, |(_, iv)| *iv),
+        Expr::Var(v) => vars.iter().rev().find(|(n, _)| n == v).map_or(Iv::Unknown, |(_, iv)| *iv),
         Expr::Dim(d) => dims.get(d).map_or(Iv::Unknown, |v| Iv::point(*v)),
         Expr::Load(t, idx) => {
             let ix: Vec<Iv> = idx.iter().map(|x| rec(x, vars)).collect();
@@ -270,11 +207,7 @@ pub fn eval(
             match (op, v) {
                 (UnOp::Not, Iv::Bool { f, t }) => Iv::Bool { f: t, t: f },
                 (UnOp::Neg, Iv::Int(a, b)) => Iv::Int(sat(-(b as i128)), sat(-(a as i128))),
-                (UnOp::Neg, Iv::Float { lo, hi, nan }) => Iv::Float {
-                    lo: -hi,
-                    hi: -lo,
-                    nan,
-                },
+                (UnOp::Neg, Iv::Float { lo, hi, nan }) => Iv::Float { lo: -hi, hi: -lo, nan },
                 (UnOp::Abs, Iv::Int(a, b)) => {
                     if a >= 0 {
                         Iv::Int(a, b)
@@ -284,18 +217,10 @@ pub fn eval(
                         Iv::Int(0, sat((-(a as i128)).max(b as i128)))
                     }
                 }
-                (UnOp::ToFloat, Iv::Int(a, b)) => Iv::Float {
-                    lo: a as f64,
-                    hi: b as f64,
-                    nan: false,
-                },
+                (UnOp::ToFloat, Iv::Int(a, b)) => Iv::Float { lo: a as f64, hi: b as f64, nan: false },
                 (UnOp::Exp | UnOp::Tanh | UnOp::Sigmoid, Iv::Float { lo, hi, nan }) if lo <= hi => {
                     let f = attnc_ir::reference::unary_f64;
-                    Iv::Float {
-                        lo: f(*op, lo),
-                        hi: f(*op, hi),
-                        nan,
-                    }
+                    Iv::Float { lo: f(*op, lo), hi: f(*op, hi), nan }
                 }
                 (_, Iv::Float { .. }) => Iv::ANY_FLOAT,
                 _ => Iv::Unknown,
@@ -306,36 +231,18 @@ pub fn eval(
             match (x, y) {
                 (Iv::Int(a, b), Iv::Int(c, d)) => int_bin(*op, (a, b), (c, d)),
                 (Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => match op {
-                    BinOp::And => Iv::Bool {
-                        f: f || f2,
-                        t: t && t2,
-                    },
-                    BinOp::Or => Iv::Bool {
-                        f: f && f2,
-                        t: t || t2,
-                    },
+                    BinOp::And => Iv::Bool { f: f || f2, t: t && t2 },
+                    BinOp::Or => Iv::Bool { f: f && f2, t: t || t2 },
                     BinOp::Eq | BinOp::Ne => match (x.known_bool(), y.known_bool()) {
                         (Some(p), Some(q)) => Iv::bool((p == q) == (*op == BinOp::Eq)),
                         _ => Iv::ANY_BOOL,
                     },
                     _ => Iv::Unknown,
                 },
-                (Iv::Float { .. }, Iv::Float { .. }) => float_bin(
-                    *op,
-                    float_parts(x).expect("float"),
-                    float_parts(y).expect("float"),
-                ),
+                (Iv::Float { .. }, Iv::Float { .. }) => float_bin(*op, float_parts(x).expect("float"), float_parts(y).expect("float")),
                 // Short-circuit facts survive one unknown side.
-                (Iv::Bool { f: false, t: true }, _) | (_, Iv::Bool { f: false, t: true })
-                    if *op == BinOp::Or =>
-                {
-                    Iv::bool(true)
-                }
-                (Iv::Bool { f: true, t: false }, _) | (_, Iv::Bool { f: true, t: false })
-                    if *op == BinOp::And =>
-                {
-                    Iv::bool(false)
-                }
+                (Iv::Bool { f: false, t: true }, _) | (_, Iv::Bool { f: false, t: true }) if *op == BinOp::Or => Iv::bool(true),
+                (Iv::Bool { f: true, t: false }, _) | (_, Iv::Bool { f: true, t: false }) if *op == BinOp::And => Iv::bool(false),
                 _ if op.is_comparison() || matches!(op, BinOp::And | BinOp::Or) => Iv::ANY_BOOL,
                 _ => Iv::Unknown,
             }
@@ -348,13 +255,7 @@ pub fn eval(
                 x.join(y)
             }
         },
-        Expr::Reduce {
-            op,
-            var,
-            lo,
-            hi,
-            body,
-        } => {
+        Expr::Reduce { op, var, lo, hi, body } => {
             let (l, h) = (rec(lo, vars), rec(hi, vars));
             let (Iv::Int(l0, l1), Iv::Int(h0, h1)) = (l, h) else {
                 return Iv::Unknown;
@@ -374,26 +275,10 @@ pub fn eval(
                     acc = Some(match acc {
                         None => v,
                         Some(a) => match (op, a, v) {
-                            (RedOp::Any, Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => {
-                                Iv::Bool {
-                                    f: f && f2,
-                                    t: t || t2,
-                                }
-                            }
-                            (RedOp::All, Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => {
-                                Iv::Bool {
-                                    f: f || f2,
-                                    t: t && t2,
-                                }
-                            }
-                            (RedOp::Sum, Iv::Int(a, b), Iv::Int(c, d)) => {
-                                int_bin(BinOp::Add, (a, b), (c, d))
-                            }
-                            (RedOp::Sum, Iv::Float { .. }, Iv::Float { .. }) => float_bin(
-                                BinOp::Add,
-                                float_parts(a).expect("f"),
-                                float_parts(v).expect("f"),
-                            ),
+                            (RedOp::Any, Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => Iv::Bool { f: f && f2, t: t || t2 },
+                            (RedOp::All, Iv::Bool { f, t }, Iv::Bool { f: f2, t: t2 }) => Iv::Bool { f: f || f2, t: t && t2 },
+                            (RedOp::Sum, Iv::Int(a, b), Iv::Int(c, d)) => int_bin(BinOp::Add, (a, b), (c, d)),
+                            (RedOp::Sum, Iv::Float { .. }, Iv::Float { .. }) => float_bin(BinOp::Add, float_parts(a).expect("f"), float_parts(v).expect("f")),
                             (RedOp::Max | RedOp::Min, a, v) => a.join(v),
                             _ => Iv::Unknown,
                         },
@@ -412,14 +297,8 @@ pub fn eval(
                 let v = rec(body, vars);
                 vars.pop();
                 return match (op, v) {
-                    (RedOp::Any, Iv::Bool { f, t }) => Iv::Bool {
-                        f: f || maybe_empty || !never_empty,
-                        t,
-                    },
-                    (RedOp::All, Iv::Bool { f, t }) => Iv::Bool {
-                        f,
-                        t: t || maybe_empty,
-                    },
+                    (RedOp::Any, Iv::Bool { f, t }) => Iv::Bool { f: f || maybe_empty || !never_empty, t },
+                    (RedOp::All, Iv::Bool { f, t }) => Iv::Bool { f, t: t || maybe_empty },
                     _ => Iv::ANY_BOOL,
                 };
             }

@@ -28,12 +28,7 @@ pub struct TileBox {
 }
 
 /// Classifies a tile; `mask = None` (no mask) is always `Full`.
-pub fn classify(
-    mask: Option<&Expr>,
-    bx: TileBox,
-    dims: &BTreeMap<String, i64>,
-    data: &dyn LoadOracle,
-) -> TileClass {
+pub fn classify(mask: Option<&Expr>, bx: TileBox, dims: &BTreeMap<String, i64>, data: &dyn LoadOracle) -> TileClass {
     let Some(mask) = mask else {
         return TileClass::Full;
     };
@@ -86,16 +81,9 @@ impl LoadOracle for DataOracle<'_> {
         let mut acc: Option<Iv> = None;
         let mut idx: Vec<usize> = ranges.iter().map(|r| r.0).collect();
         loop {
-            let flat = idx
-                .iter()
-                .zip(shape.iter())
-                .fold(0usize, |f, (i, n)| f * n + i);
+            let flat = idx.iter().zip(shape.iter()).fold(0usize, |f, (i, n)| f * n + i);
             let x = data[flat];
-            let v = if *is_int {
-                Iv::point(x as i64)
-            } else {
-                Iv::fpoint(x)
-            };
+            let v = if *is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
             acc = Some(acc.map_or(v, |a| a.join(v)));
             // Next index in the box, row-major.
             let mut a = idx.len();
