@@ -360,15 +360,7 @@ impl CpuKernel {
     /// tiles by the mask (cached when the mask does not depend on b or h), then run the
     /// query tiles in parallel.
     #[allow(clippy::too_many_arguments)]
-    fn run_tiled(
-        &self,
-        pack: PackFn,
-        tile: TileFn,
-        plan: &TiledPlan,
-        dims: &Bindings,
-        bufs: &BTreeMap<String, &[u32]>,
-        fp: FramePtr,
-    ) {
+    fn run_tiled(&self, pack: PackFn, tile: TileFn, plan: &TiledPlan, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>, fp: FramePtr) {
         use rayon::prelude::*;
         let k = &self.kernel;
         let (bq, bk) = (self.options.block_q as i64, self.options.block_k as i64);
