@@ -103,6 +103,31 @@ pub fn host_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
     ib.finish(settings::Flags::new(shared)).map_err(|e| CodegenError::Emit(format!("ISA: {e}")))
 }
 
+/// The x86-64 ISA used for machine-code snapshots: fixed flags (SSE4.1, AVX, AVX2 and, with
+/// `o.fma`, FMA), never host detection, so snapshots are the same on every machine.
+pub fn fixed_x86_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
+    let mut shared = settings::builder();
+    for (k, v) in [("opt_level", "speed"), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
+        shared.set(k, v).map_err(|e| CodegenError::Emit(format!("{k}: {e}")))?;
+    }
+    let mut ib = isa::lookup_by_name("x86_64").map_err(|e| CodegenError::Unsupported(format!("x86_64 backend: {e}")))?;
+    let mut flags = vec!["has_sse3", "has_ssse3", "has_sse41", "has_sse42", "has_avx", "has_avx2", "has_popcnt"];
+    if o.fma {
+        flags.push("has_fma");
+    }
+    for f in flags {
+        ib.enable(f).map_err(|e| CodegenError::Emit(format!("{f}: {e}")))?;
+    }
+    ib.finish(settings::Flags::new(shared)).map_err(|e| CodegenError::Emit(format!("ISA: {e}")))
+}
+
+/// CLIF and disassembled machine code of every generated function, on [`fixed_x86_isa`].
+pub fn emit_fixed_x86(k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<(ClifArtifact, Vec<(String, String)>), CodegenError> {
+    let mut disasm = Some(Vec::new());
+    let kern = CpuKernel::compile_for(k, info, o, fixed_x86_isa(o)?, &mut disasm)?;
+    Ok((kern.clif.clone(), disasm.unwrap_or_default()))
+}
+
 /// The generated functions as CLIF text (the artifact of [`CpuBackend`]).
 #[derive(Clone, Debug)]
 pub struct ClifArtifact {
@@ -256,11 +281,16 @@ pub enum RunError {
 }
 
 impl CpuKernel {
-    pub fn compile(k: &Kernel, _info: &KernelInfo, o: &CpuOptions) -> Result<CpuKernel, CodegenError> {
+    pub fn compile(k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<CpuKernel, CodegenError> {
+        Self::compile_for(k, info, o, host_isa(o)?, &mut None)
+    }
+
+    /// Compiles for `isa`; with `disasm = Some(..)` also collects each function's machine
+    /// code as text (VCode), for snapshots on a fixed ISA.
+    fn compile_for(k: &Kernel, _info: &KernelInfo, o: &CpuOptions, isa: isa::OwnedTargetIsa, disasm: &mut Option<Vec<(String, String)>>) -> Result<CpuKernel, CodegenError> {
         if o.block_k == 0 || o.block_k % 16 != 0 || o.block_q == 0 {
             return Err(CodegenError::Unsupported(format!("tile sizes must be positive and block_k a multiple of 16 (got {}×{})", o.block_q, o.block_k)));
         }
-        let isa = host_isa(o)?;
         let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
         let lib_list = gen::libcalls();
         for (name, _, addr) in &lib_list {
@@ -320,7 +350,11 @@ impl CpuKernel {
             build(&mut module, &mut ctx, &mut fctx, &cx, kind);
             cranelift::codegen::verify_function(&ctx.func, module.isa().flags()).map_err(|e| CodegenError::Invalid(format!("{name}: {e}")))?;
             clif.push((name.clone(), ctx.func.display().to_string()));
+            ctx.set_disasm(disasm.is_some());
             module.define_function(id, &mut ctx).map_err(|e| CodegenError::Emit(format!("{name}: {e:?}")))?;
+            if let Some(d) = disasm.as_mut() {
+                d.push((name.clone(), ctx.compiled_code().and_then(|c| c.vcode.clone()).unwrap_or_default()));
+            }
             module.clear_context(&mut ctx);
             ids.push((kind.clone(), id));
         }
