@@ -149,6 +149,9 @@ pub(crate) struct Gen<'f, 'k> {
     pub(crate) env: Vec<(String, Value)>,
     /// The tensor a `derive` function writes (its reads are not read-only).
     pub(crate) writing: Option<String>,
+    /// Values of expressions computed ahead of a loop (manual loop-invariant hoisting):
+    /// `expr` returns them instead of generating the code again.
+    pub(crate) cache: Vec<(Expr, Value)>,
 }
 
 impl<'f, 'k> Gen<'f, 'k> {
@@ -161,7 +164,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         let params = b.block_params(entry).to_vec();
         // Functions without a frame (the generated matmuls) load nothing.
         let Some(layout) = layout else {
-            return (Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None }, params);
+            return (Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None, cache: vec![] }, params);
         };
         let frame = params[0];
         let load = |b: &mut FunctionBuilder, slot: usize| b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
@@ -176,7 +179,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 (n.clone(), TVals { base, ext, stride, is_int: t.is_int })
             })
             .collect();
-        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None }, params)
+        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None, cache: vec![] }, params)
     }
 
     pub(crate) fn iconst(&mut self, n: i64) -> Value {
@@ -217,6 +220,19 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.b.switch_to_block(exit);
     }
 
+    /// `if cond { then() } else { other() }`.
+    pub fn if_else(&mut self, cond: Value, then: &mut dyn FnMut(&mut Self), other: &mut dyn FnMut(&mut Self)) {
+        let (t, e, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(cond, t, &[], e, &[]);
+        self.b.switch_to_block(t);
+        then(self);
+        self.b.ins().jump(merge, &[]);
+        self.b.switch_to_block(e);
+        other(self);
+        self.b.ins().jump(merge, &[]);
+        self.b.switch_to_block(merge);
+    }
+
     /// `if cond { then() }`.
     pub fn if_then(&mut self, cond: Value, then: &mut dyn FnMut(&mut Self)) {
         let (t, merge) = (self.b.create_block(), self.b.create_block());
@@ -253,6 +269,9 @@ impl<'f, 'k> Gen<'f, 'k> {
 
     /// Lowers a scalar expression in the current environment.
     pub fn expr(&mut self, e: &Expr) -> Value {
+        if let Some((_, v)) = self.cache.iter().rev().find(|(x, _)| x == e) {
+            return *v;
+        }
         match e {
             Expr::Int(n) => self.iconst(*n),
             Expr::Float(x) => self.fconst(x.0 as f32),

@@ -91,7 +91,29 @@ pub unsafe extern "C" fn pv_portable(p: *const f32, ldp: i64, v: *const f32, ldv
 mod x86 {
     use std::arch::x86_64::*;
 
-    /// AVX2: 6 rows × 16 columns of accumulators (12 ymm), broadcasting `a`.
+    /// `R` rows × 16 columns of `s` from `a` and the key panel: `2R` accumulators that
+    /// stay in registers because `R` is a constant.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn qk_block_avx2<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, c: usize) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for x in 0..d {
+            let k0 = _mm256_loadu_ps(kt.add(x * bk + c));
+            let k1 = _mm256_loadu_ps(kt.add(x * bk + c + 8));
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*a.add(rr * lda + x));
+                acc_r[0] = _mm256_fmadd_ps(av, k0, acc_r[0]);
+                acc_r[1] = _mm256_fmadd_ps(av, k1, acc_r[1]);
+            }
+        }
+        for (rr, acc_r) in acc.iter().enumerate() {
+            let sp = s.add(rr * bk + c);
+            _mm256_storeu_ps(sp, acc_r[0]);
+            _mm256_storeu_ps(sp.add(8), acc_r[1]);
+        }
+    }
+
+    /// AVX2: blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
     /// # Safety
     /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -100,23 +122,16 @@ mod x86 {
         let mut r = 0;
         while r < rows {
             let nr = (rows - r).min(6);
+            let (ar, sr) = (a.add(r * lda), s.add(r * bk));
             let mut c = 0;
             while c < bk {
-                let mut acc = [[_mm256_setzero_ps(); 2]; 6];
-                let ap = a.add(r * lda);
-                for x in 0..d {
-                    let k0 = _mm256_loadu_ps(kt.add(x * bk + c));
-                    let k1 = _mm256_loadu_ps(kt.add(x * bk + c + 8));
-                    for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                        let av = _mm256_broadcast_ss(&*ap.add(rr * lda + x));
-                        acc_r[0] = _mm256_fmadd_ps(av, k0, acc_r[0]);
-                        acc_r[1] = _mm256_fmadd_ps(av, k1, acc_r[1]);
-                    }
-                }
-                for (rr, acc_r) in acc.iter().enumerate().take(nr) {
-                    let sp = s.add((r + rr) * bk + c);
-                    _mm256_storeu_ps(sp, acc_r[0]);
-                    _mm256_storeu_ps(sp.add(8), acc_r[1]);
+                match nr {
+                    6 => qk_block_avx2::<6>(ar, lda, kt, sr, d, bk, c),
+                    5 => qk_block_avx2::<5>(ar, lda, kt, sr, d, bk, c),
+                    4 => qk_block_avx2::<4>(ar, lda, kt, sr, d, bk, c),
+                    3 => qk_block_avx2::<3>(ar, lda, kt, sr, d, bk, c),
+                    2 => qk_block_avx2::<2>(ar, lda, kt, sr, d, bk, c),
+                    _ => qk_block_avx2::<1>(ar, lda, kt, sr, d, bk, c),
                 }
                 c += 16;
             }
@@ -124,7 +139,50 @@ mod x86 {
         }
     }
 
-    /// AVX2: 4 rows × 16 output channels per block, broadcasting `p`.
+    /// `R` rows × 16 channels of `o`: scale by `corr`, then add `p·v` over `nk` keys.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block_avx2<const R: usize>(
+        p: *const f32,
+        ldp: usize,
+        v: *const f32,
+        ldv: usize,
+        o: *mut f32,
+        ldo: usize,
+        corr: *const f32,
+        nk: usize,
+        e: usize,
+    ) {
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        for (rr, acc_r) in acc.iter_mut().enumerate() {
+            let op = o.add(rr * ldo + e);
+            let mut x0 = _mm256_loadu_ps(op);
+            let mut x1 = _mm256_loadu_ps(op.add(8));
+            if !corr.is_null() {
+                let cv = _mm256_set1_ps(*corr.add(rr));
+                x0 = _mm256_mul_ps(x0, cv);
+                x1 = _mm256_mul_ps(x1, cv);
+            }
+            *acc_r = [x0, x1];
+        }
+        for c in 0..nk {
+            let v0 = _mm256_loadu_ps(v.add(c * ldv + e));
+            let v1 = _mm256_loadu_ps(v.add(c * ldv + e + 8));
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                let pv = _mm256_broadcast_ss(&*p.add(rr * ldp + c));
+                acc_r[0] = _mm256_fmadd_ps(pv, v0, acc_r[0]);
+                acc_r[1] = _mm256_fmadd_ps(pv, v1, acc_r[1]);
+            }
+        }
+        for (rr, acc_r) in acc.iter().enumerate() {
+            let op = o.add(rr * ldo + e);
+            _mm256_storeu_ps(op, acc_r[0]);
+            _mm256_storeu_ps(op.add(8), acc_r[1]);
+        }
+    }
+
+    /// AVX2: blocks of 6 rows × 16 output channels, broadcasting `p`; scalar channel tail.
     /// # Safety
     /// As [`super::pv_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -132,34 +190,18 @@ mod x86 {
         let (ldp, ldv, ldo, rows, nk, dv) = (ldp as usize, ldv as usize, ldo as usize, rows as usize, nk as usize, dv as usize);
         let mut r = 0;
         while r < rows {
-            let nr = (rows - r).min(4);
+            let nr = (rows - r).min(6);
+            let (pr, or) = (p.add(r * ldp), o.add(r * ldo));
+            let cr = if corr.is_null() { corr } else { corr.add(r) };
             let mut e = 0;
             while e + 16 <= dv {
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                    let op = o.add((r + rr) * ldo + e);
-                    let mut x0 = _mm256_loadu_ps(op);
-                    let mut x1 = _mm256_loadu_ps(op.add(8));
-                    if !corr.is_null() {
-                        let cv = _mm256_set1_ps(*corr.add(r + rr));
-                        x0 = _mm256_mul_ps(x0, cv);
-                        x1 = _mm256_mul_ps(x1, cv);
-                    }
-                    *acc_r = [x0, x1];
-                }
-                for c in 0..nk {
-                    let v0 = _mm256_loadu_ps(v.add(c * ldv + e));
-                    let v1 = _mm256_loadu_ps(v.add(c * ldv + e + 8));
-                    for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                        let pv = _mm256_broadcast_ss(&*p.add((r + rr) * ldp + c));
-                        acc_r[0] = _mm256_fmadd_ps(pv, v0, acc_r[0]);
-                        acc_r[1] = _mm256_fmadd_ps(pv, v1, acc_r[1]);
-                    }
-                }
-                for (rr, acc_r) in acc.iter().enumerate().take(nr) {
-                    let op = o.add((r + rr) * ldo + e);
-                    _mm256_storeu_ps(op, acc_r[0]);
-                    _mm256_storeu_ps(op.add(8), acc_r[1]);
+                match nr {
+                    6 => pv_block_avx2::<6>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
+                    5 => pv_block_avx2::<5>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
+                    4 => pv_block_avx2::<4>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
+                    3 => pv_block_avx2::<3>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
+                    2 => pv_block_avx2::<2>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
+                    _ => pv_block_avx2::<1>(pr, ldp, v, ldv, or, ldo, cr, nk, e),
                 }
                 e += 16;
             }

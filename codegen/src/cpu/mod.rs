@@ -43,11 +43,16 @@ pub struct CpuOptions {
     pub rows_per_task: usize,
     /// Worker threads (0: rayon's default, one per core).
     pub threads: usize,
+    /// Run Cranelift's e-graph optimizer (`opt_level=speed`). Off by default: the generated
+    /// code is already hoisted and folded where it matters, and the optimizer was measured to
+    /// re-elaborate hoisted loop invariants (a square root and a division) inside the key
+    /// loop, which made kernels slower, not faster.
+    pub clif_opt: bool,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { fma: true, tiled: true, microkernel: true, block_q: 64, block_k: 64, rows_per_task: 16, threads: 0 }
+        CpuOptions { fma: true, tiled: true, microkernel: true, block_q: 64, block_k: 64, rows_per_task: 16, threads: 0, clif_opt: false }
     }
 }
 
@@ -93,7 +98,7 @@ impl HostFeatures {
 pub fn host_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
     let mut shared = settings::builder();
     let set = |b: &mut settings::Builder, k: &str, v: &str| b.set(k, v).map_err(|e| CodegenError::Emit(format!("cranelift setting {k}: {e}")));
-    set(&mut shared, "opt_level", "speed")?;
+    set(&mut shared, "opt_level", if o.clif_opt { "speed" } else { "none" })?;
     set(&mut shared, "is_pic", "false")?;
     set(&mut shared, "use_colocated_libcalls", "false")?;
     let mut ib = cranelift_native::builder().map_err(|e| CodegenError::Unsupported(format!("host ISA: {e}")))?;
@@ -107,7 +112,7 @@ pub fn host_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
 /// `o.fma`, FMA), never host detection, so snapshots are the same on every machine.
 pub fn fixed_x86_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError> {
     let mut shared = settings::builder();
-    for (k, v) in [("opt_level", "speed"), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
+    for (k, v) in [("opt_level", if o.clif_opt { "speed" } else { "none" }), ("is_pic", "false"), ("use_colocated_libcalls", "false")] {
         shared.set(k, v).map_err(|e| CodegenError::Emit(format!("{k}: {e}")))?;
     }
     let mut ib = isa::lookup_by_name("x86_64").map_err(|e| CodegenError::Unsupported(format!("x86_64 backend: {e}")))?;
@@ -287,7 +292,13 @@ impl CpuKernel {
 
     /// Compiles for `isa`; with `disasm = Some(..)` also collects each function's machine
     /// code as text (VCode), for snapshots on a fixed ISA.
-    fn compile_for(k: &Kernel, _info: &KernelInfo, o: &CpuOptions, isa: isa::OwnedTargetIsa, disasm: &mut Option<Vec<(String, String)>>) -> Result<CpuKernel, CodegenError> {
+    fn compile_for(
+        k: &Kernel,
+        _info: &KernelInfo,
+        o: &CpuOptions,
+        isa: isa::OwnedTargetIsa,
+        disasm: &mut Option<Vec<(String, String)>>,
+    ) -> Result<CpuKernel, CodegenError> {
         if o.block_k == 0 || o.block_k % 16 != 0 || o.block_q == 0 {
             return Err(CodegenError::Unsupported(format!("tile sizes must be positive and block_k a multiple of 16 (got {}×{})", o.block_q, o.block_k)));
         }

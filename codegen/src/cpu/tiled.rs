@@ -46,6 +46,9 @@ pub(crate) struct TiledPlan {
 
 pub(crate) const DOT: &str = "__dot";
 
+/// Minimax coefficients of 2^f on [-1/2, 1/2], highest degree first.
+pub(crate) const EXP2_POLY: [f32; 6] = [1.326_697e-3, 9.675_46e-3, 5.550_742_6e-2, 0.240_221_22, 0.693_146_95, 1.000_000_1];
+
 fn no(e: &Expr, v: &str) -> bool {
     !e.free_vars().contains(v)
 }
@@ -201,13 +204,20 @@ impl Gen<'_, '_> {
             let s = g.fconst(v);
             g.b.ins().splat(types::F32X4, s)
         };
+        // Clamp with compare-and-select (NaN is restored at the end, so the clamps need not
+        // propagate it).
         let hi = c(self, 88.376_26);
         let lo = c(self, -87.336_54);
-        let xc = self.b.ins().fmin(x, hi);
-        let xc = self.b.ins().fmax(xc, lo);
+        let too_hi = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
+        let xc = self.fselect(too_hi, hi, x);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let xc = self.fselect(under, lo, xc);
+        // n = round(x·log2 e) with the 1.5·2^23 trick: adding it leaves n in the low
+        // mantissa bits, so 2^n is those bits shifted into the exponent.
         let log2e = c(self, std::f32::consts::LOG2_E);
-        let t = self.b.ins().fmul(xc, log2e);
-        let n = self.b.ins().nearest(t);
+        let magic = c(self, 12_582_912.0);
+        let t = self.b.ins().fma(xc, log2e, magic);
+        let n = self.b.ins().fsub(t, magic);
         let ln2_hi = c(self, 0.693_359_4);
         let ln2_lo = c(self, -2.121_944_4e-4);
         let r = self.b.ins().fmul(n, ln2_hi);
@@ -218,15 +228,15 @@ impl Gen<'_, '_> {
         let mut p = c(self, coeffs[0]);
         for k in &coeffs[1..] {
             let kv = c(self, *k);
-            p = self.b.ins().fmul(p, r);
-            p = self.b.ins().fadd(p, kv);
+            p = self.b.ins().fma(p, r, kv);
         }
         let rr = self.b.ins().fmul(r, r);
-        p = self.b.ins().fmul(p, rr);
-        p = self.b.ins().fadd(p, r);
+        p = self.b.ins().fma(p, rr, r);
         let one = c(self, 1.0);
         p = self.b.ins().fadd(p, one);
-        let ni = self.b.ins().fcvt_to_sint_sat(types::I32X4, n);
+        let tb = self.b.ins().bitcast(types::I32X4, little(), t);
+        let mb = self.b.ins().bitcast(types::I32X4, little(), magic);
+        let ni = self.b.ins().isub(tb, mb);
         let bias = self.b.ins().iconst(types::I32, 127);
         let bias = self.b.ins().splat(types::I32X4, bias);
         let e = self.b.ins().iadd(ni, bias);
@@ -235,7 +245,6 @@ impl Gen<'_, '_> {
         let y = self.b.ins().fmul(p, scale);
         // Out of range: underflow to 0, overflow to inf; NaN passes through.
         let zero = c(self, 0.0);
-        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let y = self.fselect(under, zero, y);
         let inf = c(self, f32::INFINITY);
         let over_lim = c(self, 88.722_84);
@@ -243,6 +252,39 @@ impl Gen<'_, '_> {
         let y = self.fselect(over, inf, y);
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
         self.fselect(nan, x, y)
+    }
+
+    /// `2^x` on 4 lanes for `x <= 0` (softmax weights `exp2(s - max)`): no overflow is
+    /// possible, so only underflow is clamped (at 2^-126, a weight of ~1e-38); NaN stays NaN.
+    /// Round-to-nearest by the 1.5·2^23 trick, a degree-5 minimax polynomial for 2^f on
+    /// [-1/2, 1/2] (relative error < 3e-7), and the exponent built in the bits.
+    pub(crate) fn vexp2_nonpos(&mut self, x: Value) -> Value {
+        let c = |g: &mut Self, v: f32| {
+            let s = g.fconst(v);
+            g.b.ins().splat(types::F32X4, s)
+        };
+        let lo = c(self, -126.0);
+        let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
+        let x = self.fselect(under, lo, x);
+        let magic = c(self, 12_582_912.0);
+        let t = self.b.ins().fadd(x, magic);
+        let n = self.b.ins().fsub(t, magic);
+        let f = self.b.ins().fsub(x, n);
+        let coeffs = EXP2_POLY;
+        let mut p = c(self, coeffs[0]);
+        for k in &coeffs[1..] {
+            let kv = c(self, *k);
+            p = self.b.ins().fma(p, f, kv);
+        }
+        let tb = self.b.ins().bitcast(types::I32X4, little(), t);
+        let mb = self.b.ins().bitcast(types::I32X4, little(), magic);
+        let ni = self.b.ins().isub(tb, mb);
+        let e = self.b.ins().iconst(types::I32, 127);
+        let e = self.b.ins().splat(types::I32X4, e);
+        let e = self.b.ins().iadd(ni, e);
+        let e = self.b.ins().ishl_imm_u(e, 23);
+        let scale = self.b.ins().bitcast(types::F32X4, little(), e);
+        self.b.ins().fmul(p, scale)
     }
 
     /// Lane select on floats by an i32x4 mask.
@@ -327,6 +369,14 @@ impl Gen<'_, '_> {
                     Expr::Int(n) if *n > 0 && (*n as u64).is_power_of_two() => Some(n.trailing_zeros()),
                     _ => None,
                 };
+                // x / c with c the same for all lanes: one reciprocal (hoisted), then multiplies.
+                if *op == BinOp::Div && !self.varying(b, vecs) {
+                    let x = self.vexpr(a, vecs);
+                    let x = self.vec(x);
+                    let r = self.expr(&reciprocal(b));
+                    let r = self.b.ins().splat(types::F32X4, r);
+                    return VV::V(self.b.ins().fmul(x, r));
+                }
                 match op {
                     BinOp::Pow => return VV::V(self.vpow(a, b, vecs, e)),
                     BinOp::FloorDiv | BinOp::Mod if pow2(b).is_none() => return VV::V(self.lanewise(e)),
@@ -428,6 +478,50 @@ impl Gen<'_, '_> {
         self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
         self.b.switch_to_block(done);
         self.b.block_params(done)[0]
+    }
+
+    /// Computes the maximal lane-uniform parts of `exprs` now (before a loop over key
+    /// vectors) and caches them; returns how many entries to pop afterwards.
+    fn hoist(&mut self, exprs: &[&Expr], vecs: &[String]) -> usize {
+        let before = self.cache.len();
+        fn go(g: &mut Gen, e: &Expr, vecs: &[String]) {
+            let trivial = matches!(e, Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_));
+            if !g.varying(e, vecs) {
+                if !trivial && !g.cache.iter().any(|(x, _)| x == e) {
+                    let v = g.expr(e);
+                    g.cache.push((e.clone(), v));
+                }
+                return;
+            }
+            if let Expr::Binary(BinOp::Div, _, d) = e {
+                if !g.varying(d, vecs) {
+                    let r = reciprocal(d);
+                    if !g.cache.iter().any(|(x, _)| *x == r) {
+                        let v = g.expr(&r);
+                        g.cache.push((r, v));
+                    }
+                }
+            }
+            // Lane-wise reductions and loads evaluate their parts per lane: hoist inside too.
+            for c in e.children() {
+                if let Expr::Reduce { .. } = e {
+                    // The reduction variable is bound inside: its body is not uniform here.
+                    if std::ptr::eq(c, e.children()[2]) {
+                        continue;
+                    }
+                }
+                go(g, c, vecs);
+            }
+        }
+        for e in exprs {
+            go(self, e, vecs);
+        }
+        self.cache.len() - before
+    }
+
+    fn unhoist(&mut self, n: usize) {
+        let len = self.cache.len();
+        self.cache.truncate(len - n);
     }
 
     fn vexpr_f(&mut self, e: &Expr, vecs: &[String]) -> Value {
@@ -601,7 +695,9 @@ impl Gen<'_, '_> {
                         let is_ninf = g.b.ins().fcmp(FloatCC::Equal, sk, ninf);
                         let d = g.b.ins().fsub(sk, sk);
                         let one = g.call("attnc_expf", &[d]);
-                        (sk, g.b.ins().select(is_ninf, zf, one))
+                        let l2e = g.fconst(std::f32::consts::LOG2_E);
+                        let sk2 = g.b.ins().fmul(sk, l2e);
+                        (sk2, g.b.ins().select(is_ninf, zf, one))
                     }
                     None => (ninf, zf),
                 };
@@ -641,6 +737,15 @@ impl Gen<'_, '_> {
                         g.for_range(z, nq, &mut |g, r| {
                             let i = g.b.ins().iadd(i0, r);
                             g.bind("i", i);
+                            let mut row_exprs: Vec<&Expr> = vec![score_rest];
+                            row_exprs.extend(br.bias.iter());
+                            row_exprs.extend(br.mask.iter());
+                            row_exprs.extend(br.decay.iter());
+                            row_exprs.extend(post.iter());
+                            if let Norm::Map(f) = &br.norm {
+                                row_exprs.push(f);
+                            }
+                            let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), "s".to_string(), "w".to_string()]);
                             let srow = g.b.ins().imul_imm_s(r, bk);
                             let ninf_v = g.b.ins().splat(types::F32X4, ninf);
                             let zero_v = g.b.ins().splat(types::F32X4, zf);
@@ -648,104 +753,131 @@ impl Gen<'_, '_> {
                             g.b.def_var(rowmax, ninf_v);
                             let rowsum = g.b.declare_var(types::F32X4);
                             g.b.def_var(rowsum, zero_v);
+                            let rownan = g.b.declare_var(types::I32X4);
                             let anylive = g.b.declare_var(types::I32X4);
                             let zi = g.b.ins().iconst(types::I32, 0);
                             let zi = g.b.ins().splat(types::I32X4, zi);
                             g.b.def_var(anylive, zi);
+                            g.b.def_var(rownan, zi);
                             let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
-                            let z = g.iconst(0);
                             let nvec = g.iconst(bk / 4);
-                            // Pass over the tile: scores, mask, then the weights in place.
-                            g.for_range(z, nvec, &mut |g, cv| {
-                                let c4 = g.b.ins().imul_imm_s(cv, 4);
-                                let off = g.b.ins().iadd(srow, c4);
-                                let c4i = g.b.ins().ireduce(types::I32, c4);
-                                let c4i = g.b.ins().splat(types::I32X4, c4i);
-                                let jv = g.b.ins().iadd(jbase, c4i);
-                                // Lanes past the last key read key M-1 (finite); they are masked.
-                                let last = g.b.ins().iconst(types::I32, -1);
-                                let last = g.b.ins().splat(types::I32X4, last);
-                                let mlast = g.b.ins().iadd(mjv, last);
-                                let jcl = g.b.ins().smin(jv, mlast);
-                                let jcl = g.b.ins().smax(jcl, zi);
-                                let addr = g.ptr_off(s_ws, off);
-                                let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
-                                g.bind("j", jcl);
-                                g.bind(DOT, dotv);
-                                let vecs = vec!["j".to_string(), DOT.to_string()];
-                                let mut s = g.vexpr_f(score_rest, &vecs);
-                                if let Some(bias) = &br.bias {
-                                    let bv = g.vexpr_f(bias, &vecs);
-                                    s = g.b.ins().fadd(s, bv);
-                                }
-                                // The lane mask: j < M, and the spec's mask on partial tiles.
-                                let inb = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
-                                let mvar = g.b.declare_var(types::I32X4);
-                                g.b.def_var(mvar, inb);
-                                if let Some(me) = &br.mask {
-                                    g.if_then(check, &mut |g| {
-                                        let mv = g.vexpr_f(me, &vecs);
-                                        let cur = g.b.use_var(mvar);
-                                        let both = g.b.ins().band(cur, mv);
-                                        g.b.def_var(mvar, both);
-                                    });
-                                }
-                                let lanes = g.b.use_var(mvar);
-                                let al = g.b.use_var(anylive);
-                                let al = g.b.ins().bor(al, lanes);
-                                g.b.def_var(anylive, al);
-                                let p = if softmax && !two_pass_second {
-                                    let s = g.fselect(lanes, s, ninf_v);
-                                    let rm = g.b.use_var(rowmax);
-                                    let rm = g.b.ins().fmax(rm, s);
-                                    g.b.def_var(rowmax, rm);
-                                    s
-                                } else if softmax {
-                                    // Second pass: the final max and denominator are known.
-                                    let mv = g.b.ins().splat(types::F32X4, mrow);
-                                    let d = g.b.ins().fsub(s, mv);
-                                    let pe = g.vexp(d);
-                                    let lv = g.b.ins().splat(types::F32X4, lrow);
-                                    let w = g.b.ins().fdiv(pe, lv);
-                                    g.bind("w", w);
-                                    let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
-                                    let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
-                                    g.unbind(1);
-                                    let pw = match &br.decay {
-                                        Some(de) => {
-                                            let dv = g.vexpr_f(de, &vecs);
-                                            g.b.ins().fmul(pw, dv)
-                                        }
-                                        None => pw,
-                                    };
-                                    g.fselect(lanes, pw, zero_v)
-                                } else {
-                                    let pw = match &br.norm {
-                                        Norm::Map(f) => {
-                                            g.bind("s", s);
-                                            let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
-                                            let p = g.vexpr_f(f, &vecs2);
-                                            g.unbind(1);
-                                            p
-                                        }
-                                        _ => s,
-                                    };
-                                    let pw = g.fselect(lanes, pw, zero_v);
-                                    if linear_eps.is_some() {
-                                        let rs = g.b.use_var(rowsum);
-                                        let rs = g.b.ins().fadd(rs, pw);
-                                        g.b.def_var(rowsum, rs);
+                            // Pass over the tile: scores, mask, then the weights in place. Tiles
+                            // that are full and not the last take the path without mask work.
+                            let pass = |g: &mut Self, masked: bool| {
+                                let z = g.iconst(0);
+                                g.for_range(z, nvec, &mut |g, cv| {
+                                    let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                    let off = g.b.ins().iadd(srow, c4);
+                                    let c4i = g.b.ins().ireduce(types::I32, c4);
+                                    let c4i = g.b.ins().splat(types::I32X4, c4i);
+                                    let jv = g.b.ins().iadd(jbase, c4i);
+                                    // Lanes past the last key read key M-1 (finite); they are masked.
+                                    let last = g.b.ins().iconst(types::I32, -1);
+                                    let last = g.b.ins().splat(types::I32X4, last);
+                                    let mlast = g.b.ins().iadd(mjv, last);
+                                    let jcl = g.b.ins().smin(jv, mlast);
+                                    let jcl = g.b.ins().smax(jcl, zi);
+                                    let addr = g.ptr_off(s_ws, off);
+                                    let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                    g.bind("j", jcl);
+                                    g.bind(DOT, dotv);
+                                    let vecs = vec!["j".to_string(), DOT.to_string()];
+                                    let mut s = g.vexpr_f(score_rest, &vecs);
+                                    if let Some(bias) = &br.bias {
+                                        let bv = g.vexpr_f(bias, &vecs);
+                                        s = g.b.ins().fadd(s, bv);
                                     }
-                                    match &br.decay {
-                                        Some(de) => {
-                                            let dv = g.vexpr_f(de, &vecs);
-                                            g.b.ins().fmul(pw, dv)
-                                        }
-                                        None => pw,
+                                    if softmax {
+                                        // Softmax runs in base 2: s·log2(e), then exp2.
+                                        let l2e = g.fconst(std::f32::consts::LOG2_E);
+                                        let l2e = g.b.ins().splat(types::F32X4, l2e);
+                                        s = g.b.ins().fmul(s, l2e);
                                     }
-                                };
-                                g.unbind(2);
-                                g.b.ins().store(flags(), p, addr, 0);
+                                    // The lane mask (masked tiles only): j < M and the spec's mask.
+                                    let lanes = if masked {
+                                        let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
+                                        if let Some(me) = &br.mask {
+                                            let mv = g.vexpr_f(me, &vecs);
+                                            m = g.b.ins().band(m, mv);
+                                        }
+                                        let al = g.b.use_var(anylive);
+                                        let al = g.b.ins().bor(al, m);
+                                        g.b.def_var(anylive, al);
+                                        Some(m)
+                                    } else {
+                                        None
+                                    };
+                                    let sel = |g: &mut Self, x: Value, other: Value| match lanes {
+                                        Some(m) => g.fselect(m, x, other),
+                                        None => x,
+                                    };
+                                    let p = if softmax && !two_pass_second {
+                                        let s = sel(g, s, ninf_v);
+                                        // Max by compare-and-select (2 instructions, not the NaN-
+                                        // propagating sequence); NaN is tracked on the side.
+                                        let rm = g.b.use_var(rowmax);
+                                        let gt = g.b.ins().fcmp(FloatCC::GreaterThan, s, rm);
+                                        let rm = g.fselect(gt, s, rm);
+                                        g.b.def_var(rowmax, rm);
+                                        let isnan = g.b.ins().fcmp(FloatCC::Unordered, s, s);
+                                        let rn = g.b.use_var(rownan);
+                                        let rn = g.b.ins().bor(rn, isnan);
+                                        g.b.def_var(rownan, rn);
+                                        s
+                                    } else if softmax {
+                                        // Second pass: the final max and denominator are known.
+                                        let mv = g.b.ins().splat(types::F32X4, mrow);
+                                        let d = g.b.ins().fsub(s, mv);
+                                        let pe = g.vexp2_nonpos(d);
+                                        let lv = g.b.ins().splat(types::F32X4, lrow);
+                                        let w = g.b.ins().fdiv(pe, lv);
+                                        g.bind("w", w);
+                                        let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
+                                        let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
+                                        g.unbind(1);
+                                        let pw = match &br.decay {
+                                            Some(de) => {
+                                                let dv = g.vexpr_f(de, &vecs);
+                                                g.b.ins().fmul(pw, dv)
+                                            }
+                                            None => pw,
+                                        };
+                                        sel(g, pw, zero_v)
+                                    } else {
+                                        let pw = match &br.norm {
+                                            Norm::Map(f) => {
+                                                g.bind("s", s);
+                                                let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
+                                                let p = g.vexpr_f(f, &vecs2);
+                                                g.unbind(1);
+                                                p
+                                            }
+                                            _ => s,
+                                        };
+                                        let pw = sel(g, pw, zero_v);
+                                        if linear_eps.is_some() {
+                                            let rs = g.b.use_var(rowsum);
+                                            let rs = g.b.ins().fadd(rs, pw);
+                                            g.b.def_var(rowsum, rs);
+                                        }
+                                        match &br.decay {
+                                            Some(de) => {
+                                                let dv = g.vexpr_f(de, &vecs);
+                                                g.b.ins().fmul(pw, dv)
+                                            }
+                                            None => pw,
+                                        }
+                                    };
+                                    g.unbind(2);
+                                    g.b.ins().store(flags(), p, addr, 0);
+                                });
+                            };
+                            g.if_else(check, &mut |g| pass(g, true), &mut |g| {
+                                // A full tile has at least one key, all live.
+                                let ones = g.b.ins().iconst(types::I32, -1);
+                                let ones = g.b.ins().splat(types::I32X4, ones);
+                                g.b.def_var(anylive, ones);
+                                pass(g, false)
                             });
                             // Row bookkeeping.
                             let al = g.b.use_var(anylive);
@@ -757,10 +889,16 @@ impl Gen<'_, '_> {
                             if softmax && !two_pass_second {
                                 let rm = g.b.use_var(rowmax);
                                 let tmax = g.hreduce(rm, true);
+                                let rn = g.b.use_var(rownan);
+                                let any_nan = g.b.ins().vany_true(rn);
+                                let nan = g.fconst(f32::NAN);
+                                let tmax = g.b.ins().select(any_nan, nan, tmax);
                                 let m_new = g.b.ins().fmax(mrow, tmax);
                                 let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
                                 let m_use = g.b.ins().select(is_ninf, zf, m_new);
                                 let dm = g.b.ins().fsub(mrow, m_use);
+                                let ln2 = g.fconst(std::f32::consts::LN_2);
+                                let dm = g.b.ins().fmul(dm, ln2);
                                 let corr = g.call("attnc_expf", &[dm]);
                                 let mu = g.b.ins().splat(types::F32X4, m_use);
                                 let sum = g.b.declare_var(types::F32X4);
@@ -773,7 +911,7 @@ impl Gen<'_, '_> {
                                         let addr = g.ptr_off(s_ws, off);
                                         let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
                                         let d = g.b.ins().fsub(s, mu);
-                                        let p = g.vexp(d);
+                                        let p = g.vexp2_nonpos(d);
                                         let acc = g.b.use_var(sum);
                                         let acc = g.b.ins().fadd(acc, p);
                                         g.b.def_var(sum, acc);
@@ -804,7 +942,7 @@ impl Gen<'_, '_> {
                                         let addr = g.ptr_off(s_ws, off);
                                         let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
                                         let d = g.b.ins().fsub(s, mu);
-                                        let p = g.vexp(d);
+                                        let p = g.vexp2_nonpos(d);
                                         let acc = g.b.use_var(sum);
                                         let acc = g.b.ins().fadd(acc, p);
                                         g.b.def_var(sum, acc);
@@ -823,6 +961,7 @@ impl Gen<'_, '_> {
                                 let l_new = g.b.ins().fadd(lrow, tsum);
                                 g.store_f32(l_ws, r, l_new);
                             }
+                            g.unhoist(hoisted);
                             g.unbind(1);
                         });
                         if accumulate {
@@ -910,6 +1049,11 @@ impl Gen<'_, '_> {
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
+}
+
+/// `1.0 / d`, the key under which a hoisted reciprocal is cached.
+fn reciprocal(d: &Expr) -> Expr {
+    Expr::bin(BinOp::Div, Expr::float(1.0), d.clone())
 }
 
 fn vb_tile(g: &mut Gen, vb: Value, j0: Value, ev: Value) -> Value {
