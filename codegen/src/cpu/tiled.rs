@@ -42,6 +42,10 @@ pub(crate) struct TiledPlan {
     pub branches: Vec<(Option<Dot>, Expr)>,
     /// Channel count of the (shared) dot; all branches' dots must agree on `B`.
     pub dot: Option<Dot>,
+    /// A per-row factor of the score (`dot · c` or `dot / c`, `c` free of `j`) folded into
+    /// the packed query features, so the tile loop does not multiply by it; single-branch
+    /// kernels only. A softmax branch folds `log2(e)` the same way.
+    pub fold: Option<Expr>,
 }
 
 pub(crate) const DOT: &str = "__dot";
@@ -118,7 +122,22 @@ impl TiledPlan {
             }
             branches.push((found, rest));
         }
-        Some(TiledPlan { branches, dot: shared })
+        let mut fold = None;
+        if let [(Some(_), rest)] = branches.as_mut_slice() {
+            let d = Expr::var(DOT);
+            let free = |c: &Expr| !c.free_vars().contains("j") && !c.free_vars().contains(DOT);
+            let factor = match &*rest {
+                Expr::Binary(BinOp::Mul, a, c) if **a == d && free(c) => Some((**c).clone()),
+                Expr::Binary(BinOp::Mul, c, a) if **a == d && free(c) => Some((**c).clone()),
+                Expr::Binary(BinOp::Div, a, c) if **a == d && free(c) => Some(Expr::bin(BinOp::Div, Expr::float(1.0), (**c).clone())),
+                _ => None,
+            };
+            if factor.is_some() || *rest == d {
+                fold = Some(factor.unwrap_or(Expr::float(1.0)));
+                *rest = d;
+            }
+        }
+        Some(TiledPlan { branches, dot: shared, fold })
     }
 }
 
@@ -617,6 +636,7 @@ impl Gen<'_, '_> {
             Some(d) => self.expr(&d.len),
             None => self.iconst(0),
         };
+        let folds_log2e = plan.fold.is_some() && matches!(k.branches[0].norm, Norm::Softmax { .. });
         let rest = self.b.ins().isub(ni, i0);
         let bqv = self.iconst(bq);
         let nq = self.b.ins().smin(rest, bqv);
@@ -653,11 +673,25 @@ impl Gen<'_, '_> {
                 let i = g.b.ins().smin(i, il);
                 g.bind("i", i);
                 let row = g.b.ins().imul(r, dlen);
+                // The folded row factor (and log2 e for a softmax), once per row.
+                let factor = plan.fold.as_ref().map(|f| {
+                    let v = g.expr(f);
+                    if folds_log2e {
+                        let l2e = g.fconst(std::f32::consts::LOG2_E);
+                        g.b.ins().fmul(v, l2e)
+                    } else {
+                        v
+                    }
+                });
                 let z = g.iconst(0);
                 g.for_range(z, dlen, &mut |g, x| {
                     g.bind(&dot.r, x);
                     let v = g.expr(&dot.a);
                     g.unbind(1);
+                    let v = match factor {
+                        Some(f) => g.b.ins().fmul(v, f),
+                        None => v,
+                    };
                     let v = g.b.ins().select(inside, v, zf);
                     let off = g.b.ins().iadd(row, x);
                     g.store_f32(a_ws, off, v);
@@ -782,17 +816,21 @@ impl Gen<'_, '_> {
                                     g.bind("j", jcl);
                                     g.bind(DOT, dotv);
                                     let vecs = vec!["j".to_string(), DOT.to_string()];
+                                    // Softmax runs in base 2: s·log2(e), then exp2 (the factor is in
+                                    // the packed queries when folded, so only the bias needs it).
+                                    let l2e = g.fconst(std::f32::consts::LOG2_E);
+                                    let l2e = g.b.ins().splat(types::F32X4, l2e);
                                     let mut s = g.vexpr_f(score_rest, &vecs);
-                                    if let Some(bias) = &br.bias {
-                                        let bv = g.vexpr_f(bias, &vecs);
-                                        s = g.b.ins().fadd(s, bv);
-                                    }
-                                    if softmax {
-                                        // Softmax runs in base 2: s·log2(e), then exp2.
-                                        let l2e = g.fconst(std::f32::consts::LOG2_E);
-                                        let l2e = g.b.ins().splat(types::F32X4, l2e);
+                                    if softmax && !folds_log2e {
                                         s = g.b.ins().fmul(s, l2e);
                                     }
+                                    if let Some(bias) = &br.bias {
+                                        let bv = g.vexpr_f(bias, &vecs);
+                                        let bv = if softmax { g.b.ins().fmul(bv, l2e) } else { bv };
+                                        s = g.b.ins().fadd(s, bv);
+                                    }
+                                    // When nothing changed the tile's values, the store is skipped.
+                                    let unchanged = folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none() && !masked && !two_pass_second;
                                     // The lane mask (masked tiles only): j < M and the spec's mask.
                                     let lanes = if masked {
                                         let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
@@ -869,7 +907,9 @@ impl Gen<'_, '_> {
                                         }
                                     };
                                     g.unbind(2);
-                                    g.b.ins().store(flags(), p, addr, 0);
+                                    if !unchanged {
+                                        g.b.ins().store(flags(), p, addr, 0);
+                                    }
                                 });
                             };
                             g.if_else(check, &mut |g| pass(g, true), &mut |g| {
