@@ -76,6 +76,8 @@ enum Emit {
     Ast,
     /// Cranelift IR of the generated CPU functions (host ISA).
     Clif,
+    /// Machine code of the generated CPU functions for this host (Cranelift's disassembly).
+    Asm,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -106,7 +108,7 @@ enum Cmd {
         /// What to emit.
         #[arg(long, value_enum, default_value = "ir")]
         emit: Emit,
-        /// Code generation target (for --emit clif).
+        /// Code generation target (for --emit clif and asm).
         #[arg(long, value_enum, default_value = "cpu")]
         target: Target,
         /// Write to this file instead of standard output.
@@ -135,6 +137,9 @@ enum Cmd {
         output: PathBuf,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
+        /// Also run the f64 reference interpreter and report the largest difference.
+        #[arg(long)]
+        check: bool,
     },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
     Inputs {
@@ -250,6 +255,12 @@ fn run(cli: Cli) -> Result<()> {
                 Emit::Clif => match target {
                     Target::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?.clif.to_string(),
                 },
+                Emit::Asm => match target {
+                    Target::Cpu => {
+                        let (_, asm) = attnc_codegen::cpu::emit_host(&c.kernel, &c.info, &CpuOptions::default())?;
+                        asm.iter().map(|(f, code)| format!("; {f}\n{code}\n")).collect()
+                    }
+                },
                 Emit::Ast => attnc::dsl::parse(&l.src).map_err(|_| anyhow!("unreachable: the spec parsed before"))?.to_string(),
             };
             match output {
@@ -266,7 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, input, random, seed, dims, output, backend } => {
+        Cmd::Run { spec, input, random, seed, dims, output, backend, check } => {
             let (_, c) = load(&spec)?;
             let given = dims_arg(&dims)?;
             let inputs = if random {
@@ -284,6 +295,26 @@ fn run(cli: Cli) -> Result<()> {
             let o = c.kernel.output();
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
             eprintln!("{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}", c.kernel.name, backend, secs, o.name, out.shape, output.display());
+            if check {
+                let t = Instant::now();
+                let want = ir::reference::run(&c.kernel, &c.info, &inputs, &given)?;
+                let (mut worst, mut scale, mut nan_mismatch) = (0f64, 0f64, 0usize);
+                for (a, b) in out.data.iter().zip(&want.data) {
+                    if a.is_nan() || b.is_nan() {
+                        nan_mismatch += (a.is_nan() != b.is_nan()) as usize;
+                    } else {
+                        worst = worst.max((a - b).abs());
+                        scale = scale.max(b.abs());
+                    }
+                }
+                eprintln!(
+                    "check: reference (f64) in {:.3} s; max |difference| {worst:.3e} (largest |value| {scale:.3e}); {nan_mismatch} NaN mismatches",
+                    t.elapsed().as_secs_f64()
+                );
+                if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
+                    return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance"));
+                }
+            }
         }
         Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, seed } => {
             let (_, c) = load(&spec)?;

@@ -126,6 +126,13 @@ pub fn fixed_x86_isa(o: &CpuOptions) -> Result<isa::OwnedTargetIsa, CodegenError
     ib.finish(settings::Flags::new(shared)).map_err(|e| CodegenError::Emit(format!("ISA: {e}")))
 }
 
+/// CLIF and disassembled machine code (VCode) of every generated function for this host.
+pub fn emit_host(k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<(ClifArtifact, Vec<(String, String)>), CodegenError> {
+    let mut disasm = Some(Vec::new());
+    let kern = CpuKernel::compile_for(k, info, o, host_isa(o)?, &mut disasm)?;
+    Ok((kern.clif.clone(), disasm.unwrap_or_default()))
+}
+
 /// CLIF and disassembled machine code of every generated function, on [`fixed_x86_isa`].
 pub fn emit_fixed_x86(k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<(ClifArtifact, Vec<(String, String)>), CodegenError> {
     let mut disasm = Some(Vec::new());
