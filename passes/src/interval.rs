@@ -82,6 +82,18 @@ fn sat(x: i128) -> i64 {
     x.clamp(i64::MIN as i128, i64::MAX as i128) as i64
 }
 
+/// Whether `x op y` may be true / may be false for some `x ∈ [a, b]`, `y ∈ [c, d]`.
+fn relation<T: PartialOrd + Copy>(op: BinOp, (a, b): (T, T), (c, d): (T, T)) -> (bool, bool) {
+    match op {
+        BinOp::Eq => (a <= d && c <= b, !(a == b && c == d && a == c)),
+        BinOp::Ne => (!(a == b && c == d && a == c), a <= d && c <= b),
+        BinOp::Lt => (a < d, b >= c),
+        BinOp::Le => (a <= d, b > c),
+        BinOp::Gt => (b > c, a <= d),
+        _ => (b >= c, a < d),
+    }
+}
+
 fn int_bin(op: BinOp, (a, b): (i64, i64), (c, d): (i64, i64)) -> Iv {
     let (a, b, c, d) = (a as i128, b as i128, c as i128, d as i128);
     match op {
@@ -109,14 +121,7 @@ fn int_bin(op: BinOp, (a, b): (i64, i64), (c, d): (i64, i64)) -> Iv {
         }
         BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
             // May the relation be true / false for some pair in the boxes?
-            let (t, f) = match op {
-                BinOp::Eq => (a <= d && c <= b, !(a == b && c == d && a == c)),
-                BinOp::Ne => (!(a == b && c == d && a == c), a <= d && c <= b),
-                BinOp::Lt => (a < d, b >= c),
-                BinOp::Le => (a <= d, b > c),
-                BinOp::Gt => (b > c, a <= d),
-                _ => (b >= c, a < d),
-            };
+            let (t, f) = relation(op, (a, b), (c, d));
             Iv::Bool { f, t }
         }
         _ => Iv::Unknown,
@@ -163,14 +168,7 @@ fn float_bin(op: BinOp, x: (f64, f64, bool), y: (f64, f64, bool)) -> Iv {
                 // Only NaN is possible on one side: every ordered comparison is false.
                 return Iv::bool(op == BinOp::Ne);
             }
-            let (t, f) = match op {
-                BinOp::Eq => (a <= d && c <= b, !(a == b && c == d && a == c)),
-                BinOp::Ne => (!(a == b && c == d && a == c), a <= d && c <= b),
-                BinOp::Lt => (a < d, b >= c),
-                BinOp::Le => (a <= d, b > c),
-                BinOp::Gt => (b > c, a <= d),
-                _ => (b >= c, a < d),
-            };
+            let (t, f) = relation(op, (a, b), (c, d));
             // NaN makes every comparison false except `!=`.
             if op == BinOp::Ne {
                 Iv::Bool { f, t: t || nan }

@@ -90,6 +90,31 @@ pub(crate) fn libcalls() -> Vec<(&'static str, usize, *const u8)> {
     ]
 }
 
+/// The condition code of a float comparison (ordered, as Rust's operators: false on NaN,
+/// except `!=`).
+pub(crate) fn float_cc(op: BinOp) -> FloatCC {
+    match op {
+        BinOp::Eq => FloatCC::Equal,
+        BinOp::Ne => FloatCC::NotEqual,
+        BinOp::Lt => FloatCC::LessThan,
+        BinOp::Le => FloatCC::LessThanOrEqual,
+        BinOp::Gt => FloatCC::GreaterThan,
+        _ => FloatCC::GreaterThanOrEqual,
+    }
+}
+
+/// The condition code of a signed integer comparison.
+pub(crate) fn int_cc(op: BinOp) -> IntCC {
+    match op {
+        BinOp::Eq => IntCC::Equal,
+        BinOp::Ne => IntCC::NotEqual,
+        BinOp::Lt => IntCC::SignedLessThan,
+        BinOp::Le => IntCC::SignedLessThanOrEqual,
+        BinOp::Gt => IntCC::SignedGreaterThan,
+        _ => IntCC::SignedGreaterThanOrEqual,
+    }
+}
+
 /// Workspace and output accesses.
 pub(crate) fn flags() -> MemFlagsData {
     MemFlagsData::trusted()
@@ -422,25 +447,9 @@ impl<'f, 'k> Gen<'f, 'k> {
             BinOp::Or => ins.bor(x, y),
             cmp => {
                 if float {
-                    let cc = match cmp {
-                        BinOp::Eq => FloatCC::Equal,
-                        BinOp::Ne => FloatCC::NotEqual,
-                        BinOp::Lt => FloatCC::LessThan,
-                        BinOp::Le => FloatCC::LessThanOrEqual,
-                        BinOp::Gt => FloatCC::GreaterThan,
-                        _ => FloatCC::GreaterThanOrEqual,
-                    };
-                    ins.fcmp(cc, x, y)
+                    ins.fcmp(float_cc(cmp), x, y)
                 } else {
-                    let cc = match cmp {
-                        BinOp::Eq => IntCC::Equal,
-                        BinOp::Ne => IntCC::NotEqual,
-                        BinOp::Lt => IntCC::SignedLessThan,
-                        BinOp::Le => IntCC::SignedLessThanOrEqual,
-                        BinOp::Gt => IntCC::SignedGreaterThan,
-                        _ => IntCC::SignedGreaterThanOrEqual,
-                    };
-                    ins.icmp(cc, x, y)
+                    ins.icmp(int_cc(cmp), x, y)
                 }
             }
         }

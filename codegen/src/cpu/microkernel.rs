@@ -87,8 +87,40 @@ pub unsafe extern "C" fn pv_portable(p: *const f32, ldp: i64, v: *const f32, ldv
     }
 }
 
+/// Channels `[e, dv)` of rows `[r, r + nr)` of `pv`, in scalar code (the vector kernels'
+/// tail).
+/// # Safety
+/// As [`pv_portable`].
+#[allow(clippy::too_many_arguments, dead_code)]
+unsafe fn pv_tail(
+    p: *const f32,
+    ldp: usize,
+    v: *const f32,
+    ldv: usize,
+    o: *mut f32,
+    ldo: usize,
+    corr: *const f32,
+    r: usize,
+    nr: usize,
+    nk: usize,
+    e: usize,
+    dv: usize,
+) {
+    for rr in 0..nr {
+        let c0 = if corr.is_null() { 1.0 } else { *corr.add(r + rr) };
+        for ee in e..dv {
+            let mut x = *o.add((r + rr) * ldo + ee) * c0;
+            for c in 0..nk {
+                x = (*p.add((r + rr) * ldp + c)).mul_add(*v.add(c * ldv + ee), x);
+            }
+            *o.add((r + rr) * ldo + ee) = x;
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::pv_tail;
     use std::arch::x86_64::*;
 
     /// `R` rows × 16 columns of `s` from `a` and the key panel: `2R` accumulators that
@@ -206,16 +238,7 @@ mod x86 {
                 e += 16;
             }
             // Channel tail: scalar.
-            for rr in 0..nr {
-                let c0 = if corr.is_null() { 1.0 } else { *corr.add(r + rr) };
-                for ee in e..dv {
-                    let mut x = *o.add((r + rr) * ldo + ee) * c0;
-                    for c in 0..nk {
-                        x = (*p.add((r + rr) * ldp + c)).mul_add(*v.add(c * ldv + ee), x);
-                    }
-                    *o.add((r + rr) * ldo + ee) = x;
-                }
-            }
+            pv_tail(p, ldp, v, ldv, o, ldo, corr, r, nr, nk, e, dv);
             r += nr;
         }
     }
@@ -299,16 +322,7 @@ mod x86 {
                 }
                 e += if wide { 32 } else { 16 };
             }
-            for rr in 0..nr {
-                let c0 = if corr.is_null() { 1.0 } else { *corr.add(r + rr) };
-                for ee in e..dv {
-                    let mut x = *o.add((r + rr) * ldo + ee) * c0;
-                    for c in 0..nk {
-                        x = (*p.add((r + rr) * ldp + c)).mul_add(*v.add(c * ldv + ee), x);
-                    }
-                    *o.add((r + rr) * ldo + ee) = x;
-                }
-            }
+            pv_tail(p, ldp, v, ldv, o, ldo, corr, r, nr, nk, e, dv);
             r += nr;
         }
     }

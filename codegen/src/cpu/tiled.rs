@@ -18,7 +18,7 @@
 //! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
 //! analysis (attnc-passes); empty tiles cost nothing.
 
-use super::gen::{flags, ty_of, Gen};
+use super::gen::{flags, float_cc, int_cc, ty_of, Gen};
 use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, MemFlagsData};
 use cranelift::prelude::*;
@@ -437,25 +437,9 @@ impl Gen<'_, '_> {
                     BinOp::Pow => unreachable!("handled above"),
                     cmp => {
                         if float {
-                            let cc = match cmp {
-                                BinOp::Eq => FloatCC::Equal,
-                                BinOp::Ne => FloatCC::NotEqual,
-                                BinOp::Lt => FloatCC::LessThan,
-                                BinOp::Le => FloatCC::LessThanOrEqual,
-                                BinOp::Gt => FloatCC::GreaterThan,
-                                _ => FloatCC::GreaterThanOrEqual,
-                            };
-                            ins.fcmp(cc, x, y)
+                            ins.fcmp(float_cc(*cmp), x, y)
                         } else {
-                            let cc = match cmp {
-                                BinOp::Eq => IntCC::Equal,
-                                BinOp::Ne => IntCC::NotEqual,
-                                BinOp::Lt => IntCC::SignedLessThan,
-                                BinOp::Le => IntCC::SignedLessThanOrEqual,
-                                BinOp::Gt => IntCC::SignedGreaterThan,
-                                _ => IntCC::SignedGreaterThanOrEqual,
-                            };
-                            ins.icmp(cc, x, y)
+                            ins.icmp(int_cc(*cmp), x, y)
                         }
                     }
                 })
@@ -802,15 +786,7 @@ impl Gen<'_, '_> {
                                 g.for_range(z, nvec, &mut |g, cv| {
                                     let c4 = g.b.ins().imul_imm_s(cv, 4);
                                     let off = g.b.ins().iadd(srow, c4);
-                                    let c4i = g.b.ins().ireduce(types::I32, c4);
-                                    let c4i = g.b.ins().splat(types::I32X4, c4i);
-                                    let jv = g.b.ins().iadd(jbase, c4i);
-                                    // Lanes past the last key read key M-1 (finite); they are masked.
-                                    let last = g.b.ins().iconst(types::I32, -1);
-                                    let last = g.b.ins().splat(types::I32X4, last);
-                                    let mlast = g.b.ins().iadd(mjv, last);
-                                    let jcl = g.b.ins().smin(jv, mlast);
-                                    let jcl = g.b.ins().smax(jcl, zi);
+                                    let (jv, jcl) = key_lanes(g, jbase, c4, mjv);
                                     let addr = g.ptr_off(s_ws, off);
                                     let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
                                     g.bind("j", jcl);
@@ -943,28 +919,22 @@ impl Gen<'_, '_> {
                                 let mu = g.b.ins().splat(types::F32X4, m_use);
                                 let sum = g.b.declare_var(types::F32X4);
                                 g.b.def_var(sum, zero_v);
-                                if accumulate {
-                                    let z = g.iconst(0);
-                                    g.for_range(z, nvec, &mut |g, cv| {
-                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
-                                        let off = g.b.ins().iadd(srow, c4);
-                                        let addr = g.ptr_off(s_ws, off);
-                                        let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
-                                        let d = g.b.ins().fsub(s, mu);
-                                        let p = g.vexp2_nonpos(d);
-                                        let acc = g.b.use_var(sum);
-                                        let acc = g.b.ins().fadd(acc, p);
-                                        g.b.def_var(sum, acc);
+                                let z = g.iconst(0);
+                                g.for_range(z, nvec, &mut |g, cv| {
+                                    let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                    let off = g.b.ins().iadd(srow, c4);
+                                    let addr = g.ptr_off(s_ws, off);
+                                    let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                    let d = g.b.ins().fsub(s, mu);
+                                    let p = g.vexp2_nonpos(d);
+                                    let acc = g.b.use_var(sum);
+                                    let acc = g.b.ins().fadd(acc, p);
+                                    g.b.def_var(sum, acc);
+                                    // Without accumulation (first of two passes) only the sum counts.
+                                    if accumulate {
                                         let p = match &br.decay {
                                             Some(de) => {
-                                                let c4i = g.b.ins().ireduce(types::I32, c4);
-                                                let c4i = g.b.ins().splat(types::I32X4, c4i);
-                                                let jv = g.b.ins().iadd(jbase, c4i);
-                                                let last = g.b.ins().iconst(types::I32, -1);
-                                                let last = g.b.ins().splat(types::I32X4, last);
-                                                let mlast = g.b.ins().iadd(mjv, last);
-                                                let jcl = g.b.ins().smin(jv, mlast);
-                                                let jcl = g.b.ins().smax(jcl, zi);
+                                                let (_, jcl) = key_lanes(g, jbase, c4, mjv);
                                                 g.bind("j", jcl);
                                                 let dv = g.vexpr_f(de, &["j".to_string()]);
                                                 g.unbind(1);
@@ -973,21 +943,8 @@ impl Gen<'_, '_> {
                                             None => p,
                                         };
                                         g.b.ins().store(flags(), p, addr, 0);
-                                    });
-                                } else {
-                                    let z = g.iconst(0);
-                                    g.for_range(z, nvec, &mut |g, cv| {
-                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
-                                        let off = g.b.ins().iadd(srow, c4);
-                                        let addr = g.ptr_off(s_ws, off);
-                                        let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
-                                        let d = g.b.ins().fsub(s, mu);
-                                        let p = g.vexp2_nonpos(d);
-                                        let acc = g.b.use_var(sum);
-                                        let acc = g.b.ins().fadd(acc, p);
-                                        g.b.def_var(sum, acc);
-                                    });
-                                }
+                                    }
+                                });
                                 let sv = g.b.use_var(sum);
                                 let tsum = g.hreduce(sv, false);
                                 let l_new = g.b.ins().fmul(lrow, corr);
@@ -1089,6 +1046,22 @@ impl Gen<'_, '_> {
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
+}
+
+/// The 4 key indices of the vector at offset `c4` in the tile (`jbase` holds `j0 + lane`),
+/// and the same clamped into `[0, M)`: lanes past the last key read key `M - 1` (finite
+/// values) and are masked off.
+fn key_lanes(g: &mut Gen, jbase: Value, c4: Value, mjv: Value) -> (Value, Value) {
+    let c4i = g.b.ins().ireduce(types::I32, c4);
+    let c4i = g.b.ins().splat(types::I32X4, c4i);
+    let jv = g.b.ins().iadd(jbase, c4i);
+    let last = g.b.ins().iconst(types::I32, -1);
+    let last = g.b.ins().splat(types::I32X4, last);
+    let mlast = g.b.ins().iadd(mjv, last);
+    let zero = g.b.ins().iconst(types::I32, 0);
+    let zero = g.b.ins().splat(types::I32X4, zero);
+    let jcl = g.b.ins().smin(jv, mlast);
+    (jv, g.b.ins().smax(jcl, zero))
 }
 
 /// `1.0 / d`, the key under which a hoisted reciprocal is cached.
