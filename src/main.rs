@@ -199,7 +199,7 @@ impl std::fmt::Display for Reported {
 }
 impl std::error::Error for Reported {}
 
-fn load(path: &PathBuf) -> Result<(Loaded, attnc::dsl::Checked)> {
+fn load(path: &std::path::Path) -> Result<(Loaded, attnc::dsl::Checked)> {
     let l = load_spec(path).with_context(|| format!("cannot read spec {}", path.display()))?;
     match &l.result {
         Ok(c) => {

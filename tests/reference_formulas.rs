@@ -10,6 +10,7 @@
 //! Shapes are the awkward ones of variants.md: lengths that are not multiples of 64, decode
 //! (N = 1), N ≠ M, N > M (rows that see no key), B = 2, G < H, one D = 64 case, the full
 //! grids, logits of magnitude 1e4 and NaN inputs.
+#![allow(clippy::needless_range_loop, clippy::type_complexity)] // index loops mirror the math
 
 use attnc::ir::reference::Tensor;
 use std::collections::BTreeMap;

@@ -754,6 +754,7 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn reduce(&mut self, e: &ast::Expr, op: RedOp, var: &Ident, lo: &Option<Box<ast::Expr>>, hi: &ast::Expr, body: &ast::Expr, scope: &mut Scope) -> R<Val> {
         if RESERVED.contains(&var.name.as_str()) {
             return Err(d("E0026", format!("`{}` is a reserved index name", var.name), var.span, "reserved")
@@ -1079,7 +1080,7 @@ impl<'a> Checker<'a> {
                                 ir::Expr::Float(x) => x.0,
                                 _ => unreachable!("const_value gives numbers"),
                             };
-                            if !(eps >= 0.0) {
+                            if eps.is_nan() || eps < 0.0 {
                                 return Err(bad("`eps` must be a number >= 0".into(), arg.value.span, "negative or NaN"));
                             }
                         }
@@ -1213,7 +1214,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
                     let h = c.typed(hi, &mut sc, want, "a value range bound").map_err(range_err)?;
                     if let (Some(a), Some(b)) = (fold_const(&l), fold_const(&h)) {
                         let (a, b) = (num(&a), num(&b));
-                        if !(a < b) {
+                        if a.partial_cmp(&b) != Some(std::cmp::Ordering::Less) {
                             return Err(d("E0027", "empty value range", lo.span.to(hi.span), format!("{a} .. {b} is empty"))
                                 .hint("write `in LO..HI` with LO < HI (HI is exclusive for integers)"));
                         }

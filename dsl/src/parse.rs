@@ -156,7 +156,7 @@ fn syntax_error(e: pest::error::Error<Rule>, src: &str) -> Diagnostic {
                 .hint(format!("`{name}` was read as the operand of `{op}`; finish the expression above"));
         }
     }
-    let new_statement = name_before.is_some_and(|at| at_line_start(at)) || (at_line_start(start) && starts_statement(start));
+    let new_statement = name_before.is_some_and(at_line_start) || (at_line_start(start) && starts_statement(start));
     if let Some((c @ ('(' | '['), at)) = innermost {
         if new_statement {
             return d
@@ -431,17 +431,12 @@ impl Walker {
                 Item::Branch { name, assigns, span: s }
             }
             Rule::assign => {
-                drop(next);
-                return Ok(Item::Assign(self.assign_from(s, rule, inner)?));
+                let target = ident(next());
+                let value = self.expr(next())?;
+                Item::Assign(Assign { target, value, span: s })
             }
             other => unreachable!("grammar: statement {other:?}"),
         })
-    }
-
-    fn assign_from(&self, s: Span, _rule: Rule, mut inner: pest::iterators::Pairs<Rule>) -> R<Assign> {
-        let target = ident(inner.next().expect("grammar: target"));
-        let value = self.expr(inner.next().expect("grammar: value"))?;
-        Ok(Assign { target, value, span: s })
     }
 }
 

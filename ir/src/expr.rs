@@ -252,7 +252,7 @@ impl Expr {
     pub fn map_children(&self, f: &mut dyn FnMut(&Expr) -> Expr) -> Expr {
         match self {
             Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_) => self.clone(),
-            Expr::Load(t, idx) => Expr::Load(t.clone(), idx.iter().map(|c| f(c)).collect()),
+            Expr::Load(t, idx) => Expr::Load(t.clone(), idx.iter().map(&mut *f).collect()),
             Expr::Unary(op, a) => Expr::Unary(*op, Box::new(f(a))),
             Expr::Binary(op, a, b) => Expr::Binary(*op, Box::new(f(a)), Box::new(f(b))),
             Expr::Select(c, a, b) => Expr::Select(Box::new(f(c)), Box::new(f(a)), Box::new(f(b))),

@@ -332,7 +332,7 @@ pub fn verify(k: &Kernel) -> Result<KernelInfo, VerifyError> {
                 cx.expect(e, &scope, F, &c("map"))?;
             }
             Norm::Linear { eps } => {
-                if !(eps.0 >= 0.0) {
+                if eps.0.is_nan() || eps.0 < 0.0 {
                     return cx.fail(&c("norm"), "linear epsilon must be >= 0");
                 }
             }

@@ -478,6 +478,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.writing = Some(name.to_string());
         let rank = vars.len();
         // Nested loops over all axes; the first runs over [lo, hi).
+        #[allow(clippy::too_many_arguments)]
         fn nest(
             g: &mut Gen,
             axis: usize,

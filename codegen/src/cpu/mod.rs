@@ -237,7 +237,7 @@ type TileFn = unsafe extern "C" fn(*const i64, i64, i64, i64, *const f32, *const
 /// The compiled form: row-at-a-time, or tiled.
 enum Path {
     Rows(AttendFn),
-    Tiled { pack: PackFn, tile: TileFn, plan: TiledPlan },
+    Tiled { pack: PackFn, tile: TileFn, plan: Box<TiledPlan> },
 }
 
 /// A JIT-compiled kernel, ready to run.
@@ -306,7 +306,7 @@ impl CpuKernel {
         isa: isa::OwnedTargetIsa,
         disasm: &mut Option<Vec<(String, String)>>,
     ) -> Result<CpuKernel, CodegenError> {
-        if o.block_k == 0 || o.block_k % 16 != 0 || o.block_q == 0 {
+        if o.block_k == 0 || !o.block_k.is_multiple_of(16) || o.block_q == 0 {
             return Err(CodegenError::Unsupported(format!("tile sizes must be positive and block_k a multiple of 16 (got {}×{})", o.block_q, o.block_k)));
         }
         let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
@@ -393,7 +393,7 @@ impl CpuKernel {
             }
         }
         let path = match plan {
-            Some(plan) => Path::Tiled { pack: pack.expect("generated"), tile: tile.expect("generated"), plan },
+            Some(plan) => Path::Tiled { pack: pack.expect("generated"), tile: tile.expect("generated"), plan: Box::new(plan) },
             None => Path::Rows(attend.expect("generated")),
         };
         let pool = match o.threads {
