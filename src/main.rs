@@ -10,8 +10,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-mod bench;
-
 /// `println!`/`print!` that exit quietly when stdout is closed early (`attnc check … | head`).
 macro_rules! outln {
     ($($t:tt)*) => {{
@@ -29,6 +27,9 @@ macro_rules! out {
         }
     }};
 }
+
+mod bench;
+mod tune;
 
 /// Counts heap bytes in use and their peak, for `attnc bench`'s memory report.
 struct Tracking;
@@ -174,12 +175,41 @@ enum Cmd {
         /// Run the tile matmuls in generated f32x4 code instead of the std::arch microkernel.
         #[arg(long)]
         no_microkernel: bool,
-        /// Query rows per tile.
-        #[arg(long, default_value_t = 64)]
-        block_q: usize,
-        /// Keys per tile (a multiple of 16).
-        #[arg(long, default_value_t = 64)]
-        block_k: usize,
+        /// Query rows per tile (default 64).
+        #[arg(long)]
+        block_q: Option<usize>,
+        /// Keys per tile, a multiple of 16 (default 64).
+        #[arg(long)]
+        block_k: Option<usize>,
+        /// Use the built-in defaults, not the tuned winner from the cache (nor the cost
+        /// model's pick when untuned). Any explicit option above implies it.
+        #[arg(long)]
+        untuned: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Tune a spec for this machine at a shape: try the cost model's best candidates (tile
+    /// sizes, microkernel on/off, kernel kind), check each against the reference on a small
+    /// input, time the survivors, and cache the winner for `run` and `bench`.
+    Tune {
+        spec: PathBuf,
+        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64.
+        #[arg(long)]
+        dims: String,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: Backend,
+        /// How many candidates (of the cost model's ranking) to measure.
+        #[arg(long, default_value_t = 8)]
+        top_k: usize,
+        /// Timed samples per candidate (after a warm-up run); the median counts.
+        #[arg(long, default_value_t = 5)]
+        samples: usize,
+        /// Worker threads (0: one per core); part of every candidate.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Write the table (CSV, JSON) and a plot (SVG) of the candidates to this directory.
+        #[arg(long)]
+        report: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -289,7 +319,13 @@ fn run(cli: Cli) -> Result<()> {
             let start = Instant::now();
             let out = match backend {
                 Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
-                Backend::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?.run(&inputs, &given)?,
+                Backend::Cpu => {
+                    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    let b = ir::bind(&c.kernel, &shapes, &given)?;
+                    let (opts, from) = tune::chosen_options(&c, &b, &inputs, 0);
+                    eprintln!("{}: cpu options from {from}", c.kernel.name);
+                    CpuKernel::compile(&c.kernel, &c.info, &opts)?.run(&inputs, &given)?
+                }
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
@@ -316,13 +352,27 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, seed } => {
+        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, untuned, seed } => {
             let (_, c) = load(&spec)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             let b = bind_given(&c, &given)?;
             let inputs = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
             let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
-            let opts = CpuOptions { tiled: !no_tiled, microkernel: !no_microkernel, block_q, block_k, threads, ..CpuOptions::default() };
+            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some();
+            let (opts, from) = if explicit {
+                let d = CpuOptions::default();
+                let o = CpuOptions {
+                    tiled: !no_tiled,
+                    microkernel: !no_microkernel,
+                    block_q: block_q.unwrap_or(d.block_q),
+                    block_k: block_k.unwrap_or(d.block_k),
+                    threads,
+                    ..d
+                };
+                (o, "given options".to_string())
+            } else {
+                tune::chosen_options(&c, &b, &inputs, threads)
+            };
             let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
             let mut times = Vec::new();
             let (compile_ms, peak_extra, label) = match backend {
@@ -373,6 +423,7 @@ fn run(cli: Cli) -> Result<()> {
             times.sort_by(|a, b| a.total_cmp(b));
             let med = times[times.len() / 2];
             outln!("{}  {dims_text}  [{label}; {}]", c.kernel.name, attnc_codegen::cpu::HostFeatures::detect().fingerprint());
+            outln!("  options  {from}");
             outln!("  compile  {compile_ms:.1} ms");
             outln!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
             outln!(
@@ -382,6 +433,14 @@ fn run(cli: Cli) -> Result<()> {
                 work.flops / med / 1e9
             );
             outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
+        }
+        Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed } => {
+            if backend != Backend::Cpu {
+                return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune)"));
+            }
+            let (_, c) = load(&spec)?;
+            let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
+            tune::tune(&c, tune::TuneArgs { given: &given, threads, top_k, samples, report: report.as_deref(), seed })?;
         }
         Cmd::Explain { spec } => {
             let (_, c) = load(&spec)?;

@@ -83,3 +83,31 @@ fn compile_emits_ir_that_parses() {
     assert_eq!(code, 0);
     assert!(out.contains("bias      -slope[h] * float(i + (M - N) - j)"), "{out}");
 }
+
+#[test]
+fn tune_caches_a_winner_that_run_and_bench_use() {
+    let cache = tmp("tune-cache");
+    let report = tmp("tune-report");
+    let run = |args: &[&str]| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_attnc")).args(args).env("ATTNC_CACHE_DIR", &cache).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("runs");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let dims = "B=1,H=2,G=1,N=96,M=96,D=16,Dv=16";
+    let (code, out, err) = run(&["tune", "examples/alibi.attn", "--dims", dims, "--top-k", "3", "--samples", "2", "--report", &report]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("cached in") && out.contains('*'), "{out}");
+    for f in ["tune.csv", "tune.json", "tune.svg"] {
+        assert!(std::path::Path::new(&report).join(f).exists(), "{f} written");
+    }
+    let (code, _, err) = run(&["run", "examples/alibi.attn", "--random", "--dims", dims, "-o", &tmp("tuned.safetensors"), "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("options from tuned"), "{err}");
+    // A corrupt cache file is ignored with a warning, not an error.
+    for e in std::fs::read_dir(&cache).unwrap() {
+        std::fs::write(e.unwrap().path(), "{ corrupt").unwrap();
+    }
+    let (code, _, err) = run(&["run", "examples/alibi.attn", "--random", "--dims", dims, "-o", &tmp("untuned.safetensors")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("warning: ignoring the corrupt tuning cache entry") && err.contains("cost model"), "{err}");
+}

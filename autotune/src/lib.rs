@@ -1,11 +1,18 @@
 //! attnc-autotune: choosing tile sizes and code paths per shape and device.
 //!
-//! This version owns the cache *key*: what makes two tuning problems the same. A key is the
-//! kernel's stable structural hash, the shape bucket (dims that change code generation
-//! exact, sequence lengths rounded up to powers of two), the dtypes, the backend, the device
-//! fingerprint (CPU ISA flags), the compiler version and a checksum of the candidate set, so
-//! a change to any of them misses the cache instead of reusing a stale winner. The search,
-//! the measurements and the persistent cache come with the autotuner issue.
+//! Split as in CubeCL: the *key* (this file: what makes two tuning problems the same), the
+//! *search space* pruned by a cost model ([`space`]), the *measurement protocol* with its
+//! correctness gate ([`tuner`]), the persistent *cache* ([`cache`]) and the *report*
+//! ([`report`]). A key is the kernel's stable structural hash, the shape bucket (dims that
+//! change code generation exact, sequence lengths rounded up to powers of two), the dtypes,
+//! the backend, the device fingerprint (CPU ISA flags), the compiler version and a checksum
+//! of the candidate set, so a change to any of them misses the cache instead of reusing a
+//! stale winner.
+
+pub mod cache;
+pub mod report;
+pub mod space;
+pub mod tuner;
 
 use attnc_ir::{stable_hash, Bindings, Kernel};
 use sha2::{Digest, Sha256};
@@ -118,9 +125,12 @@ mod tests {
     fn key_is_stable_and_sees_every_part() {
         let k = kernel();
         let base = TuneKey::cpu(&k, &dims(512, 64), &["a".into(), "b".into()]);
-        // Pinned: the id must not change between runs or processes (no DefaultHasher).
         assert_eq!(base.id(), TuneKey::cpu(&k, &dims(512, 64), &["a".into(), "b".into()]).id());
         assert_eq!(base.id().len(), 64);
+        // Pinned: a key with fixed facts has this id in every run, process and machine (no
+        // DefaultHasher, no addresses); a change here invalidates every cache entry.
+        let fixed = TuneKey { device: "cpu:x86_64+avx+avx2+fma".into(), compiler: "attnc 0.1.0".into(), ..base.clone() };
+        assert_eq!(fixed.id(), "96f547be83deafd32ab55ac55cdcf84631c29903dbfe13c0f9bc8245d2b1e5e4");
         let mut other = base.clone();
         other.candidates = checksum(&["a".into()]);
         assert_ne!(base.id(), other.id(), "the candidate set is part of the key");

@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use tiled::TiledPlan;
 
 /// Code-generation choices for the CPU (part of the autotune key).
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+#[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct CpuOptions {
     /// Use the FMA extension when the host has it (x86-64). Off: lane-wise `fmaf` calls.
     pub fma: bool,
@@ -645,4 +646,9 @@ impl<T> SendPtr<T> {
     fn get(self) -> *const T {
         self.0
     }
+}
+
+/// Whether the tiled kernel can run this kernel (else only the row kernel can).
+pub fn tiles_apply(k: &Kernel) -> bool {
+    TiledPlan::new(k).is_some()
 }

@@ -1,0 +1,153 @@
+//! The CPU search space and the cost model that prunes it.
+//!
+//! Candidates: for the tiled kernel, query × key tile sizes with the `std::arch` microkernel
+//! on or off; for the row kernel, the rows per task. The cost model is a roofline-style
+//! estimate per candidate: the live tiles at that tile size (from the block-sparsity
+//! classifier, so masked work is not counted) times the tile's matmul FLOPs at the path's
+//! throughput, plus a fixed cost per tile and per row of a tile (the per-row softmax
+//! bookkeeping), plus packing. It only ranks candidates; the tuner measures the top ones.
+
+use attnc_codegen::cpu::CpuOptions;
+use attnc_ir::{Bindings, Kernel};
+use attnc_passes::interval::LoadOracle;
+use attnc_passes::tiles::{classify, TileBox, TileClass};
+
+/// One configuration to try.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub name: String,
+    pub options: CpuOptions,
+    /// The cost model's estimate, in seconds (only its order matters).
+    pub predicted: f64,
+}
+
+/// Throughputs the model assumes (FLOP/s per core), from measurements on an AVX2 machine;
+/// only their ratios matter for ranking.
+const MICROKERNEL_FLOPS: f64 = 55e9;
+const GENERATED_FLOPS: f64 = 15e9;
+const TILE_OVERHEAD_S: f64 = 2e-7;
+const ROW_OVERHEAD_S: f64 = 2.5e-8;
+const PAIR_OVERHEAD_S: f64 = 1.2e-9;
+
+/// Live (non-empty) tiles of the first masked branch at the given tile size, counted over
+/// one head (the mask is classified at b = h = 0); `(live, partial)`.
+fn live_tiles(k: &Kernel, dims: &Bindings, bq: i64, bk: i64, data: &dyn LoadOracle) -> (f64, f64) {
+    let ext = |e: &attnc_ir::Extent| dims.extent(e);
+    let (ni, nj) = (ext(&k.iter.i), ext(&k.iter.j));
+    let mask = k.branches.iter().find_map(|b| b.mask.as_ref());
+    let (mut live, mut partial) = (0.0, 0.0);
+    // Large problems: classify every `stride`-th row of query tiles and scale up, so the
+    // estimate stays cheap (it runs on every untuned `attnc run`).
+    let tiles = ((ni + bq - 1) / bq) * ((nj + bk - 1) / bk);
+    let stride = (tiles / 2048).max(1);
+    for i0 in (0..ni).step_by((bq * stride) as usize) {
+        for j0 in (0..nj).step_by(bk as usize) {
+            let bx = TileBox { b: 0, h: 0, i: (i0, (i0 + bq).min(ni)), j: (j0, (j0 + bk).min(nj)) };
+            match classify(mask, bx, &dims.dims, data) {
+                TileClass::Empty => {}
+                TileClass::Full => live += stride as f64,
+                TileClass::Partial => {
+                    live += stride as f64;
+                    partial += stride as f64;
+                }
+            }
+        }
+    }
+    (live, partial)
+}
+
+/// Every CPU candidate for a kernel bound to `dims`, with its predicted cost, cheapest
+/// first. `threads` is fixed (the caller's choice, part of every candidate).
+pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn LoadOracle) -> Vec<Candidate> {
+    let ext = |e: &attnc_ir::Extent| dims.extent(e) as f64;
+    let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
+    let heads = nb * nh;
+    let dk = 64.0_f64.max(ne);
+    let mut out = Vec::new();
+    let tiled = attnc_codegen::cpu::tiles_apply(k);
+    if tiled {
+        for bq in [16usize, 32, 64, 128] {
+            for bk in [16usize, 32, 64, 128] {
+                let (live, partial) = live_tiles(k, dims, bq as i64, bk as i64, data);
+                let pairs = live * (bq * bk) as f64;
+                for microkernel in [true, false] {
+                    let flops = pairs * 2.0 * (dk + ne);
+                    let rate = if microkernel { MICROKERNEL_FLOPS } else { GENERATED_FLOPS };
+                    let per_head = flops / rate
+                        + live * (TILE_OVERHEAD_S + bq as f64 * ROW_OVERHEAD_S)
+                        + pairs * PAIR_OVERHEAD_S * (1.0 + partial / live.max(1.0))
+                        + (ni + nj) * dk * 2e-10;
+                    let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
+                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, ..CpuOptions::default() };
+                    out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64 });
+                }
+            }
+        }
+    }
+    for rows in [4usize, 16, 64] {
+        // The row kernel: scalar work per live pair; fewer rows per task, more scheduling.
+        let (live, _) = live_tiles(k, dims, 64, 64, data);
+        let pairs = (live * 4096.0).min(ni * nj);
+        let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
+        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, ..CpuOptions::default() };
+        out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64 });
+    }
+    out.sort_by(|a, b| a.predicted.total_cmp(&b.predicted).then_with(|| a.name.cmp(&b.name)));
+    out
+}
+
+/// The names of every candidate (what the cache key's checksum covers), without costs.
+pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
+    let mut names = Vec::new();
+    if attnc_codegen::cpu::tiles_apply(k) {
+        for bq in [16usize, 32, 64, 128] {
+            for bk in [16usize, 32, 64, 128] {
+                for microkernel in [true, false] {
+                    names.push(format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" }));
+                }
+            }
+        }
+    }
+    names.extend([4usize, 16, 64].map(|r| format!("rows {r}")));
+    names.sort();
+    names
+}
+
+/// The `top_k` cheapest candidates by the cost model.
+pub fn prune(mut all: Vec<Candidate>, top_k: usize) -> Vec<Candidate> {
+    all.truncate(top_k.max(1));
+    all
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attnc_passes::interval::NoData;
+
+    fn bound(n: i64) -> (Kernel, Bindings) {
+        let k = attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e)
+               (branch (score (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))) (mask (<= j i)) (norm (softmax))))",
+        )
+        .expect("kernel");
+        let dims = Bindings { dims: [("B", 1), ("H", 8), ("N", n), ("M", n), ("D", 64)].iter().map(|(a, b)| (a.to_string(), *b)).collect() };
+        (k, dims)
+    }
+
+    #[test]
+    fn pruning_keeps_the_cheapest_and_prefers_the_microkernel() {
+        let (k, dims) = bound(2048);
+        let all = cpu_candidates(&k, &dims, 2, &NoData);
+        assert!(all.len() > 30, "tile sizes × paths × row variants");
+        assert!(all.windows(2).all(|w| w[0].predicted <= w[1].predicted), "sorted by cost");
+        let top = prune(all.clone(), 6);
+        assert_eq!(top.len(), 6);
+        assert_eq!(top, all[..6].to_vec());
+        assert!(top.iter().all(|c| c.options.tiled && c.options.microkernel), "{top:?}");
+        // Causal: the model sees that tiles above the diagonal are empty, so it predicts
+        // about half the time of the same spec without a mask would take.
+        assert!(all.iter().any(|c| c.name == "tiled 64x64"));
+    }
+}

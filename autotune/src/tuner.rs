@@ -1,0 +1,175 @@
+//! The measurement protocol.
+//!
+//! For each candidate, in the cost model's order: (1) build it; a build failure is a value,
+//! not a panic; (2) run it once on a small input and compare with the reference: a
+//! mismatch disqualifies it, it is never timed or chosen; (3) warm up, then take samples
+//! and report the median; a candidate whose sample is more than `stop_factor` times the
+//! best median so far is stopped early. A single surviving candidate is not timed at all.
+
+use crate::space::Candidate;
+use std::time::Instant;
+
+/// What happened to one candidate.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Median and all samples, in seconds.
+    Timed { median: f64, samples: Vec<f64> },
+    /// The small-input run differed from the reference (or failed).
+    Disqualified(String),
+    /// It could not be built or run.
+    Failed(String),
+    /// Stopped early: a sample took this long, over `stop_factor` × the best.
+    Stopped(f64),
+    /// The only candidate left: chosen without timing.
+    Untimed,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Trial {
+    pub candidate: Candidate,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Protocol {
+    pub warmup: usize,
+    pub samples: usize,
+    pub stop_factor: f64,
+}
+
+impl Default for Protocol {
+    fn default() -> Self {
+        Protocol { warmup: 1, samples: 5, stop_factor: 3.0 }
+    }
+}
+
+/// A built candidate: one call runs it on the full input.
+pub type Run = Box<dyn FnMut() -> Result<(), String>>;
+
+/// Runs the protocol. `gate` checks a candidate on the small input against the reference;
+/// `build` prepares it for timing on the full input; `progress` sees each finished trial.
+pub fn tune(
+    candidates: &[Candidate],
+    p: Protocol,
+    gate: &mut dyn FnMut(&Candidate) -> Result<(), String>,
+    build: &mut dyn FnMut(&Candidate) -> Result<Run, String>,
+    progress: &mut dyn FnMut(&Trial),
+) -> Vec<Trial> {
+    let mut trials = Vec::new();
+    let mut best = f64::INFINITY;
+    // Correctness first, for every candidate, so the count of survivors is known.
+    let mut ok = Vec::new();
+    for c in candidates {
+        match gate(c) {
+            Ok(()) => ok.push(c.clone()),
+            Err(why) => {
+                let t = Trial { candidate: c.clone(), outcome: Outcome::Disqualified(why) };
+                progress(&t);
+                trials.push(t);
+            }
+        }
+    }
+    if ok.len() == 1 {
+        let t = Trial { candidate: ok[0].clone(), outcome: Outcome::Untimed };
+        progress(&t);
+        trials.push(t);
+        return trials;
+    }
+    for c in ok {
+        let outcome = (|| {
+            let mut run = match build(&c) {
+                Ok(r) => r,
+                Err(e) => return Outcome::Failed(e),
+            };
+            for _ in 0..p.warmup {
+                if let Err(e) = run() {
+                    return Outcome::Failed(e);
+                }
+            }
+            let mut samples = Vec::new();
+            for _ in 0..p.samples.max(1) {
+                let t = Instant::now();
+                if let Err(e) = run() {
+                    return Outcome::Failed(e);
+                }
+                let dt = t.elapsed().as_secs_f64();
+                if dt > p.stop_factor * best {
+                    return Outcome::Stopped(dt);
+                }
+                samples.push(dt);
+            }
+            let mut sorted = samples.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            Outcome::Timed { median: sorted[sorted.len() / 2], samples }
+        })();
+        if let Outcome::Timed { median, .. } = outcome {
+            best = best.min(median);
+        }
+        let t = Trial { candidate: c, outcome };
+        progress(&t);
+        trials.push(t);
+    }
+    trials
+}
+
+/// The winner: the fastest timed candidate, or the untimed survivor.
+pub fn winner(trials: &[Trial]) -> Option<&Trial> {
+    trials.iter().filter(|t| matches!(t.outcome, Outcome::Timed { .. } | Outcome::Untimed)).min_by(|a, b| {
+        let m = |t: &Trial| match t.outcome {
+            Outcome::Timed { median, .. } => median,
+            _ => 0.0,
+        };
+        m(a).total_cmp(&m(b))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attnc_codegen::cpu::CpuOptions;
+
+    fn cand(name: &str) -> Candidate {
+        Candidate { name: name.into(), options: CpuOptions::default(), predicted: 0.0 }
+    }
+
+    #[test]
+    fn a_wrong_candidate_is_disqualified_never_chosen_and_slow_ones_stop_early() {
+        let cands = [cand("fast-but-wrong"), cand("right"), cand("slow"), cand("broken")];
+        let mut gate = |c: &Candidate| if c.name == "fast-but-wrong" { Err("element 3 is 1.5, reference 0.5".to_string()) } else { Ok(()) };
+        let mut build = |c: &Candidate| -> Result<Run, String> {
+            match c.name.as_str() {
+                "broken" => Err("compile failed".into()),
+                "slow" => Ok(Box::new(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(40));
+                    Ok(())
+                })),
+                _ => Ok(Box::new(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    Ok(())
+                })),
+            }
+        };
+        let mut seen = 0;
+        let trials = tune(&cands, Protocol::default(), &mut gate, &mut build, &mut |_| seen += 1);
+        assert_eq!(seen, 4);
+        let by = |n: &str| trials.iter().find(|t| t.candidate.name == n).expect("trial").outcome.clone();
+        assert!(matches!(by("fast-but-wrong"), Outcome::Disqualified(_)));
+        assert!(matches!(by("right"), Outcome::Timed { .. }));
+        assert!(matches!(by("slow"), Outcome::Stopped(t) if t > 0.03), "stopped after one sample");
+        assert_eq!(by("broken"), Outcome::Failed("compile failed".into()));
+        assert_eq!(winner(&trials).expect("a winner").candidate.name, "right");
+    }
+
+    #[test]
+    fn a_single_survivor_is_not_timed() {
+        let cands = [cand("a"), cand("b")];
+        let trials = tune(
+            &cands,
+            Protocol::default(),
+            &mut |c| if c.name == "a" { Err("wrong".into()) } else { Ok(()) },
+            &mut |_| Err("must not build".into()),
+            &mut |_| {},
+        );
+        assert_eq!(winner(&trials).expect("winner").outcome, Outcome::Untimed);
+    }
+}

@@ -1,0 +1,164 @@
+//! `attnc tune` and the use of tuned winners by `run` and `bench`.
+
+use anyhow::{anyhow, Result};
+use attnc::dsl::Checked;
+use attnc::ir::reference::Tensor;
+use attnc::ir::Bindings;
+use attnc_autotune::cache::{CacheEntry, TrialRecord, TuneCache, CACHE_VERSION};
+use attnc_autotune::space::{cpu_candidate_names, cpu_candidates, prune, Candidate};
+use attnc_autotune::tuner::{self, Outcome, Protocol};
+use attnc_autotune::TuneKey;
+use attnc_codegen::cpu::{CpuKernel, CpuOptions, Storage};
+use attnc_passes::tiles::DataOracle;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn oracle<'a>(c: &Checked, inputs: &'a BTreeMap<String, Tensor>) -> DataOracle<'a> {
+    DataOracle {
+        tensors: inputs
+            .iter()
+            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
+            .collect(),
+        limit: 1 << 14,
+    }
+}
+
+/// Every candidate (for the key's checksum) and the cost model's order.
+fn candidates(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> Vec<Candidate> {
+    cpu_candidates(&c.kernel, dims, threads, &oracle(c, inputs))
+}
+
+/// The cache key: over the names of the whole candidate set (not only those measured).
+fn key(c: &Checked, dims: &Bindings) -> TuneKey {
+    TuneKey::cpu(&c.kernel, dims, &cpu_candidate_names(&c.kernel))
+}
+
+/// The options `run` and `bench` use: the cached winner for this spec, shape bucket and
+/// device when there is one, else the cost model's first choice. Returns where they came from.
+pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> (CpuOptions, String) {
+    let t = std::time::Instant::now();
+    match TuneCache::open_default().get(&key(c, dims)) {
+        Ok(Some(e)) => return (CpuOptions { threads, ..e.options }, format!("tuned ({}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3)),
+        Ok(None) => {}
+        Err(warning) => eprintln!("warning: {warning}"),
+    }
+    let all = candidates(c, dims, inputs, threads);
+    match all.first() {
+        Some(best) => (best.options.clone(), format!("cost model ({}; not tuned: `attnc tune` measures)", best.name)),
+        None => (CpuOptions { threads, ..CpuOptions::default() }, "default".into()),
+    }
+}
+
+/// Dims for the correctness gate: the query and key lengths cut to at most 70, so the
+/// reference is quick; the other dims as given.
+fn small_dims(c: &Checked, given: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    let mut d = given.clone();
+    for e in [&c.kernel.iter.i, &c.kernel.iter.j] {
+        if let attnc::ir::Extent::Dim(name) = e {
+            if let Some(v) = d.get_mut(name) {
+                *v = (*v).min(70);
+            }
+        }
+    }
+    d
+}
+
+fn within_tolerance(got: &[f32], want: &[f64]) -> Result<(), String> {
+    let finite: Vec<f64> = want.iter().copied().filter(|x| x.is_finite()).collect();
+    let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
+    for (n, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let g = g as f64;
+        let ok = if w.is_nan() || g.is_nan() { w.is_nan() && g.is_nan() } else { (g - w).abs() <= 2e-4 * rms.max(1e-3) + 2e-3 * w.abs() };
+        if !ok {
+            return Err(format!("element {n} is {g}, the reference {w}"));
+        }
+    }
+    Ok(())
+}
+
+pub struct TuneArgs<'a> {
+    pub given: &'a BTreeMap<String, i64>,
+    pub threads: usize,
+    pub top_k: usize,
+    pub samples: usize,
+    pub report: Option<&'a Path>,
+    pub seed: u64,
+}
+
+pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
+    let dims = attnc::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
+    let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
+    let all = candidates(c, &dims, &inputs, a.threads);
+    let pruned = prune(all.clone(), a.top_k);
+    let work = crate::bench::useful_work(c, &dims, &inputs).map_err(|e| anyhow!(e))?;
+    // The gate: a small input and its reference output, computed once.
+    let small_given = small_dims(c, a.given);
+    let small = attnc::bind_dims(c, &small_given).map_err(|e| anyhow!("the correctness gate's small shape does not bind: {e}"))?;
+    let small_inputs = attnc::inputs::random_inputs(&c.kernel, &small, &c.ranges, a.seed + 1).map_err(|e| anyhow!(e))?;
+    let want = attnc::ir::reference::run(&c.kernel, &c.info, &small_inputs, &BTreeMap::new())?;
+    let small_storage = Storage::from_f64(&c.kernel, &small_inputs);
+    let storage = Storage::from_f64(&c.kernel, &inputs);
+    let bar = indicatif::ProgressBar::new(pruned.len() as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("tuning {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    let t0 = std::time::Instant::now();
+    let mut gate = |cand: &Candidate| -> Result<(), String> {
+        bar.set_message(format!("checking {}", cand.name));
+        let k = CpuKernel::compile(&c.kernel, &c.info, &cand.options).map_err(|e| e.to_string())?;
+        let (_, got) = k.run_storage(&small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
+        within_tolerance(&got, &want.data)
+    };
+    let mut build = |cand: &Candidate| -> Result<tuner::Run, String> {
+        bar.set_message(format!("timing {}", cand.name));
+        let k = CpuKernel::compile(&c.kernel, &c.info, &cand.options).map_err(|e| e.to_string())?;
+        let st = storage.clone();
+        Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
+    };
+    let protocol = Protocol { samples: a.samples.max(1), ..Protocol::default() };
+    let trials = tuner::tune(&pruned, protocol, &mut gate, &mut build, &mut |t| {
+        if !matches!(t.outcome, Outcome::Disqualified(_)) {
+            bar.inc(1);
+        }
+    });
+    bar.finish_and_clear();
+    let elapsed = t0.elapsed().as_secs_f64();
+    let Some(win) = tuner::winner(&trials) else {
+        return Err(anyhow!("no candidate passed the correctness gate and ran; see the table"));
+    };
+    let default_median = trials.iter().find_map(|t| match &t.outcome {
+        Outcome::Timed { median, .. } if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => Some(*median),
+        _ => None,
+    });
+    let records: Vec<TrialRecord> = trials.iter().map(TrialRecord::from_trial).collect();
+    outln!("{}  {}  ({} of {} candidates after pruning; {:.1} s)", c.kernel.name, given_text(a.given), pruned.len(), all.len(), elapsed);
+    outln!("  {:<26} {:>12} {:>11} {:>9}  status", "candidate", "predicted ms", "median ms", "GFLOP/s");
+    for r in &records {
+        let (med, gf) = match r.median_s {
+            Some(m) => (format!("{:.3}", m * 1e3), format!("{:.1}", work.flops / m / 1e9)),
+            None => ("-".into(), "-".into()),
+        };
+        let mark = if r.name == win.candidate.name { "*" } else { " " };
+        outln!("{mark} {:<26} {:>12.3} {:>11} {:>9}  {}", r.name, r.predicted_s * 1e3, med, gf, r.status);
+    }
+    if let (Some(d), Outcome::Timed { median, .. }) = (default_median, &win.outcome) {
+        outln!("  winner {} is {:.2}x the default (tiled 64x64)", win.candidate.name, d / median);
+    }
+    let k = key(c, &dims);
+    let entry = CacheEntry {
+        version: CACHE_VERSION,
+        key: format!("{k:?}"),
+        winner: win.candidate.name.clone(),
+        options: win.candidate.options.clone(),
+        trials: records.clone(),
+    };
+    let path = TuneCache::open_default().put(&k, &entry).map_err(|e| anyhow!("cannot write the tuning cache: {e}"))?;
+    outln!("  cached in {}", path.display());
+    if let Some(dir) = a.report {
+        attnc_autotune::report::write(dir, &format!("{} {}", c.kernel.name, given_text(a.given)), &records).map_err(|e| anyhow!("report: {e}"))?;
+        outln!("  report written to {}/tune.{{csv,json,svg}}", dir.display());
+    }
+    Ok(())
+}
+
+fn given_text(given: &BTreeMap<String, i64>) -> String {
+    given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
