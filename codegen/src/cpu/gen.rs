@@ -569,28 +569,34 @@ impl<'f, 'k> Gen<'f, 'k> {
             g.for_range(zero_i, ev, &mut |g, e| {
                 g.bind("e", e);
                 let acc = g.load_f32(out_acc, e);
-                let gated = match &k.gate {
-                    Some(ge) => {
-                        let gv = g.expr(ge);
-                        g.b.ins().fmul(acc, gv)
-                    }
-                    None => acc,
-                };
-                let z = g.fconst(0.0);
-                let v = g.b.ins().select(live, gated, z);
-                let mut off = g.iconst(0);
-                for (axis, var) in k.out.iter().enumerate() {
-                    let x = g.expr(&Expr::var(var));
-                    let p = g.b.ins().imul(x, out.stride[axis]);
-                    off = g.b.ins().iadd(off, p);
-                }
-                g.store_f32(out.base, off, v);
+                g.store_output(&out, acc, live);
                 g.unbind(1);
             });
             g.unbind(1);
         });
         self.unbind(2);
         self.b.ins().return_(&[]);
+    }
+
+    /// Stores one output element (`b h i e` bound): `acc · gate` for a live row, else 0.
+    pub(crate) fn store_output(&mut self, out: &TVals, acc: Value, live: Value) {
+        let k = self.kernel;
+        let gated = match &k.gate {
+            Some(ge) => {
+                let gv = self.expr(ge);
+                self.b.ins().fmul(acc, gv)
+            }
+            None => acc,
+        };
+        let z = self.fconst(0.0);
+        let v = self.b.ins().select(live, gated, z);
+        let mut off = self.iconst(0);
+        for (axis, var) in k.out.iter().enumerate() {
+            let x = self.expr(&Expr::var(var));
+            let p = self.b.ins().imul(x, out.stride[axis]);
+            off = self.b.ins().iadd(off, p);
+        }
+        self.store_f32(out.base, off, v);
     }
 
     /// One branch of one row: walks the keys, then adds its normalized contribution.

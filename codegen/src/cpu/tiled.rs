@@ -1024,21 +1024,7 @@ impl Gen<'_, '_> {
                 g.bind("e", e);
                 let off = g.b.ins().iadd(row, e);
                 let acc = g.load_f32(out_ws, off);
-                let v = match &k.gate {
-                    Some(ge) => {
-                        let gv = g.expr(ge);
-                        g.b.ins().fmul(acc, gv)
-                    }
-                    None => acc,
-                };
-                let v = g.b.ins().select(live, v, zf);
-                let mut o = g.iconst(0);
-                for (axis, var) in k.out.iter().enumerate() {
-                    let x = g.expr(&Expr::var(var));
-                    let p = g.b.ins().imul(x, out.stride[axis]);
-                    o = g.b.ins().iadd(o, p);
-                }
-                g.store_f32(out.base, o, v);
+                g.store_output(&out, acc, live);
                 g.unbind(1);
             });
             g.unbind(1);
