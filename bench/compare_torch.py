@@ -210,6 +210,9 @@ def flex(torch, spec, q, k, v, extra, H):
         def score_mod(s, b, h, i, j):
             return s + dense[b, h, i, j]
     block_mask = create_block_mask(mask_mod, q.shape[0], H, N, N, device="cpu") if mask_mod else None
+    # A fresh compile per variant: dynamo's recompile limit would otherwise silently fall
+    # back to the unfused implementation after a few variants.
+    torch._dynamo.reset()
     compiled = torch.compile(flex_attention)
 
     def run():

@@ -105,6 +105,7 @@ enum Cmd {
     },
     /// Compile a spec and print (or write) an intermediate form.
     Compile {
+        /// The .attn spec file.
         spec: PathBuf,
         /// What to emit.
         #[arg(long, value_enum, default_value = "ir")]
@@ -119,6 +120,7 @@ enum Cmd {
     /// Run a spec on inputs from a safetensors file (tensors named as in the spec) and write
     /// its output tensor by name.
     Run {
+        /// The .attn spec file.
         spec: PathBuf,
         /// Input tensors (safetensors); dims are bound from their shapes.
         #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
@@ -144,6 +146,7 @@ enum Cmd {
     },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
     Inputs {
+        /// The .attn spec file.
         spec: PathBuf,
         /// Dim sizes, e.g. B=1,H=8,G=2,N=512,M=512,D=64,Dv=64.
         #[arg(long)]
@@ -157,6 +160,7 @@ enum Cmd {
     /// Time a spec on seeded random inputs: median time, GFLOP/s of useful work (masked
     /// pairs are not counted), compile time and peak memory beyond inputs and outputs.
     Bench {
+        /// The .attn spec file.
         spec: PathBuf,
         /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64.
         #[arg(long)]
@@ -192,6 +196,7 @@ enum Cmd {
     /// sizes, microkernel on/off, kernel kind), check each against the reference on a small
     /// input, time the survivors, and cache the winner for `run` and `bench`.
     Tune {
+        /// The .attn spec file.
         spec: PathBuf,
         /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64.
         #[arg(long)]
@@ -214,7 +219,10 @@ enum Cmd {
         seed: u64,
     },
     /// Explain a spec: its dims, tensors and each axis of the kernel in readable form, then the IR.
-    Explain { spec: PathBuf },
+    Explain {
+        /// The .attn spec file.
+        spec: PathBuf,
+    },
     /// List the diagnostic codes.
     Codes,
 }

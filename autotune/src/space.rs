@@ -21,13 +21,18 @@ pub struct Candidate {
     pub predicted: f64,
 }
 
-/// Throughputs the model assumes (FLOP/s per core), from measurements on an AVX2 machine;
-/// only their ratios matter for ranking.
+/// Constants of the model, fitted to `attnc tune` tables on an AVX2 machine (Zen 3,
+/// sdpa_causal at N = 2048: a 16×64 tile costs ~1.4× a 64×64 one, 128×64 ~1.25×): matmul
+/// throughput per core, a fixed cost per tile (calls, packing of the query tile, row
+/// bookkeeping) and per row of a tile, per-pair elementwise work, and a slowdown for tiles
+/// whose working set (A, S and the key panel) spills L1.
 const MICROKERNEL_FLOPS: f64 = 55e9;
 const GENERATED_FLOPS: f64 = 15e9;
-const TILE_OVERHEAD_S: f64 = 2e-7;
+const TILE_OVERHEAD_S: f64 = 3e-6;
 const ROW_OVERHEAD_S: f64 = 2.5e-8;
 const PAIR_OVERHEAD_S: f64 = 1.2e-9;
+const L1_BYTES: f64 = 32.0 * 1024.0;
+const SPILL_SLOWDOWN: f64 = 1.3;
 
 /// Live (non-empty) tiles of the first masked branch at the given tile size, counted over
 /// one head (the mask is classified at b = h = 0); `(live, partial)`.
@@ -73,6 +78,8 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                 for microkernel in [true, false] {
                     let flops = pairs * 2.0 * (dk + ne);
                     let rate = if microkernel { MICROKERNEL_FLOPS } else { GENERATED_FLOPS };
+                    let working_set = 4.0 * (bq as f64 * dk + bq as f64 * bk as f64 + dk * bk as f64);
+                    let rate = if working_set > 1.5 * L1_BYTES { rate / SPILL_SLOWDOWN } else { rate };
                     let per_head = flops / rate
                         + live * (TILE_OVERHEAD_S + bq as f64 * ROW_OVERHEAD_S)
                         + pairs * PAIR_OVERHEAD_S * (1.0 + partial / live.max(1.0))
