@@ -475,29 +475,36 @@ impl CpuKernel {
             &classes[&(br, if deps.b { b } else { 0 }, if deps.h { h } else { 0 })]
         };
         let ws_len = (bq * dk.max(1) + bq * bk + 2 * bq * ev + 5 * bq) as usize;
-        let groups: Vec<(i64, i64)> = (0..nb).flat_map(|b| (0..nh).map(move |h| (b, h))).collect();
-        groups.par_iter().for_each(|&(b, h)| {
+        // Heads that read the same key panel and values share one pack (GQA/MQA: every
+        // query head of a kv head), so decode does not re-pack K and V per query head.
+        let groups = pack_groups(k, plan, dims, nb, nh);
+        groups.par_iter().for_each(|(b, heads)| {
+            let (b, h0) = (*b, heads[0]);
             let mut kt = vec![0f32; (ntiles * bk * dk.max(1)) as usize];
             let mut vb = vec![0f32; (ntiles * bk * ev) as usize];
             // SAFETY: kt and vb hold the padded panels `pack` writes.
-            unsafe { pack(fp.get(), b, h, kt.as_mut_ptr(), vb.as_mut_ptr()) };
-            // Per query tile: the classes of every branch, contiguous.
-            let mut cls = vec![0u8; (nqb * nbr as i64 * ntiles) as usize];
-            for qb in 0..nqb {
-                for br in 0..nbr {
-                    let src = &lookup(br, b, h)[(qb * ntiles) as usize..((qb + 1) * ntiles) as usize];
-                    let at = ((qb * nbr as i64 + br as i64) * ntiles) as usize;
-                    cls[at..at + ntiles as usize].copy_from_slice(src);
+            unsafe { pack(fp.get(), b, h0, kt.as_mut_ptr(), vb.as_mut_ptr()) };
+            // Per head and query tile: the classes of every branch, contiguous.
+            let per_head = (nqb * nbr as i64 * ntiles) as usize;
+            let mut cls = vec![0u8; per_head * heads.len()];
+            for (n, &h) in heads.iter().enumerate() {
+                for qb in 0..nqb {
+                    for br in 0..nbr {
+                        let src = &lookup(br, b, h)[(qb * ntiles) as usize..((qb + 1) * ntiles) as usize];
+                        let at = n * per_head + ((qb * nbr as i64 + br as i64) * ntiles) as usize;
+                        cls[at..at + ntiles as usize].copy_from_slice(src);
+                    }
                 }
             }
             let (ktp, vbp) = (SendPtr(kt.as_ptr()), SendPtr(vb.as_ptr()));
             let clsp = SendPtr(cls.as_ptr());
-            (0..nqb).into_par_iter().for_each_init(
+            let tasks: Vec<(usize, i64)> = (0..heads.len()).flat_map(|n| (0..nqb).map(move |qb| (n, qb))).collect();
+            tasks.par_iter().for_each_init(
                 || vec![0f32; ws_len],
-                |ws, qb| {
-                    let c = unsafe { clsp.get().add((qb * nbr as i64 * ntiles) as usize) };
+                |ws, &(n, qb)| {
+                    let c = unsafe { clsp.get().add(n * per_head + (qb * nbr as i64 * ntiles) as usize) };
                     // SAFETY: tiles write disjoint output rows; ws holds the tile workspace.
-                    unsafe { tile(fp.get(), b, h, qb * bq, ktp.get(), vbp.get(), ws.as_mut_ptr(), c) };
+                    unsafe { tile(fp.get(), b, heads[n], qb * bq, ktp.get(), vbp.get(), ws.as_mut_ptr(), c) };
                 },
             );
         });
@@ -648,7 +655,86 @@ impl<T> SendPtr<T> {
     }
 }
 
+/// Groups the heads of each batch by the key panel and values they read: `B(b, h, j, r)` and
+/// `value(b, h, j, e)` see `h` only through index subexpressions free of `j r e` (like
+/// `h // (H // G)`); heads on which all of those agree read the same data. When `h` is used
+/// any other way, every head is its own group.
+fn pack_groups(k: &Kernel, plan: &TiledPlan, dims: &Bindings, nb: i64, nh: i64) -> Vec<(i64, Vec<i64>)> {
+    use attnc_ir::Expr;
+    let mut roots: Vec<&Expr> = vec![&k.value];
+    if let Some(d) = &plan.dot {
+        roots.push(&d.b);
+    }
+    // Maximal subexpressions that mention h and nothing that varies inside the pack.
+    fn collect(e: &Expr, out: &mut Vec<Expr>) -> bool {
+        let fv = e.free_vars();
+        if !fv.contains("h") {
+            return true;
+        }
+        if fv.iter().all(|v| v == "h" || v == "b") && e.loads().is_empty() {
+            out.push(e.clone());
+            return true;
+        }
+        match e {
+            Expr::Var(_) => false,
+            Expr::Reduce { .. } => false,
+            _ => e.children().into_iter().all(|c| collect(c, out)),
+        }
+    }
+    let mut terms = Vec::new();
+    let shareable = roots.iter().all(|r| collect(r, &mut terms));
+    let mut groups: Vec<(i64, Vec<i64>)> = Vec::new();
+    for b in 0..nb {
+        // (shared?, key) -> heads; a head whose terms do not evaluate gets a key of its own.
+        type Key = (bool, Vec<i64>);
+        let mut by_key: Vec<(Key, Vec<i64>)> = Vec::new();
+        for h in 0..nh {
+            let at = |t: &Expr| attnc_ir::bind::eval_dims(&t.subst("h", &Expr::Int(h)).subst("b", &Expr::Int(b)), &dims.dims).ok();
+            let key = match shareable.then(|| terms.iter().map(at).collect::<Option<Vec<i64>>>()).flatten() {
+                Some(values) => (true, values),
+                None => (false, vec![h]),
+            };
+            match by_key.iter_mut().find(|(k2, _)| *k2 == key) {
+                Some(g) => g.1.push(h),
+                None => by_key.push((key, vec![h])),
+            }
+        }
+        groups.extend(by_key.into_iter().map(|(_, hs)| (b, hs)));
+    }
+    groups
+}
+
 /// Whether the tiled kernel can run this kernel (else only the row kernel can).
 pub fn tiles_apply(k: &Kernel) -> bool {
     TiledPlan::new(k).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(kv_head: &str) -> Kernel {
+        attnc_ir::parse_kernel(&format!(
+            "(kernel t (dim B) (dim H) (dim G) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B G M D]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b {kv_head} j e)) (out b h i e)
+               (branch (score (reduce sum r0 0 $D (* (load q b h i r0) (load k b {kv_head} j r0)))) (norm (softmax))))"
+        ))
+        .expect("kernel")
+    }
+
+    #[test]
+    fn heads_sharing_a_kv_head_share_one_pack() {
+        let dims = Bindings { dims: [("B", 2), ("H", 8), ("G", 2), ("N", 4), ("M", 4), ("D", 4)].iter().map(|(a, b)| (a.to_string(), *b)).collect() };
+        let gqa = kernel("(// h (// $H $G))");
+        let plan = TiledPlan::new(&gqa).expect("tiled");
+        let groups = pack_groups(&gqa, &plan, &dims, 2, 8);
+        assert_eq!(groups, vec![(0, vec![0, 1, 2, 3]), (0, vec![4, 5, 6, 7]), (1, vec![0, 1, 2, 3]), (1, vec![4, 5, 6, 7])]);
+        let mqa = kernel("0");
+        let plan = TiledPlan::new(&mqa).expect("tiled");
+        assert_eq!(pack_groups(&mqa, &plan, &dims, 1, 8), vec![(0, (0..8).collect())]);
+        let mha = kernel("h");
+        let plan = TiledPlan::new(&mha).expect("tiled");
+        assert_eq!(pack_groups(&mha, &plan, &dims, 1, 3), vec![(0, vec![0]), (0, vec![1]), (0, vec![2])]);
+    }
 }
