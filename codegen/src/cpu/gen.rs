@@ -288,8 +288,9 @@ impl<'f, 'k> Gen<'f, 'k> {
         (q, sd)
     }
 
+    /// Whether `v` holds floats (a scalar f32 or an f32x4 vector).
     fn is_float(&self, v: Value) -> bool {
-        self.b.func.dfg.value_type(v) == types::F32
+        self.b.func.dfg.value_type(v).lane_type() == types::F32
     }
 
     /// Lowers a scalar expression in the current environment.

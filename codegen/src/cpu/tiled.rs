@@ -18,7 +18,7 @@
 //! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
 //! analysis (attnc-passes); empty tiles cost nothing.
 
-use super::gen::{flags, float_cc, int_cc, ty_of, Gen};
+use super::gen::{flags, ty_of, Gen};
 use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, MemFlagsData};
 use cranelift::prelude::*;
@@ -403,45 +403,25 @@ impl Gen<'_, '_> {
                 }
                 let (x, y) = (self.vexpr(a, vecs), self.vexpr(b, vecs));
                 let (x, y) = (self.vec(x), self.vec(y));
-                let float = self.b.func.dfg.value_type(x) == types::F32X4;
-                let ins = self.b.ins();
                 VV::V(match op {
-                    BinOp::Add if float => ins.fadd(x, y),
-                    BinOp::Add => ins.iadd(x, y),
-                    BinOp::Sub if float => ins.fsub(x, y),
-                    BinOp::Sub => ins.isub(x, y),
-                    BinOp::Mul if float => ins.fmul(x, y),
-                    BinOp::Mul => ins.imul(x, y),
-                    BinOp::Div => ins.fdiv(x, y),
                     // Floor division and modulo by 2^k: arithmetic shift and mask are exact
                     // floor operations for negative numbers too.
                     BinOp::FloorDiv => {
                         let k = pow2(b).expect("checked");
-                        ins.sshr_imm_u(x, k as i64)
+                        self.b.ins().sshr_imm_u(x, k as i64)
                     }
                     BinOp::Mod => {
                         let n = match &**b {
                             Expr::Int(n) => *n,
                             _ => unreachable!("checked"),
                         };
-                        let m = ins.iconst(types::I32, n - 1);
+                        let m = self.b.ins().iconst(types::I32, n - 1);
                         let m = self.b.ins().splat(types::I32X4, m);
                         self.b.ins().band(x, m)
                     }
-                    BinOp::Min if float => ins.fmin(x, y),
-                    BinOp::Min => ins.smin(x, y),
-                    BinOp::Max if float => ins.fmax(x, y),
-                    BinOp::Max => ins.smax(x, y),
-                    BinOp::And => ins.band(x, y),
-                    BinOp::Or => ins.bor(x, y),
-                    BinOp::Pow => unreachable!("handled above"),
-                    cmp => {
-                        if float {
-                            ins.fcmp(float_cc(*cmp), x, y)
-                        } else {
-                            ins.icmp(int_cc(*cmp), x, y)
-                        }
-                    }
+                    // Everything else is the scalar instruction on vectors (comparisons give
+                    // lane masks).
+                    _ => self.binary(*op, x, y),
                 })
             }
             Expr::Select(c, a, b) => {
