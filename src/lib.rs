@@ -7,6 +7,7 @@ pub mod io;
 
 pub use attnc_dsl as dsl;
 pub use attnc_ir as ir;
+pub use attnc_passes as passes;
 
 use std::path::Path;
 
@@ -63,4 +64,12 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
     let mut k = c.kernel.clone();
     k.tensors.retain(|t| t.kind != ir::TensorKind::Input);
     ir::bind(&k, &Default::default(), given).map_err(|e| e.to_string())
+}
+
+/// A checked spec after the optimization passes: the same inputs and output, an equal
+/// kernel (same values up to rounding), and the rewrites applied.
+pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Checked, Vec<passes::Applied>), passes::PassError> {
+    let o = passes::optimize(&c.kernel, cfg)?;
+    let info = ir::verify(&o.kernel).map_err(|e| passes::PassError::Invalid { pass: "pipeline", why: e.to_string() })?;
+    Ok((dsl::Checked { kernel: o.kernel, info, ranges: c.ranges.clone() }, o.log))
 }

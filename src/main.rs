@@ -79,6 +79,42 @@ enum Emit {
     Clif,
     /// Machine code of the generated CPU functions for this host (Cranelift's disassembly).
     Asm,
+    /// The kernel IR after the optimization passes (what the backends compile).
+    OptIr,
+}
+
+/// Which optimization passes run (every one by default).
+#[derive(clap::Args, Clone, Debug, Default)]
+struct OptArgs {
+    /// Run no optimization pass: compile the kernel as written.
+    #[arg(long)]
+    no_opt: bool,
+    /// Switch one pass on or off, e.g. `--opt lowrank=off` (repeatable). Passes: simplify,
+    /// hoist, fold, lowrank, linear (see `attnc explain`).
+    #[arg(long = "opt", value_name = "PASS=on|off")]
+    opt: Vec<String>,
+}
+
+impl OptArgs {
+    fn config(&self) -> Result<attnc::passes::PassConfig> {
+        let mut cfg = if self.no_opt { attnc::passes::PassConfig::none() } else { attnc::passes::PassConfig::all() };
+        for o in &self.opt {
+            let (name, v) = o.split_once('=').ok_or_else(|| anyhow!("--opt {o}: expected PASS=on or PASS=off"))?;
+            let on = match v {
+                "on" => true,
+                "off" => false,
+                _ => return Err(anyhow!("--opt {o}: the value is `on` or `off`")),
+            };
+            cfg.set(name, on).map_err(|e| anyhow!("--opt {o}: {e}"))?;
+        }
+        Ok(cfg)
+    }
+}
+
+/// The spec after the passes `o` selects; a pass that produces an invalid kernel is a bug,
+/// reported as such.
+fn optimized(c: &attnc::dsl::Checked, o: &OptArgs) -> Result<(attnc::dsl::Checked, Vec<attnc::passes::Applied>)> {
+    attnc::optimize(c, &o.config()?).map_err(|e| anyhow!("{e}"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -116,6 +152,8 @@ enum Cmd {
         /// Write to this file instead of standard output.
         #[arg(short, long)]
         output: Option<PathBuf>,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// Run a spec on inputs from a safetensors file (tensors named as in the spec) and write
     /// its output tensor by name.
@@ -143,6 +181,8 @@ enum Cmd {
         /// Also run the f64 reference interpreter and report the largest difference.
         #[arg(long)]
         check: bool,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
     Inputs {
@@ -185,12 +225,18 @@ enum Cmd {
         /// Keys per tile, a multiple of 16 (default 64).
         #[arg(long)]
         block_k: Option<usize>,
+        /// Keys per chunk for linear and decay attention in chunked form (0: the quadratic
+        /// kernels; default 64).
+        #[arg(long)]
+        chunk: Option<usize>,
         /// Use the built-in defaults, not the tuned winner from the cache (nor the cost
         /// model's pick when untuned). Any explicit option above implies it.
         #[arg(long)]
         untuned: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// Tune a spec for this machine at a shape: try the cost model's best candidates (tile
     /// sizes, microkernel on/off, kernel kind), check each against the reference on a small
@@ -217,11 +263,21 @@ enum Cmd {
         report: Option<PathBuf>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        #[command(flatten)]
+        opt: OptArgs,
     },
-    /// Explain a spec: its dims, tensors and each axis of the kernel in readable form, then the IR.
+    /// Explain a spec: each axis of the kernel in readable form, every rewrite the passes
+    /// applied with its estimated cost before and after, the optimized IR, and with --dims
+    /// the tile classes of the mask and the algorithm chosen for that shape.
     Explain {
         /// The .attn spec file.
         spec: PathBuf,
+        /// A shape, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64: also report tile classes and the
+        /// algorithm and options chosen for it.
+        #[arg(long)]
+        dims: Option<String>,
+        #[command(flatten)]
+        opt: OptArgs,
     },
     /// List the diagnostic codes.
     Codes,
@@ -286,16 +342,18 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(Reported.into());
             }
         }
-        Cmd::Compile { spec, emit, target, output } => {
+        Cmd::Compile { spec, emit, target, output, opt } => {
             let (l, c) = load(&spec)?;
+            let (oc, _) = optimized(&c, &opt)?;
             let text = match emit {
                 Emit::Ir => c.kernel.to_string(),
+                Emit::OptIr => oc.kernel.to_string(),
                 Emit::Clif => match target {
-                    Target::Cpu => CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default())?.clif.to_string(),
+                    Target::Cpu => CpuKernel::compile(&oc.kernel, &oc.info, &CpuOptions::default())?.clif.to_string(),
                 },
                 Emit::Asm => match target {
                     Target::Cpu => {
-                        let (_, asm) = attnc_codegen::cpu::emit_host(&c.kernel, &c.info, &CpuOptions::default())?;
+                        let (_, asm) = attnc_codegen::cpu::emit_host(&oc.kernel, &oc.info, &CpuOptions::default())?;
                         asm.iter().map(|(f, code)| format!("; {f}\n{code}\n")).collect()
                     }
                 },
@@ -315,8 +373,9 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, input, random, seed, dims, output, backend, check } => {
+        Cmd::Run { spec, input, random, seed, dims, output, backend, check, opt } => {
             let (_, c) = load(&spec)?;
+            let (oc, _) = optimized(&c, &opt)?;
             let given = dims_arg(&dims)?;
             let inputs = if random {
                 let b = bind_given(&c, &given)?;
@@ -329,10 +388,11 @@ fn run(cli: Cli) -> Result<()> {
                 Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
                 Backend::Cpu => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
-                    let b = ir::bind(&c.kernel, &shapes, &given)?;
-                    let (opts, from) = tune::chosen_options(&c, &b, &inputs, 0);
-                    eprintln!("{}: cpu options from {from}", c.kernel.name);
-                    CpuKernel::compile(&c.kernel, &c.info, &opts)?.run(&inputs, &given)?
+                    let b = ir::bind(&oc.kernel, &shapes, &given)?;
+                    let (opts, from) = tune::chosen_options(&oc, &b, &inputs, 0);
+                    let kern = CpuKernel::compile(&oc.kernel, &oc.info, &opts)?;
+                    eprintln!("{}: {} (options from {from})", c.kernel.name, kern.describe());
+                    kern.run(&inputs, &given)?
                 }
             };
             let secs = start.elapsed().as_secs_f64();
@@ -360,13 +420,16 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, untuned, seed } => {
+        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             let b = bind_given(&c, &given)?;
             let inputs = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
+            // Useful work is the spec's, whatever form the passes give it.
             let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
-            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some();
+            let (c, _) = optimized(&c, &opt)?;
+            let b = bind_given(&c, &given)?;
+            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
             let (opts, from) = if explicit {
                 let d = CpuOptions::default();
                 let o = CpuOptions {
@@ -374,6 +437,7 @@ fn run(cli: Cli) -> Result<()> {
                     microkernel: !no_microkernel,
                     block_q: block_q.unwrap_or(d.block_q),
                     block_k: block_k.unwrap_or(d.block_k),
+                    chunk: chunk.unwrap_or(d.chunk),
                     threads,
                     ..d
                 };
@@ -405,17 +469,7 @@ fn run(cli: Cli) -> Result<()> {
                             times.push(dt);
                         }
                     }
-                    let what = if kern.is_tiled() {
-                        let mk = if opts.microkernel {
-                            format!("{:?} microkernel", attnc_codegen::cpu::microkernel::Isa::detect())
-                        } else {
-                            "generated f32x4 matmuls".into()
-                        };
-                        format!("cpu, tiled {}x{}, {mk}", opts.block_q, opts.block_k)
-                    } else {
-                        "cpu, row kernel".to_string()
-                    };
-                    (compile_ms, peak_extra, what)
+                    (compile_ms, peak_extra, format!("cpu, {}", kern.describe()))
                 }
                 Backend::Reference => {
                     for n in 0..=runs.min(1) {
@@ -442,17 +496,23 @@ fn run(cli: Cli) -> Result<()> {
             );
             outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
         }
-        Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed } => {
+        Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed, opt } => {
             if backend != Backend::Cpu {
                 return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune)"));
             }
             let (_, c) = load(&spec)?;
+            let (c, _) = optimized(&c, &opt)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             tune::tune(&c, tune::TuneArgs { given: &given, threads, top_k, samples, report: report.as_deref(), seed })?;
         }
-        Cmd::Explain { spec } => {
+        Cmd::Explain { spec, dims, opt } => {
             let (_, c) = load(&spec)?;
-            out!("{}", explain(&c));
+            let (oc, log) = optimized(&c, &opt)?;
+            let shape = match &dims {
+                Some(d) => Some(bind_given(&c, &parse_dims(d).map_err(|e| anyhow!("--dims: {e}"))?)?),
+                None => None,
+            };
+            out!("{}", explain(&c, &oc, &log, &opt.config()?, shape.as_ref())?);
         }
         Cmd::Codes => {
             for (code, what) in attnc::dsl::CODES {
@@ -463,7 +523,13 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn explain(c: &attnc::dsl::Checked) -> String {
+fn explain(
+    c: &attnc::dsl::Checked,
+    oc: &attnc::dsl::Checked,
+    log: &[attnc::passes::Applied],
+    cfg: &attnc::passes::PassConfig,
+    shape: Option<&ir::Bindings>,
+) -> Result<String> {
     use ir::pretty::infix;
     use std::fmt::Write;
     let k = &c.kernel;
@@ -523,9 +589,54 @@ fn explain(c: &attnc::dsl::Checked) -> String {
     if let Some(g) = &k.gate {
         writeln!(s, "  gate      {}", infix(g)).unwrap();
     }
-    writeln!(s, "  rewrites  none yet: the optimization passes are not implemented in this version").unwrap();
-    writeln!(s, "\n{k}").unwrap();
-    s
+    writeln!(s, "\nrewrites (passes: {})", cfg.describe()).unwrap();
+    for (name, what) in attnc::passes::PASSES {
+        let on = if cfg.enabled(name) { "on " } else { "off" };
+        let applied: Vec<&attnc::passes::Applied> = log.iter().filter(|a| a.pass == *name).collect();
+        if applied.is_empty() {
+            writeln!(s, "  {name:<9}{on}  nothing to do  ({what})").unwrap();
+        }
+        for a in applied {
+            writeln!(s, "  {name:<9}{on}  {}", a.what).unwrap();
+            if let Some((before, after)) = a.cost {
+                writeln!(s, "                 per-pair cost {before:.2} -> {after:.2} scalar ops").unwrap();
+            }
+        }
+    }
+    if let Some(b) = shape {
+        let ok = &oc.kernel;
+        let dims_text: Vec<String> = b.dims.iter().filter(|(d, _)| c.info.free_dims.contains(d)).map(|(d, v)| format!("{d}={v}")).collect();
+        writeln!(s, "\nat {}", dims_text.join(",")).unwrap();
+        let opts = tune::cost_model_options(oc, b);
+        let kern = CpuKernel::compile(ok, &oc.info, &opts.0)?;
+        writeln!(s, "  algorithm {} ({})", kern.describe(), opts.1).unwrap();
+        if kern.is_tiled() {
+            let (bq, bk) = (opts.0.block_q as i64, opts.0.block_k as i64);
+            let (ni, nj) = (b.extent(&ok.iter.i), b.extent(&ok.iter.j));
+            for (n, br) in ok.branches.iter().enumerate() {
+                let mut count = [0u64; 3];
+                for qb in 0..(ni + bq - 1) / bq {
+                    for kb in 0..(nj + bk - 1) / bk {
+                        let bx = attnc::passes::tiles::TileBox { b: 0, h: 0, i: (qb * bq, ((qb + 1) * bq).min(ni)), j: (kb * bk, ((kb + 1) * bk).min(nj)) };
+                        let cls = attnc::passes::tiles::classify(br.mask.as_ref(), bx, &b.dims, &attnc::passes::interval::NoData);
+                        count[cls as usize] += 1;
+                    }
+                }
+                let total = count.iter().sum::<u64>().max(1);
+                writeln!(
+                    s,
+                    "  tiles     branch {n}, {bq}x{bk}: {} empty (skipped), {} full (no mask work), {} partial; {:.1}% live (batch 0, head 0; data-dependent masks count as partial here)",
+                    count[0],
+                    count[1],
+                    count[2],
+                    100.0 * (count[1] + count[2]) as f64 / total as f64
+                )
+                .unwrap();
+            }
+        }
+    }
+    writeln!(s, "\noptimized IR:\n{}", oc.kernel).unwrap();
+    Ok(s)
 }
 
 fn main() -> ExitCode {

@@ -49,6 +49,15 @@ pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Te
     }
 }
 
+/// The cost model's first choice without inputs (data-dependent masks count as partial).
+pub fn cost_model_options(c: &Checked, dims: &Bindings) -> (CpuOptions, String) {
+    let all = cpu_candidates(&c.kernel, dims, 0, &attnc_passes::interval::NoData);
+    match all.first() {
+        Some(best) => (best.options.clone(), format!("cost model: {}", best.name)),
+        None => (CpuOptions::default(), "default".into()),
+    }
+}
+
 /// Dims for the correctness gate: the query and key lengths cut to at most 70, so the
 /// reference is quick; the other dims as given.
 fn small_dims(c: &Checked, given: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {

@@ -1,7 +1,10 @@
 //! The CPU search space and the cost model that prunes it.
 //!
 //! Candidates: for the tiled kernel, query × key tile sizes with the `std::arch` microkernel
-//! on or off; for the row kernel, the rows per task. The cost model is a roofline-style
+//! on or off; for the row kernel, the rows per task; for kernels in the normal form of
+//! linear attention (`attnc_passes::linear`), the chunked algorithm's chunk size, against
+//! the quadratic kernels (which the model prices by their live pairs, so short sequences
+//! stay quadratic and long ones go chunked). The cost model is a roofline-style
 //! estimate per candidate: the live tiles at that tile size (from the block-sparsity
 //! classifier, so masked work is not counted) times the tile's matmul FLOPs at the path's
 //! throughput, plus a fixed cost per tile and per row of a tile (the per-row softmax
@@ -33,6 +36,11 @@ const ROW_OVERHEAD_S: f64 = 2.5e-8;
 const PAIR_OVERHEAD_S: f64 = 1.2e-9;
 const L1_BYTES: f64 = 32.0 * 1024.0;
 const SPILL_SLOWDOWN: f64 = 1.3;
+/// The chunked algorithm's loops (auto-vectorized Rust, 256-bit on AVX2) and its `exp`s.
+const CHUNKED_FLOPS: f64 = 12e9;
+const EXP_S: f64 = 5e-9;
+/// Chunk sizes tried for linear attention.
+const CHUNKS: [usize; 3] = [32, 64, 128];
 
 /// Live (non-empty) tiles of the first masked branch at the given tile size, counted over
 /// one head (the mask is classified at b = h = 0); `(live, partial)`.
@@ -85,7 +93,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                         + pairs * PAIR_OVERHEAD_S * (1.0 + partial / live.max(1.0))
                         + (ni + nj) * dk * 2e-10;
                     let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
-                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, ..CpuOptions::default() };
+                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, chunk: 0, ..CpuOptions::default() };
                     out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64 });
                 }
             }
@@ -96,8 +104,25 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
         let (live, _) = live_tiles(k, dims, 64, 64, data);
         let pairs = (live * 4096.0).min(ni * nj);
         let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
-        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, ..CpuOptions::default() };
+        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: 0, ..CpuOptions::default() };
         out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64 });
+    }
+    if let Some(form) = attnc_passes::linear::LinearForm::of(k) {
+        let dk = dims.extent(&form.channels) as f64;
+        for chunk in CHUNKS {
+            let c = chunk as f64;
+            // Dense part within chunks (half of it masked when causal), the state's
+            // product with each row and its update per key; exps per position and channel.
+            let intra = if form.causal.is_some() { ni * c.min(nj) * (dk + ne) } else { 0.0 };
+            let flops = 2.0 * (intra + 2.0 * (ni + nj) * dk * ne);
+            let exps = match form.decay {
+                attnc_passes::linear::Decay::None => 0.0,
+                _ => 3.0 * (ni + nj) * dk,
+            };
+            let per_head = flops / CHUNKED_FLOPS + exps * EXP_S + (nj / c) * 1e-6;
+            let options = CpuOptions { chunk, threads, ..CpuOptions::default() };
+            out.push(Candidate { name: format!("chunked {chunk}"), options, predicted: per_head * heads / threads.max(1) as f64 });
+        }
     }
     out.sort_by(|a, b| a.predicted.total_cmp(&b.predicted).then_with(|| a.name.cmp(&b.name)));
     out
@@ -116,6 +141,9 @@ pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
         }
     }
     names.extend([4usize, 16, 64].map(|r| format!("rows {r}")));
+    if attnc_passes::linear::LinearForm::of(k).is_some() {
+        names.extend(CHUNKS.map(|c| format!("chunked {c}")));
+    }
     names.sort();
     names
 }

@@ -196,6 +196,39 @@ impl Kernel {
         self.tensors.iter().find(|t| t.kind == TensorKind::Output).expect("kernel has an output (checked by verify)")
     }
 
+    /// Static type of an expression of this kernel (for a verified kernel this cannot fail:
+    /// iteration and reduction variables are ints, `s` and `w` floats).
+    pub fn ty_of(&self, e: &Expr) -> crate::Ty {
+        use crate::{BinOp, Ty, UnOp};
+        match e {
+            Expr::Int(_) | Expr::Dim(_) => Ty::Int,
+            Expr::Float(_) => Ty::Float,
+            Expr::Bool(_) => Ty::Bool,
+            Expr::Var(v) => {
+                if v == "s" || v == "w" {
+                    Ty::Float
+                } else {
+                    Ty::Int
+                }
+            }
+            Expr::Load(t, _) => self.tensor(t).map_or(Ty::Float, |t| t.dtype.value_ty()),
+            Expr::Unary(op, a) => match op {
+                UnOp::Not => Ty::Bool,
+                UnOp::Neg | UnOp::Abs => self.ty_of(a),
+                _ => Ty::Float,
+            },
+            Expr::Binary(op, a, _) => {
+                if op.is_comparison() || matches!(op, BinOp::And | BinOp::Or) {
+                    Ty::Bool
+                } else {
+                    self.ty_of(a)
+                }
+            }
+            Expr::Select(_, a, _) => self.ty_of(a),
+            Expr::Reduce { body, .. } => self.ty_of(body),
+        }
+    }
+
     /// Every expression of the kernel with a label, for analyses that look at all of them.
     pub fn exprs(&self) -> Vec<(String, &Expr)> {
         let mut v: Vec<(String, &Expr)> = Vec::new();

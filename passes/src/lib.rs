@@ -1,9 +1,143 @@
 //! attnc-passes: analyses and rewrites of kernels.
 //!
-//! It owns what can be proven about a kernel without running it: interval analysis of
-//! expressions ([`interval`]) and the block-sparsity classification built on it
-//! ([`tiles`]). Every result is checked against the reference interpreter in the tests.
-//! It knows nothing of the surface language or of code generation.
+//! It owns what can be proven about a kernel without running it, and the rewrites that turn
+//! a kernel into an equal, cheaper one:
+//!
+//! - analyses: interval analysis of expressions ([`interval`]), the block-sparsity
+//!   classification built on it ([`tiles`]), separable structure ([`separable`]);
+//! - the e-graph ([`egraph`], the only user of egg) with its rules and cost functions;
+//! - the passes, each `run(&Kernel) -> Option<(Kernel, what it did)>`, in the order of
+//!   [`PASSES`]: [`simplify`], [`hoist`], [`fold`], [`lowrank`], [`linear`].
+//!
+//! Every rewrite is checked against the reference interpreter in the tests: the optimized
+//! kernel must compute what the original computes. It knows nothing of the surface language
+//! or of code generation.
 
+pub mod egraph;
+pub mod fold;
+pub mod hoist;
 pub mod interval;
+pub mod linear;
+pub mod lowrank;
+pub mod separable;
+pub mod simplify;
 pub mod tiles;
+
+use attnc_ir::{verify, Kernel};
+use std::collections::BTreeSet;
+
+/// The passes in pipeline order, with what each does. Ordering constraints:
+/// - `simplify` first, so the others match folded constants and canonical forms;
+/// - `hoist` before `fold`: folding a factor into the dot's operands evaluates it once per
+///   channel, which is only cheap once per-row reductions (cosine norms) are tensors;
+/// - `fold` before `lowrank`: a bias joins the dot only when the score is a bare dot;
+/// - `linear` last: it reads the folded dot and materializes the chunked form's operands.
+pub const PASSES: &[(&str, &str)] = &[
+    ("simplify", "constant folding and algebraic identities (e-graph, smallest form)"),
+    ("hoist", "per-row and per-key reductions in the score (cosine norms) become tensors computed once"),
+    ("fold", "query- and key-only factors of the score move into the dot's operands (scale, norms)"),
+    ("lowrank", "FlashBias: a bias that is a sum of query-term × key-term products becomes extra dot channels"),
+    ("linear", "linear and decay attention in the normal form of the chunked algorithm (retnet, gla, cosine, linear_elu)"),
+];
+
+/// Which passes run.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PassConfig {
+    /// Names of passes switched off.
+    pub off: BTreeSet<String>,
+}
+
+impl PassConfig {
+    /// Every pass on.
+    pub fn all() -> PassConfig {
+        PassConfig::default()
+    }
+    /// Every pass off (`--no-opt`).
+    pub fn none() -> PassConfig {
+        PassConfig { off: PASSES.iter().map(|(n, _)| n.to_string()).collect() }
+    }
+    pub fn enabled(&self, pass: &str) -> bool {
+        !self.off.contains(pass)
+    }
+    /// Switches a pass on or off by name; an unknown name is an error naming the known ones.
+    pub fn set(&mut self, pass: &str, on: bool) -> Result<(), String> {
+        if !PASSES.iter().any(|(n, _)| *n == pass) {
+            let names: Vec<&str> = PASSES.iter().map(|(n, _)| *n).collect();
+            return Err(format!("no pass named `{pass}` (the passes: {})", names.join(", ")));
+        }
+        if on {
+            self.off.remove(pass);
+        } else {
+            self.off.insert(pass.to_string());
+        }
+        Ok(())
+    }
+    /// A short stable description (`all`, `none`, `off=lowrank,linear`) for reports and keys.
+    pub fn describe(&self) -> String {
+        if self.off.is_empty() {
+            "all".into()
+        } else if self.off.len() == PASSES.len() {
+            "none".into()
+        } else {
+            format!("off={}", self.off.iter().cloned().collect::<Vec<_>>().join(","))
+        }
+    }
+}
+
+/// One rewrite a pass applied.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Applied {
+    pub pass: &'static str,
+    /// What was rewritten, in words.
+    pub what: String,
+    /// Estimated per-pair cost (scalar-op units, [`egraph::SepCost`]) before and after, where
+    /// the pass changes per-pair work.
+    pub cost: Option<(f64, f64)>,
+}
+
+/// A kernel after the pipeline, and what was done to it.
+#[derive(Clone, Debug)]
+pub struct Optimized {
+    pub kernel: Kernel,
+    pub log: Vec<Applied>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error("the `{pass}` pass produced an invalid kernel (a bug in attnc): {why}")]
+    Invalid { pass: &'static str, why: String },
+}
+
+/// Runs the enabled passes in order, verifying the kernel after each.
+pub fn optimize(k: &Kernel, cfg: &PassConfig) -> Result<Optimized, PassError> {
+    type Pass = fn(&Kernel) -> Option<(Kernel, Vec<Applied>)>;
+    let passes: [(&'static str, Pass); 5] =
+        [("simplify", simplify::run), ("hoist", hoist::run), ("fold", fold::run), ("lowrank", lowrank::run), ("linear", linear::run)];
+    let mut cur = k.clone();
+    let mut log = Vec::new();
+    for (name, pass) in passes {
+        if !cfg.enabled(name) {
+            continue;
+        }
+        if let Some((next, applied)) = pass(&cur) {
+            verify(&next).map_err(|e| PassError::Invalid { pass: name, why: e.to_string() })?;
+            cur = next;
+            log.extend(applied);
+        }
+    }
+    Ok(Optimized { kernel: cur, log })
+}
+
+/// A tensor name not yet used in `k`, starting from `base`.
+pub(crate) fn fresh_tensor(k: &Kernel, base: &str) -> String {
+    if k.tensor(base).is_none() {
+        return base.to_string();
+    }
+    (1..).map(|n| format!("{base}_{n}")).find(|n| k.tensor(n).is_none()).expect("a free name")
+}
+
+/// Appends a derived tensor (derived tensors are computed in declaration order, so it may
+/// read every tensor declared before it).
+pub(crate) fn add_derived(k: &mut Kernel, t: attnc_ir::TensorDecl) {
+    k.tensors.push(t);
+}

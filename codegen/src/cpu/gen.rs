@@ -136,33 +136,7 @@ pub(crate) struct TVals {
 
 /// Static type of an expression (the kernel is verified, so this cannot fail).
 pub(crate) fn ty_of(e: &Expr, k: &Kernel) -> Ty {
-    match e {
-        Expr::Int(_) | Expr::Dim(_) => Ty::Int,
-        Expr::Float(_) => Ty::Float,
-        Expr::Bool(_) => Ty::Bool,
-        Expr::Var(v) => {
-            if v == "s" || v == "w" {
-                Ty::Float
-            } else {
-                Ty::Int
-            }
-        }
-        Expr::Load(t, _) => k.tensor(t).map_or(Ty::Float, |t| t.dtype.value_ty()),
-        Expr::Unary(op, a) => match op {
-            UnOp::Not => Ty::Bool,
-            UnOp::Neg | UnOp::Abs => ty_of(a, k),
-            _ => Ty::Float,
-        },
-        Expr::Binary(op, a, _) => {
-            if op.is_comparison() || matches!(op, BinOp::And | BinOp::Or) {
-                Ty::Bool
-            } else {
-                ty_of(a, k)
-            }
-        }
-        Expr::Select(_, a, _) => ty_of(a, k),
-        Expr::Reduce { body, .. } => ty_of(body, k),
-    }
+    k.ty_of(e)
 }
 
 pub(crate) struct Gen<'f, 'k> {

@@ -9,6 +9,7 @@
 //! tiles, no matmul microkernel, no block skipping), so it is correct for every spec but
 //! far from peak speed; see the README's status section.
 
+mod chunked;
 mod gen;
 pub mod microkernel;
 mod tiled;
@@ -49,11 +50,14 @@ pub struct CpuOptions {
     /// re-elaborate hoisted loop invariants (a square root and a division) inside the key
     /// loop, which made kernels slower, not faster.
     pub clif_opt: bool,
+    /// Keys per chunk of the chunked algorithm, for kernels in the normal form of
+    /// `attnc_passes::linear` (linear and decay attention); 0: the quadratic kernels.
+    pub chunk: usize,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { fma: true, tiled: true, microkernel: true, block_q: 64, block_k: 64, rows_per_task: 16, threads: 0, clif_opt: false }
+        CpuOptions { fma: true, tiled: true, microkernel: true, block_q: 64, block_k: 64, rows_per_task: 16, threads: 0, clif_opt: false, chunk: 64 }
     }
 }
 
@@ -235,10 +239,11 @@ type DeriveFn = unsafe extern "C" fn(*const i64, i64, i64);
 type PackFn = unsafe extern "C" fn(*const i64, i64, i64, *mut f32, *mut f32);
 type TileFn = unsafe extern "C" fn(*const i64, i64, i64, i64, *const f32, *const f32, *mut f32, *const u8);
 
-/// The compiled form: row-at-a-time, or tiled.
+/// The compiled form: row-at-a-time, tiled, or chunked (linear attention).
 enum Path {
     Rows(AttendFn),
     Tiled { pack: PackFn, tile: TileFn, plan: Box<TiledPlan> },
+    Chunked(attnc_passes::linear::LinearForm),
 }
 
 /// A JIT-compiled kernel, ready to run.
@@ -315,7 +320,8 @@ impl CpuKernel {
         for (name, _, addr) in &lib_list {
             jb.symbol(*name, *addr);
         }
-        let plan = if o.tiled { TiledPlan::new(k) } else { None };
+        let linear = if o.chunk > 0 { attnc_passes::linear::LinearForm::of(k) } else { None };
+        let plan = if o.tiled && linear.is_none() { TiledPlan::new(k) } else { None };
         let (mk_qk, mk_pv) = microkernel::kernels(microkernel::Isa::detect());
         jb.symbol("attnc_mk_qk", mk_qk as *const u8);
         jb.symbol("attnc_mk_pv", mk_pv as *const u8);
@@ -348,7 +354,7 @@ impl CpuKernel {
             };
             mm = Some((q, p));
             kinds.push(FuncKind::Tile);
-        } else {
+        } else if linear.is_none() {
             kinds.push(FuncKind::Attend);
         }
         let cx = Ctx { k, layout: &layout, libs: &libs, plan: plan.as_ref(), mm, o };
@@ -393,9 +399,10 @@ impl CpuKernel {
                 }
             }
         }
-        let path = match plan {
-            Some(plan) => Path::Tiled { pack: pack.expect("generated"), tile: tile.expect("generated"), plan: Box::new(plan) },
-            None => Path::Rows(attend.expect("generated")),
+        let path = match (plan, linear) {
+            (_, Some(form)) => Path::Chunked(form),
+            (Some(plan), None) => Path::Tiled { pack: pack.expect("generated"), tile: tile.expect("generated"), plan: Box::new(plan) },
+            (None, None) => Path::Rows(attend.expect("generated")),
         };
         let pool = match o.threads {
             0 => None,
@@ -404,9 +411,65 @@ impl CpuKernel {
         Ok(CpuKernel { kernel: k.clone(), layout, path, derives, options: o.clone(), pool, _module: module, clif: ClifArtifact { functions: clif } })
     }
 
-    /// True when the tiled kernel runs this spec (else the row-at-a-time kernel).
+    /// True when the tiled kernel runs this spec (else the row-at-a-time or chunked kernel).
     pub fn is_tiled(&self) -> bool {
         matches!(self.path, Path::Tiled { .. })
+    }
+
+    /// True when the chunked algorithm runs this spec.
+    pub fn is_chunked(&self) -> bool {
+        matches!(self.path, Path::Chunked(_))
+    }
+
+    /// Which algorithm runs, in words (for `bench` and `explain`).
+    pub fn describe(&self) -> String {
+        let o = &self.options;
+        match &self.path {
+            Path::Rows(_) => "row kernel".into(),
+            Path::Tiled { .. } => {
+                let mk = if o.microkernel { format!("{:?} microkernel", microkernel::Isa::detect()) } else { "generated f32x4 matmuls".into() };
+                format!("tiled {}x{}, {mk}", o.block_q, o.block_k)
+            }
+            Path::Chunked(f) => format!("chunked linear attention, {} keys per chunk, {:?} decay", o.chunk, f.decay),
+        }
+    }
+
+    /// Runs the chunked algorithm over every (batch, head) in parallel, reading the
+    /// materialized operands and writing the output through `out`.
+    fn run_chunked(&self, form: &attnc_passes::linear::LinearForm, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>, out: *mut f32) {
+        use attnc_passes::linear::{Decay, FK, FQ, GATE, LK, LQ, VAL};
+        use rayon::prelude::*;
+        let k = &self.kernel;
+        let (nb, nh, n, m, dv) = (dims.extent(&k.iter.b), dims.extent(&k.iter.h), dims.extent(&k.iter.i), dims.extent(&k.iter.j), dims.extent(&k.iter.e));
+        let dk = dims.extent(&form.channels) as usize;
+        let (n, m, dv) = (n as usize, m as usize, dv as usize);
+        let f32s = |name: &str| -> &[f32] {
+            let b = bufs[name];
+            // SAFETY: derived tensors are f32 buffers stored as their bits.
+            unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, b.len()) }
+        };
+        let causal = form.causal.as_ref().map(|off| attnc_ir::bind::eval_dims(off, &dims.dims).expect("a dim expression (checked by the pass)"));
+        let plan = chunked::Plan { n, m, dk, dv, causal, eps: form.eps.map(|e| e as f32), decay: form.decay, chunk: self.options.chunk };
+        let (fq, fk, v) = (f32s(FQ), f32s(FK), f32s(VAL));
+        let (lq, lk): (&[f32], &[f32]) = if form.decay == Decay::None { (&[], &[]) } else { (f32s(LQ), f32s(LK)) };
+        let gate = form.gate.then(|| f32s(GATE));
+        let lw = if form.decay == Decay::Channel { dk } else { 1 };
+        let out = SendPtr(out as *const f32);
+        let heads: Vec<(usize, usize)> = (0..nb as usize).flat_map(|b| (0..nh as usize).map(move |h| (b, h))).collect();
+        heads.par_iter().for_each(|&(b, h)| {
+            let bh = b * nh as usize + h;
+            let head = chunked::Head {
+                fq: &fq[bh * n * dk..(bh + 1) * n * dk],
+                fk: &fk[bh * m * dk..(bh + 1) * m * dk],
+                lq: if lq.is_empty() { lq } else { &lq[bh * n * lw..(bh + 1) * n * lw] },
+                lk: if lk.is_empty() { lk } else { &lk[bh * m * lw..(bh + 1) * m * lw] },
+                v: &v[bh * m * dv..(bh + 1) * m * dv],
+                gate: gate.map(|g| &g[bh * n * dv..(bh + 1) * n * dv]),
+            };
+            // SAFETY: each (b, h) writes its own N × Dv block of the output (order b h i e).
+            let rows = unsafe { std::slice::from_raw_parts_mut((out.get() as *mut f32).add(bh * n * dv), n * dv) };
+            chunked::run_head(&plan, &head, rows);
+        });
     }
 
     /// Runs the tiled kernel: per (b, h), pack the key panels and values, classify the
@@ -583,6 +646,10 @@ impl CpuKernel {
                     );
                 }
                 Path::Tiled { pack, tile, plan } => self.run_tiled(*pack, *tile, plan, &dims, &bufs, fp),
+                Path::Chunked(form) => {
+                    let out = bufs[&k.output().name].as_ptr() as *mut f32;
+                    self.run_chunked(form, &dims, &bufs, out)
+                }
             }
         };
         match &self.pool {

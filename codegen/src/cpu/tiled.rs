@@ -19,21 +19,11 @@
 //! analysis (attnc-passes); empty tiles cost nothing.
 
 use super::gen::{flags, ty_of, Gen};
-use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp, Ty, UnOp};
+use attnc_ir::{BinOp, Expr, Kernel, Norm, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, MemFlagsData};
 use cranelift::prelude::*;
 
-/// A separable channel reduction found in a score.
-#[derive(Clone, Debug)]
-pub(crate) struct Dot {
-    /// Query-side factor, a function of `b h i` and `r`.
-    pub a: Expr,
-    /// Key-side factor, a function of `b h j` and `r`.
-    pub b: Expr,
-    pub r: String,
-    /// Channel count (a dim expression).
-    pub len: Expr,
-}
+pub(crate) use attnc_passes::separable::{extract, Dot, DOT};
 
 /// The tiled form of a kernel.
 #[derive(Clone, Debug)]
@@ -48,48 +38,8 @@ pub(crate) struct TiledPlan {
     pub fold: Option<Expr>,
 }
 
-pub(crate) const DOT: &str = "__dot";
-
 /// Minimax coefficients of 2^f on [-1/2, 1/2], highest degree first.
 pub(crate) const EXP2_POLY: [f32; 6] = [1.326_697e-3, 9.675_46e-3, 5.550_742_6e-2, 0.240_221_22, 0.693_146_95, 1.000_000_1];
-
-fn no(e: &Expr, v: &str) -> bool {
-    !e.free_vars().contains(v)
-}
-
-/// `Σ_{r<len} A·B` with `A` free of `j` and `B` free of `i`.
-fn as_dot(e: &Expr) -> Option<Dot> {
-    let Expr::Reduce { op: RedOp::Sum, var, lo, hi, body } = e else { return None };
-    if **lo != Expr::Int(0) || !hi.free_vars().is_empty() || !hi.loads().is_empty() {
-        return None;
-    }
-    let Expr::Binary(BinOp::Mul, a, b) = &**body else { return None };
-    let (a, b) = if no(a, "j") && no(b, "i") {
-        (a, b)
-    } else if no(b, "j") && no(a, "i") {
-        (b, a)
-    } else {
-        return None;
-    };
-    if no(a, var) || no(b, var) {
-        return None;
-    }
-    Some(Dot { a: (**a).clone(), b: (**b).clone(), r: var.clone(), len: (**hi).clone() })
-}
-
-/// Replaces the first separable reduction in `e` (outermost first) by `__dot`.
-fn extract(e: &Expr, found: &mut Option<Dot>) -> Expr {
-    if found.is_none() {
-        if let Some(d) = as_dot(e) {
-            *found = Some(d);
-            return Expr::var(DOT);
-        }
-    }
-    if let Expr::Reduce { .. } = e {
-        return e.clone();
-    }
-    e.map_children(&mut |c| extract(c, found))
-}
 
 impl TiledPlan {
     /// The tiled form, or `None` when a branch's score has no separable structure that the
@@ -124,17 +74,9 @@ impl TiledPlan {
         }
         let mut fold = None;
         if let [(Some(_), rest)] = branches.as_mut_slice() {
-            let d = Expr::var(DOT);
-            let free = |c: &Expr| !c.free_vars().contains("j") && !c.free_vars().contains(DOT);
-            let factor = match &*rest {
-                Expr::Binary(BinOp::Mul, a, c) if **a == d && free(c) => Some((**c).clone()),
-                Expr::Binary(BinOp::Mul, c, a) if **a == d && free(c) => Some((**c).clone()),
-                Expr::Binary(BinOp::Div, a, c) if **a == d && free(c) => Some(Expr::bin(BinOp::Div, Expr::float(1.0), (**c).clone())),
-                _ => None,
-            };
-            if factor.is_some() || *rest == d {
-                fold = Some(factor.unwrap_or(Expr::float(1.0)));
-                *rest = d;
+            if let Some(f) = attnc_passes::separable::row_factor(rest) {
+                fold = Some(f);
+                *rest = Expr::var(DOT);
             }
         }
         Some(TiledPlan { branches, dot: shared, fold })

@@ -1,0 +1,118 @@
+//! FlashBias, exact: a bias that is a sum of `r` products of a query-side term and a
+//! key-side term, `bias_ij = Σ_t u_t(b,h,i) · w_t(b,h,j)`, becomes `r` extra channels of
+//! the score's dot, so the score matmul computes it.
+//!
+//! - Purpose: ALiBi's `-slope[h]·(p - j)` costs a convert, a subtract and a multiply per
+//!   pair; as channels `u = [-slope·p, slope]`, `w = [1, j]` it costs two more multiply-adds
+//!   in the matmul, which runs at the machine's full vector width.
+//! - Method: the e-graph ([`crate::egraph`]) finds the cheapest equal form of the bias under
+//!   [`crate::egraph::SepCost`]; [`crate::separable::sum_of_products`] reads the terms off
+//!   it. Under a plain softmax (no sink) a term whose key factor is 1 is the same for every
+//!   key of a row and cancels in the normalization: it is dropped (dead term).
+//! - Preconditions: one branch (two branches share one key panel); its score folds to a
+//!   bare dot ([`crate::fold::fold_score`], which moves the scale into the query operand).
+//! - Postcondition: the branch has no bias; its score is one dot over `len + r` channels:
+//!   `Σ_c select(c < len, a, U(c - len)) · select(c < len, b, W(c - len))`. Equal to the
+//!   original up to rounding.
+//! - Applied only when the cost model says it is cheaper: `r · RANK_COST` below the per-pair
+//!   cost of the bias as written.
+//! - Limits: rounding. The products `u·w` are summed in f32 inside the dot, so a term as
+//!   large as `slope·j` carries an absolute error of about `|slope·j|·2^-24` into the
+//!   logit (6e-5 at j = 1000, slope 1). Biases whose terms are only bounded given a shape
+//!   (the one-hot expansion of `|row(i) - row(j)|` on a grid has a rank that grows with N)
+//!   are not rewritten; dense and table biases need the approximate (SVD) form, not built.
+
+use crate::egraph::{best_separable, written_cost, RANK_COST};
+use crate::fold::fold_score;
+use crate::separable::{sum_of_products, Term};
+use crate::Applied;
+use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp};
+
+/// `select(x == 0, t0, select(x == 1, t1, … t_{n-1}))`, with `x = r - len` written as
+/// `r == len + n`.
+fn chain(terms: &[Expr], r: &str, len: &Expr) -> Expr {
+    let last = terms.len() - 1;
+    let mut acc = terms[last].clone();
+    for n in (0..last).rev() {
+        let at = Expr::bin(BinOp::Add, len.clone(), Expr::Int(n as i64));
+        let cond = Expr::bin(BinOp::Eq, Expr::var(r), at);
+        acc = Expr::select(cond, terms[n].clone(), acc);
+    }
+    acc
+}
+
+pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
+    let [br] = k.branches.as_slice() else { return None };
+    let bias = br.bias.as_ref()?;
+    let (best, cost, stop) = best_separable(bias, k);
+    let rank = cost.rank?;
+    let mut terms = sum_of_products(&best)?;
+    let written = written_cost(bias, k);
+    let cancels = matches!(br.norm, Norm::Softmax { sink: None, .. });
+    let mut dropped = 0;
+    if cancels {
+        let before = terms.len();
+        terms.retain(|t: &Term| t.w.free_vars().contains("j"));
+        dropped = before - terms.len();
+    }
+    let r = terms.len();
+    if RANK_COST * r as f64 >= written.eval {
+        return None;
+    }
+    let dot = fold_score(&br.score, true)?;
+    let mut out = k.clone();
+    let nb = &mut out.branches[0];
+    nb.bias = None;
+    let what = format!(
+        "bias `{}` = {} (e-graph: rank {rank}, {stop}){}: {r} extra dot channel{}",
+        attnc_ir::pretty::infix(bias),
+        if terms.is_empty() { "a per-row constant".to_string() } else { terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + ") },
+        if dropped > 0 { format!("; {dropped} per-row term dropped (cancels in the softmax)") } else { String::new() },
+        if r == 1 { "" } else { "s" },
+    );
+    if r == 0 {
+        nb.score = dot.to_expr();
+    } else {
+        let us: Vec<Expr> = terms.iter().map(|t| t.u.clone()).collect();
+        let ws: Vec<Expr> = terms.iter().map(|t| t.w.clone()).collect();
+        let inside = Expr::bin(BinOp::Lt, Expr::var(&dot.r), dot.len.clone());
+        let a = Expr::select(inside.clone(), dot.a.clone(), chain(&us, &dot.r, &dot.len));
+        let b = Expr::select(inside, dot.b.clone(), chain(&ws, &dot.r, &dot.len));
+        nb.score = Expr::Reduce {
+            op: RedOp::Sum,
+            var: dot.r.clone(),
+            lo: Box::new(Expr::Int(0)),
+            hi: Box::new(Expr::bin(BinOp::Add, dot.len.clone(), Expr::Int(r as i64))),
+            body: Box::new(Expr::bin(BinOp::Mul, a, b)),
+        };
+    }
+    Some((out, vec![Applied { pass: "lowrank", what, cost: Some((written.eval, RANK_COST * r as f64)) }]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn alibi() -> Kernel {
+        attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (input slope f32 [H]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e)
+               (branch (score (/ (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0))) (sqrt (float $D))))
+                 (bias (* (neg (load slope h)) (float (- (+ i (- $M $N)) j))))
+                 (mask (<= j (+ i (- $M $N)))) (norm (softmax))))",
+        )
+        .expect("kernel")
+    }
+
+    #[test]
+    fn alibi_is_rank_one_under_softmax() {
+        let k = alibi();
+        let bias = k.branches[0].bias.clone().unwrap();
+        let (best, cost, stop) = best_separable(&bias, &k);
+        assert_eq!(cost.rank, Some(2), "{} ({stop})", attnc_ir::pretty::infix(&best));
+        let (out, log) = run(&k).expect("rewritten");
+        assert!(out.branches[0].bias.is_none());
+        assert!(log[0].what.contains("1 extra dot channel"), "{}", log[0].what);
+    }
+}

@@ -1,0 +1,198 @@
+//! Separable structure of pair expressions: channel reductions that are dots of a query
+//! feature and a key feature, and sums of (query term) × (key term) products.
+//!
+//! Both the tiled CPU kernel (which runs the dot as a matmul) and the rewrites (which move
+//! low-rank biases and per-row factors into the dot) read these shapes.
+
+use attnc_ir::{BinOp, Expr, RedOp, UnOp};
+
+/// A separable channel reduction `Σ_{r < len} a · b`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Dot {
+    /// Query-side factor, a function of `b h i` and `r`.
+    pub a: Expr,
+    /// Key-side factor, a function of `b h j` and `r`.
+    pub b: Expr,
+    pub r: String,
+    /// Channel count (a dim expression).
+    pub len: Expr,
+}
+
+impl Dot {
+    pub fn to_expr(&self) -> Expr {
+        Expr::Reduce {
+            op: RedOp::Sum,
+            var: self.r.clone(),
+            lo: Box::new(Expr::Int(0)),
+            hi: Box::new(self.len.clone()),
+            body: Box::new(Expr::bin(BinOp::Mul, self.a.clone(), self.b.clone())),
+        }
+    }
+}
+
+/// The placeholder for the extracted dot in the rest of a score.
+pub const DOT: &str = "__dot";
+
+fn no(e: &Expr, v: &str) -> bool {
+    !e.free_vars().contains(v)
+}
+
+/// `Σ_{r<len} A·B` with `A` free of `j` and `B` free of `i`.
+pub fn as_dot(e: &Expr) -> Option<Dot> {
+    let Expr::Reduce { op: RedOp::Sum, var, lo, hi, body } = e else { return None };
+    if **lo != Expr::Int(0) || !hi.free_vars().is_empty() || !hi.loads().is_empty() {
+        return None;
+    }
+    let Expr::Binary(BinOp::Mul, a, b) = &**body else { return None };
+    let (a, b) = if no(a, "j") && no(b, "i") {
+        (a, b)
+    } else if no(b, "j") && no(a, "i") {
+        (b, a)
+    } else {
+        return None;
+    };
+    if no(a, var) || no(b, var) {
+        return None;
+    }
+    Some(Dot { a: (**a).clone(), b: (**b).clone(), r: var.clone(), len: (**hi).clone() })
+}
+
+/// Replaces the first separable reduction in `e` (outermost first) by [`DOT`].
+pub fn extract(e: &Expr, found: &mut Option<Dot>) -> Expr {
+    if found.is_none() {
+        if let Some(d) = as_dot(e) {
+            *found = Some(d);
+            return Expr::var(DOT);
+        }
+    }
+    if let Expr::Reduce { .. } = e {
+        return e.clone();
+    }
+    e.map_children(&mut |c| extract(c, found))
+}
+
+/// One product of a sum of products: `u(b, h, i) · w(b, h, j)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Term {
+    pub u: Expr,
+    pub w: Expr,
+}
+
+/// At most this many products before merging (expansion of products of sums is quadratic).
+const MAX_TERMS: usize = 64;
+
+/// Splits `e` into a sum of [`Term`]s, or `None` when some product has a factor that
+/// depends on both `i` and `j` (or on `s`, `w`, a reduction variable). Products of sums
+/// that depend on both are expanded; terms with equal key factors (or equal query factors)
+/// are merged, so the result's length is the rank it needs. `e` must be float-typed.
+pub fn sum_of_products(e: &Expr) -> Option<Vec<Term>> {
+    let terms = expand(e)?;
+    let mut out: Vec<Term> = Vec::new();
+    for (neg, factors) in terms {
+        let (mut u, mut w) = (Vec::new(), Vec::new());
+        for f in factors {
+            let fv = f.free_vars();
+            if fv.iter().any(|v| !matches!(v.as_str(), "b" | "h" | "i" | "j")) {
+                return None;
+            }
+            match (fv.contains("i"), fv.contains("j")) {
+                (true, true) => return None,
+                (_, true) => w.push(f),
+                _ => u.push(f),
+            }
+        }
+        let mul = |fs: Vec<Expr>| fs.into_iter().reduce(|a, b| Expr::bin(BinOp::Mul, a, b)).unwrap_or(Expr::float(1.0));
+        let mut u = mul(u);
+        if neg {
+            u = Expr::un(UnOp::Neg, u);
+        }
+        let w = mul(w);
+        if let Some(t) = out.iter_mut().find(|t| t.w == w) {
+            t.u = Expr::bin(BinOp::Add, t.u.clone(), u);
+        } else if let Some(t) = out.iter_mut().find(|t| t.u == u) {
+            t.w = Expr::bin(BinOp::Add, t.w.clone(), w);
+        } else {
+            out.push(Term { u, w });
+        }
+    }
+    Some(out)
+}
+
+fn pair(e: &Expr) -> bool {
+    let fv = e.free_vars();
+    fv.contains("i") && fv.contains("j")
+}
+
+type Products = Vec<(bool, Vec<Expr>)>;
+
+/// `e` as a signed sum of products of factors; sums inside pair-dependent products are
+/// distributed. `None` past [`MAX_TERMS`].
+fn expand(e: &Expr) -> Option<Products> {
+    let negate = |v: Products| -> Products { v.into_iter().map(|(n, f)| (!n, f)).collect() };
+    let out: Products = match e {
+        _ if !pair(e) => vec![(false, vec![e.clone()])],
+        Expr::Binary(BinOp::Add, a, b) => [expand(a)?, expand(b)?].concat(),
+        Expr::Binary(BinOp::Sub, a, b) => [expand(a)?, negate(expand(b)?)].concat(),
+        Expr::Unary(UnOp::Neg, a) => negate(expand(a)?),
+        Expr::Binary(BinOp::Mul, a, b) => {
+            let (ta, tb) = (expand(a)?, expand(b)?);
+            if ta.len() * tb.len() > MAX_TERMS {
+                return None;
+            }
+            let mut v = Vec::new();
+            for (na, fa) in &ta {
+                for (nb, fb) in &tb {
+                    v.push((na != nb, [fa.clone(), fb.clone()].concat()));
+                }
+            }
+            v
+        }
+        Expr::Binary(BinOp::Div, a, c) if !pair(c) => {
+            let inv = Expr::bin(BinOp::Div, Expr::float(1.0), (**c).clone());
+            let mut v = expand(a)?;
+            v.iter_mut().for_each(|(_, f)| f.push(inv.clone()));
+            v
+        }
+        other => vec![(false, vec![other.clone()])],
+    };
+    (out.len() <= MAX_TERMS).then_some(out)
+}
+
+/// Factors of a product (and the sign of its negations); `x / c` is `x · (1/c)`.
+pub(crate) fn flatten_product(e: &Expr, neg: &mut bool, out: &mut Vec<Expr>) {
+    match e {
+        Expr::Binary(BinOp::Mul, a, b) => {
+            flatten_product(a, neg, out);
+            flatten_product(b, neg, out);
+        }
+        Expr::Unary(UnOp::Neg, a) => {
+            *neg = !*neg;
+            flatten_product(a, neg, out);
+        }
+        Expr::Binary(BinOp::Div, a, c) => {
+            flatten_product(a, neg, out);
+            // x / (f·g) = x · (1/f) · (1/g): each divisor factor inverted on its own, so a
+            // query factor and a key factor of the divisor separate.
+            let mut divs = Vec::new();
+            flatten_product(c, neg, &mut divs);
+            out.extend(divs.into_iter().map(|f| Expr::bin(BinOp::Div, Expr::float(1.0), f)));
+        }
+        other => out.push(other.clone()),
+    }
+}
+
+/// `rest` (a score with its dot replaced by [`DOT`]) as `DOT · f`: `Some(f)` when the rest is
+/// the dot times or divided by factors free of `j` (`f = 1.0` for the dot alone).
+pub fn row_factor(rest: &Expr) -> Option<Expr> {
+    let d = Expr::var(DOT);
+    if *rest == d {
+        return Some(Expr::float(1.0));
+    }
+    let free = |c: &Expr| !c.free_vars().contains("j") && !c.free_vars().contains(DOT);
+    match rest {
+        Expr::Binary(BinOp::Mul, a, c) if **a == d && free(c) => Some((**c).clone()),
+        Expr::Binary(BinOp::Mul, c, a) if **a == d && free(c) => Some((**c).clone()),
+        Expr::Binary(BinOp::Div, a, c) if **a == d && free(c) => Some(Expr::bin(BinOp::Div, Expr::float(1.0), (**c).clone())),
+        _ => None,
+    }
+}
