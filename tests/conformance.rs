@@ -5,6 +5,7 @@
 
 use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
+use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuKernel, CpuOptions};
 use std::collections::BTreeMap;
 
@@ -16,19 +17,44 @@ trait Runner: Sync {
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String>;
 }
 
-struct Cpu(CpuOptions);
+/// The CPU backend on the kernel after the passes `1` selects.
+struct Cpu(CpuOptions, PassConfig);
+
+impl Cpu {
+    fn all(o: CpuOptions) -> Cpu {
+        Cpu(o, PassConfig::all())
+    }
+}
 
 impl Runner for Cpu {
     fn name(&self) -> String {
         let o = &self.0;
-        format!("cpu(tiled={}, microkernel={}, fma={}, tiles={}x{})", o.tiled, o.microkernel, o.fma, o.block_q, o.block_k)
+        format!("cpu(tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}, passes {})", o.tiled, o.microkernel, o.fma, o.block_q, o.block_k, o.chunk, self.1.describe())
     }
     fn available(&self) -> Result<(), String> {
         Ok(())
     }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
-        let k = CpuKernel::compile(&c.kernel, &c.info, &self.0).map_err(|e| e.to_string())?;
+        let (oc, _) = attnc::optimize(c, &self.1).map_err(|e| e.to_string())?;
+        let k = CpuKernel::compile(&oc.kernel, &oc.info, &self.0).map_err(|e| e.to_string())?;
         k.run(inputs, &BTreeMap::new()).map_err(|e| e.to_string())
+    }
+}
+
+/// The optimized kernel under the reference interpreter: the passes' soundness, with no
+/// backend in the way.
+struct OptimizedReference(PassConfig);
+
+impl Runner for OptimizedReference {
+    fn name(&self) -> String {
+        format!("reference(passes {})", self.0.describe())
+    }
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
+        let (oc, _) = attnc::optimize(c, &self.0).map_err(|e| e.to_string())?;
+        attnc::ir::reference::run(&oc.kernel, &oc.info, inputs, &BTreeMap::new()).map_err(|e| e.to_string())
     }
 }
 
@@ -129,13 +155,19 @@ fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak) -> Result<(), 
 }
 
 fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
+    check_examples(r, &|_| true, filter, 28);
+}
+
+/// Runs `r` on the examples `pick` selects, on the profiles `filter` selects; at least
+/// `min_cases` cases must run.
+fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&str) -> bool, min_cases: usize) {
     if let Err(why) = r.available() {
         eprintln!("skipping {}: {why}", r.name());
         return;
     }
     let mut failures = Vec::new();
     let mut ran = 0;
-    for (name, c) in examples() {
+    for (name, c) in examples().into_iter().filter(|(n, _)| pick(n)) {
         for p in PROFILES.iter().filter(|p| filter(p.name)) {
             let Some(ins) = inputs_for(&c, p, 7) else {
                 continue;
@@ -157,29 +189,78 @@ fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
         }
     }
     eprintln!("{}: {ran} cases, {} failed", r.name(), failures.len());
-    assert!(ran >= 28, "every example ran at least once");
+    assert!(ran >= min_cases, "{ran} cases ran, expected at least {min_cases}");
     assert!(failures.is_empty(), "{} of {ran} cases differ from the reference:\n{}", failures.len(), failures.join("\n"));
 }
 
 #[test]
 fn cpu_matches_reference_on_every_example_and_shape() {
-    check_backend(&Cpu(CpuOptions::default()), &|_| true);
+    check_backend(&Cpu::all(CpuOptions::default()), &|_| true);
 }
 
 #[test]
 fn cpu_row_kernel_matches_reference() {
-    check_backend(&Cpu(CpuOptions { tiled: false, ..CpuOptions::default() }), &|p| p != "grid256");
+    check_backend(&Cpu::all(CpuOptions { tiled: false, chunk: 0, ..CpuOptions::default() }), &|p| p != "grid256");
 }
 
 #[test]
 fn cpu_generated_matmuls_match_reference() {
-    check_backend(&Cpu(CpuOptions { microkernel: false, block_q: 16, block_k: 32, ..CpuOptions::default() }), &|_| true);
+    check_backend(&Cpu::all(CpuOptions { microkernel: false, block_q: 16, block_k: 32, ..CpuOptions::default() }), &|_| true);
 }
 
 #[test]
 fn cpu_without_fma_matches_reference() {
-    check_backend(&Cpu(CpuOptions { fma: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
-    check_backend(&Cpu(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "masked_rows"));
+    check_backend(&Cpu::all(CpuOptions { fma: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
+    check_backend(&Cpu::all(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "masked_rows"));
+}
+
+/// Every pass preserves every example's values under the reference interpreter.
+#[test]
+fn passes_preserve_every_example_under_the_reference() {
+    check_backend(&OptimizedReference(PassConfig::all()), &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan"));
+}
+
+/// The examples a pass rewrites (with every pass on).
+fn rewritten_by(pass: &str) -> Vec<String> {
+    examples()
+        .into_iter()
+        .filter(|(_, c)| attnc::optimize(c, &PassConfig::all()).expect("passes").1.iter().any(|a| a.pass == pass))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// With each pass off in turn, the CPU backend still matches on the examples that pass
+/// rewrites (the others do not change); and with none, on all of them.
+#[test]
+fn cpu_matches_reference_with_each_pass_off() {
+    for (pass, _) in attnc::passes::PASSES {
+        let names = rewritten_by(pass);
+        let mut cfg = PassConfig::all();
+        cfg.set(pass, false).expect("a pass");
+        check_examples(&Cpu(CpuOptions::default(), cfg), &|n| names.iter().any(|x| x == n), &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode"), names.len());
+    }
+    check_backend(&Cpu(CpuOptions::default(), PassConfig::none()), &|p| matches!(p, "basic" | "cross_gqa_b2" | "masked_rows" | "nan"));
+}
+
+/// The passes rewrite what they should: low-rank bias on the ALiBi family, hoisting and
+/// folding on cosine, the linear normal form on the four linear and decay examples.
+#[test]
+fn passes_apply_where_expected() {
+    assert_eq!(rewritten_by("lowrank"), ["alibi", "sigmoid_alibi"]);
+    assert_eq!(rewritten_by("hoist"), ["cosine"]);
+    assert_eq!(rewritten_by("linear"), ["cosine", "gla", "linear_elu", "retnet"]);
+}
+
+/// The chunked algorithm with several chunks (state carried between them), and the
+/// quadratic kernels on the same normal form.
+#[test]
+fn chunked_and_quadratic_linear_attention_match_reference() {
+    let names = rewritten_by("linear");
+    let linear = |n: &str| names.iter().any(|x| x == n);
+    for chunk in [16, 0] {
+        check_examples(&Cpu::all(CpuOptions { chunk, ..CpuOptions::default() }), &linear, &|_| true, 4);
+    }
+    check_examples(&Cpu::all(CpuOptions { chunk: 7, ..CpuOptions::default() }), &linear, &|p| matches!(p, "cross_gqa_b2" | "decode" | "masked_rows"), 4);
 }
 
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
@@ -190,8 +271,14 @@ fn tiled_kernel_covers_the_examples() {
     for (name, c) in examples() {
         let k = CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default()).expect("compiles");
         if !k.is_tiled() {
-            row.push(name);
+            row.push(name.clone());
         }
+        // After the passes, the linear family runs chunked and everything else stays tiled.
+        let (oc, _) = attnc::optimize(&c, &PassConfig::all()).expect("passes");
+        let k = CpuKernel::compile(&oc.kernel, &oc.info, &CpuOptions::default()).expect("compiles");
+        let linear = ["cosine", "gla", "linear_elu", "retnet"].contains(&name.as_str());
+        assert_eq!(k.is_chunked(), linear, "{name}: {}", k.describe());
+        assert_eq!(k.is_tiled(), !linear, "{name}: {}", k.describe());
     }
     assert_eq!(row, vec!["gla".to_string()], "examples on the row kernel");
 }

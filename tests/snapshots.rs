@@ -22,6 +22,20 @@ fn ir_snapshots() {
     });
 }
 
+/// Pass snapshots: every example's IR after the whole pipeline, with the rewrites applied
+/// (text in → text out, like lit tests). The optimized IR round-trips too.
+#[test]
+fn optimized_ir_snapshots() {
+    insta::glob!("../examples", "*.attn", |path| {
+        let c = attnc::dsl::compile(&read(path)).expect("example checks");
+        let (o, log) = attnc::optimize(&c, &attnc::passes::PassConfig::all()).expect("passes run");
+        let text = o.kernel.to_string();
+        assert_eq!(ir::parse_kernel(&text).expect("optimized IR parses"), o.kernel, "round trip");
+        let applied: Vec<String> = log.iter().map(|a| format!("; {}: {}", a.pass, a.what)).collect();
+        insta::assert_snapshot!(format!("{}\n{text}", applied.join("\n")));
+    });
+}
+
 /// print → parse gives the same kernel, and it verifies; the hash is pinned per example
 /// (a change in it means every cache entry is invalidated: it must be deliberate).
 #[test]

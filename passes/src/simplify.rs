@@ -43,3 +43,27 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     }
     (!log.is_empty()).then_some((out, log))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folds_constants_and_identities() {
+        let k = attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (* (load k b h j e) 1.0)) (out b h i e)
+               (branch (score (* (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0))) (* 2.0 0.25)))
+                 (bias (float (+ (- j i) 0))) (norm (softmax))))",
+        )
+        .expect("kernel");
+        let (out, log) = run(&k).expect("simplified");
+        assert_eq!(attnc_ir::pretty::infix(&out.value), "k[b, h, j, e]");
+        assert_eq!(attnc_ir::pretty::infix(&out.branches[0].score), "sum(r0 in 0..D: q[b, h, i, r0] * k[b, h, j, r0]) * 0.5");
+        assert_eq!(attnc_ir::pretty::infix(out.branches[0].bias.as_ref().unwrap()), "float(j - i)");
+        assert_eq!(log.len(), 3, "{log:?}");
+        // Already minimal: nothing to do.
+        assert!(run(&out).is_none());
+    }
+}

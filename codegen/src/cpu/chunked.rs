@@ -52,15 +52,6 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
-    /// Log-decay of row `i` (or key `j`) at channel `d`.
-    #[inline(always)]
-    fn lam(&self, l: &[f32], x: usize, d: usize) -> f32 {
-        match self.decay {
-            Decay::None => 0.0,
-            Decay::Scalar => l[x],
-            Decay::Channel => l[x * self.dk + d],
-        }
-    }
     /// The last key row `i` sees, or `None` when it sees none.
     fn last_key(&self, i: usize) -> Option<usize> {
         match self.causal {
@@ -213,8 +204,39 @@ fn pairwise(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32], k0: usize,
     }
 }
 
-/// The chunked form; `false` when a split factor would exceed e^[`MAX_EXP`] (or is NaN in
-/// a split of the dense part): the caller then computes the whole head pairwise.
+/// `dst[d] = src[d] · exp(λa_d − λb_d)` with `λa` row `a` of `la` and `λb` row `b` of `lb`
+/// (one factor per row for a scalar decay, one per channel for a per-channel one); `false`
+/// when an exponent exceeds [`MAX_EXP`]. NaN propagates, as in the pairwise form.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn decayed(p: &Plan, dst: &mut [f32], src: &[f32], la: &[f32], a: usize, lb: &[f32], b: usize) -> bool {
+    match p.decay {
+        Decay::None => dst.copy_from_slice(src),
+        Decay::Scalar => {
+            let x = la[a] - lb[b];
+            if x > MAX_EXP {
+                return false;
+            }
+            let f = x.exp();
+            dst.iter_mut().zip(src).for_each(|(y, s)| *y = s * f);
+        }
+        Decay::Channel => {
+            let dk = p.dk;
+            let (ra, rb) = (&la[a * dk..(a + 1) * dk], &lb[b * dk..(b + 1) * dk]);
+            for d in 0..dk {
+                let x = ra[d] - rb[d];
+                if x > MAX_EXP {
+                    return false;
+                }
+                dst[d] = src[d] * x.exp();
+            }
+        }
+    }
+    true
+}
+
+/// The chunked form; `false` when a split factor would exceed e^[`MAX_EXP`]: the caller
+/// then computes the whole head pairwise.
 #[inline(always)]
 fn causal(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32]) -> bool {
     let (dk, c) = (p.dk, p.chunk.max(1));
@@ -222,7 +244,11 @@ fn causal(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32]) -> bool {
     let mut kt = vec![0f32; c * dk];
     let mut scores = vec![0f32; c];
     let mut qs = vec![0f32; dk];
-    // Rows sorted by last key: row i's last key is min(i + off, M - 1), non-decreasing in i.
+    let ones = vec![1f32; dk];
+    let mut f = vec![0f32; dk];
+    let fq = |i: usize| &h.fq[i * dk..(i + 1) * dk];
+    let fk = |j: usize| &h.fk[j * dk..(j + 1) * dk];
+    // Rows in order of their last key, min(i + off, M - 1), which does not decrease in i.
     let mut row = 0usize;
     while row < p.n && p.last_key(row).is_none() {
         row += 1;
@@ -235,15 +261,11 @@ fn causal(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32]) -> bool {
             row += 1;
         }
         let rows = r0..row;
-        // Inter-chunk: the state, decayed from key c0 - 1 to each row.
+        // Inter-chunk: the state (decayed to key c0 - 1), decayed on to each row.
         if c0 > 0 {
             for i in rows.clone() {
-                for d in 0..dk {
-                    let x = p.lam(h.lq, i, d) - p.lam(h.lk, c0 - 1, d);
-                    if x > MAX_EXP {
-                        return false;
-                    }
-                    qs[d] = h.fq[i * dk + d] * x.exp();
+                if !decayed(p, &mut qs, fq(i), h.lq, i, h.lk, c0 - 1) {
+                    return false;
                 }
                 let out = &mut acc[i * w..(i + 1) * w];
                 for d in 0..dk {
@@ -255,21 +277,13 @@ fn causal(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32]) -> bool {
         if !rows.is_empty() {
             for j in c0..c1 {
                 let t = j - c0;
-                for d in 0..dk {
-                    let x = p.lam(h.lk, c0, d) - p.lam(h.lk, j, d);
-                    if !(x <= MAX_EXP) {
-                        return false;
-                    }
-                    kt[t * dk + d] = h.fk[j * dk + d] * x.exp();
+                if !decayed(p, &mut kt[t * dk..(t + 1) * dk], fk(j), h.lk, c0, h.lk, j) {
+                    return false;
                 }
             }
             for i in rows {
-                for d in 0..dk {
-                    let x = p.lam(h.lq, i, d) - p.lam(h.lk, c0, d);
-                    if !(x <= MAX_EXP) {
-                        return false;
-                    }
-                    qs[d] = h.fq[i * dk + d] * x.exp();
+                if !decayed(p, &mut qs, fq(i), h.lq, i, h.lk, c0) {
+                    return false;
                 }
                 let nvis = p.last_key(i).expect("row has keys") + 1 - c0;
                 for t in 0..nvis {
@@ -281,26 +295,24 @@ fn causal(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32]) -> bool {
                 }
             }
         }
-        // State update to key c1 - 1.
-        if c1 < p.m || row < p.n {
-            for d in 0..dk {
-                let x = p.lam(h.lk, c1 - 1, d) - if c0 > 0 { p.lam(h.lk, c0 - 1, d) } else { 0.0 };
-                if c0 > 0 {
-                    if x > MAX_EXP {
-                        return false;
-                    }
-                    let f = x.exp();
-                    s[d * w..(d + 1) * w].iter_mut().for_each(|y| *y *= f);
+        // State update: decay from key c0 - 1 to key c1 - 1, add the chunk's keys.
+        if row < p.n {
+            if c0 > 0 {
+                if !decayed(p, &mut f, &ones, h.lk, c1 - 1, h.lk, c0 - 1) {
+                    return false;
+                }
+                for d in 0..dk {
+                    let fd = f[d];
+                    s[d * w..(d + 1) * w].iter_mut().for_each(|y| *y *= fd);
                 }
             }
             for j in c0..c1 {
+                if !decayed(p, &mut f, fk(j), h.lk, c1 - 1, h.lk, j) {
+                    return false;
+                }
                 let vj = &v[j * w..(j + 1) * w];
                 for d in 0..dk {
-                    let x = p.lam(h.lk, c1 - 1, d) - p.lam(h.lk, j, d);
-                    if x > MAX_EXP {
-                        return false;
-                    }
-                    axpy(&mut s[d * w..(d + 1) * w], h.fk[j * dk + d] * x.exp(), vj);
+                    axpy(&mut s[d * w..(d + 1) * w], f[d], vj);
                 }
             }
         }

@@ -8,7 +8,7 @@
 
 use super::{FactsAnalysis, Graph, Ix};
 use attnc_ir::Ty;
-use egg::{rewrite, Id, Rewrite, Subst, Var};
+use egg::{ConditionalApplier, Id, Pattern, Rewrite, Subst, Var};
 
 /// `?x` depends on both the query index `i` and the key index `j`.
 fn is_pair(x: &'static str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
@@ -39,52 +39,94 @@ fn is_float(x: &'static str) -> impl Fn(&mut Graph, Id, &Subst) -> bool {
     move |g, _, s| g[s[v]].data.ty == Ty::Float
 }
 
-/// Every rule, in a fixed order (reproducible runs).
-pub fn all() -> Vec<Rewrite<Ix, FactsAnalysis>> {
-    vec![
-        // a - b = a + (-b): exact in floats and (wrapping) ints. Pair terms only.
-        rewrite!("sub-to-add-neg"; "(- ?a ?b)" => "(+ ?a (neg ?b))" if lhs_is_pair),
-        // (a + b)·c = a·c + b·c: exact in ints; in floats equal up to rounding (one rounding
-        // per product instead of one per sum). Pair terms only: it is how a product of a
-        // per-head factor and a distance separates into query and key terms.
-        rewrite!("distribute-right"; "(* (+ ?a ?b) ?c)" => "(+ (* ?a ?c) (* ?b ?c))" if lhs_is_pair),
-        // c·(a + b) = c·a + c·b: as above, with the sum on the right.
-        rewrite!("distribute-left"; "(* ?c (+ ?a ?b))" => "(+ (* ?c ?a) (* ?c ?b))" if lhs_is_pair),
-        // (-a)·b = -(a·b): exact (sign symmetry of IEEE multiplication).
-        rewrite!("neg-out-of-mul-left"; "(* (neg ?a) ?b)" => "(neg (* ?a ?b))"),
-        // a·(-b) = -(a·b): exact.
-        rewrite!("neg-out-of-mul-right"; "(* ?a (neg ?b))" => "(neg (* ?a ?b))"),
-        // -(a + b) = (-a) + (-b): exact. Pair terms only.
-        rewrite!("neg-over-add"; "(neg (+ ?a ?b))" => "(+ (neg ?a) (neg ?b))" if is_pair("?a")),
-        // -(-a) = a: exact.
-        rewrite!("neg-neg"; "(neg (neg ?a))" => "?a"),
-        // float(a + b) = float(a) + float(b) for integers: exact while |a|, |b|, |a + b| stay
-        // below 2^24 (f32) — positions and lengths do.
-        rewrite!("float-over-add"; "(float (+ ?a ?b))" => "(+ (float ?a) (float ?b))" if is_int("?a")),
-        // float(-a) = -float(a): exact.
-        rewrite!("float-over-neg"; "(float (neg ?a))" => "(neg (float ?a))"),
-        // float(a·b) = float(a)·float(b) for integers: exact under the same bound.
-        rewrite!("float-over-mul"; "(float (* ?a ?b))" => "(* (float ?a) (float ?b))" if is_int("?a")),
-        // a / c = a · (1/c) when c is not a pair term (a row or column factor, computed once
-        // per row or key): equal up to one rounding.
-        rewrite!("div-to-mul-recip"; "(/ ?a ?c)" => "(* ?a (/ 1.0 ?c))" if not_pair("?c") if is_float("?c") if is_pair("?a")),
-        // a + 0 = a (ints).
-        rewrite!("add-zero-int"; "(+ ?a 0)" => "?a"),
-        // a + 0.0 = a (floats; -0.0 + 0.0 = +0.0 differs only in the sign of zero).
-        rewrite!("add-zero-float"; "(+ ?a 0.0)" => "?a"),
-        // a·1 = a (ints).
-        rewrite!("mul-one-int"; "(* ?a 1)" => "?a"),
-        // a·1.0 = a (floats, exact).
-        rewrite!("mul-one-float"; "(* ?a 1.0)" => "?a"),
-        // a - 0 = a.
-        rewrite!("sub-zero-int"; "(- ?a 0)" => "?a"),
-        rewrite!("sub-zero-float"; "(- ?a 0.0)" => "?a"),
-        // a / 1.0 = a: exact.
-        rewrite!("div-one"; "(/ ?a 1.0)" => "?a"),
-    ]
+/// A guard on a match: named condition factories above, composed with [`and`].
+pub type Guard = fn(&mut Graph, Id, &Subst) -> bool;
+
+/// The type of values a rule rewrites (what the soundness tests instantiate it with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuleTy {
+    Int,
+    Float,
 }
 
-/// Rule names (for reports and the soundness tests).
-pub fn names() -> Vec<String> {
-    all().iter().map(|r| r.name.to_string()).collect()
+/// One rule: name, left-hand side, right-hand side (egg pattern text), guard, and the value
+/// type its pattern variables stand for.
+pub struct Rule {
+    pub name: &'static str,
+    pub lhs: &'static str,
+    pub rhs: &'static str,
+    pub guard: Option<Guard>,
+    pub ty: RuleTy,
+}
+
+fn pair_a(g: &mut Graph, id: Id, s: &Subst) -> bool {
+    is_pair("?a")(g, id, s)
+}
+fn int_a(g: &mut Graph, id: Id, s: &Subst) -> bool {
+    is_int("?a")(g, id, s)
+}
+fn recip_ok(g: &mut Graph, id: Id, s: &Subst) -> bool {
+    not_pair("?c")(g, id, s) && is_float("?c")(g, id, s) && is_pair("?a")(g, id, s)
+}
+
+/// The rules, in a fixed order (reproducible runs). Each comment states the identity and
+/// its side conditions.
+pub const RULES: &[Rule] = &[
+    // a - b = a + (-b): exact in floats and (wrapping) ints. Pair terms only.
+    Rule { name: "sub-to-add-neg", lhs: "(- ?a ?b)", rhs: "(+ ?a (neg ?b))", guard: Some(lhs_is_pair), ty: RuleTy::Float },
+    // (a + b)·c = a·c + b·c: exact in ints; in floats equal up to rounding (one rounding
+    // per product instead of one per sum). Pair terms only: it is how a product of a
+    // per-head factor and a distance separates into query and key terms.
+    Rule { name: "distribute-right", lhs: "(* (+ ?a ?b) ?c)", rhs: "(+ (* ?a ?c) (* ?b ?c))", guard: Some(lhs_is_pair), ty: RuleTy::Float },
+    // c·(a + b) = c·a + c·b: as above, with the sum on the right.
+    Rule { name: "distribute-left", lhs: "(* ?c (+ ?a ?b))", rhs: "(+ (* ?c ?a) (* ?c ?b))", guard: Some(lhs_is_pair), ty: RuleTy::Float },
+    // (-a)·b = -(a·b): exact (sign symmetry of IEEE multiplication).
+    Rule { name: "neg-out-of-mul-left", lhs: "(* (neg ?a) ?b)", rhs: "(neg (* ?a ?b))", guard: None, ty: RuleTy::Float },
+    // a·(-b) = -(a·b): exact.
+    Rule { name: "neg-out-of-mul-right", lhs: "(* ?a (neg ?b))", rhs: "(neg (* ?a ?b))", guard: None, ty: RuleTy::Float },
+    // -(a + b) = (-a) + (-b): exact. Pair terms only.
+    Rule { name: "neg-over-add", lhs: "(neg (+ ?a ?b))", rhs: "(+ (neg ?a) (neg ?b))", guard: Some(pair_a), ty: RuleTy::Float },
+    // -(-a) = a: exact.
+    Rule { name: "neg-neg", lhs: "(neg (neg ?a))", rhs: "?a", guard: None, ty: RuleTy::Float },
+    // float(a + b) = float(a) + float(b) for integers: exact while |a|, |b|, |a + b| stay
+    // below 2^24 (f32) — positions and lengths do.
+    Rule { name: "float-over-add", lhs: "(float (+ ?a ?b))", rhs: "(+ (float ?a) (float ?b))", guard: Some(int_a), ty: RuleTy::Int },
+    // float(-a) = -float(a): exact.
+    Rule { name: "float-over-neg", lhs: "(float (neg ?a))", rhs: "(neg (float ?a))", guard: None, ty: RuleTy::Int },
+    // float(a·b) = float(a)·float(b) for integers: exact under the same bound.
+    Rule { name: "float-over-mul", lhs: "(float (* ?a ?b))", rhs: "(* (float ?a) (float ?b))", guard: Some(int_a), ty: RuleTy::Int },
+    // a / c = a · (1/c) when c is not a pair term (a row or column factor, computed once
+    // per row or key): equal up to one rounding.
+    Rule { name: "div-to-mul-recip", lhs: "(/ ?a ?c)", rhs: "(* ?a (/ 1.0 ?c))", guard: Some(recip_ok), ty: RuleTy::Float },
+    // a + 0 = a (ints).
+    Rule { name: "add-zero-int", lhs: "(+ ?a 0)", rhs: "?a", guard: None, ty: RuleTy::Int },
+    // a + 0.0 = a (floats; -0.0 + 0.0 = +0.0 differs only in the sign of zero).
+    Rule { name: "add-zero-float", lhs: "(+ ?a 0.0)", rhs: "?a", guard: None, ty: RuleTy::Float },
+    // a·1 = a (ints).
+    Rule { name: "mul-one-int", lhs: "(* ?a 1)", rhs: "?a", guard: None, ty: RuleTy::Int },
+    // a·1.0 = a (floats, exact).
+    Rule { name: "mul-one-float", lhs: "(* ?a 1.0)", rhs: "?a", guard: None, ty: RuleTy::Float },
+    // a - 0 = a (ints), a - 0.0 = a (floats): exact.
+    Rule { name: "sub-zero-int", lhs: "(- ?a 0)", rhs: "?a", guard: None, ty: RuleTy::Int },
+    Rule { name: "sub-zero-float", lhs: "(- ?a 0.0)", rhs: "?a", guard: None, ty: RuleTy::Float },
+    // a / 1.0 = a: exact.
+    Rule { name: "div-one", lhs: "(/ ?a 1.0)", rhs: "?a", guard: None, ty: RuleTy::Float },
+];
+
+impl Rule {
+    /// The egg rewrite.
+    pub fn rewrite(&self) -> Rewrite<Ix, FactsAnalysis> {
+        let lhs: Pattern<Ix> = self.lhs.parse().expect("rule left-hand side parses");
+        let rhs: Pattern<Ix> = self.rhs.parse().expect("rule right-hand side parses");
+        match self.guard {
+            Some(g) => Rewrite::new(self.name, lhs, ConditionalApplier { condition: g, applier: rhs }),
+            None => Rewrite::new(self.name, lhs, rhs),
+        }
+        .expect("a well-formed rule")
+    }
+}
+
+/// Every rule as an egg rewrite, in table order.
+pub fn all() -> Vec<Rewrite<Ix, FactsAnalysis>> {
+    RULES.iter().map(Rule::rewrite).collect()
 }
