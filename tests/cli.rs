@@ -111,3 +111,41 @@ fn tune_caches_a_winner_that_run_and_bench_use() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("warning: ignoring the corrupt tuning cache entry") && err.contains("cost model"), "{err}");
 }
+
+#[test]
+fn passes_are_shown_and_switchable() {
+    // The optimized IR has the ALiBi bias folded into the dot; --no-opt keeps it.
+    let (code, out, err) = attnc(&["compile", "examples/alibi.attn", "--emit", "opt-ir"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("(+ $D 1)") && !out.contains("(bias"), "{out}");
+    let (code, out, _) = attnc(&["compile", "examples/alibi.attn", "--emit", "opt-ir", "--no-opt"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("(bias"), "{out}");
+    let (code, out, _) = attnc(&["compile", "examples/alibi.attn", "--emit", "opt-ir", "--opt", "lowrank=off"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("(bias"), "{out}");
+    // explain: the rewrite, its cost before and after, tile classes and the algorithm.
+    let (code, out, err) = attnc(&["explain", "examples/alibi.attn", "--dims", "B=1,H=2,G=1,N=256,M=256,D=64,Dv=64"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("lowrank  on   bias") && out.contains("1 extra dot channel") && out.contains("per-pair cost 3.00 -> 0.25"), "{out}");
+    assert!(out.contains("algorithm tiled") && out.contains("empty (skipped)"), "{out}");
+    let (code, out, err) = attnc(&["explain", "examples/retnet.attn", "--dims", "B=1,H=2,G=1,N=4096,M=4096,D=64,Dv=64"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("algorithm chunked linear attention"), "{out}");
+    // A bad pass name is a user error naming the passes.
+    let (code, _, err) = attnc(&["compile", "examples/alibi.attn", "--opt", "fastmath=on"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no pass named `fastmath`") && err.contains("lowrank"), "{err}");
+    let (code, _, err) = attnc(&["compile", "examples/alibi.attn", "--opt", "lowrank"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("PASS=on or PASS=off"), "{err}");
+    // run --check through the chunked kernel and with the passes off.
+    let out = tmp("gla.safetensors");
+    for extra in [&[][..], &["--no-opt"][..]] {
+        let mut args = vec!["run", "examples/gla.attn", "--random", "--dims", "B=1,H=2,N=150,M=150,D=16,Dv=8", "-o", out.as_str(), "--check"];
+        args.extend_from_slice(extra);
+        let (code, _, err) = attnc(&args);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("max |difference|"), "{err}");
+    }
+}

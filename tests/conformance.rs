@@ -29,7 +29,16 @@ impl Cpu {
 impl Runner for Cpu {
     fn name(&self) -> String {
         let o = &self.0;
-        format!("cpu(tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}, passes {})", o.tiled, o.microkernel, o.fma, o.block_q, o.block_k, o.chunk, self.1.describe())
+        format!(
+            "cpu(tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}, passes {})",
+            o.tiled,
+            o.microkernel,
+            o.fma,
+            o.block_q,
+            o.block_k,
+            o.chunk,
+            self.1.describe()
+        )
     }
     fn available(&self) -> Result<(), String> {
         Ok(())
@@ -222,11 +231,7 @@ fn passes_preserve_every_example_under_the_reference() {
 
 /// The examples a pass rewrites (with every pass on).
 fn rewritten_by(pass: &str) -> Vec<String> {
-    examples()
-        .into_iter()
-        .filter(|(_, c)| attnc::optimize(c, &PassConfig::all()).expect("passes").1.iter().any(|a| a.pass == pass))
-        .map(|(n, _)| n)
-        .collect()
+    examples().into_iter().filter(|(_, c)| attnc::optimize(c, &PassConfig::all()).expect("passes").1.iter().any(|a| a.pass == pass)).map(|(n, _)| n).collect()
 }
 
 /// With each pass off in turn, the CPU backend still matches on the examples that pass

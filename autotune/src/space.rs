@@ -185,4 +185,27 @@ mod tests {
         // about half the time of the same spec without a mask would take.
         assert!(all.iter().any(|c| c.name == "tiled 64x64"));
     }
+
+    /// Linear attention in the passes' normal form: the chunked candidates join the space,
+    /// and the model prefers them on long sequences and the quadratic kernel on short ones.
+    #[test]
+    fn chunked_candidates_for_linear_attention() {
+        let k = attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (input gamma f32 [H]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e)
+               (branch (score (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))) (mask (<= j i))
+                 (norm (map s)) (decay (pow (load gamma h) (float (- i j))))))",
+        )
+        .expect("kernel");
+        let k = attnc_passes::optimize(&k, &attnc_passes::PassConfig::all()).expect("passes").kernel;
+        assert!(cpu_candidate_names(&k).contains(&"chunked 64".to_string()));
+        let at = |n: i64| Bindings { dims: [("B", 1), ("H", 8), ("N", n), ("M", n), ("D", 64)].iter().map(|(a, b)| (a.to_string(), *b)).collect() };
+        let long = cpu_candidates(&k, &at(8192), 2, &NoData);
+        assert!(long[0].name.starts_with("chunked"), "{:?}", long[0]);
+        assert!(long[0].options.chunk > 0);
+        let short = cpu_candidates(&k, &at(32), 2, &NoData);
+        assert!(!short[0].name.starts_with("chunked"), "{:?}", short[0]);
+        assert_eq!(short[0].options.chunk, 0, "quadratic candidates run quadratic");
+    }
 }

@@ -66,7 +66,11 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let what = format!(
         "bias `{}` = {} (e-graph: rank {rank}, {stop}){}: {r} extra dot channel{}",
         attnc_ir::pretty::infix(bias),
-        if terms.is_empty() { "a per-row constant".to_string() } else { terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + ") },
+        if terms.is_empty() {
+            "a per-row constant".to_string()
+        } else {
+            terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + ")
+        },
         if dropped > 0 { format!("; {dropped} per-row term dropped (cancels in the softmax)") } else { String::new() },
         if r == 1 { "" } else { "s" },
     );

@@ -17,11 +17,7 @@ use attnc_ir::{Expr, Kernel};
 fn shrink(e: &mut Expr, k: &Kernel, label: &str, log: &mut Vec<Applied>) {
     let s = simplest(e, k);
     if s.size() < e.size() {
-        log.push(Applied {
-            pass: "simplify",
-            what: format!("{label}: {} → {}", attnc_ir::pretty::infix(e), attnc_ir::pretty::infix(&s)),
-            cost: None,
-        });
+        log.push(Applied { pass: "simplify", what: format!("{label}: {} → {}", attnc_ir::pretty::infix(e), attnc_ir::pretty::infix(&s)), cost: None });
         *e = s;
     }
 }

@@ -48,6 +48,45 @@ pub fn classify(mask: Option<&Expr>, bx: TileBox, dims: &BTreeMap<String, i64>, 
     }
 }
 
+/// The classes of one query tile's key tiles: key tile `t` holds keys
+/// `[t·bk, min((t+1)·bk, nj))`. By bisection: a run of key tiles whose union classifies
+/// `Empty` (or `Full`) gives that class to every tile in it — sound, since the union's
+/// classification holds for every pair in it — and only `Partial` runs are split, down to
+/// single tiles (classified as [`classify`] would). A row that is mostly empty (windows,
+/// blocks, causal) costs O(live tiles · log) classifications instead of O(tiles).
+#[allow(clippy::too_many_arguments)]
+pub fn classify_row(
+    mask: Option<&Expr>,
+    b: i64,
+    h: i64,
+    i: (i64, i64),
+    nj: i64,
+    bk: i64,
+    dims: &BTreeMap<String, i64>,
+    data: &dyn LoadOracle,
+) -> Vec<TileClass> {
+    let ntiles = ((nj + bk - 1) / bk).max(0) as usize;
+    let mut out = vec![TileClass::Full; ntiles];
+    if mask.is_none() {
+        return out;
+    }
+    fn go(out: &mut [TileClass], t0: usize, t1: usize, cx: &dyn Fn(i64, i64) -> TileClass, bk: i64, nj: i64) {
+        let c = cx(t0 as i64 * bk, (t1 as i64 * bk).min(nj));
+        if c != TileClass::Partial || t1 - t0 == 1 {
+            out[t0..t1].iter_mut().for_each(|x| *x = c);
+            return;
+        }
+        let mid = (t0 + t1) / 2;
+        go(out, t0, mid, cx, bk, nj);
+        go(out, mid, t1, cx, bk, nj);
+    }
+    if ntiles > 0 {
+        let cx = |j0: i64, j1: i64| classify(mask, TileBox { b, h, i, j: (j0, j1) }, dims, data);
+        go(&mut out, 0, ntiles, &cx, bk, nj);
+    }
+    out
+}
+
 /// Exact bounds of tensor elements over index boxes, read from the data (boxes of up to
 /// `limit` elements; larger boxes are unknown).
 pub struct DataOracle<'a> {

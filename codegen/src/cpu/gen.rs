@@ -304,6 +304,22 @@ impl<'f, 'k> Gen<'f, 'k> {
                 let x = self.expr(a);
                 self.unary(*op, x)
             }
+            Expr::Binary(op @ (BinOp::And | BinOp::Or), a, b) if matches!(**b, Expr::Reduce { .. } | Expr::Binary(BinOp::Pow, ..)) || b.size() > 12 => {
+                // Short-circuit: the right side runs only when the left does not decide.
+                let x = self.expr(a);
+                let (rhs, done) = (self.b.create_block(), self.b.create_block());
+                self.b.append_block_param(done, types::I8);
+                let arg = [cranelift::codegen::ir::BlockArg::Value(x)];
+                match op {
+                    BinOp::Or => self.b.ins().brif(x, done, &arg, rhs, &[]),
+                    _ => self.b.ins().brif(x, rhs, &[], done, &arg),
+                };
+                self.b.switch_to_block(rhs);
+                let y = self.expr(b);
+                self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(y)]);
+                self.b.switch_to_block(done);
+                self.b.block_params(done)[0]
+            }
             Expr::Binary(op, a, b) => {
                 let (x, y) = (self.expr(a), self.expr(b));
                 self.binary(*op, x, y)

@@ -246,6 +246,8 @@ enum Path {
     Chunked(attnc_passes::linear::LinearForm),
 }
 
+type TileClassCache = BTreeMap<(usize, i64, i64, i64, i64, BTreeMap<String, i64>), std::sync::Arc<Vec<u8>>>;
+
 /// A JIT-compiled kernel, ready to run.
 pub struct CpuKernel {
     kernel: Kernel,
@@ -255,6 +257,9 @@ pub struct CpuKernel {
     options: CpuOptions,
     /// A pool of `options.threads` workers (none: rayon's global pool).
     pool: Option<rayon::ThreadPool>,
+    /// Tile classes of static masks per (branch, b, h, tile sizes, dims): a shape's
+    /// classification is done once.
+    classes: std::sync::Mutex<TileClassCache>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     pub clif: ClifArtifact,
@@ -408,7 +413,17 @@ impl CpuKernel {
             0 => None,
             n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| CodegenError::Unsupported(format!("thread pool: {e}")))?),
         };
-        Ok(CpuKernel { kernel: k.clone(), layout, path, derives, options: o.clone(), pool, _module: module, clif: ClifArtifact { functions: clif } })
+        Ok(CpuKernel {
+            kernel: k.clone(),
+            layout,
+            path,
+            derives,
+            options: o.clone(),
+            pool,
+            classes: Default::default(),
+            _module: module,
+            clif: ClifArtifact { functions: clif },
+        })
     }
 
     /// True when the tiled kernel runs this spec (else the row-at-a-time or chunked kernel).
@@ -505,22 +520,36 @@ impl CpuKernel {
             tensors: data.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(),
             limit: 1 << 14,
         };
-        // Classes per branch for each distinct (b, h) the mask depends on: [qb][tile].
-        let classify = |br: usize, b: i64, h: i64| -> Vec<u8> {
+        // Classes per branch for each distinct (b, h) the mask depends on: [qb][tile], query
+        // tiles in parallel. A mask that reads no tensor has the same classes at every call
+        // with these dims: they are computed once per shape and kept (compile-time
+        // classification); masks that read data are classified at every call.
+        let classify = |br: usize, b: i64, h: i64| -> std::sync::Arc<Vec<u8>> {
             let mask = k.branches[br].mask.as_ref();
-            let mut out = vec![1u8; (nqb * ntiles) as usize];
-            if mask.is_none() {
-                return out;
-            }
-            for qb in 0..nqb {
-                for kb in 0..ntiles {
-                    let bx = attnc_passes::tiles::TileBox { b, h, i: (qb * bq, ((qb + 1) * bq).min(ni)), j: (kb * bk, ((kb + 1) * bk).min(mj)) };
-                    out[(qb * ntiles + kb) as usize] = match attnc_passes::tiles::classify(mask, bx, &dims.dims, &oracle) {
-                        attnc_passes::tiles::TileClass::Empty => 0,
-                        attnc_passes::tiles::TileClass::Full => 1,
-                        attnc_passes::tiles::TileClass::Partial => 2,
-                    };
+            let static_mask = mask.is_none_or(|m| m.loads().is_empty());
+            let key = (br, b, h, bq, bk, dims.dims.clone());
+            if static_mask {
+                if let Some(c) = self.classes.lock().expect("classes lock").get(&key) {
+                    return c.clone();
                 }
+            }
+            let rows: Vec<Vec<u8>> = (0..nqb)
+                .into_par_iter()
+                .map(|qb| {
+                    let i = (qb * bq, ((qb + 1) * bq).min(ni));
+                    attnc_passes::tiles::classify_row(mask, b, h, i, mj, bk, &dims.dims, &oracle)
+                        .into_iter()
+                        .map(|c| match c {
+                            attnc_passes::tiles::TileClass::Empty => 0,
+                            attnc_passes::tiles::TileClass::Full => 1,
+                            attnc_passes::tiles::TileClass::Partial => 2,
+                        })
+                        .collect()
+                })
+                .collect();
+            let out = std::sync::Arc::new(rows.concat());
+            if static_mask {
+                self.classes.lock().expect("classes lock").insert(key, out.clone());
             }
             out
         };
@@ -532,7 +561,7 @@ impl CpuKernel {
                 bs.into_iter().flat_map(move |b| hs.clone().into_iter().map(move |h| (br, b, h)))
             })
             .collect();
-        let classes: BTreeMap<(usize, i64, i64), Vec<u8>> = keys.par_iter().map(|&(br, b, h)| ((br, b, h), classify(br, b, h))).collect();
+        let classes: BTreeMap<(usize, i64, i64), std::sync::Arc<Vec<u8>>> = keys.iter().map(|&(br, b, h)| ((br, b, h), classify(br, b, h))).collect();
         let lookup = |br: usize, b: i64, h: i64| {
             let deps = k.branches[br].mask.as_ref().map(attnc_ir::Deps::of).unwrap_or_default();
             &classes[&(br, if deps.b { b } else { 0 }, if deps.h { h } else { 0 })]

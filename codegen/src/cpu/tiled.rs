@@ -83,6 +83,13 @@ impl TiledPlan {
     }
 }
 
+/// Worth a branch to skip: reductions, powers and gathers run lane by lane.
+fn costly(e: &Expr) -> bool {
+    let mut c = false;
+    e.walk(&mut |x| c |= matches!(x, Expr::Reduce { .. } | Expr::Binary(BinOp::Pow, ..) | Expr::Load(..)));
+    c
+}
+
 /// Lane-wise value of the vector code: a scalar shared by the 4 lanes, or a vector.
 #[derive(Clone, Copy)]
 enum VV {
@@ -338,6 +345,9 @@ impl Gen<'_, '_> {
                     let r = self.b.ins().splat(types::F32X4, r);
                     return VV::V(self.b.ins().fmul(x, r));
                 }
+                if matches!(op, BinOp::And | BinOp::Or) && costly(b) {
+                    return VV::V(self.vshort_circuit(*op, a, b, vecs));
+                }
                 match op {
                     BinOp::Pow => return VV::V(self.vpow(a, b, vecs, e)),
                     BinOp::FloorDiv | BinOp::Mod if pow2(b).is_none() => return VV::V(self.lanewise(e)),
@@ -375,6 +385,32 @@ impl Gen<'_, '_> {
             }
             _ => VV::V(self.lanewise(e)),
         }
+    }
+
+    /// `a && b` / `a || b` on 4 lanes, skipping `b` when `a` already decides every lane (all
+    /// false / all true): a mask like PowerAttention's `gap == 0 || pow2(gap)` then never
+    /// runs its lane-by-lane reduction on the diagonal tiles.
+    fn vshort_circuit(&mut self, op: BinOp, a: &Expr, b: &Expr, vecs: &[String]) -> Value {
+        let x = self.vexpr(a, vecs);
+        let x = self.vec(x);
+        let decided = match op {
+            BinOp::Or => self.b.ins().vall_true(x),
+            _ => {
+                let nx = self.b.ins().bnot(x);
+                self.b.ins().vall_true(nx)
+            }
+        };
+        let ty = self.b.func.dfg.value_type(x);
+        let (rhs, done) = (self.b.create_block(), self.b.create_block());
+        self.b.append_block_param(done, ty);
+        self.b.ins().brif(decided, done, &[cranelift::codegen::ir::BlockArg::Value(x)], rhs, &[]);
+        self.b.switch_to_block(rhs);
+        let y = self.vexpr(b, vecs);
+        let y = self.vec(y);
+        let r = self.binary(op, x, y);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.switch_to_block(done);
+        self.b.block_params(done)[0]
     }
 
     /// `base ** y`: with a uniform positive base, `exp(y · ln base)` on 4 lanes (RetNet's
@@ -482,6 +518,15 @@ impl Gen<'_, '_> {
         let mpad = self.b.ins().imul_imm_s(ntiles, bk);
         let zero = self.iconst(0);
         let zf = self.fconst(0.0);
+        // What does not vary along keys, channels and values (`h // (H // G)`: two integer
+        // divisions) is computed once per pack, not per element.
+        let mut inner = vec!["j".to_string(), "e".to_string()];
+        let mut roots = vec![&k.value];
+        if let Some(dot) = &plan.dot {
+            inner.push(dot.r.clone());
+            roots.push(&dot.b);
+        }
+        let hoisted = self.hoist(&roots, &inner);
         if let Some(dot) = &plan.dot {
             let dlen = self.expr(&dot.len);
             self.for_range(zero, mpad, &mut |g, j| {
@@ -524,6 +569,7 @@ impl Gen<'_, '_> {
             });
             g.unbind(1);
         });
+        self.unhoist(hoisted);
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
