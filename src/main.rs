@@ -616,9 +616,8 @@ fn explain(
             for (n, br) in ok.branches.iter().enumerate() {
                 let mut count = [0u64; 3];
                 for qb in 0..(ni + bq - 1) / bq {
-                    for kb in 0..(nj + bk - 1) / bk {
-                        let bx = attnc::passes::tiles::TileBox { b: 0, h: 0, i: (qb * bq, ((qb + 1) * bq).min(ni)), j: (kb * bk, ((kb + 1) * bk).min(nj)) };
-                        let cls = attnc::passes::tiles::classify(br.mask.as_ref(), bx, &b.dims, &attnc::passes::interval::NoData);
+                    let i = (qb * bq, ((qb + 1) * bq).min(ni));
+                    for cls in attnc::passes::tiles::classify_row(br.mask.as_ref(), 0, 0, i, nj, bk, &b.dims, &attnc::passes::interval::NoData) {
                         count[cls as usize] += 1;
                     }
                 }

@@ -13,7 +13,7 @@
 use attnc_codegen::cpu::CpuOptions;
 use attnc_ir::{Bindings, Kernel};
 use attnc_passes::interval::LoadOracle;
-use attnc_passes::tiles::{classify, TileBox, TileClass};
+use attnc_passes::tiles::{classify_row, TileClass};
 
 /// One configuration to try.
 #[derive(Clone, Debug, PartialEq)]
@@ -54,9 +54,8 @@ fn live_tiles(k: &Kernel, dims: &Bindings, bq: i64, bk: i64, data: &dyn LoadOrac
     let tiles = ((ni + bq - 1) / bq) * ((nj + bk - 1) / bk);
     let stride = (tiles / 2048).max(1);
     for i0 in (0..ni).step_by((bq * stride) as usize) {
-        for j0 in (0..nj).step_by(bk as usize) {
-            let bx = TileBox { b: 0, h: 0, i: (i0, (i0 + bq).min(ni)), j: (j0, (j0 + bk).min(nj)) };
-            match classify(mask, bx, &dims.dims, data) {
+        for class in classify_row(mask, 0, 0, (i0, (i0 + bq).min(ni)), nj, bk, &dims.dims, data) {
+            match class {
                 TileClass::Empty => {}
                 TileClass::Full => live += stride as f64,
                 TileClass::Partial => {

@@ -134,6 +134,15 @@ pub(crate) struct TVals {
     pub(crate) is_int: bool,
 }
 
+/// Whether `derive_T` runs over the first two axes flattened (rank ≥ 2, no prefix sum along
+/// either): then its `[lo, hi)` range is over `ext0 · ext1`, else over the first axis.
+pub(crate) fn derive_flattens(t: &attnc_ir::TensorDecl) -> bool {
+    match &t.kind {
+        TensorKind::Derived { vars, def } => vars.len() >= 2 && !matches!(def, TensorDef::Cumsum { axis: 0 | 1, .. }),
+        _ => false,
+    }
+}
+
 /// Static type of an expression (the kernel is verified, so this cannot fail).
 pub(crate) fn ty_of(e: &Expr, k: &Kernel) -> Ty {
     k.ty_of(e)
@@ -468,7 +477,10 @@ impl<'f, 'k> Gen<'f, 'k> {
         let tv = self.tens[name].clone();
         self.writing = Some(name.to_string());
         let rank = vars.len();
-        // Nested loops over all axes; the first runs over [lo, hi).
+        let flat = derive_flattens(&t);
+        // Nested loops over all axes; the first runs over [lo, hi) — or, when `flat`, the first
+        // two flattened (`x0 · ext1 + x1` in [lo, hi)), so a tensor whose first axis is short
+        // (B = 1) still splits into many parallel tasks.
         #[allow(clippy::too_many_arguments)]
         fn nest(
             g: &mut Gen,
@@ -482,6 +494,7 @@ impl<'f, 'k> Gen<'f, 'k> {
             body: &Expr,
             scan: Option<usize>,
             is_int: bool,
+            flat: bool,
         ) {
             if axis == rank {
                 let mut off = g.iconst(0);
@@ -512,21 +525,40 @@ impl<'f, 'k> Gen<'f, 'k> {
                 g.b.ins().store(flags(), v, addr, 0);
                 return;
             }
+            if axis == 0 && flat {
+                g.for_range(lo, hi, &mut |g, f| {
+                    let (x0, _) = g.floor_div(f, tv.ext[1]);
+                    let p = g.b.ins().imul(x0, tv.ext[1]);
+                    let x1 = g.b.ins().isub(f, p);
+                    g.bind(&vars[0], x0);
+                    g.bind(&vars[1], x1);
+                    idx.push(x0);
+                    idx.push(x1);
+                    nest(g, 2, rank, lo, hi, tv, vars, idx, body, scan, is_int, flat);
+                    idx.truncate(idx.len() - 2);
+                    g.unbind(2);
+                });
+                return;
+            }
             let (l, h) = if axis == 0 { (lo, hi) } else { (g.iconst(0), tv.ext[axis]) };
+            // Before the innermost loop, what does not vary along it is computed once
+            // (`h // (H // G)` in a kv-head index: two integer divisions per element otherwise).
+            let hoisted = if axis + 1 == rank && scan.is_none() { g.hoist(&[body], std::slice::from_ref(&vars[axis])) } else { 0 };
             g.for_range(l, h, &mut |g, x| {
                 g.bind(&vars[axis], x);
                 idx.push(x);
-                nest(g, axis + 1, rank, lo, hi, tv, vars, idx, body, scan, is_int);
+                nest(g, axis + 1, rank, lo, hi, tv, vars, idx, body, scan, is_int, flat);
                 idx.pop();
                 g.unbind(1);
             });
+            g.unhoist(hoisted);
         }
         if rank == 0 {
             let v = self.expr(body);
             let v = if tv.is_int { self.b.ins().ireduce(types::I32, v) } else { v };
             self.b.ins().store(flags(), v, tv.base, 0);
         } else {
-            nest(self, 0, rank, lo, hi, &tv, vars, &mut Vec::new(), body, scan, tv.is_int);
+            nest(self, 0, rank, lo, hi, &tv, vars, &mut Vec::new(), body, scan, tv.is_int, flat);
         }
         self.b.ins().return_(&[]);
     }

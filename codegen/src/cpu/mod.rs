@@ -655,7 +655,10 @@ impl CpuKernel {
                     // SAFETY: the frame describes live buffers of the bound shapes.
                     unsafe { f(fp.get(), 0, first) };
                 } else {
-                    (0..first).into_par_iter().for_each(|x| unsafe { f(fp.get(), x, x + 1) });
+                    // The range is over the first axis, or the first two flattened.
+                    let n = if gen::derive_flattens(t) { first * shape[1] as i64 } else { first };
+                    let step = (n / 64).max(1);
+                    (0..(n + step - 1) / step).into_par_iter().for_each(|c| unsafe { f(fp.get(), c * step, ((c + 1) * step).min(n)) });
                 }
             }
             match &self.path {

@@ -443,7 +443,7 @@ impl Gen<'_, '_> {
 
     /// Computes the maximal lane-uniform parts of `exprs` now (before a loop over key
     /// vectors) and caches them; returns how many entries to pop afterwards.
-    fn hoist(&mut self, exprs: &[&Expr], vecs: &[String]) -> usize {
+    pub(crate) fn hoist(&mut self, exprs: &[&Expr], vecs: &[String]) -> usize {
         let before = self.cache.len();
         fn go(g: &mut Gen, e: &Expr, vecs: &[String]) {
             let trivial = matches!(e, Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_));
@@ -480,7 +480,7 @@ impl Gen<'_, '_> {
         self.cache.len() - before
     }
 
-    fn unhoist(&mut self, n: usize) {
+    pub(crate) fn unhoist(&mut self, n: usize) {
         let len = self.cache.len();
         self.cache.truncate(len - n);
     }
