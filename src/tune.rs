@@ -134,7 +134,9 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         return Err(anyhow!("no candidate passed the correctness gate and ran; see the table"));
     };
     let default_median = trials.iter().find_map(|t| match &t.outcome {
-        Outcome::Timed { median, .. } if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => Some(*median),
+        Outcome::Timed { median, .. } if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => {
+            Some((*median, t.candidate.name.clone()))
+        }
         _ => None,
     });
     let records: Vec<TrialRecord> = trials.iter().map(TrialRecord::from_trial).collect();
@@ -148,8 +150,8 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         let mark = if r.name == win.candidate.name { "*" } else { " " };
         outln!("{mark} {:<26} {:>12.3} {:>11} {:>9}  {}", r.name, r.predicted_s * 1e3, med, gf, r.status);
     }
-    if let (Some(d), Outcome::Timed { median, .. }) = (default_median, &win.outcome) {
-        outln!("  winner {} is {:.2}x the default (tiled 64x64)", win.candidate.name, d / median);
+    if let (Some((d, name)), Outcome::Timed { median, .. }) = (default_median, &win.outcome) {
+        outln!("  winner {} is {:.2}x the default ({name})", win.candidate.name, d / median);
     }
     let k = key(c, &dims);
     let entry = CacheEntry {

@@ -193,8 +193,9 @@ fn pairwise(p: &Plan, h: &Head, v: &[f32], w: usize, acc: &mut [f32], k0: usize,
                 Decay::None => dot(&h.fq[i * p.dk..(i + 1) * p.dk], &h.fk[j * p.dk..(j + 1) * p.dk]),
                 Decay::Scalar => dot(&h.fq[i * p.dk..(i + 1) * p.dk], &h.fk[j * p.dk..(j + 1) * p.dk]) * (h.lq[i] - h.lk[j]).exp(),
                 Decay::Channel => {
-                    for d in 0..p.dk {
-                        qrow[d] = h.fq[i * p.dk + d] * (h.lq[i * p.dk + d] - h.lk[j * p.dk + d]).exp();
+                    let (fq, lq, lk) = (&h.fq[i * p.dk..(i + 1) * p.dk], &h.lq[i * p.dk..(i + 1) * p.dk], &h.lk[j * p.dk..(j + 1) * p.dk]);
+                    for (((o, q), a), b) in qrow.iter_mut().zip(fq).zip(lq).zip(lk) {
+                        *o = q * (a - b).exp();
                     }
                     dot(&qrow, &h.fk[j * p.dk..(j + 1) * p.dk])
                 }
