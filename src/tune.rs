@@ -98,7 +98,15 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     let dims = attnc::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
     let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
     let all = candidates(c, &dims, &inputs, a.threads);
-    let pruned = prune(all.clone(), a.top_k);
+    let mut pruned = prune(all.clone(), a.top_k);
+    // The default configuration is always measured too, as the baseline: a winner is then
+    // never slower than what an untuned run would use, whatever the cost model ranked.
+    let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };
+    if let Some(d) = all.iter().find(|x| x.options == default) {
+        if !pruned.iter().any(|x| x.options == default) {
+            pruned.push(d.clone());
+        }
+    }
     let work = crate::bench::useful_work(c, &dims, &inputs).map_err(|e| anyhow!(e))?;
     // The gate: a small input and its reference output, computed once.
     let small_given = small_dims(c, a.given);

@@ -97,6 +97,8 @@ fn tune_caches_a_winner_that_run_and_bench_use() {
     let (code, out, err) = run(&["tune", "examples/alibi.attn", "--dims", dims, "--top-k", "3", "--samples", "2", "--report", &report]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("cached in") && out.contains('*'), "{out}");
+    // The default configuration is always measured (the baseline the winner is held to).
+    assert!(out.contains("the default (tiled 64x64)"), "{out}");
     for f in ["tune.csv", "tune.json", "tune.svg"] {
         assert!(std::path::Path::new(&report).join(f).exists(), "{f} written");
     }

@@ -36,8 +36,13 @@ const ROW_OVERHEAD_S: f64 = 2.5e-8;
 const PAIR_OVERHEAD_S: f64 = 1.2e-9;
 const L1_BYTES: f64 = 32.0 * 1024.0;
 const SPILL_SLOWDOWN: f64 = 1.3;
-/// The chunked algorithm's loops (auto-vectorized Rust, 256-bit on AVX2) and its `exp`s.
-const CHUNKED_FLOPS: f64 = 12e9;
+/// Seconds per scalar operation of per-pair work (the e-graph's `SepCost` of the bias and
+/// decay) in the generated f32x4 code: fitted to retnet's `exp(λq − λk)` decay (21 ops in
+/// the cost function: a gather and an `exp` per lane) at N = 512 and 8192 on Zen 3.
+const PAIR_OP_S: f64 = 0.6e-9;
+/// The chunked algorithm's loops (auto-vectorized Rust, 256-bit on AVX2) and its `exp`s,
+/// fitted to retnet and gla at N = 512–16384 on Zen 3 (one core).
+const CHUNKED_FLOPS: f64 = 24e9;
 const EXP_S: f64 = 5e-9;
 /// Chunk sizes tried for linear attention.
 const CHUNKS: [usize; 3] = [32, 64, 128];
@@ -77,6 +82,15 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
     let dk = 64.0_f64.max(ne);
     let mut out = Vec::new();
     let tiled = attnc_codegen::cpu::tiles_apply(k);
+    // Quadratic candidates of a kernel in linear normal form must switch the chunked
+    // algorithm off; for any other kernel the option has no effect and stays the default
+    // (so the default configuration is one of the candidates).
+    let linear = attnc_passes::linear::LinearForm::of(k);
+    let quadratic_chunk = if linear.is_some() { 0 } else { CpuOptions::default().chunk };
+    // Per-pair work beyond the matmuls: bias and decay as written (each kernel's own
+    // arithmetic, priced by the passes' cost function).
+    let pair_ops: f64 =
+        k.branches.iter().map(|b| [&b.bias, &b.decay].into_iter().flatten().map(|e| attnc_passes::egraph::written_cost(e, k).eval).sum::<f64>()).sum();
     if tiled {
         for bq in [16usize, 32, 64, 128] {
             for bk in [16usize, 32, 64, 128] {
@@ -90,9 +104,10 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                     let per_head = flops / rate
                         + live * (TILE_OVERHEAD_S + bq as f64 * ROW_OVERHEAD_S)
                         + pairs * PAIR_OVERHEAD_S * (1.0 + partial / live.max(1.0))
+                        + pairs * pair_ops * PAIR_OP_S
                         + (ni + nj) * dk * 2e-10;
                     let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
-                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, chunk: 0, ..CpuOptions::default() };
+                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
                     out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64 });
                 }
             }
@@ -103,10 +118,10 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
         let (live, _) = live_tiles(k, dims, 64, 64, data);
         let pairs = (live * 4096.0).min(ni * nj);
         let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
-        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: 0, ..CpuOptions::default() };
+        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
         out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64 });
     }
-    if let Some(form) = attnc_passes::linear::LinearForm::of(k) {
+    if let Some(form) = linear {
         let dk = dims.extent(&form.channels) as f64;
         for chunk in CHUNKS {
             let c = chunk as f64;
