@@ -73,3 +73,49 @@ pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Chec
     let info = ir::verify(&o.kernel).map_err(|e| passes::PassError::Invalid { pass: "pipeline", why: e.to_string() })?;
     Ok((dsl::Checked { kernel: o.kernel, info, ranges: c.ranges.clone() }, o.log))
 }
+
+/// What the approximate low-rank bias admitted (see [`approximate_bias`]).
+#[derive(Clone, Debug)]
+pub struct ApproxBias {
+    pub tensor: String,
+    pub rank: usize,
+    pub max_error: f64,
+    pub budget: f64,
+}
+
+/// The largest rank [`approximate_bias`] tries.
+pub const APPROX_RANK_CAP: usize = 64;
+
+/// FlashBias, approximate (opt-in): factors the spec's dense bias input, per (batch, head)
+/// slice, to the smallest rank whose largest absolute error is within `budget`, adds the
+/// factors to `inputs`, and returns the spec rewritten to read them (the `lowrank` pass then
+/// makes them extra dot channels). Refuses, with the reason, when the spec's bias is not one
+/// input tensor indexed `[.., .., i, j]` or when no rank up to [`APPROX_RANK_CAP`] meets the
+/// budget.
+pub fn approximate_bias(
+    c: &dsl::Checked,
+    inputs: &mut std::collections::BTreeMap<String, ir::reference::Tensor>,
+    budget: f64,
+) -> Result<(dsl::Checked, ApproxBias), String> {
+    use passes::approx;
+    let src = approx::source(&c.kernel).ok_or_else(|| {
+        format!(
+            "--approx-bias: `{}` has no bias read from one input tensor indexed [.., .., i, j] (as dense_bias.attn has); nothing to approximate",
+            c.kernel.name
+        )
+    })?;
+    let t = inputs.get(&src.tensor).ok_or_else(|| format!("--approx-bias: input `{}` is missing", src.tensor))?;
+    let [b0, h0, n, m]: [usize; 4] = t.shape.clone().try_into().map_err(|_| format!("--approx-bias: `{}` is not 4-dimensional", src.tensor))?;
+    let f = approx::approximate_tensor(&t.data, [b0, h0, n, m], budget, APPROX_RANK_CAP).map_err(|e| format!("--approx-bias: {e}"))?;
+    let r = f.rank;
+    let (mut u, mut w) = (Vec::with_capacity(b0 * h0 * n * r), Vec::with_capacity(b0 * h0 * m * r));
+    for (su, sw) in &f.slices {
+        u.extend_from_slice(su);
+        w.extend_from_slice(sw);
+    }
+    inputs.insert(approx::BIAS_U.into(), ir::reference::Tensor::new(vec![b0, h0, n, r], u));
+    inputs.insert(approx::BIAS_W.into(), ir::reference::Tensor::new(vec![b0, h0, m, r], w));
+    let kernel = approx::rewrite(&c.kernel, &src, r);
+    let info = ir::verify(&kernel).map_err(|e| format!("--approx-bias produced an invalid kernel (a bug in attnc): {e}"))?;
+    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone() }, ApproxBias { tensor: src.tensor, rank: r, max_error: f.max_error, budget }))
+}

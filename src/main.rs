@@ -111,6 +111,23 @@ impl OptArgs {
     }
 }
 
+/// The spec with its dense bias factored within `budget` (FlashBias, approximate); prints
+/// the rank and the error admitted.
+fn approximated(c: &attnc::dsl::Checked, inputs: &mut BTreeMap<String, ir::reference::Tensor>, budget: f64) -> Result<attnc::dsl::Checked> {
+    let t = Instant::now();
+    let (a, r) = attnc::approximate_bias(c, inputs, budget).map_err(|e| anyhow!(e))?;
+    eprintln!(
+        "{}: approximate low-rank bias: `{}` at rank {} (max |error| {:.3e}, budget {:.3e}; factored in {:.2} s)",
+        c.kernel.name,
+        r.tensor,
+        r.rank,
+        r.max_error,
+        r.budget,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(a)
+}
+
 /// The spec after the passes `o` selects; a pass that produces an invalid kernel is a bug,
 /// reported as such.
 fn optimized(c: &attnc::dsl::Checked, o: &OptArgs) -> Result<(attnc::dsl::Checked, Vec<attnc::passes::Applied>)> {
@@ -181,6 +198,12 @@ enum Cmd {
         /// Also run the f64 reference interpreter and report the largest difference.
         #[arg(long)]
         check: bool,
+        /// FlashBias, approximate (opt-in): replace the dense bias input by a low-rank
+        /// factorization whose largest absolute error (in logit units) is at most this
+        /// budget; reports the rank and the error admitted, refuses when rank 64 cannot meet
+        /// the budget. The output then differs from the exact one by the bias error.
+        #[arg(long, value_name = "BUDGET")]
+        approx_bias: Option<f64>,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -229,6 +252,10 @@ enum Cmd {
         /// kernels; default 64).
         #[arg(long)]
         chunk: Option<usize>,
+        /// FlashBias, approximate: time the spec with its dense bias factored to the rank that
+        /// meets this max-error budget (see `run --help`).
+        #[arg(long, value_name = "BUDGET")]
+        approx_bias: Option<f64>,
         /// Use the built-in defaults, not the tuned winner from the cache (nor the cost
         /// model's pick when untuned). Any explicit option above implies it.
         #[arg(long)]
@@ -373,9 +400,8 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, input, random, seed, dims, output, backend, check, opt } => {
+        Cmd::Run { spec, input, random, seed, dims, output, backend, check, approx_bias, opt } => {
             let (_, c) = load(&spec)?;
-            let (oc, _) = optimized(&c, &opt)?;
             let given = dims_arg(&dims)?;
             let inputs = if random {
                 let b = bind_given(&c, &given)?;
@@ -383,9 +409,15 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
             };
+            let exact_inputs = inputs.clone();
+            let mut inputs = inputs;
+            let (oc, _) = match approx_bias {
+                Some(budget) => optimized(&approximated(&c, &mut inputs, budget)?, &opt)?,
+                None => optimized(&c, &opt)?,
+            };
             let start = Instant::now();
             let out = match backend {
-                Backend::Reference => ir::reference::run(&c.kernel, &c.info, &inputs, &given)?,
+                Backend::Reference => ir::reference::run(&oc.kernel, &oc.info, &inputs, &given)?,
                 Backend::Cpu => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
                     let b = ir::bind(&oc.kernel, &shapes, &given)?;
@@ -401,7 +433,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}", c.kernel.name, backend, secs, o.name, out.shape, output.display());
             if check {
                 let t = Instant::now();
-                let want = ir::reference::run(&c.kernel, &c.info, &inputs, &given)?;
+                let want = ir::reference::run(&c.kernel, &c.info, &exact_inputs, &given)?;
                 let (mut worst, mut scale, mut nan_mismatch) = (0f64, 0f64, 0usize);
                 for (a, b) in out.data.iter().zip(&want.data) {
                     if a.is_nan() || b.is_nan() {
@@ -415,18 +447,25 @@ fn run(cli: Cli) -> Result<()> {
                     "check: reference (f64) in {:.3} s; max |difference| {worst:.3e} (largest |value| {scale:.3e}); {nan_mismatch} NaN mismatches",
                     t.elapsed().as_secs_f64()
                 );
-                if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
+                if approx_bias.is_some() {
+                    eprintln!("check: the reference runs the exact bias; the difference includes what the approximate bias admits");
+                } else if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
                     return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance"));
                 }
             }
         }
-        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, untuned, seed, opt } => {
+        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             let b = bind_given(&c, &given)?;
             let inputs = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
             // Useful work is the spec's, whatever form the passes give it.
             let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
+            let mut inputs = inputs;
+            let c = match approx_bias {
+                Some(budget) => approximated(&c, &mut inputs, budget)?,
+                None => c,
+            };
             let (c, _) = optimized(&c, &opt)?;
             let b = bind_given(&c, &given)?;
             let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();

@@ -287,3 +287,36 @@ fn tiled_kernel_covers_the_examples() {
     }
     assert_eq!(row, vec!["gla".to_string()], "examples on the row kernel");
 }
+
+/// FlashBias, approximate: an ALiBi-like dense bias (rank 2 per slice, plus 1e-5 noise) is
+/// factored within a 1e-3 budget at rank ≤ 3, the factors become dot channels, and the CPU
+/// output matches the exact reference; a full-rank bias with a tiny budget is refused.
+#[test]
+fn approximate_low_rank_bias_meets_its_budget() {
+    let (_, c) = examples().into_iter().find(|(n, _)| n == "dense_bias").expect("dense_bias example");
+    let p = PROFILES.iter().find(|p| p.name == "cross_gqa_b2").expect("profile");
+    let mut ins = inputs_for(&c, p, 3).expect("inputs");
+    let bias = ins.get_mut("bias").expect("bias input");
+    let [_, nh, n, m]: [usize; 4] = bias.shape.clone().try_into().unwrap();
+    for (x, v) in bias.data.iter_mut().enumerate() {
+        let (j, i, h) = (x % m, (x / m) % n, (x / (m * n)) % nh);
+        *v = -(0.1 * (h + 1) as f64) * (i as f64 - j as f64) + 1e-5 * *v;
+    }
+    let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+    let mut with_factors = ins.clone();
+    let (ac, rep) = attnc::approximate_bias(&c, &mut with_factors, 1e-3).expect("within budget");
+    assert!(rep.rank <= 3 && rep.max_error <= 1e-3, "{rep:?}");
+    let (oc, log) = attnc::optimize(&ac, &PassConfig::all()).expect("passes");
+    assert!(oc.kernel.branches[0].bias.is_none(), "factors absorbed into the dot: {log:?}");
+    let got = Cpu::all(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
+    compare("dense_bias (approximate low rank)", &got, &want, Tweak::None).expect("matches the exact reference");
+    // Full rank (random), a budget no rank up to 64 can meet at N = M = 70: refused.
+    let p70 = PROFILES.iter().find(|p| p.name == "mqa_n70").expect("profile");
+    let mut full = inputs_for(&c, p70, 3).expect("inputs");
+    let err = attnc::approximate_bias(&c, &mut full, 1e-9).expect_err("refused");
+    assert!(err.contains("needs a rank above 64"), "{err}");
+    // A spec without a dense bias has nothing to approximate.
+    let (_, alibi) = examples().into_iter().find(|(n, _)| n == "alibi").expect("alibi");
+    let mut ai = inputs_for(&alibi, p, 3).expect("inputs");
+    assert!(attnc::approximate_bias(&alibi, &mut ai, 1e-3).expect_err("nothing to approximate").contains("nothing to approximate"));
+}

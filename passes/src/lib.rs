@@ -13,6 +13,7 @@
 //! kernel must compute what the original computes. It knows nothing of the surface language
 //! or of code generation.
 
+pub mod approx;
 pub mod egraph;
 pub mod fold;
 pub mod hoist;

@@ -41,9 +41,33 @@ fn chain(terms: &[Expr], r: &str, len: &Expr) -> Expr {
     acc
 }
 
+/// A bias that is itself a separable dot `Σ_c u(i, c) · w(j, c)` (the factors of
+/// [`crate::approx`]) joins the score's dot as it is: `len + C` channels.
+fn absorb_dot(k: &Kernel, bias: &Expr) -> Option<(Kernel, Vec<Applied>)> {
+    let d2 = crate::separable::as_dot(bias)?;
+    let dot = fold_score(&k.branches[0].score, true)?;
+    let shifted = |e: &Expr| e.subst(&d2.r, &Expr::bin(BinOp::Sub, Expr::var(&dot.r), dot.len.clone()));
+    let inside = Expr::bin(BinOp::Lt, Expr::var(&dot.r), dot.len.clone());
+    let mut out = k.clone();
+    let nb = &mut out.branches[0];
+    nb.bias = None;
+    nb.score = Expr::Reduce {
+        op: RedOp::Sum,
+        var: dot.r.clone(),
+        lo: Box::new(Expr::Int(0)),
+        hi: Box::new(Expr::bin(BinOp::Add, dot.len.clone(), d2.len.clone())),
+        body: Box::new(Expr::bin(BinOp::Mul, Expr::select(inside.clone(), dot.a.clone(), shifted(&d2.a)), Expr::select(inside, dot.b.clone(), shifted(&d2.b)))),
+    };
+    let what = format!("bias `{}` is a dot of query and key factors: {} extra dot channels", attnc_ir::pretty::infix(bias), attnc_ir::pretty::infix(&d2.len));
+    Some((out, vec![Applied { pass: "lowrank", what, cost: None }]))
+}
+
 pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let [br] = k.branches.as_slice() else { return None };
     let bias = br.bias.as_ref()?;
+    if let Some(done) = absorb_dot(k, bias) {
+        return Some(done);
+    }
     let (best, cost, stop) = best_separable(bias, k);
     let rank = cost.rank?;
     let mut terms = sum_of_products(&best)?;
