@@ -77,6 +77,7 @@ pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Chec
 /// What the approximate low-rank bias admitted (see [`approximate_bias`]).
 #[derive(Clone, Debug)]
 pub struct ApproxBias {
+    /// What was factored: the input tensor's name or the bias expression.
     pub tensor: String,
     pub rank: usize,
     pub max_error: f64,
@@ -86,36 +87,74 @@ pub struct ApproxBias {
 /// The largest rank [`approximate_bias`] tries.
 pub const APPROX_RANK_CAP: usize = 64;
 
-/// FlashBias, approximate (opt-in): factors the spec's dense bias input, per (batch, head)
-/// slice, to the smallest rank whose largest absolute error is within `budget`, adds the
-/// factors to `inputs`, and returns the spec rewritten to read them (the `lowrank` pass then
-/// makes them extra dot channels). Refuses, with the reason, when the spec's bias is not one
-/// input tensor indexed `[.., .., i, j]` or when no rank up to [`APPROX_RANK_CAP`] meets the
-/// budget.
+/// FlashBias, approximate (opt-in): factors the spec's bias (a dense input, or any bias of
+/// `b h i j` such as a table gather), per (batch, head) slice, to the smallest rank whose
+/// largest absolute error is within `budget`, adds the factors to `inputs`, and returns the
+/// spec rewritten to read them (the `lowrank` pass then makes them extra dot channels).
+/// Refuses, with the reason, when the bias does not depend on both the query and the key or
+/// when no rank up to [`APPROX_RANK_CAP`] meets the budget.
 pub fn approximate_bias(
     c: &dsl::Checked,
     inputs: &mut std::collections::BTreeMap<String, ir::reference::Tensor>,
     budget: f64,
 ) -> Result<(dsl::Checked, ApproxBias), String> {
     use passes::approx;
-    let src = approx::source(&c.kernel).ok_or_else(|| {
-        format!(
-            "--approx-bias: `{}` has no bias read from one input tensor indexed [.., .., i, j] (as dense_bias.attn has); nothing to approximate",
-            c.kernel.name
-        )
-    })?;
-    let t = inputs.get(&src.tensor).ok_or_else(|| format!("--approx-bias: input `{}` is missing", src.tensor))?;
-    let [b0, h0, n, m]: [usize; 4] = t.shape.clone().try_into().map_err(|_| format!("--approx-bias: `{}` is not 4-dimensional", src.tensor))?;
-    let f = approx::approximate_tensor(&t.data, [b0, h0, n, m], budget, APPROX_RANK_CAP).map_err(|e| format!("--approx-bias: {e}"))?;
+    let k = &c.kernel;
+    let src = approx::source(k)
+        .ok_or_else(|| format!("--approx-bias: `{}` has no bias that depends on both the query and the key; nothing to approximate", k.name))?;
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+    let dims = ir::bind(k, &shapes, &Default::default()).map_err(|e| format!("--approx-bias: {e}"))?;
+    let (nb, nh, n, m) = [&src.bdim, &src.hdim, &k.iter.i, &k.iter.j].map(|e| dims.extent(e) as usize).into();
+    // The slices, row-major [nb, nh, n, m]: read from the dense input, or evaluated.
+    let (data, what) = match &src.tensor {
+        Some(t) if inputs[t].shape == [nb, nh, n, m] => (inputs[t].data.clone(), format!("`{t}`")),
+        _ => {
+            let ev = ir::reference::ExprEval::new(k, &dims, inputs).map_err(|e| format!("--approx-bias: {e}"))?;
+            let bias = k.branches[0].bias.as_ref().expect("a source has a bias");
+            // Masked pairs are zeroed only when the mask varies with b and h no more than the
+            // bias does (else one slice serves pairs that other batches or heads keep).
+            let bias_fv = bias.free_vars();
+            let mask = k.branches[0].mask.as_ref().filter(|m| m.free_vars().iter().all(|v| !matches!(v.as_str(), "b" | "h") || bias_fv.contains(v)));
+            let mut d = Vec::with_capacity(nb * nh * n * m);
+            for b in 0..nb as i64 {
+                for h in 0..nh as i64 {
+                    for i in 0..n as i64 {
+                        for j in 0..m as i64 {
+                            let vars = [
+                                ("b", ir::reference::Scalar::Int(b)),
+                                ("h", ir::reference::Scalar::Int(h)),
+                                ("i", ir::reference::Scalar::Int(i)),
+                                ("j", ir::reference::Scalar::Int(j)),
+                            ];
+                            // A masked pair's bias never counts (and may not even index its
+                            // table): 0 there, so the budget holds on every live pair.
+                            if let Some(m) = mask {
+                                if ev.eval(m, &vars).map_err(|e| format!("--approx-bias: the mask: {e}"))? == ir::reference::Scalar::Bool(false) {
+                                    d.push(0.0);
+                                    continue;
+                                }
+                            }
+                            match ev.eval(bias, &vars).map_err(|e| format!("--approx-bias: {e}"))? {
+                                ir::reference::Scalar::Float(x) => d.push(x),
+                                other => return Err(format!("--approx-bias: the bias evaluated to {other:?}, not a float")),
+                            }
+                        }
+                    }
+                }
+            }
+            (d, format!("`{}`", ir::pretty::infix(bias)))
+        }
+    };
+    let f = approx::approximate_tensor(&data, [nb, nh, n, m], budget, APPROX_RANK_CAP).map_err(|e| format!("--approx-bias: {e}"))?;
     let r = f.rank;
-    let (mut u, mut w) = (Vec::with_capacity(b0 * h0 * n * r), Vec::with_capacity(b0 * h0 * m * r));
+    let (mut u, mut w) = (Vec::with_capacity(nb * nh * n * r), Vec::with_capacity(nb * nh * m * r));
     for (su, sw) in &f.slices {
         u.extend_from_slice(su);
         w.extend_from_slice(sw);
     }
-    inputs.insert(approx::BIAS_U.into(), ir::reference::Tensor::new(vec![b0, h0, n, r], u));
-    inputs.insert(approx::BIAS_W.into(), ir::reference::Tensor::new(vec![b0, h0, m, r], w));
-    let kernel = approx::rewrite(&c.kernel, &src, r);
+    inputs.insert(approx::BIAS_U.into(), ir::reference::Tensor::new(vec![nb, nh, n, r], u));
+    inputs.insert(approx::BIAS_W.into(), ir::reference::Tensor::new(vec![nb, nh, m, r], w));
+    let kernel = approx::rewrite(k, &src, r);
     let info = ir::verify(&kernel).map_err(|e| format!("--approx-bias produced an invalid kernel (a bug in attnc): {e}"))?;
-    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone() }, ApproxBias { tensor: src.tensor, rank: r, max_error: f.max_error, budget }))
+    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone() }, ApproxBias { tensor: what, rank: r, max_error: f.max_error, budget }))
 }

@@ -117,7 +117,7 @@ fn approximated(c: &attnc::dsl::Checked, inputs: &mut BTreeMap<String, ir::refer
     let t = Instant::now();
     let (a, r) = attnc::approximate_bias(c, inputs, budget).map_err(|e| anyhow!(e))?;
     eprintln!(
-        "{}: approximate low-rank bias: `{}` at rank {} (max |error| {:.3e}, budget {:.3e}; factored in {:.2} s)",
+        "{}: approximate low-rank bias: {} at rank {} (max |error| {:.3e}, budget {:.3e}; factored in {:.2} s)",
         c.kernel.name,
         r.tensor,
         r.rank,

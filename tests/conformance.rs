@@ -315,8 +315,21 @@ fn approximate_low_rank_bias_meets_its_budget() {
     let mut full = inputs_for(&c, p70, 3).expect("inputs");
     let err = attnc::approximate_bias(&c, &mut full, 1e-9).expect_err("refused");
     assert!(err.contains("needs a rank above 64"), "{err}");
-    // A spec without a dense bias has nothing to approximate.
-    let (_, alibi) = examples().into_iter().find(|(n, _)| n == "alibi").expect("alibi");
-    let mut ai = inputs_for(&alibi, p, 3).expect("inputs");
-    assert!(attnc::approximate_bias(&alibi, &mut ai, 1e-3).expect_err("nothing to approximate").contains("nothing to approximate"));
+    // A spec whose bias does not depend on both query and key has nothing to approximate.
+    let (_, sdpa) = examples().into_iter().find(|(n, _)| n == "sdpa_causal").expect("sdpa_causal");
+    let mut si = inputs_for(&sdpa, p, 3).expect("inputs");
+    assert!(attnc::approximate_bias(&sdpa, &mut si, 1e-3).expect_err("nothing to approximate").contains("nothing to approximate"));
+    // A table bias (Swin's rpb gathered per pair; random here, so far from low rank) is
+    // evaluated per head on the live pairs and factored within a loose budget; the CPU then
+    // runs the factored spec as the reference does.
+    let (_, swin) = examples().into_iter().find(|(n, _)| n == "swin_window").expect("swin_window");
+    let grid = PROFILES.iter().find(|p| p.name == "grid256").expect("profile");
+    let ins = inputs_for(&swin, grid, 3).expect("inputs");
+    let mut with_factors = ins.clone();
+    let (ac, rep) = attnc::approximate_bias(&swin, &mut with_factors, 3.0).expect("within budget");
+    assert!(rep.rank <= 64 && rep.max_error <= 3.0, "{rep:?}");
+    assert_eq!(with_factors["__bias_u"].shape[..2], [1, 1], "one slice per head; H = 1 here, and rpb does not depend on b");
+    let got = Cpu::all(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
+    let want = attnc::ir::reference::run(&ac.kernel, &ac.info, &with_factors, &BTreeMap::new()).expect("reference of the factored spec");
+    compare("swin_window (approximate low rank)", &got, &want, Tweak::None).expect("the CPU runs the factored spec exactly");
 }

@@ -13,8 +13,11 @@
 //! - It depends on the data, so it runs when the inputs are known ([`approximate`] on the
 //!   slices, [`rewrite`] on the kernel), and it refuses — an error, never a silent
 //!   approximation — when no rank up to the cap meets the budget.
-//! - Limits: only a bias that is one input tensor indexed `[.., .., i, j]`; table biases
-//!   (swin_window's `rpb` gather) are not factored yet.
+//! - Sources: a dense input `t[b, h, i, j]` (slices read directly) or any other bias of
+//!   `b h i j` (Swin's `rpb` table gather: slices evaluated, one per head when it does not
+//!   depend on the batch).
+//! - Limits: one branch; the factors are computed per call (the table of a fixed model
+//!   could be factored once and cached; not done).
 
 use attnc_ir::{BinOp, DType, Expr, Extent, Kernel, RedOp, TensorDecl, TensorKind};
 use nalgebra::DMatrix;
@@ -23,45 +26,68 @@ use nalgebra::DMatrix;
 pub const BIAS_U: &str = "__bias_u";
 pub const BIAS_W: &str = "__bias_w";
 
-/// Where a factorable bias comes from: `tensor[bx, hx, i, j]`.
+/// Where a factorable bias comes from, and how its slices are indexed: the bias of batch
+/// `b`, head `h` is slice `(bx, hx)` of `[bdim, hdim]` slices.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BiasSource {
-    pub tensor: String,
+    /// `Some(t)`: the bias is the input `t[bx, hx, i, j]` (its slices are read directly);
+    /// `None`: any other expression of `b h i j` (a table gather like Swin's `rpb`), whose
+    /// slices are evaluated.
+    pub tensor: Option<String>,
     pub bx: Expr,
     pub hx: Expr,
+    pub bdim: Extent,
+    pub hdim: Extent,
 }
 
-/// The bias of a one-branch kernel when it is an input tensor indexed `[bx, hx, i, j]`
-/// (`bx`, `hx` free of `i` and `j`).
+/// The bias of a one-branch kernel, when it depends on both `i` and `j` and on nothing but
+/// `b h i j`.
 pub fn source(k: &Kernel) -> Option<BiasSource> {
     let [br] = k.branches.as_slice() else { return None };
-    let Expr::Load(t, idx) = br.bias.as_ref()? else { return None };
-    let decl = k.tensor(t)?;
-    if decl.kind != TensorKind::Input || decl.dtype.is_int() || idx.len() != 4 {
+    let bias = br.bias.as_ref()?;
+    let fv = bias.free_vars();
+    if !fv.contains("i") || !fv.contains("j") || fv.iter().any(|v| !matches!(v.as_str(), "b" | "h" | "i" | "j")) {
         return None;
     }
-    let free = |e: &Expr| !e.free_vars().contains("i") && !e.free_vars().contains("j");
-    (idx[2] == Expr::var("i") && idx[3] == Expr::var("j") && free(&idx[0]) && free(&idx[1])).then(|| BiasSource {
-        tensor: t.clone(),
-        bx: idx[0].clone(),
-        hx: idx[1].clone(),
-    })
+    if let Expr::Load(t, idx) = bias {
+        let decl = k.tensor(t)?;
+        let free = |e: &Expr| !e.free_vars().contains("i") && !e.free_vars().contains("j");
+        if decl.kind == TensorKind::Input
+            && !decl.dtype.is_int()
+            && idx.len() == 4
+            && idx[2] == Expr::var("i")
+            && idx[3] == Expr::var("j")
+            && free(&idx[0])
+            && free(&idx[1])
+        {
+            return Some(BiasSource {
+                tensor: Some(t.clone()),
+                bx: idx[0].clone(),
+                hx: idx[1].clone(),
+                bdim: decl.shape[0].clone(),
+                hdim: decl.shape[1].clone(),
+            });
+        }
+    }
+    let axis = |v: &str, ext: &Extent| if fv.contains(v) { (Expr::var(v), ext.clone()) } else { (Expr::Int(0), Extent::Fixed(1)) };
+    let (bx, bdim) = axis("b", &k.iter.b);
+    let (hx, hdim) = axis("h", &k.iter.h);
+    Some(BiasSource { tensor: None, bx, hx, bdim, hdim })
 }
 
 /// The kernel with its bias read from rank-`rank` factors: new inputs [`BIAS_U`]
-/// `[B', H', N, rank]` and [`BIAS_W`] `[B', H', M, rank]` (B', H' the source's first two
-/// axes), bias `Σ_{r < rank} U[bx, hx, i, r] · W[bx, hx, j, r]`.
+/// `[bdim, hdim, N, rank]` and [`BIAS_W`] `[bdim, hdim, M, rank]`, bias
+/// `Σ_{r < rank} U[bx, hx, i, r] · W[bx, hx, j, r]`.
 pub fn rewrite(k: &Kernel, src: &BiasSource, rank: usize) -> Kernel {
     let mut out = k.clone();
-    let t = k.tensor(&src.tensor).expect("source tensor").clone();
     let decl = |name: &str, len: Extent| TensorDecl {
         name: name.into(),
         dtype: DType::F32,
-        shape: vec![t.shape[0].clone(), t.shape[1].clone(), len, Extent::Fixed(rank as i64)],
+        shape: vec![src.bdim.clone(), src.hdim.clone(), len, Extent::Fixed(rank as i64)],
         kind: TensorKind::Input,
     };
-    out.tensors.insert(0, decl(BIAS_W, t.shape[3].clone()));
-    out.tensors.insert(0, decl(BIAS_U, t.shape[2].clone()));
+    out.tensors.insert(0, decl(BIAS_W, k.iter.j.clone()));
+    out.tensors.insert(0, decl(BIAS_U, k.iter.i.clone()));
     let ld = |name: &str, pos: &str| Expr::Load(name.into(), vec![src.bx.clone(), src.hx.clone(), Expr::var(pos), Expr::var("rb")]);
     out.branches[0].bias = Some(Expr::Reduce {
         op: RedOp::Sum,
