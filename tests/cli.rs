@@ -119,7 +119,7 @@ fn passes_are_shown_and_switchable() {
     // The optimized IR has the ALiBi bias folded into the dot; --no-opt keeps it.
     let (code, out, err) = attnc(&["compile", "examples/alibi.attn", "--emit", "opt-ir"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("(+ $D 1)") && !out.contains("(bias"), "{out}");
+    assert!(out.contains("(+ $D 2)") && !out.contains("(bias"), "{out}");
     let (code, out, _) = attnc(&["compile", "examples/alibi.attn", "--emit", "opt-ir", "--no-opt"]);
     assert_eq!(code, 0);
     assert!(out.contains("(bias"), "{out}");
@@ -129,7 +129,7 @@ fn passes_are_shown_and_switchable() {
     // explain: the rewrite, its cost before and after, tile classes and the algorithm.
     let (code, out, err) = attnc(&["explain", "examples/alibi.attn", "--dims", "B=1,H=2,G=1,N=256,M=256,D=64,Dv=64"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("lowrank  on   bias") && out.contains("1 extra dot channel") && out.contains("per-pair cost 3.00 -> 0.25"), "{out}");
+    assert!(out.contains("lowrank  on   bias") && out.contains("2 extra dot channels") && out.contains("per-pair cost 3.00 -> 0.50"), "{out}");
     assert!(out.contains("algorithm tiled") && out.contains("empty (skipped)"), "{out}");
     let (code, out, err) = attnc(&["explain", "examples/retnet.attn", "--dims", "B=1,H=2,G=1,N=4096,M=4096,D=64,Dv=64"]);
     assert_eq!(code, 0, "{err}");

@@ -7,8 +7,10 @@
 //!   in the matmul, which runs at the machine's full vector width.
 //! - Method: the e-graph ([`crate::egraph`]) finds the cheapest equal form of the bias under
 //!   [`crate::egraph::SepCost`]; [`crate::separable::sum_of_products`] reads the terms off
-//!   it. Under a plain softmax (no sink) a term whose key factor is 1 is the same for every
-//!   key of a row and cancels in the normalization: it is dropped (dead term).
+//!   it. A term whose key factor is 1 is the same for every key of a row and would cancel
+//!   under a plain softmax, but it is kept: when it is ±inf or NaN for a row (a `-inf` bias
+//!   row is fully masked) dropping it would change that row, and keeping it costs one
+//!   channel and no precision (the key term carries the same magnitude).
 //! - Preconditions: one branch (two branches share one key panel); its score folds to a
 //!   bare dot ([`crate::fold::fold_score`], which moves the scale into the query operand).
 //! - Postcondition: the branch has no bias; its score is one dot over `len + r` channels:
@@ -24,9 +26,9 @@
 
 use crate::egraph::{best_separable, written_cost, RANK_COST};
 use crate::fold::fold_score;
-use crate::separable::{sum_of_products, Term};
+use crate::separable::sum_of_products;
 use crate::Applied;
-use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp};
+use attnc_ir::{BinOp, Expr, Kernel, RedOp};
 
 /// `select(x == 0, t0, select(x == 1, t1, … t_{n-1}))`, with `x = r - len` written as
 /// `r == len + n`.
@@ -70,15 +72,8 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     }
     let (best, cost, stop) = best_separable(bias, k);
     let rank = cost.rank?;
-    let mut terms = sum_of_products(&best)?;
+    let terms = sum_of_products(&best)?;
     let written = written_cost(bias, k);
-    let cancels = matches!(br.norm, Norm::Softmax { sink: None, .. });
-    let mut dropped = 0;
-    if cancels {
-        let before = terms.len();
-        terms.retain(|t: &Term| t.w.free_vars().contains("j"));
-        dropped = before - terms.len();
-    }
     let r = terms.len();
     if RANK_COST * r as f64 >= written.eval {
         return None;
@@ -88,14 +83,13 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let nb = &mut out.branches[0];
     nb.bias = None;
     let what = format!(
-        "bias `{}` = {} (e-graph: rank {rank}, {stop}){}: {r} extra dot channel{}",
+        "bias `{}` = {} (e-graph: rank {rank}, {stop}): {r} extra dot channel{}",
         attnc_ir::pretty::infix(bias),
         if terms.is_empty() {
             "a per-row constant".to_string()
         } else {
             terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + ")
         },
-        if dropped > 0 { format!("; {dropped} per-row term dropped (cancels in the softmax)") } else { String::new() },
         if r == 1 { "" } else { "s" },
     );
     if r == 0 {
@@ -134,13 +128,13 @@ mod tests {
     }
 
     #[test]
-    fn alibi_is_rank_one_under_softmax() {
+    fn alibi_is_rank_two() {
         let k = alibi();
         let bias = k.branches[0].bias.clone().unwrap();
         let (best, cost, stop) = best_separable(&bias, &k);
         assert_eq!(cost.rank, Some(2), "{} ({stop})", attnc_ir::pretty::infix(&best));
         let (out, log) = run(&k).expect("rewritten");
         assert!(out.branches[0].bias.is_none());
-        assert!(log[0].what.contains("1 extra dot channel"), "{}", log[0].what);
+        assert!(log[0].what.contains("2 extra dot channels"), "{}", log[0].what);
     }
 }

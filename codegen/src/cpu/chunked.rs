@@ -90,6 +90,9 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 
 /// Computes one head's output rows (`out`: N × Dv, zero on entry).
 pub(crate) fn run_head(p: &Plan, h: &Head, out: &mut [f32]) {
+    if p.m == 0 || p.n == 0 {
+        return; // no keys: every row is fully masked and stays zero
+    }
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

@@ -5,9 +5,11 @@
 //! binds dims from the input shapes, converts inputs to f32/i32, computes derived tensors,
 //! and runs `attend` over (batch, head, query tile) on rayon's thread pool.
 //!
-//! Known limits of this version: the key loop is scalar (one key at a time, no f32x4
-//! tiles, no matmul microkernel, no block skipping), so it is correct for every spec but
-//! far from peak speed; see the README's status section.
+//! Three paths: the tiled kernel ([`tiled`]: microkernel matmuls, generated f32x4 code for
+//! everything variant-specific, empty tiles skipped), the row-at-a-time kernel ([`gen`]:
+//! every spec, e.g. GLA's per-channel decay inside the dot when run quadratically), and the
+//! chunked algorithm ([`chunked`]) for kernels in the linear-attention normal form of
+//! `attnc_passes::linear`, chosen by `CpuOptions::chunk`.
 
 mod chunked;
 mod gen;
