@@ -14,6 +14,10 @@ Every row runs `attnc bench` (release build) and the ratios compare rows of the 
             fractions those of `attnc explain` at the tile sizes the cost model picks; a
             ratio ≤ 1.5 means the work scales with the live tiles. The same against the
             live-pair fraction (stricter: partial tiles count only their live pairs).
+  approx    dense_bias.attn on inputs whose bias holds ALiBi values (written by this script
+            to a safetensors file), exact against `--approx-bias 1e-3` (FlashBias,
+            approximate: factored to the rank that keeps the max error within 1e-3), at
+            N = 2048, with alibi.attn (the exact low-rank form, causal) for reference.
   linear    retnet and gla: the chunked algorithm against the quadratic kernels at N = 8192
             (`--chunk 0`), and the chunked time from N = 2048 to 16384 (linear growth: time
             per key about constant).
@@ -23,17 +27,23 @@ Run (after `cargo build --release`):  python3 bench/passes.py [--threads 2] [--q
 """
 
 import argparse
+import array
+import json
 import os
+import random
 import re
+import struct
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATTNC = os.path.join(ROOT, "target", "release", "attnc")
 
 
 def bench(spec, dims, *flags, runs=3, threads=2):
-    cmd = [ATTNC, "bench", spec, "--dims", dims, "--runs", str(runs), "--threads", str(threads), *flags]
+    where = ["--input", dims] if dims.endswith(".safetensors") else ["--dims", dims]
+    cmd = [ATTNC, "bench", spec, *where, "--runs", str(runs), "--threads", str(threads), *flags]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr}")
@@ -43,6 +53,39 @@ def bench(spec, dims, *flags, runs=3, threads=2):
     label = out.stdout.splitlines()[0].split("[", 1)[1].split(";")[0]
     print(f"  {os.path.basename(spec):<26} {dims:<38} {' '.join(flags):<18} {t:10.2f} ms {gflops:7.1f} GFLOP/s  {live:5.1f}% live  [{label}]", flush=True)
     return t, live
+
+
+def write_safetensors(path, tensors):
+    """tensors: name -> (shape, array('f')); little-endian f32, the safetensors layout."""
+    header, offset, blobs = {}, 0, []
+    for name, (shape, data) in tensors.items():
+        if sys.byteorder != "little":
+            data = array.array("f", data)
+            data.byteswap()
+        raw = data.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    head = json.dumps(header).encode()
+    head += b" " * ((8 - len(head) % 8) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for b in blobs:
+            f.write(b)
+
+
+def alibi_dense_inputs(path, h, n, d):
+    """q, k, v uniform in [-1, 1) and bias[0, hh, i, j] = -slope_hh · (i − j) (ALiBi values)."""
+    rnd = random.Random(0)
+    qkv = lambda: array.array("f", (rnd.uniform(-1, 1) for _ in range(h * n * d)))
+    slopes = [2 ** (-8 * (hh + 1) / h) for hh in range(h)]
+    bias = array.array("f", bytes(4 * h * n * n))
+    for hh in range(h):
+        for i in range(n):
+            row = (hh * n + i) * n
+            bias[row:row + n] = array.array("f", (-slopes[hh] * (i - j) for j in range(n)))
+    write_safetensors(path, {"q": ((1, h, n, d), qkv()), "k": ((1, h, n, d), qkv()), "v": ((1, h, n, d), qkv()), "bias": ((1, h, n, n), bias)})
 
 
 def live_tiles(spec, dims):
@@ -73,6 +116,15 @@ def main():
     t_dense, _ = bench(ex("dense_bias"), d, runs=2, **kw)
     rows.append(("alibi low-rank vs ALiBi values as dense_bias", f"N={n}", t_dense / t_lr, "≥ 1.5×"))
     rows.append(("alibi low-rank vs per-pair bias (lowrank=off)", f"N={n}", t_off / t_lr, "(isolates the rewrite)"))
+
+    print("approx: a dense bias holding ALiBi values, exact and factored within 1e-3")
+    n = 512 if q else 2048
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "alibi_dense.safetensors")
+        alibi_dense_inputs(path, 8, n, 64)
+        t_exact, _ = bench(ex("dense_bias"), path, **kw)
+        t_approx, _ = bench(ex("dense_bias"), path, "--approx-bias", "1e-3", **kw)
+    rows.append(("dense_bias (ALiBi values) factored within 1e-3 vs exact", f"N={n}", t_exact / t_approx, "(FlashBias approximate)"))
 
     print("sparsity: time against dense time × live fraction (of tiles, and of pairs)")
     n = 2048 if q else 8192

@@ -225,9 +225,14 @@ enum Cmd {
     Bench {
         /// The .attn spec file.
         spec: PathBuf,
-        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64.
-        #[arg(long)]
-        dims: String,
+        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64,Dv=64 (seeded random inputs); with
+        /// --input, only dims that no input carries.
+        #[arg(long, required_unless_present = "input")]
+        dims: Option<String>,
+        /// Time on these inputs (safetensors, tensors named as in the spec) instead of
+        /// random ones: real segment ids, block lists or a low-rank bias change the work.
+        #[arg(short, long)]
+        input: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
         /// Timed runs (after one warm-up run); the median is reported.
@@ -456,11 +461,24 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Bench { spec, dims, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
+        Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
-            let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
+            let (given, inputs) = match &input {
+                Some(path) => {
+                    let ins = attnc::io::read_inputs(path, &c.kernel)?;
+                    let shapes = ins.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    let bound = ir::bind(&c.kernel, &shapes, &dims_arg(&dims)?)?;
+                    let given: BTreeMap<String, i64> = bound.dims.into_iter().filter(|(d, _)| c.info.free_dims.contains(d)).collect();
+                    (given, ins)
+                }
+                None => {
+                    let given = parse_dims(dims.as_deref().unwrap_or_default()).map_err(|e| anyhow!("--dims: {e}"))?;
+                    let b = bind_given(&c, &given)?;
+                    let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
+                    (given, ins)
+                }
+            };
             let b = bind_given(&c, &given)?;
-            let inputs = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
             // Useful work is the spec's, whatever form the passes give it.
             let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
             let mut inputs = inputs;

@@ -151,3 +151,15 @@ fn passes_are_shown_and_switchable() {
         assert!(err.contains("max |difference|"), "{err}");
     }
 }
+
+#[test]
+fn bench_runs_on_given_inputs() {
+    let ins = tmp("bench-in.safetensors");
+    let (code, _, err) = attnc(&["inputs", "examples/document_mask.attn", "--dims", "B=1,H=2,G=1,N=80,M=80,D=8,Dv=8", "-o", &ins]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = attnc(&["bench", "examples/document_mask.attn", "--input", &ins, "--runs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("N=80") && out.contains("useful"), "{out}");
+    // Neither --dims nor --input: a usage error.
+    assert_eq!(attnc(&["bench", "examples/document_mask.attn"]).0, 2);
+}
