@@ -111,7 +111,7 @@ impl OptArgs {
     }
 }
 
-/// The spec with its dense bias factored within `budget` (FlashBias, approximate); prints
+/// The spec with its bias factored within `budget` (FlashBias, approximate); prints
 /// the rank and the error admitted.
 fn approximated(c: &attnc::dsl::Checked, inputs: &mut BTreeMap<String, ir::reference::Tensor>, budget: f64) -> Result<attnc::dsl::Checked> {
     let t = Instant::now();
@@ -198,8 +198,8 @@ enum Cmd {
         /// Also run the f64 reference interpreter and report the largest difference.
         #[arg(long)]
         check: bool,
-        /// FlashBias, approximate (opt-in): replace the dense bias input by a low-rank
-        /// factorization whose largest absolute error (in logit units) is at most this
+        /// FlashBias, approximate (opt-in): replace the bias (a dense input, or a table
+        /// gather such as Swin's) by a low-rank factorization whose largest absolute error (in logit units) is at most this
         /// budget; reports the rank and the error admitted, refuses when rank 64 cannot meet
         /// the budget. The output then differs from the exact one by the bias error.
         #[arg(long, value_name = "BUDGET")]
@@ -257,7 +257,7 @@ enum Cmd {
         /// kernels; default 64).
         #[arg(long)]
         chunk: Option<usize>,
-        /// FlashBias, approximate: time the spec with its dense bias factored to the rank that
+        /// FlashBias, approximate: time the spec with its bias factored to the rank that
         /// meets this max-error budget (see `run --help`).
         #[arg(long, value_name = "BUDGET")]
         approx_bias: Option<f64>,

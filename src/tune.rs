@@ -42,19 +42,19 @@ pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Te
         Ok(None) => {}
         Err(warning) => eprintln!("warning: {warning}"),
     }
-    let all = candidates(c, dims, inputs, threads);
-    match all.first() {
-        Some(best) => (best.options.clone(), format!("cost model ({}; not tuned: `attnc tune` measures)", best.name)),
-        None => (CpuOptions { threads, ..CpuOptions::default() }, "default".into()),
-    }
+    first_choice(&candidates(c, dims, inputs, threads), threads)
 }
 
 /// The cost model's first choice without inputs (data-dependent masks count as partial).
 pub fn cost_model_options(c: &Checked, dims: &Bindings) -> (CpuOptions, String) {
-    let all = cpu_candidates(&c.kernel, dims, 0, &attnc_passes::interval::NoData);
+    first_choice(&cpu_candidates(&c.kernel, dims, 0, &attnc_passes::interval::NoData), 0)
+}
+
+/// The cheapest candidate by the cost model (the list is sorted), and where it came from.
+fn first_choice(all: &[Candidate], threads: usize) -> (CpuOptions, String) {
     match all.first() {
-        Some(best) => (best.options.clone(), format!("cost model: {}", best.name)),
-        None => (CpuOptions::default(), "default".into()),
+        Some(best) => (best.options.clone(), format!("cost model ({}; not tuned: `attnc tune` measures)", best.name)),
+        None => (CpuOptions { threads, ..CpuOptions::default() }, "default".into()),
     }
 }
 

@@ -97,8 +97,10 @@ fn tune_caches_a_winner_that_run_and_bench_use() {
     let (code, out, err) = run(&["tune", "examples/alibi.attn", "--dims", dims, "--top-k", "3", "--samples", "2", "--report", &report]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("cached in") && out.contains('*'), "{out}");
-    // The default configuration is always measured (the baseline the winner is held to).
-    assert!(out.contains("the default (tiled 64x64)"), "{out}");
+    // The default configuration is always measured (the baseline the winner is held to),
+    // whatever the cost model ranked; whether it is timed to the end or stopped early as 3×
+    // slower than the best depends on the machine's load, so only its row is required.
+    assert!(out.lines().any(|l| l.trim_start_matches(['*', ' ']).starts_with("tiled 64x64 ")), "{out}");
     for f in ["tune.csv", "tune.json", "tune.svg"] {
         assert!(std::path::Path::new(&report).join(f).exists(), "{f} written");
     }

@@ -113,10 +113,10 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
             }
         }
     }
+    // The row kernel: scalar work per live pair; fewer rows per task, more scheduling.
+    let (live, _) = live_tiles(k, dims, 64, 64, data);
+    let pairs = (live * 4096.0).min(ni * nj);
     for rows in [4usize, 16, 64] {
-        // The row kernel: scalar work per live pair; fewer rows per task, more scheduling.
-        let (live, _) = live_tiles(k, dims, 64, 64, data);
-        let pairs = (live * 4096.0).min(ni * nj);
         let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
         let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
         out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64 });

@@ -1,5 +1,5 @@
-//! FlashBias, approximate: a dense bias `t[b, h, i, j]` (an input tensor) replaced by a
-//! rank-`r` factorization `Σ_r U[b,h,i,r] · W[b,h,j,r]`, opt-in, with a user-given error
+//! FlashBias, approximate: a pair bias (a dense input `t[b, h, i, j]`, or a table gather)
+//! replaced by a rank-`r` factorization `Σ_r U[b,h,i,r] · W[b,h,j,r]`, opt-in, with a user-given error
 //! budget.
 //!
 //! - Purpose: a pair bias read from memory costs a load per pair (N·M floats per head); as
@@ -182,7 +182,10 @@ pub fn approximate(slices: &[DMatrix<f64>], budget: f64, cap: usize) -> Result<F
     let full = slices.iter().map(|a| a.nrows().min(a.ncols())).min().unwrap_or(0);
     let cap = cap.min(full).max(1);
     let sketches: Vec<Sketch> = slices.iter().enumerate().map(|(n, a)| sketch(a, (cap + 8).min(a.nrows().min(a.ncols())), n as u64)).collect();
-    let err = |r: usize| slices.iter().zip(&sketches).map(|(a, s)| max_error(a, s, r.min(s.us.ncols()))).fold(0.0, f64::max);
+    // Each rank's error costs O(N·M·r) per slice: measured once, remembered.
+    let mut measured = std::collections::BTreeMap::new();
+    let mut err =
+        |r: usize| *measured.entry(r).or_insert_with(|| slices.iter().zip(&sketches).map(|(a, s)| max_error(a, s, r.min(s.us.ncols()))).fold(0.0, f64::max));
     // Doubling, then bisection between the last rank that failed and the first that met it.
     let (mut lo, mut hi) = (0usize, 1usize);
     while err(hi) > budget {

@@ -12,7 +12,7 @@
 //! - Limits: one dot per score; scores with other structure around the dot (softcap's
 //!   `tanh`) are left alone.
 
-use crate::separable::{extract, flatten_product, Dot, DOT};
+use crate::separable::{extract, flatten_product, has_reduction, only_pair_indices, side, Dot, Side, DOT};
 use crate::Applied;
 use attnc_ir::{BinOp, Expr, Kernel, UnOp};
 
@@ -31,16 +31,13 @@ pub fn fold_score(score: &Expr, force: bool) -> Option<Dot> {
             dots += 1;
             continue;
         }
-        let fv = f.free_vars();
-        let mut has_red = false;
-        f.walk(&mut |x| has_red |= matches!(x, Expr::Reduce { .. }));
-        if has_red || fv.iter().any(|v| !matches!(v.as_str(), "b" | "h" | "i" | "j")) {
+        if has_reduction(&f) || !only_pair_indices(&f) {
             return None;
         }
-        match (fv.contains("i"), fv.contains("j")) {
-            (true, true) => return None,
-            (false, true) => cols.push(f),
-            _ => rows.push(f),
+        match side(&f) {
+            Side::Pair => return None,
+            Side::Key => cols.push(f),
+            Side::Query | Side::Uniform => rows.push(f),
         }
     }
     if dots != 1 || (cols.is_empty() && !force) {

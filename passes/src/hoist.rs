@@ -10,24 +10,19 @@
 //! - Limits: only scores (bias, decay and masks are classified or evaluated per tile);
 //!   the tensors are per query head (GQA kv heads are not deduplicated).
 
+use crate::separable::{has_reduction, only_pair_indices, side, Side};
 use crate::{add_derived, fresh_tensor, Applied};
 use attnc_ir::{DType, Expr, Kernel, TensorDecl, TensorDef, TensorKind};
 
 /// A subexpression to hoist: depends on `b h` and exactly one of `i`/`j`, contains a reduction.
 fn hoistable(e: &Expr) -> Option<&'static str> {
-    let fv = e.free_vars();
-    if fv.iter().any(|v| !matches!(v.as_str(), "b" | "h" | "i" | "j")) {
+    if !only_pair_indices(e) || !has_reduction(e) {
         return None;
     }
-    let mut has_red = false;
-    e.walk(&mut |x| has_red |= matches!(x, Expr::Reduce { .. }));
-    if !has_red {
-        return None;
-    }
-    match (fv.contains("i"), fv.contains("j")) {
-        (true, false) => Some("i"),
-        (false, true) => Some("j"),
-        _ => None,
+    match side(e) {
+        Side::Query => Some("i"),
+        Side::Key => Some("j"),
+        Side::Uniform | Side::Pair => None,
     }
 }
 

@@ -96,10 +96,11 @@ pub struct Applied {
     pub cost: Option<(f64, f64)>,
 }
 
-/// A kernel after the pipeline, and what was done to it.
+/// A kernel after the pipeline, its verified facts, and what was done to it.
 #[derive(Clone, Debug)]
 pub struct Optimized {
     pub kernel: Kernel,
+    pub info: attnc_ir::KernelInfo,
     pub log: Vec<Applied>,
 }
 
@@ -115,18 +116,19 @@ pub fn optimize(k: &Kernel, cfg: &PassConfig) -> Result<Optimized, PassError> {
     let passes: [(&'static str, Pass); 5] =
         [("simplify", simplify::run), ("hoist", hoist::run), ("fold", fold::run), ("lowrank", lowrank::run), ("linear", linear::run)];
     let mut cur = k.clone();
+    let mut info = verify(k).map_err(|e| PassError::Invalid { pass: "input", why: e.to_string() })?;
     let mut log = Vec::new();
     for (name, pass) in passes {
         if !cfg.enabled(name) {
             continue;
         }
         if let Some((next, applied)) = pass(&cur) {
-            verify(&next).map_err(|e| PassError::Invalid { pass: name, why: e.to_string() })?;
+            info = verify(&next).map_err(|e| PassError::Invalid { pass: name, why: e.to_string() })?;
             cur = next;
             log.extend(applied);
         }
     }
-    Ok(Optimized { kernel: cur, log })
+    Ok(Optimized { kernel: cur, info, log })
 }
 
 /// A tensor name not yet used in `k`, starting from `base`.

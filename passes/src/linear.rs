@@ -30,7 +30,7 @@
 
 use crate::fold::fold_score;
 use crate::hoist::rename;
-use crate::separable::flatten_product;
+use crate::separable::{flatten_product, side, Side};
 use crate::Applied;
 use attnc_ir::{BinOp, DType, Expr, Extent, Kernel, Norm, RedOp, TensorDecl, TensorDef, TensorKind, UnOp};
 
@@ -228,16 +228,15 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
             flatten_product(body, &mut neg, &mut fs);
             let (mut qa, mut kb, mut ch) = (Vec::new(), Vec::new(), None);
             for x in fs {
-                let fv = x.free_vars();
-                match (fv.contains("i"), fv.contains("j")) {
-                    (true, true) => {
+                match side(&x) {
+                    Side::Pair => {
                         // At most one per-channel decay factor exp(X_i - Y_j).
                         if ch.replace(split_exp(&x)?).is_some() {
                             return None;
                         }
                     }
-                    (false, true) => kb.push(x),
-                    _ => qa.push(x),
+                    Side::Key => kb.push(x),
+                    Side::Query | Side::Uniform => qa.push(x),
                 }
             }
             let mul = |fs: Vec<Expr>| fs.into_iter().reduce(|x, y| Expr::bin(BinOp::Mul, x, y)).unwrap_or(Expr::float(1.0));
@@ -266,7 +265,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let mut out = k.clone();
     let q_shape = vec![ib.clone(), ih.clone(), ii.clone(), channels.clone()];
     let k_shape = vec![ib.clone(), ih.clone(), ij.clone(), channels.clone()];
-    let mut add = |t: TensorDecl| out.tensors.push(t);
+    let mut add = |t: TensorDecl| crate::add_derived(&mut out, t);
     add(derived(FQ, q_shape.clone(), &["b", "h", "i", &r], &a));
     add(derived(FK, k_shape.clone(), &["b", "h", "j", &r], &b));
     match (&channel, &scalar) {

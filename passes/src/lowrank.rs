@@ -26,7 +26,7 @@
 
 use crate::egraph::{best_separable, written_cost, RANK_COST};
 use crate::fold::fold_score;
-use crate::separable::sum_of_products;
+use crate::separable::{sum_of_products, Dot};
 use crate::Applied;
 use attnc_ir::{BinOp, Expr, Kernel, RedOp};
 
@@ -43,23 +43,30 @@ fn chain(terms: &[Expr], r: &str, len: &Expr) -> Expr {
     acc
 }
 
+/// The score's dot extended by `extra` channels: channel `c < len` is the dot's own,
+/// channel `len + t` is `extra_a · extra_b` at `t = c - len` (both written in the dot's
+/// channel variable).
+fn extend_dot(dot: &Dot, extra_a: Expr, extra_b: Expr, extra: Expr) -> Expr {
+    let inside = Expr::bin(BinOp::Lt, Expr::var(&dot.r), dot.len.clone());
+    Expr::Reduce {
+        op: RedOp::Sum,
+        var: dot.r.clone(),
+        lo: Box::new(Expr::Int(0)),
+        hi: Box::new(Expr::bin(BinOp::Add, dot.len.clone(), extra)),
+        body: Box::new(Expr::bin(BinOp::Mul, Expr::select(inside.clone(), dot.a.clone(), extra_a), Expr::select(inside, dot.b.clone(), extra_b))),
+    }
+}
+
 /// A bias that is itself a separable dot `Σ_c u(i, c) · w(j, c)` (the factors of
 /// [`crate::approx`]) joins the score's dot as it is: `len + C` channels.
 fn absorb_dot(k: &Kernel, bias: &Expr) -> Option<(Kernel, Vec<Applied>)> {
     let d2 = crate::separable::as_dot(bias)?;
     let dot = fold_score(&k.branches[0].score, true)?;
     let shifted = |e: &Expr| e.subst(&d2.r, &Expr::bin(BinOp::Sub, Expr::var(&dot.r), dot.len.clone()));
-    let inside = Expr::bin(BinOp::Lt, Expr::var(&dot.r), dot.len.clone());
     let mut out = k.clone();
     let nb = &mut out.branches[0];
     nb.bias = None;
-    nb.score = Expr::Reduce {
-        op: RedOp::Sum,
-        var: dot.r.clone(),
-        lo: Box::new(Expr::Int(0)),
-        hi: Box::new(Expr::bin(BinOp::Add, dot.len.clone(), d2.len.clone())),
-        body: Box::new(Expr::bin(BinOp::Mul, Expr::select(inside.clone(), dot.a.clone(), shifted(&d2.a)), Expr::select(inside, dot.b.clone(), shifted(&d2.b)))),
-    };
+    nb.score = extend_dot(&dot, shifted(&d2.a), shifted(&d2.b), d2.len.clone());
     let what = format!("bias `{}` is a dot of query and key factors: {} extra dot channels", attnc_ir::pretty::infix(bias), attnc_ir::pretty::infix(&d2.len));
     Some((out, vec![Applied { pass: "lowrank", what, cost: None }]))
 }
@@ -75,7 +82,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let terms = sum_of_products(&best)?;
     let written = written_cost(bias, k);
     let r = terms.len();
-    if RANK_COST * r as f64 >= written.eval {
+    if r == 0 || RANK_COST * r as f64 >= written.eval {
         return None;
     }
     let dot = fold_score(&br.score, true)?;
@@ -85,29 +92,12 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let what = format!(
         "bias `{}` = {} (e-graph: rank {rank}, {stop}): {r} extra dot channel{}",
         attnc_ir::pretty::infix(bias),
-        if terms.is_empty() {
-            "a per-row constant".to_string()
-        } else {
-            terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + ")
-        },
+        terms.iter().map(|t| format!("({})·({})", attnc_ir::pretty::infix(&t.u), attnc_ir::pretty::infix(&t.w))).collect::<Vec<_>>().join(" + "),
         if r == 1 { "" } else { "s" },
     );
-    if r == 0 {
-        nb.score = dot.to_expr();
-    } else {
-        let us: Vec<Expr> = terms.iter().map(|t| t.u.clone()).collect();
-        let ws: Vec<Expr> = terms.iter().map(|t| t.w.clone()).collect();
-        let inside = Expr::bin(BinOp::Lt, Expr::var(&dot.r), dot.len.clone());
-        let a = Expr::select(inside.clone(), dot.a.clone(), chain(&us, &dot.r, &dot.len));
-        let b = Expr::select(inside, dot.b.clone(), chain(&ws, &dot.r, &dot.len));
-        nb.score = Expr::Reduce {
-            op: RedOp::Sum,
-            var: dot.r.clone(),
-            lo: Box::new(Expr::Int(0)),
-            hi: Box::new(Expr::bin(BinOp::Add, dot.len.clone(), Expr::Int(r as i64))),
-            body: Box::new(Expr::bin(BinOp::Mul, a, b)),
-        };
-    }
+    let us: Vec<Expr> = terms.iter().map(|t| t.u.clone()).collect();
+    let ws: Vec<Expr> = terms.iter().map(|t| t.w.clone()).collect();
+    nb.score = extend_dot(&dot, chain(&us, &dot.r, &dot.len), chain(&ws, &dot.r, &dot.len), Expr::Int(r as i64));
     Some((out, vec![Applied { pass: "lowrank", what, cost: Some((written.eval, RANK_COST * r as f64)) }]))
 }
 

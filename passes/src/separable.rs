@@ -30,6 +30,41 @@ impl Dot {
     }
 }
 
+/// Which of the query index `i` and the key index `j` an expression reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// Neither (a per-head or per-batch value, a constant).
+    Uniform,
+    /// `i`, not `j`: evaluated once per query row.
+    Query,
+    /// `j`, not `i`: evaluated once per key.
+    Key,
+    /// Both: per-pair work.
+    Pair,
+}
+
+pub fn side(e: &Expr) -> Side {
+    let fv = e.free_vars();
+    match (fv.contains("i"), fv.contains("j")) {
+        (false, false) => Side::Uniform,
+        (true, false) => Side::Query,
+        (false, true) => Side::Key,
+        (true, true) => Side::Pair,
+    }
+}
+
+/// Whether `e` reads no free variable but the iteration indices `b h i j`.
+pub fn only_pair_indices(e: &Expr) -> bool {
+    e.free_vars().iter().all(|v| matches!(v.as_str(), "b" | "h" | "i" | "j"))
+}
+
+/// Whether `e` contains a reduction.
+pub fn has_reduction(e: &Expr) -> bool {
+    let mut found = false;
+    e.walk(&mut |x| found |= matches!(x, Expr::Reduce { .. }));
+    found
+}
+
 /// The placeholder for the extracted dot in the rest of a score.
 pub const DOT: &str = "__dot";
 
@@ -91,14 +126,13 @@ pub fn sum_of_products(e: &Expr) -> Option<Vec<Term>> {
     for (neg, factors) in terms {
         let (mut u, mut w) = (Vec::new(), Vec::new());
         for f in factors {
-            let fv = f.free_vars();
-            if fv.iter().any(|v| !matches!(v.as_str(), "b" | "h" | "i" | "j")) {
+            if !only_pair_indices(&f) {
                 return None;
             }
-            match (fv.contains("i"), fv.contains("j")) {
-                (true, true) => return None,
-                (_, true) => w.push(f),
-                _ => u.push(f),
+            match side(&f) {
+                Side::Pair => return None,
+                Side::Key => w.push(f),
+                Side::Query | Side::Uniform => u.push(f),
             }
         }
         let mul = |fs: Vec<Expr>| fs.into_iter().reduce(|a, b| Expr::bin(BinOp::Mul, a, b)).unwrap_or(Expr::float(1.0));

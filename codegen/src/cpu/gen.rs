@@ -143,6 +143,14 @@ pub(crate) fn derive_flattens(t: &attnc_ir::TensorDecl) -> bool {
     }
 }
 
+/// Worth a branch to skip (the right side of `&&`/`||`): reductions, powers and gathers,
+/// which run lane by lane in vector code and call or loop in scalar code.
+pub(crate) fn costly(e: &Expr) -> bool {
+    let mut c = false;
+    e.walk(&mut |x| c |= matches!(x, Expr::Reduce { .. } | Expr::Binary(BinOp::Pow, ..) | Expr::Load(..)));
+    c
+}
+
 /// Static type of an expression (the kernel is verified, so this cannot fail).
 pub(crate) fn ty_of(e: &Expr, k: &Kernel) -> Ty {
     k.ty_of(e)
@@ -313,7 +321,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 let x = self.expr(a);
                 self.unary(*op, x)
             }
-            Expr::Binary(op @ (BinOp::And | BinOp::Or), a, b) if matches!(**b, Expr::Reduce { .. } | Expr::Binary(BinOp::Pow, ..)) || b.size() > 12 => {
+            Expr::Binary(op @ (BinOp::And | BinOp::Or), a, b) if costly(b) => {
                 // Short-circuit: the right side runs only when the left does not decide.
                 let x = self.expr(a);
                 let (rhs, done) = (self.b.create_block(), self.b.create_block());

@@ -18,7 +18,7 @@
 //! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
 //! analysis (attnc-passes); empty tiles cost nothing.
 
-use super::gen::{flags, ty_of, Gen};
+use super::gen::{costly, flags, ty_of, Gen};
 use attnc_ir::{BinOp, Expr, Kernel, Norm, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, MemFlagsData};
 use cranelift::prelude::*;
@@ -81,13 +81,6 @@ impl TiledPlan {
         }
         Some(TiledPlan { branches, dot: shared, fold })
     }
-}
-
-/// Worth a branch to skip: reductions, powers and gathers run lane by lane.
-fn costly(e: &Expr) -> bool {
-    let mut c = false;
-    e.walk(&mut |x| c |= matches!(x, Expr::Reduce { .. } | Expr::Binary(BinOp::Pow, ..) | Expr::Load(..)));
-    c
 }
 
 /// Lane-wise value of the vector code: a scalar shared by the 4 lanes, or a vector.
