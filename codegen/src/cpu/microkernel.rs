@@ -7,7 +7,11 @@
 //!
 //! - `qk`: `s[r][c] = Σ_x a[r][x] · kt[x][c]` for `r < rows`, `c < bk` (the key panel `kt`
 //!   is packed transposed, `bk` keys wide, so the inner loop broadcasts `a` and loads `kt`);
-//! - `pv`: `o[r][e] = o[r][e] · corr[r] + Σ_{c < nk} p[r][c] · v[c][e]` (`corr` may be null).
+//! - `pv`: `o[r][e] = o[r][e] · corr[r] + Σ_{c < nk} p[r][c] · v[c][e]` (`corr` may be null);
+//! - `softmax`: the online-softmax step of a tile of base-2 scores (the normalization every
+//!   softmax variant shares; what makes the scores is generated): per row, the new running
+//!   max, the rescale factor of the old state, the weights `2^(s − max)` in place and the
+//!   running denominator.
 
 /// Which implementation the host runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -34,6 +38,70 @@ impl Isa {
 
 pub type QkFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i64, i64, i64);
 pub type PvFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32, i64, *const f32, i64, i64, i64);
+
+pub type SoftmaxFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *mut f32, *mut f32, *mut f32);
+
+/// The softmax step for an ISA (AVX2+FMA when the host has it, which every AVX-512 host does).
+pub fn softmax_kernel(isa: Isa) -> SoftmaxFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return x86::softmax_avx2;
+        }
+    }
+    let _ = isa;
+    softmax_portable
+}
+
+/// Minimax coefficients of 2^f on [-1/2, 1/2], highest degree first (relative error < 3e-7);
+/// the generated code uses the same ones.
+pub const EXP2_POLY: [f32; 6] = [1.326_697e-3, 9.675_46e-3, 5.550_742_6e-2, 0.240_221_22, 0.693_146_95, 1.000_000_1];
+
+/// 1.5·2^23: adding it rounds to an integer kept in the low mantissa bits.
+const ROUND_MAGIC: f32 = 12_582_912.0;
+
+/// `2^x` for `x <= 0` (softmax weights): clamped below at 2^-126, NaN stays NaN. The
+/// portable twin of the vector code (same steps, same constants).
+#[inline]
+fn exp2_nonpos(x: f32) -> f32 {
+    let x = if x < -126.0 { -126.0 } else { x };
+    let t = x + ROUND_MAGIC;
+    let f = x - (t - ROUND_MAGIC);
+    let p = EXP2_POLY[1..].iter().fold(EXP2_POLY[0], |p, k| p * f + k);
+    let e = (t.to_bits().wrapping_sub(ROUND_MAGIC.to_bits()).wrapping_add(127)) << 23;
+    p * f32::from_bits(e)
+}
+
+/// The row state after a tile's maximum: `(m_new, corr)` where `m_new = max(m, tmax)` (NaN
+/// when either is), and `corr = 2^(m − m_new)` rescales the old denominator and output (0
+/// on the first live tile, where `m = −inf`). A row whose scores are all `−inf` subtracts 0.
+#[inline]
+fn row_step(m: f32, tmax: f32, nan: bool) -> (f32, f32, f32) {
+    let m_new = if nan || m.is_nan() || tmax.is_nan() { f32::NAN } else { m.max(tmax) };
+    let m_use = if m_new == f32::NEG_INFINITY { 0.0 } else { m_new };
+    (m_new, m_use, (m - m_use).exp2())
+}
+
+/// # Safety
+/// `s` holds `rows` rows of `ld` floats (at least `n` used); `m`, `l` and `corr` hold `rows`
+/// floats each.
+pub unsafe extern "C" fn softmax_portable(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32) {
+    let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+    for r in 0..rows {
+        let row = std::slice::from_raw_parts_mut(s.add(r * ld), n);
+        let tmax = row.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        let nan = row.iter().any(|x| x.is_nan());
+        let (m_new, m_use, c) = row_step(*m.add(r), tmax, nan);
+        let mut sum = 0.0;
+        for x in row.iter_mut() {
+            *x = exp2_nonpos(*x - m_use);
+            sum += *x;
+        }
+        *l.add(r) = *l.add(r) * c + sum;
+        *m.add(r) = m_new;
+        *corr.add(r) = c;
+    }
+}
 
 /// The `(qk, pv)` pair for an ISA.
 pub fn kernels(isa: Isa) -> (QkFn, PvFn) {
@@ -120,8 +188,92 @@ unsafe fn pv_tail(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::pv_tail;
+    use super::{exp2_nonpos, pv_tail, row_step, EXP2_POLY, ROUND_MAGIC};
     use std::arch::x86_64::*;
+
+    /// `2^x` on 8 lanes for `x <= 0`, as [`super::exp2_nonpos`] (`max(lo, x)` returns `x`
+    /// when it is NaN).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp2_nonpos8(x: __m256) -> __m256 {
+        let magic = _mm256_set1_ps(ROUND_MAGIC);
+        let x = _mm256_max_ps(_mm256_set1_ps(-126.0), x);
+        let t = _mm256_add_ps(x, magic);
+        let f = _mm256_sub_ps(x, _mm256_sub_ps(t, magic));
+        let mut p = _mm256_set1_ps(EXP2_POLY[0]);
+        for k in &EXP2_POLY[1..] {
+            p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*k));
+        }
+        let e = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
+        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(e, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+    }
+
+    /// Horizontal max and sum of 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<1>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_add_ss(m, _mm_shuffle_ps::<1>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn softmax_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let n8 = n - n % 8;
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            // Max by compare-and-select; NaN is tracked on the side.
+            let (mut mx, mut nan) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_setzero_ps());
+            let mut c = 0;
+            while c < n8 {
+                let x = _mm256_loadu_ps(row.add(c));
+                mx = _mm256_max_ps(x, mx);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
+                c += 8;
+            }
+            let mut tmax = hmax(mx);
+            let mut any_nan = _mm256_movemask_ps(nan) != 0;
+            for c in n8..n {
+                let x = *row.add(c);
+                tmax = if x > tmax { x } else { tmax };
+                any_nan |= x.is_nan();
+            }
+            let (m_new, m_use, cr) = row_step(*m.add(r), tmax, any_nan);
+            let mu = _mm256_set1_ps(m_use);
+            let mut sum = _mm256_setzero_ps();
+            let mut c = 0;
+            while c < n8 {
+                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), mu));
+                _mm256_storeu_ps(row.add(c), p);
+                sum = _mm256_add_ps(sum, p);
+                c += 8;
+            }
+            let mut total = hsum(sum);
+            for c in n8..n {
+                let p = exp2_nonpos(*row.add(c) - m_use);
+                *row.add(c) = p;
+                total += p;
+            }
+            *l.add(r) = *l.add(r) * cr + total;
+            *m.add(r) = m_new;
+            *corr.add(r) = cr;
+        }
+    }
 
     /// `R` rows × 16 columns of `s` from `a` and the key panel: `2R` accumulators that
     /// stay in registers because `R` is a constant.
@@ -361,6 +513,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The softmax step against f64 on rows with a first tile (m = −inf), a running state,
+    /// all-masked rows, a NaN, large logits and a column tail.
+    fn check_softmax(isa: Isa) {
+        let step = softmax_kernel(isa);
+        let (rows, n, ld) = (7usize, 21usize, 24usize);
+        let mut s: Vec<f32> = (0..rows * ld).map(|x| ((x * 37 % 29) as f32 - 14.0) / 3.0).collect();
+        for c in 0..n {
+            s[2 * ld + c] = f32::NEG_INFINITY; // fully masked row, first tile
+            s[3 * ld + c] = f32::NEG_INFINITY; // fully masked in this tile, live before
+            s[5 * ld + c] *= 3000.0; // large logits
+        }
+        s[4 * ld + 17] = f32::NAN;
+        s[6 * ld + 3] = f32::NEG_INFINITY;
+        let m0 = [f32::NEG_INFINITY, 1.5, f32::NEG_INFINITY, 0.25, 2.0, f32::NEG_INFINITY, 9.0];
+        let l0 = [0.0, 3.0, 0.0, 2.0, 1.0, 0.0, 4.0];
+        let (mut m, mut l, mut corr) = (m0, l0, [0f32; 7]);
+        let before = s.clone();
+        unsafe { step(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, m.as_mut_ptr(), l.as_mut_ptr(), corr.as_mut_ptr()) };
+        for r in 0..rows {
+            let row: Vec<f64> = (0..n).map(|c| before[r * ld + c] as f64).collect();
+            if row.iter().any(|x| x.is_nan()) {
+                assert!(m[r].is_nan() && s[r * ld..r * ld + n].iter().all(|x| x.is_nan()), "{isa:?} row {r}: NaN must propagate");
+                continue;
+            }
+            let mx = row.iter().cloned().fold(m0[r] as f64, f64::max);
+            assert_eq!(m[r] as f64, mx, "{isa:?} row {r} max");
+            let mu = if mx == f64::NEG_INFINITY { 0.0 } else { mx };
+            let c = (m0[r] as f64 - mu).exp2();
+            assert!((corr[r] as f64 - c).abs() <= 1e-6 * c.max(1.0), "{isa:?} row {r} corr {} vs {c}", corr[r]);
+            let mut sum = 0.0;
+            for (cc, x) in row.iter().enumerate() {
+                let want = if *x == f64::NEG_INFINITY { 0.0 } else { (x - mu).exp2() };
+                let got = s[r * ld + cc] as f64;
+                // Masked lanes get the clamped 2^-126.
+                assert!((got - want).abs() <= 1e-6 * want + 1.2e-38, "{isa:?} ({r},{cc}): {got} vs {want}");
+                sum += got;
+            }
+            let lw = l0[r] as f64 * c + sum;
+            assert!((l[r] as f64 - lw).abs() <= 1e-5 * lw.max(1e-30), "{isa:?} row {r} l {} vs {lw}", l[r]);
+            assert_eq!(&s[r * ld + n..(r + 1) * ld], &before[r * ld + n..(r + 1) * ld], "{isa:?} row {r}: past n untouched");
+        }
+    }
+
+    #[test]
+    fn softmax_step_matches_f64() {
+        check_softmax(Isa::Portable);
+        check_softmax(Isa::detect());
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! binds dims from the input shapes, converts inputs to f32/i32, computes derived tensors,
 //! and runs `attend` over (batch, head, query tile) on rayon's thread pool.
 //!
-//! Three paths: the tiled kernel ([`tiled`]: microkernel matmuls, generated f32x4 code for
-//! everything variant-specific, empty tiles skipped), the row-at-a-time kernel ([`gen`]:
+//! Three paths: the tiled kernel ([`tiled`]: microkernel matmuls and softmax step, generated
+//! f32x4 code for everything variant-specific, empty tiles skipped), the row-at-a-time kernel ([`gen`]:
 //! every spec, e.g. GLA's per-channel decay inside the dot when run quadratically), and the
 //! chunked algorithm ([`chunked`]) for kernels in the linear-attention normal form of
 //! `attnc_passes::linear`, chosen by `CpuOptions::chunk`.
@@ -172,6 +172,8 @@ enum FuncKind {
     Tile,
     MmQk,
     MmPv,
+    /// The microkernel's softmax step (imported, never generated).
+    Softmax,
 }
 
 impl FuncKind {
@@ -183,6 +185,7 @@ impl FuncKind {
             FuncKind::Tile => "tile".into(),
             FuncKind::MmQk => "mm_qk".into(),
             FuncKind::MmPv => "mm_pv".into(),
+            FuncKind::Softmax => "softmax_step".into(),
         }
     }
 }
@@ -198,6 +201,7 @@ fn signature(module: &JITModule, kind: &FuncKind) -> Signature {
         FuncKind::Tile => "piiipppp",
         FuncKind::MmQk => "pippiii",
         FuncKind::MmPv => "pipipipiii",
+        FuncKind::Softmax => "piiippp",
     };
     for c in params.chars() {
         sig.params.push(AbiParam::new(if c == 'p' { ptr } else { types::I64 }));
@@ -211,7 +215,7 @@ struct Ctx<'a> {
     layout: &'a Layout,
     libs: &'a BTreeMap<&'static str, FuncId>,
     plan: Option<&'a TiledPlan>,
-    mm: Option<(FuncId, FuncId)>,
+    mm: Option<(FuncId, FuncId, Option<FuncId>)>,
     o: &'a CpuOptions,
 }
 
@@ -219,7 +223,9 @@ struct Ctx<'a> {
 fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderContext, cx: &Ctx, kind: &FuncKind) {
     let b = FunctionBuilder::new(&mut ctx.func, fctx);
     let refs = cx.libs.iter().map(|(n, id)| (*n, module.declare_func_in_func(*id, b.func))).collect();
-    let mm = cx.mm.map(|(q, p)| (module.declare_func_in_func(q, b.func), module.declare_func_in_func(p, b.func)));
+    let mm = cx
+        .mm
+        .map(|(q, p, s)| (module.declare_func_in_func(q, b.func), module.declare_func_in_func(p, b.func), s.map(|s| module.declare_func_in_func(s, b.func))));
     let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
     let (mut g, p) = Gen::new(b, cx.k, if framed { Some(cx.layout) } else { None }, refs);
     match kind {
@@ -227,11 +233,11 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         FuncKind::Attend => g.attend(p[1], p[2], p[3], p[4], p[5]),
         FuncKind::Pack => g.pack(cx.plan.expect("tiled"), cx.o.block_k as i64, p[1], p[2], p[3], p[4]),
         FuncKind::Tile => {
-            let (qk, pv) = mm.expect("matmuls declared");
-            g.tile(cx.plan.expect("tiled"), cx.o.block_q as i64, cx.o.block_k as i64, [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], qk, pv)
+            g.tile(cx.plan.expect("tiled"), cx.o.block_q as i64, cx.o.block_k as i64, [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], mm.expect("matmuls declared"))
         }
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
+        FuncKind::Softmax => unreachable!("the softmax step is imported, not generated"),
     }
     g.finish(module.target_config());
 }
@@ -332,6 +338,7 @@ impl CpuKernel {
         let (mk_qk, mk_pv) = microkernel::kernels(microkernel::Isa::detect());
         jb.symbol("attnc_mk_qk", mk_qk as *const u8);
         jb.symbol("attnc_mk_pv", mk_pv as *const u8);
+        jb.symbol("attnc_mk_softmax", microkernel::softmax_kernel(microkernel::Isa::detect()) as *const u8);
         let mut module = JITModule::new(jb);
         let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
         let mut libs = BTreeMap::new();
@@ -348,18 +355,18 @@ impl CpuKernel {
         let mut mm = None;
         if plan.is_some() {
             kinds.push(FuncKind::Pack);
-            let (q, p) = if o.microkernel {
+            mm = Some(if o.microkernel {
                 let q = module.declare_function("attnc_mk_qk", Linkage::Import, &signature(&module, &FuncKind::MmQk)).map_err(err)?;
                 let p = module.declare_function("attnc_mk_pv", Linkage::Import, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
-                (q, p)
+                let s = module.declare_function("attnc_mk_softmax", Linkage::Import, &signature(&module, &FuncKind::Softmax)).map_err(err)?;
+                (q, p, Some(s))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
                 let q = module.declare_function("mm_qk", Linkage::Local, &signature(&module, &FuncKind::MmQk)).map_err(err)?;
                 let p = module.declare_function("mm_pv", Linkage::Local, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
-                (q, p)
-            };
-            mm = Some((q, p));
+                (q, p, None)
+            });
             kinds.push(FuncKind::Tile);
         } else if linear.is_none() {
             kinds.push(FuncKind::Attend);
@@ -373,8 +380,8 @@ impl CpuKernel {
             let name = kind.name();
             let sig = signature(&module, kind);
             let id = match (kind, mm) {
-                (FuncKind::MmQk, Some((q, _))) => q,
-                (FuncKind::MmPv, Some((_, p))) => p,
+                (FuncKind::MmQk, Some((q, _, _))) => q,
+                (FuncKind::MmPv, Some((_, p, _))) => p,
                 _ => module.declare_function(&name, Linkage::Local, &sig).map_err(err)?,
             };
             ctx.func.signature = sig;
@@ -402,7 +409,7 @@ impl CpuKernel {
                     FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                     FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                     FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                    FuncKind::MmQk | FuncKind::MmPv => {}
+                    FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax => {}
                 }
             }
         }

@@ -11,16 +11,18 @@
 //! - `tile(frame, b, h, i0, kt, vb, ws, classes)` computes query rows `[i0, i0 + BQ)`: packs
 //!   `A`, then for each live key tile calls `qk` (S = A·Bᵀ), evaluates the rest of the
 //!   score, bias, mask (only on partial tiles and the last tile), the normalization with
-//!   its state per row (online softmax: running max, denominator, rescale factor), decay,
-//!   and calls `pv` (O = O·corr + P·V); at the end it scales by the denominator and branch
-//!   weight, applies the gate and stores the rows.
+//!   its state per row (online softmax: running max, denominator, rescale factor; in the
+//!   microkernel's `softmax` step when no post-map or decay follows it, and then a full
+//!   tile of plain dot products needs no generated pass at all), decay, and calls `pv`
+//!   (O = O·corr + P·V); at the end it scales by the denominator and branch weight, applies
+//!   the gate and stores the rows.
 //!
 //! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
 //! analysis (attnc-passes); empty tiles cost nothing.
 
 use super::gen::{costly, flags, ty_of, Gen};
 use attnc_ir::{BinOp, Expr, Kernel, Norm, Ty, UnOp};
-use cranelift::codegen::ir::{Endianness, MemFlagsData};
+use cranelift::codegen::ir::{Endianness, FuncRef, MemFlagsData};
 use cranelift::prelude::*;
 
 pub(crate) use attnc_passes::separable::{extract, Dot, DOT};
@@ -38,8 +40,7 @@ pub(crate) struct TiledPlan {
     pub fold: Option<Expr>,
 }
 
-/// Minimax coefficients of 2^f on [-1/2, 1/2], highest degree first.
-pub(crate) const EXP2_POLY: [f32; 6] = [1.326_697e-3, 9.675_46e-3, 5.550_742_6e-2, 0.240_221_22, 0.693_146_95, 1.000_000_1];
+pub(crate) use super::microkernel::EXP2_POLY;
 
 impl TiledPlan {
     /// The tiled form, or `None` when a branch's score has no separable structure that the
@@ -569,7 +570,10 @@ impl Gen<'_, '_> {
 
     /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`; `qk`/`pv` are the matmuls.
     #[allow(clippy::too_many_arguments)]
-    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], qk: cranelift::codegen::ir::FuncRef, pv: cranelift::codegen::ir::FuncRef) {
+    /// `mm` holds the tile matmuls `(qk, pv)` and, with the microkernel, its softmax step
+    /// (used by the softmax branches without a post-map or decay).
+    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: (FuncRef, FuncRef, Option<FuncRef>)) {
+        let (qk, pv, softmax_step) = mm;
         let [b, h, i0, kt, vb, ws, classes] = args;
         let k = self.kernel;
         self.bind("b", b);
@@ -661,6 +665,9 @@ impl Gen<'_, '_> {
                 Norm::Linear { eps } => Some(eps.0),
                 _ => None,
             };
+            // The softmax step runs in the microkernel when nothing sits between the weights
+            // and P·V; the generated pass then only writes the scores (masked lanes −inf).
+            let helper = softmax_step.filter(|_| softmax && post.is_none() && br.decay.is_none());
             // Branch state.
             self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(o_ws, x, zf));
             self.for_range(zero, bqv, &mut |g, r| {
@@ -786,7 +793,9 @@ impl Gen<'_, '_> {
                                         Some(m) => g.fselect(m, x, other),
                                         None => x,
                                     };
-                                    let p = if softmax && !two_pass_second {
+                                    let p = if softmax && helper.is_some() {
+                                        sel(g, s, ninf_v)
+                                    } else if softmax && !two_pass_second {
                                         let s = sel(g, s, ninf_v);
                                         // Max by compare-and-select (2 instructions, not the NaN-
                                         // propagating sequence); NaN is tracked on the side.
@@ -854,7 +863,12 @@ impl Gen<'_, '_> {
                                 let ones = g.b.ins().iconst(types::I32, -1);
                                 let ones = g.b.ins().splat(types::I32X4, ones);
                                 g.b.def_var(anylive, ones);
-                                pass(g, false)
+                                // With the softmax step in the microkernel, a full tile of plain
+                                // dot products has nothing left to do here.
+                                let nothing = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
+                                if !nothing {
+                                    pass(g, false)
+                                }
                             });
                             // Row bookkeeping.
                             let al = g.b.use_var(anylive);
@@ -863,7 +877,9 @@ impl Gen<'_, '_> {
                                 let one = g.fconst(1.0);
                                 g.store_f32(blive_ws, r, one);
                             });
-                            if softmax && !two_pass_second {
+                            if helper.is_some() {
+                                // The step runs on the whole tile below.
+                            } else if softmax && !two_pass_second {
                                 let rm = g.b.use_var(rowmax);
                                 let tmax = g.hreduce(rm, true);
                                 let rn = g.b.use_var(rownan);
@@ -922,6 +938,9 @@ impl Gen<'_, '_> {
                             g.unhoist(hoisted);
                             g.unbind(1);
                         });
+                        if let Some(step) = helper {
+                            g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws]);
+                        }
                         if accumulate {
                             let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
                             let vt = vb_tile(g, vb, j0, ev);
