@@ -260,6 +260,19 @@ impl<'f, 'k> Gen<'f, 'k> {
     }
 
     pub(crate) fn floor_div(&mut self, a: Value, d: Value) -> (Value, Value) {
+        // A constant divisor other than 0 and −1 needs no guard; a power of two is a shift.
+        if let Some(n) = self.const_int(d) {
+            if n > 0 && (n as u64).is_power_of_two() {
+                return (self.b.ins().sshr_imm_u(a, n.trailing_zeros() as i64), d);
+            }
+            if n > 0 {
+                let q = self.b.ins().sdiv(a, d);
+                let r = self.b.ins().srem(a, d);
+                let rneg = self.b.ins().icmp_imm_s(IntCC::SignedLessThan, r, 0);
+                let adj = self.b.ins().uextend(types::I64, rneg);
+                return (self.b.ins().isub(q, adj), d);
+            }
+        }
         let m1 = self.b.ins().icmp_imm_s(IntCC::Equal, d, -1);
         let z = self.b.ins().icmp_imm_s(IntCC::Equal, d, 0);
         let bad = self.b.ins().bor(m1, z);
@@ -277,6 +290,15 @@ impl<'f, 'k> Gen<'f, 'k> {
         let na = self.b.ins().ineg(a);
         let q = self.b.ins().select(m1, na, q);
         (q, sd)
+    }
+
+    /// The value of `v` when it is an integer constant.
+    pub(crate) fn const_int(&self, v: Value) -> Option<i64> {
+        let cranelift::codegen::ir::ValueDef::Result(inst, _) = self.b.func.dfg.value_def(v) else { return None };
+        match self.b.func.dfg.insts[inst] {
+            cranelift::codegen::ir::InstructionData::UnaryImm { opcode: cranelift::codegen::ir::Opcode::Iconst, imm } => Some(imm.bits()),
+            _ => None,
+        }
     }
 
     /// Whether `v` holds floats (a scalar f32 or an f32x4 vector).
@@ -431,6 +453,8 @@ impl<'f, 'k> Gen<'f, 'k> {
 
     pub(crate) fn binary(&mut self, op: BinOp, x: Value, y: Value) -> Value {
         let float = self.is_float(x);
+        // Floor modulo by 2^k is a mask (exact for negative numbers too).
+        let pow2_divisor = self.const_int(y).filter(|n| *n > 0 && (*n as u64).is_power_of_two());
         let ins = self.b.ins();
         match op {
             BinOp::Add if float => ins.fadd(x, y),
@@ -442,6 +466,10 @@ impl<'f, 'k> Gen<'f, 'k> {
             BinOp::Div => ins.fdiv(x, y),
             BinOp::Pow => self.call("attnc_powf", &[x, y]),
             BinOp::FloorDiv => self.floor_div(x, y).0,
+            BinOp::Mod if pow2_divisor.is_some() => {
+                let n = pow2_divisor.expect("checked");
+                self.b.ins().band_imm_u(x, n - 1)
+            }
             BinOp::Mod => {
                 let (q, sd) = self.floor_div(x, y);
                 let p = self.b.ins().imul(q, sd);

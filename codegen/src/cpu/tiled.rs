@@ -20,7 +20,7 @@
 //! `classes[branch][tile]` (0 empty, 1 full, 2 partial) comes from the block-sparsity
 //! analysis (attnc-passes); empty tiles cost nothing.
 
-use super::gen::{costly, flags, ty_of, Gen};
+use super::gen::{costly, flags, ro_flags, ty_of, Gen};
 use attnc_ir::{BinOp, Expr, Kernel, Norm, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, FuncRef, MemFlagsData};
 use cranelift::prelude::*;
@@ -377,8 +377,91 @@ impl Gen<'_, '_> {
                 let (x, y) = (self.vec(x), self.vec(y));
                 VV::V(if self.b.func.dfg.value_type(x) == types::F32X4 { self.fselect(cm, x, y) } else { self.b.ins().bitselect(cm, x, y) })
             }
+            Expr::Load(t, idx) => VV::V(self.vload(t, idx, vecs)),
             _ => VV::V(self.lanewise(e)),
         }
+    }
+
+    /// A load whose indices vary across the lanes. Indices are computed on 4 lanes and
+    /// clamped into the tensor as the scalar load does; then, when the only varying index is
+    /// the last one, it is the key `j` (plus a uniform offset) and no lane was clamped, one
+    /// vector load (a dense bias row); otherwise 4 scalar loads at the lanes' offsets.
+    fn vload(&mut self, t: &str, idx: &[Expr], vecs: &[String]) -> Value {
+        let tv = self.tens[t].clone();
+        let fl = if self.writing.as_deref() == Some(t) { flags() } else { ro_flags() };
+        let mut off = self.iconst(0);
+        let mut lanes = Vec::new();
+        for (axis, x) in idx.iter().enumerate() {
+            if self.varying(x, vecs) {
+                let v = self.vexpr(x, vecs);
+                let v = self.vec(v);
+                let z = self.b.ins().iconst(types::I32, 0);
+                let z = self.b.ins().splat(types::I32X4, z);
+                let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
+                let last = self.b.ins().ireduce(types::I32, last);
+                let last = self.b.ins().splat(types::I32X4, last);
+                let v = self.b.ins().smax(v, z);
+                lanes.push((axis, self.b.ins().smin(v, last)));
+            } else {
+                let x = self.expr(x);
+                let zero = self.iconst(0);
+                let x = self.b.ins().smax(x, zero);
+                let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
+                let x = self.b.ins().smin(x, last);
+                let p = self.b.ins().imul(x, tv.stride[axis]);
+                off = self.b.ins().iadd(off, p);
+            }
+        }
+        let (ety, vty) = if tv.is_int { (types::I32, types::I32X4) } else { (types::F32, types::F32X4) };
+        let gather = |g: &mut Self| {
+            let zero = if tv.is_int { g.b.ins().iconst(types::I32, 0) } else { g.fconst(0.0) };
+            let mut acc = g.b.ins().splat(vty, zero);
+            for lane in 0..4u8 {
+                let mut o = off;
+                for (axis, v) in &lanes {
+                    let x = g.b.ins().extractlane(*v, lane);
+                    let x = g.b.ins().sextend(types::I64, x);
+                    let p = g.b.ins().imul(x, tv.stride[*axis]);
+                    o = g.b.ins().iadd(o, p);
+                }
+                let bytes = g.b.ins().ishl_imm_u(o, 2);
+                let addr = g.b.ins().iadd(tv.base, bytes);
+                let x = g.b.ins().load(ety, fl, addr, 0);
+                acc = g.b.ins().insertlane(acc, x, lane);
+            }
+            acc
+        };
+        let key_row = match (lanes.as_slice(), idx.last()) {
+            ([(axis, _)], Some(x)) => *axis + 1 == idx.len() && is_key_plus_uniform(x, vecs),
+            _ => false,
+        };
+        if !key_row {
+            return gather(self);
+        }
+        // Consecutive lanes (none clamped) and a unit stride: one vector load.
+        let (axis, v) = lanes[0];
+        let v0 = self.b.ins().extractlane(v, 0);
+        let v3 = self.b.ins().extractlane(v, 3);
+        let span = self.b.ins().isub(v3, v0);
+        let whole = self.b.ins().icmp_imm_s(IntCC::Equal, span, 3);
+        let unit = self.b.ins().icmp_imm_s(IntCC::Equal, tv.stride[axis], 1);
+        let fast = self.b.ins().band(whole, unit);
+        let done = self.b.create_block();
+        self.b.append_block_param(done, vty);
+        let (vector, scalar) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(fast, vector, &[], scalar, &[]);
+        self.b.switch_to_block(vector);
+        let x = self.b.ins().sextend(types::I64, v0);
+        let o = self.b.ins().iadd(off, x);
+        let bytes = self.b.ins().ishl_imm_u(o, 2);
+        let addr = self.b.ins().iadd(tv.base, bytes);
+        let r = self.b.ins().load(vty, little().with_notrap().with_readonly(), addr, 0);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.switch_to_block(scalar);
+        let r = gather(self);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.switch_to_block(done);
+        self.b.block_params(done)[0]
     }
 
     /// `a && b` / `a || b` on 4 lanes, skipping `b` when `a` already decides every lane (all
@@ -1011,6 +1094,18 @@ impl Gen<'_, '_> {
         });
         self.unbind(2);
         self.b.ins().return_(&[]);
+    }
+}
+
+/// Whether `e` is the key index `j` (whose lanes are consecutive) plus or minus terms that
+/// are the same for every lane.
+fn is_key_plus_uniform(e: &Expr, vecs: &[String]) -> bool {
+    let uniform = |x: &Expr| !vecs.iter().any(|v| x.free_vars().contains(v));
+    match e {
+        Expr::Var(v) => v == "j",
+        Expr::Binary(BinOp::Add, a, b) => (is_key_plus_uniform(a, vecs) && uniform(b)) || (uniform(a) && is_key_plus_uniform(b, vecs)),
+        Expr::Binary(BinOp::Sub, a, b) => is_key_plus_uniform(a, vecs) && uniform(b),
+        _ => false,
     }
 }
 
