@@ -748,9 +748,7 @@ impl Gen<'_, '_> {
                 Norm::Linear { eps } => Some(eps.0),
                 _ => None,
             };
-            // The softmax step runs in the microkernel when nothing sits between the weights
-            // and P·V; the generated pass then only writes the scores (masked lanes −inf).
-            let helper = softmax_step.filter(|_| softmax && post.is_none() && br.decay.is_none());
+
             // Branch state.
             self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(o_ws, x, zf));
             self.for_range(zero, bqv, &mut |g, r| {
@@ -778,6 +776,10 @@ impl Gen<'_, '_> {
             let passes: &[bool] = if post.is_some() { &[false, true] } else { &[true] };
             for &accumulate in passes {
                 let two_pass_second = post.is_some() && accumulate;
+                // The softmax step runs in the microkernel when nothing sits between the weights
+                // and P·V (or, first of two passes, only the max and denominator count); the
+                // generated pass then only writes the scores (masked lanes −inf).
+                let helper = softmax_step.filter(|_| softmax && !two_pass_second && (br.decay.is_none() || !accumulate));
                 let class_base = self.b.ins().imul_imm_s(ntiles, bn as i64);
                 self.for_range(zero, ntiles, &mut |g, kb| {
                     let coff = g.b.ins().iadd(class_base, kb);
@@ -829,6 +831,9 @@ impl Gen<'_, '_> {
                             g.b.def_var(anylive, zi);
                             g.b.def_var(rownan, zi);
                             let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
+                            // The second of two passes divides by the final denominator: one
+                            // reciprocal per row.
+                            let linv = if two_pass_second { g.b.ins().fdiv(one_f, lrow) } else { lrow };
                             let nvec = g.iconst(bk / 4);
                             // Pass over the tile: scores, mask, then the weights in place. Tiles
                             // that are full and not the last take the path without mask work.
@@ -896,8 +901,8 @@ impl Gen<'_, '_> {
                                         let mv = g.b.ins().splat(types::F32X4, mrow);
                                         let d = g.b.ins().fsub(s, mv);
                                         let pe = g.vexp2_nonpos(d);
-                                        let lv = g.b.ins().splat(types::F32X4, lrow);
-                                        let w = g.b.ins().fdiv(pe, lv);
+                                        let lv = g.b.ins().splat(types::F32X4, linv);
+                                        let w = g.b.ins().fmul(pe, lv);
                                         g.bind("w", w);
                                         let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
                                         let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
