@@ -464,6 +464,79 @@ impl Gen<'_, '_> {
         self.b.block_params(done)[0]
     }
 
+    /// When `e` is a load of f32s whose last index is exactly `var` (and no other index uses
+    /// it), the address of its element at `var = 0` and a run-time flag: the last axis is
+    /// contiguous and holds at least `len` elements, so `var in 0..len` reads `len`
+    /// consecutive floats (the packs then copy rows with vector loads).
+    fn contiguous_row(&mut self, e: &Expr, var: &str, len: Value) -> Option<(Value, Value)> {
+        let Expr::Load(t, idx) = e else { return None };
+        let (last, rest) = idx.split_last()?;
+        if *last != Expr::var(var) || rest.iter().any(|x| x.free_vars().contains(var)) {
+            return None;
+        }
+        let tv = self.tens[t].clone();
+        if tv.is_int {
+            return None;
+        }
+        let mut off = self.iconst(0);
+        for (axis, x) in rest.iter().enumerate() {
+            let x = self.expr(x);
+            let zero = self.iconst(0);
+            let x = self.b.ins().smax(x, zero);
+            let lim = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
+            let x = self.b.ins().smin(x, lim);
+            let p = self.b.ins().imul(x, tv.stride[axis]);
+            off = self.b.ins().iadd(off, p);
+        }
+        let bytes = self.b.ins().ishl_imm_u(off, 2);
+        let addr = self.b.ins().iadd(tv.base, bytes);
+        let axis = rest.len();
+        let covers = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, tv.ext[axis], len);
+        let unit = self.b.ins().icmp_imm_s(IntCC::Equal, tv.stride[axis], 1);
+        Some((addr, self.b.ins().band(covers, unit)))
+    }
+
+    /// Copies `len` floats from `src` to `dst` (byte addresses), times `factor` when given:
+    /// f32x4 loads and stores, then a scalar tail. `store` writes one value: a vector at a
+    /// float offset, or (`transpose`) each lane on its own.
+    fn copy_row(&mut self, src: Value, len: Value, factor: Option<Value>, store: &mut dyn FnMut(&mut Self, Value, Value)) {
+        let unaligned = MemFlagsData::new().with_notrap();
+        let nvec = self.b.ins().sshr_imm_u(len, 2);
+        let fv = factor.map(|f| self.b.ins().splat(types::F32X4, f));
+        let zero = self.iconst(0);
+        self.for_range(zero, nvec, &mut |g, x4| {
+            let x = g.b.ins().imul_imm_s(x4, 4);
+            let bytes = g.b.ins().ishl_imm_u(x, 2);
+            let a = g.b.ins().iadd(src, bytes);
+            let v = g.b.ins().load(types::F32X4, unaligned, a, 0);
+            let v = match fv {
+                Some(f) => g.b.ins().fmul(v, f),
+                None => v,
+            };
+            store(g, x, v);
+        });
+        let tail = self.b.ins().imul_imm_s(nvec, 4);
+        self.for_range(tail, len, &mut |g, x| {
+            let bytes = g.b.ins().ishl_imm_u(x, 2);
+            let a = g.b.ins().iadd(src, bytes);
+            let v = g.b.ins().load(types::F32, unaligned, a, 0);
+            let v = match factor {
+                Some(f) => g.b.ins().fmul(v, f),
+                None => v,
+            };
+            store(g, x, v);
+        });
+    }
+
+    /// Stores a value of [`Self::copy_row`] into a row of floats at `base + row` (vector or
+    /// scalar, unaligned).
+    fn store_row(&mut self, base: Value, row: Value, x: Value, v: Value) {
+        let off = self.b.ins().iadd(row, x);
+        let bytes = self.b.ins().ishl_imm_u(off, 2);
+        let a = self.b.ins().iadd(base, bytes);
+        self.b.ins().store(MemFlagsData::new().with_notrap(), v, a, 0);
+    }
+
     /// `a && b` / `a || b` on 4 lanes, skipping `b` when `a` already decides every lane (all
     /// false / all true): a mask like PowerAttention's `gap == 0 || pow2(gap)` then never
     /// runs its lane-by-lane reduction on the diagonal tiles.
@@ -615,17 +688,42 @@ impl Gen<'_, '_> {
                 let c = g.b.ins().srem(j, bkv);
                 let panel = g.b.ins().imul(tile, dlen);
                 let panel = g.b.ins().imul_imm_s(panel, bk);
-                let z = g.iconst(0);
-                g.for_range(z, dlen, &mut |g, r| {
-                    g.bind(&dot.r, r);
-                    let v = g.expr(&dot.b);
-                    g.unbind(1);
-                    let v = g.b.ins().select(inside, v, zf);
-                    let off = g.b.ins().imul_imm_s(r, bk);
-                    let off = g.b.ins().iadd(off, panel);
-                    let off = g.b.ins().iadd(off, c);
-                    g.store_f32(kt, off, v);
-                });
+                let col = g.b.ins().iadd(panel, c);
+                let mut generic = |g: &mut Self| {
+                    let z = g.iconst(0);
+                    g.for_range(z, dlen, &mut |g, r| {
+                        g.bind(&dot.r, r);
+                        let v = g.expr(&dot.b);
+                        g.unbind(1);
+                        let v = g.b.ins().select(inside, v, zf);
+                        let off = g.b.ins().imul_imm_s(r, bk);
+                        let off = g.b.ins().iadd(off, col);
+                        g.store_f32(kt, off, v);
+                    });
+                };
+                // A key row read from a contiguous tensor: vector loads, one store per lane.
+                match g.contiguous_row(&dot.b, &dot.r, dlen) {
+                    Some((src, ok)) => {
+                        let fast = g.b.ins().band(ok, inside);
+                        g.if_else(
+                            fast,
+                            &mut |g| {
+                                g.copy_row(src, dlen, None, &mut |g, x, v| {
+                                    let lanes = if g.b.func.dfg.value_type(v).is_vector() { 4 } else { 1 };
+                                    for lane in 0..lanes {
+                                        let s = if lanes == 4 { g.b.ins().extractlane(v, lane as u8) } else { v };
+                                        let r = g.b.ins().iadd_imm_s(x, lane);
+                                        let off = g.b.ins().imul_imm_s(r, bk);
+                                        let off = g.b.ins().iadd(off, col);
+                                        g.store_f32(kt, off, s);
+                                    }
+                                })
+                            },
+                            &mut generic,
+                        );
+                    }
+                    None => generic(g),
+                }
                 g.unbind(1);
             });
         }
@@ -635,15 +733,24 @@ impl Gen<'_, '_> {
             let jc = g.b.ins().smin(j, jc);
             g.bind("j", jc);
             let row = g.b.ins().imul(j, ev);
-            let z = g.iconst(0);
-            g.for_range(z, ev, &mut |g, e| {
-                g.bind("e", e);
-                let v = g.expr(&k.value);
-                g.unbind(1);
-                let v = g.b.ins().select(inside, v, zf);
-                let off = g.b.ins().iadd(row, e);
-                g.store_f32(vb, off, v);
-            });
+            let mut generic = |g: &mut Self| {
+                let z = g.iconst(0);
+                g.for_range(z, ev, &mut |g, e| {
+                    g.bind("e", e);
+                    let v = g.expr(&k.value);
+                    g.unbind(1);
+                    let v = g.b.ins().select(inside, v, zf);
+                    let off = g.b.ins().iadd(row, e);
+                    g.store_f32(vb, off, v);
+                });
+            };
+            match g.contiguous_row(&k.value, "e", ev) {
+                Some((src, ok)) => {
+                    let fast = g.b.ins().band(ok, inside);
+                    g.if_else(fast, &mut |g| g.copy_row(src, ev, None, &mut |g, x, v| g.store_row(vb, row, x, v)), &mut generic);
+                }
+                None => generic(g),
+            }
             g.unbind(1);
         });
         self.unhoist(hoisted);
@@ -715,19 +822,28 @@ impl Gen<'_, '_> {
                         v
                     }
                 });
-                let z = g.iconst(0);
-                g.for_range(z, dlen, &mut |g, x| {
-                    g.bind(&dot.r, x);
-                    let v = g.expr(&dot.a);
-                    g.unbind(1);
-                    let v = match factor {
-                        Some(f) => g.b.ins().fmul(v, f),
-                        None => v,
-                    };
-                    let v = g.b.ins().select(inside, v, zf);
-                    let off = g.b.ins().iadd(row, x);
-                    g.store_f32(a_ws, off, v);
-                });
+                let mut generic = |g: &mut Self| {
+                    let z = g.iconst(0);
+                    g.for_range(z, dlen, &mut |g, x| {
+                        g.bind(&dot.r, x);
+                        let v = g.expr(&dot.a);
+                        g.unbind(1);
+                        let v = match factor {
+                            Some(f) => g.b.ins().fmul(v, f),
+                            None => v,
+                        };
+                        let v = g.b.ins().select(inside, v, zf);
+                        let off = g.b.ins().iadd(row, x);
+                        g.store_f32(a_ws, off, v);
+                    });
+                };
+                match g.contiguous_row(&dot.a, &dot.r, dlen) {
+                    Some((src, ok)) => {
+                        let fast = g.b.ins().band(ok, inside);
+                        g.if_else(fast, &mut |g| g.copy_row(src, dlen, factor, &mut |g, x, v| g.store_row(a_ws, row, x, v)), &mut generic);
+                    }
+                    None => generic(g),
+                }
                 g.unbind(1);
             });
         }
