@@ -44,6 +44,9 @@ const PAIR_OP_S: f64 = 0.6e-9;
 /// fitted to retnet and gla at N = 512–16384 on Zen 3 (one core).
 const CHUNKED_FLOPS: f64 = 24e9;
 const EXP_S: f64 = 5e-9;
+/// Tile sizes tried. Query tiles include multiples of 6, the microkernels' row block.
+const QUERY_TILES: [usize; 6] = [16, 32, 48, 64, 96, 128];
+const KEY_TILES: [usize; 4] = [16, 32, 64, 128];
 /// Chunk sizes tried for linear attention.
 const CHUNKS: [usize; 3] = [32, 64, 128];
 
@@ -92,8 +95,8 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
     let pair_ops: f64 =
         k.branches.iter().map(|b| [&b.bias, &b.decay].into_iter().flatten().map(|e| attnc_passes::egraph::written_cost(e, k).eval).sum::<f64>()).sum();
     if tiled {
-        for bq in [16usize, 32, 64, 128] {
-            for bk in [16usize, 32, 64, 128] {
+        for bq in QUERY_TILES {
+            for bk in KEY_TILES {
                 let (live, partial) = live_tiles(k, dims, bq as i64, bk as i64, data);
                 let pairs = live * (bq * bk) as f64;
                 for microkernel in [true, false] {
@@ -146,8 +149,8 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
 pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
     let mut names = Vec::new();
     if attnc_codegen::cpu::tiles_apply(k) {
-        for bq in [16usize, 32, 64, 128] {
-            for bk in [16usize, 32, 64, 128] {
+        for bq in QUERY_TILES {
+            for bk in KEY_TILES {
                 for microkernel in [true, false] {
                     names.push(format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" }));
                 }
