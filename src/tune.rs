@@ -99,6 +99,10 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
     let all = candidates(c, &dims, &inputs, a.threads);
     let mut pruned = prune(all.clone(), a.top_k);
+    // Cranelift's optimizer helps some kernels and hurts others: the best two are measured
+    // with it on as well.
+    let twins = attnc_autotune::space::clif_opt_twins(&pruned, 2);
+    pruned.extend(twins);
     // The default configuration is always measured too, as the baseline: a winner is then
     // never slower than what an untuned run would use, whatever the cost model ranked.
     let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };

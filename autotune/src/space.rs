@@ -158,11 +158,30 @@ pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
         }
     }
     names.extend([4usize, 16, 64].map(|r| format!("rows {r}")));
+    let twins: Vec<String> = names.iter().map(|n| format!("{n}{CLIF_OPT}")).collect();
+    names.extend(twins);
     if attnc_passes::linear::LinearForm::of(k).is_some() {
         names.extend(CHUNKS.map(|c| format!("chunked {c}")));
     }
     names.sort();
     names
+}
+
+/// Suffix of a candidate compiled with Cranelift's optimizer on.
+pub const CLIF_OPT: &str = " clif-opt";
+
+/// Twins of the first `n` generated-code candidates (tiled or row; the chunked algorithm is
+/// Rust) with Cranelift's optimizer on (`opt_level=speed`). It wins on integer-heavy masks
+/// and gathers (swin_window at N = 2048: 1.4×) and loses elsewhere (softcap's `tanh`:
+/// 0.85×, hoisted invariants re-elaborated inside loops), which the cost model cannot
+/// tell apart, so the tuner measures both.
+pub fn clif_opt_twins(pruned: &[Candidate], n: usize) -> Vec<Candidate> {
+    pruned
+        .iter()
+        .filter(|c| !c.options.clif_opt && !c.name.starts_with("chunked"))
+        .take(n)
+        .map(|c| Candidate { name: format!("{}{CLIF_OPT}", c.name), options: CpuOptions { clif_opt: true, ..c.options.clone() }, predicted: c.predicted })
+        .collect()
 }
 
 /// The `top_k` cheapest candidates by the cost model.
@@ -201,6 +220,12 @@ mod tests {
         // Causal: the model sees that tiles above the diagonal are empty, so it predicts
         // about half the time of the same spec without a mask would take.
         assert!(all.iter().any(|c| c.name == "tiled 64x64"));
+        // Optimized twins of the best two, named in the candidate set.
+        let twins = clif_opt_twins(&top, 2);
+        assert_eq!(twins.len(), 2);
+        assert!(twins.iter().zip(&top).all(|(t, c)| t.options.clif_opt && t.name == format!("{}{CLIF_OPT}", c.name)));
+        let names = cpu_candidate_names(&k);
+        assert!(twins.iter().all(|t| names.contains(&t.name)), "{twins:?}");
     }
 
     /// Linear attention in the passes' normal form: the chunked candidates join the space,

@@ -5,6 +5,10 @@
 //! mismatch disqualifies it, it is never timed or chosen; (3) warm up, then take samples
 //! and report the median; a candidate whose sample is more than `stop_factor` times the
 //! best median so far is stopped early. A single surviving candidate is not timed at all.
+//! (4) The `finalists` fastest are built again and timed in alternation, one sample of each
+//! per round, and their medians from those rounds decide: on a shared machine the speed
+//! drifts over seconds (1.5× within a minute has been seen), and candidates timed one
+//! after the other would be compared across that drift.
 
 use crate::space::Candidate;
 use std::time::Instant;
@@ -35,11 +39,13 @@ pub struct Protocol {
     pub warmup: usize,
     pub samples: usize,
     pub stop_factor: f64,
+    /// How many of the fastest are timed again in alternation (fewer than 2: none).
+    pub finalists: usize,
 }
 
 impl Default for Protocol {
     fn default() -> Self {
-        Protocol { warmup: 1, samples: 5, stop_factor: 3.0 }
+        Protocol { warmup: 1, samples: 5, stop_factor: 3.0, finalists: 3 }
     }
 }
 
@@ -109,7 +115,46 @@ pub fn tune(
         progress(&t);
         trials.push(t);
     }
+    alternate_finalists(&mut trials, p, build);
     trials
+}
+
+/// Step (4): the fastest `p.finalists` timed again in alternation; a finalist that fails now
+/// keeps its first median.
+fn alternate_finalists(trials: &mut [Trial], p: Protocol, build: &mut dyn FnMut(&Candidate) -> Result<Run, String>) {
+    let median_of = |t: &Trial| match t.outcome {
+        Outcome::Timed { median, .. } => Some(median),
+        _ => None,
+    };
+    let mut timed: Vec<usize> = (0..trials.len()).filter(|&i| median_of(&trials[i]).is_some()).collect();
+    timed.sort_by(|&a, &b| median_of(&trials[a]).unwrap_or(f64::INFINITY).total_cmp(&median_of(&trials[b]).unwrap_or(f64::INFINITY)));
+    timed.truncate(p.finalists);
+    if timed.len() < 2 {
+        return;
+    }
+    let mut runs: Vec<(usize, Run, Vec<f64>)> = Vec::new();
+    for &i in &timed {
+        if let Ok(mut run) = build(&trials[i].candidate) {
+            if (0..p.warmup).all(|_| run().is_ok()) {
+                runs.push((i, run, Vec::new()));
+            }
+        }
+    }
+    for _ in 0..p.samples.max(1) {
+        for (_, run, samples) in runs.iter_mut() {
+            let t = Instant::now();
+            if run().is_ok() {
+                samples.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    for (i, _, samples) in runs {
+        if samples.len() == p.samples.max(1) {
+            let mut sorted = samples.clone();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            trials[i].outcome = Outcome::Timed { median: sorted[sorted.len() / 2], samples };
+        }
+    }
 }
 
 /// The winner: the fastest timed candidate, or the untimed survivor.
@@ -158,6 +203,34 @@ mod tests {
         assert!(matches!(by("slow"), Outcome::Stopped(t) if t > 0.03), "stopped after one sample");
         assert_eq!(by("broken"), Outcome::Failed("compile failed".into()));
         assert_eq!(winner(&trials).expect("a winner").candidate.name, "right");
+    }
+
+    /// A candidate timed during a slow spell of the machine (its first samples) is timed
+    /// again beside the others and wins on its alternating samples.
+    #[test]
+    fn finalists_are_timed_again_in_alternation() {
+        let cands = [cand("steady"), cand("unlucky")];
+        let mut gate = |_: &Candidate| Ok(());
+        let mut calls = 0;
+        let mut build = |c: &Candidate| -> Result<Run, String> {
+            let ms = if c.name == "steady" { 6 } else { 2 };
+            // The first build of `unlucky` runs through a slow spell: 5x its own time.
+            let slow = c.name == "unlucky" && calls == 1;
+            calls += 1;
+            Ok(Box::new(move || {
+                std::thread::sleep(std::time::Duration::from_millis(if slow { 5 * ms } else { ms }));
+                Ok(())
+            }))
+        };
+        let trials = tune(&cands, Protocol::default(), &mut gate, &mut build, &mut |_| {});
+        assert_eq!(winner(&trials).expect("a winner").candidate.name, "unlucky");
+        let median = |n: &str| match trials.iter().find(|t| t.candidate.name == n).expect("trial").outcome {
+            Outcome::Timed { median, .. } => median,
+            ref o => panic!("{n}: {o:?}"),
+        };
+        assert!(median("unlucky") < 0.005 && median("steady") > 0.005, "medians from the alternating rounds");
+        let one = tune(&cands, Protocol { finalists: 1, ..Protocol::default() }, &mut gate, &mut build, &mut |_| {});
+        assert!(one.iter().all(|t| matches!(t.outcome, Outcome::Timed { .. })));
     }
 
     #[test]

@@ -389,7 +389,7 @@ impl Gen<'_, '_> {
     fn vload(&mut self, t: &str, idx: &[Expr], vecs: &[String]) -> Value {
         let tv = self.tens[t].clone();
         let fl = if self.writing.as_deref() == Some(t) { flags() } else { ro_flags() };
-        let mut off = self.iconst(0);
+        let off = self.uniform_offset(t, idx, vecs);
         let mut lanes = Vec::new();
         for (axis, x) in idx.iter().enumerate() {
             if self.varying(x, vecs) {
@@ -402,14 +402,6 @@ impl Gen<'_, '_> {
                 let last = self.b.ins().splat(types::I32X4, last);
                 let v = self.b.ins().smax(v, z);
                 lanes.push((axis, self.b.ins().smin(v, last)));
-            } else {
-                let x = self.expr(x);
-                let zero = self.iconst(0);
-                let x = self.b.ins().smax(x, zero);
-                let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
-                let x = self.b.ins().smin(x, last);
-                let p = self.b.ins().imul(x, tv.stride[axis]);
-                off = self.b.ins().iadd(off, p);
             }
         }
         let (ety, vty) = if tv.is_int { (types::I32, types::I32X4) } else { (types::F32, types::F32X4) };
@@ -462,6 +454,29 @@ impl Gen<'_, '_> {
         self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
         self.b.switch_to_block(done);
         self.b.block_params(done)[0]
+    }
+
+    /// The offset (in elements) of a lane-varying load's uniform indices, clamped as the
+    /// scalar load clamps them; hoisted out of the key loop by [`Self::hoist`].
+    fn uniform_offset(&mut self, t: &str, idx: &[Expr], vecs: &[String]) -> Value {
+        let key = offset_key(t, idx);
+        if let Some((_, v)) = self.cache.iter().rev().find(|(x, _)| *x == key) {
+            return *v;
+        }
+        let tv = self.tens[t].clone();
+        let mut off = self.iconst(0);
+        for (axis, x) in idx.iter().enumerate() {
+            if !self.varying(x, vecs) {
+                let x = self.expr(x);
+                let zero = self.iconst(0);
+                let x = self.b.ins().smax(x, zero);
+                let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
+                let x = self.b.ins().smin(x, last);
+                let p = self.b.ins().imul(x, tv.stride[axis]);
+                off = self.b.ins().iadd(off, p);
+            }
+        }
+        off
     }
 
     /// When `e` is a load of f32s whose last index is exactly `var` (and no other index uses
@@ -611,6 +626,14 @@ impl Gen<'_, '_> {
                         let v = g.expr(&r);
                         g.cache.push((r, v));
                     }
+                }
+            }
+            // A vector load's uniform offset.
+            if let Expr::Load(t, idx) = e {
+                let key = offset_key(t, idx);
+                if !g.cache.iter().any(|(x, _)| *x == key) {
+                    let v = g.uniform_offset(t, idx, vecs);
+                    g.cache.push((key, v));
                 }
             }
             // Lane-wise reductions and loads evaluate their parts per lane: hoist inside too.
@@ -1216,6 +1239,11 @@ impl Gen<'_, '_> {
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
+}
+
+/// The cache key of a load's hoisted uniform offset (`#` cannot occur in a tensor name).
+fn offset_key(t: &str, idx: &[Expr]) -> Expr {
+    Expr::Load(format!("{t}#offset"), idx.to_vec())
 }
 
 /// Whether `e` is the key index `j` (whose lanes are consecutive) plus or minus terms that
