@@ -135,7 +135,8 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
     };
     let protocol = Protocol { samples: a.samples.max(1), ..Protocol::default() };
-    let trials = tuner::tune(&pruned, protocol, &mut gate, &mut build, &mut |t| {
+    let default_name = all.iter().find(|x| x.options == default).map(|x| x.name.clone());
+    let trials = tuner::tune(&pruned, protocol, default_name.as_deref(), &mut gate, &mut build, &mut |t| {
         if !matches!(t.outcome, Outcome::Disqualified(_)) {
             bar.inc(1);
         }
@@ -145,25 +146,23 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     let Some(win) = tuner::winner(&trials) else {
         return Err(anyhow!("no candidate passed the correctness gate and ran; see the table"));
     };
-    let default_median = trials.iter().find_map(|t| match &t.outcome {
-        Outcome::Timed { median, .. } if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => {
-            Some((*median, t.candidate.name.clone()))
-        }
+    let default_best = trials.iter().find_map(|t| match t.outcome.best() {
+        Some(best) if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => Some((best, t.candidate.name.clone())),
         _ => None,
     });
     let records: Vec<TrialRecord> = trials.iter().map(TrialRecord::from_trial).collect();
     outln!("{}  {}  ({} of {} candidates after pruning; {:.1} s)", c.kernel.name, given_text(a.given), pruned.len(), all.len(), elapsed);
-    outln!("  {:<26} {:>12} {:>11} {:>9}  status", "candidate", "predicted ms", "median ms", "GFLOP/s");
+    outln!("  {:<26} {:>12} {:>11} {:>9} {:>9}  status", "candidate", "predicted ms", "median ms", "best ms", "GFLOP/s");
     for r in &records {
-        let (med, gf) = match r.median_s {
-            Some(m) => (format!("{:.3}", m * 1e3), format!("{:.1}", work.flops / m / 1e9)),
-            None => ("-".into(), "-".into()),
+        let (med, best, gf) = match (r.median_s, r.best_s) {
+            (Some(m), Some(b)) => (format!("{:.3}", m * 1e3), format!("{:.3}", b * 1e3), format!("{:.1}", work.flops / b / 1e9)),
+            _ => ("-".into(), "-".into(), "-".into()),
         };
         let mark = if r.name == win.candidate.name { "*" } else { " " };
-        outln!("{mark} {:<26} {:>12.3} {:>11} {:>9}  {}", r.name, r.predicted_s * 1e3, med, gf, r.status);
+        outln!("{mark} {:<26} {:>12.3} {:>11} {:>9} {:>9}  {}", r.name, r.predicted_s * 1e3, med, best, gf, r.status);
     }
-    if let (Some((d, name)), Outcome::Timed { median, .. }) = (default_median, &win.outcome) {
-        outln!("  winner {} is {:.2}x the default ({name})", win.candidate.name, d / median);
+    if let (Some((d, name)), Some(best)) = (default_best, win.outcome.best()) {
+        outln!("  winner {} is {:.2}x the default ({name}), best samples", win.candidate.name, d / best);
     }
     let k = key(c, &dims);
     let entry = CacheEntry {

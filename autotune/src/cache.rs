@@ -22,6 +22,8 @@ pub struct TrialRecord {
     pub predicted_s: f64,
     /// Median seconds when timed.
     pub median_s: Option<f64>,
+    /// Fastest sample in seconds when timed (what the winner is chosen by).
+    pub best_s: Option<f64>,
     /// `timed`, `untimed`, `disqualified: …`, `failed: …`, `stopped after …`.
     pub status: String,
     pub options: CpuOptions,
@@ -29,7 +31,7 @@ pub struct TrialRecord {
 
 impl Default for TrialRecord {
     fn default() -> Self {
-        TrialRecord { name: String::new(), predicted_s: 0.0, median_s: None, status: String::new(), options: CpuOptions::default() }
+        TrialRecord { name: String::new(), predicted_s: 0.0, median_s: None, best_s: None, status: String::new(), options: CpuOptions::default() }
     }
 }
 
@@ -42,7 +44,8 @@ impl TrialRecord {
             Outcome::Failed(why) => (None, format!("failed: {why}")),
             Outcome::Stopped(s) => (None, format!("stopped after a {:.1} ms sample", s * 1e3)),
         };
-        TrialRecord { name: t.candidate.name.clone(), predicted_s: t.candidate.predicted, median_s, status, options: t.candidate.options.clone() }
+        let best_s = t.outcome.best();
+        TrialRecord { name: t.candidate.name.clone(), predicted_s: t.candidate.predicted, median_s, best_s, status, options: t.candidate.options.clone() }
     }
 }
 

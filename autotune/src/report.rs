@@ -8,11 +8,11 @@ use std::path::Path;
 /// Writes `tune.csv`, `tune.json` and `tune.svg` into `dir`.
 pub fn write(dir: &Path, title: &str, trials: &[TrialRecord]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut csv = String::from("candidate,block_q,block_k,microkernel,tiled,predicted_ms,median_ms,status\n");
+    let mut csv = String::from("candidate,block_q,block_k,microkernel,tiled,predicted_ms,median_ms,best_ms,status\n");
     for t in trials {
         let o = &t.options;
         csv.push_str(&format!(
-            "{},{},{},{},{},{:.4},{},{}\n",
+            "{},{},{},{},{},{:.4},{},{},{}\n",
             t.name,
             o.block_q,
             o.block_k,
@@ -20,6 +20,7 @@ pub fn write(dir: &Path, title: &str, trials: &[TrialRecord]) -> Result<(), Stri
             o.tiled,
             t.predicted_s * 1e3,
             t.median_s.map_or(String::new(), |m| format!("{:.4}", m * 1e3)),
+            t.best_s.map_or(String::new(), |m| format!("{:.4}", m * 1e3)),
             t.status.replace(',', ";")
         ));
     }

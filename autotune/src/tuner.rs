@@ -5,10 +5,15 @@
 //! mismatch disqualifies it, it is never timed or chosen; (3) warm up, then take samples
 //! and report the median; a candidate whose sample is more than `stop_factor` times the
 //! best median so far is stopped early. A single surviving candidate is not timed at all.
-//! (4) The `finalists` fastest are built again and timed in alternation, one sample of each
+//! (4) The `finalists` fastest (and the baseline, when named) are built again and timed in
+//! alternation, one sample of each
 //! per round, and their medians from those rounds decide: on a shared machine the speed
 //! drifts over seconds (1.5× within a minute has been seen), and candidates timed one
 //! after the other would be compared across that drift.
+//!
+//! The winner has the fastest *best* sample: interference from other work on the machine
+//! only ever adds time, so the minimum is the estimate least disturbed by it (the median
+//! is reported beside it).
 
 use crate::space::Candidate;
 use std::time::Instant;
@@ -57,6 +62,7 @@ pub type Run = Box<dyn FnMut() -> Result<(), String>>;
 pub fn tune(
     candidates: &[Candidate],
     p: Protocol,
+    baseline: Option<&str>,
     gate: &mut dyn FnMut(&Candidate) -> Result<(), String>,
     build: &mut dyn FnMut(&Candidate) -> Result<Run, String>,
     progress: &mut dyn FnMut(&Trial),
@@ -115,20 +121,20 @@ pub fn tune(
         progress(&t);
         trials.push(t);
     }
-    alternate_finalists(&mut trials, p, build);
+    alternate_finalists(&mut trials, p, baseline, build);
     trials
 }
 
-/// Step (4): the fastest `p.finalists` timed again in alternation; a finalist that fails now
-/// keeps its first median.
-fn alternate_finalists(trials: &mut [Trial], p: Protocol, build: &mut dyn FnMut(&Candidate) -> Result<Run, String>) {
-    let median_of = |t: &Trial| match t.outcome {
-        Outcome::Timed { median, .. } => Some(median),
-        _ => None,
-    };
-    let mut timed: Vec<usize> = (0..trials.len()).filter(|&i| median_of(&trials[i]).is_some()).collect();
-    timed.sort_by(|&a, &b| median_of(&trials[a]).unwrap_or(f64::INFINITY).total_cmp(&median_of(&trials[b]).unwrap_or(f64::INFINITY)));
+/// Step (4): the fastest `p.finalists` and the baseline timed again in alternation; a
+/// finalist that fails now keeps its first median.
+fn alternate_finalists(trials: &mut [Trial], p: Protocol, baseline: Option<&str>, build: &mut dyn FnMut(&Candidate) -> Result<Run, String>) {
+    let best = |t: &Trial| t.outcome.best().unwrap_or(f64::INFINITY);
+    let mut timed: Vec<usize> = (0..trials.len()).filter(|&i| trials[i].outcome.best().is_some()).collect();
+    timed.sort_by(|&a, &b| best(&trials[a]).total_cmp(&best(&trials[b])));
+    let base = timed.iter().position(|&i| Some(trials[i].candidate.name.as_str()) == baseline);
+    let base = base.filter(|&b| b >= p.finalists).map(|b| timed[b]);
     timed.truncate(p.finalists);
+    timed.extend(base);
     if timed.len() < 2 {
         return;
     }
@@ -160,12 +166,19 @@ fn alternate_finalists(trials: &mut [Trial], p: Protocol, build: &mut dyn FnMut(
 /// The winner: the fastest timed candidate, or the untimed survivor.
 pub fn winner(trials: &[Trial]) -> Option<&Trial> {
     trials.iter().filter(|t| matches!(t.outcome, Outcome::Timed { .. } | Outcome::Untimed)).min_by(|a, b| {
-        let m = |t: &Trial| match t.outcome {
-            Outcome::Timed { median, .. } => median,
-            _ => 0.0,
-        };
+        let m = |t: &Trial| t.outcome.best().unwrap_or(0.0);
         m(a).total_cmp(&m(b))
     })
+}
+
+impl Outcome {
+    /// The fastest sample of a timed candidate.
+    pub fn best(&self) -> Option<f64> {
+        match self {
+            Outcome::Timed { samples, .. } => samples.iter().copied().reduce(f64::min),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,7 +208,7 @@ mod tests {
             }
         };
         let mut seen = 0;
-        let trials = tune(&cands, Protocol::default(), &mut gate, &mut build, &mut |_| seen += 1);
+        let trials = tune(&cands, Protocol::default(), None, &mut gate, &mut build, &mut |_| seen += 1);
         assert_eq!(seen, 4);
         let by = |n: &str| trials.iter().find(|t| t.candidate.name == n).expect("trial").outcome.clone();
         assert!(matches!(by("fast-but-wrong"), Outcome::Disqualified(_)));
@@ -211,26 +224,43 @@ mod tests {
     fn finalists_are_timed_again_in_alternation() {
         let cands = [cand("steady"), cand("unlucky")];
         let mut gate = |_: &Candidate| Ok(());
-        let mut calls = 0;
+        let calls = std::cell::Cell::new(0);
         let mut build = |c: &Candidate| -> Result<Run, String> {
             let ms = if c.name == "steady" { 6 } else { 2 };
             // The first build of `unlucky` runs through a slow spell: 5x its own time.
-            let slow = c.name == "unlucky" && calls == 1;
-            calls += 1;
+            let slow = c.name == "unlucky" && calls.get() == 1;
+            calls.set(calls.get() + 1);
             Ok(Box::new(move || {
                 std::thread::sleep(std::time::Duration::from_millis(if slow { 5 * ms } else { ms }));
                 Ok(())
             }))
         };
-        let trials = tune(&cands, Protocol::default(), &mut gate, &mut build, &mut |_| {});
+        let trials = tune(&cands, Protocol::default(), None, &mut gate, &mut build, &mut |_| {});
         assert_eq!(winner(&trials).expect("a winner").candidate.name, "unlucky");
         let median = |n: &str| match trials.iter().find(|t| t.candidate.name == n).expect("trial").outcome {
             Outcome::Timed { median, .. } => median,
             ref o => panic!("{n}: {o:?}"),
         };
         assert!(median("unlucky") < 0.005 && median("steady") > 0.005, "medians from the alternating rounds");
-        let one = tune(&cands, Protocol { finalists: 1, ..Protocol::default() }, &mut gate, &mut build, &mut |_| {});
+        // One finalist plus the named baseline: both timed again, five more samples each.
+        let one = tune(&cands, Protocol { finalists: 1, ..Protocol::default() }, Some("steady"), &mut gate, &mut build, &mut |_| {});
         assert!(one.iter().all(|t| matches!(t.outcome, Outcome::Timed { .. })));
+        let before = calls.get();
+        let _ = tune(&cands, Protocol { finalists: 1, ..Protocol::default() }, None, &mut gate, &mut build, &mut |_| {});
+        assert_eq!(calls.get() - before, 2, "without a baseline a single finalist is not built again");
+    }
+
+    /// Interference only adds time: the fastest sample decides, not the median.
+    #[test]
+    fn the_best_sample_decides() {
+        let timed = |name: &str, samples: &[f64]| {
+            let mut sorted = samples.to_vec();
+            sorted.sort_by(|a, b| a.total_cmp(b));
+            Trial { candidate: cand(name), outcome: Outcome::Timed { median: sorted[sorted.len() / 2], samples: samples.to_vec() } }
+        };
+        let trials = [timed("disturbed", &[0.009, 0.003, 0.008]), timed("flat", &[0.004, 0.004, 0.004])];
+        assert_eq!(trials[0].outcome.best(), Some(0.003));
+        assert_eq!(winner(&trials).expect("winner").candidate.name, "disturbed");
     }
 
     #[test]
@@ -239,6 +269,7 @@ mod tests {
         let trials = tune(
             &cands,
             Protocol::default(),
+            None,
             &mut |c| if c.name == "a" { Err("wrong".into()) } else { Ok(()) },
             &mut |_| Err("must not build".into()),
             &mut |_| {},
