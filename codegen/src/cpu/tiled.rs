@@ -943,228 +943,241 @@ impl Gen<'_, '_> {
                         let jbase = g.b.ins().iadd(j0v, iota);
                         let mjv = g.b.ins().ireduce(types::I32, mj);
                         let mjv = g.b.ins().splat(types::I32X4, mjv);
-                        let z = g.iconst(0);
-                        g.for_range(z, nq, &mut |g, r| {
-                            let i = g.b.ins().iadd(i0, r);
-                            g.bind("i", i);
-                            let mut row_exprs: Vec<&Expr> = vec![score_rest];
-                            row_exprs.extend(br.bias.iter());
-                            row_exprs.extend(br.mask.iter());
-                            row_exprs.extend(br.decay.iter());
-                            row_exprs.extend(post.iter());
-                            if let Norm::Map(f) = &br.norm {
-                                row_exprs.push(f);
-                            }
-                            let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), "s".to_string(), "w".to_string()]);
-                            let srow = g.b.ins().imul_imm_s(r, bk);
-                            let ninf_v = g.b.ins().splat(types::F32X4, ninf);
-                            let zero_v = g.b.ins().splat(types::F32X4, zf);
-                            let rowmax = g.b.declare_var(types::F32X4);
-                            g.b.def_var(rowmax, ninf_v);
-                            let rowsum = g.b.declare_var(types::F32X4);
-                            g.b.def_var(rowsum, zero_v);
-                            let rownan = g.b.declare_var(types::I32X4);
-                            let anylive = g.b.declare_var(types::I32X4);
-                            let zi = g.b.ins().iconst(types::I32, 0);
-                            let zi = g.b.ins().splat(types::I32X4, zi);
-                            g.b.def_var(anylive, zi);
-                            g.b.def_var(rownan, zi);
-                            let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
-                            // The second of two passes divides by the final denominator: one
-                            // reciprocal per row.
-                            let linv = if two_pass_second { g.b.ins().fdiv(one_f, lrow) } else { lrow };
-                            let nvec = g.iconst(bk / 4);
-                            // Pass over the tile: scores, mask, then the weights in place. Tiles
-                            // that are full and not the last take the path without mask work.
-                            let pass = |g: &mut Self, masked: bool| {
-                                let z = g.iconst(0);
-                                g.for_range(z, nvec, &mut |g, cv| {
-                                    let c4 = g.b.ins().imul_imm_s(cv, 4);
-                                    let off = g.b.ins().iadd(srow, c4);
-                                    let (jv, jcl) = key_lanes(g, jbase, c4, mjv);
-                                    let addr = g.ptr_off(s_ws, off);
-                                    let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
-                                    g.bind("j", jcl);
-                                    g.bind(DOT, dotv);
-                                    let vecs = vec!["j".to_string(), DOT.to_string()];
-                                    // Softmax runs in base 2: s·log2(e), then exp2 (the factor is in
-                                    // the packed queries when folded, so only the bias needs it).
-                                    let l2e = g.fconst(std::f32::consts::LOG2_E);
-                                    let l2e = g.b.ins().splat(types::F32X4, l2e);
-                                    let mut s = g.vexpr_f(score_rest, &vecs);
-                                    if softmax && !folds_log2e {
-                                        s = g.b.ins().fmul(s, l2e);
-                                    }
-                                    if let Some(bias) = &br.bias {
-                                        let bv = g.vexpr_f(bias, &vecs);
-                                        let bv = if softmax { g.b.ins().fmul(bv, l2e) } else { bv };
-                                        s = g.b.ins().fadd(s, bv);
-                                    }
-                                    // When nothing changed the tile's values, the store is skipped.
-                                    let unchanged = folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none() && !masked && !two_pass_second;
-                                    // The lane mask (masked tiles only): j < M and the spec's mask.
-                                    let lanes = if masked {
-                                        let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
-                                        if let Some(me) = &br.mask {
-                                            let mv = g.vexpr_f(me, &vecs);
-                                            m = g.b.ins().band(m, mv);
-                                        }
-                                        let al = g.b.use_var(anylive);
-                                        let al = g.b.ins().bor(al, m);
-                                        g.b.def_var(anylive, al);
-                                        Some(m)
-                                    } else {
-                                        None
-                                    };
-                                    let sel = |g: &mut Self, x: Value, other: Value| match lanes {
-                                        Some(m) => g.fselect(m, x, other),
-                                        None => x,
-                                    };
-                                    let p = if softmax && helper.is_some() {
-                                        sel(g, s, ninf_v)
-                                    } else if softmax && !two_pass_second {
-                                        let s = sel(g, s, ninf_v);
-                                        // Max by compare-and-select (2 instructions, not the NaN-
-                                        // propagating sequence); NaN is tracked on the side.
-                                        let rm = g.b.use_var(rowmax);
-                                        let gt = g.b.ins().fcmp(FloatCC::GreaterThan, s, rm);
-                                        let rm = g.fselect(gt, s, rm);
-                                        g.b.def_var(rowmax, rm);
-                                        let isnan = g.b.ins().fcmp(FloatCC::Unordered, s, s);
-                                        let rn = g.b.use_var(rownan);
-                                        let rn = g.b.ins().bor(rn, isnan);
-                                        g.b.def_var(rownan, rn);
-                                        s
-                                    } else if softmax {
-                                        // Second pass: the final max and denominator are known.
-                                        let mv = g.b.ins().splat(types::F32X4, mrow);
-                                        let d = g.b.ins().fsub(s, mv);
-                                        let pe = g.vexp2_nonpos(d);
-                                        let lv = g.b.ins().splat(types::F32X4, linv);
-                                        let w = g.b.ins().fmul(pe, lv);
-                                        g.bind("w", w);
-                                        let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
-                                        let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
-                                        g.unbind(1);
-                                        let pw = match &br.decay {
-                                            Some(de) => {
-                                                let dv = g.vexpr_f(de, &vecs);
-                                                g.b.ins().fmul(pw, dv)
-                                            }
-                                            None => pw,
-                                        };
-                                        sel(g, pw, zero_v)
-                                    } else {
-                                        let pw = match &br.norm {
-                                            Norm::Map(f) => {
-                                                g.bind("s", s);
-                                                let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
-                                                let p = g.vexpr_f(f, &vecs2);
-                                                g.unbind(1);
-                                                p
-                                            }
-                                            _ => s,
-                                        };
-                                        let pw = sel(g, pw, zero_v);
-                                        if linear_eps.is_some() {
-                                            let rs = g.b.use_var(rowsum);
-                                            let rs = g.b.ins().fadd(rs, pw);
-                                            g.b.def_var(rowsum, rs);
-                                        }
-                                        match &br.decay {
-                                            Some(de) => {
-                                                let dv = g.vexpr_f(de, &vecs);
-                                                g.b.ins().fmul(pw, dv)
-                                            }
-                                            None => pw,
-                                        }
-                                    };
-                                    g.unbind(2);
-                                    if !unchanged {
-                                        g.b.ins().store(flags(), p, addr, 0);
-                                    }
-                                });
-                            };
-                            g.if_else(check, &mut |g| pass(g, true), &mut |g| {
-                                // A full tile has at least one key, all live.
-                                let ones = g.b.ins().iconst(types::I32, -1);
-                                let ones = g.b.ins().splat(types::I32X4, ones);
-                                g.b.def_var(anylive, ones);
-                                // With the softmax step in the microkernel, a full tile of plain
-                                // dot products has nothing left to do here.
-                                let nothing = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
-                                if !nothing {
-                                    pass(g, false)
+                        // The rows of the tile: scores, mask and the per-row state. A full tile of plain dot
+                        // products whose softmax step runs in the microkernel has no per-row work but
+                        // marking its rows live.
+                        let plain = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
+                        let mut rows = |g: &mut Self| {
+                            let z = g.iconst(0);
+                            g.for_range(z, nq, &mut |g, r| {
+                                let i = g.b.ins().iadd(i0, r);
+                                g.bind("i", i);
+                                let mut row_exprs: Vec<&Expr> = vec![score_rest];
+                                row_exprs.extend(br.bias.iter());
+                                row_exprs.extend(br.mask.iter());
+                                row_exprs.extend(br.decay.iter());
+                                row_exprs.extend(post.iter());
+                                if let Norm::Map(f) = &br.norm {
+                                    row_exprs.push(f);
                                 }
-                            });
-                            // Row bookkeeping.
-                            let al = g.b.use_var(anylive);
-                            let any = g.b.ins().vany_true(al);
-                            g.if_then(any, &mut |g| {
-                                let one = g.fconst(1.0);
-                                g.store_f32(blive_ws, r, one);
-                            });
-                            if helper.is_some() {
-                                // The step runs on the whole tile below.
-                            } else if softmax && !two_pass_second {
-                                let rm = g.b.use_var(rowmax);
-                                let tmax = g.hreduce(rm, true);
-                                let rn = g.b.use_var(rownan);
-                                let any_nan = g.b.ins().vany_true(rn);
-                                let nan = g.fconst(f32::NAN);
-                                let tmax = g.b.ins().select(any_nan, nan, tmax);
-                                let m_new = g.b.ins().fmax(mrow, tmax);
-                                let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
-                                let m_use = g.b.ins().select(is_ninf, zf, m_new);
-                                let dm = g.b.ins().fsub(mrow, m_use);
-                                let ln2 = g.fconst(std::f32::consts::LN_2);
-                                let dm = g.b.ins().fmul(dm, ln2);
-                                let corr = g.call("attnc_expf", &[dm]);
-                                let mu = g.b.ins().splat(types::F32X4, m_use);
-                                let sum = g.b.declare_var(types::F32X4);
-                                g.b.def_var(sum, zero_v);
-                                let z = g.iconst(0);
-                                g.for_range(z, nvec, &mut |g, cv| {
-                                    let c4 = g.b.ins().imul_imm_s(cv, 4);
-                                    let off = g.b.ins().iadd(srow, c4);
-                                    let addr = g.ptr_off(s_ws, off);
-                                    let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
-                                    let d = g.b.ins().fsub(s, mu);
-                                    let p = g.vexp2_nonpos(d);
-                                    let acc = g.b.use_var(sum);
-                                    let acc = g.b.ins().fadd(acc, p);
-                                    g.b.def_var(sum, acc);
-                                    // Without accumulation (first of two passes) only the sum counts.
-                                    if accumulate {
-                                        let p = match &br.decay {
-                                            Some(de) => {
-                                                let (_, jcl) = key_lanes(g, jbase, c4, mjv);
-                                                g.bind("j", jcl);
-                                                let dv = g.vexpr_f(de, &["j".to_string()]);
-                                                g.unbind(1);
-                                                g.b.ins().fmul(p, dv)
+                                let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), "s".to_string(), "w".to_string()]);
+                                let srow = g.b.ins().imul_imm_s(r, bk);
+                                let ninf_v = g.b.ins().splat(types::F32X4, ninf);
+                                let zero_v = g.b.ins().splat(types::F32X4, zf);
+                                let rowmax = g.b.declare_var(types::F32X4);
+                                g.b.def_var(rowmax, ninf_v);
+                                let rowsum = g.b.declare_var(types::F32X4);
+                                g.b.def_var(rowsum, zero_v);
+                                let rownan = g.b.declare_var(types::I32X4);
+                                let anylive = g.b.declare_var(types::I32X4);
+                                let zi = g.b.ins().iconst(types::I32, 0);
+                                let zi = g.b.ins().splat(types::I32X4, zi);
+                                g.b.def_var(anylive, zi);
+                                g.b.def_var(rownan, zi);
+                                let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
+                                // The second of two passes divides by the final denominator: one
+                                // reciprocal per row.
+                                let linv = if two_pass_second { g.b.ins().fdiv(one_f, lrow) } else { lrow };
+                                let nvec = g.iconst(bk / 4);
+                                // Pass over the tile: scores, mask, then the weights in place. Tiles
+                                // that are full and not the last take the path without mask work.
+                                let pass = |g: &mut Self, masked: bool| {
+                                    let z = g.iconst(0);
+                                    g.for_range(z, nvec, &mut |g, cv| {
+                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                        let off = g.b.ins().iadd(srow, c4);
+                                        let (jv, jcl) = key_lanes(g, jbase, c4, mjv);
+                                        let addr = g.ptr_off(s_ws, off);
+                                        let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                        g.bind("j", jcl);
+                                        g.bind(DOT, dotv);
+                                        let vecs = vec!["j".to_string(), DOT.to_string()];
+                                        // Softmax runs in base 2: s·log2(e), then exp2 (the factor is in
+                                        // the packed queries when folded, so only the bias needs it).
+                                        let l2e = g.fconst(std::f32::consts::LOG2_E);
+                                        let l2e = g.b.ins().splat(types::F32X4, l2e);
+                                        let mut s = g.vexpr_f(score_rest, &vecs);
+                                        if softmax && !folds_log2e {
+                                            s = g.b.ins().fmul(s, l2e);
+                                        }
+                                        if let Some(bias) = &br.bias {
+                                            let bv = g.vexpr_f(bias, &vecs);
+                                            let bv = if softmax { g.b.ins().fmul(bv, l2e) } else { bv };
+                                            s = g.b.ins().fadd(s, bv);
+                                        }
+                                        // When nothing changed the tile's values, the store is skipped.
+                                        let unchanged = folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none() && !masked && !two_pass_second;
+                                        // The lane mask (masked tiles only): j < M and the spec's mask.
+                                        let lanes = if masked {
+                                            let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
+                                            if let Some(me) = &br.mask {
+                                                let mv = g.vexpr_f(me, &vecs);
+                                                m = g.b.ins().band(m, mv);
                                             }
-                                            None => p,
+                                            let al = g.b.use_var(anylive);
+                                            let al = g.b.ins().bor(al, m);
+                                            g.b.def_var(anylive, al);
+                                            Some(m)
+                                        } else {
+                                            None
                                         };
-                                        g.b.ins().store(flags(), p, addr, 0);
-                                    }
+                                        let sel = |g: &mut Self, x: Value, other: Value| match lanes {
+                                            Some(m) => g.fselect(m, x, other),
+                                            None => x,
+                                        };
+                                        let p = if softmax && helper.is_some() {
+                                            sel(g, s, ninf_v)
+                                        } else if softmax && !two_pass_second {
+                                            let s = sel(g, s, ninf_v);
+                                            // Max by compare-and-select (2 instructions, not the NaN-
+                                            // propagating sequence); NaN is tracked on the side.
+                                            let rm = g.b.use_var(rowmax);
+                                            let gt = g.b.ins().fcmp(FloatCC::GreaterThan, s, rm);
+                                            let rm = g.fselect(gt, s, rm);
+                                            g.b.def_var(rowmax, rm);
+                                            let isnan = g.b.ins().fcmp(FloatCC::Unordered, s, s);
+                                            let rn = g.b.use_var(rownan);
+                                            let rn = g.b.ins().bor(rn, isnan);
+                                            g.b.def_var(rownan, rn);
+                                            s
+                                        } else if softmax {
+                                            // Second pass: the final max and denominator are known.
+                                            let mv = g.b.ins().splat(types::F32X4, mrow);
+                                            let d = g.b.ins().fsub(s, mv);
+                                            let pe = g.vexp2_nonpos(d);
+                                            let lv = g.b.ins().splat(types::F32X4, linv);
+                                            let w = g.b.ins().fmul(pe, lv);
+                                            g.bind("w", w);
+                                            let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
+                                            let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
+                                            g.unbind(1);
+                                            let pw = match &br.decay {
+                                                Some(de) => {
+                                                    let dv = g.vexpr_f(de, &vecs);
+                                                    g.b.ins().fmul(pw, dv)
+                                                }
+                                                None => pw,
+                                            };
+                                            sel(g, pw, zero_v)
+                                        } else {
+                                            let pw = match &br.norm {
+                                                Norm::Map(f) => {
+                                                    g.bind("s", s);
+                                                    let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
+                                                    let p = g.vexpr_f(f, &vecs2);
+                                                    g.unbind(1);
+                                                    p
+                                                }
+                                                _ => s,
+                                            };
+                                            let pw = sel(g, pw, zero_v);
+                                            if linear_eps.is_some() {
+                                                let rs = g.b.use_var(rowsum);
+                                                let rs = g.b.ins().fadd(rs, pw);
+                                                g.b.def_var(rowsum, rs);
+                                            }
+                                            match &br.decay {
+                                                Some(de) => {
+                                                    let dv = g.vexpr_f(de, &vecs);
+                                                    g.b.ins().fmul(pw, dv)
+                                                }
+                                                None => pw,
+                                            }
+                                        };
+                                        g.unbind(2);
+                                        if !unchanged {
+                                            g.b.ins().store(flags(), p, addr, 0);
+                                        }
+                                    });
+                                };
+                                g.if_else(check, &mut |g| pass(g, true), &mut |g| {
+                                    // A full tile has at least one key, all live.
+                                    let ones = g.b.ins().iconst(types::I32, -1);
+                                    let ones = g.b.ins().splat(types::I32X4, ones);
+                                    g.b.def_var(anylive, ones);
+                                    // A plain full tile never gets here (see `plain`).
+                                    pass(g, false)
                                 });
-                                let sv = g.b.use_var(sum);
-                                let tsum = g.hreduce(sv, false);
-                                let l_new = g.b.ins().fmul(lrow, corr);
-                                let l_new = g.b.ins().fadd(l_new, tsum);
-                                g.store_f32(l_ws, r, l_new);
-                                g.store_f32(m_ws, r, m_new);
-                                g.store_f32(corr_ws, r, corr);
-                            } else if linear_eps.is_some() {
-                                let sv = g.b.use_var(rowsum);
-                                let tsum = g.hreduce(sv, false);
-                                let l_new = g.b.ins().fadd(lrow, tsum);
-                                g.store_f32(l_ws, r, l_new);
-                            }
-                            g.unhoist(hoisted);
-                            g.unbind(1);
-                        });
+                                // Row bookkeeping.
+                                let al = g.b.use_var(anylive);
+                                let any = g.b.ins().vany_true(al);
+                                g.if_then(any, &mut |g| {
+                                    let one = g.fconst(1.0);
+                                    g.store_f32(blive_ws, r, one);
+                                });
+                                if helper.is_some() {
+                                    // The step runs on the whole tile below.
+                                } else if softmax && !two_pass_second {
+                                    let rm = g.b.use_var(rowmax);
+                                    let tmax = g.hreduce(rm, true);
+                                    let rn = g.b.use_var(rownan);
+                                    let any_nan = g.b.ins().vany_true(rn);
+                                    let nan = g.fconst(f32::NAN);
+                                    let tmax = g.b.ins().select(any_nan, nan, tmax);
+                                    let m_new = g.b.ins().fmax(mrow, tmax);
+                                    let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
+                                    let m_use = g.b.ins().select(is_ninf, zf, m_new);
+                                    let dm = g.b.ins().fsub(mrow, m_use);
+                                    let ln2 = g.fconst(std::f32::consts::LN_2);
+                                    let dm = g.b.ins().fmul(dm, ln2);
+                                    let corr = g.call("attnc_expf", &[dm]);
+                                    let mu = g.b.ins().splat(types::F32X4, m_use);
+                                    let sum = g.b.declare_var(types::F32X4);
+                                    g.b.def_var(sum, zero_v);
+                                    let z = g.iconst(0);
+                                    g.for_range(z, nvec, &mut |g, cv| {
+                                        let c4 = g.b.ins().imul_imm_s(cv, 4);
+                                        let off = g.b.ins().iadd(srow, c4);
+                                        let addr = g.ptr_off(s_ws, off);
+                                        let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                        let d = g.b.ins().fsub(s, mu);
+                                        let p = g.vexp2_nonpos(d);
+                                        let acc = g.b.use_var(sum);
+                                        let acc = g.b.ins().fadd(acc, p);
+                                        g.b.def_var(sum, acc);
+                                        // Without accumulation (first of two passes) only the sum counts.
+                                        if accumulate {
+                                            let p = match &br.decay {
+                                                Some(de) => {
+                                                    let (_, jcl) = key_lanes(g, jbase, c4, mjv);
+                                                    g.bind("j", jcl);
+                                                    let dv = g.vexpr_f(de, &["j".to_string()]);
+                                                    g.unbind(1);
+                                                    g.b.ins().fmul(p, dv)
+                                                }
+                                                None => p,
+                                            };
+                                            g.b.ins().store(flags(), p, addr, 0);
+                                        }
+                                    });
+                                    let sv = g.b.use_var(sum);
+                                    let tsum = g.hreduce(sv, false);
+                                    let l_new = g.b.ins().fmul(lrow, corr);
+                                    let l_new = g.b.ins().fadd(l_new, tsum);
+                                    g.store_f32(l_ws, r, l_new);
+                                    g.store_f32(m_ws, r, m_new);
+                                    g.store_f32(corr_ws, r, corr);
+                                } else if linear_eps.is_some() {
+                                    let sv = g.b.use_var(rowsum);
+                                    let tsum = g.hreduce(sv, false);
+                                    let l_new = g.b.ins().fadd(lrow, tsum);
+                                    g.store_f32(l_ws, r, l_new);
+                                }
+                                g.unhoist(hoisted);
+                                g.unbind(1);
+                            });
+                        };
+                        if plain {
+                            g.if_else(check, &mut rows, &mut |g| {
+                                let z = g.iconst(0);
+                                g.for_range(z, nq, &mut |g, r| {
+                                    let one = g.fconst(1.0);
+                                    g.store_f32(blive_ws, r, one);
+                                });
+                            });
+                        } else {
+                            rows(g);
+                        }
                         if let Some(step) = helper {
                             g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws]);
                         }
