@@ -333,3 +333,37 @@ fn approximate_low_rank_bias_meets_its_budget() {
     let want = attnc::ir::reference::run(&ac.kernel, &ac.info, &with_factors, &BTreeMap::new()).expect("reference of the factored spec");
     compare("swin_window (approximate low rank)", &got, &want, Tweak::None).expect("the CPU runs the factored spec exactly");
 }
+
+/// Integer floor division and modulo in masks and biases, on the tiled kernel's vector path:
+/// negative numerators, divisors that are and are not powers of two, numerators near -2^23
+/// where the f32 quotient estimate is one too low (`(j - 7340100) // 7` passes -7340025, whose
+/// estimate needs the correction), and numerators beyond 2^23 (the scalar path).
+#[test]
+fn integer_division_on_lanes_matches_reference() {
+    let src = "attention intdiv {
+      dims B, H, N, M, D, Dv
+      input q: f32[B, H, N, D]
+      input k: f32[B, H, M, D]
+      input v: f32[B, H, M, Dv]
+      output o: f32[B, H, N, Dv]
+      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+      bias = float((j - 37) // 7 - (p - 37) // 7) * 0.1 + float((j - 41) % 5) * 0.05 + float((j * 4000000 - 9) // 3 % 11) * 0.02 + float((j - 60) % 16) * 0.01 + float((j - 7340100) // 7 + 1048586) * 0.03 + float((j - 7340100) % 7) * 0.04
+      mask = (j - 50) // 9 <= (p - 50) // 9
+      normalize = softmax
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).expect("spec compiles");
+    for (n, m) in [(37, 37), (70, 130), (1, 300)] {
+        let dims: BTreeMap<String, i64> = [("B", 1), ("H", 2), ("N", n), ("M", m), ("D", 8), ("Dv", 8)].iter().map(|(d, v)| (d.to_string(), *v)).collect();
+        let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+        let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 7).expect("inputs");
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+        // Without passes the bias stays per pair (lowrank would fold its separable terms into
+        // the dot, computed in the pack's scalar code).
+        for (clif_opt, passes) in [(false, PassConfig::none()), (true, PassConfig::none()), (false, PassConfig::all())] {
+            let cpu = Cpu(CpuOptions { clif_opt, ..CpuOptions::default() }, passes);
+            let got = cpu.run(&c, &ins).expect("cpu runs");
+            compare(&format!("intdiv N={n} M={m} {}", cpu.name()), &got, &want, Tweak::None).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}

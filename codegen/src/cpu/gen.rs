@@ -168,6 +168,10 @@ pub(crate) struct Gen<'f, 'k> {
     /// Values of expressions computed ahead of a loop (manual loop-invariant hoisting):
     /// `expr` returns them instead of generating the code again.
     pub(crate) cache: Vec<(Expr, Value)>,
+    /// Cranelift's optimizer will run on this function (`CpuOptions::clif_opt`): it turns
+    /// scalar division by a constant into multiplications and shares repeated scalar
+    /// subexpressions, which some lowerings rely on instead of their own vector forms.
+    pub(crate) optimized: bool,
 }
 
 impl<'f, 'k> Gen<'f, 'k> {
@@ -180,7 +184,10 @@ impl<'f, 'k> Gen<'f, 'k> {
         let params = b.block_params(entry).to_vec();
         // Functions without a frame (the generated matmuls) load nothing.
         let Some(layout) = layout else {
-            return (Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None, cache: vec![] }, params);
+            return (
+                Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None, cache: vec![], optimized: false },
+                params,
+            );
         };
         let frame = params[0];
         let load = |b: &mut FunctionBuilder, slot: usize| b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
@@ -195,7 +202,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 (n.clone(), TVals { base, ext, stride, is_int: t.is_int })
             })
             .collect();
-        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None, cache: vec![] }, params)
+        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None, cache: vec![], optimized: false }, params)
     }
 
     pub(crate) fn iconst(&mut self, n: i64) -> Value {

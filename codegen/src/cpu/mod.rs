@@ -228,6 +228,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         .map(|(q, p, s)| (module.declare_func_in_func(q, b.func), module.declare_func_in_func(p, b.func), s.map(|s| module.declare_func_in_func(s, b.func))));
     let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
     let (mut g, p) = Gen::new(b, cx.k, if framed { Some(cx.layout) } else { None }, refs);
+    g.optimized = cx.o.clif_opt;
     match kind {
         FuncKind::Derive(t) => g.derive(t, p[1], p[2]),
         FuncKind::Attend => g.attend(p[1], p[2], p[3], p[4], p[5]),
