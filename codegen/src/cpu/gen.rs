@@ -308,6 +308,22 @@ impl<'f, 'k> Gen<'f, 'k> {
         }
     }
 
+    /// The element offset of the indices `idx` (axis, index) into `tv`, each index clamped
+    /// into its axis (compiled kernels never read out of bounds).
+    pub(crate) fn clamped_offset<'e>(&mut self, tv: &TVals, idx: impl IntoIterator<Item = (usize, &'e Expr)>) -> Value {
+        let mut off = self.iconst(0);
+        for (axis, x) in idx {
+            let x = self.expr(x);
+            let zero = self.iconst(0);
+            let x = self.b.ins().smax(x, zero);
+            let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
+            let x = self.b.ins().smin(x, last);
+            let p = self.b.ins().imul(x, tv.stride[axis]);
+            off = self.b.ins().iadd(off, p);
+        }
+        off
+    }
+
     /// Whether `v` holds floats (a scalar f32 or an f32x4 vector).
     fn is_float(&self, v: Value) -> bool {
         self.b.func.dfg.value_type(v).lane_type() == types::F32
@@ -326,16 +342,7 @@ impl<'f, 'k> Gen<'f, 'k> {
             Expr::Dim(d) => self.dims[d],
             Expr::Load(t, idx) => {
                 let tv = self.tens[t].clone();
-                let mut off = self.iconst(0);
-                for (axis, x) in idx.iter().enumerate() {
-                    let x = self.expr(x);
-                    let zero = self.iconst(0);
-                    let x = self.b.ins().smax(x, zero);
-                    let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
-                    let x = self.b.ins().smin(x, last);
-                    let p = self.b.ins().imul(x, tv.stride[axis]);
-                    off = self.b.ins().iadd(off, p);
-                }
+                let off = self.clamped_offset(&tv, idx.iter().enumerate());
                 let bytes = self.b.ins().ishl_imm_u(off, 2);
                 let addr = self.b.ins().iadd(tv.base, bytes);
                 let fl = if self.writing.as_deref() == Some(t.as_str()) { flags() } else { ro_flags() };

@@ -447,22 +447,14 @@ impl Gen<'_, '_> {
         let whole = self.b.ins().icmp_imm_s(IntCC::Equal, span, 3);
         let unit = self.b.ins().icmp_imm_s(IntCC::Equal, tv.stride[axis], 1);
         let fast = self.b.ins().band(whole, unit);
-        let done = self.b.create_block();
-        self.b.append_block_param(done, vty);
-        let (vector, scalar) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(fast, vector, &[], scalar, &[]);
-        self.b.switch_to_block(vector);
-        let x = self.b.ins().sextend(types::I64, v0);
-        let o = self.b.ins().iadd(off, x);
-        let bytes = self.b.ins().ishl_imm_u(o, 2);
-        let addr = self.b.ins().iadd(tv.base, bytes);
-        let r = self.b.ins().load(vty, little().with_notrap().with_readonly(), addr, 0);
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
-        self.b.switch_to_block(scalar);
-        let r = gather(self);
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
-        self.b.switch_to_block(done);
-        self.b.block_params(done)[0]
+        let mut vector = |g: &mut Self| {
+            let x = g.b.ins().sextend(types::I64, v0);
+            let o = g.b.ins().iadd(off, x);
+            let bytes = g.b.ins().ishl_imm_u(o, 2);
+            let addr = g.b.ins().iadd(tv.base, bytes);
+            g.b.ins().load(vty, little().with_notrap().with_readonly(), addr, 0)
+        };
+        self.either(fast, vty, &mut vector, &mut |g| gather(g))
     }
 
     /// The offset (in elements) of a lane-varying load's uniform indices, clamped as the
@@ -473,19 +465,8 @@ impl Gen<'_, '_> {
             return *v;
         }
         let tv = self.tens[t].clone();
-        let mut off = self.iconst(0);
-        for (axis, x) in idx.iter().enumerate() {
-            if !self.varying(x, vecs) {
-                let x = self.expr(x);
-                let zero = self.iconst(0);
-                let x = self.b.ins().smax(x, zero);
-                let last = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
-                let x = self.b.ins().smin(x, last);
-                let p = self.b.ins().imul(x, tv.stride[axis]);
-                off = self.b.ins().iadd(off, p);
-            }
-        }
-        off
+        let uniform: Vec<(usize, &Expr)> = idx.iter().enumerate().filter(|(_, x)| !self.varying(x, vecs)).collect();
+        self.clamped_offset(&tv, uniform)
     }
 
     /// When `e` is a load of f32s whose last index is exactly `var` (and no other index uses
@@ -502,16 +483,7 @@ impl Gen<'_, '_> {
         if tv.is_int {
             return None;
         }
-        let mut off = self.iconst(0);
-        for (axis, x) in rest.iter().enumerate() {
-            let x = self.expr(x);
-            let zero = self.iconst(0);
-            let x = self.b.ins().smax(x, zero);
-            let lim = self.b.ins().iadd_imm_s(tv.ext[axis], -1);
-            let x = self.b.ins().smin(x, lim);
-            let p = self.b.ins().imul(x, tv.stride[axis]);
-            off = self.b.ins().iadd(off, p);
-        }
+        let off = self.clamped_offset(&tv, rest.iter().enumerate());
         let bytes = self.b.ins().ishl_imm_u(off, 2);
         let addr = self.b.ins().iadd(tv.base, bytes);
         let axis = rest.len();
@@ -527,29 +499,24 @@ impl Gen<'_, '_> {
         let unaligned = MemFlagsData::new().with_notrap();
         let nvec = self.b.ins().sshr_imm_u(len, 2);
         let fv = factor.map(|f| self.b.ins().splat(types::F32X4, f));
+        // One element (`ty` F32) or four (F32X4) at float offset `x`.
+        let mut step = |g: &mut Self, x: Value, ty: Type, f: Option<Value>| {
+            let bytes = g.b.ins().ishl_imm_u(x, 2);
+            let a = g.b.ins().iadd(src, bytes);
+            let v = g.b.ins().load(ty, unaligned, a, 0);
+            let v = match f {
+                Some(f) => g.b.ins().fmul(v, f),
+                None => v,
+            };
+            store(g, x, v);
+        };
         let zero = self.iconst(0);
         self.for_range(zero, nvec, &mut |g, x4| {
             let x = g.b.ins().imul_imm_s(x4, 4);
-            let bytes = g.b.ins().ishl_imm_u(x, 2);
-            let a = g.b.ins().iadd(src, bytes);
-            let v = g.b.ins().load(types::F32X4, unaligned, a, 0);
-            let v = match fv {
-                Some(f) => g.b.ins().fmul(v, f),
-                None => v,
-            };
-            store(g, x, v);
+            step(g, x, types::F32X4, fv);
         });
         let tail = self.b.ins().imul_imm_s(nvec, 4);
-        self.for_range(tail, len, &mut |g, x| {
-            let bytes = g.b.ins().ishl_imm_u(x, 2);
-            let a = g.b.ins().iadd(src, bytes);
-            let v = g.b.ins().load(types::F32, unaligned, a, 0);
-            let v = match factor {
-                Some(f) => g.b.ins().fmul(v, f),
-                None => v,
-            };
-            store(g, x, v);
-        });
+        self.for_range(tail, len, &mut |g, x| step(g, x, types::F32, factor));
     }
 
     /// Stores a value of [`Self::copy_row`] into a row of floats at `base + row` (vector or
@@ -577,37 +544,33 @@ impl Gen<'_, '_> {
         let above = self.b.ins().icmp(IntCC::SignedGreaterThan, x, lo);
         let inside = self.b.ins().band(below, above);
         let fits = self.b.ins().vall_true(inside);
-        let done = self.b.create_block();
-        self.b.append_block_param(done, types::I32X4);
-        let (fast, slow) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(fits, fast, &[], slow, &[]);
-        self.b.switch_to_block(fast);
-        let xf = self.b.ins().fcvt_from_sint(types::F32X4, x);
-        let inv = self.fconst(1.0 / d as f32);
-        let inv = self.b.ins().splat(types::F32X4, inv);
-        let qf = self.b.ins().fmul(xf, inv);
-        let qf = self.b.ins().floor(qf);
-        let q = self.b.ins().fcvt_to_sint_sat(types::I32X4, qf);
-        let dv = c(self, d);
-        let qd = self.b.ins().imul(q, dv);
-        let r = self.b.ins().isub(x, qd);
-        // r < 0: the estimate was one too high; r >= d: one too low (masks are -1 per lane).
-        let zero = c(self, 0);
-        let neg = self.b.ins().icmp(IntCC::SignedLessThan, r, zero);
-        let q = self.b.ins().iadd(q, neg);
-        let fix = self.b.ins().band(neg, dv);
-        let r = self.b.ins().iadd(r, fix);
-        let big = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, r, dv);
-        let q = self.b.ins().isub(q, big);
-        let fix = self.b.ins().band(big, dv);
-        let r = self.b.ins().isub(r, fix);
-        let out = if op == BinOp::FloorDiv { q } else { r };
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(out)]);
-        self.b.switch_to_block(slow);
-        let out = self.lanewise(e);
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(out)]);
-        self.b.switch_to_block(done);
-        self.b.block_params(done)[0]
+        let mut fast = |g: &mut Self| {
+            let xf = g.b.ins().fcvt_from_sint(types::F32X4, x);
+            let inv = g.fconst(1.0 / d as f32);
+            let inv = g.b.ins().splat(types::F32X4, inv);
+            let qf = g.b.ins().fmul(xf, inv);
+            let qf = g.b.ins().floor(qf);
+            let q = g.b.ins().fcvt_to_sint_sat(types::I32X4, qf);
+            let dv = c(g, d);
+            let qd = g.b.ins().imul(q, dv);
+            let r = g.b.ins().isub(x, qd);
+            // r < 0: the estimate was one too high; r >= d: one too low (masks are -1 per lane).
+            let zero = c(g, 0);
+            let neg = g.b.ins().icmp(IntCC::SignedLessThan, r, zero);
+            let q = g.b.ins().iadd(q, neg);
+            let fix = g.b.ins().band(neg, dv);
+            let r = g.b.ins().iadd(r, fix);
+            let big = g.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, r, dv);
+            let q = g.b.ins().isub(q, big);
+            let fix = g.b.ins().band(big, dv);
+            let r = g.b.ins().isub(r, fix);
+            if op == BinOp::FloorDiv {
+                q
+            } else {
+                r
+            }
+        };
+        self.either(fits, types::I32X4, &mut fast, &mut |g| g.lanewise(e))
     }
 
     /// `a && b` / `a || b` on 4 lanes, skipping `b` when `a` already decides every lane (all
@@ -645,21 +608,34 @@ impl Gen<'_, '_> {
         let base = self.expr(a);
         let zero = self.fconst(0.0);
         let pos = self.b.ins().fcmp(FloatCC::GreaterThan, base, zero);
+        self.either(
+            pos,
+            types::F32X4,
+            &mut |g| {
+                let lb = g.call("attnc_logf", &[base]);
+                let lbv = g.b.ins().splat(types::F32X4, lb);
+                let y = g.vexpr(b, vecs);
+                let y = g.vec(y);
+                let t = g.b.ins().fmul(y, lbv);
+                g.vexp(t)
+            },
+            &mut |g| g.lanewise(e),
+        )
+    }
+
+    /// The value of `then` where `cond` holds, else of `other` (each generated in its own
+    /// block, joined by a block parameter of type `ty`).
+    fn either(&mut self, cond: Value, ty: Type, then: &mut dyn FnMut(&mut Self) -> Value, other: &mut dyn FnMut(&mut Self) -> Value) -> Value {
         let done = self.b.create_block();
-        self.b.append_block_param(done, types::F32X4);
-        let (fast, slow) = (self.b.create_block(), self.b.create_block());
-        self.b.ins().brif(pos, fast, &[], slow, &[]);
-        self.b.switch_to_block(fast);
-        let lb = self.call("attnc_logf", &[base]);
-        let lbv = self.b.ins().splat(types::F32X4, lb);
-        let y = self.vexpr(b, vecs);
-        let y = self.vec(y);
-        let t = self.b.ins().fmul(y, lbv);
-        let r = self.vexp(t);
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
-        self.b.switch_to_block(slow);
-        let r = self.lanewise(e);
-        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
+        self.b.append_block_param(done, ty);
+        let (yes, no) = (self.b.create_block(), self.b.create_block());
+        self.b.ins().brif(cond, yes, &[], no, &[]);
+        self.b.switch_to_block(yes);
+        let v = then(self);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(v)]);
+        self.b.switch_to_block(no);
+        let v = other(self);
+        self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(v)]);
         self.b.switch_to_block(done);
         self.b.block_params(done)[0]
     }
