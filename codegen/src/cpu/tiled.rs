@@ -815,10 +815,9 @@ impl Gen<'_, '_> {
         self.b.ins().return_(&[]);
     }
 
-    /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`; `qk`/`pv` are the matmuls.
-    #[allow(clippy::too_many_arguments)]
-    /// `mm` holds the tile matmuls `(qk, pv)` and, with the microkernel, its softmax step
-    /// (used by the softmax branches without a post-map or decay).
+    /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
+    /// `(qk, pv)` and, with the microkernel, its softmax step (used by softmax branches with
+    /// neither a post-map nor a decay after the weights, and by the first of two passes).
     pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: (FuncRef, FuncRef, Option<FuncRef>)) {
         let (qk, pv, softmax_step) = mm;
         let [b, h, i0, kt, vb, ws, classes] = args;
