@@ -38,7 +38,11 @@ fn key(c: &Checked, dims: &Bindings) -> TuneKey {
 pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> (CpuOptions, String) {
     let t = std::time::Instant::now();
     match TuneCache::open_default().get(&key(c, dims)) {
-        Ok(Some(e)) => return (CpuOptions { threads, ..e.options }, format!("tuned ({}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3)),
+        // The caller's thread count wins when given; 0 (all cores) takes the tuned one.
+        Ok(Some(e)) => {
+            let threads = if threads == 0 { e.options.threads } else { threads };
+            return (CpuOptions { threads, ..e.options }, format!("tuned ({}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3));
+        }
         Ok(None) => {}
         Err(warning) => eprintln!("warning: {warning}"),
     }
@@ -103,6 +107,12 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     // with it on as well.
     let twins = attnc_autotune::space::clif_opt_twins(&pruned, 2);
     pruned.extend(twins);
+    // With every core asked for (the default), the best two also run on fewer threads.
+    if a.threads == 0 {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let twins = attnc_autotune::space::thread_twins(&pruned, 2, cores);
+        pruned.extend(twins);
+    }
     // The default configuration is always measured too, as the baseline: a winner is then
     // never slower than what an untuned run would use, whatever the cost model ranked.
     let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };

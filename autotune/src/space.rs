@@ -158,7 +158,9 @@ pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
         }
     }
     names.extend([4usize, 16, 64].map(|r| format!("rows {r}")));
-    let twins: Vec<String> = names.iter().map(|n| format!("{n}{CLIF_OPT}")).collect();
+    let mut twins: Vec<String> = names.iter().map(|n| format!("{n}{CLIF_OPT}")).collect();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    twins.extend(names.iter().flat_map(|n| fewer_threads(cores).into_iter().map(move |t| format!("{n}{}", threads_suffix(t)))));
     names.extend(twins);
     if attnc_passes::linear::LinearForm::of(k).is_some() {
         names.extend(CHUNKS.map(|c| format!("chunked {c}")));
@@ -182,6 +184,36 @@ pub fn clif_opt_twins(pruned: &[Candidate], n: usize) -> Vec<Candidate> {
         .take(n)
         .map(|c| Candidate { name: format!("{}{CLIF_OPT}", c.name), options: CpuOptions { clif_opt: true, ..c.options.clone() }, predicted: c.predicted })
         .collect()
+}
+
+/// Thread counts tried besides all cores (`threads = 0`) on a host with `cores` cores: one
+/// and half of them. Fewer threads win where the work is too small to share (decode, short
+/// sequences), which the cost model does not price.
+pub fn fewer_threads(cores: usize) -> Vec<usize> {
+    let mut t: Vec<usize> = [1, cores / 2].into_iter().filter(|&n| n >= 1 && n < cores).collect();
+    t.dedup();
+    t
+}
+
+/// Twins of the first `n` candidates that use every core, with each of [`fewer_threads`].
+pub fn thread_twins(pruned: &[Candidate], n: usize, cores: usize) -> Vec<Candidate> {
+    pruned
+        .iter()
+        .filter(|c| c.options.threads == 0 && !c.options.clif_opt)
+        .take(n)
+        .flat_map(|c| {
+            fewer_threads(cores).into_iter().map(move |t| Candidate {
+                name: format!("{}{}", c.name, threads_suffix(t)),
+                options: CpuOptions { threads: t, ..c.options.clone() },
+                predicted: c.predicted,
+            })
+        })
+        .collect()
+}
+
+/// Name suffix of a candidate on `t` threads.
+fn threads_suffix(t: usize) -> String {
+    format!(" {t} thread{}", if t == 1 { "" } else { "s" })
 }
 
 /// The `top_k` cheapest candidates by the cost model.
@@ -226,6 +258,17 @@ mod tests {
         assert!(twins.iter().zip(&top).all(|(t, c)| t.options.clif_opt && t.name == format!("{}{CLIF_OPT}", c.name)));
         let names = cpu_candidate_names(&k);
         assert!(twins.iter().all(|t| names.contains(&t.name)), "{twins:?}");
+        // Fewer threads: one and half the cores, never all of them again.
+        assert_eq!(fewer_threads(1), Vec::<usize>::new());
+        assert_eq!(fewer_threads(2), vec![1]);
+        assert_eq!(fewer_threads(16), vec![1, 8]);
+        assert!(thread_twins(&top, 2, 16).is_empty(), "a caller's fixed thread count (2 here) is kept");
+        let all_cores = prune(cpu_candidates(&k, &dims, 0, &NoData), 6);
+        let on_16 = thread_twins(&all_cores, 1, 16);
+        assert_eq!(on_16.iter().map(|c| c.options.threads).collect::<Vec<_>>(), vec![1, 8]);
+        assert_eq!(on_16[0].name, format!("{} 1 thread", all_cores[0].name));
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert!(thread_twins(&all_cores, 2, cores).iter().all(|t| names.contains(&t.name)));
     }
 
     /// Linear attention in the passes' normal form: the chunked candidates join the space,
