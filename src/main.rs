@@ -418,19 +418,21 @@ fn run(cli: Cli) -> Result<()> {
             // --approx-bias adds its factors to them).
             let exact_inputs = (approx_bias.is_some() && check).then(|| inputs.clone());
             let mut inputs = inputs;
-            let (oc, _) = match approx_bias {
-                Some(budget) => optimized(&approximated(&c, &mut inputs, budget)?, &opt)?,
-                None => optimized(&c, &opt)?,
+            let spec_c = match approx_bias {
+                Some(budget) => approximated(&c, &mut inputs, budget)?,
+                None => c.clone(),
             };
+            let (oc, _) = optimized(&spec_c, &opt)?;
             let start = Instant::now();
             let out = match backend {
                 Backend::Reference => ir::reference::run(&oc.kernel, &oc.info, &inputs, &given)?,
                 Backend::Cpu => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
                     let b = ir::bind(&oc.kernel, &shapes, &given)?;
-                    let (opts, from) = tune::chosen_options(&oc, &b, &inputs, 0);
-                    let kern = CpuKernel::compile(&oc.kernel, &oc.info, &opts)?;
-                    eprintln!("{}: {} (options from {from})", c.kernel.name, kern.describe());
+                    let chosen = tune::chosen_options(&oc, &b, &inputs, 0);
+                    let kc = chosen.kernel(&spec_c, &opt.config()?, &oc)?;
+                    let kern = CpuKernel::compile(&kc.kernel, &kc.info, &chosen.options)?;
+                    eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
             };
@@ -482,14 +484,14 @@ fn run(cli: Cli) -> Result<()> {
             // Useful work is the spec's, whatever form the passes give it.
             let work = bench::useful_work(&c, &b, &inputs).map_err(|e| anyhow!(e))?;
             let mut inputs = inputs;
-            let c = match approx_bias {
+            let spec_c = match approx_bias {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c,
             };
-            let (c, _) = optimized(&c, &opt)?;
+            let (c, _) = optimized(&spec_c, &opt)?;
             let b = bind_given(&c, &given)?;
             let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
-            let (opts, from) = if explicit {
+            let chosen = if explicit {
                 let d = CpuOptions::default();
                 let o = CpuOptions {
                     tiled: !no_tiled,
@@ -500,10 +502,13 @@ fn run(cli: Cli) -> Result<()> {
                     threads,
                     ..d
                 };
-                (o, "given options".to_string())
+                tune::Chosen { options: o, passes_off: vec![], from: "given options".to_string() }
             } else {
                 tune::chosen_options(&c, &b, &inputs, threads)
             };
+            // A tuned winner may run the spec without a pass (the low-rank bias).
+            let c = chosen.kernel(&spec_c, &opt.config()?, &c)?;
+            let (opts, from) = (chosen.options, chosen.from);
             let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
             let mut times = Vec::new();
             let (compile_ms, peak_extra, label) = match backend {
@@ -559,10 +564,10 @@ fn run(cli: Cli) -> Result<()> {
             if backend != Backend::Cpu {
                 return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune)"));
             }
-            let (_, c) = load(&spec)?;
-            let (c, _) = optimized(&c, &opt)?;
+            let (_, spec_c) = load(&spec)?;
+            let (c, _) = optimized(&spec_c, &opt)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
-            tune::tune(&c, tune::TuneArgs { given: &given, threads, top_k, samples, report: report.as_deref(), seed })?;
+            tune::tune(&c, tune::TuneArgs { spec: &spec_c, passes: &opt.config()?, given: &given, threads, top_k, samples, report: report.as_deref(), seed })?;
         }
         Cmd::Explain { spec, dims, opt } => {
             let (_, c) = load(&spec)?;

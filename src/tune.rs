@@ -10,6 +10,7 @@ use attnc_autotune::tuner::{self, Outcome, Protocol};
 use attnc_autotune::TuneKey;
 use attnc_codegen::cpu::{CpuKernel, CpuOptions, Storage};
 use attnc_passes::tiles::DataOracle;
+use attnc_passes::PassConfig;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -33,20 +34,47 @@ fn key(c: &Checked, dims: &Bindings) -> TuneKey {
     TuneKey::cpu(&c.kernel, dims, &cpu_candidate_names(&c.kernel))
 }
 
-/// The options `run` and `bench` use: the cached winner for this spec, shape bucket and
-/// device when there is one, else the cost model's first choice. Returns where they came from.
-pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> (CpuOptions, String) {
+/// What `run` and `bench` compile: the options, the passes to switch off on top of the
+/// caller's configuration (a tuned winner may run the spec without `lowrank`), and where the
+/// choice came from.
+pub struct Chosen {
+    pub options: CpuOptions,
+    pub passes_off: Vec<String>,
+    pub from: String,
+}
+
+impl Chosen {
+    /// The kernel to compile: `oc` (the spec optimized under `cfg`), or, when the winner
+    /// switches passes off, `spec` optimized without them.
+    pub fn kernel(&self, spec: &Checked, cfg: &PassConfig, oc: &Checked) -> Result<Checked> {
+        if self.passes_off.is_empty() {
+            return Ok(oc.clone());
+        }
+        let mut cfg = cfg.clone();
+        for p in &self.passes_off {
+            cfg.set(p, false).map_err(|e| anyhow!("cached winner: {e}"))?;
+        }
+        Ok(attnc::optimize(spec, &cfg).map_err(|e| anyhow!("{e}"))?.0)
+    }
+}
+
+/// The options `run` and `bench` use: the cached winner for this spec (as optimized, `c`),
+/// shape bucket and device when there is one, else the cost model's first choice.
+pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> Chosen {
     let t = std::time::Instant::now();
     match TuneCache::open_default().get(&key(c, dims)) {
         // The caller's thread count wins when given; 0 (all cores) takes the tuned one.
         Ok(Some(e)) => {
             let threads = if threads == 0 { e.options.threads } else { threads };
-            return (CpuOptions { threads, ..e.options }, format!("tuned ({}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3));
+            let off = if e.passes_off.is_empty() { String::new() } else { format!("; without {}", e.passes_off.join(", ")) };
+            let from = format!("tuned ({}{off}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3);
+            return Chosen { options: CpuOptions { threads, ..e.options }, passes_off: e.passes_off, from };
         }
         Ok(None) => {}
         Err(warning) => eprintln!("warning: {warning}"),
     }
-    first_choice(&candidates(c, dims, inputs, threads), threads)
+    let (options, from) = first_choice(&candidates(c, dims, inputs, threads), threads);
+    Chosen { options, passes_off: vec![], from }
 }
 
 /// The cost model's first choice without inputs (data-dependent masks count as partial).
@@ -90,6 +118,10 @@ fn within_tolerance(got: &[f32], want: &[f64]) -> Result<(), String> {
 }
 
 pub struct TuneArgs<'a> {
+    /// The spec as written and the pass configuration `c` was optimized under (for the
+    /// candidates without the low-rank bias).
+    pub spec: &'a Checked,
+    pub passes: &'a PassConfig,
     pub given: &'a BTreeMap<String, i64>,
     pub threads: usize,
     pub top_k: usize,
@@ -107,6 +139,19 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     // with it on as well.
     let twins = attnc_autotune::space::clif_opt_twins(&pruned, 2);
     pruned.extend(twins);
+    // The spec without the exact low-rank bias, when that pass rewrote it: its best two.
+    let without_lowrank = if a.passes.enabled("lowrank") {
+        let mut cfg = a.passes.clone();
+        cfg.set("lowrank", false).map_err(|e| anyhow!(e))?;
+        let (off, _) = attnc::optimize(a.spec, &cfg).map_err(|e| anyhow!("{e}"))?;
+        (off.kernel != c.kernel).then_some(off)
+    } else {
+        None
+    };
+    if let Some(off) = &without_lowrank {
+        let off_dims = attnc::bind_dims(off, a.given).map_err(|e| anyhow!(e))?;
+        pruned.extend(attnc_autotune::space::lowrank_off(&candidates(off, &off_dims, &inputs, a.threads), 2));
+    }
     // With every core asked for (the default), the best two also run on fewer threads.
     if a.threads == 0 {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -127,20 +172,27 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     let small = attnc::bind_dims(c, &small_given).map_err(|e| anyhow!("the correctness gate's small shape does not bind: {e}"))?;
     let small_inputs = attnc::inputs::random_inputs(&c.kernel, &small, &c.ranges, a.seed + 1).map_err(|e| anyhow!(e))?;
     let want = attnc::ir::reference::run(&c.kernel, &c.info, &small_inputs, &BTreeMap::new())?;
-    let small_storage = Storage::from_f64(&c.kernel, &small_inputs);
-    let storage = Storage::from_f64(&c.kernel, &inputs);
+    // The kernel a candidate runs, with its storage for the small and the full inputs.
+    let kernels: Vec<(&Checked, Storage, Storage)> = std::iter::once(c)
+        .chain(without_lowrank.as_ref())
+        .map(|k| (k, Storage::from_f64(&k.kernel, &small_inputs), Storage::from_f64(&k.kernel, &inputs)))
+        .collect();
+    let last = kernels.len() - 1;
+    let pick = move |cand: &Candidate| if cand.passes_off.is_empty() { 0 } else { last };
     let bar = indicatif::ProgressBar::new(pruned.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("tuning {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let t0 = std::time::Instant::now();
     let mut gate = |cand: &Candidate| -> Result<(), String> {
         bar.set_message(format!("checking {}", cand.name));
-        let k = CpuKernel::compile(&c.kernel, &c.info, &cand.options).map_err(|e| e.to_string())?;
-        let (_, got) = k.run_storage(&small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
+        let (kc, small_storage, _) = &kernels[pick(cand)];
+        let k = CpuKernel::compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
+        let (_, got) = k.run_storage(small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
         within_tolerance(&got, &want.data)
     };
     let mut build = |cand: &Candidate| -> Result<tuner::Run, String> {
         bar.set_message(format!("timing {}", cand.name));
-        let k = CpuKernel::compile(&c.kernel, &c.info, &cand.options).map_err(|e| e.to_string())?;
+        let (kc, _, storage) = &kernels[pick(cand)];
+        let k = CpuKernel::compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
         let st = storage.clone();
         Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
     };
@@ -180,6 +232,7 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         key: format!("{k:?}"),
         winner: win.candidate.name.clone(),
         options: win.candidate.options.clone(),
+        passes_off: win.candidate.passes_off.clone(),
         trials: records.clone(),
     };
     let path = TuneCache::open_default().put(&k, &entry).map_err(|e| anyhow!("cannot write the tuning cache: {e}"))?;
@@ -193,4 +246,25 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
 
 fn given_text(given: &BTreeMap<String, i64>) -> String {
     given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A winner cached without `lowrank` compiles the spec optimized without it: ALiBi keeps
+    /// its per-pair bias instead of the two extra dot channels.
+    #[test]
+    fn a_winner_without_lowrank_gets_the_kernel_without_it() {
+        let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/alibi.attn")).expect("example");
+        let spec = attnc::dsl::compile(&src).expect("compiles");
+        let cfg = PassConfig::all();
+        let (oc, _) = attnc::optimize(&spec, &cfg).expect("optimizes");
+        assert!(oc.kernel.branches[0].bias.is_none(), "lowrank folds ALiBi into the dot");
+        let chosen = |off: &[&str]| Chosen { options: CpuOptions::default(), passes_off: off.iter().map(|s| s.to_string()).collect(), from: String::new() };
+        assert_eq!(chosen(&[]).kernel(&spec, &cfg, &oc).expect("kernel").kernel, oc.kernel);
+        let k = chosen(&["lowrank"]).kernel(&spec, &cfg, &oc).expect("kernel");
+        assert!(k.kernel.branches[0].bias.is_some(), "the bias stays per pair");
+        assert!(chosen(&["no-such-pass"]).kernel(&spec, &cfg, &oc).is_err());
+    }
 }

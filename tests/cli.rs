@@ -107,6 +107,22 @@ fn tune_caches_a_winner_that_run_and_bench_use() {
     let (code, _, err) = run(&["run", "examples/alibi.attn", "--random", "--dims", dims, "-o", &tmp("tuned.safetensors"), "--check"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("options from tuned"), "{err}");
+    // ALiBi's bias is rewritten by `lowrank`: the spec without it is in the search too.
+    assert!(out.lines().any(|l| l.contains(" lowrank-off ")), "{out}");
+    // A cached winner without the low-rank bias runs the spec optimized without it.
+    for e in std::fs::read_dir(&cache).unwrap() {
+        let path = e.unwrap().path();
+        let mut entry: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        entry["winner"] = "tiled 64x64 lowrank-off".into();
+        entry["passes_off"] = serde_json::json!(["lowrank"]);
+        std::fs::write(&path, entry.to_string()).unwrap();
+    }
+    let (code, _, err) = run(&["run", "examples/alibi.attn", "--random", "--dims", dims, "-o", &tmp("tuned-off.safetensors"), "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("without lowrank"), "{err}");
+    let (code, out, err) = run(&["bench", "examples/alibi.attn", "--dims", dims, "--runs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("without lowrank"), "{out}");
     // A corrupt cache file is ignored with a warning, not an error.
     for e in std::fs::read_dir(&cache).unwrap() {
         std::fs::write(e.unwrap().path(), "{ corrupt").unwrap();

@@ -57,6 +57,9 @@ pub struct CacheEntry {
     pub key: String,
     pub winner: String,
     pub options: CpuOptions,
+    /// Passes the winner switches off on top of the configuration it was tuned under.
+    #[serde(default)]
+    pub passes_off: Vec<String>,
     pub trials: Vec<TrialRecord>,
 }
 
@@ -135,6 +138,7 @@ mod tests {
             key: "k".into(),
             winner: "tiled 64x64".into(),
             options: CpuOptions { block_q: 32, ..CpuOptions::default() },
+            passes_off: vec!["lowrank".into()],
             trials: vec![],
         }
     }

@@ -22,6 +22,9 @@ pub struct Candidate {
     pub options: CpuOptions,
     /// The cost model's estimate, in seconds (only its order matters).
     pub predicted: f64,
+    /// Passes switched off for this candidate on top of the caller's configuration (the
+    /// kernel it runs is the spec optimized without them): `["lowrank"]` or none.
+    pub passes_off: Vec<String>,
 }
 
 /// Constants of the model, fitted to `attnc tune` tables on an AVX2 machine (Zen 3,
@@ -111,7 +114,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                         + (ni + nj) * dk * 2e-10;
                     let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
                     let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
-                    out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64 });
+                    out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
                 }
             }
         }
@@ -122,7 +125,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
     for rows in [4usize, 16, 64] {
         let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
         let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
-        out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64 });
+        out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
     }
     if let Some(form) = linear {
         let dk = dims.extent(&form.channels) as f64;
@@ -138,7 +141,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
             };
             let per_head = flops / CHUNKED_FLOPS + exps * EXP_S + (nj / c) * 1e-6;
             let options = CpuOptions { chunk, threads, ..CpuOptions::default() };
-            out.push(Candidate { name: format!("chunked {chunk}"), options, predicted: per_head * heads / threads.max(1) as f64 });
+            out.push(Candidate { name: format!("chunked {chunk}"), options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
         }
     }
     out.sort_by(|a, b| a.predicted.total_cmp(&b.predicted).then_with(|| a.name.cmp(&b.name)));
@@ -161,6 +164,7 @@ pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
     let mut twins: Vec<String> = names.iter().map(|n| format!("{n}{CLIF_OPT}")).collect();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     twins.extend(names.iter().flat_map(|n| fewer_threads(cores).into_iter().map(move |t| format!("{n}{}", threads_suffix(t)))));
+    twins.extend(names.iter().map(|n| format!("{n}{LOWRANK_OFF}")));
     names.extend(twins);
     if attnc_passes::linear::LinearForm::of(k).is_some() {
         names.extend(CHUNKS.map(|c| format!("chunked {c}")));
@@ -182,7 +186,7 @@ pub fn clif_opt_twins(pruned: &[Candidate], n: usize) -> Vec<Candidate> {
         .iter()
         .filter(|c| !c.options.clif_opt && !c.name.starts_with("chunked"))
         .take(n)
-        .map(|c| Candidate { name: format!("{}{CLIF_OPT}", c.name), options: CpuOptions { clif_opt: true, ..c.options.clone() }, predicted: c.predicted })
+        .map(|c| Candidate { name: format!("{}{CLIF_OPT}", c.name), options: CpuOptions { clif_opt: true, ..c.options.clone() }, ..c.clone() })
         .collect()
 }
 
@@ -205,10 +209,21 @@ pub fn thread_twins(pruned: &[Candidate], n: usize, cores: usize) -> Vec<Candida
             fewer_threads(cores).into_iter().map(move |t| Candidate {
                 name: format!("{}{}", c.name, threads_suffix(t)),
                 options: CpuOptions { threads: t, ..c.options.clone() },
-                predicted: c.predicted,
+                ..c.clone()
             })
         })
         .collect()
+}
+
+/// Suffix of a candidate that runs the spec optimized without the exact low-rank bias.
+pub const LOWRANK_OFF: &str = " lowrank-off";
+
+/// The candidates of the kernel optimized without `lowrank` (the first `n` of its own
+/// ranking), renamed and marked: FlashBias's extra dot channels against the per-pair bias
+/// as written. Which wins depends on the machine (ALiBi on this AVX2 host: 0.89–1.25×), so
+/// the tuner measures both.
+pub fn lowrank_off(ranked: &[Candidate], n: usize) -> Vec<Candidate> {
+    ranked.iter().take(n).map(|c| Candidate { name: format!("{}{LOWRANK_OFF}", c.name), passes_off: vec!["lowrank".into()], ..c.clone() }).collect()
 }
 
 /// Name suffix of a candidate on `t` threads.

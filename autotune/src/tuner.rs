@@ -187,7 +187,7 @@ mod tests {
     use attnc_codegen::cpu::CpuOptions;
 
     fn cand(name: &str) -> Candidate {
-        Candidate { name: name.into(), options: CpuOptions::default(), predicted: 0.0 }
+        Candidate { name: name.into(), options: CpuOptions::default(), predicted: 0.0, passes_off: vec![] }
     }
 
     #[test]
