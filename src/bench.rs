@@ -36,6 +36,8 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
             }
         });
         let deps = br.mask.as_ref().map(attnc::ir::Deps::of).unwrap_or_default();
+        // The mask compiled once, evaluated per pair of the partial tiles.
+        let prepared = br.mask.as_ref().map(|m| eval.prepare(m, &["b", "h", "i", "j"]));
         let (bs, hs) = (if deps.b { nb } else { 1 }, if deps.h { nh } else { 1 });
         let mut live = 0u64;
         for b in 0..bs {
@@ -49,12 +51,10 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
                             TileClass::Empty => {}
                             TileClass::Full => live += n,
                             TileClass::Partial => {
-                                let mask = br.mask.as_ref().expect("partial tiles have a mask");
+                                let mask = prepared.as_ref().expect("partial tiles have a mask");
                                 for i in bx.i.0..bx.i.1 {
                                     for j in bx.j.0..bx.j.1 {
-                                        let v = eval
-                                            .eval(mask, &[("b", Scalar::Int(b)), ("h", Scalar::Int(h)), ("i", Scalar::Int(i)), ("j", Scalar::Int(j))])
-                                            .map_err(|e| e.to_string())?;
+                                        let v = mask.eval(&[Scalar::Int(b), Scalar::Int(h), Scalar::Int(i), Scalar::Int(j)]).map_err(|e| e.to_string())?;
                                         live += (v == Scalar::Bool(true)) as u64;
                                     }
                                 }

@@ -46,11 +46,15 @@ pub struct Protocol {
     pub stop_factor: f64,
     /// How many of the fastest are timed again in alternation (fewer than 2: none).
     pub finalists: usize,
+    /// A candidate whose samples have taken `budget_s` seconds stops after `min_samples`
+    /// (a spec at 0.5 s a run is then tuned in under a minute).
+    pub min_samples: usize,
+    pub budget_s: f64,
 }
 
 impl Default for Protocol {
     fn default() -> Self {
-        Protocol { warmup: 1, samples: 5, stop_factor: 3.0, finalists: 3 }
+        Protocol { warmup: 1, samples: 5, stop_factor: 3.0, finalists: 3, min_samples: 3, budget_s: 1.0 }
     }
 }
 
@@ -109,6 +113,9 @@ pub fn tune(
                     return Outcome::Stopped(dt);
                 }
                 samples.push(dt);
+                if samples.len() >= p.min_samples && samples.iter().sum::<f64>() > p.budget_s {
+                    break;
+                }
             }
             let mut sorted = samples.clone();
             sorted.sort_by(|a, b| a.total_cmp(b));
@@ -146,16 +153,22 @@ fn alternate_finalists(trials: &mut [Trial], p: Protocol, baseline: Option<&str>
             }
         }
     }
-    for _ in 0..p.samples.max(1) {
+    let t0 = Instant::now();
+    let mut rounds = 0;
+    while rounds < p.samples.max(1) {
         for (_, run, samples) in runs.iter_mut() {
             let t = Instant::now();
             if run().is_ok() {
                 samples.push(t.elapsed().as_secs_f64());
             }
         }
+        rounds += 1;
+        if rounds >= p.min_samples && t0.elapsed().as_secs_f64() > p.budget_s * runs.len() as f64 {
+            break;
+        }
     }
     for (i, _, samples) in runs {
-        if samples.len() == p.samples.max(1) {
+        if samples.len() == rounds {
             let mut sorted = samples.clone();
             sorted.sort_by(|a, b| a.total_cmp(b));
             trials[i].outcome = Outcome::Timed { median: sorted[sorted.len() / 2], samples };
@@ -248,6 +261,25 @@ mod tests {
         let before = calls.get();
         let _ = tune(&cands, Protocol { finalists: 1, ..Protocol::default() }, None, &mut gate, &mut build, &mut |_| {});
         assert_eq!(calls.get() - before, 2, "without a baseline a single finalist is not built again");
+    }
+
+    /// Slow candidates stop sampling after `min_samples` once they have used the budget.
+    #[test]
+    fn slow_candidates_take_fewer_samples() {
+        let cands = [cand("a"), cand("b")];
+        let mut gate = |_: &Candidate| Ok(());
+        let mut build = |_: &Candidate| -> Result<Run, String> {
+            Ok(Box::new(|| {
+                std::thread::sleep(std::time::Duration::from_millis(4));
+                Ok(())
+            }))
+        };
+        let mut count = |p: Protocol| {
+            let trials = tune(&cands, p, None, &mut gate, &mut build, &mut |_| {});
+            trials.iter().map(|t| if let Outcome::Timed { samples, .. } = &t.outcome { samples.len() } else { 0 }).collect::<Vec<_>>()
+        };
+        assert_eq!(count(Protocol { budget_s: 0.001, ..Protocol::default() }), vec![3, 3]);
+        assert_eq!(count(Protocol::default()), vec![5, 5]);
     }
 
     /// Interference only adds time: the fastest sample decides, not the median.

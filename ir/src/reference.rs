@@ -391,17 +391,37 @@ impl<'a> ExprEval<'a> {
     }
 
     pub fn eval(&self, e: &Expr, vars: &[(&str, Scalar)]) -> Result<Scalar, RefError> {
-        let mut scope: Vec<String> = vars.iter().map(|(n, _)| n.to_string()).collect();
-        let node = self.m.compile(e, &mut scope);
-        let mut env: Vec<V> = vars
+        let names: Vec<&str> = vars.iter().map(|(n, _)| *n).collect();
+        let values: Vec<Scalar> = vars.iter().map(|(_, v)| *v).collect();
+        self.prepare(e, &names).eval(&values)
+    }
+
+    /// `e` compiled once for variables `names`, to evaluate at many values (a mask over
+    /// every pair of a tile).
+    pub fn prepare(&self, e: &Expr, names: &[&str]) -> Prepared<'_, 'a> {
+        let mut scope: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        Prepared { ev: self, node: self.m.compile(e, &mut scope) }
+    }
+}
+
+/// An expression compiled by [`ExprEval::prepare`].
+pub struct Prepared<'e, 'a> {
+    ev: &'e ExprEval<'a>,
+    node: Node,
+}
+
+impl Prepared<'_, '_> {
+    /// The value at `values` (in the order of the names it was prepared with).
+    pub fn eval(&self, values: &[Scalar]) -> Result<Scalar, RefError> {
+        let mut env: Vec<V> = values
             .iter()
-            .map(|(_, v)| match v {
+            .map(|v| match v {
                 Scalar::Int(x) => V::I(*x),
                 Scalar::Float(x) => V::F(*x),
                 Scalar::Bool(x) => V::B(*x),
             })
             .collect();
-        Ok(match self.m.eval(&node, &mut env, "expression")? {
+        Ok(match self.ev.m.eval(&self.node, &mut env, "expression")? {
             V::I(x) => Scalar::Int(x),
             V::F(x) => Scalar::Float(x),
             V::B(x) => Scalar::Bool(x),
