@@ -134,6 +134,10 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     let dims = attnc::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
     let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
     let all = candidates(c, &dims, &inputs, a.threads);
+    // The untuned configuration: the default options on the spec as optimized (a
+    // `lowrank-off` candidate can carry the same options and is not it).
+    let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };
+    let is_default = |x: &Candidate| x.options == default && x.passes_off.is_empty();
     let mut pruned = prune(all.clone(), a.top_k);
     // Cranelift's optimizer helps some kernels and hurts others: the best two are measured
     // with it on as well.
@@ -160,9 +164,8 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     }
     // The default configuration is always measured too, as the baseline: a winner is then
     // never slower than what an untuned run would use, whatever the cost model ranked.
-    let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };
-    if let Some(d) = all.iter().find(|x| x.options == default) {
-        if !pruned.iter().any(|x| x.options == default) {
+    if let Some(d) = all.iter().find(|x| is_default(x)) {
+        if !pruned.iter().any(is_default) {
             pruned.push(d.clone());
         }
     }
@@ -197,7 +200,7 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
     };
     let protocol = Protocol { samples: a.samples.max(1), ..Protocol::default() };
-    let default_name = all.iter().find(|x| x.options == default).map(|x| x.name.clone());
+    let default_name = all.iter().find(|x| is_default(x)).map(|x| x.name.clone());
     let trials = tuner::tune(&pruned, protocol, default_name.as_deref(), &mut gate, &mut build, &mut |t| {
         if !matches!(t.outcome, Outcome::Disqualified(_)) {
             bar.inc(1);
@@ -209,7 +212,7 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         return Err(anyhow!("no candidate passed the correctness gate and ran; see the table"));
     };
     let default_best = trials.iter().find_map(|t| match t.outcome.best() {
-        Some(best) if t.candidate.options == (CpuOptions { threads: a.threads, ..CpuOptions::default() }) => Some((best, t.candidate.name.clone())),
+        Some(best) if is_default(&t.candidate) => Some((best, t.candidate.name.clone())),
         _ => None,
     });
     let records: Vec<TrialRecord> = trials.iter().map(TrialRecord::from_trial).collect();
