@@ -39,7 +39,8 @@ impl Isa {
 pub type QkFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i64, i64, i64);
 pub type PvFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32, i64, *const f32, i64, i64, i64);
 
-pub type SoftmaxFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *mut f32, *mut f32, *mut f32);
+pub type SoftmaxFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *mut f32, *mut f32, *mut f32, *const f32);
+pub type QkMaxFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i64, i64, i64, *mut f32);
 
 /// The softmax step for an ISA (AVX2+FMA when the host has it, which every AVX-512 host does).
 pub fn softmax_kernel(isa: Isa) -> SoftmaxFn {
@@ -87,12 +88,13 @@ fn row_step(m: f32, tmax: f32, nan: bool) -> (f32, f32, f32) {
 
 /// # Safety
 /// `s` holds `rows` rows of `ld` floats (at least `n` used); `m`, `l` and `corr` hold `rows`
-/// floats each.
-pub unsafe extern "C" fn softmax_portable(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32) {
+/// floats each; `tmax` is null or holds each row's maximum of its `n` scores (from
+/// [`qk_max_portable`]; a NaN score may be left out of it).
+pub unsafe extern "C" fn softmax_portable(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
     let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
     for r in 0..rows {
         let row = std::slice::from_raw_parts_mut(s.add(r * ld), n);
-        let tmax = row.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+        let tmax = if tmax.is_null() { row.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a }) } else { *tmax.add(r) };
         let nan = row.iter().any(|x| x.is_nan());
         let (m_new, m_use, c) = row_step(*m.add(r), tmax, nan);
         let mut sum = 0.0;
@@ -104,6 +106,29 @@ pub unsafe extern "C" fn softmax_portable(s: *mut f32, ld: i64, rows: i64, n: i6
         *m.add(r) = m_new;
         *corr.add(r) = c;
     }
+}
+
+/// `qk` that also writes each row's maximum over the `bk` columns to `rowmax`.
+/// # Safety
+/// As [`qk_portable`]; `rowmax` holds `rows` floats.
+pub unsafe extern "C" fn qk_max_portable(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
+    qk_portable(a, lda, kt, s, rows, d, bk);
+    for r in 0..rows as usize {
+        let row = std::slice::from_raw_parts(s.add(r * bk as usize), bk as usize);
+        *rowmax.add(r) = row.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
+    }
+}
+
+/// `qk` with the row maxima, for the softmax step (AVX2+FMA when the host has it).
+pub fn qk_max_kernel(isa: Isa) -> QkMaxFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return x86::qk_max_avx2;
+        }
+    }
+    let _ = isa;
+    qk_max_portable
 }
 
 /// The `(qk, pv)` pair for an ISA.
@@ -194,6 +219,8 @@ mod x86 {
     use super::{exp2_nonpos, pv_tail, row_step, EXP2_POLY, ROUND_MAGIC};
     use std::arch::x86_64::*;
 
+    const SOFTMAX_ROWS: usize = 4;
+
     /// `2^x` on 8 lanes for `x <= 0`, as [`super::exp2_nonpos`] (`max(lo, x)` returns `x`
     /// when it is NaN).
     #[target_feature(enable = "avx2,fma")]
@@ -207,9 +234,11 @@ mod x86 {
         for k in &EXP2_POLY[1..] {
             p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(*k));
         }
-        let e = _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_castps_si256(magic));
-        let e = _mm256_slli_epi32::<23>(_mm256_add_epi32(e, _mm256_set1_epi32(127)));
-        _mm256_mul_ps(p, _mm256_castsi256_ps(e))
+        // t's low mantissa bits hold n = round(x) (two's complement), so `t << 23` is n in
+        // the exponent field, and adding it to p's bits scales by 2^n: p ∈ [2^-½, 2^½] and
+        // n ≥ -126 (n ≥ -125 when p < 1) keep the result normal (the same value as p · 2^n).
+        let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(t));
+        _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e))
     }
 
     /// Horizontal max and sum of 8 lanes.
@@ -231,58 +260,90 @@ mod x86 {
         _mm_cvtss_f32(m)
     }
 
-    /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail).
-    /// # Safety
-    /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
+    /// `R` rows of the softmax step together, so that their dependency chains (row max,
+    /// horizontal reductions, the scalar rescale factor, the denominator) overlap. A NaN
+    /// score is not tracked in the max pass: its weight is NaN, so is the row's sum, and the
+    /// row's state becomes NaN from there (the weights of other lanes stay finite, the row's
+    /// output is NaN all the same).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe extern "C" fn softmax_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+    #[inline]
+    unsafe fn softmax_rows_avx2<const R: usize>(s: *mut f32, ld: usize, n: usize, m: *mut f32, l: *mut f32, corr: *mut f32, given: *const f32) {
         let n8 = n - n % 8;
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            // Max by compare-and-select; NaN is tracked on the side.
-            let (mut mx, mut nan) = (_mm256_set1_ps(f32::NEG_INFINITY), _mm256_setzero_ps());
-            let mut c = 0;
-            while c < n8 {
-                let x = _mm256_loadu_ps(row.add(c));
-                mx = _mm256_max_ps(x, mx);
-                nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(x, x));
-                c += 8;
+        let mut mx = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+        let mut c = if given.is_null() { 0 } else { n8 };
+        while c < n8 {
+            for (r, mx) in mx.iter_mut().enumerate() {
+                *mx = _mm256_max_ps(_mm256_loadu_ps(s.add(r * ld + c)), *mx);
             }
-            let mut tmax = hmax(mx);
-            let mut any_nan = _mm256_movemask_ps(nan) != 0;
+            c += 8;
+        }
+        let mut mu = [_mm256_setzero_ps(); R];
+        let mut state = [(0f32, 0f32); R];
+        for r in 0..R {
+            let row = s.add(r * ld);
+            let mut tmax = if given.is_null() { hmax(mx[r]) } else { *given.add(r) };
             for c in n8..n {
                 let x = *row.add(c);
                 tmax = if x > tmax { x } else { tmax };
-                any_nan |= x.is_nan();
             }
-            let (m_new, m_use, cr) = row_step(*m.add(r), tmax, any_nan);
-            let mu = _mm256_set1_ps(m_use);
-            let mut sum = _mm256_setzero_ps();
-            let mut c = 0;
-            while c < n8 {
-                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), mu));
-                _mm256_storeu_ps(row.add(c), p);
-                sum = _mm256_add_ps(sum, p);
-                c += 8;
+            let (m_new, m_use, cr) = row_step(*m.add(r), tmax, false);
+            mu[r] = _mm256_set1_ps(m_use);
+            state[r] = (m_new, cr);
+        }
+        let mut sum = [_mm256_setzero_ps(); R];
+        let mut c = 0;
+        while c < n8 {
+            for r in 0..R {
+                let at = s.add(r * ld + c);
+                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(at), mu[r]));
+                _mm256_storeu_ps(at, p);
+                sum[r] = _mm256_add_ps(sum[r], p);
             }
-            let mut total = hsum(sum);
+            c += 8;
+        }
+        for r in 0..R {
+            let row = s.add(r * ld);
+            let mut total = hsum(sum[r]);
+            let m_use = _mm256_cvtss_f32(mu[r]);
             for c in n8..n {
                 let p = exp2_nonpos(*row.add(c) - m_use);
                 *row.add(c) = p;
                 total += p;
             }
+            let (m_new, cr) = state[r];
             *l.add(r) = *l.add(r) * cr + total;
-            *m.add(r) = m_new;
+            *m.add(r) = if total.is_nan() { f32::NAN } else { m_new };
             *corr.add(r) = cr;
         }
     }
 
+    /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail), rows in
+    /// groups of 4.
+    /// # Safety
+    /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn softmax_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let mut r = 0;
+        while r < rows {
+            let (sr, mr, lr, cr) = (s.add(r * ld), m.add(r), l.add(r), corr.add(r));
+            let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
+            match rows - r {
+                1 => softmax_rows_avx2::<1>(sr, ld, n, mr, lr, cr, tr),
+                2 => softmax_rows_avx2::<2>(sr, ld, n, mr, lr, cr, tr),
+                3 => softmax_rows_avx2::<3>(sr, ld, n, mr, lr, cr, tr),
+                _ => softmax_rows_avx2::<SOFTMAX_ROWS>(sr, ld, n, mr, lr, cr, tr),
+            }
+            r += (rows - r).min(SOFTMAX_ROWS);
+        }
+    }
+
     /// `R` rows × 16 columns of `s` from `a` and the key panel: `2R` accumulators that
-    /// stay in registers because `R` is a constant.
+    /// stay in registers because `R` is a constant. Returns each row's 8-lane maximum of
+    /// the 16 scores (dropped by the compiler where unused).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn qk_block_avx2<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, c: usize) {
+    unsafe fn qk_block_avx2<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, c: usize) -> [__m256; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
         for x in 0..d {
             let k0 = _mm256_loadu_ps(kt.add(x * bk + c));
@@ -293,10 +354,58 @@ mod x86 {
                 acc_r[1] = _mm256_fmadd_ps(av, k1, acc_r[1]);
             }
         }
+        let mut mx = [_mm256_setzero_ps(); R];
         for (rr, acc_r) in acc.iter().enumerate() {
             let sp = s.add(rr * bk + c);
             _mm256_storeu_ps(sp, acc_r[0]);
             _mm256_storeu_ps(sp.add(8), acc_r[1]);
+            mx[rr] = _mm256_max_ps(acc_r[0], acc_r[1]);
+        }
+        mx
+    }
+
+    /// `R` rows of `s`, all `bk` columns; with `rowmax` non-null, also each row's maximum
+    /// (a NaN score may be left out of it).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn qk_rows_avx2<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, rowmax: *mut f32) {
+        let mut mx = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+        let mut c = 0;
+        while c < bk {
+            let m = qk_block_avx2::<R>(a, lda, kt, s, d, bk, c);
+            if !rowmax.is_null() {
+                for (mx, m) in mx.iter_mut().zip(m) {
+                    *mx = _mm256_max_ps(m, *mx);
+                }
+            }
+            c += 16;
+        }
+        if !rowmax.is_null() {
+            for (rr, mx) in mx.iter().enumerate() {
+                *rowmax.add(rr) = hmax(*mx);
+            }
+        }
+    }
+
+    /// Blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn qk_driver_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
+        let (lda, rows, d, bk) = (lda as usize, rows as usize, d as usize, bk as usize);
+        let mut r = 0;
+        while r < rows {
+            let nr = (rows - r).min(6);
+            let (ar, sr) = (a.add(r * lda), s.add(r * bk));
+            let mr = if rowmax.is_null() { rowmax } else { rowmax.add(r) };
+            match nr {
+                6 => qk_rows_avx2::<6>(ar, lda, kt, sr, d, bk, mr),
+                5 => qk_rows_avx2::<5>(ar, lda, kt, sr, d, bk, mr),
+                4 => qk_rows_avx2::<4>(ar, lda, kt, sr, d, bk, mr),
+                3 => qk_rows_avx2::<3>(ar, lda, kt, sr, d, bk, mr),
+                2 => qk_rows_avx2::<2>(ar, lda, kt, sr, d, bk, mr),
+                _ => qk_rows_avx2::<1>(ar, lda, kt, sr, d, bk, mr),
+            }
+            r += nr;
         }
     }
 
@@ -305,25 +414,15 @@ mod x86 {
     /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn qk_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64) {
-        let (lda, rows, d, bk) = (lda as usize, rows as usize, d as usize, bk as usize);
-        let mut r = 0;
-        while r < rows {
-            let nr = (rows - r).min(6);
-            let (ar, sr) = (a.add(r * lda), s.add(r * bk));
-            let mut c = 0;
-            while c < bk {
-                match nr {
-                    6 => qk_block_avx2::<6>(ar, lda, kt, sr, d, bk, c),
-                    5 => qk_block_avx2::<5>(ar, lda, kt, sr, d, bk, c),
-                    4 => qk_block_avx2::<4>(ar, lda, kt, sr, d, bk, c),
-                    3 => qk_block_avx2::<3>(ar, lda, kt, sr, d, bk, c),
-                    2 => qk_block_avx2::<2>(ar, lda, kt, sr, d, bk, c),
-                    _ => qk_block_avx2::<1>(ar, lda, kt, sr, d, bk, c),
-                }
-                c += 16;
-            }
-            r += nr;
-        }
+        qk_driver_avx2(a, lda, kt, s, rows, d, bk, std::ptr::null_mut())
+    }
+
+    /// [`qk_avx2`] that also writes each row's maximum score to `rowmax`.
+    /// # Safety
+    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn qk_max_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
+        qk_driver_avx2(a, lda, kt, s, rows, d, bk, rowmax)
     }
 
     /// `R` rows × 16 channels of `o`: scale by `corr`, then add `p·v` over `nk` keys.
@@ -500,6 +599,15 @@ mod tests {
                 assert!((s[r * bk + c] - want).abs() < 1e-4, "{isa:?} qk ({r},{c}): {} vs {want}", s[r * bk + c]);
             }
         }
+        // The same scores with each row's maximum.
+        let mut s2 = vec![0f32; rows * bk];
+        let mut rowmax = vec![0f32; rows];
+        unsafe { qk_max_kernel(isa)(a.as_ptr(), lda as i64, kt.as_ptr(), s2.as_mut_ptr(), rows as i64, d as i64, bk as i64, rowmax.as_mut_ptr()) };
+        for r in 0..rows {
+            let row = &s2[r * bk..(r + 1) * bk];
+            assert!(row.iter().zip(&s[r * bk..(r + 1) * bk]).all(|(x, y)| (x - y).abs() < 1e-4), "{isa:?} qk_max row {r} scores");
+            assert_eq!(rowmax[r], row.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{isa:?} qk_max row {r} maximum");
+        }
         let nk = 27;
         let v: Vec<f32> = (0..nk * dv).map(|x| ((x * 3 % 7) as f32 - 3.0) / 2.0).collect();
         let corr: Vec<f32> = (0..rows).map(|r| 0.5 + r as f32 / 10.0).collect();
@@ -520,7 +628,9 @@ mod tests {
 
     /// The softmax step against f64 on rows with a first tile (m = −inf), a running state,
     /// all-masked rows, a NaN, large logits and a column tail.
-    fn check_softmax(isa: Isa) {
+    /// With `given`, the row maxima come from the caller (as `qk_max` computes them, NaN
+    /// left out) instead of a pass over the scores.
+    fn check_softmax(isa: Isa, given: bool) {
         let step = softmax_kernel(isa);
         let (rows, n, ld) = (7usize, 21usize, 24usize);
         let mut s: Vec<f32> = (0..rows * ld).map(|x| ((x * 37 % 29) as f32 - 14.0) / 3.0).collect();
@@ -535,11 +645,15 @@ mod tests {
         let l0 = [0.0, 3.0, 0.0, 2.0, 1.0, 0.0, 4.0];
         let (mut m, mut l, mut corr) = (m0, l0, [0f32; 7]);
         let before = s.clone();
-        unsafe { step(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, m.as_mut_ptr(), l.as_mut_ptr(), corr.as_mut_ptr()) };
+        let tmax: Vec<f32> = (0..rows).map(|r| s[r * ld..r * ld + n].iter().cloned().fold(f32::NEG_INFINITY, f32::max)).collect();
+        let tp = if given { tmax.as_ptr() } else { std::ptr::null() };
+        unsafe { step(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, m.as_mut_ptr(), l.as_mut_ptr(), corr.as_mut_ptr(), tp) };
         for r in 0..rows {
             let row: Vec<f64> = (0..n).map(|c| before[r * ld + c] as f64).collect();
             if row.iter().any(|x| x.is_nan()) {
-                assert!(m[r].is_nan() && s[r * ld..r * ld + n].iter().all(|x| x.is_nan()), "{isa:?} row {r}: NaN must propagate");
+                // The row's state is NaN from here on (so is its output: a NaN weight meets
+                // every value channel).
+                assert!(m[r].is_nan() && l[r].is_nan() && s[r * ld..r * ld + n].iter().any(|x| x.is_nan()), "{isa:?} row {r}: NaN must propagate");
                 continue;
             }
             let mx = row.iter().cloned().fold(m0[r] as f64, f64::max);
@@ -563,8 +677,10 @@ mod tests {
 
     #[test]
     fn softmax_step_matches_f64() {
-        check_softmax(Isa::Portable);
-        check_softmax(Isa::detect());
+        for given in [false, true] {
+            check_softmax(Isa::Portable, given);
+            check_softmax(Isa::detect(), given);
+        }
     }
 
     #[test]

@@ -174,6 +174,9 @@ enum FuncKind {
     MmPv,
     /// The microkernel's softmax step (imported, never generated).
     Softmax,
+    /// The microkernel's `qk` that also writes the row maxima for the softmax step
+    /// (imported, never generated).
+    QkMax,
 }
 
 impl FuncKind {
@@ -186,6 +189,7 @@ impl FuncKind {
             FuncKind::MmQk => "mm_qk".into(),
             FuncKind::MmPv => "mm_pv".into(),
             FuncKind::Softmax => "softmax_step".into(),
+            FuncKind::QkMax => "qk_max".into(),
         }
     }
 }
@@ -201,7 +205,8 @@ fn signature(module: &JITModule, kind: &FuncKind) -> Signature {
         FuncKind::Tile => "piiipppp",
         FuncKind::MmQk => "pippiii",
         FuncKind::MmPv => "pipipipiii",
-        FuncKind::Softmax => "piiippp",
+        FuncKind::Softmax => "piiipppp",
+        FuncKind::QkMax => "pippiiip",
     };
     for c in params.chars() {
         sig.params.push(AbiParam::new(if c == 'p' { ptr } else { types::I64 }));
@@ -215,7 +220,7 @@ struct Ctx<'a> {
     layout: &'a Layout,
     libs: &'a BTreeMap<&'static str, FuncId>,
     plan: Option<&'a TiledPlan>,
-    mm: Option<(FuncId, FuncId, Option<FuncId>)>,
+    mm: Option<(FuncId, FuncId, Option<(FuncId, FuncId)>)>,
     o: &'a CpuOptions,
 }
 
@@ -223,9 +228,13 @@ struct Ctx<'a> {
 fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderContext, cx: &Ctx, kind: &FuncKind) {
     let b = FunctionBuilder::new(&mut ctx.func, fctx);
     let refs = cx.libs.iter().map(|(n, id)| (*n, module.declare_func_in_func(*id, b.func))).collect();
-    let mm = cx
-        .mm
-        .map(|(q, p, s)| (module.declare_func_in_func(q, b.func), module.declare_func_in_func(p, b.func), s.map(|s| module.declare_func_in_func(s, b.func))));
+    let mm = cx.mm.map(|(q, p, s)| {
+        (
+            module.declare_func_in_func(q, b.func),
+            module.declare_func_in_func(p, b.func),
+            s.map(|(s, m)| (module.declare_func_in_func(s, b.func), module.declare_func_in_func(m, b.func))),
+        )
+    });
     let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
     let (mut g, p) = Gen::new(b, cx.k, if framed { Some(cx.layout) } else { None }, refs);
     g.optimized = cx.o.clif_opt;
@@ -238,7 +247,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         }
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
-        FuncKind::Softmax => unreachable!("the softmax step is imported, not generated"),
+        FuncKind::Softmax | FuncKind::QkMax => unreachable!("the softmax step and qk_max are imported, not generated"),
     }
     g.finish(module.target_config());
 }
@@ -340,6 +349,7 @@ impl CpuKernel {
         jb.symbol("attnc_mk_qk", mk_qk as *const u8);
         jb.symbol("attnc_mk_pv", mk_pv as *const u8);
         jb.symbol("attnc_mk_softmax", microkernel::softmax_kernel(microkernel::Isa::detect()) as *const u8);
+        jb.symbol("attnc_mk_qk_max", microkernel::qk_max_kernel(microkernel::Isa::detect()) as *const u8);
         let mut module = JITModule::new(jb);
         let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
         let mut libs = BTreeMap::new();
@@ -360,7 +370,8 @@ impl CpuKernel {
                 let q = module.declare_function("attnc_mk_qk", Linkage::Import, &signature(&module, &FuncKind::MmQk)).map_err(err)?;
                 let p = module.declare_function("attnc_mk_pv", Linkage::Import, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
                 let s = module.declare_function("attnc_mk_softmax", Linkage::Import, &signature(&module, &FuncKind::Softmax)).map_err(err)?;
-                (q, p, Some(s))
+                let m = module.declare_function("attnc_mk_qk_max", Linkage::Import, &signature(&module, &FuncKind::QkMax)).map_err(err)?;
+                (q, p, Some((s, m)))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
@@ -410,7 +421,7 @@ impl CpuKernel {
                     FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                     FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                     FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                    FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax => {}
+                    FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax => {}
                 }
             }
         }
@@ -576,7 +587,7 @@ impl CpuKernel {
             let deps = k.branches[br].mask.as_ref().map(attnc_ir::Deps::of).unwrap_or_default();
             &classes[&(br, if deps.b { b } else { 0 }, if deps.h { h } else { 0 })]
         };
-        let ws_len = (bq * dk.max(1) + bq * bk + 2 * bq * ev + 5 * bq) as usize;
+        let ws_len = (bq * dk.max(1) + bq * bk + 2 * bq * ev + 6 * bq) as usize;
         // Heads that read the same key panel and values share one pack (GQA/MQA: every
         // query head of a kv head), so decode does not re-pack K and V per query head.
         let groups = pack_groups(k, plan, dims, nb, nh);

@@ -496,34 +496,67 @@ impl Gen<'_, '_> {
     /// f32x4 loads and stores, then a scalar tail. `store` writes one value: a vector at a
     /// float offset, or (`transpose`) each lane on its own.
     fn copy_row(&mut self, src: Value, len: Value, factor: Option<Value>, store: &mut dyn FnMut(&mut Self, Value, Value)) {
-        let unaligned = MemFlagsData::new().with_notrap();
-        let nvec = self.b.ins().sshr_imm_u(len, 2);
         let fv = factor.map(|f| self.b.ins().splat(types::F32X4, f));
-        // One element (`ty` F32) or four (F32X4) at float offset `x`.
-        let mut step = |g: &mut Self, x: Value, ty: Type, f: Option<Value>| {
-            let bytes = g.b.ins().ishl_imm_u(x, 2);
-            let a = g.b.ins().iadd(src, bytes);
-            let v = g.b.ins().load(ty, unaligned, a, 0);
+        self.for_lanes(len, &mut |g, x, ty| {
+            let v = g.load_at(src, x, ty);
+            let f = if ty == types::F32X4 { fv } else { factor };
             let v = match f {
                 Some(f) => g.b.ins().fmul(v, f),
                 None => v,
             };
             store(g, x, v);
-        };
+        });
+    }
+
+    /// `body(x, ty)` for `x in 0..len`: f32x4 steps (`ty` F32X4, `x` a multiple of 4), then
+    /// a scalar tail (`ty` F32).
+    fn for_lanes(&mut self, len: Value, body: &mut dyn FnMut(&mut Self, Value, Type)) {
+        let nvec = self.b.ins().sshr_imm_u(len, 2);
         let zero = self.iconst(0);
         self.for_range(zero, nvec, &mut |g, x4| {
             let x = g.b.ins().imul_imm_s(x4, 4);
-            step(g, x, types::F32X4, fv);
+            body(g, x, types::F32X4);
         });
         let tail = self.b.ins().imul_imm_s(nvec, 4);
-        self.for_range(tail, len, &mut |g, x| step(g, x, types::F32, factor));
+        self.for_range(tail, len, &mut |g, x| body(g, x, types::F32));
+    }
+
+    /// A value of type `ty` (F32 or F32X4) at float offset `x` of the byte address `base`
+    /// (unaligned).
+    fn load_at(&mut self, base: Value, x: Value, ty: Type) -> Value {
+        let bytes = self.b.ins().ishl_imm_u(x, 2);
+        let a = self.b.ins().iadd(base, bytes);
+        self.b.ins().load(ty, MemFlagsData::new().with_notrap(), a, 0)
+    }
+
+    /// A scalar `v` as a value of type `ty` (F32 or F32X4).
+    fn lanes_of(&mut self, v: Value, ty: Type) -> Value {
+        if ty == types::F32X4 {
+            self.b.ins().splat(types::F32X4, v)
+        } else {
+            v
+        }
+    }
+
+    /// `len` zeros at `base` (a float workspace).
+    fn zero_fill(&mut self, base: Value, len: Value) {
+        self.for_lanes(len, &mut |g, x, ty| {
+            let z = g.fconst(0.0);
+            let z = g.lanes_of(z, ty);
+            g.store_at(base, x, z);
+        });
     }
 
     /// Stores a value of [`Self::copy_row`] into a row of floats at `base + row` (vector or
     /// scalar, unaligned).
     fn store_row(&mut self, base: Value, row: Value, x: Value, v: Value) {
         let off = self.b.ins().iadd(row, x);
-        let bytes = self.b.ins().ishl_imm_u(off, 2);
+        self.store_at(base, off, v);
+    }
+
+    /// Stores `v` (F32 or F32X4) at float offset `x` of the byte address `base` (unaligned).
+    fn store_at(&mut self, base: Value, x: Value, v: Value) {
+        let bytes = self.b.ins().ishl_imm_u(x, 2);
         let a = self.b.ins().iadd(base, bytes);
         self.b.ins().store(MemFlagsData::new().with_notrap(), v, a, 0);
     }
@@ -818,8 +851,9 @@ impl Gen<'_, '_> {
     /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
     /// `(qk, pv)` and, with the microkernel, its softmax step (used by softmax branches with
     /// neither a post-map nor a decay after the weights, and by the first of two passes).
-    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: (FuncRef, FuncRef, Option<FuncRef>)) {
-        let (qk, pv, softmax_step) = mm;
+    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: (FuncRef, FuncRef, Option<(FuncRef, FuncRef)>)) {
+        let (qk, pv, softmax_mk) = mm;
+        let softmax_step = softmax_mk.map(|(s, _)| s);
         let [b, h, i0, kt, vb, ws, classes] = args;
         let k = self.kernel;
         self.bind("b", b);
@@ -838,7 +872,7 @@ impl Gen<'_, '_> {
         let bkv = self.iconst(bk);
         let t = self.b.ins().iadd_imm_s(mj, bk - 1);
         let (ntiles, _) = self.floor_div(t, bkv);
-        // Workspace: A[BQ][D] S[BQ][BK] O[BQ][Dv] OUT[BQ][Dv] m l corr live blive [BQ].
+        // Workspace: A[BQ][D] S[BQ][BK] O[BQ][Dv] OUT[BQ][Dv] m l corr live blive tmax [BQ].
         let a_ws = ws;
         let s_off = self.b.ins().imul_imm_s(dlen, bq);
         let s_ws = self.ptr_off(ws, s_off);
@@ -854,6 +888,7 @@ impl Gen<'_, '_> {
         let corr_ws = self.ptr_off(l_ws, bqc);
         let live_ws = self.ptr_off(corr_ws, bqc);
         let blive_ws = self.ptr_off(live_ws, bqc);
+        let tmax_ws = self.ptr_off(blive_ws, bqc);
         let zero = self.iconst(0);
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
@@ -903,8 +938,8 @@ impl Gen<'_, '_> {
                 g.unbind(1);
             });
         }
-        self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(out_ws, x, zf));
-        self.for_range(zero, bqv, &mut |g, r| g.store_f32(live_ws, r, zf));
+        self.zero_fill(out_ws, bq_dv);
+        self.zero_fill(live_ws, bqv);
 
         let iota = {
             let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
@@ -922,7 +957,7 @@ impl Gen<'_, '_> {
             };
 
             // Branch state.
-            self.for_range(zero, bq_dv, &mut |g, x| g.store_f32(o_ws, x, zf));
+            self.zero_fill(o_ws, bq_dv);
             self.for_range(zero, bqv, &mut |g, r| {
                 let i = g.b.ins().iadd(i0, r);
                 let il = g.b.ins().iadd_imm_s(ni, -1);
@@ -965,21 +1000,35 @@ impl Gen<'_, '_> {
                         let partial = g.b.ins().icmp_imm_s(IntCC::Equal, class, 2);
                         let tail = g.b.ins().icmp(IntCC::SignedLessThan, nk, bkv);
                         let check = g.b.ins().bor(partial, tail);
+                        // A full tile of plain dot products whose softmax step runs in the
+                        // microkernel has no per-row work but marking its rows live.
+                        let plain = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
                         if plan.dot.is_some() {
                             let panel = g.b.ins().imul(kb, dlen);
                             let panel = g.b.ins().imul_imm_s(panel, bk);
                             let ktp = g.ptr_off(kt, panel);
-                            g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                            match softmax_mk.filter(|_| plain) {
+                                // A full tile of plain dot products: the row maxima come with the scores.
+                                Some((_, qk_max)) => g.if_else(
+                                    check,
+                                    &mut |g| {
+                                        g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                                    },
+                                    &mut |g| {
+                                        g.b.ins().call(qk_max, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv, tmax_ws]);
+                                    },
+                                ),
+                                None => {
+                                    g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                                }
+                            }
                         }
                         let j0v = g.b.ins().ireduce(types::I32, j0);
                         let j0v = g.b.ins().splat(types::I32X4, j0v);
                         let jbase = g.b.ins().iadd(j0v, iota);
                         let mjv = g.b.ins().ireduce(types::I32, mj);
                         let mjv = g.b.ins().splat(types::I32X4, mjv);
-                        // The rows of the tile: scores, mask and the per-row state. A full tile of plain dot
-                        // products whose softmax step runs in the microkernel has no per-row work but
-                        // marking its rows live.
-                        let plain = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
+                        // The rows of the tile: scores, mask and the per-row state (none for a `plain` tile).
                         let mut rows = |g: &mut Self| {
                             let z = g.iconst(0);
                             g.for_range(z, nq, &mut |g, r| {
@@ -1212,7 +1261,9 @@ impl Gen<'_, '_> {
                             rows(g);
                         }
                         if let Some(step) = helper {
-                            g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws]);
+                            let null = g.iconst(0);
+                            let tmax = if plain { g.b.ins().select(check, null, tmax_ws) } else { null };
+                            g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws, tmax]);
                         }
                         if accumulate {
                             let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
@@ -1252,36 +1303,59 @@ impl Gen<'_, '_> {
                     let one = g.fconst(1.0);
                     g.store_f32(live_ws, r, one);
                     let row = g.b.ins().imul(r, ev);
-                    let z = g.iconst(0);
-                    g.for_range(z, ev, &mut |g, e| {
-                        let off = g.b.ins().iadd(row, e);
-                        let o = g.load_f32(o_ws, off);
-                        let o = g.b.ins().fmul(o, factor);
-                        let acc = g.load_f32(out_ws, off);
+                    let (o_row, out_row) = (g.ptr_off(o_ws, row), g.ptr_off(out_ws, row));
+                    g.for_lanes(ev, &mut |g, e, ty| {
+                        let o = g.load_at(o_row, e, ty);
+                        let f = g.lanes_of(factor, ty);
+                        let o = g.b.ins().fmul(o, f);
+                        let acc = g.load_at(out_row, e, ty);
                         let acc = g.b.ins().fadd(acc, o);
-                        g.store_f32(out_ws, off, acc);
+                        g.store_at(out_row, e, acc);
                     });
                 });
             });
         }
-        // Gate and store.
+        // Gate and store: f32x4 stores when the output rows are contiguous along `e` and
+        // there is no gate, else element by element.
         let out = self.tens[&k.output().name].clone();
-        self.for_range(zero, nq, &mut |g, r| {
-            let i = g.b.ins().iadd(i0, r);
-            g.bind("i", i);
-            let lv = g.load_f32(live_ws, r);
-            let live = g.b.ins().fcmp(FloatCC::NotEqual, lv, zf);
-            let row = g.b.ins().imul(r, ev);
+        let rows_contiguous = k.gate.is_none() && k.out.last().is_some_and(|v| v == "e") && !k.out[..k.out.len() - 1].iter().any(|v| v == "e");
+        let store_rows = |g: &mut Self, vector: bool| {
             let z = g.iconst(0);
-            g.for_range(z, ev, &mut |g, e| {
-                g.bind("e", e);
-                let off = g.b.ins().iadd(row, e);
-                let acc = g.load_f32(out_ws, off);
-                g.store_output(&out, acc, live);
+            g.for_range(z, nq, &mut |g, r| {
+                let i = g.b.ins().iadd(i0, r);
+                g.bind("i", i);
+                let lv = g.load_f32(live_ws, r);
+                let live = g.b.ins().fcmp(FloatCC::NotEqual, lv, zf);
+                let row = g.b.ins().imul(r, ev);
+                if vector {
+                    let out_row = g.ptr_off(out_ws, row);
+                    let mut off = g.iconst(0);
+                    for (axis, var) in k.out[..k.out.len() - 1].iter().enumerate() {
+                        let x = g.expr(&Expr::var(var));
+                        let p = g.b.ins().imul(x, out.stride[axis]);
+                        off = g.b.ins().iadd(off, p);
+                    }
+                    let dst = g.ptr_off(out.base, off);
+                    g.if_else(live, &mut |g| g.copy_row(out_row, ev, None, &mut |g, e, v| g.store_at(dst, e, v)), &mut |g| g.zero_fill(dst, ev));
+                } else {
+                    let z = g.iconst(0);
+                    g.for_range(z, ev, &mut |g, e| {
+                        g.bind("e", e);
+                        let off = g.b.ins().iadd(row, e);
+                        let acc = g.load_f32(out_ws, off);
+                        g.store_output(&out, acc, live);
+                        g.unbind(1);
+                    });
+                }
                 g.unbind(1);
             });
-            g.unbind(1);
-        });
+        };
+        if rows_contiguous {
+            let unit = self.b.ins().icmp_imm_s(IntCC::Equal, out.stride[k.out.len() - 1], 1);
+            self.if_else(unit, &mut |g| store_rows(g, true), &mut |g| store_rows(g, false));
+        } else {
+            store_rows(self, false);
+        }
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
