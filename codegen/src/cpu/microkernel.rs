@@ -119,10 +119,14 @@ pub unsafe extern "C" fn qk_max_portable(a: *const f32, lda: i64, kt: *const f32
     }
 }
 
-/// `qk` with the row maxima, for the softmax step (AVX2+FMA when the host has it).
+/// `qk` with the row maxima, for the softmax step: AVX-512 keeps its wider `qk` and scans
+/// the rows after it; AVX2+FMA takes the maxima from the accumulators.
 pub fn qk_max_kernel(isa: Isa) -> QkMaxFn {
     #[cfg(target_arch = "x86_64")]
     {
+        if isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
+            return x86::qk_max_avx512;
+        }
         if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             return x86::qk_max_avx2;
         }
@@ -338,6 +342,97 @@ mod x86 {
         }
     }
 
+    /// The 6 × 16 inner loop both tile matmuls share, in assembly so that the 12
+    /// accumulators, the two panel vectors and two broadcasts use all 16 ymm registers and
+    /// no address arithmetic sits in the loop (the compiler's version chained the row
+    /// addresses and reloaded the loop bound from the stack):
+    /// `acc[r] += rows[r · ld + x] · panel[x · step .. + 16]` for `r < 6`, `x < n`, with
+    /// `ld` and `step` in bytes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fma_6x16(acc: &mut [[__m256; 2]; 6], rows: *const f32, ld: usize, panel: *const f32, step: usize, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let r3 = (rows as *const u8).add(3 * ld);
+        let [[mut a0, mut a1], [mut a2, mut a3], [mut a4, mut a5], [mut a6, mut a7], [mut a8, mut a9], [mut a10, mut a11]] = *acc;
+        std::arch::asm!(
+            "2:",
+            "vmovups ymm12, [{k}]",
+            "vmovups ymm13, [{k} + 32]",
+            "vbroadcastss ymm14, [{r0}]",
+            "vbroadcastss ymm15, [{r0} + {ld}]",
+            "vfmadd231ps ymm0, ymm14, ymm12",
+            "vfmadd231ps ymm1, ymm14, ymm13",
+            "vfmadd231ps ymm2, ymm15, ymm12",
+            "vfmadd231ps ymm3, ymm15, ymm13",
+            "vbroadcastss ymm14, [{r0} + {ld} * 2]",
+            "vbroadcastss ymm15, [{r3}]",
+            "vfmadd231ps ymm4, ymm14, ymm12",
+            "vfmadd231ps ymm5, ymm14, ymm13",
+            "vfmadd231ps ymm6, ymm15, ymm12",
+            "vfmadd231ps ymm7, ymm15, ymm13",
+            "vbroadcastss ymm14, [{r3} + {ld}]",
+            "vbroadcastss ymm15, [{r3} + {ld} * 2]",
+            "vfmadd231ps ymm8, ymm14, ymm12",
+            "vfmadd231ps ymm9, ymm14, ymm13",
+            "vfmadd231ps ymm10, ymm15, ymm12",
+            "vfmadd231ps ymm11, ymm15, ymm13",
+            "add {r0}, 4",
+            "add {r3}, 4",
+            "add {k}, {step}",
+            "dec {n}",
+            "jnz 2b",
+            r0 = inout(reg) rows => _,
+            r3 = inout(reg) r3 => _,
+            ld = in(reg) ld,
+            k = inout(reg) panel => _,
+            step = in(reg) step,
+            n = inout(reg) n => _,
+            inout("ymm0") a0,
+            inout("ymm1") a1,
+            inout("ymm2") a2,
+            inout("ymm3") a3,
+            inout("ymm4") a4,
+            inout("ymm5") a5,
+            inout("ymm6") a6,
+            inout("ymm7") a7,
+            inout("ymm8") a8,
+            inout("ymm9") a9,
+            inout("ymm10") a10,
+            inout("ymm11") a11,
+            out("ymm12") _,
+            out("ymm13") _,
+            out("ymm14") _,
+            out("ymm15") _,
+            options(nostack, readonly),
+        );
+        *acc = [[a0, a1], [a2, a3], [a4, a5], [a6, a7], [a8, a9], [a10, a11]];
+    }
+
+    /// `acc[r] += rows[r][x] · panel[x][..16]` (`ld`, `step` in floats): [`fma_6x16`] for 6
+    /// rows, intrinsics for fewer.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn fma_rows<const R: usize>(acc: &mut [[__m256; 2]; R], rows: *const f32, ld: usize, panel: *const f32, step: usize, n: usize) {
+        if R == 6 {
+            // SAFETY: R == 6, so the two array types are the same.
+            let acc6 = &mut *(acc as *mut [[__m256; 2]; R] as *mut [[__m256; 2]; 6]);
+            return fma_6x16(acc6, rows, ld * 4, panel, step * 4, n);
+        }
+        let mut kp = panel;
+        for x in 0..n {
+            let k0 = _mm256_loadu_ps(kp);
+            let k1 = _mm256_loadu_ps(kp.add(8));
+            for (rr, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm256_broadcast_ss(&*rows.add(rr * ld + x));
+                acc_r[0] = _mm256_fmadd_ps(av, k0, acc_r[0]);
+                acc_r[1] = _mm256_fmadd_ps(av, k1, acc_r[1]);
+            }
+            kp = kp.add(step);
+        }
+    }
+
     /// `R` rows × 16 columns of `s` from `a` and the key panel: `2R` accumulators that
     /// stay in registers because `R` is a constant. Returns each row's 8-lane maximum of
     /// the 16 scores (dropped by the compiler where unused).
@@ -345,15 +440,7 @@ mod x86 {
     #[inline]
     unsafe fn qk_block_avx2<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, c: usize) -> [__m256; R] {
         let mut acc = [[_mm256_setzero_ps(); 2]; R];
-        for x in 0..d {
-            let k0 = _mm256_loadu_ps(kt.add(x * bk + c));
-            let k1 = _mm256_loadu_ps(kt.add(x * bk + c + 8));
-            for (rr, acc_r) in acc.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*a.add(rr * lda + x));
-                acc_r[0] = _mm256_fmadd_ps(av, k0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(av, k1, acc_r[1]);
-            }
-        }
+        fma_rows::<R>(&mut acc, a, lda, kt.add(c), bk, d);
         let mut mx = [_mm256_setzero_ps(); R];
         for (rr, acc_r) in acc.iter().enumerate() {
             let sp = s.add(rr * bk + c);
@@ -387,10 +474,19 @@ mod x86 {
         }
     }
 
-    /// Blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
+    /// AVX2: blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
+    /// # Safety
+    /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn qk_driver_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
+    pub unsafe extern "C" fn qk_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64) {
+        qk_max_avx2(a, lda, kt, s, rows, d, bk, std::ptr::null_mut())
+    }
+
+    /// [`qk_avx2`] that also writes each row's maximum score to `rowmax` (when not null).
+    /// # Safety
+    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn qk_max_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
         let (lda, rows, d, bk) = (lda as usize, rows as usize, d as usize, bk as usize);
         let mut r = 0;
         while r < rows {
@@ -407,22 +503,6 @@ mod x86 {
             }
             r += nr;
         }
-    }
-
-    /// AVX2: blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
-    /// # Safety
-    /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe extern "C" fn qk_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64) {
-        qk_driver_avx2(a, lda, kt, s, rows, d, bk, std::ptr::null_mut())
-    }
-
-    /// [`qk_avx2`] that also writes each row's maximum score to `rowmax`.
-    /// # Safety
-    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe extern "C" fn qk_max_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
-        qk_driver_avx2(a, lda, kt, s, rows, d, bk, rowmax)
     }
 
     /// `R` rows × 16 channels of `o`: scale by `corr`, then add `p·v` over `nk` keys.
@@ -452,15 +532,7 @@ mod x86 {
             }
             *acc_r = [x0, x1];
         }
-        for c in 0..nk {
-            let v0 = _mm256_loadu_ps(v.add(c * ldv + e));
-            let v1 = _mm256_loadu_ps(v.add(c * ldv + e + 8));
-            for (rr, acc_r) in acc.iter_mut().enumerate() {
-                let pv = _mm256_broadcast_ss(&*p.add(rr * ldp + c));
-                acc_r[0] = _mm256_fmadd_ps(pv, v0, acc_r[0]);
-                acc_r[1] = _mm256_fmadd_ps(pv, v1, acc_r[1]);
-            }
-        }
+        fma_rows::<R>(&mut acc, p, ldp, v.add(e), ldv, nk);
         for (rr, acc_r) in acc.iter().enumerate() {
             let op = o.add(rr * ldo + e);
             _mm256_storeu_ps(op, acc_r[0]);
@@ -532,6 +604,25 @@ mod x86 {
                 c += if wide { 32 } else { 16 };
             }
             r += nr;
+        }
+    }
+
+    /// [`qk_avx512`], then each row's maximum by a scan of the scores.
+    /// # Safety
+    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn qk_max_avx512(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
+        qk_avx512(a, lda, kt, s, rows, d, bk);
+        let (rows, bk) = (rows as usize, bk as usize);
+        for r in 0..rows {
+            let row = s.add(r * bk);
+            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut c = 0;
+            while c < bk {
+                mx = _mm512_max_ps(_mm512_loadu_ps(row.add(c)), mx);
+                c += 16;
+            }
+            *rowmax.add(r) = _mm512_reduce_max_ps(mx);
         }
     }
 

@@ -220,7 +220,7 @@ struct Ctx<'a> {
     layout: &'a Layout,
     libs: &'a BTreeMap<&'static str, FuncId>,
     plan: Option<&'a TiledPlan>,
-    mm: Option<(FuncId, FuncId, Option<(FuncId, FuncId)>)>,
+    mm: Option<tiled::Matmuls<FuncId>>,
     o: &'a CpuOptions,
 }
 

@@ -42,6 +42,10 @@ pub(crate) struct TiledPlan {
 
 pub(crate) use super::microkernel::EXP2_POLY;
 
+/// The functions a tile calls: `qk`, `pv` and, with the microkernel, its softmax step and
+/// the `qk` that also writes the row maxima.
+pub(crate) type Matmuls<F> = (F, F, Option<(F, F)>);
+
 impl TiledPlan {
     /// The tiled form, or `None` when a branch's score has no separable structure that the
     /// tile kernel can use (the row kernel handles it).
@@ -851,7 +855,7 @@ impl Gen<'_, '_> {
     /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
     /// `(qk, pv)` and, with the microkernel, its softmax step (used by softmax branches with
     /// neither a post-map nor a decay after the weights, and by the first of two passes).
-    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: (FuncRef, FuncRef, Option<(FuncRef, FuncRef)>)) {
+    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: Matmuls<FuncRef>) {
         let (qk, pv, softmax_mk) = mm;
         let softmax_step = softmax_mk.map(|(s, _)| s);
         let [b, h, i0, kt, vb, ws, classes] = args;
