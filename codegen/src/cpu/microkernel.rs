@@ -220,10 +220,8 @@ unsafe fn pv_tail(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{exp2_nonpos, pv_tail, row_step, EXP2_POLY, ROUND_MAGIC};
+    use super::{exp2_nonpos, pv_tail, EXP2_POLY, ROUND_MAGIC};
     use std::arch::x86_64::*;
-
-    const SOFTMAX_ROWS: usize = 4;
 
     /// `2^x` on 8 lanes for `x <= 0`, as [`super::exp2_nonpos`] (`max(lo, x)` returns `x`
     /// when it is NaN).
@@ -245,7 +243,7 @@ mod x86 {
         _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e))
     }
 
-    /// Horizontal max and sum of 8 lanes.
+    /// Horizontal max of 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn hmax(v: __m256) -> f32 {
@@ -255,45 +253,13 @@ mod x86 {
         _mm_cvtss_f32(m)
     }
 
+    /// The weights of `R` rows (`2^(s − mu[r])` in place over the first `n8` columns, a
+    /// multiple of 8), interleaved so that their dependency chains overlap; returns each
+    /// row's 8-lane sum.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_add_ss(m, _mm_shuffle_ps::<1>(m, m));
-        _mm_cvtss_f32(m)
-    }
-
-    /// `R` rows of the softmax step together, so that their dependency chains (row max,
-    /// horizontal reductions, the scalar rescale factor, the denominator) overlap. A NaN
-    /// score is not tracked in the max pass: its weight is NaN, so is the row's sum, and the
-    /// row's state becomes NaN from there (the weights of other lanes stay finite, the row's
-    /// output is NaN all the same).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn softmax_rows_avx2<const R: usize>(s: *mut f32, ld: usize, n: usize, m: *mut f32, l: *mut f32, corr: *mut f32, given: *const f32) {
-        let n8 = n - n % 8;
-        let mut mx = [_mm256_set1_ps(f32::NEG_INFINITY); R];
-        let mut c = if given.is_null() { 0 } else { n8 };
-        while c < n8 {
-            for (r, mx) in mx.iter_mut().enumerate() {
-                *mx = _mm256_max_ps(_mm256_loadu_ps(s.add(r * ld + c)), *mx);
-            }
-            c += 8;
-        }
-        let mut mu = [_mm256_setzero_ps(); R];
-        let mut state = [(0f32, 0f32); R];
-        for r in 0..R {
-            let row = s.add(r * ld);
-            let mut tmax = if given.is_null() { hmax(mx[r]) } else { *given.add(r) };
-            for c in n8..n {
-                let x = *row.add(c);
-                tmax = if x > tmax { x } else { tmax };
-            }
-            let (m_new, m_use, cr) = row_step(*m.add(r), tmax, false);
-            mu[r] = _mm256_set1_ps(m_use);
-            state[r] = (m_new, cr);
-        }
+    unsafe fn exp_rows<const R: usize>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
+        let mu: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(mu[r]));
         let mut sum = [_mm256_setzero_ps(); R];
         let mut c = 0;
         while c < n8 {
@@ -305,24 +271,102 @@ mod x86 {
             }
             c += 8;
         }
-        for r in 0..R {
+        sum
+    }
+
+    /// The horizontal sums of 8 vectors, as one vector (lane `i` sums `v[i]`).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum8(v: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(v[0], v[1]);
+        let t1 = _mm256_hadd_ps(v[2], v[3]);
+        let t2 = _mm256_hadd_ps(v[4], v[5]);
+        let t3 = _mm256_hadd_ps(v[6], v[7]);
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
+    }
+
+    /// Up to 8 rows (`g`) of the softmax step, their state (maximum, rescale factor,
+    /// denominator) 8 rows to a vector. A NaN score is not tracked in the max pass: its
+    /// weight is NaN, so is the row's sum, and the row's state becomes NaN from there (the
+    /// weights of other lanes stay finite, the row's output is NaN all the same).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn softmax_group(s: *mut f32, ld: usize, g: usize, n: usize, m: *mut f32, l: *mut f32, corr: *mut f32, given: *const f32) {
+        let n8 = n - n % 8;
+        // Each row's maximum over the tile: given, or one pass over its scores.
+        let mut tmax = [f32::NEG_INFINITY; 8];
+        for (r, t) in tmax.iter_mut().enumerate().take(g) {
             let row = s.add(r * ld);
-            let mut total = hsum(sum[r]);
-            let m_use = _mm256_cvtss_f32(mu[r]);
-            for c in n8..n {
-                let p = exp2_nonpos(*row.add(c) - m_use);
-                *row.add(c) = p;
-                total += p;
+            if given.is_null() {
+                let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+                let mut c = 0;
+                while c < n8 {
+                    mx = _mm256_max_ps(_mm256_loadu_ps(row.add(c)), mx);
+                    c += 8;
+                }
+                *t = hmax(mx);
+            } else {
+                *t = *given.add(r);
             }
-            let (m_new, cr) = state[r];
-            *l.add(r) = *l.add(r) * cr + total;
-            *m.add(r) = if total.is_nan() { f32::NAN } else { m_new };
-            *corr.add(r) = cr;
+            for c in n8..n {
+                let x = *row.add(c);
+                *t = if x > *t { x } else { *t };
+            }
         }
+        // The row step on 8 lanes (as `row_step`): m_new = max(m, tmax) (NaN if either
+        // is), m_use = m_new or 0 when it is −inf, corr = 2^(m − m_use), 0 below 2^-126.
+        let mut m_old = [f32::NEG_INFINITY; 8];
+        let mut l_old = [0f32; 8];
+        m_old[..g].copy_from_slice(std::slice::from_raw_parts(m, g));
+        l_old[..g].copy_from_slice(std::slice::from_raw_parts(l, g));
+        let (mv, tv) = (_mm256_loadu_ps(m_old.as_ptr()), _mm256_loadu_ps(tmax.as_ptr()));
+        let nan = _mm256_set1_ps(f32::NAN);
+        let m_new = _mm256_blendv_ps(_mm256_max_ps(mv, tv), nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(mv, tv));
+        let m_use = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_EQ_OQ>(m_new, _mm256_set1_ps(f32::NEG_INFINITY)));
+        let d = _mm256_sub_ps(mv, m_use);
+        let cr = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(d, _mm256_set1_ps(-126.0)), exp2_nonpos8(d));
+        let mut mu = [0f32; 8];
+        _mm256_storeu_ps(mu.as_mut_ptr(), m_use);
+        // The weights, 4 rows at a time.
+        let mut sums = [_mm256_setzero_ps(); 8];
+        let mut r = 0;
+        while r < g {
+            let sr = s.add(r * ld);
+            let k = (g - r).min(4);
+            match k {
+                4 => sums[r..r + 4].copy_from_slice(&exp_rows::<4>(sr, ld, n8, &mu[r..])),
+                3 => sums[r..r + 3].copy_from_slice(&exp_rows::<3>(sr, ld, n8, &mu[r..])),
+                2 => sums[r..r + 2].copy_from_slice(&exp_rows::<2>(sr, ld, n8, &mu[r..])),
+                _ => sums[r..r + 1].copy_from_slice(&exp_rows::<1>(sr, ld, n8, &mu[r..])),
+            }
+            r += k;
+        }
+        let mut total = [0f32; 8];
+        _mm256_storeu_ps(total.as_mut_ptr(), hsum8(&sums));
+        for (r, t) in total.iter_mut().enumerate().take(g) {
+            let row = s.add(r * ld);
+            for c in n8..n {
+                let p = exp2_nonpos(*row.add(c) - mu[r]);
+                *row.add(c) = p;
+                *t += p;
+            }
+        }
+        let tv = _mm256_loadu_ps(total.as_ptr());
+        let l_new = _mm256_fmadd_ps(_mm256_loadu_ps(l_old.as_ptr()), cr, tv);
+        let m_new = _mm256_blendv_ps(m_new, nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(tv, tv));
+        let (mut mo, mut lo, mut co) = ([0f32; 8], [0f32; 8], [0f32; 8]);
+        _mm256_storeu_ps(mo.as_mut_ptr(), m_new);
+        _mm256_storeu_ps(lo.as_mut_ptr(), l_new);
+        _mm256_storeu_ps(co.as_mut_ptr(), cr);
+        std::ptr::copy_nonoverlapping(mo.as_ptr(), m, g);
+        std::ptr::copy_nonoverlapping(lo.as_ptr(), l, g);
+        std::ptr::copy_nonoverlapping(co.as_ptr(), corr, g);
     }
 
     /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail), rows in
-    /// groups of 4.
+    /// groups of 8.
     /// # Safety
     /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -330,15 +374,10 @@ mod x86 {
         let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
         let mut r = 0;
         while r < rows {
-            let (sr, mr, lr, cr) = (s.add(r * ld), m.add(r), l.add(r), corr.add(r));
+            let g = (rows - r).min(8);
             let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
-            match rows - r {
-                1 => softmax_rows_avx2::<1>(sr, ld, n, mr, lr, cr, tr),
-                2 => softmax_rows_avx2::<2>(sr, ld, n, mr, lr, cr, tr),
-                3 => softmax_rows_avx2::<3>(sr, ld, n, mr, lr, cr, tr),
-                _ => softmax_rows_avx2::<SOFTMAX_ROWS>(sr, ld, n, mr, lr, cr, tr),
-            }
-            r += (rows - r).min(SOFTMAX_ROWS);
+            softmax_group(s.add(r * ld), ld, g, n, m.add(r), l.add(r), corr.add(r), tr);
+            r += g;
         }
     }
 
@@ -723,7 +762,7 @@ mod tests {
     /// left out) instead of a pass over the scores.
     fn check_softmax(isa: Isa, given: bool) {
         let step = softmax_kernel(isa);
-        let (rows, n, ld) = (7usize, 21usize, 24usize);
+        let (rows, n, ld) = (11usize, 21usize, 24usize);
         let mut s: Vec<f32> = (0..rows * ld).map(|x| ((x * 37 % 29) as f32 - 14.0) / 3.0).collect();
         for c in 0..n {
             s[2 * ld + c] = f32::NEG_INFINITY; // fully masked row, first tile
@@ -732,9 +771,10 @@ mod tests {
         }
         s[4 * ld + 17] = f32::NAN;
         s[6 * ld + 3] = f32::NEG_INFINITY;
-        let m0 = [f32::NEG_INFINITY, 1.5, f32::NEG_INFINITY, 0.25, 2.0, f32::NEG_INFINITY, 9.0];
-        let l0 = [0.0, 3.0, 0.0, 2.0, 1.0, 0.0, 4.0];
-        let (mut m, mut l, mut corr) = (m0, l0, [0f32; 7]);
+        s[9 * ld + 2] = f32::NAN; // a NaN in the second group of rows
+        let m0 = [f32::NEG_INFINITY, 1.5, f32::NEG_INFINITY, 0.25, 2.0, f32::NEG_INFINITY, 9.0, -3.0, 40.0, 1.0, f32::NEG_INFINITY];
+        let l0 = [0.0, 3.0, 0.0, 2.0, 1.0, 0.0, 4.0, 0.5, 7.0, 2.0, 0.0];
+        let (mut m, mut l, mut corr) = (m0, l0, [0f32; 11]);
         let before = s.clone();
         let tmax: Vec<f32> = (0..rows).map(|r| s[r * ld..r * ld + n].iter().cloned().fold(f32::NEG_INFINITY, f32::max)).collect();
         let tp = if given { tmax.as_ptr() } else { std::ptr::null() };
