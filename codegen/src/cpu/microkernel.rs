@@ -287,13 +287,13 @@ mod x86 {
         _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(u0, u1), _mm256_permute2f128_ps::<0x31>(u0, u1))
     }
 
-    /// Up to 8 rows (`g`) of the softmax step, their state (maximum, rescale factor,
-    /// denominator) 8 rows to a vector. A NaN score is not tracked in the max pass: its
+    /// Up to 8 rows (`g`) of the softmax step, their state (`[m, l, corr]`: maximum,
+    /// denominator, rescale factor) 8 rows to a vector. A NaN score is not tracked in the max pass: its
     /// weight is NaN, so is the row's sum, and the row's state becomes NaN from there (the
     /// weights of other lanes stay finite, the row's output is NaN all the same).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn softmax_group(s: *mut f32, ld: usize, g: usize, n: usize, m: *mut f32, l: *mut f32, corr: *mut f32, given: *const f32) {
+    unsafe fn softmax_group(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
         let n8 = n - n % 8;
         // Each row's maximum over the tile: given, or one pass over its scores.
         let mut tmax = [f32::NEG_INFINITY; 8];
@@ -376,7 +376,7 @@ mod x86 {
         while r < rows {
             let g = (rows - r).min(8);
             let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
-            softmax_group(s.add(r * ld), ld, g, n, m.add(r), l.add(r), corr.add(r), tr);
+            softmax_group(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
             r += g;
         }
     }
