@@ -253,6 +253,20 @@ mod x86 {
         _mm_cvtss_f32(m)
     }
 
+    /// Prefetches share `part` of `parts` of the cache lines of `bytes` bytes at `base` into
+    /// L2: the matmuls spread the next key tile's panel over their row blocks, so that a
+    /// long sequence's keys and values (beyond L2) arrive before they are needed.
+    /// Prefetching never faults, so the panel past the last tile may be named.
+    #[inline]
+    unsafe fn prefetch_share(base: *const f32, bytes: usize, part: usize, parts: usize) {
+        let lines = bytes.div_ceil(64);
+        let per = lines.div_ceil(parts.max(1));
+        let base = base as *const i8;
+        for line in part * per..((part + 1) * per).min(lines) {
+            _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(line * 64));
+        }
+    }
+
     /// The weights of `R` rows (`2^(s − mu[r])` in place over the first `n8` columns, a
     /// multiple of 8), interleaved so that their dependency chains overlap; returns each
     /// row's 8-lane sum.
@@ -527,9 +541,11 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn qk_max_avx2(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
         let (lda, rows, d, bk) = (lda as usize, rows as usize, d as usize, bk as usize);
+        let next = kt.wrapping_add(d * bk);
         let mut r = 0;
         while r < rows {
             let nr = (rows - r).min(6);
+            prefetch_share(next, d * bk * 4, r / 6, rows.div_ceil(6));
             let (ar, sr) = (a.add(r * lda), s.add(r * bk));
             let mr = if rowmax.is_null() { rowmax } else { rowmax.add(r) };
             match nr {
@@ -585,9 +601,11 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn pv_avx2(p: *const f32, ldp: i64, v: *const f32, ldv: i64, o: *mut f32, ldo: i64, corr: *const f32, rows: i64, nk: i64, dv: i64) {
         let (ldp, ldv, ldo, rows, nk, dv) = (ldp as usize, ldv as usize, ldo as usize, rows as usize, nk as usize, dv as usize);
+        let next = v.wrapping_add(nk * ldv);
         let mut r = 0;
         while r < rows {
             let nr = (rows - r).min(6);
+            prefetch_share(next, nk * ldv * 4, r / 6, rows.div_ceil(6));
             let (pr, or) = (p.add(r * ldp), o.add(r * ldo));
             let cr = if corr.is_null() { corr } else { corr.add(r) };
             let mut e = 0;
