@@ -172,6 +172,22 @@ pub(crate) struct Gen<'f, 'k> {
     /// scalar division by a constant into multiplications and shares repeated scalar
     /// subexpressions, which some lowerings rely on instead of their own vector forms.
     pub(crate) optimized: bool,
+    /// Lane-varying values already generated (common subexpressions of the vector code:
+    /// GPSA's `dr` and `dc` appear three times in its score); see [`Memo`].
+    pub(crate) memo: Vec<Memo>,
+    /// The memo's length at the start of each control-flow arm being generated: a value
+    /// made inside an arm does not dominate the code after it, so it is forgotten there.
+    pub(crate) arms: Vec<usize>,
+}
+
+/// A generated vector value: valid while the arm it was made in is open and every variable
+/// it reads is bound to the same value as then.
+pub(crate) struct Memo {
+    pub expr: Expr,
+    pub vecs: Vec<String>,
+    pub binds: Vec<Option<Value>>,
+    pub value: Value,
+    pub vector: bool,
 }
 
 impl<'f, 'k> Gen<'f, 'k> {
@@ -185,7 +201,19 @@ impl<'f, 'k> Gen<'f, 'k> {
         // Functions without a frame (the generated matmuls) load nothing.
         let Some(layout) = layout else {
             return (
-                Gen { b, kernel, dims: BTreeMap::new(), tens: BTreeMap::new(), libs, env: vec![], writing: None, cache: vec![], optimized: false },
+                Gen {
+                    b,
+                    kernel,
+                    dims: BTreeMap::new(),
+                    tens: BTreeMap::new(),
+                    libs,
+                    env: vec![],
+                    writing: None,
+                    cache: vec![],
+                    optimized: false,
+                    memo: vec![],
+                    arms: vec![],
+                },
                 params,
             );
         };
@@ -202,7 +230,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 (n.clone(), TVals { base, ext, stride, is_int: t.is_int })
             })
             .collect();
-        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None, cache: vec![], optimized: false }, params)
+        (Gen { b, kernel, dims, tens, libs, env: vec![], writing: None, cache: vec![], optimized: false, memo: vec![], arms: vec![] }, params)
     }
 
     pub(crate) fn iconst(&mut self, n: i64) -> Value {
@@ -225,6 +253,31 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.env.truncate(len - n);
     }
 
+    /// The current bindings of `e`'s free variables.
+    fn binds_of(&self, e: &Expr) -> Vec<Option<Value>> {
+        e.free_vars().iter().map(|v| self.env.iter().rev().find(|(n, _)| n == v).map(|b| b.1)).collect()
+    }
+
+    /// A memoized vector value of `e` (see [`Memo`]): `(value, is_vector)`.
+    pub(crate) fn memo_get(&self, e: &Expr, vecs: &[String]) -> Option<(Value, bool)> {
+        let m = self.memo.iter().rev().find(|m| m.expr == *e && m.vecs == vecs)?;
+        (m.binds == self.binds_of(e)).then_some((m.value, m.vector))
+    }
+
+    pub(crate) fn memo_put(&mut self, e: &Expr, vecs: &[String], value: Value, vector: bool) {
+        let binds = self.binds_of(e);
+        self.memo.push(Memo { expr: e.clone(), vecs: vecs.to_vec(), binds, value, vector });
+    }
+
+    /// Generates one control-flow arm: what the memo learns inside it is forgotten after.
+    pub(crate) fn arm<T>(&mut self, body: &mut dyn FnMut(&mut Self) -> T) -> T {
+        self.arms.push(self.memo.len());
+        let r = body(self);
+        let n = self.arms.pop().expect("arm");
+        self.memo.truncate(n);
+        r
+    }
+
     /// `for iv in lo..hi { body(iv) }`, leaving the builder after the loop.
     pub fn for_range(&mut self, lo: Value, hi: Value, body: &mut dyn FnMut(&mut Self, Value)) {
         let iv = self.b.declare_var(types::I64);
@@ -236,7 +289,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         let c = self.b.ins().icmp(IntCC::SignedLessThan, i, hi);
         self.b.ins().brif(c, blk, &[], exit, &[]);
         self.b.switch_to_block(blk);
-        body(self, i);
+        self.arm(&mut |g| body(g, i));
         let next = self.b.ins().iadd_imm_s(i, 1);
         self.b.def_var(iv, next);
         self.b.ins().jump(header, &[]);
@@ -248,10 +301,10 @@ impl<'f, 'k> Gen<'f, 'k> {
         let (t, e, merge) = (self.b.create_block(), self.b.create_block(), self.b.create_block());
         self.b.ins().brif(cond, t, &[], e, &[]);
         self.b.switch_to_block(t);
-        then(self);
+        self.arm(then);
         self.b.ins().jump(merge, &[]);
         self.b.switch_to_block(e);
-        other(self);
+        self.arm(other);
         self.b.ins().jump(merge, &[]);
         self.b.switch_to_block(merge);
     }
@@ -261,7 +314,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         let (t, merge) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(cond, t, &[], merge, &[]);
         self.b.switch_to_block(t);
-        then(self);
+        self.arm(then);
         self.b.ins().jump(merge, &[]);
         self.b.switch_to_block(merge);
     }
@@ -368,7 +421,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                     _ => self.b.ins().brif(x, rhs, &[], done, &arg),
                 };
                 self.b.switch_to_block(rhs);
-                let y = self.expr(b);
+                let y = self.arm(&mut |g| g.expr(b));
                 self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(y)]);
                 self.b.switch_to_block(done);
                 self.b.block_params(done)[0]

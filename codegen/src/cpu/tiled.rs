@@ -273,6 +273,23 @@ impl Gen<'_, '_> {
         if !self.varying(e, vecs) {
             return VV::U(self.expr(e));
         }
+        if matches!(e, Expr::Var(_)) {
+            return self.vexpr_new(e, vecs);
+        }
+        if let Some((v, vector)) = self.memo_get(e, vecs) {
+            return if vector { VV::V(v) } else { VV::U(v) };
+        }
+        let r = self.vexpr_new(e, vecs);
+        let (v, vector) = match r {
+            VV::V(v) => (v, true),
+            VV::U(v) => (v, false),
+        };
+        self.memo_put(e, vecs, v, vector);
+        r
+    }
+
+    /// [`Self::vexpr`] without the memo.
+    fn vexpr_new(&mut self, e: &Expr, vecs: &[String]) -> VV {
         match e {
             Expr::Var(v) => VV::V(self.env.iter().rev().find(|(n, _)| n == v).expect("bound").1),
             Expr::Unary(op, a) => {
@@ -628,9 +645,10 @@ impl Gen<'_, '_> {
         self.b.append_block_param(done, ty);
         self.b.ins().brif(decided, done, &[cranelift::codegen::ir::BlockArg::Value(x)], rhs, &[]);
         self.b.switch_to_block(rhs);
-        let y = self.vexpr(b, vecs);
-        let y = self.vec(y);
-        let r = self.binary(op, x, y);
+        let r = self.arm(&mut |g| {
+            let y = g.vexpr_f(b, vecs);
+            g.binary(op, x, y)
+        });
         self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(r)]);
         self.b.switch_to_block(done);
         self.b.block_params(done)[0]
@@ -668,10 +686,10 @@ impl Gen<'_, '_> {
         let (yes, no) = (self.b.create_block(), self.b.create_block());
         self.b.ins().brif(cond, yes, &[], no, &[]);
         self.b.switch_to_block(yes);
-        let v = then(self);
+        let v = self.arm(then);
         self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(v)]);
         self.b.switch_to_block(no);
-        let v = other(self);
+        let v = self.arm(other);
         self.b.ins().jump(done, &[cranelift::codegen::ir::BlockArg::Value(v)]);
         self.b.switch_to_block(done);
         self.b.block_params(done)[0]
