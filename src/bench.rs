@@ -5,6 +5,7 @@ use attnc::dsl::Checked;
 use attnc::ir::reference::{ExprEval, Scalar, Tensor};
 use attnc::ir::Bindings;
 use attnc_passes::tiles::{classify, DataOracle, TileBox, TileClass};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// Per branch: live pairs, and FLOPs per live pair (2·Dk for the dot when the score has
@@ -39,31 +40,34 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
         // The mask compiled once, evaluated per pair of the partial tiles.
         let prepared = br.mask.as_ref().map(|m| eval.prepare(m, &["b", "h", "i", "j"]));
         let (bs, hs) = (if deps.b { nb } else { 1 }, if deps.h { nh } else { 1 });
-        let mut live = 0u64;
-        for b in 0..bs {
-            for h in 0..hs {
-                let t = 64;
-                for i0 in (0..ni).step_by(t as usize) {
-                    for j0 in (0..nj).step_by(t as usize) {
-                        let bx = TileBox { b, h, i: (i0, (i0 + t).min(ni)), j: (j0, (j0 + t).min(nj)) };
-                        let n = ((bx.i.1 - bx.i.0) * (bx.j.1 - bx.j.0)) as u64;
-                        match classify(br.mask.as_ref(), bx, &dims.dims, &oracle) {
-                            TileClass::Empty => {}
-                            TileClass::Full => live += n,
-                            TileClass::Partial => {
-                                let mask = prepared.as_ref().expect("partial tiles have a mask");
-                                for i in bx.i.0..bx.i.1 {
-                                    for j in bx.j.0..bx.j.1 {
-                                        let v = mask.eval(&[Scalar::Int(b), Scalar::Int(h), Scalar::Int(i), Scalar::Int(j)]).map_err(|e| e.to_string())?;
-                                        live += (v == Scalar::Bool(true)) as u64;
-                                    }
-                                }
+        // 64 × 64 tiles in parallel: classified, and the partial ones counted pair by pair.
+        let t = 64;
+        let tiles: Vec<TileBox> = (0..bs)
+            .flat_map(|b| (0..hs).map(move |h| (b, h)))
+            .flat_map(|(b, h)| (0..ni).step_by(t as usize).map(move |i0| (b, h, i0)))
+            .flat_map(|(b, h, i0)| (0..nj).step_by(t as usize).map(move |j0| TileBox { b, h, i: (i0, (i0 + t).min(ni)), j: (j0, (j0 + t).min(nj)) }))
+            .collect();
+        let live: u64 = tiles
+            .par_iter()
+            .map(|bx| -> Result<u64, String> {
+                let n = ((bx.i.1 - bx.i.0) * (bx.j.1 - bx.j.0)) as u64;
+                Ok(match classify(br.mask.as_ref(), *bx, &dims.dims, &oracle) {
+                    TileClass::Empty => 0,
+                    TileClass::Full => n,
+                    TileClass::Partial => {
+                        let mask = prepared.as_ref().expect("partial tiles have a mask");
+                        let mut live = 0;
+                        for i in bx.i.0..bx.i.1 {
+                            for j in bx.j.0..bx.j.1 {
+                                let v = mask.eval(&[Scalar::Int(bx.b), Scalar::Int(bx.h), Scalar::Int(i), Scalar::Int(j)]).map_err(|e| e.to_string())?;
+                                live += (v == Scalar::Bool(true)) as u64;
                             }
                         }
+                        live
                     }
-                }
-            }
-        }
+                })
+            })
+            .try_reduce(|| 0, |a, b| Ok(a + b))?;
         let scale = ((nb * nh) / (bs * hs)) as u64;
         pairs += live * scale;
         flops += (live * scale) as f64 * (2 * dk + 2 * ne) as f64;

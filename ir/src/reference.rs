@@ -20,6 +20,7 @@ use crate::bind::{bind, BindError, Bindings};
 use crate::expr::{floor_div, floor_mod, BinOp, Expr, RedOp, UnOp};
 use crate::kernel::*;
 use crate::verify::KernelInfo;
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 /// A dense row-major tensor of f64 values (integers are stored exactly).
@@ -444,24 +445,33 @@ fn derive(m: &Machine, name: &str, vars: &[String], def: &TensorDef, shape: &[us
     let node = m.compile(body, &mut scope);
     let total: usize = shape.iter().product();
     let mut data = vec![0.0; total];
-    let mut env = vec![V::I(0); vars.len()];
     let cx = format!("tensor `{name}`");
     let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
-    for flat in 0..total {
-        let mut rem = flat;
-        for (a, st) in strides.iter().enumerate() {
-            env[a] = V::I((rem / st) as i64);
-            rem %= st;
+    // The body at every element, in parallel chunks (each element is independent); a scan
+    // then adds along its axis.
+    const CHUNK: usize = 4096;
+    data.par_chunks_mut(CHUNK).enumerate().try_for_each(|(c, out)| {
+        let mut env = vec![V::I(0); vars.len()];
+        for (n, slot) in out.iter_mut().enumerate() {
+            let mut rem = c * CHUNK + n;
+            for (a, st) in strides.iter().enumerate() {
+                env[a] = V::I((rem / st) as i64);
+                rem %= st;
+            }
+            *slot = match m.eval(&node, &mut env, &cx)? {
+                V::I(x) => x as f64,
+                V::F(x) => x,
+                V::B(_) => unreachable!("verified: tensor bodies are numeric"),
+            };
         }
-        let v = match m.eval(&node, &mut env, &cx)? {
-            V::I(x) => x as f64,
-            V::F(x) => x,
-            V::B(_) => unreachable!("verified: tensor bodies are numeric"),
-        };
-        data[flat] = match scan {
-            Some(axis) if env[axis].i() > 0 => data[flat - strides[axis]] + v,
-            _ => v,
-        };
+        Ok::<(), RefError>(())
+    })?;
+    if let Some(axis) = scan {
+        for flat in 0..total {
+            if !(flat / strides[axis]).is_multiple_of(shape[axis]) {
+                data[flat] += data[flat - strides[axis]];
+            }
+        }
     }
     Ok(data)
 }

@@ -494,7 +494,7 @@ impl Gen<'_, '_> {
     /// it), the address of its element at `var = 0` and a run-time flag: the last axis is
     /// contiguous and holds at least `len` elements, so `var in 0..len` reads `len`
     /// consecutive floats (the packs then copy rows with vector loads).
-    fn contiguous_row(&mut self, e: &Expr, var: &str, len: Value) -> Option<(Value, Value)> {
+    pub(crate) fn contiguous_row(&mut self, e: &Expr, var: &str, len: Value) -> Option<(Value, Value)> {
         let Expr::Load(t, idx) = e else { return None };
         let (last, rest) = idx.split_last()?;
         if *last != Expr::var(var) || rest.iter().any(|x| x.free_vars().contains(var)) {
@@ -680,7 +680,7 @@ impl Gen<'_, '_> {
 
     /// The value of `then` where `cond` holds, else of `other` (each generated in its own
     /// block, joined by a block parameter of type `ty`).
-    fn either(&mut self, cond: Value, ty: Type, then: &mut dyn FnMut(&mut Self) -> Value, other: &mut dyn FnMut(&mut Self) -> Value) -> Value {
+    pub(crate) fn either(&mut self, cond: Value, ty: Type, then: &mut dyn FnMut(&mut Self) -> Value, other: &mut dyn FnMut(&mut Self) -> Value) -> Value {
         let done = self.b.create_block();
         self.b.append_block_param(done, ty);
         let (yes, no) = (self.b.create_block(), self.b.create_block());
