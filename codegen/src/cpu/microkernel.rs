@@ -11,7 +11,13 @@
 //! - `softmax`: the online-softmax step of a tile of base-2 scores (the normalization every
 //!   softmax variant shares; what makes the scores is generated): per row, the new running
 //!   max, the rescale factor of the old state, the weights `2^(s − max)` in place and the
-//!   running denominator.
+//!   running denominator;
+//! - `qk_max`: `qk` that also writes each row's maximum (taken from the accumulators), so
+//!   that a full tile of plain dot products needs no max pass in `softmax`.
+//!
+//! On AVX2 the 6 × 16 inner loop that both matmuls share is assembly (`x86::fma_6x16`):
+//! all 16 ymm registers, no address arithmetic in the loop. Each matmul prefetches the next
+//! key tile's panel into L2, which long sequences need.
 
 /// Which implementation the host runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
