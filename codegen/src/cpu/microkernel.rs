@@ -114,6 +114,37 @@ pub unsafe extern "C" fn softmax_portable(s: *mut f32, ld: i64, rows: i64, n: i6
     }
 }
 
+/// The weights of a second softmax pass, whose maximum and denominator are final:
+/// `s[r][c] = 2^(s[r][c] − m[r]) · scale[r]` in place for `c < n` (`m[r] = −inf`, a row
+/// with no live key so far, subtracts 0).
+/// # Safety
+/// `s` holds `rows` rows of `ld` floats (at least `n` used); `m` and `scale` hold `rows`
+/// floats each.
+pub unsafe extern "C" fn weights_portable(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
+    let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+    for r in 0..rows {
+        let (mr, k) = (*m.add(r), *scale.add(r));
+        let mu = if mr == f32::NEG_INFINITY { 0.0 } else { mr };
+        for x in std::slice::from_raw_parts_mut(s.add(r * ld), n) {
+            *x = exp2_nonpos(*x - mu) * k;
+        }
+    }
+}
+
+pub type WeightsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32, *const f32);
+
+/// The second-pass weights (AVX2+FMA when the host has it).
+pub fn weights_kernel(isa: Isa) -> WeightsFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            return x86::weights_avx2;
+        }
+    }
+    let _ = isa;
+    weights_portable
+}
+
 /// `qk` that also writes each row's maximum over the `bk` columns to `rowmax`.
 /// # Safety
 /// As [`qk_portable`]; `rowmax` holds `rows` floats.
@@ -398,6 +429,30 @@ mod x86 {
             let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
             softmax_group(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
             r += g;
+        }
+    }
+
+    /// AVX2+FMA: [`super::weights_portable`] 8 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::weights_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn weights_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let n8 = n - n % 8;
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let (mr, k) = (*m.add(r), *scale.add(r));
+            let mu = if mr == f32::NEG_INFINITY { 0.0 } else { mr };
+            let (mv, kv) = (_mm256_set1_ps(mu), _mm256_set1_ps(k));
+            let mut c = 0;
+            while c < n8 {
+                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), mv));
+                _mm256_storeu_ps(row.add(c), _mm256_mul_ps(p, kv));
+                c += 8;
+            }
+            for c in n8..n {
+                *row.add(c) = exp2_nonpos(*row.add(c) - mu) * k;
+            }
         }
     }
 
@@ -827,6 +882,28 @@ mod tests {
             let lw = l0[r] as f64 * c + sum;
             assert!((l[r] as f64 - lw).abs() <= 1e-5 * lw.max(1e-30), "{isa:?} row {r} l {} vs {lw}", l[r]);
             assert_eq!(&s[r * ld + n..(r + 1) * ld], &before[r * ld + n..(r + 1) * ld], "{isa:?} row {r}: past n untouched");
+        }
+    }
+
+    /// The second-pass weights against f64: a running row, a row with no live key (m = −inf),
+    /// a large logit, a column tail.
+    #[test]
+    fn second_pass_weights_match_f64() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let (rows, n, ld) = (3usize, 19usize, 20usize);
+            let before: Vec<f32> = (0..rows * ld).map(|x| -((x * 13 % 17) as f32) / 2.0).collect();
+            let (m, scale) = ([0.5f32, f32::NEG_INFINITY, 3000.0], [0.25f32, 1.0, 2.0]);
+            let mut s = before.clone();
+            unsafe { weights_kernel(isa)(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, m.as_ptr(), scale.as_ptr()) };
+            for r in 0..rows {
+                let mu = if m[r] == f32::NEG_INFINITY { 0.0 } else { m[r] as f64 };
+                for c in 0..n {
+                    let want = ((before[r * ld + c] as f64 - mu).exp2().max(2f64.powi(-126))) * scale[r] as f64;
+                    let got = s[r * ld + c] as f64;
+                    assert!((got - want).abs() <= 1e-6 * want, "{isa:?} ({r},{c}): {got} vs {want}");
+                }
+                assert_eq!(s[r * ld + n], before[r * ld + n], "{isa:?} row {r}: past n untouched");
+            }
         }
     }
 

@@ -177,6 +177,8 @@ enum FuncKind {
     /// The microkernel's `qk` that also writes the row maxima for the softmax step
     /// (imported, never generated).
     QkMax,
+    /// The microkernel's second-pass softmax weights (imported, never generated).
+    Weights,
 }
 
 impl FuncKind {
@@ -190,6 +192,7 @@ impl FuncKind {
             FuncKind::MmPv => "mm_pv".into(),
             FuncKind::Softmax => "softmax_step".into(),
             FuncKind::QkMax => "qk_max".into(),
+            FuncKind::Weights => "softmax_weights".into(),
         }
     }
 }
@@ -207,6 +210,7 @@ fn signature(module: &JITModule, kind: &FuncKind) -> Signature {
         FuncKind::MmPv => "pipipipiii",
         FuncKind::Softmax => "piiipppp",
         FuncKind::QkMax => "pippiiip",
+        FuncKind::Weights => "piiipp",
     };
     for c in params.chars() {
         sig.params.push(AbiParam::new(if c == 'p' { ptr } else { types::I64 }));
@@ -232,7 +236,11 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         (
             module.declare_func_in_func(q, b.func),
             module.declare_func_in_func(p, b.func),
-            s.map(|(s, m)| (module.declare_func_in_func(s, b.func), module.declare_func_in_func(m, b.func))),
+            s.map(|m| tiled::SoftmaxKernels {
+                step: module.declare_func_in_func(m.step, b.func),
+                qk_max: module.declare_func_in_func(m.qk_max, b.func),
+                weights: module.declare_func_in_func(m.weights, b.func),
+            }),
         )
     });
     let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
@@ -247,7 +255,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         }
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
-        FuncKind::Softmax | FuncKind::QkMax => unreachable!("the softmax step and qk_max are imported, not generated"),
+        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights => unreachable!("the softmax helpers are imported, not generated"),
     }
     g.finish(module.target_config());
 }
@@ -350,6 +358,7 @@ impl CpuKernel {
         jb.symbol("attnc_mk_pv", mk_pv as *const u8);
         jb.symbol("attnc_mk_softmax", microkernel::softmax_kernel(microkernel::Isa::detect()) as *const u8);
         jb.symbol("attnc_mk_qk_max", microkernel::qk_max_kernel(microkernel::Isa::detect()) as *const u8);
+        jb.symbol("attnc_mk_weights", microkernel::weights_kernel(microkernel::Isa::detect()) as *const u8);
         let mut module = JITModule::new(jb);
         let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
         let mut libs = BTreeMap::new();
@@ -371,7 +380,8 @@ impl CpuKernel {
                 let p = module.declare_function("attnc_mk_pv", Linkage::Import, &signature(&module, &FuncKind::MmPv)).map_err(err)?;
                 let s = module.declare_function("attnc_mk_softmax", Linkage::Import, &signature(&module, &FuncKind::Softmax)).map_err(err)?;
                 let m = module.declare_function("attnc_mk_qk_max", Linkage::Import, &signature(&module, &FuncKind::QkMax)).map_err(err)?;
-                (q, p, Some((s, m)))
+                let w = module.declare_function("attnc_mk_weights", Linkage::Import, &signature(&module, &FuncKind::Weights)).map_err(err)?;
+                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w }))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
@@ -421,7 +431,7 @@ impl CpuKernel {
                     FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                     FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                     FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                    FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax => {}
+                    FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights => {}
                 }
             }
         }

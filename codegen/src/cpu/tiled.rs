@@ -42,9 +42,17 @@ pub(crate) struct TiledPlan {
 
 pub(crate) use super::microkernel::EXP2_POLY;
 
-/// The functions a tile calls: `qk`, `pv` and, with the microkernel, its softmax step and
-/// the `qk` that also writes the row maxima.
-pub(crate) type Matmuls<F> = (F, F, Option<(F, F)>);
+/// The functions a tile calls: `qk`, `pv` and, with the microkernel, its softmax helpers.
+pub(crate) type Matmuls<F> = (F, F, Option<SoftmaxKernels<F>>);
+
+/// The microkernel's softmax helpers: the online step, the `qk` that also writes the row
+/// maxima, and the weights of a second pass (final maximum and denominator).
+#[derive(Clone, Copy)]
+pub(crate) struct SoftmaxKernels<F> {
+    pub step: F,
+    pub qk_max: F,
+    pub weights: F,
+}
 
 impl TiledPlan {
     /// The tiled form, or `None` when a branch's score has no separable structure that the
@@ -875,7 +883,7 @@ impl Gen<'_, '_> {
     /// neither a post-map nor a decay after the weights, and by the first of two passes).
     pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: Matmuls<FuncRef>) {
         let (qk, pv, softmax_mk) = mm;
-        let softmax_step = softmax_mk.map(|(s, _)| s);
+        let softmax_step = softmax_mk.map(|m| m.step);
         let [b, h, i0, kt, vb, ws, classes] = args;
         let k = self.kernel;
         self.bind("b", b);
@@ -1009,6 +1017,18 @@ impl Gen<'_, '_> {
                 // and P·V (or, first of two passes, only the max and denominator count); the
                 // generated pass then only writes the scores (masked lanes −inf).
                 let helper = softmax_step.filter(|_| softmax && !two_pass_second && (br.decay.is_none() || !accumulate));
+                // The second of two passes over plain dot products: on full tiles the weights
+                // `2^(s − m) / l` come from the microkernel, and the generated pass only applies
+                // the post-map (and decay). The reciprocal denominators go where the rescale
+                // factors were (a second pass rescales nothing).
+                let weights = softmax_mk.map(|m| m.weights).filter(|_| two_pass_second && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none());
+                if weights.is_some() {
+                    self.for_range(zero, bqv, &mut |g, r| {
+                        let l = g.load_f32(l_ws, r);
+                        let inv = g.b.ins().fdiv(one_f, l);
+                        g.store_f32(corr_ws, r, inv);
+                    });
+                }
                 let class_base = self.b.ins().imul_imm_s(ntiles, bn as i64);
                 self.for_range(zero, ntiles, &mut |g, kb| {
                     let coff = g.b.ins().iadd(class_base, kb);
@@ -1031,7 +1051,7 @@ impl Gen<'_, '_> {
                             let ktp = g.ptr_off(kt, panel);
                             match softmax_mk.filter(|_| plain) {
                                 // A full tile of plain dot products: the row maxima come with the scores.
-                                Some((_, qk_max)) => g.if_else(
+                                Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
                                     check,
                                     &mut |g| {
                                         g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
@@ -1044,6 +1064,12 @@ impl Gen<'_, '_> {
                                     g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
                                 }
                             }
+                        }
+                        if let Some(w) = weights {
+                            let full = g.b.ins().bxor_imm_u(check, 1);
+                            g.if_then(full, &mut |g| {
+                                g.b.ins().call(w, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
+                            });
                         }
                         let j0v = g.b.ins().ireduce(types::I32, j0);
                         let j0v = g.b.ins().splat(types::I32X4, j0v);
@@ -1145,12 +1171,18 @@ impl Gen<'_, '_> {
                                             g.b.def_var(rownan, rn);
                                             s
                                         } else if softmax {
-                                            // Second pass: the final max and denominator are known.
-                                            let mv = g.b.ins().splat(types::F32X4, mrow);
-                                            let d = g.b.ins().fsub(s, mv);
-                                            let pe = g.vexp2_nonpos(d);
-                                            let lv = g.b.ins().splat(types::F32X4, linv);
-                                            let w = g.b.ins().fmul(pe, lv);
+                                            // Second pass: the final max and denominator are known
+                                            // (on a full tile with `weights`, the tile holds the
+                                            // weights already).
+                                            let w = if weights.is_some() && !masked {
+                                                s
+                                            } else {
+                                                let mv = g.b.ins().splat(types::F32X4, mrow);
+                                                let d = g.b.ins().fsub(s, mv);
+                                                let pe = g.vexp2_nonpos(d);
+                                                let lv = g.b.ins().splat(types::F32X4, linv);
+                                                g.b.ins().fmul(pe, lv)
+                                            };
                                             g.bind("w", w);
                                             let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
                                             let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
