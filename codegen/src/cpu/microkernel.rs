@@ -48,13 +48,25 @@ pub type PvFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32,
 pub type SoftmaxFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *mut f32, *mut f32, *mut f32, *const f32);
 pub type QkMaxFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i64, i64, i64, *mut f32);
 
-/// The softmax step for an ISA (AVX2+FMA when the host has it, which every AVX-512 host does).
-pub fn softmax_kernel(isa: Isa) -> SoftmaxFn {
+/// Whether the AVX2+FMA helpers serve `isa` on this host (every AVX-512 host has AVX2+FMA).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn avx2_fma(isa: Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return x86::softmax_avx2;
-        }
+        isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// The softmax step for an ISA (AVX2+FMA when the host has it).
+pub fn softmax_kernel(isa: Isa) -> SoftmaxFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma(isa) {
+        return x86::softmax_avx2;
     }
     let _ = isa;
     softmax_portable
@@ -136,10 +148,8 @@ pub type WeightsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32, *
 /// The second-pass weights (AVX2+FMA when the host has it).
 pub fn weights_kernel(isa: Isa) -> WeightsFn {
     #[cfg(target_arch = "x86_64")]
-    {
-        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-            return x86::weights_avx2;
-        }
+    if avx2_fma(isa) {
+        return x86::weights_avx2;
     }
     let _ = isa;
     weights_portable
@@ -164,7 +174,7 @@ pub fn qk_max_kernel(isa: Isa) -> QkMaxFn {
         if isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
             return x86::qk_max_avx512;
         }
-        if isa != Isa::Portable && std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if avx2_fma(isa) {
             return x86::qk_max_avx2;
         }
     }

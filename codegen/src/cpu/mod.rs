@@ -89,7 +89,7 @@ impl HostFeatures {
             }
         }
         #[cfg(target_arch = "aarch64")]
-        flags.push("neon");
+        flags.extend(["neon"]);
         HostFeatures { arch: std::env::consts::ARCH, flags }
     }
     pub fn has(&self, f: &str) -> bool {
