@@ -500,46 +500,42 @@ impl<'f, 'k> Gen<'f, 'k> {
 
     /// The generic loop of a reduction: `op` over `body` for `var in lo..hi`.
     fn reduce_loop(&mut self, op: RedOp, var: &str, lo: Value, hi: Value, body: &Expr, ty: Ty) -> Value {
-        {
-            {
-                let clty = match ty {
-                    Ty::Int => types::I64,
-                    Ty::Float => types::F32,
-                    Ty::Bool => types::I8,
-                };
-                let acc = self.b.declare_var(clty);
-                let init = match (op, ty) {
-                    (RedOp::Any, _) => self.b.ins().iconst(types::I8, 0),
-                    (RedOp::All, _) => self.b.ins().iconst(types::I8, 1),
-                    (RedOp::Sum, Ty::Int) => self.iconst(0),
-                    (RedOp::Sum, _) => self.fconst(0.0),
-                    (RedOp::Max, Ty::Int) => self.iconst(i64::MIN),
-                    (RedOp::Max, _) => self.fconst(f32::NEG_INFINITY),
-                    (RedOp::Min, Ty::Int) => self.iconst(i64::MAX),
-                    (RedOp::Min, _) => self.fconst(f32::INFINITY),
-                };
-                self.b.def_var(acc, init);
-                let var = var.to_string();
-                self.for_range(lo, hi, &mut |g, iv| {
-                    g.bind(&var, iv);
-                    let v = g.expr(body);
-                    g.unbind(1);
-                    let a = g.b.use_var(acc);
-                    let n = match (op, ty) {
-                        (RedOp::Any, _) => g.b.ins().bor(a, v),
-                        (RedOp::All, _) => g.b.ins().band(a, v),
-                        (RedOp::Sum, Ty::Int) => g.b.ins().iadd(a, v),
-                        (RedOp::Sum, _) => g.b.ins().fadd(a, v),
-                        (RedOp::Max, Ty::Int) => g.b.ins().smax(a, v),
-                        (RedOp::Max, _) => g.b.ins().fmax(a, v),
-                        (RedOp::Min, Ty::Int) => g.b.ins().smin(a, v),
-                        (RedOp::Min, _) => g.b.ins().fmin(a, v),
-                    };
-                    g.b.def_var(acc, n);
-                });
-                self.b.use_var(acc)
-            }
-        }
+        let clty = match ty {
+            Ty::Int => types::I64,
+            Ty::Float => types::F32,
+            Ty::Bool => types::I8,
+        };
+        let acc = self.b.declare_var(clty);
+        let init = match (op, ty) {
+            (RedOp::Any, _) => self.b.ins().iconst(types::I8, 0),
+            (RedOp::All, _) => self.b.ins().iconst(types::I8, 1),
+            (RedOp::Sum, Ty::Int) => self.iconst(0),
+            (RedOp::Sum, _) => self.fconst(0.0),
+            (RedOp::Max, Ty::Int) => self.iconst(i64::MIN),
+            (RedOp::Max, _) => self.fconst(f32::NEG_INFINITY),
+            (RedOp::Min, Ty::Int) => self.iconst(i64::MAX),
+            (RedOp::Min, _) => self.fconst(f32::INFINITY),
+        };
+        self.b.def_var(acc, init);
+        let var = var.to_string();
+        self.for_range(lo, hi, &mut |g, iv| {
+            g.bind(&var, iv);
+            let v = g.expr(body);
+            g.unbind(1);
+            let a = g.b.use_var(acc);
+            let n = match (op, ty) {
+                (RedOp::Any, _) => g.b.ins().bor(a, v),
+                (RedOp::All, _) => g.b.ins().band(a, v),
+                (RedOp::Sum, Ty::Int) => g.b.ins().iadd(a, v),
+                (RedOp::Sum, _) => g.b.ins().fadd(a, v),
+                (RedOp::Max, Ty::Int) => g.b.ins().smax(a, v),
+                (RedOp::Max, _) => g.b.ins().fmax(a, v),
+                (RedOp::Min, Ty::Int) => g.b.ins().smin(a, v),
+                (RedOp::Min, _) => g.b.ins().fmin(a, v),
+            };
+            g.b.def_var(acc, n);
+        });
+        self.b.use_var(acc)
     }
 
     fn sigmoid(&mut self, x: Value) -> Value {
