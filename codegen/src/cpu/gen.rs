@@ -453,49 +453,30 @@ impl<'f, 'k> Gen<'f, 'k> {
         }
     }
 
-    /// `Σ_{x in lo..hi} a[x] · b[x]` over two float rows at byte addresses `a` and `b`: four
-    /// partial sums on f32x4, then a scalar tail.
+    /// `Σ_{x in lo..hi} a[x] · b[x]` over two float rows at byte addresses `a` and `b`
+    /// (their elements at `x = 0`): f32x4 products, then a scalar tail.
     fn dot_rows(&mut self, a: Value, b: Value, lo: Value, hi: Value) -> Value {
-        let unaligned = cranelift::codegen::ir::MemFlagsData::new().with_notrap();
+        let (a, b) = (self.ptr_off(a, lo), self.ptr_off(b, lo));
+        let len = self.b.ins().isub(hi, lo);
+        let z = self.iconst(0);
+        let len = self.b.ins().smax(len, z);
         let zero = self.fconst(0.0);
         let zv = self.b.ins().splat(types::F32X4, zero);
         let (acc, sacc) = (self.b.declare_var(types::F32X4), self.b.declare_var(types::F32));
         self.b.def_var(acc, zv);
         self.b.def_var(sacc, zero);
-        let len = self.b.ins().isub(hi, lo);
-        let z = self.iconst(0);
-        let len = self.b.ins().smax(len, z);
-        let nvec = self.b.ins().sshr_imm_u(len, 2);
-        let product = |g: &mut Self, x: Value, ty: Type| {
-            let bytes = g.b.ins().ishl_imm_u(x, 2);
-            let (pa, pb) = (g.b.ins().iadd(a, bytes), g.b.ins().iadd(b, bytes));
-            let va = g.b.ins().load(ty, unaligned, pa, 0);
-            let vb = g.b.ins().load(ty, unaligned, pb, 0);
-            g.b.ins().fmul(va, vb)
-        };
-        self.for_range(z, nvec, &mut |g, n| {
-            let x = g.b.ins().imul_imm_s(n, 4);
-            let x = g.b.ins().iadd(lo, x);
-            let p = product(g, x, types::F32X4);
-            let s = g.b.use_var(acc);
+        self.for_lanes(len, &mut |g, x, ty| {
+            let (va, vb) = (g.load_at(a, x, ty), g.load_at(b, x, ty));
+            let p = g.b.ins().fmul(va, vb);
+            let var = if ty == types::F32X4 { acc } else { sacc };
+            let s = g.b.use_var(var);
             let s = g.b.ins().fadd(s, p);
-            g.b.def_var(acc, s);
-        });
-        let done = self.b.ins().imul_imm_s(nvec, 4);
-        let tail = self.b.ins().iadd(lo, done);
-        self.for_range(tail, hi, &mut |g, x| {
-            let p = product(g, x, types::F32);
-            let s = g.b.use_var(sacc);
-            let s = g.b.ins().fadd(s, p);
-            g.b.def_var(sacc, s);
+            g.b.def_var(var, s);
         });
         let v = self.b.use_var(acc);
-        let mut total = self.b.use_var(sacc);
-        for lane in 0..4u8 {
-            let x = self.b.ins().extractlane(v, lane);
-            total = self.b.ins().fadd(total, x);
-        }
-        total
+        let lanes = self.hreduce(v, false);
+        let tail = self.b.use_var(sacc);
+        self.b.ins().fadd(lanes, tail)
     }
 
     /// The generic loop of a reduction: `op` over `body` for `var in lo..hi`.

@@ -349,9 +349,9 @@ mod x86 {
     }
 
     /// Up to 8 rows (`g`) of the softmax step, their state (`[m, l, corr]`: maximum,
-    /// denominator, rescale factor) 8 rows to a vector. A NaN score is not tracked in the max pass: its
-    /// weight is NaN, so is the row's sum, and the row's state becomes NaN from there (the
-    /// weights of other lanes stay finite, the row's output is NaN all the same).
+    /// denominator, rescale factor) 8 rows to a vector. A NaN score is not tracked in the
+    /// max pass: its weight is NaN, so is the row's sum, and the row's state becomes NaN from
+    /// there (the weights of other lanes stay finite, the row's output is NaN all the same).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
     unsafe fn softmax_group(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
@@ -368,12 +368,12 @@ mod x86 {
                     c += 8;
                 }
                 *t = hmax(mx);
+                for c in n8..n {
+                    let x = *row.add(c);
+                    *t = if x > *t { x } else { *t };
+                }
             } else {
                 *t = *given.add(r);
-            }
-            for c in n8..n {
-                let x = *row.add(c);
-                *t = if x > *t { x } else { *t };
             }
         }
         // The row step on 8 lanes (as `row_step`): m_new = max(m, tmax) (NaN if either

@@ -539,7 +539,7 @@ impl Gen<'_, '_> {
 
     /// `body(x, ty)` for `x in 0..len`: f32x4 steps (`ty` F32X4, `x` a multiple of 4), then
     /// a scalar tail (`ty` F32).
-    fn for_lanes(&mut self, len: Value, body: &mut dyn FnMut(&mut Self, Value, Type)) {
+    pub(crate) fn for_lanes(&mut self, len: Value, body: &mut dyn FnMut(&mut Self, Value, Type)) {
         let nvec = self.b.ins().sshr_imm_u(len, 2);
         let zero = self.iconst(0);
         self.for_range(zero, nvec, &mut |g, x4| {
@@ -552,7 +552,7 @@ impl Gen<'_, '_> {
 
     /// A value of type `ty` (F32 or F32X4) at float offset `x` of the byte address `base`
     /// (unaligned).
-    fn load_at(&mut self, base: Value, x: Value, ty: Type) -> Value {
+    pub(crate) fn load_at(&mut self, base: Value, x: Value, ty: Type) -> Value {
         let bytes = self.b.ins().ishl_imm_u(x, 2);
         let a = self.b.ins().iadd(base, bytes);
         self.b.ins().load(ty, MemFlagsData::new().with_notrap(), a, 0)
@@ -760,7 +760,7 @@ impl Gen<'_, '_> {
         self.vec(v)
     }
 
-    fn hreduce(&mut self, v: Value, max: bool) -> Value {
+    pub(crate) fn hreduce(&mut self, v: Value, max: bool) -> Value {
         let mut acc = self.b.ins().extractlane(v, 0);
         for lane in 1..4u8 {
             let x = self.b.ins().extractlane(v, lane);
@@ -769,7 +769,7 @@ impl Gen<'_, '_> {
         acc
     }
 
-    fn ptr_off(&mut self, base: Value, floats: Value) -> Value {
+    pub(crate) fn ptr_off(&mut self, base: Value, floats: Value) -> Value {
         let bytes = self.b.ins().ishl_imm_u(floats, 2);
         self.b.ins().iadd(base, bytes)
     }
