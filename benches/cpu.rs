@@ -2,7 +2,9 @@
 //! comparison against PyTorch is `bench/compare_torch.py`). Throughput is in useful
 //! elements: unmasked (query, key) pairs.
 
-use attnc_codegen::cpu::{CpuKernel, CpuOptions, Storage};
+use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::host::Storage;
+use attnc_codegen::Backend;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use std::collections::BTreeMap;
 
@@ -24,7 +26,7 @@ fn bench(c: &mut Criterion) {
         let pairs = 4 * 512 * 512 / if name == "sdpa" { 1 } else { 2 };
         g.throughput(Throughput::Elements(pairs));
         for (path, opts) in [("tiled", CpuOptions::default()), ("generated-matmul", CpuOptions { microkernel: false, ..CpuOptions::default() })] {
-            let k = CpuKernel::compile(&checked.kernel, &checked.info, &opts).unwrap();
+            let k = CpuBackend::default().compile(&checked.kernel, &checked.info, &opts).unwrap();
             g.bench_function(format!("{name}/{path}"), |b| b.iter(|| std::hint::black_box(k.run_storage(&storage, &BTreeMap::new()).unwrap())));
         }
     }

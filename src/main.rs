@@ -3,7 +3,10 @@
 
 use anyhow::{anyhow, Context, Result};
 use attnc::{ir, load_spec, parse_dims, Loaded};
-use attnc_codegen::cpu::{CpuKernel, CpuOptions};
+use attnc_autotune::space::cpu::CpuSpace;
+use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::schedule::ScheduleOptions;
+use attnc_codegen::Backend as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -381,7 +384,14 @@ fn run(cli: Cli) -> Result<()> {
                 Emit::Ir => c.kernel.to_string(),
                 Emit::OptIr => oc.kernel.to_string(),
                 Emit::Clif => match target {
-                    Target::Cpu => CpuKernel::compile(&oc.kernel, &oc.info, &CpuOptions::default())?.clif.to_string(),
+                    Target::Cpu => {
+                        let cpu = CpuBackend::default();
+                        let o = CpuOptions::default();
+                        let s = cpu.plan(&oc.kernel, &oc.info, &o)?;
+                        let artifact = cpu.emit(&oc.kernel, &oc.info, &s, &o)?;
+                        cpu.validate(&artifact)?;
+                        artifact.to_string()
+                    }
                 },
                 Emit::Asm => match target {
                     Target::Cpu => {
@@ -429,9 +439,9 @@ fn run(cli: Cli) -> Result<()> {
                 Backend::Cpu => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
                     let b = ir::bind(&oc.kernel, &shapes, &given)?;
-                    let chosen = tune::chosen_options(&oc, &b, &inputs, 0);
+                    let chosen = tune::chosen_options(&CpuSpace::new(0), &oc, &b, &inputs);
                     let kc = chosen.kernel(&spec_c, &opt.config()?, &oc)?;
-                    let kern = CpuKernel::compile(&kc.kernel, &kc.info, &chosen.options)?;
+                    let kern = CpuBackend::default().compile(&kc.kernel, &kc.info, &chosen.options)?;
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
@@ -492,19 +502,17 @@ fn run(cli: Cli) -> Result<()> {
             let b = bind_given(&c, &given)?;
             let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
             let chosen = if explicit {
-                let d = CpuOptions::default();
-                let o = CpuOptions {
+                let d = ScheduleOptions::default();
+                let schedule = ScheduleOptions {
                     tiled: !no_tiled,
-                    microkernel: !no_microkernel,
                     block_q: block_q.unwrap_or(d.block_q),
                     block_k: block_k.unwrap_or(d.block_k),
                     chunk: chunk.unwrap_or(d.chunk),
-                    threads,
-                    ..d
                 };
+                let o = CpuOptions { schedule, microkernel: !no_microkernel, threads, ..CpuOptions::default() };
                 tune::Chosen { options: o, passes_off: vec![], from: "given options".to_string() }
             } else {
-                tune::chosen_options(&c, &b, &inputs, threads)
+                tune::chosen_options(&CpuSpace::new(threads), &c, &b, &inputs)
             };
             // A tuned winner may run the spec without a pass (the low-rank bias).
             let c = chosen.kernel(&spec_c, &opt.config()?, &c)?;
@@ -514,9 +522,9 @@ fn run(cli: Cli) -> Result<()> {
             let (compile_ms, peak_extra, label) = match backend {
                 Backend::Cpu => {
                     let t0 = Instant::now();
-                    let kern = CpuKernel::compile(&c.kernel, &c.info, &opts)?;
+                    let kern = CpuBackend::default().compile(&c.kernel, &c.info, &opts)?;
                     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
-                    let st = attnc_codegen::cpu::Storage::from_f64(&c.kernel, &inputs);
+                    let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
                     drop(inputs);
                     let mut peak_extra = 0usize;
                     for n in 0..=runs {
@@ -548,7 +556,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             times.sort_by(|a, b| a.total_cmp(b));
             let med = times[times.len() / 2];
-            outln!("{}  {dims_text}  [{label}; {}]", c.kernel.name, attnc_codegen::cpu::HostFeatures::detect().fingerprint());
+            outln!("{}  {dims_text}  [{label}; {}]", c.kernel.name, CpuBackend::default().device());
             outln!("  options  {from}");
             outln!("  compile  {compile_ms:.1} ms");
             outln!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
@@ -567,7 +575,11 @@ fn run(cli: Cli) -> Result<()> {
             let (_, spec_c) = load(&spec)?;
             let (c, _) = optimized(&spec_c, &opt)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
-            tune::tune(&c, tune::TuneArgs { spec: &spec_c, passes: &opt.config()?, given: &given, threads, top_k, samples, report: report.as_deref(), seed })?;
+            tune::tune(
+                &CpuSpace::new(threads),
+                &c,
+                tune::TuneArgs { spec: &spec_c, passes: &opt.config()?, given: &given, top_k, samples, report: report.as_deref(), seed },
+            )?;
         }
         Cmd::Explain { spec, dims, opt } => {
             let (_, c) = load(&spec)?;
@@ -670,37 +682,76 @@ fn explain(
         }
     }
     if let Some(b) = shape {
-        let ok = &oc.kernel;
         let dims_text: Vec<String> = b.dims.iter().filter(|(d, _)| c.info.free_dims.contains(d)).map(|(d, v)| format!("{d}={v}")).collect();
         writeln!(s, "\nat {}", dims_text.join(",")).unwrap();
-        let opts = tune::cost_model_options(oc, b);
-        let kern = CpuKernel::compile(ok, &oc.info, &opts.0)?;
-        writeln!(s, "  algorithm {} ({})", kern.describe(), opts.1).unwrap();
-        if kern.is_tiled() {
-            let (bq, bk) = (opts.0.block_q as i64, opts.0.block_k as i64);
-            let (ni, nj) = (b.extent(&ok.iter.i), b.extent(&ok.iter.j));
-            for (n, br) in ok.branches.iter().enumerate() {
-                let mut count = [0u64; 3];
-                for qb in 0..(ni + bq - 1) / bq {
-                    let i = (qb * bq, ((qb + 1) * bq).min(ni));
-                    for cls in attnc::passes::tiles::classify_row(br.mask.as_ref(), 0, 0, i, nj, bk, &b.dims, &attnc::passes::interval::NoData) {
-                        count[cls as usize] += 1;
-                    }
-                }
-                let total = count.iter().sum::<u64>().max(1);
-                writeln!(
-                    s,
-                    "  tiles     branch {n}, {bq}x{bk}: {} empty (skipped), {} full (no mask work), {} partial; {:.1}% live (batch 0, head 0; data-dependent masks count as partial here)",
-                    count[0],
-                    count[1],
-                    count[2],
-                    100.0 * (count[1] + count[2]) as f64 / total as f64
-                )
-                .unwrap();
-            }
-        }
+        let (opts, from) = tune::cost_model_options(&CpuSpace::new(0), oc, b);
+        write!(s, "{}", explain_schedule(&CpuBackend::default(), oc, b, &opts, &from)?).unwrap();
     }
     writeln!(s, "\noptimized IR:\n{}", oc.kernel).unwrap();
+    Ok(s)
+}
+
+/// The schedule a backend runs at a shape, without compiling it: the algorithm, the tiles
+/// and their classes per branch, the head groups and the workspace.
+fn explain_schedule<B: attnc_codegen::Backend>(backend: &B, oc: &attnc::dsl::Checked, dims: &ir::Bindings, o: &B::Options, from: &str) -> Result<String> {
+    use attnc_codegen::schedule::{classes, BoundAlgorithm};
+    use std::fmt::Write;
+    let k = &oc.kernel;
+    let mut s = String::new();
+    let sched = backend.plan(k, &oc.info, o)?;
+    writeln!(s, "  backend   {} ({})", B::NAME, backend.device()).unwrap();
+    writeln!(s, "  algorithm {} ({from})", backend.describe(&sched, o)).unwrap();
+    let bound = sched.bind(k, dims)?;
+    let g = bound.grid;
+    writeln!(s, "  grid      {} batches × {} heads × {} queries × {} keys, {} output channels", g.batches, g.heads, g.queries, g.keys, g.values).unwrap();
+    match &bound.algorithm {
+        BoundAlgorithm::Tiled(t) => {
+            let ts = sched.tiled().expect("tiled");
+            let grid = t.tiles;
+            writeln!(
+                s,
+                "  tiles     {}x{}: {} query tiles × {} key tiles per head, {} channels in the dot",
+                grid.block_q,
+                grid.block_k,
+                grid.query_tiles(),
+                grid.key_tiles(),
+                t.channels
+            )
+            .unwrap();
+            for (n, br) in k.branches.iter().enumerate() {
+                let c = classes::count_tiles(br.mask.as_ref(), 0, 0, &grid, &dims.dims, &attnc::passes::interval::NoData, i64::MAX);
+                writeln!(
+                    s,
+                    "  classes   branch {n}: {} empty (skipped), {} full (no mask work), {} partial; {:.1}% live (batch 0, head 0; data-dependent masks count as partial here)",
+                    c.empty,
+                    c.full,
+                    c.partial,
+                    100.0 * c.live() / c.total().max(1.0)
+                )
+                .unwrap();
+                if let Some(sm) = &ts.plan.branches[n].softmax {
+                    let passes = if sm.passes.len() == 2 { "two passes (post-map)" } else { "one pass, online" };
+                    writeln!(s, "  softmax   branch {n}: {passes}; log2 e folded into the queries: {}; plain dot scores: {}", sm.log2e_folded, sm.plain)
+                        .unwrap();
+                }
+            }
+            let shared = t.groups.iter().filter(|gr| gr.heads.len() > 1).count();
+            writeln!(s, "  packs     {} key/value packs for {} heads ({} shared by several heads)", t.groups.len(), g.batches * g.heads, shared).unwrap();
+            let (kt, vb) = ts.workspace.pack_floats(g.keys, t.channels, g.values);
+            writeln!(
+                s,
+                "  workspace {} bytes per task (limit {}), {} bytes per pack",
+                ts.workspace.task_bytes(t.channels, g.values),
+                sched.limits.task_workspace_bytes,
+                4 * (kt + vb)
+            )
+            .unwrap();
+        }
+        BoundAlgorithm::Chunked(p) => {
+            writeln!(s, "  chunks    {} keys per chunk, {} × {} state per head", p.chunk, p.dk, p.dv).unwrap();
+        }
+        BoundAlgorithm::Rows => {}
+    }
     Ok(s)
 }
 

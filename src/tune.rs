@@ -5,10 +5,11 @@ use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
 use attnc::ir::Bindings;
 use attnc_autotune::cache::{CacheEntry, TrialRecord, TuneCache, CACHE_VERSION};
-use attnc_autotune::space::{cpu_candidate_names, cpu_candidates, prune, Candidate};
+use attnc_autotune::space::{prune, Candidate, OptionsOf, SearchSpace};
 use attnc_autotune::tuner::{self, Outcome, Protocol};
 use attnc_autotune::TuneKey;
-use attnc_codegen::cpu::{CpuKernel, CpuOptions, Storage};
+use attnc_codegen::host::Storage;
+use attnc_codegen::{Backend, Compiled};
 use attnc_passes::tiles::DataOracle;
 use attnc_passes::PassConfig;
 use std::collections::BTreeMap;
@@ -25,25 +26,25 @@ fn oracle<'a>(c: &Checked, inputs: &'a BTreeMap<String, Tensor>) -> DataOracle<'
 }
 
 /// Every candidate (for the key's checksum) and the cost model's order.
-fn candidates(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> Vec<Candidate> {
-    cpu_candidates(&c.kernel, dims, threads, &oracle(c, inputs))
+fn candidates<S: SearchSpace>(space: &S, c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Vec<Candidate<OptionsOf<S>>> {
+    space.candidates(&c.kernel, dims, &oracle(c, inputs))
 }
 
 /// The cache key: over the names of the whole candidate set (not only those measured).
-fn key(c: &Checked, dims: &Bindings) -> TuneKey {
-    TuneKey::cpu(&c.kernel, dims, &cpu_candidate_names(&c.kernel))
+fn key<S: SearchSpace>(space: &S, c: &Checked, dims: &Bindings) -> TuneKey {
+    TuneKey::new(space.backend(), &c.kernel, dims, &space.names(&c.kernel))
 }
 
 /// What `run` and `bench` compile: the options, the passes to switch off on top of the
 /// caller's configuration (a tuned winner may run the spec without `lowrank`), and where the
 /// choice came from.
-pub struct Chosen {
-    pub options: CpuOptions,
+pub struct Chosen<O> {
+    pub options: O,
     pub passes_off: Vec<String>,
     pub from: String,
 }
 
-impl Chosen {
+impl<O> Chosen<O> {
     /// The kernel to compile: `oc` (the spec optimized under `cfg`), or, when the winner
     /// switches passes off, `spec` optimized without them.
     pub fn kernel(&self, spec: &Checked, cfg: &PassConfig, oc: &Checked) -> Result<Checked> {
@@ -60,33 +61,31 @@ impl Chosen {
 
 /// The options `run` and `bench` use: the cached winner for this spec (as optimized, `c`),
 /// shape bucket and device when there is one, else the cost model's first choice.
-pub fn chosen_options(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, threads: usize) -> Chosen {
+pub fn chosen_options<S: SearchSpace>(space: &S, c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Chosen<OptionsOf<S>> {
     let t = std::time::Instant::now();
-    match TuneCache::open_default().get(&key(c, dims)) {
-        // The caller's thread count wins when given; 0 (all cores) takes the tuned one.
+    match TuneCache::open_default().get::<OptionsOf<S>>(&key(space, c, dims)) {
         Ok(Some(e)) => {
-            let threads = if threads == 0 { e.options.threads } else { threads };
             let off = if e.passes_off.is_empty() { String::new() } else { format!("; without {}", e.passes_off.join(", ")) };
             let from = format!("tuned ({}{off}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3);
-            return Chosen { options: CpuOptions { threads, ..e.options }, passes_off: e.passes_off, from };
+            return Chosen { options: space.adjust(e.options), passes_off: e.passes_off, from };
         }
         Ok(None) => {}
         Err(warning) => eprintln!("warning: {warning}"),
     }
-    let (options, from) = first_choice(&candidates(c, dims, inputs, threads), threads);
+    let (options, from) = first_choice(space, &candidates(space, c, dims, inputs));
     Chosen { options, passes_off: vec![], from }
 }
 
 /// The cost model's first choice without inputs (data-dependent masks count as partial).
-pub fn cost_model_options(c: &Checked, dims: &Bindings) -> (CpuOptions, String) {
-    first_choice(&cpu_candidates(&c.kernel, dims, 0, &attnc_passes::interval::NoData), 0)
+pub fn cost_model_options<S: SearchSpace>(space: &S, c: &Checked, dims: &Bindings) -> (OptionsOf<S>, String) {
+    first_choice(space, &space.candidates(&c.kernel, dims, &attnc_passes::interval::NoData))
 }
 
 /// The cheapest candidate by the cost model (the list is sorted), and where it came from.
-fn first_choice(all: &[Candidate], threads: usize) -> (CpuOptions, String) {
+fn first_choice<S: SearchSpace>(space: &S, all: &[Candidate<OptionsOf<S>>]) -> (OptionsOf<S>, String) {
     match all.first() {
         Some(best) => (best.options.clone(), format!("cost model ({}; not tuned: `attnc tune` measures)", best.name)),
-        None => (CpuOptions { threads, ..CpuOptions::default() }, "default".into()),
+        None => (space.default_options(), "default".into()),
     }
 }
 
@@ -123,26 +122,24 @@ pub struct TuneArgs<'a> {
     pub spec: &'a Checked,
     pub passes: &'a PassConfig,
     pub given: &'a BTreeMap<String, i64>,
-    pub threads: usize,
     pub top_k: usize,
     pub samples: usize,
     pub report: Option<&'a Path>,
     pub seed: u64,
 }
 
-pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
+pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
+    let backend = space.backend();
     let dims = attnc::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
     let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
-    let all = candidates(c, &dims, &inputs, a.threads);
+    let all = candidates(space, c, &dims, &inputs);
     // The untuned configuration: the default options on the spec as optimized (a
     // `lowrank-off` candidate can carry the same options and is not it).
-    let default = CpuOptions { threads: a.threads, ..CpuOptions::default() };
-    let is_default = |x: &Candidate| x.options == default && x.passes_off.is_empty();
+    let default = space.default_options();
+    let is_default = |x: &Candidate<OptionsOf<S>>| x.options == default && x.passes_off.is_empty();
     let mut pruned = prune(all.clone(), a.top_k);
-    // Cranelift's optimizer helps some kernels and hurts others: the best two are measured
-    // with it on as well.
-    let twins = attnc_autotune::space::clif_opt_twins(&pruned, 2);
-    pruned.extend(twins);
+    // Variants of the best the cost model cannot rank (the backend's twins).
+    let twins = space.twins(&pruned);
     // The spec without the exact low-rank bias, when that pass rewrote it: its best two.
     let without_lowrank = if a.passes.enabled("lowrank") {
         let mut cfg = a.passes.clone();
@@ -154,14 +151,9 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     };
     if let Some(off) = &without_lowrank {
         let off_dims = attnc::bind_dims(off, a.given).map_err(|e| anyhow!(e))?;
-        pruned.extend(attnc_autotune::space::lowrank_off(&candidates(off, &off_dims, &inputs, a.threads), 2));
+        pruned.extend(attnc_autotune::space::lowrank_off(&candidates(space, off, &off_dims, &inputs), 2));
     }
-    // With every core asked for (the default), the best two also run on fewer threads.
-    if a.threads == 0 {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let twins = attnc_autotune::space::thread_twins(&pruned, 2, cores);
-        pruned.extend(twins);
-    }
+    pruned.extend(twins);
     // The default configuration is always measured too, as the baseline: a winner is then
     // never slower than what an untuned run would use, whatever the cost model ranked.
     if let Some(d) = all.iter().find(|x| is_default(x)) {
@@ -181,21 +173,21 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         .map(|k| (k, Storage::from_f64(&k.kernel, &small_inputs), Storage::from_f64(&k.kernel, &inputs)))
         .collect();
     let last = kernels.len() - 1;
-    let pick = move |cand: &Candidate| if cand.passes_off.is_empty() { 0 } else { last };
+    let pick = move |cand: &Candidate<OptionsOf<S>>| if cand.passes_off.is_empty() { 0 } else { last };
     let bar = indicatif::ProgressBar::new(pruned.len() as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("tuning {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     let t0 = std::time::Instant::now();
-    let mut gate = |cand: &Candidate| -> Result<(), String> {
+    let mut gate = |cand: &Candidate<OptionsOf<S>>| -> Result<(), String> {
         bar.set_message(format!("checking {}", cand.name));
         let (kc, small_storage, _) = &kernels[pick(cand)];
-        let k = CpuKernel::compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
+        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
         let (_, got) = k.run_storage(small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
         within_tolerance(&got, &want.data)
     };
-    let mut build = |cand: &Candidate| -> Result<tuner::Run, String> {
+    let mut build = |cand: &Candidate<OptionsOf<S>>| -> Result<tuner::Run, String> {
         bar.set_message(format!("timing {}", cand.name));
         let (kc, _, storage) = &kernels[pick(cand)];
-        let k = CpuKernel::compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
+        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
         let st = storage.clone();
         Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
     };
@@ -215,7 +207,7 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
         Some(best) if is_default(&t.candidate) => Some((best, t.candidate.name.clone())),
         _ => None,
     });
-    let records: Vec<TrialRecord> = trials.iter().map(TrialRecord::from_trial).collect();
+    let records: Vec<TrialRecord<OptionsOf<S>>> = trials.iter().map(TrialRecord::from_trial).collect();
     outln!("{}  {}  ({} of {} candidates after pruning; {:.1} s)", c.kernel.name, given_text(a.given), pruned.len(), all.len(), elapsed);
     outln!("  {:<26} {:>12} {:>11} {:>9} {:>9}  status", "candidate", "predicted ms", "median ms", "best ms", "GFLOP/s");
     for r in &records {
@@ -229,7 +221,7 @@ pub fn tune(c: &Checked, a: TuneArgs) -> Result<()> {
     if let (Some((d, name)), Some(best)) = (default_best, win.outcome.best()) {
         outln!("  winner {} is {:.2}x the default ({name}), best samples", win.candidate.name, d / best);
     }
-    let k = key(c, &dims);
+    let k = key(space, c, &dims);
     let entry = CacheEntry {
         version: CACHE_VERSION,
         key: format!("{k:?}"),
@@ -264,7 +256,7 @@ mod tests {
         let cfg = PassConfig::all();
         let (oc, _) = attnc::optimize(&spec, &cfg).expect("optimizes");
         assert!(oc.kernel.branches[0].bias.is_none(), "lowrank folds ALiBi into the dot");
-        let chosen = |off: &[&str]| Chosen { options: CpuOptions::default(), passes_off: off.iter().map(|s| s.to_string()).collect(), from: String::new() };
+        let chosen = |off: &[&str]| Chosen { options: (), passes_off: off.iter().map(|s| s.to_string()).collect(), from: String::new() };
         assert_eq!(chosen(&[]).kernel(&spec, &cfg, &oc).expect("kernel").kernel, oc.kernel);
         let k = chosen(&["lowrank"]).kernel(&spec, &cfg, &oc).expect("kernel");
         assert!(k.kernel.branches[0].bias.is_some(), "the bias stays per pair");

@@ -1,53 +1,63 @@
 //! The conformance suite: every example, on every awkward shape, on every backend, against
-//! the f64 reference interpreter. Written once; a backend joins by implementing [`Runner`]
-//! and adding one `conformance!` line. A backend that is not available here skips with a
-//! printed reason.
+//! the f64 reference interpreter. Written once; a backend joins with one `conformance!`
+//! line per configuration (its `Backend` implementation does the rest, including its
+//! tolerance). A backend that is not available here skips with a printed reason.
 
 use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
 use attnc::passes::PassConfig;
-use attnc_codegen::cpu::{CpuKernel, CpuOptions};
+use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
+use attnc_codegen::{Backend, BackendOptions, Compiled, Tolerance};
 use std::collections::BTreeMap;
 
-/// A backend under test: compile a checked spec and run it on inputs.
+/// What the suite runs: compile a checked spec and run it on inputs.
 trait Runner: Sync {
     fn name(&self) -> String;
     /// `Err(reason)` when the backend cannot run here (not a failure).
     fn available(&self) -> Result<(), String>;
+    fn tolerance(&self) -> Tolerance;
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String>;
 }
 
-/// The CPU backend on the kernel after the passes `1` selects.
-struct Cpu(CpuOptions, PassConfig);
+/// A backend with its options, on the kernel after the passes `passes` selects.
+struct On<B: Backend> {
+    backend: B,
+    options: B::Options,
+    passes: PassConfig,
+}
 
-impl Cpu {
-    fn all(o: CpuOptions) -> Cpu {
-        Cpu(o, PassConfig::all())
+impl<B: Backend> On<B> {
+    fn all(backend: B, options: B::Options) -> On<B> {
+        On { backend, options, passes: PassConfig::all() }
     }
 }
 
-impl Runner for Cpu {
+impl<B: Backend> Runner for On<B> {
     fn name(&self) -> String {
-        let o = &self.0;
-        format!(
-            "cpu(tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}, passes {})",
-            o.tiled,
-            o.microkernel,
-            o.fma,
-            o.block_q,
-            o.block_k,
-            o.chunk,
-            self.1.describe()
-        )
+        format!("{}({}, passes {})", B::NAME, self.options.describe(), self.passes.describe())
     }
     fn available(&self) -> Result<(), String> {
-        Ok(())
+        self.backend.available()
+    }
+    fn tolerance(&self) -> Tolerance {
+        self.backend.tolerance()
     }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
-        let (oc, _) = attnc::optimize(c, &self.1).map_err(|e| e.to_string())?;
-        let k = CpuKernel::compile(&oc.kernel, &oc.info, &self.0).map_err(|e| e.to_string())?;
+        let (oc, _) = attnc::optimize(c, &self.passes).map_err(|e| e.to_string())?;
+        let k = self.backend.compile(&oc.kernel, &oc.info, &self.options).map_err(|e| e.to_string())?;
         k.run(inputs, &BTreeMap::new()).map_err(|e| e.to_string())
     }
+}
+
+/// The CPU backend on the host.
+fn cpu(o: CpuOptions) -> On<CpuBackend> {
+    On::all(CpuBackend::default(), o)
+}
+
+/// The CPU with these schedule options.
+fn cpu_schedule(s: ScheduleOptions) -> On<CpuBackend> {
+    cpu(CpuOptions::with_schedule(s))
 }
 
 /// The optimized kernel under the reference interpreter: the passes' soundness, with no
@@ -61,10 +71,27 @@ impl Runner for OptimizedReference {
     fn available(&self) -> Result<(), String> {
         Ok(())
     }
+    fn tolerance(&self) -> Tolerance {
+        Tolerance::F32
+    }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
         let (oc, _) = attnc::optimize(c, &self.0).map_err(|e| e.to_string())?;
         attnc::ir::reference::run(&oc.kernel, &oc.info, inputs, &BTreeMap::new()).map_err(|e| e.to_string())
     }
+}
+
+/// One conformance test: `conformance!(test_name, runner, profile filter)`; the runner is
+/// any [`Runner`] (for a backend, `On::all(backend, options)`), the filter picks the
+/// profiles by name. Every example runs on every profile that fits it.
+macro_rules! conformance {
+    ($(#[$m:meta])* $name:ident, $runner:expr, $profiles:expr) => {
+        $(#[$m])*
+        #[test]
+        fn $name() {
+            let filter: &dyn Fn(&str) -> bool = &$profiles;
+            check_backend(&$runner, filter);
+        }
+    };
 }
 
 /// A shape profile: values for whichever of these dims a spec has, plus input tweaks.
@@ -132,35 +159,18 @@ fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Te
     Some(ins)
 }
 
-/// Max error allowed: f32 arithmetic against f64, relative to the output's scale.
-fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak) -> Result<(), String> {
+/// Max error allowed: the backend's tolerance, relative to the output's scale (looser for
+/// logits of 1e4, whose f32 rounding error of ~1e-3 reaches the exponent).
+fn compare(name: &str, got: &Tensor, want: &Tensor, tweak: Tweak, tol: Tolerance) -> Result<(), String> {
     if got.shape != want.shape {
         return Err(format!("{name}: shape {:?}, reference {:?}", got.shape, want.shape));
     }
-    let finite: Vec<f64> = want.data.iter().copied().filter(|x| x.is_finite()).collect();
-    let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
-    let (atol, rtol) = match tweak {
-        // Logits of 1e4 carry an f32 rounding error of ~1e-3 into the exponent.
-        Tweak::LargeLogits => (2e-2 * rms.max(1e-3), 2e-2),
-        _ => (2e-4 * rms.max(1e-3), 2e-3),
+    let tol = match tweak {
+        Tweak::LargeLogits => Tolerance { atol: tol.atol.max(2e-2), rtol: tol.rtol.max(2e-2) },
+        _ => tol,
     };
-    let mut worst: Option<(usize, f64, f64)> = None;
-    for (n, (&g, &w)) in got.data.iter().zip(&want.data).enumerate() {
-        let ok = if w.is_nan() || g.is_nan() {
-            w.is_nan() && g.is_nan()
-        } else if w.is_infinite() {
-            g == w
-        } else {
-            (g - w).abs() <= atol + rtol * w.abs()
-        };
-        if !ok && worst.is_none_or(|(_, wg, ww)| (g - w).abs() > (wg - ww).abs() || g.is_nan()) {
-            worst = Some((n, g, w));
-        }
-    }
-    match worst {
-        None => Ok(()),
-        Some((n, g, w)) => Err(format!("{name}: element {n} is {g}, reference {w} (atol {atol:.2e}, rtol {rtol:.0e})")),
-    }
+    tol.check(&got.data, &want.data)
+        .map_err(|(n, g, w)| format!("{name}: element {n} is {g}, reference {w} (atol {:.0e}·rms, rtol {:.0e})", tol.atol, tol.rtol))
 }
 
 fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
@@ -189,7 +199,7 @@ fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&
             ran += 1;
             match r.run(&c, &ins) {
                 Ok(got) => {
-                    if let Err(e) = compare(&label, &got, &want, p.tweak) {
+                    if let Err(e) = compare(&label, &got, &want, p.tweak, r.tolerance()) {
                         failures.push(e);
                     }
                 }
@@ -202,32 +212,24 @@ fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&
     assert!(failures.is_empty(), "{} of {ran} cases differ from the reference:\n{}", failures.len(), failures.join("\n"));
 }
 
-#[test]
-fn cpu_matches_reference_on_every_example_and_shape() {
-    check_backend(&Cpu::all(CpuOptions::default()), &|_| true);
-}
-
-#[test]
-fn cpu_row_kernel_matches_reference() {
-    check_backend(&Cpu::all(CpuOptions { tiled: false, chunk: 0, ..CpuOptions::default() }), &|p| p != "grid256");
-}
-
-#[test]
-fn cpu_generated_matmuls_match_reference() {
-    check_backend(&Cpu::all(CpuOptions { microkernel: false, block_q: 16, block_k: 32, ..CpuOptions::default() }), &|_| true);
-}
-
-#[test]
-fn cpu_without_fma_matches_reference() {
-    check_backend(&Cpu::all(CpuOptions { fma: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
-    check_backend(&Cpu::all(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), &|p| matches!(p, "basic" | "masked_rows"));
-}
-
-/// Every pass preserves every example's values under the reference interpreter.
-#[test]
-fn passes_preserve_every_example_under_the_reference() {
-    check_backend(&OptimizedReference(PassConfig::all()), &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan"));
-}
+conformance!(cpu_matches_reference_on_every_example_and_shape, cpu(CpuOptions::default()), |_| true);
+conformance!(cpu_row_kernel_matches_reference, cpu_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }), |p| p != "grid256");
+conformance!(
+    cpu_generated_matmuls_match_reference,
+    cpu(CpuOptions { microkernel: false, ..CpuOptions::with_schedule(ScheduleOptions { block_q: 16, block_k: 32, ..Default::default() }) }),
+    |_| true
+);
+conformance!(cpu_without_fma_matches_reference, cpu(CpuOptions { fma: false, ..CpuOptions::default() }), |p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
+conformance!(cpu_without_fma_or_microkernel_matches_reference, cpu(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), |p| matches!(
+    p,
+    "basic" | "masked_rows"
+));
+conformance!(
+    /// Every pass preserves every example's values under the reference interpreter.
+    passes_preserve_every_example_under_the_reference,
+    OptimizedReference(PassConfig::all()),
+    |p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan")
+);
 
 /// The examples a pass rewrites (with every pass on).
 fn rewritten_by(pass: &str) -> Vec<String> {
@@ -242,9 +244,10 @@ fn cpu_matches_reference_with_each_pass_off() {
         let names = rewritten_by(pass);
         let mut cfg = PassConfig::all();
         cfg.set(pass, false).expect("a pass");
-        check_examples(&Cpu(CpuOptions::default(), cfg), &|n| names.iter().any(|x| x == n), &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode"), names.len());
+        let on = On { passes: cfg, ..cpu(CpuOptions::default()) };
+        check_examples(&on, &|n| names.iter().any(|x| x == n), &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode"), names.len());
     }
-    check_backend(&Cpu(CpuOptions::default(), PassConfig::none()), &|p| matches!(p, "basic" | "cross_gqa_b2" | "masked_rows" | "nan"));
+    check_backend(&On { passes: PassConfig::none(), ..cpu(CpuOptions::default()) }, &|p| matches!(p, "basic" | "cross_gqa_b2" | "masked_rows" | "nan"));
 }
 
 /// The passes rewrite what they should: low-rank bias on the ALiBi family, hoisting and
@@ -263,27 +266,28 @@ fn chunked_and_quadratic_linear_attention_match_reference() {
     let names = rewritten_by("linear");
     let linear = |n: &str| names.iter().any(|x| x == n);
     for chunk in [16, 0] {
-        check_examples(&Cpu::all(CpuOptions { chunk, ..CpuOptions::default() }), &linear, &|_| true, 4);
+        check_examples(&cpu_schedule(ScheduleOptions { chunk, ..Default::default() }), &linear, &|_| true, 4);
     }
-    check_examples(&Cpu::all(CpuOptions { chunk: 7, ..CpuOptions::default() }), &linear, &|p| matches!(p, "cross_gqa_b2" | "decode" | "masked_rows"), 4);
+    check_examples(&cpu_schedule(ScheduleOptions { chunk: 7, ..Default::default() }), &linear, &|p| matches!(p, "cross_gqa_b2" | "decode" | "masked_rows"), 4);
 }
 
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
 /// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
 #[test]
 fn tiled_kernel_covers_the_examples() {
+    let cpu = CpuBackend::default();
     let mut row = Vec::new();
     for (name, c) in examples() {
-        let k = CpuKernel::compile(&c.kernel, &c.info, &CpuOptions::default()).expect("compiles");
-        if !k.is_tiled() {
+        let s = cpu.plan(&c.kernel, &c.info, &CpuOptions::default()).expect("plans");
+        if !matches!(s.algorithm, Algorithm::Tiled(_)) {
             row.push(name.clone());
         }
         // After the passes, the linear family runs chunked and everything else stays tiled.
         let (oc, _) = attnc::optimize(&c, &PassConfig::all()).expect("passes");
-        let k = CpuKernel::compile(&oc.kernel, &oc.info, &CpuOptions::default()).expect("compiles");
+        let s = cpu.plan(&oc.kernel, &oc.info, &CpuOptions::default()).expect("plans");
         let linear = ["cosine", "gla", "linear_elu", "retnet"].contains(&name.as_str());
-        assert_eq!(k.is_chunked(), linear, "{name}: {}", k.describe());
-        assert_eq!(k.is_tiled(), !linear, "{name}: {}", k.describe());
+        assert_eq!(matches!(s.algorithm, Algorithm::Chunked(_)), linear, "{name}: {s}");
+        assert_eq!(matches!(s.algorithm, Algorithm::Tiled(_)), !linear, "{name}: {s}");
     }
     assert_eq!(row, vec!["gla".to_string()], "examples on the row kernel");
 }
@@ -308,8 +312,8 @@ fn approximate_low_rank_bias_meets_its_budget() {
     assert!(rep.rank <= 3 && rep.max_error <= 1e-3, "{rep:?}");
     let (oc, log) = attnc::optimize(&ac, &PassConfig::all()).expect("passes");
     assert!(oc.kernel.branches[0].bias.is_none(), "factors absorbed into the dot: {log:?}");
-    let got = Cpu::all(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
-    compare("dense_bias (approximate low rank)", &got, &want, Tweak::None).expect("matches the exact reference");
+    let got = cpu(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
+    compare("dense_bias (approximate low rank)", &got, &want, Tweak::None, Tolerance::F32).expect("matches the exact reference");
     // Full rank (random), a budget no rank up to 64 can meet at N = M = 70: refused.
     let p70 = PROFILES.iter().find(|p| p.name == "mqa_n70").expect("profile");
     let mut full = inputs_for(&c, p70, 3).expect("inputs");
@@ -329,9 +333,9 @@ fn approximate_low_rank_bias_meets_its_budget() {
     let (ac, rep) = attnc::approximate_bias(&swin, &mut with_factors, 3.0).expect("within budget");
     assert!(rep.rank <= 64 && rep.max_error <= 3.0, "{rep:?}");
     assert_eq!(with_factors["__bias_u"].shape[..2], [1, 1], "one slice per head; H = 1 here, and rpb does not depend on b");
-    let got = Cpu::all(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
+    let got = cpu(CpuOptions::default()).run(&ac, &with_factors).expect("runs");
     let want = attnc::ir::reference::run(&ac.kernel, &ac.info, &with_factors, &BTreeMap::new()).expect("reference of the factored spec");
-    compare("swin_window (approximate low rank)", &got, &want, Tweak::None).expect("the CPU runs the factored spec exactly");
+    compare("swin_window (approximate low rank)", &got, &want, Tweak::None, Tolerance::F32).expect("the CPU runs the factored spec exactly");
 }
 
 /// Integer floor division and modulo in masks and biases, on the tiled kernel's vector path:
@@ -361,9 +365,9 @@ fn integer_division_on_lanes_matches_reference() {
         // Without passes the bias stays per pair (lowrank would fold its separable terms into
         // the dot, computed in the pack's scalar code).
         for (clif_opt, passes) in [(false, PassConfig::none()), (true, PassConfig::none()), (false, PassConfig::all())] {
-            let cpu = Cpu(CpuOptions { clif_opt, ..CpuOptions::default() }, passes);
-            let got = cpu.run(&c, &ins).expect("cpu runs");
-            compare(&format!("intdiv N={n} M={m} {}", cpu.name()), &got, &want, Tweak::None).unwrap_or_else(|e| panic!("{e}"));
+            let on = On { passes, ..cpu(CpuOptions { clif_opt, ..CpuOptions::default() }) };
+            let got = on.run(&c, &ins).expect("cpu runs");
+            compare(&format!("intdiv N={n} M={m} {}", on.name()), &got, &want, Tweak::None, on.tolerance()).unwrap_or_else(|e| panic!("{e}"));
         }
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::tuner::{Outcome, Trial};
 use crate::TuneKey;
-use attnc_codegen::cpu::CpuOptions;
+use attnc_codegen::BackendOptions;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 pub const CACHE_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct TrialRecord {
+#[serde(default, bound = "O: BackendOptions")]
+pub struct TrialRecord<O> {
     pub name: String,
     pub predicted_s: f64,
     /// Median seconds when timed.
@@ -26,17 +26,17 @@ pub struct TrialRecord {
     pub best_s: Option<f64>,
     /// `timed`, `untimed`, `disqualified: …`, `failed: …`, `stopped after …`.
     pub status: String,
-    pub options: CpuOptions,
+    pub options: O,
 }
 
-impl Default for TrialRecord {
+impl<O: BackendOptions> Default for TrialRecord<O> {
     fn default() -> Self {
-        TrialRecord { name: String::new(), predicted_s: 0.0, median_s: None, best_s: None, status: String::new(), options: CpuOptions::default() }
+        TrialRecord { name: String::new(), predicted_s: 0.0, median_s: None, best_s: None, status: String::new(), options: O::default() }
     }
 }
 
-impl TrialRecord {
-    pub fn from_trial(t: &Trial) -> TrialRecord {
+impl<O: BackendOptions> TrialRecord<O> {
+    pub fn from_trial(t: &Trial<O>) -> TrialRecord<O> {
         let (median_s, status) = match &t.outcome {
             Outcome::Timed { median, .. } => (Some(*median), "timed".to_string()),
             Outcome::Untimed => (None, "untimed (only survivor)".to_string()),
@@ -49,18 +49,19 @@ impl TrialRecord {
     }
 }
 
+/// A tuned winner: the backend's options (`O`) and the record of every trial.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct CacheEntry {
+#[serde(default, bound = "O: BackendOptions")]
+pub struct CacheEntry<O> {
     pub version: u32,
     /// The key in readable form (for people looking at the file).
     pub key: String,
     pub winner: String,
-    pub options: CpuOptions,
+    pub options: O,
     /// Passes the winner switches off on top of the configuration it was tuned under.
     #[serde(default)]
     pub passes_off: Vec<String>,
-    pub trials: Vec<TrialRecord>,
+    pub trials: Vec<TrialRecord<O>>,
 }
 
 pub struct TuneCache {
@@ -87,14 +88,14 @@ impl TuneCache {
 
     /// The entry for `key`: `Ok(None)` when there is none, `Err(warning)` when a file is
     /// there but unusable (corrupt, unreadable, another version).
-    pub fn get(&self, key: &TuneKey) -> Result<Option<CacheEntry>, String> {
+    pub fn get<O: BackendOptions>(&self, key: &TuneKey) -> Result<Option<CacheEntry<O>>, String> {
         let p = self.path(key);
         let text = match std::fs::read_to_string(&p) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("ignoring the tuning cache entry {}: {e}", p.display())),
         };
-        let entry: CacheEntry = serde_json::from_str(&text).map_err(|e| format!("ignoring the corrupt tuning cache entry {}: {e}", p.display()))?;
+        let entry: CacheEntry<O> = serde_json::from_str(&text).map_err(|e| format!("ignoring the corrupt tuning cache entry {}: {e}", p.display()))?;
         if entry.version != CACHE_VERSION {
             return Err(format!("ignoring the tuning cache entry {} (format version {}, this attnc writes {CACHE_VERSION})", p.display(), entry.version));
         }
@@ -102,7 +103,7 @@ impl TuneCache {
     }
 
     /// Stores `entry` for `key` atomically.
-    pub fn put(&self, key: &TuneKey, entry: &CacheEntry) -> std::io::Result<PathBuf> {
+    pub fn put<O: BackendOptions>(&self, key: &TuneKey, entry: &CacheEntry<O>) -> std::io::Result<PathBuf> {
         std::fs::create_dir_all(&self.dir)?;
         let p = self.path(key);
         // Unique per writer (process and call), so concurrent writers never share a file.
@@ -119,6 +120,9 @@ impl TuneCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use attnc_codegen::cpu::CpuOptions;
+    use attnc_codegen::schedule::ScheduleOptions;
+    type CacheEntry = super::CacheEntry<CpuOptions>;
 
     fn key(candidates: &[&str]) -> TuneKey {
         TuneKey {
@@ -137,7 +141,7 @@ mod tests {
             version: CACHE_VERSION,
             key: "k".into(),
             winner: "tiled 64x64".into(),
-            options: CpuOptions { block_q: 32, ..CpuOptions::default() },
+            options: CpuOptions::with_schedule(ScheduleOptions { block_q: 32, ..ScheduleOptions::default() }),
             passes_off: vec!["lowrank".into()],
             trials: vec![],
         }
@@ -147,11 +151,11 @@ mod tests {
     fn round_trip_and_miss() {
         let dir = tempfile::tempdir().unwrap();
         let c = TuneCache::at(dir.path());
-        assert_eq!(c.get(&key(&["a"])), Ok(None));
+        assert_eq!(c.get::<CpuOptions>(&key(&["a"])), Ok(None));
         c.put(&key(&["a"]), &entry()).unwrap();
         assert_eq!(c.get(&key(&["a"])), Ok(Some(entry())));
         // Another candidate set is another key.
-        assert_eq!(c.get(&key(&["a", "b"])), Ok(None));
+        assert_eq!(c.get::<CpuOptions>(&key(&["a", "b"])), Ok(None));
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
@@ -163,11 +167,11 @@ mod tests {
         let k = key(&["a"]);
         let p = c.put(&k, &entry()).unwrap();
         std::fs::write(&p, "{ not json").unwrap();
-        let w = c.get(&k).unwrap_err();
+        let w = c.get::<CpuOptions>(&k).unwrap_err();
         assert!(w.contains("corrupt"), "{w}");
         let old = CacheEntry { version: CACHE_VERSION + 1, ..entry() };
         std::fs::write(&p, serde_json::to_string(&old).unwrap()).unwrap();
-        let w = c.get(&k).unwrap_err();
+        let w = c.get::<CpuOptions>(&k).unwrap_err();
         assert!(w.contains("version"), "{w}");
         // A later tune simply overwrites the bad file.
         c.put(&k, &entry()).unwrap();
@@ -189,7 +193,7 @@ mod tests {
                 });
             }
         });
-        let got = TuneCache::at(dir.path()).get(&k).unwrap().expect("an entry");
+        let got = TuneCache::at(dir.path()).get::<CpuOptions>(&k).unwrap().expect("an entry");
         assert!(got.winner.starts_with('w'));
     }
 }

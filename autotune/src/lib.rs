@@ -5,9 +5,11 @@
 //! correctness gate ([`tuner`]), the persistent *cache* ([`cache`]) and the *report*
 //! ([`report`]). A key is the kernel's stable structural hash, the shape bucket (dims that
 //! change code generation exact, sequence lengths rounded up to powers of two), the dtypes,
-//! the backend, the device fingerprint (CPU ISA flags), the compiler version and a checksum
-//! of the candidate set, so a change to any of them misses the cache instead of reusing a
-//! stale winner.
+//! the backend, the device fingerprint (the backend's: CPU ISA flags, GPU and driver), the
+//! compiler version and a checksum of the candidate set, so a change to any of them misses
+//! the cache instead of reusing a stale winner. Everything here is generic over the
+//! backend ([`attnc_codegen::Backend`]); a backend's search space implements
+//! [`space::SearchSpace`] ([`space::cpu`] for the CPU).
 
 pub mod cache;
 pub mod report;
@@ -48,14 +50,15 @@ pub struct TuneKey {
 }
 
 impl TuneKey {
-    /// The key for a kernel bound to `dims` on the host CPU, for the named candidate list.
-    pub fn cpu(k: &Kernel, dims: &Bindings, candidates: &[String]) -> TuneKey {
+    /// The key for a kernel bound to `dims` on backend `B`'s device, for the named candidate
+    /// list.
+    pub fn new<B: attnc_codegen::Backend>(backend: &B, k: &Kernel, dims: &Bindings, candidates: &[String]) -> TuneKey {
         TuneKey {
             kernel_hash: stable_hash(k),
             bucket: shape_bucket(k, dims),
             dtypes: k.tensors.iter().map(|t| (t.name.clone(), t.dtype.to_string())).collect(),
-            backend: "cpu".into(),
-            device: attnc_codegen::cpu::HostFeatures::detect().fingerprint(),
+            backend: B::NAME.into(),
+            device: backend.device(),
             compiler: concat!("attnc ", env!("CARGO_PKG_VERSION")).into(),
             candidates: checksum(candidates),
         }
@@ -95,6 +98,7 @@ fn hex(b: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use attnc_codegen::cpu::CpuBackend;
 
     fn kernel() -> Kernel {
         attnc_ir::parse_kernel(
@@ -114,18 +118,18 @@ mod tests {
     fn lengths_bucket_to_powers_of_two_and_head_dims_stay_exact() {
         assert_eq!([1, 16, 17, 1000, 1024, 1025].map(bucket_length), [16, 16, 32, 1024, 1024, 2048]);
         let k = kernel();
-        let a = TuneKey::cpu(&k, &dims(1000, 64), &["x".into()]);
-        let b = TuneKey::cpu(&k, &dims(1024, 64), &["x".into()]);
+        let a = TuneKey::new(&CpuBackend::default(), &k, &dims(1000, 64), &["x".into()]);
+        let b = TuneKey::new(&CpuBackend::default(), &k, &dims(1024, 64), &["x".into()]);
         assert_eq!(a.id(), b.id(), "N = 1000 and 1024 share a bucket");
-        let c = TuneKey::cpu(&k, &dims(1024, 128), &["x".into()]);
+        let c = TuneKey::new(&CpuBackend::default(), &k, &dims(1024, 128), &["x".into()]);
         assert_ne!(a.id(), c.id(), "the head dim is exact");
     }
 
     #[test]
     fn key_is_stable_and_sees_every_part() {
         let k = kernel();
-        let base = TuneKey::cpu(&k, &dims(512, 64), &["a".into(), "b".into()]);
-        assert_eq!(base.id(), TuneKey::cpu(&k, &dims(512, 64), &["a".into(), "b".into()]).id());
+        let base = TuneKey::new(&CpuBackend::default(), &k, &dims(512, 64), &["a".into(), "b".into()]);
+        assert_eq!(base.id(), TuneKey::new(&CpuBackend::default(), &k, &dims(512, 64), &["a".into(), "b".into()]).id());
         assert_eq!(base.id().len(), 64);
         // Pinned: a key with fixed facts has this id in every run, process and machine (no
         // DefaultHasher, no addresses); a change here invalidates every cache entry.
@@ -139,6 +143,6 @@ mod tests {
         assert_ne!(base.id(), dev.id(), "the device is part of the key");
         let mut renamed = k.clone();
         renamed.name = "other".into();
-        assert_eq!(TuneKey::cpu(&renamed, &dims(512, 64), &["a".into(), "b".into()]).id(), base.id(), "the kernel's name is not");
+        assert_eq!(TuneKey::new(&CpuBackend::default(), &renamed, &dims(512, 64), &["a".into(), "b".into()]).id(), base.id(), "the kernel's name is not");
     }
 }

@@ -2,22 +2,24 @@
 //! measured time of each candidate against its tile configuration.
 
 use crate::cache::TrialRecord;
+use attnc_codegen::BackendOptions;
 use plotters::prelude::*;
 use std::path::Path;
 
 /// Writes `tune.csv`, `tune.json` and `tune.svg` into `dir`.
-pub fn write(dir: &Path, title: &str, trials: &[TrialRecord]) -> Result<(), String> {
+pub fn write<O: BackendOptions>(dir: &Path, title: &str, trials: &[TrialRecord<O>]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut csv = String::from("candidate,block_q,block_k,microkernel,tiled,predicted_ms,median_ms,best_ms,status\n");
+    let mut csv = String::from("candidate,block_q,block_k,tiled,chunk,options,predicted_ms,median_ms,best_ms,status\n");
     for t in trials {
-        let o = &t.options;
+        let s = t.options.schedule();
         csv.push_str(&format!(
-            "{},{},{},{},{},{:.4},{},{},{}\n",
+            "{},{},{},{},{},{},{:.4},{},{},{}\n",
             t.name,
-            o.block_q,
-            o.block_k,
-            o.microkernel,
-            o.tiled,
+            s.block_q,
+            s.block_k,
+            s.tiled,
+            s.chunk,
+            t.options.describe().replace(", ", " ").replace(',', ";"),
             t.predicted_s * 1e3,
             t.median_s.map_or(String::new(), |m| format!("{:.4}", m * 1e3)),
             t.best_s.map_or(String::new(), |m| format!("{:.4}", m * 1e3)),
@@ -29,7 +31,7 @@ pub fn write(dir: &Path, title: &str, trials: &[TrialRecord]) -> Result<(), Stri
     plot(&dir.join("tune.svg"), title, trials)
 }
 
-fn plot(path: &Path, title: &str, trials: &[TrialRecord]) -> Result<(), String> {
+fn plot<O>(path: &Path, title: &str, trials: &[TrialRecord<O>]) -> Result<(), String> {
     let timed: Vec<(usize, f64, &str)> = trials.iter().enumerate().filter_map(|(n, t)| t.median_s.map(|m| (n, m * 1e3, t.name.as_str()))).collect();
     let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;

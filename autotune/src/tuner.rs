@@ -34,8 +34,8 @@ pub enum Outcome {
 }
 
 #[derive(Clone, Debug, PartialEq)]
-pub struct Trial {
-    pub candidate: Candidate,
+pub struct Trial<O> {
+    pub candidate: Candidate<O>,
     pub outcome: Outcome,
 }
 
@@ -63,14 +63,14 @@ pub type Run = Box<dyn FnMut() -> Result<(), String>>;
 
 /// Runs the protocol. `gate` checks a candidate on the small input against the reference;
 /// `build` prepares it for timing on the full input; `progress` sees each finished trial.
-pub fn tune(
-    candidates: &[Candidate],
+pub fn tune<O: Clone>(
+    candidates: &[Candidate<O>],
     p: Protocol,
     baseline: Option<&str>,
-    gate: &mut dyn FnMut(&Candidate) -> Result<(), String>,
-    build: &mut dyn FnMut(&Candidate) -> Result<Run, String>,
-    progress: &mut dyn FnMut(&Trial),
-) -> Vec<Trial> {
+    gate: &mut dyn FnMut(&Candidate<O>) -> Result<(), String>,
+    build: &mut dyn FnMut(&Candidate<O>) -> Result<Run, String>,
+    progress: &mut dyn FnMut(&Trial<O>),
+) -> Vec<Trial<O>> {
     let mut trials = Vec::new();
     let mut best = f64::INFINITY;
     // Correctness first, for every candidate, so the count of survivors is known.
@@ -134,8 +134,8 @@ pub fn tune(
 
 /// Step (4): the fastest `p.finalists` and the baseline timed again in alternation; a
 /// finalist that fails now keeps its first median.
-fn alternate_finalists(trials: &mut [Trial], p: Protocol, baseline: Option<&str>, build: &mut dyn FnMut(&Candidate) -> Result<Run, String>) {
-    let best = |t: &Trial| t.outcome.best().unwrap_or(f64::INFINITY);
+fn alternate_finalists<O>(trials: &mut [Trial<O>], p: Protocol, baseline: Option<&str>, build: &mut dyn FnMut(&Candidate<O>) -> Result<Run, String>) {
+    let best = |t: &Trial<O>| t.outcome.best().unwrap_or(f64::INFINITY);
     let mut timed: Vec<usize> = (0..trials.len()).filter(|&i| trials[i].outcome.best().is_some()).collect();
     timed.sort_by(|&a, &b| best(&trials[a]).total_cmp(&best(&trials[b])));
     let base = timed.iter().position(|&i| Some(trials[i].candidate.name.as_str()) == baseline);
@@ -177,9 +177,9 @@ fn alternate_finalists(trials: &mut [Trial], p: Protocol, baseline: Option<&str>
 }
 
 /// The winner: the fastest timed candidate, or the untimed survivor.
-pub fn winner(trials: &[Trial]) -> Option<&Trial> {
+pub fn winner<O>(trials: &[Trial<O>]) -> Option<&Trial<O>> {
     trials.iter().filter(|t| matches!(t.outcome, Outcome::Timed { .. } | Outcome::Untimed)).min_by(|a, b| {
-        let m = |t: &Trial| t.outcome.best().unwrap_or(0.0);
+        let m = |t: &Trial<O>| t.outcome.best().unwrap_or(0.0);
         m(a).total_cmp(&m(b))
     })
 }
@@ -198,6 +198,8 @@ impl Outcome {
 mod tests {
     use super::*;
     use attnc_codegen::cpu::CpuOptions;
+
+    type Candidate = crate::space::Candidate<CpuOptions>;
 
     fn cand(name: &str) -> Candidate {
         Candidate { name: name.into(), options: CpuOptions::default(), predicted: 0.0, passes_off: vec![] }

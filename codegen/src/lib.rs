@@ -1,30 +1,143 @@
 //! attnc-codegen: from a verified kernel to code that runs.
 //!
-//! It owns the backends. A backend turns `(Kernel, KernelInfo)` (so only verified IR can
-//! be emitted) into an artifact that prints as its source text ([`Backend`]), validates it,
-//! and runs it. The CPU backend ([`cpu`]) JIT-compiles Cranelift IR for the host.
+//! - [`schedule`]: how a kernel runs, decided once for every backend (algorithm, tiles,
+//!   tile classes, head groups, softmax plan, workspace);
+//! - [`host`]: what every backend's runtime needs on the host (inputs in storage form, the
+//!   argument layout, launch checks);
+//! - [`Backend`]: a target. It emits an artifact that prints as its source text from
+//!   `(Kernel, KernelInfo, Schedule, Options)` (so only verified IR can be emitted),
+//!   validates it, and loads it as a [`Compiled`] kernel that runs on [`host::Storage`];
+//! - [`cpu`]: the CPU backend (Cranelift JIT for the host).
+//!
 //! This is the only crate that knows Cranelift; it knows nothing of the surface language.
+//! `docs/backends.md` says what a new backend writes.
 
 pub mod cpu;
+pub mod host;
+pub mod schedule;
 
+use attnc_ir::reference::Tensor;
 use attnc_ir::{Kernel, KernelInfo};
+use host::{RunError, Storage};
+use schedule::{Limits, Schedule, ScheduleOptions};
+use std::collections::BTreeMap;
 
-/// A code generator for one target.
-pub trait Backend {
-    /// `"cpu"`, `"ptx"`, `"wgsl"`: also the name in cache keys and on the command line.
+/// A backend's options: the schedule's (shared by every backend) and its own. They are part
+/// of the autotune key and of cache entries, hence serde.
+pub trait BackendOptions:
+    Clone + std::hash::Hash + std::fmt::Debug + PartialEq + Default + serde::Serialize + serde::de::DeserializeOwned + Send + Sync + 'static
+{
+    fn schedule(&self) -> &ScheduleOptions;
+    fn schedule_mut(&mut self) -> &mut ScheduleOptions;
+    /// The options in a few words (test names, reports).
+    fn describe(&self) -> String;
+}
+
+/// How far a backend's f32 output may be from the f64 reference: `|got − want| ≤ atol·rms +
+/// rtol·|want|`, with `rms` the reference output's root mean square (at least 1e-3).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tolerance {
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+impl Tolerance {
+    /// f32 arithmetic with libm-grade `exp` (the CPU).
+    pub const F32: Tolerance = Tolerance { atol: 2e-4, rtol: 2e-3 };
+
+    /// Whether `got` (f32 values) is within tolerance of `want`; else the first offending
+    /// element. NaN must meet NaN and infinities must be equal.
+    pub fn check(&self, got: &[f64], want: &[f64]) -> Result<(), (usize, f64, f64)> {
+        let finite: Vec<f64> = want.iter().copied().filter(|x| x.is_finite()).collect();
+        let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
+        let atol = self.atol * rms.max(1e-3);
+        let mut worst: Option<(usize, f64, f64)> = None;
+        for (n, (&g, &w)) in got.iter().zip(want).enumerate() {
+            let ok = if w.is_nan() || g.is_nan() {
+                w.is_nan() && g.is_nan()
+            } else if w.is_infinite() {
+                g == w
+            } else {
+                (g - w).abs() <= atol + self.rtol * w.abs()
+            };
+            if !ok && worst.is_none_or(|(_, wg, ww)| (g - w).abs() > (wg - ww).abs() || g.is_nan()) {
+                worst = Some((n, g, w));
+            }
+        }
+        match worst {
+            None => Ok(()),
+            Some(w) => Err(w),
+        }
+    }
+}
+
+/// A code generator and runtime for one target, in the manner of naga's `back::*::Writer`
+/// and CubeCL's `Compiler`/`Runtime`.
+pub trait Backend: Sync {
+    /// `"cpu"`, `"ptx"`, `"wgsl"`: the name on the command line and in cache keys.
     const NAME: &'static str;
-    /// Choices that change the generated code (part of the autotune cache key).
-    type Options: Clone + std::hash::Hash + std::fmt::Debug;
+    type Options: BackendOptions;
     /// The generated program; `Display` prints its source (CLIF, PTX, WGSL).
     type Artifact: std::fmt::Display;
-    fn emit(&self, k: &Kernel, info: &KernelInfo, o: &Self::Options) -> Result<Self::Artifact, CodegenError>;
+    /// A loaded kernel.
+    type Kernel: Compiled + 'static;
+
+    /// `Ok` when the backend can run here, else why not (a missing driver, no device).
+    fn available(&self) -> Result<(), String>;
+    /// The device fingerprint in cache keys: `cpu:x86_64+avx+avx2+fma`, `sm_90/driver 12.4`,
+    /// an adapter's name, backend and driver.
+    fn device(&self) -> String;
+    /// What the target can hold (the schedule refuses more).
+    fn limits(&self) -> Limits;
+    /// How close to the reference this backend's results are.
+    fn tolerance(&self) -> Tolerance;
+    /// Generates the program for `k` run as `s`.
+    fn emit(&self, k: &Kernel, info: &KernelInfo, s: &Schedule, o: &Self::Options) -> Result<Self::Artifact, CodegenError>;
+    /// Checks the program (Cranelift's verifier, naga's validator, ptxas).
     fn validate(&self, a: &Self::Artifact) -> Result<(), CodegenError>;
+    /// Makes the program runnable (JIT, module load, pipeline creation).
+    fn load(&self, a: Self::Artifact) -> Result<Self::Kernel, CodegenError>;
+
+    /// The schedule with this backend's options, in words (`tiled 64x64, Avx2 microkernel`).
+    fn describe(&self, s: &Schedule, _o: &Self::Options) -> String {
+        s.to_string()
+    }
+
+    /// Plans, emits, validates and loads.
+    fn compile(&self, k: &Kernel, info: &KernelInfo, o: &Self::Options) -> Result<Self::Kernel, CodegenError> {
+        let s = self.plan(k, info, o)?;
+        let a = self.emit(k, info, &s, o)?;
+        self.validate(&a)?;
+        self.load(a)
+    }
+
+    /// The schedule `o` asks for on this target.
+    fn plan(&self, k: &Kernel, info: &KernelInfo, o: &Self::Options) -> Result<Schedule, CodegenError> {
+        Ok(schedule::plan(k, info, o.schedule(), &self.limits())?)
+    }
+}
+
+/// A loaded kernel: runs on inputs in storage form.
+pub trait Compiled: Send + Sync {
+    fn kernel(&self) -> &Kernel;
+    fn schedule(&self) -> &Schedule;
+    /// Which algorithm runs, in words (for `run`, `bench` and `explain`).
+    fn describe(&self) -> String;
+    /// Runs on inputs in storage form; returns the output's shape and f32 values.
+    fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError>;
+    /// Runs on named inputs (f64 values, rounded to the tensors' storage types).
+    fn run(&self, inputs: &BTreeMap<String, Tensor>, explicit: &BTreeMap<String, i64>) -> Result<Tensor, RunError> {
+        let (shape, data) = self.run_storage(&Storage::from_f64(self.kernel(), inputs), explicit)?;
+        Ok(Tensor::new(shape, data.iter().map(|x| *x as f64).collect()))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
     #[error("the target is not supported here: {0}")]
     Unsupported(String),
+    #[error(transparent)]
+    Schedule(#[from] schedule::ScheduleError),
     #[error("code generation failed: {0}")]
     Emit(String),
     #[error("generated code is invalid (a bug in attnc): {0}")]

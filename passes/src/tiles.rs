@@ -11,11 +11,14 @@ use crate::interval::{eval, Iv, LoadOracle};
 use attnc_ir::Expr;
 use std::collections::BTreeMap;
 
+/// A tile's class. The discriminants are the bytes generated code reads (a backend's
+/// class table is a `[TileClass]` passed as bytes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
 pub enum TileClass {
-    Empty,
-    Full,
-    Partial,
+    Empty = 0,
+    Full = 1,
+    Partial = 2,
 }
 
 /// The query-row and key ranges of one tile (half-open) and the fixed batch and head.

@@ -37,32 +37,8 @@ pub(crate) struct Head<'a> {
     pub gate: Option<&'a [f32]>,
 }
 
-/// The shape of the problem and the algorithm's choices.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Plan {
-    pub n: usize,
-    pub m: usize,
-    pub dk: usize,
-    pub dv: usize,
-    /// `Some(off)`: row `i` sees keys `j <= i + off`.
-    pub causal: Option<i64>,
-    pub eps: Option<f32>,
-    pub decay: Decay,
-    pub chunk: usize,
-}
-
-impl Plan {
-    /// The last key row `i` sees, or `None` when it sees none.
-    fn last_key(&self, i: usize) -> Option<usize> {
-        match self.causal {
-            None => Some(self.m - 1),
-            Some(off) => {
-                let p = i as i64 + off;
-                (p >= 0).then(|| (p as usize).min(self.m - 1))
-            }
-        }
-    }
-}
+/// The shape of the problem and the algorithm's choices (the schedule's, at bound dims).
+pub(crate) use crate::schedule::ChunkPlan as Plan;
 
 #[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {

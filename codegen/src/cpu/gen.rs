@@ -20,40 +20,8 @@ use cranelift::codegen::ir::{FuncRef, MemFlagsData};
 use cranelift::prelude::*;
 use std::collections::BTreeMap;
 
-/// Slots of the `frame` table.
-#[derive(Clone, Debug)]
-pub(crate) struct Layout {
-    pub dims: BTreeMap<String, usize>,
-    pub tensors: BTreeMap<String, TensorSlots>,
-    pub len: usize,
-}
-
-#[derive(Clone, Debug)]
-pub(crate) struct TensorSlots {
-    pub base: usize,
-    pub ext: Vec<usize>,
-    pub stride: Vec<usize>,
-    pub is_int: bool,
-}
-
-impl Layout {
-    pub fn new(k: &Kernel) -> Layout {
-        let mut n = 0;
-        let mut next = || {
-            n += 1;
-            n - 1
-        };
-        let dims = k.dims.iter().map(|d| (d.name.clone(), next())).collect();
-        let mut tensors = BTreeMap::new();
-        for t in &k.tensors {
-            let base = next();
-            let ext = t.shape.iter().map(|_| next()).collect();
-            let stride = t.shape.iter().map(|_| next()).collect();
-            tensors.insert(t.name.clone(), TensorSlots { base, ext, stride, is_int: t.dtype.is_int() });
-        }
-        Layout { dims, tensors, len: n }
-    }
-}
+/// The `frame` table's layout (the backend-neutral argument layout).
+pub(crate) use crate::host::ArgLayout as Layout;
 
 /// Host math the generated code calls (Cranelift has no transcendental instructions).
 pub(crate) mod libm {
@@ -132,15 +100,6 @@ pub(crate) struct TVals {
     pub(crate) ext: Vec<Value>,
     pub(crate) stride: Vec<Value>,
     pub(crate) is_int: bool,
-}
-
-/// Whether `derive_T` runs over the first two axes flattened (rank ≥ 2, no prefix sum along
-/// either): then its `[lo, hi)` range is over `ext0 · ext1`, else over the first axis.
-pub(crate) fn derive_flattens(t: &attnc_ir::TensorDecl) -> bool {
-    match &t.kind {
-        TensorKind::Derived { vars, def } => vars.len() >= 2 && !matches!(def, TensorDef::Cumsum { axis: 0 | 1, .. }),
-        _ => false,
-    }
 }
 
 /// Worth a branch to skip (the right side of `&&`/`||`): reductions, powers and gathers,
@@ -621,7 +580,7 @@ impl<'f, 'k> Gen<'f, 'k> {
         let tv = self.tens[name].clone();
         self.writing = Some(name.to_string());
         let rank = vars.len();
-        let flat = derive_flattens(&t);
+        let flat = crate::host::derive_split(&t) == crate::host::DeriveSplit::FirstTwo;
         // Nested loops over all axes; the first runs over [lo, hi) — or, when `flat`, the first
         // two flattened (`x0 · ext1 + x1` in [lo, hi)), so a tensor whose first axis is short
         // (B = 1) still splits into many parallel tasks.

@@ -21,24 +21,14 @@
 //! analysis (attnc-passes); empty tiles cost nothing.
 
 use super::gen::{costly, flags, ro_flags, ty_of, Gen};
-use attnc_ir::{BinOp, Expr, Kernel, Norm, Ty, UnOp};
+use attnc_ir::{BinOp, Expr, Norm, Ty, UnOp};
 use cranelift::codegen::ir::{Endianness, FuncRef, MemFlagsData};
 use cranelift::prelude::*;
 
-pub(crate) use attnc_passes::separable::{extract, Dot, DOT};
-
-/// The tiled form of a kernel.
-#[derive(Clone, Debug)]
-pub(crate) struct TiledPlan {
-    /// Per branch: the dot (if any) and the score with it replaced by `__dot`.
-    pub branches: Vec<(Option<Dot>, Expr)>,
-    /// Channel count of the (shared) dot; all branches' dots must agree on `B`.
-    pub dot: Option<Dot>,
-    /// A per-row factor of the score (`dot · c` or `dot / c`, `c` free of `j`) folded into
-    /// the packed query features, so the tile loop does not multiply by it; single-branch
-    /// kernels only. A softmax branch folds `log2(e)` the same way.
-    pub fold: Option<Expr>,
-}
+use crate::schedule::tiled::SoftmaxPass;
+use crate::schedule::tiled::DOT;
+use crate::schedule::workspace::{Cols, TASK};
+use crate::schedule::TiledSchedule;
 
 pub(crate) use super::microkernel::EXP2_POLY;
 
@@ -52,48 +42,6 @@ pub(crate) struct SoftmaxKernels<F> {
     pub step: F,
     pub qk_max: F,
     pub weights: F,
-}
-
-impl TiledPlan {
-    /// The tiled form, or `None` when a branch's score has no separable structure that the
-    /// tile kernel can use (the row kernel handles it).
-    pub fn new(k: &Kernel) -> Option<TiledPlan> {
-        let mut branches = Vec::new();
-        let mut shared: Option<Dot> = None;
-        for br in &k.branches {
-            let mut found = None;
-            let rest = extract(&br.score, &mut found);
-            // A pair reduction left in the score (not separable) costs O(D) per pair
-            // lane by lane: the row kernel is no worse, keep it simple.
-            let mut pair_reduction = false;
-            rest.walk(&mut |x| {
-                if let Expr::Reduce { .. } = x {
-                    if x.free_vars().contains("j") && x.free_vars().contains("i") {
-                        pair_reduction = true;
-                    }
-                }
-            });
-            if pair_reduction {
-                return None;
-            }
-            if let Some(d) = &found {
-                match &shared {
-                    // Two branches with different key factors would need two key panels.
-                    Some(s) if s.b != d.b || s.len != d.len || s.r != d.r => return None,
-                    _ => shared = Some(d.clone()),
-                }
-            }
-            branches.push((found, rest));
-        }
-        let mut fold = None;
-        if let [(Some(_), rest)] = branches.as_mut_slice() {
-            if let Some(f) = attnc_passes::separable::row_factor(rest) {
-                fold = Some(f);
-                *rest = Expr::var(DOT);
-            }
-        }
-        Some(TiledPlan { branches, dot: shared, fold })
-    }
 }
 
 /// Lane-wise value of the vector code: a scalar shared by the 4 lanes, or a vector.
@@ -774,8 +722,43 @@ impl Gen<'_, '_> {
         self.b.ins().iadd(base, bytes)
     }
 
+    /// The addresses of the task workspace's regions, in [`TASK`]'s order, for a tile of
+    /// `bq × bk` with `dlen` channels and `ev` values; and the size of a `Values` region
+    /// (`bq · ev`, which the fills reuse). Each column kind's size is generated once.
+    fn workspace(&mut self, ws: Value, bq: i64, bk: i64, dlen: Value, ev: Value) -> ([Value; TASK.len()], Value) {
+        let mut sizes: Vec<(Cols, Value)> = Vec::new();
+        let mut at = [ws; TASK.len()];
+        let mut ptr = ws;
+        for (n, region) in TASK.iter().enumerate() {
+            at[n] = ptr;
+            if n + 1 == TASK.len() {
+                break;
+            }
+            let size = match sizes.iter().find(|(c, _)| *c == region.cols) {
+                Some((_, v)) => *v,
+                None => {
+                    let v = match region.cols {
+                        Cols::Channels => self.b.ins().imul_imm_s(dlen, bq),
+                        Cols::Keys => self.iconst(bq * bk),
+                        Cols::Values => self.b.ins().imul_imm_s(ev, bq),
+                        Cols::One => self.iconst(bq),
+                    };
+                    sizes.push((region.cols, v));
+                    v
+                }
+            };
+            ptr = self.ptr_off(ptr, size);
+        }
+        let values = match sizes.iter().find(|(c, _)| *c == Cols::Values) {
+            Some((_, v)) => *v,
+            None => self.b.ins().imul_imm_s(ev, bq),
+        };
+        (at, values)
+    }
+
     /// Body of `pack(frame, b, h, kt, vb)`.
-    pub fn pack(&mut self, plan: &TiledPlan, bk: i64, b: Value, h: Value, kt: Value, vb: Value) {
+    pub fn pack(&mut self, ts: &TiledSchedule, b: Value, h: Value, kt: Value, vb: Value) {
+        let (plan, bk) = (&ts.plan, ts.block_k as i64);
         let k = self.kernel;
         self.bind("b", b);
         self.bind("h", h);
@@ -881,7 +864,8 @@ impl Gen<'_, '_> {
     /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
     /// `(qk, pv)` and, with the microkernel, its softmax step (used by softmax branches with
     /// neither a post-map nor a decay after the weights, and by the first of two passes).
-    pub fn tile(&mut self, plan: &TiledPlan, bq: i64, bk: i64, args: [Value; 7], mm: Matmuls<FuncRef>) {
+    pub fn tile(&mut self, ts: &TiledSchedule, args: [Value; 7], mm: Matmuls<FuncRef>) {
+        let (plan, bq, bk) = (&ts.plan, ts.block_q as i64, ts.block_k as i64);
         let (qk, pv, softmax_mk) = mm;
         let softmax_step = softmax_mk.map(|m| m.step);
         let [b, h, i0, kt, vb, ws, classes] = args;
@@ -895,30 +879,18 @@ impl Gen<'_, '_> {
             Some(d) => self.expr(&d.len),
             None => self.iconst(0),
         };
-        let folds_log2e = plan.fold.is_some() && matches!(k.branches[0].norm, Norm::Softmax { .. });
+        let folds_log2e = plan.log2e_folded();
         let rest = self.b.ins().isub(ni, i0);
         let bqv = self.iconst(bq);
         let nq = self.b.ins().smin(rest, bqv);
         let bkv = self.iconst(bk);
         let t = self.b.ins().iadd_imm_s(mj, bk - 1);
         let (ntiles, _) = self.floor_div(t, bkv);
-        // Workspace: A[BQ][D] S[BQ][BK] O[BQ][Dv] OUT[BQ][Dv] m l corr live blive tmax [BQ].
-        let a_ws = ws;
-        let s_off = self.b.ins().imul_imm_s(dlen, bq);
-        let s_ws = self.ptr_off(ws, s_off);
-        let o_ws = {
-            let off = self.iconst(bq * bk);
-            self.ptr_off(s_ws, off)
-        };
-        let bq_dv = self.b.ins().imul_imm_s(ev, bq);
-        let out_ws = self.ptr_off(o_ws, bq_dv);
-        let m_ws = self.ptr_off(out_ws, bq_dv);
-        let bqc = self.iconst(bq);
-        let l_ws = self.ptr_off(m_ws, bqc);
-        let corr_ws = self.ptr_off(l_ws, bqc);
-        let live_ws = self.ptr_off(corr_ws, bqc);
-        let blive_ws = self.ptr_off(live_ws, bqc);
-        let tmax_ws = self.ptr_off(blive_ws, bqc);
+        // The task workspace (`schedule::workspace::TASK`): A, S, O, OUT, then the row state.
+        let (regions, bq_dv) = self.workspace(ws, bq, bk, dlen, ev);
+        use crate::schedule::workspace::task;
+        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws] =
+            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX].map(|r| regions[r]);
         let zero = self.iconst(0);
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
@@ -976,7 +948,10 @@ impl Gen<'_, '_> {
             self.b.ins().vconst(types::I32X4, c)
         };
 
-        for (bn, (br, (_dot, score_rest))) in k.branches.iter().zip(&plan.branches).enumerate() {
+        for (bn, (br, bp)) in k.branches.iter().zip(&plan.branches).enumerate() {
+            let score_rest = &bp.rest;
+            // The score is the bare dot in base 2, no bias (see `SoftmaxPlan::plain`).
+            let plain_scores = bp.softmax.as_ref().is_some_and(|s| s.plain);
             let (softmax, sink, post) = match &br.norm {
                 Norm::Softmax { sink, post } => (true, sink.clone(), post.clone()),
                 _ => (false, None, None),
@@ -1010,18 +985,20 @@ impl Gen<'_, '_> {
                 g.store_f32(l_ws, r, l0);
                 g.store_f32(blive_ws, r, zf);
             });
-            let passes: &[bool] = if post.is_some() { &[false, true] } else { &[true] };
-            for &accumulate in passes {
-                let two_pass_second = post.is_some() && accumulate;
-                // The softmax step runs in the microkernel when nothing sits between the weights
-                // and P·V (or, first of two passes, only the max and denominator count); the
-                // generated pass then only writes the scores (masked lanes −inf).
-                let helper = softmax_step.filter(|_| softmax && !two_pass_second && (br.decay.is_none() || !accumulate));
+            let one_pass = [SoftmaxPass { accumulate: true, fused_step: false, final_weights: false }];
+            let passes: &[SoftmaxPass] = bp.softmax.as_ref().map_or(&one_pass, |s| &s.passes);
+            for &pass in passes {
+                let (accumulate, two_pass_second) = (pass.accumulate, pass.final_weights);
+                // The softmax step runs in the microkernel when the schedule fuses it (nothing
+                // sits between the weights and P·V, or, first of two passes, only the max and
+                // denominator count); the generated pass then only writes the scores (masked
+                // lanes −inf).
+                let helper = softmax_step.filter(|_| pass.fused_step);
                 // The second of two passes over plain dot products: on full tiles the weights
                 // `2^(s − m) / l` come from the microkernel, and the generated pass only applies
                 // the post-map (and decay). The reciprocal denominators go where the rescale
                 // factors were (a second pass rescales nothing).
-                let weights = softmax_mk.map(|m| m.weights).filter(|_| two_pass_second && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none());
+                let weights = softmax_mk.map(|m| m.weights).filter(|_| pass.final_weights && plain_scores);
                 if weights.is_some() {
                     self.for_range(zero, bqv, &mut |g, r| {
                         let l = g.load_f32(l_ws, r);
@@ -1044,7 +1021,7 @@ impl Gen<'_, '_> {
                         let check = g.b.ins().bor(partial, tail);
                         // A full tile of plain dot products whose softmax step runs in the
                         // microkernel has no per-row work but marking its rows live.
-                        let plain = helper.is_some() && folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none();
+                        let plain = helper.is_some() && plain_scores;
                         if plan.dot.is_some() {
                             let panel = g.b.ins().imul(kb, dlen);
                             let panel = g.b.ins().imul_imm_s(panel, bk);
@@ -1136,7 +1113,7 @@ impl Gen<'_, '_> {
                                             s = g.b.ins().fadd(s, bv);
                                         }
                                         // When nothing changed the tile's values, the store is skipped.
-                                        let unchanged = folds_log2e && *score_rest == Expr::var(DOT) && br.bias.is_none() && !masked && !two_pass_second;
+                                        let unchanged = plain_scores && !masked && !two_pass_second;
                                         // The lane mask (masked tiles only): j < M and the spec's mask.
                                         let lanes = if masked {
                                             let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);

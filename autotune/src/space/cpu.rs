@@ -1,4 +1,4 @@
-//! The CPU search space and the cost model that prunes it.
+//! The CPU search space and the cost model that prunes it ([`CpuSpace`]).
 //!
 //! Candidates: for the tiled kernel, query × key tile sizes with the `std::arch` microkernel
 //! on or off; for the row kernel, the rows per task; for kernels in the normal form of
@@ -10,21 +10,55 @@
 //! throughput, plus a fixed cost per tile and per row of a tile (the per-row softmax
 //! bookkeeping), plus packing. It only ranks candidates; the tuner measures the top ones.
 
-use attnc_codegen::cpu::CpuOptions;
+use super::{live_tiles, Candidate, SearchSpace, LOWRANK_OFF};
+use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::schedule::{tiles_apply, ScheduleOptions};
 use attnc_ir::{Bindings, Kernel};
 use attnc_passes::interval::LoadOracle;
-use attnc_passes::tiles::{classify_row, TileClass};
 
-/// One configuration to try.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Candidate {
-    pub name: String,
-    pub options: CpuOptions,
-    /// The cost model's estimate, in seconds (only its order matters).
-    pub predicted: f64,
-    /// Passes switched off for this candidate on top of the caller's configuration (the
-    /// kernel it runs is the spec optimized without them): `["lowrank"]` or none.
-    pub passes_off: Vec<String>,
+/// The CPU search space for a caller's thread count (0: every core, and then fewer threads
+/// are tried too).
+pub struct CpuSpace {
+    pub backend: CpuBackend,
+    pub threads: usize,
+    /// Cores of the host (for the thread twins).
+    pub cores: usize,
+}
+
+impl CpuSpace {
+    pub fn new(threads: usize) -> CpuSpace {
+        CpuSpace { backend: CpuBackend::default(), threads, cores: std::thread::available_parallelism().map_or(1, |n| n.get()) }
+    }
+}
+
+impl SearchSpace for CpuSpace {
+    type Backend = CpuBackend;
+    fn backend(&self) -> &CpuBackend {
+        &self.backend
+    }
+    fn candidates(&self, k: &Kernel, dims: &Bindings, data: &dyn LoadOracle) -> Vec<Candidate<CpuOptions>> {
+        cpu_candidates(k, dims, self.threads, data)
+    }
+    fn names(&self, k: &Kernel) -> Vec<String> {
+        cpu_candidate_names(k)
+    }
+    /// Cranelift's optimizer helps some kernels and hurts others: the best two are measured
+    /// with it on as well; with every core asked for, the best two also run on fewer threads.
+    fn twins(&self, pruned: &[Candidate<CpuOptions>]) -> Vec<Candidate<CpuOptions>> {
+        let mut twins = clif_opt_twins(pruned, 2);
+        if self.threads == 0 {
+            twins.extend(thread_twins(pruned, 2, self.cores));
+        }
+        twins
+    }
+    fn default_options(&self) -> CpuOptions {
+        CpuOptions { threads: self.threads, ..CpuOptions::default() }
+    }
+    /// The caller's thread count wins when given; 0 (all cores) takes the tuned one.
+    fn adjust(&self, cached: CpuOptions) -> CpuOptions {
+        let threads = if self.threads == 0 { cached.threads } else { self.threads };
+        CpuOptions { threads, ..cached }
+    }
 }
 
 /// Constants of the model, fitted to `attnc tune` tables on an AVX2 machine (Zen 3,
@@ -53,46 +87,20 @@ const KEY_TILES: [usize; 4] = [16, 32, 64, 128];
 /// Chunk sizes tried for linear attention.
 const CHUNKS: [usize; 3] = [32, 64, 128];
 
-/// Live (non-empty) tiles of the first masked branch at the given tile size, counted over
-/// one head (the mask is classified at b = h = 0); `(live, partial)`.
-fn live_tiles(k: &Kernel, dims: &Bindings, bq: i64, bk: i64, data: &dyn LoadOracle) -> (f64, f64) {
-    let ext = |e: &attnc_ir::Extent| dims.extent(e);
-    let (ni, nj) = (ext(&k.iter.i), ext(&k.iter.j));
-    let mask = k.branches.iter().find_map(|b| b.mask.as_ref());
-    let (mut live, mut partial) = (0.0, 0.0);
-    // Large problems: classify every `stride`-th row of query tiles and scale up, so the
-    // estimate stays cheap (it runs on every untuned `attnc run`).
-    let tiles = ((ni + bq - 1) / bq) * ((nj + bk - 1) / bk);
-    let stride = (tiles / 2048).max(1);
-    for i0 in (0..ni).step_by((bq * stride) as usize) {
-        for class in classify_row(mask, 0, 0, (i0, (i0 + bq).min(ni)), nj, bk, &dims.dims, data) {
-            match class {
-                TileClass::Empty => {}
-                TileClass::Full => live += stride as f64,
-                TileClass::Partial => {
-                    live += stride as f64;
-                    partial += stride as f64;
-                }
-            }
-        }
-    }
-    (live, partial)
-}
-
 /// Every CPU candidate for a kernel bound to `dims`, with its predicted cost, cheapest
 /// first. `threads` is fixed (the caller's choice, part of every candidate).
-pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn LoadOracle) -> Vec<Candidate> {
+pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn LoadOracle) -> Vec<Candidate<CpuOptions>> {
     let ext = |e: &attnc_ir::Extent| dims.extent(e) as f64;
     let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
     let heads = nb * nh;
     let dk = 64.0_f64.max(ne);
     let mut out = Vec::new();
-    let tiled = attnc_codegen::cpu::tiles_apply(k);
+    let tiled = tiles_apply(k);
     // Quadratic candidates of a kernel in linear normal form must switch the chunked
     // algorithm off; for any other kernel the option has no effect and stays the default
     // (so the default configuration is one of the candidates).
     let linear = attnc_passes::linear::LinearForm::of(k);
-    let quadratic_chunk = if linear.is_some() { 0 } else { CpuOptions::default().chunk };
+    let quadratic_chunk = if linear.is_some() { 0 } else { ScheduleOptions::default().chunk };
     // Per-pair work beyond the matmuls: bias and decay as written (each kernel's own
     // arithmetic, priced by the passes' cost function).
     let pair_ops: f64 =
@@ -100,7 +108,8 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
     if tiled {
         for bq in QUERY_TILES {
             for bk in KEY_TILES {
-                let (live, partial) = live_tiles(k, dims, bq as i64, bk as i64, data);
+                let counts = live_tiles(k, dims, bq as i64, bk as i64, data);
+                let (live, partial) = (counts.live(), counts.partial);
                 let pairs = live * (bq * bk) as f64;
                 for microkernel in [true, false] {
                     let flops = pairs * 2.0 * (dk + ne);
@@ -113,18 +122,20 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                         + pairs * pair_ops * PAIR_OP_S
                         + (ni + nj) * dk * 2e-10;
                     let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
-                    let options = CpuOptions { tiled: true, microkernel, block_q: bq, block_k: bk, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
+                    let schedule = ScheduleOptions { tiled: true, block_q: bq, block_k: bk, chunk: quadratic_chunk };
+                    let options = CpuOptions { schedule, microkernel, threads, ..CpuOptions::default() };
                     out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
                 }
             }
         }
     }
     // The row kernel: scalar work per live pair; fewer rows per task, more scheduling.
-    let (live, _) = live_tiles(k, dims, 64, 64, data);
+    let live = live_tiles(k, dims, 64, 64, data).live();
     let pairs = (live * 4096.0).min(ni * nj);
     for rows in [4usize, 16, 64] {
         let per_head = pairs * (dk + ne) * 2.0 / 2e9 + (ni / rows as f64) * 2e-6;
-        let options = CpuOptions { tiled: false, rows_per_task: rows, threads, chunk: quadratic_chunk, ..CpuOptions::default() };
+        let schedule = ScheduleOptions { tiled: false, chunk: quadratic_chunk, ..ScheduleOptions::default() };
+        let options = CpuOptions { schedule, rows_per_task: rows, threads, ..CpuOptions::default() };
         out.push(Candidate { name: format!("rows {rows}"), options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
     }
     if let Some(form) = linear {
@@ -140,7 +151,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                 _ => 3.0 * (ni + nj) * dk,
             };
             let per_head = flops / CHUNKED_FLOPS + exps * EXP_S + (nj / c) * 1e-6;
-            let options = CpuOptions { chunk, threads, ..CpuOptions::default() };
+            let options = CpuOptions { schedule: ScheduleOptions { chunk, ..ScheduleOptions::default() }, threads, ..CpuOptions::default() };
             out.push(Candidate { name: format!("chunked {chunk}"), options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
         }
     }
@@ -151,7 +162,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
 /// The names of every candidate (what the cache key's checksum covers), without costs.
 pub fn cpu_candidate_names(k: &Kernel) -> Vec<String> {
     let mut names = Vec::new();
-    if attnc_codegen::cpu::tiles_apply(k) {
+    if tiles_apply(k) {
         for bq in QUERY_TILES {
             for bk in KEY_TILES {
                 for microkernel in [true, false] {
@@ -181,7 +192,7 @@ pub const CLIF_OPT: &str = " clif-opt";
 /// and gathers (swin_window at N = 2048: 1.4×) and loses elsewhere (softcap's `tanh`:
 /// 0.85×, hoisted invariants re-elaborated inside loops), which the cost model cannot
 /// tell apart, so the tuner measures both.
-pub fn clif_opt_twins(pruned: &[Candidate], n: usize) -> Vec<Candidate> {
+pub fn clif_opt_twins(pruned: &[Candidate<CpuOptions>], n: usize) -> Vec<Candidate<CpuOptions>> {
     pruned
         .iter()
         .filter(|c| !c.options.clif_opt && !c.name.starts_with("chunked"))
@@ -200,7 +211,7 @@ pub fn fewer_threads(cores: usize) -> Vec<usize> {
 }
 
 /// Twins of the first `n` candidates that use every core, with each of [`fewer_threads`].
-pub fn thread_twins(pruned: &[Candidate], n: usize, cores: usize) -> Vec<Candidate> {
+pub fn thread_twins(pruned: &[Candidate<CpuOptions>], n: usize, cores: usize) -> Vec<Candidate<CpuOptions>> {
     pruned
         .iter()
         .filter(|c| c.options.threads == 0 && !c.options.clif_opt)
@@ -215,31 +226,15 @@ pub fn thread_twins(pruned: &[Candidate], n: usize, cores: usize) -> Vec<Candida
         .collect()
 }
 
-/// Suffix of a candidate that runs the spec optimized without the exact low-rank bias.
-pub const LOWRANK_OFF: &str = " lowrank-off";
-
-/// The candidates of the kernel optimized without `lowrank` (the first `n` of its own
-/// ranking), renamed and marked: FlashBias's extra dot channels against the per-pair bias
-/// as written. Which wins depends on the machine (ALiBi on this AVX2 host: 0.89–1.25×), so
-/// the tuner measures both.
-pub fn lowrank_off(ranked: &[Candidate], n: usize) -> Vec<Candidate> {
-    ranked.iter().take(n).map(|c| Candidate { name: format!("{}{LOWRANK_OFF}", c.name), passes_off: vec!["lowrank".into()], ..c.clone() }).collect()
-}
-
 /// Name suffix of a candidate on `t` threads.
 fn threads_suffix(t: usize) -> String {
     format!(" {t} thread{}", if t == 1 { "" } else { "s" })
 }
 
-/// The `top_k` cheapest candidates by the cost model.
-pub fn prune(mut all: Vec<Candidate>, top_k: usize) -> Vec<Candidate> {
-    all.truncate(top_k.max(1));
-    all
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::space::prune;
     use attnc_passes::interval::NoData;
 
     fn bound(n: i64) -> (Kernel, Bindings) {
@@ -263,7 +258,7 @@ mod tests {
         let top = prune(all.clone(), 6);
         assert_eq!(top.len(), 6);
         assert_eq!(top, all[..6].to_vec());
-        assert!(top.iter().all(|c| c.options.tiled && c.options.microkernel), "{top:?}");
+        assert!(top.iter().all(|c| c.options.schedule.tiled && c.options.microkernel), "{top:?}");
         // Causal: the model sees that tiles above the diagonal are empty, so it predicts
         // about half the time of the same spec without a mask would take.
         assert!(all.iter().any(|c| c.name == "tiled 64x64"));
@@ -303,9 +298,9 @@ mod tests {
         let at = |n: i64| Bindings { dims: [("B", 1), ("H", 8), ("N", n), ("M", n), ("D", 64)].iter().map(|(a, b)| (a.to_string(), *b)).collect() };
         let long = cpu_candidates(&k, &at(8192), 2, &NoData);
         assert!(long[0].name.starts_with("chunked"), "{:?}", long[0]);
-        assert!(long[0].options.chunk > 0);
+        assert!(long[0].options.schedule.chunk > 0);
         let short = cpu_candidates(&k, &at(32), 2, &NoData);
         assert!(!short[0].name.starts_with("chunked"), "{:?}", short[0]);
-        assert_eq!(short[0].options.chunk, 0, "quadratic candidates run quadratic");
+        assert_eq!(short[0].options.schedule.chunk, 0, "quadratic candidates run quadratic");
     }
 }

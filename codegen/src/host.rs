@@ -1,0 +1,218 @@
+//! Host-side pieces every backend's runtime needs: inputs in storage form ([`Storage`]),
+//! the argument layout of a kernel (dims, tensor extents and strides: [`ArgLayout`]), the
+//! checks made before a launch ([`check_divisors`]), the split of a derived tensor into
+//! parallel tasks ([`derive_split`]) and the data a run-time tile classifier reads
+//! ([`MaskData`]). Addresses are the backend's own (a CPU pointer, a GPU binding).
+
+use attnc_ir::reference::Tensor;
+use attnc_ir::{Bindings, Kernel, TensorDecl, TensorDef, TensorKind};
+use std::collections::BTreeMap;
+
+/// Inputs in storage form: f32 bits for float tensors, i32 for integer ones.
+#[derive(Clone, Debug)]
+pub struct Storage {
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub bufs: BTreeMap<String, Vec<u32>>,
+}
+
+impl Storage {
+    /// Rounds f64 values to the storage type of each declared input.
+    pub fn from_f64(k: &Kernel, inputs: &BTreeMap<String, Tensor>) -> Storage {
+        let mut st = Storage { shapes: BTreeMap::new(), bufs: BTreeMap::new() };
+        for (name, t) in inputs {
+            let int = k.tensor(name).is_some_and(|d| d.dtype.is_int());
+            let data = if int { t.data.iter().map(|x| (*x as i32) as u32).collect() } else { t.data.iter().map(|x| (*x as f32).to_bits()).collect() };
+            st.shapes.insert(name.clone(), t.shape.clone());
+            st.bufs.insert(name.clone(), data);
+        }
+        st
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Bind(#[from] attnc_ir::BindError),
+    #[error("input `{name}`: {why}")]
+    Input { name: String, why: String },
+    #[error("{0}")]
+    Divisor(String),
+    #[error(transparent)]
+    Schedule(#[from] crate::schedule::ScheduleError),
+    #[error("cannot build the thread pool: {0}")]
+    Threads(String),
+}
+
+/// Slots of a kernel's argument table: every dim's value, and for every tensor its base
+/// address, extents and strides (in elements, row-major). The CPU passes the table as an
+/// `i64` array (the `frame`); a GPU backend puts the same values in a uniform buffer and
+/// the addresses in its bindings.
+#[derive(Clone, Debug)]
+pub struct ArgLayout {
+    pub dims: BTreeMap<String, usize>,
+    pub tensors: BTreeMap<String, TensorSlots>,
+    pub len: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorSlots {
+    pub base: usize,
+    pub ext: Vec<usize>,
+    pub stride: Vec<usize>,
+    pub is_int: bool,
+}
+
+impl ArgLayout {
+    pub fn new(k: &Kernel) -> ArgLayout {
+        let mut n = 0;
+        let mut next = || {
+            n += 1;
+            n - 1
+        };
+        let dims = k.dims.iter().map(|d| (d.name.clone(), next())).collect();
+        let mut tensors = BTreeMap::new();
+        for t in &k.tensors {
+            let base = next();
+            let ext = t.shape.iter().map(|_| next()).collect();
+            let stride = t.shape.iter().map(|_| next()).collect();
+            tensors.insert(t.name.clone(), TensorSlots { base, ext, stride, is_int: t.dtype.is_int() });
+        }
+        ArgLayout { dims, tensors, len: n }
+    }
+
+    /// The table at bound dims, each tensor's base slot holding `base(tensor)`.
+    pub fn fill(&self, k: &Kernel, dims: &Bindings, base: &mut dyn FnMut(&TensorDecl) -> i64) -> Vec<i64> {
+        let mut table = vec![0i64; self.len];
+        for (d, slot) in &self.dims {
+            table[*slot] = dims.dims[d];
+        }
+        for t in &k.tensors {
+            let slots = &self.tensors[&t.name];
+            let shape = dims.shape(t);
+            table[slots.base] = base(t);
+            let mut stride = 1i64;
+            for a in (0..shape.len()).rev() {
+                table[slots.ext[a]] = shape[a] as i64;
+                table[slots.stride[a]] = stride;
+                stride *= shape[a] as i64;
+            }
+        }
+        table
+    }
+}
+
+/// Integer divisors are dim expressions (E0008); a zero one would be a run-time fault.
+pub fn check_divisors(k: &Kernel, dims: &Bindings) -> Result<(), RunError> {
+    let mut err = None;
+    for (label, e) in k.exprs() {
+        e.walk(&mut |x| {
+            if let attnc_ir::Expr::Binary(attnc_ir::BinOp::FloorDiv | attnc_ir::BinOp::Mod, _, d) = x {
+                if d.free_vars().is_empty() && d.loads().is_empty() {
+                    if let Ok(0) = attnc_ir::bind::eval_dims(d, &dims.dims) {
+                        err.get_or_insert(format!("{label}: the divisor `{}` is 0 for these dims", attnc_ir::pretty::infix(d)));
+                    }
+                }
+            }
+        });
+    }
+    match err {
+        Some(e) => Err(RunError::Divisor(e)),
+        None => Ok(()),
+    }
+}
+
+/// How a derived tensor's computation splits into parallel tasks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeriveSplit {
+    /// One task (a scalar, or a prefix sum along the first axis).
+    Whole,
+    /// Ranges of the first axis.
+    FirstAxis,
+    /// Ranges of the first two axes flattened (`x0 · ext1 + x1`; rank ≥ 2, no prefix sum
+    /// along either), so a tensor whose first axis is short (B = 1) still splits.
+    FirstTwo,
+}
+
+/// The split of derived tensor `t`.
+pub fn derive_split(t: &TensorDecl) -> DeriveSplit {
+    match &t.kind {
+        TensorKind::Derived { def: TensorDef::Cumsum { axis: 0, .. }, .. } => DeriveSplit::Whole,
+        TensorKind::Derived { vars, .. } if vars.is_empty() => DeriveSplit::Whole,
+        TensorKind::Derived { vars, def } if vars.len() >= 2 && !matches!(def, TensorDef::Cumsum { axis: 1, .. }) => DeriveSplit::FirstTwo,
+        _ => DeriveSplit::FirstAxis,
+    }
+}
+
+/// The tasks of derived tensor `t` at `shape`: half-open ranges over the split's index
+/// space (about 64 of them).
+pub fn derive_tasks(t: &TensorDecl, shape: &[usize]) -> Vec<(i64, i64)> {
+    let first = shape.first().copied().unwrap_or(1) as i64;
+    let n = match derive_split(t) {
+        DeriveSplit::Whole => return vec![(0, first)],
+        DeriveSplit::FirstAxis => first,
+        DeriveSplit::FirstTwo => first * shape[1] as i64,
+    };
+    let step = (n / 64).max(1);
+    (0..(n + step - 1) / step).map(|c| (c * step, ((c + 1) * step).min(n))).collect()
+}
+
+/// The tensors a kernel's masks read, as f64, for the run-time tile classifier.
+pub struct MaskData {
+    tensors: BTreeMap<String, (Vec<usize>, Vec<f64>, bool)>,
+}
+
+impl MaskData {
+    /// Reads the masks' tensors from storage-form buffers (f32 or i32 bits).
+    pub fn new(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>) -> MaskData {
+        let mut tensors = BTreeMap::new();
+        for t in &k.tensors {
+            let used = k.branches.iter().any(|b| b.mask.as_ref().is_some_and(|m| m.loads().contains(&t.name)));
+            if !used {
+                continue;
+            }
+            let vals: Vec<f64> = if t.dtype.is_int() {
+                bufs[&t.name].iter().map(|x| *x as i32 as f64).collect()
+            } else {
+                bufs[&t.name].iter().map(|x| f32::from_bits(*x) as f64).collect()
+            };
+            tensors.insert(t.name.clone(), (dims.shape(t), vals, t.dtype.is_int()));
+        }
+        MaskData { tensors }
+    }
+
+    /// The classifier's view (boxes of up to 2^14 elements are read exactly).
+    pub fn oracle(&self) -> attnc_passes::tiles::DataOracle<'_> {
+        attnc_passes::tiles::DataOracle {
+            tensors: self.tensors.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(),
+            limit: 1 << 14,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn derived_tensors_split_as_before() {
+        let k = attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim D)
+               (input q f32 [B H N D]) (input a f32 [B H N])
+               (tensor L f32 [B H N] (x y t) (cumsum 2 (load a x y t)))
+               (tensor C f32 [B H N] (x y t) (cumsum 0 (load a x y t)))
+               (tensor R f32 [B] (x) (map (load a x 0 0)))
+               (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j N) (e D)) (value (load q b h j e)) (out b h i e)
+               (branch (score (load L b h i)) (norm (softmax))))",
+        )
+        .expect("kernel");
+        let t = |n: &str| k.tensor(n).unwrap().clone();
+        assert_eq!(derive_split(&t("L")), DeriveSplit::FirstTwo);
+        assert_eq!(derive_split(&t("C")), DeriveSplit::Whole);
+        assert_eq!(derive_split(&t("R")), DeriveSplit::FirstAxis);
+        assert_eq!(derive_tasks(&t("L"), &[1, 8, 100]), (0..8).map(|h| (h, h + 1)).collect::<Vec<_>>());
+        assert_eq!(derive_tasks(&t("C"), &[3, 8, 100]), vec![(0, 3)]);
+        let r = derive_tasks(&t("R"), &[200]);
+        assert_eq!((r.len(), r[0], *r.last().unwrap()), (67, (0, 3), (198, 200)));
+    }
+}

@@ -1,0 +1,180 @@
+//! The tiled form of a kernel: what the tile loop computes with a matmul and what it
+//! evaluates per pair, and how each branch normalizes. Pure IR analysis: every backend's
+//! tile kernel (CPU microkernels, GPU tensor cores or workgroup tiles) reads it.
+
+use attnc_ir::{Expr, Kernel, Norm};
+
+pub use attnc_passes::separable::{extract, Dot, DOT};
+
+/// The tiled form of a kernel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TiledPlan {
+    /// Per branch: the separable dot (if any) and what the score does with it.
+    pub branches: Vec<BranchPlan>,
+    /// The dot all branches share (they read one key panel `B` with one channel count).
+    pub dot: Option<Dot>,
+    /// A per-row factor of the score (`dot · c` or `dot / c`, `c` free of `j`) folded into
+    /// the packed query features, so the tile loop does not multiply by it; single-branch
+    /// kernels only. A softmax branch folds `log2(e)` the same way ([`SoftmaxPlan::log2e_folded`]).
+    pub fold: Option<Expr>,
+}
+
+/// One branch of the tiled form.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BranchPlan {
+    /// The separable channel reduction of the score, run as the tile's `Q·Kᵀ` matmul.
+    pub dot: Option<Dot>,
+    /// The score with the dot replaced by the variable [`DOT`] (just `DOT` when the score
+    /// is the dot, or its folded row factor times it).
+    pub rest: Expr,
+    /// How a softmax branch runs; `None` for the other normalizations (one pass, each
+    /// weight a pointwise function of its score, plus the row sum for `linear`).
+    pub softmax: Option<SoftmaxPlan>,
+}
+
+/// The softmax plan of a branch. Softmax runs in base 2 (`2^(s·log2 e − m)`), online over
+/// the key tiles: a running maximum `m`, denominator `l` and rescale factor per row.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SoftmaxPlan {
+    /// `log2 e` is folded into the packed query features with the row factor, so the
+    /// matmul's output is already in base 2.
+    pub log2e_folded: bool,
+    /// The score is the bare (folded) dot with no bias: on a full tile the matmul's output
+    /// is the base-2 logit itself, and nothing but the softmax step runs per element.
+    pub plain: bool,
+    /// The passes over the key tiles: one; or two when a post-map follows the softmax (the
+    /// first finds each row's final maximum and denominator, the second maps the weights).
+    pub passes: Vec<SoftmaxPass>,
+}
+
+/// One pass of a softmax branch over its live key tiles.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SoftmaxPass {
+    /// The pass multiplies the weights with the values (`O = O·corr + P·V`); the first of
+    /// two passes only updates the row state.
+    pub accumulate: bool,
+    /// The online step (row maximum, rescale factor, weights in place, denominator) can run
+    /// over the whole tile of scores as one routine: nothing sits between the weights and
+    /// `P·V` (no post-map, no decay) in this pass.
+    pub fused_step: bool,
+    /// The second of two passes: the final maximum and denominator are known, the weights
+    /// are `2^(s − m) / l`, then the post-map.
+    pub final_weights: bool,
+}
+
+impl TiledPlan {
+    /// The tiled form, or `None` when a branch's score has no separable structure that a
+    /// tile kernel can use (the row kernel handles it).
+    pub fn new(k: &Kernel) -> Option<TiledPlan> {
+        let mut parts = Vec::new();
+        let mut shared: Option<Dot> = None;
+        for br in &k.branches {
+            let mut found = None;
+            let rest = extract(&br.score, &mut found);
+            // A pair reduction left in the score (not separable) costs O(D) per pair
+            // lane by lane: the row kernel is no worse, keep it simple.
+            let mut pair_reduction = false;
+            rest.walk(&mut |x| {
+                if let Expr::Reduce { .. } = x {
+                    if x.free_vars().contains("j") && x.free_vars().contains("i") {
+                        pair_reduction = true;
+                    }
+                }
+            });
+            if pair_reduction {
+                return None;
+            }
+            if let Some(d) = &found {
+                match &shared {
+                    // Two branches with different key factors would need two key panels.
+                    Some(s) if s.b != d.b || s.len != d.len || s.r != d.r => return None,
+                    _ => shared = Some(d.clone()),
+                }
+            }
+            parts.push((found, rest));
+        }
+        let mut fold = None;
+        if let [(Some(_), rest)] = parts.as_mut_slice() {
+            if let Some(f) = attnc_passes::separable::row_factor(rest) {
+                fold = Some(f);
+                *rest = Expr::var(DOT);
+            }
+        }
+        let log2e_folded = fold.is_some() && matches!(k.branches[0].norm, Norm::Softmax { .. });
+        let branches = parts
+            .into_iter()
+            .zip(&k.branches)
+            .map(|((dot, rest), br)| {
+                let softmax = match &br.norm {
+                    Norm::Softmax { post, .. } => {
+                        let plain = log2e_folded && rest == Expr::var(DOT) && br.bias.is_none();
+                        let passes = if post.is_some() {
+                            vec![
+                                SoftmaxPass { accumulate: false, fused_step: true, final_weights: false },
+                                SoftmaxPass { accumulate: true, fused_step: false, final_weights: true },
+                            ]
+                        } else {
+                            vec![SoftmaxPass { accumulate: true, fused_step: br.decay.is_none(), final_weights: false }]
+                        };
+                        Some(SoftmaxPlan { log2e_folded, plain, passes })
+                    }
+                    _ => None,
+                };
+                BranchPlan { dot, rest, softmax }
+            })
+            .collect();
+        Some(TiledPlan { branches, dot: shared, fold })
+    }
+
+    /// Whether `log2 e` is folded into the packed queries (the first branch is a softmax and
+    /// the score's row factor is folded).
+    pub fn log2e_folded(&self) -> bool {
+        self.branches.first().and_then(|b| b.softmax.as_ref()).is_some_and(|s| s.log2e_folded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kernel(branch: &str) -> Kernel {
+        attnc_ir::parse_kernel(&format!(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (input s f32 [H]) (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e) {branch})"
+        ))
+        .expect("kernel")
+    }
+    const DOT_SCORE: &str = "(score (* (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0))) 0.125))";
+
+    #[test]
+    fn a_scaled_dot_folds_its_factor_and_log2e() {
+        let p = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (softmax)))"))).expect("tiled");
+        assert!(p.fold.is_some() && p.log2e_folded());
+        let s = p.branches[0].softmax.as_ref().expect("softmax");
+        assert!(s.plain);
+        assert_eq!(s.passes, vec![SoftmaxPass { accumulate: true, fused_step: true, final_weights: false }]);
+    }
+
+    #[test]
+    fn a_bias_or_a_decay_or_a_post_map_changes_the_plan() {
+        let biased = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (bias (load s h)) (norm (softmax)))"))).expect("tiled");
+        assert!(!biased.branches[0].softmax.as_ref().unwrap().plain, "a bias is per-pair work");
+        let decayed = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (softmax)) (decay (load s h)))"))).expect("tiled");
+        assert!(!decayed.branches[0].softmax.as_ref().unwrap().passes[0].fused_step, "a decay sits between the weights and P·V");
+        let post = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (softmax (post (* w 2.0)))))"))).expect("tiled");
+        let passes = &post.branches[0].softmax.as_ref().unwrap().passes;
+        assert_eq!(passes.len(), 2);
+        assert!(passes[0].fused_step && !passes[0].accumulate);
+        assert!(passes[1].final_weights && passes[1].accumulate && !passes[1].fused_step);
+        let map = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (map (sigmoid s))))"))).expect("tiled");
+        assert!(map.branches[0].softmax.is_none() && !map.log2e_folded());
+    }
+
+    #[test]
+    fn a_pair_reduction_outside_the_dot_is_not_tiled() {
+        let gla =
+            "(branch (score (reduce sum r0 0 $D (* (* (load q b h i r0) (load k b h j r0)) (exp (- (load q b h i r0) (load k b h j r0)))))) (norm (softmax)))";
+        assert!(TiledPlan::new(&kernel(gla)).is_none());
+    }
+}

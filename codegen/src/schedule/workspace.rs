@@ -1,0 +1,143 @@
+//! The tiled kernel's workspace: one layout, read by the schedule (for its size and budget)
+//! and by each backend's emitter (for the offsets of its regions).
+//!
+//! Two scopes:
+//! - per task (a query tile: a CPU worker's scratch memory, a GPU workgroup's shared
+//!   memory): the packed query features `A`, the scores `S`, the branch and output
+//!   accumulators `O`, `OUT`, and six per-row vectors of the normalization state;
+//! - per head group (heads sharing one key/value pack): the key panels `KT`, transposed in
+//!   panels of `BK` keys, and the value rows `VB`, both zero-padded to whole key tiles.
+//!
+//! Sizes are in f32 elements; a region is `rows × cols` with the columns a function of the
+//! dims (channels of the dot, output channels).
+
+/// How many columns a region has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cols {
+    /// The dot's channels (`Dk` plus any low-rank bias channels).
+    Channels,
+    /// The keys of a tile (`BK`).
+    Keys,
+    /// Output channels (`Dv`).
+    Values,
+    /// One per row.
+    One,
+}
+
+/// How many rows a region has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    /// The query rows of a tile (`BQ`).
+    QueryTile,
+    /// The keys padded to whole tiles (`ceil(M / BK) · BK`).
+    PaddedKeys,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub rows: Rows,
+    pub cols: Cols,
+}
+
+const fn region(name: &'static str, what: &'static str, rows: Rows, cols: Cols) -> Region {
+    Region { name, what, rows, cols }
+}
+
+/// The regions of a task's workspace, in order (each starts where the previous ends).
+pub const TASK: [Region; 10] = [
+    region("A", "packed query features", Rows::QueryTile, Cols::Channels),
+    region("S", "scores, then weights", Rows::QueryTile, Cols::Keys),
+    region("O", "the branch's accumulator", Rows::QueryTile, Cols::Values),
+    region("OUT", "the output rows' accumulator", Rows::QueryTile, Cols::Values),
+    region("m", "running maximum (base 2)", Rows::QueryTile, Cols::One),
+    region("l", "denominator", Rows::QueryTile, Cols::One),
+    region("corr", "rescale factor of the last tile", Rows::QueryTile, Cols::One),
+    region("live", "the row has a live key in some branch", Rows::QueryTile, Cols::One),
+    region("blive", "the row has a live key in this branch", Rows::QueryTile, Cols::One),
+    region("tmax", "row maxima of a tile's scores, from the matmul", Rows::QueryTile, Cols::One),
+];
+
+/// Indices into [`TASK`].
+pub mod task {
+    pub const A: usize = 0;
+    pub const S: usize = 1;
+    pub const O: usize = 2;
+    pub const OUT: usize = 3;
+    pub const M: usize = 4;
+    pub const L: usize = 5;
+    pub const CORR: usize = 6;
+    pub const LIVE: usize = 7;
+    pub const BLIVE: usize = 8;
+    pub const TMAX: usize = 9;
+}
+
+/// The regions of a head group's pack.
+pub const PACK: [Region; 2] = [
+    region("KT", "key features, transposed in panels of BK keys", Rows::PaddedKeys, Cols::Channels),
+    region("VB", "value rows", Rows::PaddedKeys, Cols::Values),
+];
+
+/// The workspace of a tiled schedule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TileWorkspace {
+    pub block_q: usize,
+    pub block_k: usize,
+}
+
+impl TileWorkspace {
+    /// Rows of a region for `keys` keys.
+    pub fn rows(&self, r: Rows, keys: i64) -> u128 {
+        match r {
+            Rows::QueryTile => self.block_q as u128,
+            Rows::PaddedKeys => (keys.max(0) as u128).div_ceil(self.block_k as u128) * self.block_k as u128,
+        }
+    }
+
+    /// Columns of a region (`A` and `KT` have none when the kernel has no dot).
+    pub fn cols(&self, c: Cols, channels: i64, values: i64) -> u128 {
+        match c {
+            Cols::Channels => channels.max(0) as u128,
+            Cols::Keys => self.block_k as u128,
+            Cols::Values => values.max(0) as u128,
+            Cols::One => 1,
+        }
+    }
+
+    fn floats(&self, regions: &[Region], keys: i64, channels: i64, values: i64) -> u128 {
+        regions.iter().map(|r| self.rows(r.rows, keys) * self.cols(r.cols, channels, values)).sum()
+    }
+
+    /// f32 elements of one task's workspace.
+    pub fn task_floats(&self, channels: i64, values: i64) -> u128 {
+        self.floats(&TASK, 0, channels, values)
+    }
+
+    /// Bytes of one task's workspace.
+    pub fn task_bytes(&self, channels: i64, values: i64) -> u128 {
+        4 * self.task_floats(channels, values)
+    }
+
+    /// f32 elements of the key panels and of the value rows of one head group.
+    pub fn pack_floats(&self, keys: i64, channels: i64, values: i64) -> (u128, u128) {
+        (self.floats(&PACK[..1], keys, channels, values), self.floats(&PACK[1..], keys, channels, values))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_add_up_region_by_region() {
+        let w = TileWorkspace { block_q: 64, block_k: 32 };
+        // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
+        assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
+        assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
+        // 70 keys pad to 96.
+        assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
+        assert_eq!(TASK[task::TMAX].name, "tmax");
+        assert_eq!(TASK[task::S].cols, Cols::Keys);
+    }
+}
