@@ -3,12 +3,14 @@
 //! It owns the data structure of one attention kernel ([`Kernel`]), its canonical text form
 //! (`Display` + [`parse_kernel`], round-tripping), the verifier that turns a kernel into the
 //! facts backends need ([`verify`] → [`KernelInfo`]), shape binding ([`bind()`]), the stable
-//! structural hash for cache keys ([`stable_hash`]) and the f64 reference interpreter whose
-//! behaviour *is* the meaning of a kernel ([`reference`]).
+//! structural hash for cache keys ([`stable_hash`]), the f64 reference interpreter whose
+//! behaviour *is* the meaning of a kernel ([`reference`]), and the expression facts code
+//! generators share ([`analysis`]: invariance, contiguous rows).
 //!
 //! It knows nothing of the surface language (attnc-dsl), of rewrites (attnc-passes) or of
 //! code generation (attnc-codegen).
 
+pub mod analysis;
 pub mod bind;
 pub mod expr;
 pub mod hash;

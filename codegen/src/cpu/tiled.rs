@@ -57,8 +57,7 @@ fn little() -> MemFlagsData {
 
 impl Gen<'_, '_> {
     fn varying(&self, e: &Expr, vecs: &[String]) -> bool {
-        let fv = e.free_vars();
-        vecs.iter().any(|v| fv.contains(v))
+        attnc_ir::analysis::varies(e, vecs)
     }
 
     /// A uniform value as a vector of 4 lanes (ints as i32, conditions as lane masks).
@@ -446,24 +445,17 @@ impl Gen<'_, '_> {
         self.clamped_offset(&tv, uniform)
     }
 
-    /// When `e` is a load of f32s whose last index is exactly `var` (and no other index uses
-    /// it), the address of its element at `var = 0` and a run-time flag: the last axis is
-    /// contiguous and holds at least `len` elements, so `var in 0..len` reads `len`
-    /// consecutive floats (the packs then copy rows with vector loads).
+    /// When `e` reads a row of f32s along `var` ([`attnc_ir::analysis::row_access`]), the
+    /// address of its element at `var = 0` and a run-time flag: the last axis is contiguous
+    /// and holds at least `len` elements, so `var in 0..len` reads `len` consecutive floats
+    /// (the packs then copy rows with vector loads).
     pub(crate) fn contiguous_row(&mut self, e: &Expr, var: &str, len: Value) -> Option<(Value, Value)> {
-        let Expr::Load(t, idx) = e else { return None };
-        let (last, rest) = idx.split_last()?;
-        if *last != Expr::var(var) || rest.iter().any(|x| x.free_vars().contains(var)) {
-            return None;
-        }
-        let tv = self.tens[t].clone();
-        if tv.is_int {
-            return None;
-        }
-        let off = self.clamped_offset(&tv, rest.iter().enumerate());
+        let row = attnc_ir::analysis::row_access(self.kernel, e, var)?;
+        let tv = self.tens[row.tensor].clone();
+        let off = self.clamped_offset(&tv, row.prefix.iter().enumerate());
         let bytes = self.b.ins().ishl_imm_u(off, 2);
         let addr = self.b.ins().iadd(tv.base, bytes);
-        let axis = rest.len();
+        let axis = row.prefix.len();
         let covers = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, tv.ext[axis], len);
         let unit = self.b.ins().icmp_imm_s(IntCC::Equal, tv.stride[axis], 1);
         Some((addr, self.b.ins().band(covers, unit)))
@@ -651,49 +643,26 @@ impl Gen<'_, '_> {
         self.b.block_params(done)[0]
     }
 
-    /// Computes the maximal lane-uniform parts of `exprs` now (before a loop over key
-    /// vectors) and caches them; returns how many entries to pop afterwards.
+    /// Computes the lane-uniform parts of `exprs` now (before a loop over key vectors, see
+    /// [`attnc_ir::analysis::invariants`]) and caches them; returns how many entries to pop
+    /// afterwards.
     pub(crate) fn hoist(&mut self, exprs: &[&Expr], vecs: &[String]) -> usize {
+        use attnc_ir::analysis::{invariants, Invariant};
         let before = self.cache.len();
-        fn go(g: &mut Gen, e: &Expr, vecs: &[String]) {
-            let trivial = matches!(e, Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_));
-            if !g.varying(e, vecs) {
-                if !trivial && !g.cache.iter().any(|(x, _)| x == e) {
-                    let v = g.expr(e);
-                    g.cache.push((e.clone(), v));
-                }
-                return;
+        for inv in invariants(exprs, vecs) {
+            let (key, value) = match inv {
+                Invariant::Value(e) => (e.clone(), None),
+                Invariant::Divisor(d) => (reciprocal(d), None),
+                Invariant::LoadOffset { tensor, index } => (offset_key(tensor, index), Some((tensor, index))),
+            };
+            if self.cache.iter().any(|(x, _)| *x == key) {
+                continue;
             }
-            if let Expr::Binary(BinOp::Div, _, d) = e {
-                if !g.varying(d, vecs) {
-                    let r = reciprocal(d);
-                    if !g.cache.iter().any(|(x, _)| *x == r) {
-                        let v = g.expr(&r);
-                        g.cache.push((r, v));
-                    }
-                }
-            }
-            // A vector load's uniform offset.
-            if let Expr::Load(t, idx) = e {
-                let key = offset_key(t, idx);
-                if !g.cache.iter().any(|(x, _)| *x == key) {
-                    let v = g.uniform_offset(t, idx, vecs);
-                    g.cache.push((key, v));
-                }
-            }
-            // Lane-wise reductions and loads evaluate their parts per lane: hoist inside too.
-            for c in e.children() {
-                if let Expr::Reduce { .. } = e {
-                    // The reduction variable is bound inside: its body is not uniform here.
-                    if std::ptr::eq(c, e.children()[2]) {
-                        continue;
-                    }
-                }
-                go(g, c, vecs);
-            }
-        }
-        for e in exprs {
-            go(self, e, vecs);
+            let v = match value {
+                Some((t, idx)) => self.uniform_offset(t, idx, vecs),
+                None => self.expr(&key),
+            };
+            self.cache.push((key, v));
         }
         self.cache.len() - before
     }
