@@ -1,15 +1,15 @@
 //! The CPU backend: Cranelift JIT for the host (x86-64 or aarch64).
 //!
 //! [`CpuBackend`] implements [`Backend`]: it emits one Cranelift function per entry point of
-//! the kernel's [`Schedule`] ([`emit`]), verifies them, and loads them as machine code
+//! the kernel's [`Schedule`] (`emit`), verifies them, and loads them as machine code
 //! ([`CpuKernel`]). [`CpuKernel::run_storage`] binds dims from the input shapes, computes
 //! derived tensors, and runs the schedule's algorithm on rayon's thread pool:
 //!
-//! - the tiled kernel ([`tiled`]: microkernel matmuls and softmax step, generated f32x4 code
+//! - the tiled kernel (`tiled`: microkernel matmuls and softmax step, generated f32x4 code
 //!   for everything variant-specific, empty tiles skipped) over (head group, query tile);
-//! - the row-at-a-time kernel ([`gen`]: every spec, e.g. GLA's per-channel decay inside the
+//! - the row-at-a-time kernel (`gen`: every spec, e.g. GLA's per-channel decay inside the
 //!   dot when run quadratically) over (batch, head, rows);
-//! - the chunked algorithm ([`chunked`]) for kernels in the linear-attention normal form of
+//! - the chunked algorithm (`chunked`) for kernels in the linear-attention normal form of
 //!   `attnc_passes::linear`, over (batch, head).
 //!
 //! What is decided here is only what is CPU-specific: the ISA and its features, the

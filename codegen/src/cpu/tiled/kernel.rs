@@ -1,0 +1,770 @@
+//! `tile(frame, b, h, i0, kt, vb, ws, classes)`: one query tile against its live key tiles,
+//! in the parts the schedule's tiled plan names (query pack, branch state, key-tile passes,
+//! rows, fold, store).
+
+use super::super::gen::{flags, Gen};
+use super::*;
+use attnc_ir::{Expr, Norm};
+use cranelift::codegen::ir::FuncRef;
+use cranelift::prelude::*;
+
+use crate::schedule::tiled::{SoftmaxPass, TiledPlan, DOT};
+use crate::schedule::workspace::{Cols, TASK};
+use crate::schedule::TiledSchedule;
+use attnc_ir::Branch;
+
+/// The values every part of a `tile` function reads: its arguments, the dims, the tile
+/// sizes, the workspace regions and a few constants.
+#[derive(Clone, Copy)]
+struct TileFrame {
+    i0: Value,
+    kt: Value,
+    vb: Value,
+    classes: Value,
+    ni: Value,
+    mj: Value,
+    ev: Value,
+    dlen: Value,
+    nq: Value,
+    bqv: Value,
+    bkv: Value,
+    ntiles: Value,
+    bq_dv: Value,
+    a_ws: Value,
+    s_ws: Value,
+    o_ws: Value,
+    out_ws: Value,
+    m_ws: Value,
+    l_ws: Value,
+    corr_ws: Value,
+    live_ws: Value,
+    blive_ws: Value,
+    tmax_ws: Value,
+    zero: Value,
+    zf: Value,
+    one_f: Value,
+    ninf: Value,
+    bk: i64,
+    folds_log2e: bool,
+    has_dot: bool,
+}
+
+/// One pass of one branch over its live key tiles (see `SoftmaxPass`).
+#[derive(Clone, Copy)]
+struct PassFrame<'a> {
+    bn: usize,
+    br: &'a Branch,
+    score_rest: &'a Expr,
+    post: &'a Option<Expr>,
+    softmax: bool,
+    linear_eps: Option<f64>,
+    plain_scores: bool,
+    accumulate: bool,
+    two_pass_second: bool,
+    helper: Option<FuncRef>,
+    weights: Option<FuncRef>,
+    qk: FuncRef,
+    pv: FuncRef,
+    softmax_mk: Option<SoftmaxKernels<FuncRef>>,
+    iota: Value,
+}
+
+impl Gen<'_, '_> {
+    /// The addresses of the task workspace's regions, in [`TASK`]'s order, for a tile of
+    /// `bq × bk` with `dlen` channels and `ev` values; and the size of a `Values` region
+    /// (`bq · ev`, which the fills reuse). Each column kind's size is generated once.
+    pub(super) fn workspace(&mut self, ws: Value, bq: i64, bk: i64, dlen: Value, ev: Value) -> ([Value; TASK.len()], Value) {
+        let mut sizes: Vec<(Cols, Value)> = Vec::new();
+        let mut at = [ws; TASK.len()];
+        let mut ptr = ws;
+        for (n, region) in TASK.iter().enumerate() {
+            at[n] = ptr;
+            if n + 1 == TASK.len() {
+                break;
+            }
+            let size = match sizes.iter().find(|(c, _)| *c == region.cols) {
+                Some((_, v)) => *v,
+                None => {
+                    let v = match region.cols {
+                        Cols::Channels => self.b.ins().imul_imm_s(dlen, bq),
+                        Cols::Keys => self.iconst(bq * bk),
+                        Cols::Values => self.b.ins().imul_imm_s(ev, bq),
+                        Cols::One => self.iconst(bq),
+                    };
+                    sizes.push((region.cols, v));
+                    v
+                }
+            };
+            ptr = self.ptr_off(ptr, size);
+        }
+        let values = match sizes.iter().find(|(c, _)| *c == Cols::Values) {
+            Some((_, v)) => *v,
+            None => self.b.ins().imul_imm_s(ev, bq),
+        };
+        (at, values)
+    }
+
+    /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
+    /// `(qk, pv)` and, with the microkernel, its softmax helpers (used as the schedule's
+    /// softmax plan allows).
+    pub fn tile(&mut self, ts: &TiledSchedule, args: [Value; 7], mm: Matmuls<FuncRef>) {
+        let (plan, bq, bk) = (&ts.plan, ts.block_q as i64, ts.block_k as i64);
+        let (qk, pv, softmax_mk) = mm;
+        let softmax_step = softmax_mk.map(|m| m.step);
+        let [b, h, i0, kt, vb, ws, classes] = args;
+        let k = self.kernel;
+        self.bind("b", b);
+        self.bind("h", h);
+        let ni = self.expr(&k.iter.i.to_expr());
+        let mj = self.expr(&k.iter.j.to_expr());
+        let ev = self.expr(&k.iter.e.to_expr());
+        let dlen = match &plan.dot {
+            Some(d) => self.expr(&d.len),
+            None => self.iconst(0),
+        };
+        let folds_log2e = plan.log2e_folded();
+        let rest = self.b.ins().isub(ni, i0);
+        let bqv = self.iconst(bq);
+        let nq = self.b.ins().smin(rest, bqv);
+        let bkv = self.iconst(bk);
+        let t = self.b.ins().iadd_imm_s(mj, bk - 1);
+        let (ntiles, _) = self.floor_div(t, bkv);
+        // The task workspace (`schedule::workspace::TASK`): A, S, O, OUT, then the row state.
+        let (regions, bq_dv) = self.workspace(ws, bq, bk, dlen, ev);
+        use crate::schedule::workspace::task;
+        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws] =
+            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX].map(|r| regions[r]);
+        let zero = self.iconst(0);
+        let zf = self.fconst(0.0);
+        let one_f = self.fconst(1.0);
+        let ninf = self.fconst(f32::NEG_INFINITY);
+        let has_dot = plan.dot.is_some();
+        let f = TileFrame {
+            i0,
+            kt,
+            vb,
+            classes,
+            ni,
+            mj,
+            ev,
+            dlen,
+            nq,
+            bqv,
+            bkv,
+            ntiles,
+            bq_dv,
+            a_ws,
+            s_ws,
+            o_ws,
+            out_ws,
+            m_ws,
+            l_ws,
+            corr_ws,
+            live_ws,
+            blive_ws,
+            tmax_ws,
+            zero,
+            zf,
+            one_f,
+            ninf,
+            bk,
+            folds_log2e,
+            has_dot,
+        };
+        // Pack A (zero rows past the end), clear OUT and the live flags.
+        self.pack_queries(plan, &f);
+        self.zero_fill(out_ws, bq_dv);
+        self.zero_fill(live_ws, bqv);
+
+        let iota = {
+            let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
+            self.b.ins().vconst(types::I32X4, c)
+        };
+
+        for (bn, (br, bp)) in k.branches.iter().zip(&plan.branches).enumerate() {
+            let score_rest = &bp.rest;
+            // The score is the bare dot in base 2, no bias (see `SoftmaxPlan::plain`).
+            let plain_scores = bp.softmax.as_ref().is_some_and(|s| s.plain);
+            let (softmax, sink, post) = match &br.norm {
+                Norm::Softmax { sink, post } => (true, sink.clone(), post.clone()),
+                _ => (false, None, None),
+            };
+            let linear_eps = match &br.norm {
+                Norm::Linear { eps } => Some(eps.0),
+                _ => None,
+            };
+
+            // Branch state.
+            self.branch_state(&f, &sink);
+            let one_pass = [SoftmaxPass { accumulate: true, fused_step: false, final_weights: false }];
+            let passes: &[SoftmaxPass] = bp.softmax.as_ref().map_or(&one_pass, |s| &s.passes);
+            for &pass in passes {
+                let (accumulate, two_pass_second) = (pass.accumulate, pass.final_weights);
+                // The softmax step runs in the microkernel when the schedule fuses it (nothing
+                // sits between the weights and P·V, or, first of two passes, only the max and
+                // denominator count); the generated pass then only writes the scores (masked
+                // lanes −inf).
+                let helper = softmax_step.filter(|_| pass.fused_step);
+                // The second of two passes over plain dot products: on full tiles the weights
+                // `2^(s − m) / l` come from the microkernel, and the generated pass only applies
+                // the post-map (and decay). The reciprocal denominators go where the rescale
+                // factors were (a second pass rescales nothing).
+                let weights = softmax_mk.map(|m| m.weights).filter(|_| pass.final_weights && plain_scores);
+                let p = PassFrame {
+                    bn,
+                    br,
+                    score_rest,
+                    post: &post,
+                    softmax,
+                    linear_eps,
+                    plain_scores,
+                    accumulate,
+                    two_pass_second,
+                    helper,
+                    weights,
+                    qk,
+                    pv,
+                    softmax_mk,
+                    iota,
+                };
+                self.key_tiles(&f, &p);
+            }
+            // Fold the branch into OUT: O · weight / denominator, for live rows.
+            self.fold_branch(&f, br, softmax, &post, linear_eps);
+        }
+        // Gate and store: f32x4 stores when the output rows are contiguous along `e` and
+        // there is no gate, else element by element.
+        self.store_tile(&f);
+        self.unbind(2);
+        self.b.ins().return_(&[]);
+    }
+
+    /// Packs the query tile's features `A` (the folded row factor applied), zero rows past the end.
+    fn pack_queries(&mut self, plan: &TiledPlan, f: &TileFrame) {
+        let TileFrame { i0, ni, dlen, nq, bqv, a_ws, zero, zf, folds_log2e, .. } = *f;
+        if let Some(dot) = &plan.dot {
+            self.for_range(zero, bqv, &mut |g, r| {
+                let inside = g.b.ins().icmp(IntCC::SignedLessThan, r, nq);
+                let i = g.b.ins().iadd(i0, r);
+                let il = g.b.ins().iadd_imm_s(ni, -1);
+                let i = g.b.ins().smin(i, il);
+                g.bind("i", i);
+                let row = g.b.ins().imul(r, dlen);
+                // The folded row factor (and log2 e for a softmax), once per row.
+                let factor = plan.fold.as_ref().map(|f| {
+                    let v = g.expr(f);
+                    if folds_log2e {
+                        let l2e = g.fconst(std::f32::consts::LOG2_E);
+                        g.b.ins().fmul(v, l2e)
+                    } else {
+                        v
+                    }
+                });
+                let mut generic = |g: &mut Self| {
+                    let z = g.iconst(0);
+                    g.for_range(z, dlen, &mut |g, x| {
+                        g.bind(&dot.r, x);
+                        let v = g.expr(&dot.a);
+                        g.unbind(1);
+                        let v = match factor {
+                            Some(f) => g.b.ins().fmul(v, f),
+                            None => v,
+                        };
+                        let v = g.b.ins().select(inside, v, zf);
+                        let off = g.b.ins().iadd(row, x);
+                        g.store_f32(a_ws, off, v);
+                    });
+                };
+                match g.contiguous_row(&dot.a, &dot.r, dlen) {
+                    Some((src, ok)) => {
+                        let fast = g.b.ins().band(ok, inside);
+                        g.if_else(fast, &mut |g| g.copy_row(src, dlen, factor, &mut |g, x, v| g.store_row(a_ws, row, x, v)), &mut generic);
+                    }
+                    None => generic(g),
+                }
+                g.unbind(1);
+            });
+        }
+    }
+
+    /// Clears a branch's accumulator and sets each row's state (the sink logit, if any).
+    fn branch_state(&mut self, f: &TileFrame, sink: &Option<Expr>) {
+        let TileFrame { i0, ni, bqv, bq_dv, o_ws, m_ws, l_ws, blive_ws, zero, zf, ninf, .. } = *f;
+        self.zero_fill(o_ws, bq_dv);
+        self.for_range(zero, bqv, &mut |g, r| {
+            let i = g.b.ins().iadd(i0, r);
+            let il = g.b.ins().iadd_imm_s(ni, -1);
+            let i = g.b.ins().smin(i, il);
+            g.bind("i", i);
+            let (m0, l0) = match &sink {
+                Some(se) => {
+                    let sk = g.expr(se);
+                    let is_ninf = g.b.ins().fcmp(FloatCC::Equal, sk, ninf);
+                    let d = g.b.ins().fsub(sk, sk);
+                    let one = g.call("attnc_expf", &[d]);
+                    let l2e = g.fconst(std::f32::consts::LOG2_E);
+                    let sk2 = g.b.ins().fmul(sk, l2e);
+                    (sk2, g.b.ins().select(is_ninf, zf, one))
+                }
+                None => (ninf, zf),
+            };
+            g.unbind(1);
+            g.store_f32(m_ws, r, m0);
+            g.store_f32(l_ws, r, l0);
+            g.store_f32(blive_ws, r, zf);
+        });
+    }
+
+    /// One pass over the live key tiles: the scores' matmul, the rows, the softmax step and `P·V`.
+    fn key_tiles(&mut self, f: &TileFrame, p: &PassFrame) {
+        let TileFrame {
+            kt,
+            vb,
+            classes,
+            mj,
+            ev,
+            dlen,
+            nq,
+            bqv,
+            bkv,
+            ntiles,
+            a_ws,
+            s_ws,
+            o_ws,
+            m_ws,
+            l_ws,
+            corr_ws,
+            blive_ws,
+            tmax_ws,
+            zero,
+            one_f,
+            bk,
+            has_dot,
+            ..
+        } = *f;
+        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, .. } = *p;
+        if weights.is_some() {
+            self.for_range(zero, bqv, &mut |g, r| {
+                let l = g.load_f32(l_ws, r);
+                let inv = g.b.ins().fdiv(one_f, l);
+                g.store_f32(corr_ws, r, inv);
+            });
+        }
+        let class_base = self.b.ins().imul_imm_s(ntiles, bn as i64);
+        self.for_range(zero, ntiles, &mut |g, kb| {
+            let coff = g.b.ins().iadd(class_base, kb);
+            let caddr = g.b.ins().iadd(classes, coff);
+            let class = g.b.ins().load(types::I8, flags(), caddr, 0);
+            let live_tile = g.b.ins().icmp_imm_s(IntCC::NotEqual, class, 0);
+            g.if_then(live_tile, &mut |g| {
+                let j0 = g.b.ins().imul_imm_s(kb, bk);
+                let left = g.b.ins().isub(mj, j0);
+                let nk = g.b.ins().smin(left, bkv);
+                let partial = g.b.ins().icmp_imm_s(IntCC::Equal, class, 2);
+                let tail = g.b.ins().icmp(IntCC::SignedLessThan, nk, bkv);
+                let check = g.b.ins().bor(partial, tail);
+                // A full tile of plain dot products whose softmax step runs in the
+                // microkernel has no per-row work but marking its rows live.
+                let plain = helper.is_some() && plain_scores;
+                if has_dot {
+                    let panel = g.b.ins().imul(kb, dlen);
+                    let panel = g.b.ins().imul_imm_s(panel, bk);
+                    let ktp = g.ptr_off(kt, panel);
+                    match softmax_mk.filter(|_| plain) {
+                        // A full tile of plain dot products: the row maxima come with the scores.
+                        Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
+                            check,
+                            &mut |g| {
+                                g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                            },
+                            &mut |g| {
+                                g.b.ins().call(qk_max, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv, tmax_ws]);
+                            },
+                        ),
+                        None => {
+                            g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                        }
+                    }
+                }
+                if let Some(w) = weights {
+                    let full = g.b.ins().bxor_imm_u(check, 1);
+                    g.if_then(full, &mut |g| {
+                        g.b.ins().call(w, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
+                    });
+                }
+                let j0v = g.b.ins().ireduce(types::I32, j0);
+                let j0v = g.b.ins().splat(types::I32X4, j0v);
+                let jbase = g.b.ins().iadd(j0v, iota);
+                let mjv = g.b.ins().ireduce(types::I32, mj);
+                let mjv = g.b.ins().splat(types::I32X4, mjv);
+                // The rows of the tile: scores, mask and the per-row state (none for a `plain` tile).
+                let mut rows = |g: &mut Self| g.tile_rows(f, p, check, jbase, mjv);
+                if plain {
+                    g.if_else(check, &mut rows, &mut |g| {
+                        let z = g.iconst(0);
+                        g.for_range(z, nq, &mut |g, r| {
+                            let one = g.fconst(1.0);
+                            g.store_f32(blive_ws, r, one);
+                        });
+                    });
+                } else {
+                    rows(g);
+                }
+                if let Some(step) = helper {
+                    let null = g.iconst(0);
+                    let tmax = if plain { g.b.ins().select(check, null, tmax_ws) } else { null };
+                    g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws, tmax]);
+                }
+                if accumulate {
+                    let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
+                    let vt = vb_tile(g, vb, j0, ev);
+                    g.b.ins().call(pv, &[s_ws, bkv, vt, ev, o_ws, ev, corr_arg, nq, nk, ev]);
+                }
+            });
+        });
+    }
+
+    /// The rows of one key tile: scores, mask and the per-row state (none for a `plain` tile).
+    fn tile_rows(&mut self, f: &TileFrame, p: &PassFrame, check: Value, jbase: Value, mjv: Value) {
+        let g = self;
+        let _k = g.kernel;
+        let TileFrame { i0, nq, s_ws, m_ws, l_ws, corr_ws, blive_ws, zf, one_f, ninf, bk, folds_log2e, .. } = *f;
+        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, .. } = *p;
+        let z = g.iconst(0);
+        g.for_range(z, nq, &mut |g, r| {
+            let i = g.b.ins().iadd(i0, r);
+            g.bind("i", i);
+            let mut row_exprs: Vec<&Expr> = vec![score_rest];
+            row_exprs.extend(br.bias.iter());
+            row_exprs.extend(br.mask.iter());
+            row_exprs.extend(br.decay.iter());
+            row_exprs.extend(post.iter());
+            if let Norm::Map(f) = &br.norm {
+                row_exprs.push(f);
+            }
+            let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), "s".to_string(), "w".to_string()]);
+            let srow = g.b.ins().imul_imm_s(r, bk);
+            let ninf_v = g.b.ins().splat(types::F32X4, ninf);
+            let zero_v = g.b.ins().splat(types::F32X4, zf);
+            let rowmax = g.b.declare_var(types::F32X4);
+            g.b.def_var(rowmax, ninf_v);
+            let rowsum = g.b.declare_var(types::F32X4);
+            g.b.def_var(rowsum, zero_v);
+            let rownan = g.b.declare_var(types::I32X4);
+            let anylive = g.b.declare_var(types::I32X4);
+            let zi = g.b.ins().iconst(types::I32, 0);
+            let zi = g.b.ins().splat(types::I32X4, zi);
+            g.b.def_var(anylive, zi);
+            g.b.def_var(rownan, zi);
+            let (mrow, lrow) = (g.load_f32(m_ws, r), g.load_f32(l_ws, r));
+            // The second of two passes divides by the final denominator: one
+            // reciprocal per row.
+            let linv = if two_pass_second { g.b.ins().fdiv(one_f, lrow) } else { lrow };
+            let nvec = g.iconst(bk / 4);
+            // Pass over the tile: scores, mask, then the weights in place. Tiles
+            // that are full and not the last take the path without mask work.
+            let pass = |g: &mut Self, masked: bool| {
+                let z = g.iconst(0);
+                g.for_range(z, nvec, &mut |g, cv| {
+                    let c4 = g.b.ins().imul_imm_s(cv, 4);
+                    let off = g.b.ins().iadd(srow, c4);
+                    let (jv, jcl) = key_lanes(g, jbase, c4, mjv);
+                    let addr = g.ptr_off(s_ws, off);
+                    let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                    g.bind("j", jcl);
+                    g.bind(DOT, dotv);
+                    let vecs = vec!["j".to_string(), DOT.to_string()];
+                    // Softmax runs in base 2: s·log2(e), then exp2 (the factor is in
+                    // the packed queries when folded, so only the bias needs it).
+                    let l2e = g.fconst(std::f32::consts::LOG2_E);
+                    let l2e = g.b.ins().splat(types::F32X4, l2e);
+                    let mut s = g.vexpr_f(score_rest, &vecs);
+                    if softmax && !folds_log2e {
+                        s = g.b.ins().fmul(s, l2e);
+                    }
+                    if let Some(bias) = &br.bias {
+                        let bv = g.vexpr_f(bias, &vecs);
+                        let bv = if softmax { g.b.ins().fmul(bv, l2e) } else { bv };
+                        s = g.b.ins().fadd(s, bv);
+                    }
+                    // When nothing changed the tile's values, the store is skipped.
+                    let unchanged = plain_scores && !masked && !two_pass_second;
+                    // The lane mask (masked tiles only): j < M and the spec's mask.
+                    let lanes = if masked {
+                        let mut m = g.b.ins().icmp(IntCC::SignedLessThan, jv, mjv);
+                        if let Some(me) = &br.mask {
+                            let mv = g.vexpr_f(me, &vecs);
+                            m = g.b.ins().band(m, mv);
+                        }
+                        let al = g.b.use_var(anylive);
+                        let al = g.b.ins().bor(al, m);
+                        g.b.def_var(anylive, al);
+                        Some(m)
+                    } else {
+                        None
+                    };
+                    let sel = |g: &mut Self, x: Value, other: Value| match lanes {
+                        Some(m) => g.fselect(m, x, other),
+                        None => x,
+                    };
+                    let p = if softmax && helper.is_some() {
+                        sel(g, s, ninf_v)
+                    } else if softmax && !two_pass_second {
+                        let s = sel(g, s, ninf_v);
+                        // Max by compare-and-select (2 instructions, not the NaN-
+                        // propagating sequence); NaN is tracked on the side.
+                        let rm = g.b.use_var(rowmax);
+                        let gt = g.b.ins().fcmp(FloatCC::GreaterThan, s, rm);
+                        let rm = g.fselect(gt, s, rm);
+                        g.b.def_var(rowmax, rm);
+                        let isnan = g.b.ins().fcmp(FloatCC::Unordered, s, s);
+                        let rn = g.b.use_var(rownan);
+                        let rn = g.b.ins().bor(rn, isnan);
+                        g.b.def_var(rownan, rn);
+                        s
+                    } else if softmax {
+                        // Second pass: the final max and denominator are known
+                        // (on a full tile with `weights`, the tile holds the
+                        // weights already).
+                        let w = if weights.is_some() && !masked {
+                            s
+                        } else {
+                            let mv = g.b.ins().splat(types::F32X4, mrow);
+                            let d = g.b.ins().fsub(s, mv);
+                            let pe = g.vexp2_nonpos(d);
+                            let lv = g.b.ins().splat(types::F32X4, linv);
+                            g.b.ins().fmul(pe, lv)
+                        };
+                        g.bind("w", w);
+                        let vecs2 = vec!["j".to_string(), DOT.to_string(), "w".to_string()];
+                        let pw = g.vexpr_f(post.as_ref().expect("post"), &vecs2);
+                        g.unbind(1);
+                        let pw = match &br.decay {
+                            Some(de) => {
+                                let dv = g.vexpr_f(de, &vecs);
+                                g.b.ins().fmul(pw, dv)
+                            }
+                            None => pw,
+                        };
+                        sel(g, pw, zero_v)
+                    } else {
+                        let pw = match &br.norm {
+                            Norm::Map(f) => {
+                                g.bind("s", s);
+                                let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
+                                let p = g.vexpr_f(f, &vecs2);
+                                g.unbind(1);
+                                p
+                            }
+                            _ => s,
+                        };
+                        let pw = sel(g, pw, zero_v);
+                        if linear_eps.is_some() {
+                            let rs = g.b.use_var(rowsum);
+                            let rs = g.b.ins().fadd(rs, pw);
+                            g.b.def_var(rowsum, rs);
+                        }
+                        match &br.decay {
+                            Some(de) => {
+                                let dv = g.vexpr_f(de, &vecs);
+                                g.b.ins().fmul(pw, dv)
+                            }
+                            None => pw,
+                        }
+                    };
+                    g.unbind(2);
+                    if !unchanged {
+                        g.b.ins().store(flags(), p, addr, 0);
+                    }
+                });
+            };
+            g.if_else(check, &mut |g| pass(g, true), &mut |g| {
+                // A full tile has at least one key, all live.
+                let ones = g.b.ins().iconst(types::I32, -1);
+                let ones = g.b.ins().splat(types::I32X4, ones);
+                g.b.def_var(anylive, ones);
+                // A plain full tile never gets here (see `plain`).
+                pass(g, false)
+            });
+            // Row bookkeeping.
+            let al = g.b.use_var(anylive);
+            let any = g.b.ins().vany_true(al);
+            g.if_then(any, &mut |g| {
+                let one = g.fconst(1.0);
+                g.store_f32(blive_ws, r, one);
+            });
+            if helper.is_some() {
+                // The step runs on the whole tile below.
+            } else if softmax && !two_pass_second {
+                let rm = g.b.use_var(rowmax);
+                let tmax = g.hreduce(rm, true);
+                let rn = g.b.use_var(rownan);
+                let any_nan = g.b.ins().vany_true(rn);
+                let nan = g.fconst(f32::NAN);
+                let tmax = g.b.ins().select(any_nan, nan, tmax);
+                let m_new = g.b.ins().fmax(mrow, tmax);
+                let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
+                let m_use = g.b.ins().select(is_ninf, zf, m_new);
+                let dm = g.b.ins().fsub(mrow, m_use);
+                let ln2 = g.fconst(std::f32::consts::LN_2);
+                let dm = g.b.ins().fmul(dm, ln2);
+                let corr = g.call("attnc_expf", &[dm]);
+                let mu = g.b.ins().splat(types::F32X4, m_use);
+                let sum = g.b.declare_var(types::F32X4);
+                g.b.def_var(sum, zero_v);
+                let z = g.iconst(0);
+                g.for_range(z, nvec, &mut |g, cv| {
+                    let c4 = g.b.ins().imul_imm_s(cv, 4);
+                    let off = g.b.ins().iadd(srow, c4);
+                    let addr = g.ptr_off(s_ws, off);
+                    let s = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                    let d = g.b.ins().fsub(s, mu);
+                    let p = g.vexp2_nonpos(d);
+                    let acc = g.b.use_var(sum);
+                    let acc = g.b.ins().fadd(acc, p);
+                    g.b.def_var(sum, acc);
+                    // Without accumulation (first of two passes) only the sum counts.
+                    if accumulate {
+                        let p = match &br.decay {
+                            Some(de) => {
+                                let (_, jcl) = key_lanes(g, jbase, c4, mjv);
+                                g.bind("j", jcl);
+                                let dv = g.vexpr_f(de, &["j".to_string()]);
+                                g.unbind(1);
+                                g.b.ins().fmul(p, dv)
+                            }
+                            None => p,
+                        };
+                        g.b.ins().store(flags(), p, addr, 0);
+                    }
+                });
+                let sv = g.b.use_var(sum);
+                let tsum = g.hreduce(sv, false);
+                let l_new = g.b.ins().fmul(lrow, corr);
+                let l_new = g.b.ins().fadd(l_new, tsum);
+                g.store_f32(l_ws, r, l_new);
+                g.store_f32(m_ws, r, m_new);
+                g.store_f32(corr_ws, r, corr);
+            } else if linear_eps.is_some() {
+                let sv = g.b.use_var(rowsum);
+                let tsum = g.hreduce(sv, false);
+                let l_new = g.b.ins().fadd(lrow, tsum);
+                g.store_f32(l_ws, r, l_new);
+            }
+            g.unhoist(hoisted);
+            g.unbind(1);
+        });
+    }
+
+    /// Adds the branch to OUT: O · weight / denominator, for live rows.
+    fn fold_branch(&mut self, f: &TileFrame, br: &Branch, softmax: bool, post: &Option<Expr>, linear_eps: Option<f64>) {
+        let TileFrame { i0, ev, nq, o_ws, out_ws, m_ws, l_ws, live_ws, blive_ws, zero, zf, one_f, ninf, .. } = *f;
+        self.for_range(zero, nq, &mut |g, r| {
+            let i = g.b.ins().iadd(i0, r);
+            g.bind("i", i);
+            let bl = g.load_f32(blive_ws, r);
+            let mut live = g.b.ins().fcmp(FloatCC::NotEqual, bl, zf);
+            let lrow = g.load_f32(l_ws, r);
+            if softmax {
+                let mrow = g.load_f32(m_ws, r);
+                let fin = g.b.ins().fcmp(FloatCC::NotEqual, mrow, ninf);
+                live = g.b.ins().band(live, fin);
+            }
+            let mut factor = match (softmax && post.is_none(), linear_eps) {
+                (true, _) => g.b.ins().fdiv(one_f, lrow),
+                (_, Some(eps)) => {
+                    let e = g.fconst(eps as f32);
+                    let d = g.b.ins().fadd(lrow, e);
+                    g.b.ins().fdiv(one_f, d)
+                }
+                _ => one_f,
+            };
+            if let Some(w) = &br.weight {
+                let wv = g.expr(w);
+                factor = g.b.ins().fmul(factor, wv);
+            }
+            g.unbind(1);
+            g.if_then(live, &mut |g| {
+                let one = g.fconst(1.0);
+                g.store_f32(live_ws, r, one);
+                let row = g.b.ins().imul(r, ev);
+                let (o_row, out_row) = (g.ptr_off(o_ws, row), g.ptr_off(out_ws, row));
+                g.for_lanes(ev, &mut |g, e, ty| {
+                    let o = g.load_at(o_row, e, ty);
+                    let f = g.lanes_of(factor, ty);
+                    let o = g.b.ins().fmul(o, f);
+                    let acc = g.load_at(out_row, e, ty);
+                    let acc = g.b.ins().fadd(acc, o);
+                    g.store_at(out_row, e, acc);
+                });
+            });
+        });
+    }
+
+    /// Applies the gate and stores the tile's output rows (zeros for rows with no live key).
+    fn store_tile(&mut self, f: &TileFrame) {
+        let k = self.kernel;
+        let TileFrame { i0, ev, nq, out_ws, live_ws, zf, .. } = *f;
+        // there is no gate, else element by element.
+        let out = self.tens[&k.output().name].clone();
+        let rows_contiguous = k.gate.is_none() && k.out.last().is_some_and(|v| v == "e") && !k.out[..k.out.len() - 1].iter().any(|v| v == "e");
+        let store_rows = |g: &mut Self, vector: bool| {
+            let z = g.iconst(0);
+            g.for_range(z, nq, &mut |g, r| {
+                let i = g.b.ins().iadd(i0, r);
+                g.bind("i", i);
+                let lv = g.load_f32(live_ws, r);
+                let live = g.b.ins().fcmp(FloatCC::NotEqual, lv, zf);
+                let row = g.b.ins().imul(r, ev);
+                if vector {
+                    let out_row = g.ptr_off(out_ws, row);
+                    let mut off = g.iconst(0);
+                    for (axis, var) in k.out[..k.out.len() - 1].iter().enumerate() {
+                        let x = g.expr(&Expr::var(var));
+                        let p = g.b.ins().imul(x, out.stride[axis]);
+                        off = g.b.ins().iadd(off, p);
+                    }
+                    let dst = g.ptr_off(out.base, off);
+                    g.if_else(live, &mut |g| g.copy_row(out_row, ev, None, &mut |g, e, v| g.store_at(dst, e, v)), &mut |g| g.zero_fill(dst, ev));
+                } else {
+                    let z = g.iconst(0);
+                    g.for_range(z, ev, &mut |g, e| {
+                        g.bind("e", e);
+                        let off = g.b.ins().iadd(row, e);
+                        let acc = g.load_f32(out_ws, off);
+                        g.store_output(&out, acc, live);
+                        g.unbind(1);
+                    });
+                }
+                g.unbind(1);
+            });
+        };
+        if rows_contiguous {
+            let unit = self.b.ins().icmp_imm_s(IntCC::Equal, out.stride[k.out.len() - 1], 1);
+            self.if_else(unit, &mut |g| store_rows(g, true), &mut |g| store_rows(g, false));
+        } else {
+            store_rows(self, false);
+        }
+    }
+}
+
+/// The 4 key indices of the vector at offset `c4` in the tile (`jbase` holds `j0 + lane`),
+/// and the same clamped into `[0, M)`: lanes past the last key read key `M - 1` (finite
+/// values) and are masked off.
+pub(super) fn key_lanes(g: &mut Gen, jbase: Value, c4: Value, mjv: Value) -> (Value, Value) {
+    let c4i = g.b.ins().ireduce(types::I32, c4);
+    let c4i = g.b.ins().splat(types::I32X4, c4i);
+    let jv = g.b.ins().iadd(jbase, c4i);
+    let last = g.b.ins().iconst(types::I32, -1);
+    let last = g.b.ins().splat(types::I32X4, last);
+    let mlast = g.b.ins().iadd(mjv, last);
+    let zero = g.b.ins().iconst(types::I32, 0);
+    let zero = g.b.ins().splat(types::I32X4, zero);
+    let jcl = g.b.ins().smin(jv, mlast);
+    (jv, g.b.ins().smax(jcl, zero))
+}
+
+pub(super) fn vb_tile(g: &mut Gen, vb: Value, j0: Value, ev: Value) -> Value {
+    let off = g.b.ins().imul(j0, ev);
+    g.ptr_off(vb, off)
+}

@@ -1,0 +1,99 @@
+//! Rows of floats in memory: contiguous-row copies, f32x4 loads and stores at float
+//! offsets, fills.
+
+use super::super::gen::Gen;
+use attnc_ir::Expr;
+use cranelift::codegen::ir::MemFlagsData;
+use cranelift::prelude::*;
+
+impl Gen<'_, '_> {
+    /// When `e` reads a row of f32s along `var` ([`attnc_ir::analysis::row_access`]), the
+    /// address of its element at `var = 0` and a run-time flag: the last axis is contiguous
+    /// and holds at least `len` elements, so `var in 0..len` reads `len` consecutive floats
+    /// (the packs then copy rows with vector loads).
+    pub(crate) fn contiguous_row(&mut self, e: &Expr, var: &str, len: Value) -> Option<(Value, Value)> {
+        let row = attnc_ir::analysis::row_access(self.kernel, e, var)?;
+        let tv = self.tens[row.tensor].clone();
+        let off = self.clamped_offset(&tv, row.prefix.iter().enumerate());
+        let bytes = self.b.ins().ishl_imm_u(off, 2);
+        let addr = self.b.ins().iadd(tv.base, bytes);
+        let axis = row.prefix.len();
+        let covers = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, tv.ext[axis], len);
+        let unit = self.b.ins().icmp_imm_s(IntCC::Equal, tv.stride[axis], 1);
+        Some((addr, self.b.ins().band(covers, unit)))
+    }
+
+    /// Copies `len` floats from `src` to `dst` (byte addresses), times `factor` when given:
+    /// f32x4 loads and stores, then a scalar tail. `store` writes one value: a vector at a
+    /// float offset, or (`transpose`) each lane on its own.
+    pub(super) fn copy_row(&mut self, src: Value, len: Value, factor: Option<Value>, store: &mut dyn FnMut(&mut Self, Value, Value)) {
+        let fv = factor.map(|f| self.b.ins().splat(types::F32X4, f));
+        self.for_lanes(len, &mut |g, x, ty| {
+            let v = g.load_at(src, x, ty);
+            let f = if ty == types::F32X4 { fv } else { factor };
+            let v = match f {
+                Some(f) => g.b.ins().fmul(v, f),
+                None => v,
+            };
+            store(g, x, v);
+        });
+    }
+
+    /// `body(x, ty)` for `x in 0..len`: f32x4 steps (`ty` F32X4, `x` a multiple of 4), then
+    /// a scalar tail (`ty` F32).
+    pub(crate) fn for_lanes(&mut self, len: Value, body: &mut dyn FnMut(&mut Self, Value, Type)) {
+        let nvec = self.b.ins().sshr_imm_u(len, 2);
+        let zero = self.iconst(0);
+        self.for_range(zero, nvec, &mut |g, x4| {
+            let x = g.b.ins().imul_imm_s(x4, 4);
+            body(g, x, types::F32X4);
+        });
+        let tail = self.b.ins().imul_imm_s(nvec, 4);
+        self.for_range(tail, len, &mut |g, x| body(g, x, types::F32));
+    }
+
+    /// A value of type `ty` (F32 or F32X4) at float offset `x` of the byte address `base`
+    /// (unaligned).
+    pub(crate) fn load_at(&mut self, base: Value, x: Value, ty: Type) -> Value {
+        let bytes = self.b.ins().ishl_imm_u(x, 2);
+        let a = self.b.ins().iadd(base, bytes);
+        self.b.ins().load(ty, MemFlagsData::new().with_notrap(), a, 0)
+    }
+
+    /// A scalar `v` as a value of type `ty` (F32 or F32X4).
+    pub(super) fn lanes_of(&mut self, v: Value, ty: Type) -> Value {
+        if ty == types::F32X4 {
+            self.b.ins().splat(types::F32X4, v)
+        } else {
+            v
+        }
+    }
+
+    /// `len` zeros at `base` (a float workspace).
+    pub(super) fn zero_fill(&mut self, base: Value, len: Value) {
+        self.for_lanes(len, &mut |g, x, ty| {
+            let z = g.fconst(0.0);
+            let z = g.lanes_of(z, ty);
+            g.store_at(base, x, z);
+        });
+    }
+
+    /// Stores a value of [`Self::copy_row`] into a row of floats at `base + row` (vector or
+    /// scalar, unaligned).
+    pub(super) fn store_row(&mut self, base: Value, row: Value, x: Value, v: Value) {
+        let off = self.b.ins().iadd(row, x);
+        self.store_at(base, off, v);
+    }
+
+    /// Stores `v` (F32 or F32X4) at float offset `x` of the byte address `base` (unaligned).
+    pub(super) fn store_at(&mut self, base: Value, x: Value, v: Value) {
+        let bytes = self.b.ins().ishl_imm_u(x, 2);
+        let a = self.b.ins().iadd(base, bytes);
+        self.b.ins().store(MemFlagsData::new().with_notrap(), v, a, 0);
+    }
+
+    pub(crate) fn ptr_off(&mut self, base: Value, floats: Value) -> Value {
+        let bytes = self.b.ins().ishl_imm_u(floats, 2);
+        self.b.ins().iadd(base, bytes)
+    }
+}
