@@ -22,6 +22,8 @@ Set up (once; about 3 GB of wheels, not part of CI):
   python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.15.0 numpy
 Run (after `cargo build --release`):
   .venv-bench/bin/python bench/compare_torch.py [--n 1024 2048 4096] [--threads 2] [--rounds 3] [--variants sdpa alibi ...]
+Before and after a change (an earlier build copied aside), alternating in one run:
+  .venv-bench/bin/python bench/compare_torch.py --baseline-attnc /tmp/attnc-before --no-flex --no-eager --n 2048
 """
 
 import argparse
@@ -92,9 +94,9 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
-def attnc_bench(spec, dims, threads, runs, inputs=None):
+def attnc_bench(spec, dims, threads, runs, inputs=None, exe=ATTNC):
     where = ["--input", inputs, "--dims", dims] if inputs else ["--dims", dims]
-    cmd = [ATTNC, "bench", os.path.join(ROOT, "examples", spec + ".attn"), *where, "--threads", str(threads), "--runs", str(runs)]
+    cmd = [exe, "bench", os.path.join(ROOT, "examples", spec + ".attn"), *where, "--threads", str(threads), "--runs", str(runs)]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"attnc bench {spec} failed: {out.stderr.strip()}")
@@ -270,6 +272,11 @@ def main():
     ap.add_argument("--variants", nargs="+", default=SOFTMAX_A)
     ap.add_argument("--no-flex", action="store_true", help="skip FlexAttention (its first compile takes a while)")
     ap.add_argument("--no-eager", action="store_true")
+    ap.add_argument(
+        "--baseline-attnc",
+        metavar="PATH",
+        help="also time this other attnc build (e.g. one from before a change) as a baseline, alternating with the others on the same inputs",
+    )
     args = ap.parse_args()
     if not os.path.exists(ATTNC):
         sys.exit(f"{ATTNC} not found: run `cargo build --release` first")
@@ -317,6 +324,12 @@ def main():
                     break
                 if ms is None or r[0] < ms:
                     ms, gflop, live, mem, comp = r
+                if args.baseline_attnc:
+                    try:
+                        rb = attnc_bench(spec, dims, args.threads, args.runs, path, exe=args.baseline_attnc)
+                        best["attnc@base"] = min(best.get("attnc@base", rb[0]), rb[0])
+                    except RuntimeError as e:
+                        failed["attnc@base"] = first_line(e)
                 for name, fn in baselines:
                     if name in failed:
                         continue
@@ -331,7 +344,8 @@ def main():
                 continue
             inputs = "same inputs" if path else "random inputs"
             print(f"{spec:22} {N:>5} {ms:9.2f} {gflop / ms * 1e3:8.1f}   (compile {comp:.1f} ms, {live:.1f}% live, {mem:.1f} MiB extra, {inputs})")
-            for name, _ in baselines:
+            shown = [n for n, _ in baselines] + (["attnc@base"] if args.baseline_attnc else [])
+            for name in shown:
                 if name in failed:
                     print(f"{'':22} {N:>5} {name} failed: {failed[name]}")
                     continue

@@ -666,7 +666,7 @@ fn explain(
         writeln!(s, "  gate      {}", infix(g)).unwrap();
     }
     writeln!(s, "\nrewrites (passes: {})", cfg.describe()).unwrap();
-    for (name, what) in attnc::passes::PASSES {
+    for attnc::passes::Pass { name, what, .. } in attnc::passes::PASSES {
         let on = if cfg.enabled(name) { "on " } else { "off" };
         let applied: Vec<&attnc::passes::Applied> = log.iter().filter(|a| a.pass == *name).collect();
         if !cfg.enabled(name) {

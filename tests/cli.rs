@@ -154,6 +154,10 @@ fn passes_are_shown_and_switchable() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("lowrank  on   bias") && out.contains("2 extra dot channels") && out.contains("per-pair cost 3.00 -> 0.50"), "{out}");
     assert!(out.contains("algorithm tiled") && out.contains("empty (skipped)"), "{out}");
+    // The schedule, without compiling: tiles, packs and the workspace in bytes.
+    assert!(out.contains("tiles     64x64: 4 query tiles × 4 key tiles per head, 66 channels in the dot"), "{out}");
+    assert!(out.contains("packs     1 key/value packs for 2 heads (1 shared by several heads)"), "{out}");
+    assert!(out.contains("workspace 67584 bytes per task"), "{out}");
     let (code, out, err) = attnc(&["explain", "examples/retnet.attn", "--dims", "B=1,H=2,G=1,N=4096,M=4096,D=64,Dv=64"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("algorithm chunked linear attention"), "{out}");

@@ -240,7 +240,7 @@ fn rewritten_by(pass: &str) -> Vec<String> {
 /// rewrites (the others do not change); and with none, on all of them.
 #[test]
 fn cpu_matches_reference_with_each_pass_off() {
-    for (pass, _) in attnc::passes::PASSES {
+    for attnc::passes::Pass { name: pass, .. } in attnc::passes::PASSES {
         let names = rewritten_by(pass);
         let mut cfg = PassConfig::all();
         cfg.set(pass, false).expect("a pass");

@@ -27,19 +27,30 @@ pub mod tiles;
 use attnc_ir::{verify, Kernel};
 use std::collections::BTreeSet;
 
-/// The passes in pipeline order, with what each does. Ordering constraints:
+/// The pipeline: the passes in order, with what each does ([`optimize`] runs this list).
+/// Ordering constraints:
 /// - `simplify` first, so the others match folded constants and canonical forms;
 /// - `hoist` before `fold`: folding a factor into the dot's operands evaluates it once per
 ///   channel, which is only cheap once per-row reductions (cosine norms) are tensors;
 /// - `fold` before `lowrank`: a bias joins the dot only when the score is a bare dot;
 /// - `linear` last: it reads the folded dot and materializes the chunked form's operands.
-pub const PASSES: &[(&str, &str)] = &[
-    ("simplify", "constant folding and algebraic identities (e-graph, smallest form)"),
-    ("hoist", "per-row and per-key reductions in the score (cosine norms) become tensors computed once"),
-    ("fold", "query- and key-only factors of the score move into the dot's operands (scale, norms)"),
-    ("lowrank", "FlashBias: a bias that is a sum of query-term × key-term products becomes extra dot channels"),
-    ("linear", "linear and decay attention in the normal form of the chunked algorithm (retnet, gla, cosine, linear_elu)"),
+pub const PASSES: &[Pass] = &[
+    Pass { name: "simplify", what: "constant folding and algebraic identities (e-graph, smallest form)", run: simplify::run },
+    Pass { name: "hoist", what: "per-row and per-key reductions in the score (cosine norms) become tensors computed once", run: hoist::run },
+    Pass { name: "fold", what: "query- and key-only factors of the score move into the dot's operands (scale, norms)", run: fold::run },
+    Pass { name: "lowrank", what: "FlashBias: a bias that is a sum of query-term × key-term products becomes extra dot channels", run: lowrank::run },
+    Pass { name: "linear", what: "linear and decay attention in the normal form of the chunked algorithm (retnet, gla, cosine, linear_elu)", run: linear::run },
 ];
+
+/// One pass of the pipeline: its name (`--opt NAME=off`), what it does, and the pass.
+pub struct Pass {
+    pub name: &'static str,
+    pub what: &'static str,
+    pub run: PassFn,
+}
+
+/// A pass: the rewritten kernel and what was applied, or `None` when it has nothing to do.
+pub type PassFn = fn(&Kernel) -> Option<(Kernel, Vec<Applied>)>;
 
 /// Which passes run.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
@@ -55,15 +66,15 @@ impl PassConfig {
     }
     /// Every pass off (`--no-opt`).
     pub fn none() -> PassConfig {
-        PassConfig { off: PASSES.iter().map(|(n, _)| n.to_string()).collect() }
+        PassConfig { off: PASSES.iter().map(|p| p.name.to_string()).collect() }
     }
     pub fn enabled(&self, pass: &str) -> bool {
         !self.off.contains(pass)
     }
     /// Switches a pass on or off by name; an unknown name is an error naming the known ones.
     pub fn set(&mut self, pass: &str, on: bool) -> Result<(), String> {
-        if !PASSES.iter().any(|(n, _)| *n == pass) {
-            let names: Vec<&str> = PASSES.iter().map(|(n, _)| *n).collect();
+        if !PASSES.iter().any(|p| p.name == pass) {
+            let names: Vec<&str> = PASSES.iter().map(|p| p.name).collect();
             return Err(format!("no pass named `{pass}` (the passes: {})", names.join(", ")));
         }
         if on {
@@ -112,18 +123,15 @@ pub enum PassError {
 
 /// Runs the enabled passes in order, verifying the kernel after each.
 pub fn optimize(k: &Kernel, cfg: &PassConfig) -> Result<Optimized, PassError> {
-    type Pass = fn(&Kernel) -> Option<(Kernel, Vec<Applied>)>;
-    let passes: [(&'static str, Pass); 5] =
-        [("simplify", simplify::run), ("hoist", hoist::run), ("fold", fold::run), ("lowrank", lowrank::run), ("linear", linear::run)];
     let mut cur = k.clone();
     let mut info = verify(k).map_err(|e| PassError::Invalid { pass: "input", why: e.to_string() })?;
     let mut log = Vec::new();
-    for (name, pass) in passes {
-        if !cfg.enabled(name) {
+    for pass in PASSES {
+        if !cfg.enabled(pass.name) {
             continue;
         }
-        if let Some((next, applied)) = pass(&cur) {
-            info = verify(&next).map_err(|e| PassError::Invalid { pass: name, why: e.to_string() })?;
+        if let Some((next, applied)) = (pass.run)(&cur) {
+            info = verify(&next).map_err(|e| PassError::Invalid { pass: pass.name, why: e.to_string() })?;
             cur = next;
             log.extend(applied);
         }

@@ -22,7 +22,8 @@
 //!   large as `slope·j` carries an absolute error of about `|slope·j|·2^-24` into the
 //!   logit (6e-5 at j = 1000, slope 1). Biases whose terms are only bounded given a shape
 //!   (the one-hot expansion of `|row(i) - row(j)|` on a grid has a rank that grows with N)
-//!   are not rewritten; dense and table biases need the approximate (SVD) form, not built.
+//!   are not rewritten; dense and table biases take the approximate (SVD) form instead
+//!   ([`crate::approx`], opt-in with an error budget).
 
 use crate::egraph::{best_separable, written_cost, RANK_COST};
 use crate::fold::fold_score;

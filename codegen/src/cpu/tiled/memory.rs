@@ -23,9 +23,9 @@ impl Gen<'_, '_> {
         Some((addr, self.b.ins().band(covers, unit)))
     }
 
-    /// Copies `len` floats from `src` to `dst` (byte addresses), times `factor` when given:
-    /// f32x4 loads and stores, then a scalar tail. `store` writes one value: a vector at a
-    /// float offset, or (`transpose`) each lane on its own.
+    /// Copies `len` floats from `src` (a byte address), times `factor` when given: f32x4
+    /// loads, then a scalar tail. `store(x, v)` writes each value `v` (an F32X4 or an F32)
+    /// for float offset `x` wherever the caller's layout puts it.
     pub(super) fn copy_row(&mut self, src: Value, len: Value, factor: Option<Value>, store: &mut dyn FnMut(&mut Self, Value, Value)) {
         let fv = factor.map(|f| self.b.ins().splat(types::F32X4, f));
         self.for_lanes(len, &mut |g, x, ty| {
