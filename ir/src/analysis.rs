@@ -80,6 +80,12 @@ pub fn row_access<'e>(k: &Kernel, e: &'e Expr, var: &str) -> Option<RowAccess<'e
     float.then_some(RowAccess { tensor: t, prefix: rest })
 }
 
+/// Whether the output's last index is `var` and no other index uses it: a row of the output
+/// along `var` is contiguous when that axis has unit stride (row-major outputs always do).
+pub fn output_rows_along(k: &Kernel, var: &str) -> bool {
+    k.out.last().is_some_and(|v| v == var) && !k.out[..k.out.len() - 1].iter().any(|v| v == var)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

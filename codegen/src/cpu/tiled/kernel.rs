@@ -707,7 +707,7 @@ impl Gen<'_, '_> {
         let TileFrame { i0, ev, nq, out_ws, live_ws, zf, .. } = *f;
         // there is no gate, else element by element.
         let out = self.tens[&k.output().name].clone();
-        let rows_contiguous = k.gate.is_none() && k.out.last().is_some_and(|v| v == "e") && !k.out[..k.out.len() - 1].iter().any(|v| v == "e");
+        let rows_contiguous = k.gate.is_none() && attnc_ir::analysis::output_rows_along(k, "e");
         let store_rows = |g: &mut Self, vector: bool| {
             let z = g.iconst(0);
             g.for_range(z, nq, &mut |g, r| {
