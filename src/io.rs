@@ -48,7 +48,18 @@ fn decode(view: &TensorView, want: DType) -> Result<Vec<f64>> {
         (false, Dtype::F16) => chunks(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
         (false, Dtype::BF16) => chunks(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f64()).collect(),
         (true, Dtype::I32) => chunks(4).map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f64).collect(),
-        (true, Dtype::I64) => chunks(8).map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64).collect(),
+        (true, Dtype::I64) => {
+            // Integer tensors are i32 in kernels: a value outside that range is refused, not wrapped.
+            let mut out = Vec::with_capacity(b.len() / 8);
+            for (n, c) in chunks(8).enumerate() {
+                let x = i64::from_le_bytes(c.try_into().expect("8 bytes"));
+                if i32::try_from(x).is_err() {
+                    bail!("element {n} is {x}, outside the i32 range kernels compute in");
+                }
+                out.push(x as f64);
+            }
+            out
+        }
         (int, other) => {
             bail!("has dtype {} but the spec declares {} (accepted: {})", dtype_name(other), want, if int { "i32, i64" } else { "f32, f16, bf16, f64" })
         }
@@ -78,8 +89,28 @@ pub fn write(path: &Path, tensors: &[(String, DType, &Tensor)]) -> Result<()> {
         .iter()
         .map(|(n, dt, shape, bytes)| Ok((n.clone(), TensorView::new(*dt, shape.clone(), bytes)?)))
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let tmp = path.with_extension("safetensors.tmp");
-    safetensors::tensor::serialize_to_file(views, None, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if path.is_dir() {
+        bail!("cannot write {}: it is a directory", path.display());
+    }
+    // Written next to the target under a hidden name, then renamed: a reader never sees half
+    // a file, and a failure leaves the target as it was and no temporary file behind.
+    let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "out".into());
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let result = safetensors::tensor::serialize_to_file(views, None, &tmp)
+        .map_err(|e| root_cause(&e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| e.to_string()));
+    if let Err(why) = result {
+        let _ = std::fs::remove_file(&tmp);
+        bail!("cannot write {}: {why}", path.display());
+    }
     Ok(())
+}
+
+/// The innermost cause of an error (the OS error, said once).
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
 }

@@ -36,11 +36,13 @@ pub fn parse_dims(s: &str) -> Result<std::collections::BTreeMap<String, i64>, St
     let mut m = std::collections::BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(|| format!("`{part}` is not NAME=VALUE"))?;
-        let v: i64 = v.trim().parse().map_err(|_| format!("`{v}` in `{part}` is not an integer"))?;
+        let v: i64 = v.trim().parse().map_err(|_| format!("`{v}` in `{part}` is not an integer (at most {})", i64::MAX))?;
         if v < 1 {
             return Err(format!("`{part}`: dims must be at least 1"));
         }
-        m.insert(k.trim().to_string(), v);
+        if let Some(old) = m.insert(k.trim().to_string(), v) {
+            return Err(format!("`{}` is given twice ({old} and {v})", k.trim()));
+        }
     }
     Ok(m)
 }
@@ -63,7 +65,9 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
     }
     let mut k = c.kernel.clone();
     k.tensors.retain(|t| t.kind != ir::TensorKind::Input);
-    ir::bind(&k, &Default::default(), given).map_err(|e| e.to_string())
+    let b = ir::bind(&k, &Default::default(), given).map_err(|e| e.to_string())?;
+    ir::bind::check_sizes(&c.kernel, &b).map_err(|e| e.to_string())?;
+    Ok(b)
 }
 
 /// A checked spec after the optimization passes: the same inputs and output, an equal
@@ -71,6 +75,60 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
 pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Checked, Vec<passes::Applied>), passes::PassError> {
     let o = passes::optimize(&c.kernel, cfg)?;
     Ok((dsl::Checked { kernel: o.kernel, info: o.info, ranges: c.ranges.clone() }, o.log))
+}
+
+/// What the command line holds for a run at these dims besides the backend's own buffers:
+/// the inputs as f64 (read or generated) and in storage form (f32/i32), and the output as
+/// f64 to write; with `reference` (`--check`, `--backend reference`) the reference
+/// interpreter's f64 derived tensors and output too. For [`codegen::host::check_memory`]
+/// before anything is allocated.
+pub fn memory_parts(c: &dsl::Checked, dims: &ir::Bindings, reference: bool) -> Vec<(&'static str, u128)> {
+    let elems = |t: &ir::TensorDecl| dims.shape(t).iter().map(|&n| n as u128).product::<u128>();
+    let inputs: u128 = c.kernel.inputs().map(elems).sum();
+    let derived: u128 = c.kernel.derived().map(elems).sum();
+    let out = elems(c.kernel.output());
+    let mut parts = vec![("for the inputs", 12 * inputs), ("for the output", 8 * out)];
+    if reference {
+        parts.push(("for the reference interpreter", 8 * (derived + out)));
+    }
+    parts
+}
+
+pub use attnc_codegen as codegen;
+
+/// [`optimize`] for these inputs: when the exact low-rank rewrite would round the bias much
+/// more than the bias as written for these values (`passes::lowrank::check_inputs`: ALiBi
+/// with a slope of 1e38), the spec is optimized without it. The third value says why, when
+/// it was switched off.
+pub fn optimize_for(
+    c: &dsl::Checked,
+    cfg: &passes::PassConfig,
+    inputs: &std::collections::BTreeMap<String, ir::reference::Tensor>,
+    given: &std::collections::BTreeMap<String, i64>,
+) -> Result<(dsl::Checked, Vec<passes::Applied>, Option<String>), passes::PassError> {
+    let (oc, log) = optimize(c, cfg)?;
+    if !log.iter().any(|a| a.pass == "lowrank") {
+        return Ok((oc, log, None));
+    }
+    let mut off = cfg.clone();
+    off.set("lowrank", false).expect("a pass");
+    let (k0, log0) = optimize(c, &off)?;
+    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+    let Ok(dims) = ir::bind(&k0.kernel, &shapes, given) else { return Ok((oc, log, None)) };
+    // Only the tensors the bias reads matter (ALiBi's slopes), not q, k and v.
+    let read = k0.kernel.branches.first().and_then(|b| b.bias.as_ref()).map(|b| b.loads()).unwrap_or_default();
+    let oracle = passes::tiles::DataOracle {
+        tensors: inputs
+            .iter()
+            .filter(|(n, _)| read.contains(*n))
+            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k0.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
+            .collect(),
+        limit: 1 << 14,
+    };
+    match passes::lowrank::check_inputs(&k0.kernel, &dims, &passes::bounds::Bounded::new(oracle)) {
+        Ok(()) => Ok((oc, log, None)),
+        Err(why) => Ok((k0, log0, Some(why))),
+    }
 }
 
 /// What the approximate low-rank bias admitted (see [`approximate_bias`]).

@@ -6,7 +6,7 @@ use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::schedule::ScheduleOptions;
-use attnc_codegen::Backend as _;
+use attnc_codegen::{Backend as _, Compiled as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -70,6 +70,10 @@ Start with `attnc check examples/alibi.attn`, then `attnc run examples/alibi.att
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// The most memory a run may use, e.g. 8G or 512M (default: what the machine has
+    /// available). A run that would need more is refused before anything is allocated.
+    #[arg(long, global = true, value_name = "SIZE")]
+    max_memory: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -129,6 +133,47 @@ fn approximated(c: &attnc::dsl::Checked, inputs: &mut BTreeMap<String, ir::refer
         t.elapsed().as_secs_f64()
     );
     Ok(a)
+}
+
+/// The spec after the passes `o` selects, for these inputs: the exact low-rank bias is
+/// switched off (and the user told why) when it would round these values worse than the
+/// bias as written.
+fn optimized_for(
+    c: &attnc::dsl::Checked,
+    o: &OptArgs,
+    inputs: &BTreeMap<String, ir::reference::Tensor>,
+    given: &BTreeMap<String, i64>,
+) -> Result<attnc::dsl::Checked> {
+    let (oc, _, off) = attnc::optimize_for(c, &o.config()?, inputs, given).map_err(|e| anyhow!("{e}"))?;
+    if let Some(why) = off {
+        eprintln!("{}: the exact low-rank bias is off for these inputs: {why}", c.kernel.name);
+    }
+    Ok(oc)
+}
+
+/// A thread count the CPU backend takes (checked before inputs are made).
+fn check_threads(threads: usize) -> Result<()> {
+    use attnc_codegen::Backend as _;
+    CpuBackend::default().check_options(&CpuOptions { threads, ..CpuOptions::default() }).map_err(|e| anyhow!("--threads: {e}"))
+}
+
+/// Whether two paths name one existing file.
+fn same_file(a: &std::path::Path, b: &std::path::Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// An output path must not be a directory (checked before the work, not after).
+fn check_output_path(p: &std::path::Path) -> Result<()> {
+    if p.is_dir() {
+        return Err(anyhow!("-o {} is a directory: give a file name, e.g. {}", p.display(), p.join("out.safetensors").display()));
+    }
+    match p.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() && !dir.is_dir() => Err(anyhow!("-o {}: the directory {} does not exist", p.display(), dir.display())),
+        _ => Ok(()),
+    }
 }
 
 /// The spec after the passes `o` selects; a pass that produces an invalid kernel is a bug,
@@ -239,8 +284,8 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
         /// Timed runs (after one warm-up run); the median is reported.
-        #[arg(long, default_value_t = 5)]
-        runs: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        runs: u32,
         /// Worker threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -285,11 +330,11 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: Backend,
         /// How many candidates (of the cost model's ranking) to measure.
-        #[arg(long, default_value_t = 8)]
-        top_k: usize,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        top_k: u32,
         /// Timed samples per candidate (after a warm-up run); the median counts.
-        #[arg(long, default_value_t = 5)]
-        samples: usize,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        samples: u32,
         /// Worker threads (0: one per core); part of every candidate.
         #[arg(long, default_value_t = 0)]
         threads: usize,
@@ -418,12 +463,27 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Run { spec, input, random, seed, dims, output, backend, check, approx_bias, opt } => {
             let (_, c) = load(&spec)?;
             let given = dims_arg(&dims)?;
+            if let Some(inp) = &input {
+                if same_file(inp, &output) {
+                    return Err(anyhow!("-o {} is the input file: choose another output path (the input would be replaced)", output.display()));
+                }
+            }
+            check_output_path(&output)?;
+            let reference = check || backend == Backend::Reference;
             let inputs = if random {
                 let b = bind_given(&c, &given)?;
+                attnc_codegen::host::check_memory(&attnc::memory_parts(&c, &b, reference))?;
                 attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?
             } else {
                 attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
             };
+            if !random {
+                let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                let b = ir::bind(&c.kernel, &shapes, &given)?;
+                let mut parts = attnc::memory_parts(&c, &b, reference);
+                parts[0].1 /= 3; // the inputs are already read (as f64); their storage form remains
+                attnc_codegen::host::check_memory(&parts)?;
+            }
             // The check runs the spec as written, on the inputs as given (kept only when
             // --approx-bias adds its factors to them).
             let exact_inputs = (approx_bias.is_some() && check).then(|| inputs.clone());
@@ -432,7 +492,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c.clone(),
             };
-            let (oc, _) = optimized(&spec_c, &opt)?;
+            let oc = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let start = Instant::now();
             let out = match backend {
                 Backend::Reference => ir::reference::run(&oc.kernel, &oc.info, &inputs, &given)?,
@@ -441,15 +501,15 @@ fn run(cli: Cli) -> Result<()> {
                     let b = ir::bind(&oc.kernel, &shapes, &given)?;
                     let chosen = tune::chosen_options(&CpuSpace::new(0), &oc, &b, &inputs);
                     let kc = chosen.kernel(&spec_c, &opt.config()?, &oc)?;
-                    let kern = CpuBackend::default().compile(&kc.kernel, &kc.info, &chosen.options)?;
+                    let kern = CpuBackend::default().compile(&kc.kernel, &kc.info, &chosen.options)?.checking(&spec_c.kernel);
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
-            attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
-            eprintln!("{}: ran on {:?} in {:.3} s; wrote `{}` {:?} to {}", c.kernel.name, backend, secs, o.name, out.shape, output.display());
+            eprintln!("{}: ran on {:?} in {:.3} s", c.kernel.name, backend, secs);
+            // A failed check writes nothing: the output path keeps what it had.
             if check {
                 let t = Instant::now();
                 let want = ir::reference::run(&c.kernel, &c.info, exact_inputs.as_ref().unwrap_or(&inputs), &given)?;
@@ -469,12 +529,16 @@ fn run(cli: Cli) -> Result<()> {
                 if approx_bias.is_some() {
                     eprintln!("check: the reference runs the exact bias; the difference includes what the approximate bias admits");
                 } else if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
-                    return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance"));
+                    return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance; {} was not written", output.display()));
                 }
             }
+            attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
+            eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
         }
         Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
+            check_threads(threads)?;
+            let runs = runs as usize;
             let (given, inputs) = match &input {
                 Some(path) => {
                     let ins = attnc::io::read_inputs(path, &c.kernel)?;
@@ -486,6 +550,7 @@ fn run(cli: Cli) -> Result<()> {
                 None => {
                     let given = parse_dims(dims.as_deref().unwrap_or_default()).map_err(|e| anyhow!("--dims: {e}"))?;
                     let b = bind_given(&c, &given)?;
+                    attnc_codegen::host::check_memory(&attnc::memory_parts(&c, &b, backend == Backend::Reference))?;
                     let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?;
                     (given, ins)
                 }
@@ -498,7 +563,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c,
             };
-            let (c, _) = optimized(&spec_c, &opt)?;
+            let c = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let b = bind_given(&c, &given)?;
             let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
             let chosen = if explicit {
@@ -522,7 +587,7 @@ fn run(cli: Cli) -> Result<()> {
             let (compile_ms, peak_extra, label) = match backend {
                 Backend::Cpu => {
                     let t0 = Instant::now();
-                    let kern = CpuBackend::default().compile(&c.kernel, &c.info, &opts)?;
+                    let kern = CpuBackend::default().compile(&c.kernel, &c.info, &opts)?.checking(&spec_c.kernel);
                     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
                     drop(inputs);
@@ -573,13 +638,21 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune)"));
             }
             let (_, spec_c) = load(&spec)?;
+            check_threads(threads)?;
             let (c, _) = optimized(&spec_c, &opt)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
-            tune::tune(
-                &CpuSpace::new(threads),
-                &c,
-                tune::TuneArgs { spec: &spec_c, passes: &opt.config()?, given: &given, top_k, samples, report: report.as_deref(), seed },
-            )?;
+            let b = bind_given(&c, &given)?;
+            attnc_codegen::host::check_memory(&attnc::memory_parts(&c, &b, false))?;
+            let args = tune::TuneArgs {
+                spec: &spec_c,
+                passes: &opt.config()?,
+                given: &given,
+                top_k: top_k as usize,
+                samples: samples as usize,
+                report: report.as_deref(),
+                seed,
+            };
+            tune::tune(&CpuSpace::new(threads), &c, args)?;
         }
         Cmd::Explain { spec, dims, opt } => {
             let (_, c) = load(&spec)?;
@@ -757,6 +830,15 @@ fn explain_schedule<B: attnc_codegen::Backend>(backend: &B, oc: &attnc::dsl::Che
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(m) = &cli.max_memory {
+        if let Err(e) = attnc_codegen::host::parse_bytes(m) {
+            eprintln!("error: --max-memory: {e}");
+            return ExitCode::from(2);
+        }
+        // Read by every backend's runtime (`attnc_codegen::host::memory_limit`); set before
+        // any thread starts.
+        std::env::set_var("ATTNC_MAX_MEMORY", m);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

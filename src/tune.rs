@@ -64,6 +64,10 @@ impl<O> Chosen<O> {
 pub fn chosen_options<S: SearchSpace>(space: &S, c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Chosen<OptionsOf<S>> {
     let t = std::time::Instant::now();
     match TuneCache::open_default().get::<OptionsOf<S>>(&key(space, c, dims)) {
+        Ok(Some(e)) if space.backend().check_options(&e.options).is_err() => {
+            let why = space.backend().check_options(&e.options).unwrap_err();
+            eprintln!("warning: ignoring the tuned winner `{}` in the cache: {why}", e.winner);
+        }
         Ok(Some(e)) => {
             let off = if e.passes_off.is_empty() { String::new() } else { format!("; without {}", e.passes_off.join(", ")) };
             let from = format!("tuned ({}{off}; cache read in {:.2} ms)", e.winner, t.elapsed().as_secs_f64() * 1e3);
@@ -180,14 +184,14 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
     let mut gate = |cand: &Candidate<OptionsOf<S>>| -> Result<(), String> {
         bar.set_message(format!("checking {}", cand.name));
         let (kc, small_storage, _) = &kernels[pick(cand)];
-        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
+        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?.checking(&a.spec.kernel);
         let (_, got) = k.run_storage(small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
         within_tolerance(&got, &want.data)
     };
     let mut build = |cand: &Candidate<OptionsOf<S>>| -> Result<tuner::Run, String> {
         bar.set_message(format!("timing {}", cand.name));
         let (kc, _, storage) = &kernels[pick(cand)];
-        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?;
+        let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?.checking(&a.spec.kernel);
         let st = storage.clone();
         Ok(Box::new(move || k.run_storage(&st, &BTreeMap::new()).map(|_| ()).map_err(|e| e.to_string())))
     };
@@ -230,7 +234,10 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
         passes_off: win.candidate.passes_off.clone(),
         trials: records.clone(),
     };
-    let path = TuneCache::open_default().put(&k, &entry).map_err(|e| anyhow!("cannot write the tuning cache: {e}"))?;
+    let cache = TuneCache::open_default();
+    let path = cache
+        .put(&k, &entry)
+        .map_err(|e| anyhow!("cannot write the tuning cache in {}: {e} (set ATTNC_CACHE_DIR to a writable directory)", cache.dir.display()))?;
     outln!("  cached in {}", path.display());
     if let Some(dir) = a.report {
         attnc_autotune::report::write(dir, &format!("{} {}", c.kernel.name, given_text(a.given)), &records).map_err(|e| anyhow!("report: {e}"))?;

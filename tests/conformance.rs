@@ -45,7 +45,7 @@ impl<B: Backend> Runner for On<B> {
     }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
         let (oc, _) = attnc::optimize(c, &self.passes).map_err(|e| e.to_string())?;
-        let k = self.backend.compile(&oc.kernel, &oc.info, &self.options).map_err(|e| e.to_string())?;
+        let k = self.backend.compile(&oc.kernel, &oc.info, &self.options).map_err(|e| e.to_string())?.checking(&c.kernel);
         k.run(inputs, &BTreeMap::new()).map_err(|e| e.to_string())
     }
 }

@@ -2,7 +2,8 @@
 //! the argument layout of a kernel (dims, tensor extents and strides: [`ArgLayout`]), the
 //! checks made before a launch ([`check_divisors`]), the split of a derived tensor into
 //! parallel tasks ([`derive_split`]) and the data a run-time tile classifier reads
-//! ([`MaskData`]). Addresses are the backend's own (a CPU pointer, a GPU binding).
+//! ([`TensorData`]), and the index-bounds check a runtime makes before it launches
+//! ([`BoundsCheck`]). Addresses are the backend's own (a CPU pointer, a GPU binding).
 
 use attnc_ir::reference::Tensor;
 use attnc_ir::{Bindings, Kernel, TensorDecl, TensorDef, TensorKind};
@@ -39,8 +40,78 @@ pub enum RunError {
     Divisor(String),
     #[error(transparent)]
     Schedule(#[from] crate::schedule::ScheduleError),
+    #[error(transparent)]
+    Bounds(#[from] attnc_passes::bounds::BoundsError),
     #[error("cannot build the thread pool: {0}")]
     Threads(String),
+    #[error("this run needs about {} ({what}), more than the {} {limit_from}", bytes(*needed), bytes(*limit))]
+    Memory { needed: u128, what: String, limit: u128, limit_from: String },
+}
+
+/// `1.5 GiB`.
+pub fn bytes(n: u128) -> String {
+    let units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    let mut x = n as f64;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < units.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} bytes")
+    } else {
+        format!("{x:.1} {}", units[u])
+    }
+}
+
+/// Parses `8G`, `512M`, `64K` or a number of bytes (binary units).
+pub fn parse_bytes(s: &str) -> Result<u128, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((at, c)) if c.is_ascii_alphabetic() => {
+            let unit = match c.to_ascii_uppercase() {
+                'K' => 1u128 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("`{s}`: the unit is K, M, G or T")),
+            };
+            (&t[..at], unit)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 8G, 512M, 1000000)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("`{s}` is not a positive size"));
+    }
+    Ok((n * mul as f64) as u128)
+}
+
+/// How much memory a run may use: `$ATTNC_MAX_MEMORY` (`8G`, `512M`, bytes; what the CLI's
+/// `--max-memory` sets), else the memory the system has available (`MemAvailable` on
+/// Linux); `None` where neither is known. With where it came from.
+pub fn memory_limit() -> Option<(u128, String)> {
+    if let Ok(v) = std::env::var("ATTNC_MAX_MEMORY") {
+        if let Ok(n) = parse_bytes(&v) {
+            return Some((n, format!("allowed by ATTNC_MAX_MEMORY / --max-memory ({v})")));
+        }
+    }
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u128 = info.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some((kib * 1024, "available on this machine".to_string()))
+}
+
+/// Refuses a run whose estimate (`parts`: what and bytes) exceeds [`memory_limit`].
+pub fn check_memory(parts: &[(&str, u128)]) -> Result<(), RunError> {
+    let needed: u128 = parts.iter().map(|p| p.1).sum();
+    let Some((limit, limit_from)) = memory_limit() else { return Ok(()) };
+    if needed <= limit {
+        return Ok(());
+    }
+    let mut big: Vec<&(&str, u128)> = parts.iter().filter(|p| p.1 > 0).collect();
+    big.sort_by_key(|p| std::cmp::Reverse(p.1));
+    let what = big.iter().take(3).map(|(w, n)| format!("{w} {}", bytes(*n))).collect::<Vec<_>>().join(", ");
+    Err(RunError::Memory { needed, what, limit, limit_from })
 }
 
 /// Slots of a kernel's argument table: every dim's value, and for every tensor its base
@@ -156,20 +227,18 @@ pub fn derive_tasks(t: &TensorDecl, shape: &[usize]) -> Vec<(i64, i64)> {
     (0..(n + step - 1) / step).map(|c| (c * step, ((c + 1) * step).min(n))).collect()
 }
 
-/// The tensors a kernel's masks read, as f64, for the run-time tile classifier.
-pub struct MaskData {
+/// Tensors as f64, for the run-time analyses: the masks' tensors for the tile classifier
+/// ([`TensorData::masks`]), the index tensors for the bounds check ([`TensorData::indices`]).
+pub struct TensorData {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f64>, bool)>,
 }
 
-impl MaskData {
-    /// Reads the masks' tensors from storage-form buffers (f32 or i32 bits).
-    pub fn new(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>) -> MaskData {
+impl TensorData {
+    /// The named tensors from storage-form buffers (f32 or i32 bits).
+    pub fn new<'n>(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>, names: impl IntoIterator<Item = &'n String>) -> TensorData {
         let mut tensors = BTreeMap::new();
-        for t in &k.tensors {
-            let used = k.branches.iter().any(|b| b.mask.as_ref().is_some_and(|m| m.loads().contains(&t.name)));
-            if !used {
-                continue;
-            }
+        for name in names {
+            let Some(t) = k.tensor(name) else { continue };
             let vals: Vec<f64> = if t.dtype.is_int() {
                 bufs[&t.name].iter().map(|x| *x as i32 as f64).collect()
             } else {
@@ -177,7 +246,13 @@ impl MaskData {
             };
             tensors.insert(t.name.clone(), (dims.shape(t), vals, t.dtype.is_int()));
         }
-        MaskData { tensors }
+        TensorData { tensors }
+    }
+
+    /// The tensors the masks read.
+    pub fn masks(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>) -> TensorData {
+        let names: std::collections::BTreeSet<String> = k.branches.iter().flat_map(|b| b.mask.iter().flat_map(|m| m.loads())).collect();
+        TensorData::new(k, dims, bufs, &names)
     }
 
     /// The classifier's view (boxes of up to 2^14 elements are read exactly).
@@ -186,6 +261,41 @@ impl MaskData {
             tensors: self.tensors.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(),
             limit: 1 << 14,
         }
+    }
+}
+
+/// The bounds check of `attnc_passes::bounds` as a runtime runs it, on the kernel whose
+/// meaning counts: the spec as written when the runtime was given it
+/// ([`crate::Compiled::checking`]; a pass may evaluate a hoisted reduction at rows the spec
+/// never reads, which the kernels clamp harmlessly), else the compiled kernel. Once per shape
+/// when no index reads data; else at every call, once the derived tensors are computed and
+/// before the attention part runs (nothing is written before it passes).
+#[derive(Default)]
+pub struct BoundsCheck {
+    passed: std::sync::Mutex<std::collections::BTreeSet<BTreeMap<String, i64>>>,
+}
+
+impl BoundsCheck {
+    /// Before anything runs: the whole check when it needs no data (cached per shape).
+    /// Returns whether the per-call check ([`BoundsCheck::with_data`]) is still needed.
+    pub fn before(&self, k: &Kernel, dims: &Bindings) -> Result<bool, RunError> {
+        if attnc_passes::bounds::reads_data(k) {
+            return Ok(true);
+        }
+        if self.passed.lock().expect("bounds lock").contains(&dims.dims) {
+            return Ok(false);
+        }
+        attnc_passes::bounds::check(k, dims, &attnc_passes::interval::NoData)?;
+        self.passed.lock().expect("bounds lock").insert(dims.dims.clone());
+        Ok(false)
+    }
+
+    /// The check with the data of the tensors its indices read (`bufs`: inputs and the
+    /// derived tensors, computed).
+    pub fn with_data(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>) -> Result<(), RunError> {
+        let names: std::collections::BTreeSet<String> = attnc_passes::bounds::data_tensors(k).into_iter().filter(|n| bufs.contains_key(n)).collect();
+        let data = TensorData::new(k, dims, bufs, &names);
+        Ok(attnc_passes::bounds::check(k, dims, &attnc_passes::bounds::Bounded::new(data.oracle()))?)
     }
 }
 

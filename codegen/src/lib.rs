@@ -111,8 +111,15 @@ pub trait Backend: Sync {
         self.load(a)
     }
 
+    /// Whether this backend takes these options (a thread count, a workgroup size within
+    /// what makes sense); the schedule's own are checked by [`schedule::plan`].
+    fn check_options(&self, _o: &Self::Options) -> Result<(), String> {
+        Ok(())
+    }
+
     /// The schedule `o` asks for on this target.
     fn plan(&self, k: &Kernel, info: &KernelInfo, o: &Self::Options) -> Result<Schedule, CodegenError> {
+        self.check_options(o).map_err(CodegenError::Options)?;
         Ok(schedule::plan(k, info, o.schedule(), &self.limits())?)
     }
 }
@@ -125,6 +132,19 @@ pub trait Compiled: Send + Sync {
     fn describe(&self) -> String;
     /// Runs on inputs in storage form; returns the output's shape and f32 values.
     fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError>;
+    /// Checks index bounds on `spec`, the kernel as written (whose meaning the reference
+    /// fixes), instead of on the compiled kernel (see [`host::BoundsCheck`]).
+    fn set_bounds_source(&mut self, spec: Kernel);
+
+    /// [`Compiled::set_bounds_source`], by value.
+    fn checking(mut self, spec: &Kernel) -> Self
+    where
+        Self: Sized,
+    {
+        self.set_bounds_source(spec.clone());
+        self
+    }
+
     /// Runs on named inputs (f64 values, rounded to the tensors' storage types).
     fn run(&self, inputs: &BTreeMap<String, Tensor>, explicit: &BTreeMap<String, i64>) -> Result<Tensor, RunError> {
         let (shape, data) = self.run_storage(&Storage::from_f64(self.kernel(), inputs), explicit)?;
@@ -138,6 +158,8 @@ pub enum CodegenError {
     Unsupported(String),
     #[error(transparent)]
     Schedule(#[from] schedule::ScheduleError),
+    #[error("{0}")]
+    Options(String),
     #[error("code generation failed: {0}")]
     Emit(String),
     #[error("generated code is invalid (a bug in attnc): {0}")]

@@ -138,8 +138,16 @@ struct Checker<'a> {
     equal: Vec<(Extent, Extent)>,
     iter: BTreeMap<&'static str, (Extent, String)>,
     expanding: Vec<String>,
+    /// Lets and helpers expanded so far (each use is a copy of the definition).
+    expansions: usize,
     fresh: usize,
 }
+
+/// How deep lets and helpers may be expanded inside one another.
+pub const MAX_EXPANSION_DEPTH: usize = 128;
+/// How many copies of lets and helpers one spec may expand to (each use copies its
+/// definition: a chain of `let x2 = x1 * x1` doubles at every step).
+pub const MAX_EXPANSIONS: usize = 200_000;
 
 fn d(code: &'static str, msg: impl Into<String>, span: Span, label: impl Into<String>) -> Diagnostic {
     Diagnostic::new(code, msg, span, label)
@@ -284,7 +292,7 @@ impl<'a> Checker<'a> {
                     .with_secondary(sp, "defined here")
                     .hint("lets and helpers are expanded in place, so they cannot recurse"));
             }
-            self.expanding_push(name);
+            self.expanding_push(name, span)?;
             let r = self.lower_closed(body, scope);
             self.expanding_pop();
             return r;
@@ -323,8 +331,23 @@ impl<'a> Checker<'a> {
     }
 
     // Lets and helpers are expanded where used; the expansion stack catches cycles.
-    fn expanding_push(&mut self, n: &str) {
+    fn expanding_push(&mut self, n: &str, span: Span) -> R<()> {
+        self.expansions += 1;
+        if self.expanding.len() >= MAX_EXPANSION_DEPTH {
+            return Err(d("E0030", format!("lets and helpers are expanded more than {MAX_EXPANSION_DEPTH} deep"), span, format!("`{n}` here"))
+                .with_note(format!("note: the chain starts with {}", self.expanding.iter().take(3).map(|x| format!("`{x}`")).collect::<Vec<_>>().join(", ")))
+                .hint("write the expression with a reduction (`sum(t < T: ...)`) or a tensor definition instead of a long chain of lets"));
+        }
+        if self.expansions > MAX_EXPANSIONS {
+            return Err(d("E0030", format!("expanding lets and helpers makes more than {MAX_EXPANSIONS} copies of them"), span, format!("`{n}` here"))
+                .with_note(format!(
+                    "note: each use of a let or helper is a copy of its definition, so definitions that use earlier ones twice grow exponentially (here while expanding {})",
+                    self.expanding.iter().take(3).map(|x| format!("`{x}`")).collect::<Vec<_>>().join(" → ")
+                ))
+                .hint("compute the shared part once as a `tensor`, or write the expression with a reduction"));
+        }
         self.expanding.push(n.to_string());
+        Ok(())
     }
     fn expanding_pop(&mut self) {
         self.expanding.pop();
@@ -608,7 +631,10 @@ impl<'a> Checker<'a> {
                     for (p, v) in params.iter().zip(vals) {
                         scope.locals.push((p.name.clone(), Local::Param(v)));
                     }
-                    self.expanding_push(name);
+                    if let Err(e) = self.expanding_push(name, span) {
+                        scope.locals = saved;
+                        return Err(e);
+                    }
                     let r = self.lower(body, scope);
                     self.expanding_pop();
                     scope.locals = saved;
@@ -675,6 +701,7 @@ impl<'a> Checker<'a> {
                             .hint("indices are integers; `//` is integer division"));
                     }
                     self.check_axis(&x, &decl, axis, e.span, scope)?;
+                    check_static_bound(&x, &decl, axis, e.span)?;
                     self.check_own_pair(&x, &decl, axis, e.span, scope)?;
                     idx.push(x);
                 }
@@ -1135,6 +1162,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
         equal: vec![],
         iter: BTreeMap::new(),
         expanding: vec![],
+        expansions: 0,
         fresh: 0,
     };
     let mut seen: BTreeMap<String, Span> = BTreeMap::new();
@@ -1475,7 +1503,36 @@ impl<'a> Checker<'a> {
             equal: self.equal.clone(),
             iter: self.iter.clone(),
             expanding: vec![],
+            expansions: 0,
             fresh: self.fresh,
         }
+    }
+}
+
+/// An index that no dims can bring into range: a negative constant, a constant at or past a
+/// fixed axis length, or the axis's own length plus a non-negative constant (`v[b, h, j, Dv]`
+/// on an axis of length `Dv`). Indices in range only for some dims are checked when the
+/// dims are known, before a kernel runs (`attnc_passes::bounds`).
+fn check_static_bound(x: &ir::Expr, decl: &ir::TensorDecl, axis: usize, span: Span) -> R<()> {
+    use ir::Expr as E;
+    let have = &decl.shape[axis];
+    let past_end = |c: i64| c >= 0;
+    let why = match (x, have) {
+        (E::Int(n), _) if *n < 0 => Some(format!("it is {n}, and indices start at 0")),
+        (E::Int(n), ir::Extent::Fixed(len)) if *n >= *len => Some(format!("it is {n}, past the last index {}", len - 1)),
+        (E::Dim(d), ir::Extent::Dim(len)) if d == len => Some(format!("it is `{d}`, the length of the axis itself; the last index is `{d} - 1`")),
+        (E::Binary(BinOp::Add, a, b), ir::Extent::Dim(len)) => match (&**a, &**b) {
+            (E::Dim(d), E::Int(c)) | (E::Int(c), E::Dim(d)) if d == len && past_end(*c) => Some(format!("it is `{d} + {c}`, past the last index `{d} - 1`")),
+            _ => None,
+        },
+        _ => None,
+    };
+    match why {
+        Some(why) => {
+            Err(d("E0029", format!("index {axis} of `{}` is out of range for every shape", decl.name), span, format!("axis {axis} has length `{have}`"))
+                .with_note(format!("note: {why}"))
+                .hint(format!("indices of axis {axis} run from 0 to `{have} - 1`")))
+        }
+        None => Ok(()),
     }
 }

@@ -36,6 +36,8 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0026", "reserved name"),
     ("E0027", "invalid value range"),
     ("E0028", "invalid tensor definition"),
+    ("E0029", "index out of range for every shape"),
+    ("E0030", "expression nested too deeply"),
     ("E0999", "internal compiler error (a bug in attnc)"),
 ];
 

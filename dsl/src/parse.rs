@@ -279,6 +279,8 @@ impl Walker {
                 Ok(Expr { kind: ExprKind::Binary(o, Box::new(lhs), Box::new(rhs)), span: s })
             })
             .parse(p.into_inner())
+            .map(balance)
+            .and_then(check_depth)
     }
 
     fn power(&self, p: Pair<Rule>) -> R<Expr> {
@@ -440,8 +442,163 @@ impl Walker {
     }
 }
 
-/// Parses a `.attn` source into its syntax tree.
+/// How deep brackets may nest (`(`, `[`); deeper input is refused before parsing.
+pub const MAX_NESTING: usize = 256;
+/// How deep an expression's tree may be (after long chains are balanced).
+pub const MAX_DEPTH: usize = 512;
+/// Chains of one associative operator at least this long are rebuilt as balanced trees.
+const BALANCE_FROM: usize = 16;
+
+/// Refuses brackets nested deeper than [`MAX_NESTING`] (comments skipped).
+fn check_nesting(src: &str) -> Result<(), Diagnostic> {
+    let (mut depth, mut comment) = (0usize, false);
+    for (at, c) in src.char_indices() {
+        match c {
+            '#' => comment = true,
+            '\n' => comment = false,
+            '(' | '[' if !comment => {
+                depth += 1;
+                if depth > MAX_NESTING {
+                    return Err(Diagnostic::new("E0030", format!("brackets nest more than {MAX_NESTING} deep"), Span::new(at, at + 1), "too deep here")
+                        .hint("name inner parts with `let`, or generate flatter expressions"));
+                }
+            }
+            ')' | ']' if !comment => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// A long left-nested chain of one associative kind (`a + b - c + …`, `a * b / c * …`,
+/// `a && b && …`, `a || b || …`, as the parser builds them) rebuilt as a balanced tree of the
+/// same operands in the same order: equal in exact arithmetic, and its depth grows with the
+/// logarithm of its length, so generated specs with thousands of terms stay shallow for
+/// every later stage. Shorter chains stay as written.
+fn balance(e: Expr) -> Expr {
+    use BinaryOp as B;
+    fn class(op: BinaryOp) -> Option<u8> {
+        match op {
+            BinaryOp::Add | BinaryOp::Sub => Some(0),
+            BinaryOp::Mul | BinaryOp::Div => Some(1),
+            BinaryOp::And => Some(2),
+            BinaryOp::Or => Some(3),
+            _ => None,
+        }
+    }
+    let Some(cl) = (match &e.kind {
+        ExprKind::Binary(op, ..) => class(*op),
+        _ => None,
+    }) else {
+        return e;
+    };
+    // Flatten the left spine: terms[0] and (op, term) after it.
+    let mut rest: Vec<(BinaryOp, Expr)> = Vec::new();
+    let mut cur = e;
+    loop {
+        match cur.kind {
+            ExprKind::Binary(op, a, b) if class(op) == Some(cl) => {
+                rest.push((op, *b));
+                cur = *a;
+            }
+            kind => {
+                cur = Expr { kind, span: cur.span };
+                break;
+            }
+        }
+    }
+    rest.reverse();
+    if rest.len() + 1 < BALANCE_FROM {
+        // Rebuild as written.
+        return rest.into_iter().fold(cur, |acc, (op, b)| {
+            let s = acc.span.to(b.span);
+            Expr { kind: ExprKind::Binary(op, Box::new(acc), Box::new(b)), span: s }
+        });
+    }
+    // Every term with the operator that applies it (the first: the identity's).
+    let first_op = match cl {
+        0 => B::Add,
+        1 => B::Mul,
+        2 => B::And,
+        _ => B::Or,
+    };
+    let terms: Vec<(BinaryOp, Expr)> = std::iter::once((first_op, balance(cur))).chain(rest.into_iter().map(|(op, t)| (op, balance(t)))).collect();
+    fn inverse(op: BinaryOp) -> BinaryOp {
+        match op {
+            BinaryOp::Add => BinaryOp::Sub,
+            BinaryOp::Sub => BinaryOp::Add,
+            BinaryOp::Mul => BinaryOp::Div,
+            BinaryOp::Div => BinaryOp::Mul,
+            other => other,
+        }
+    }
+    // `build` makes `t0 op1 t1 op2 t2 …` for terms whose first operator is the identity's
+    // (`+`, `*`, `&&`, `||`); a right half that starts with `-` or `/` is applied inverted:
+    // `l - (t_k ∓ …)` with the half's operators flipped.
+    fn build(mut terms: Vec<(BinaryOp, Expr)>) -> Expr {
+        if terms.len() == 1 {
+            return terms.pop().expect("one").1;
+        }
+        let right = terms.split_off(terms.len() / 2);
+        let left = build(terms);
+        let op = right[0].0;
+        let inv = matches!(op, BinaryOp::Sub | BinaryOp::Div);
+        let right: Vec<(BinaryOp, Expr)> = right
+            .into_iter()
+            .enumerate()
+            .map(|(n, (o, t))| {
+                let o = match (n, inv) {
+                    (0, _) => identity(o),
+                    (_, true) => inverse(o),
+                    (_, false) => o,
+                };
+                (o, t)
+            })
+            .collect();
+        let r = build(right);
+        let s = left.span.to(r.span);
+        Expr { kind: ExprKind::Binary(op, Box::new(left), Box::new(r)), span: s }
+    }
+    fn identity(op: BinaryOp) -> BinaryOp {
+        match op {
+            BinaryOp::Sub => BinaryOp::Add,
+            BinaryOp::Div => BinaryOp::Mul,
+            other => other,
+        }
+    }
+    build(terms)
+}
+
+/// Refuses an expression deeper than [`MAX_DEPTH`] (measured without recursion).
+fn check_depth(e: Expr) -> Result<Expr, Diagnostic> {
+    let mut stack = vec![(&e, 1usize)];
+    while let Some((x, depth)) = stack.pop() {
+        if depth > MAX_DEPTH {
+            return Err(Diagnostic::new("E0030", format!("an expression nests more than {MAX_DEPTH} deep"), x.span, "too deep here")
+                .hint("name inner parts with `let`, or write a long sum with `sum(t < T: ...)`"));
+        }
+        match &x.kind {
+            ExprKind::Unary(_, a) => stack.push((a, depth + 1)),
+            ExprKind::Binary(_, a, b) => stack.extend([(&**a, depth + 1), (&**b, depth + 1)]),
+            ExprKind::Call { args, .. } => stack.extend(args.iter().map(|a| (&a.value, depth + 1))),
+            ExprKind::Access { indices, .. } => stack.extend(indices.iter().filter_map(|i| match i {
+                Index::Expr(x) => Some((x, depth + 1)),
+                Index::Slice(_) => None,
+            })),
+            ExprKind::Reduce { lo, hi, body, .. } => {
+                stack.extend(lo.iter().map(|l| (&**l, depth + 1)));
+                stack.extend([(&**hi, depth + 1), (&**body, depth + 1)]);
+            }
+            ExprKind::Int(_) | ExprKind::Float(_) | ExprKind::Bool(_) | ExprKind::Name(_) => {}
+        }
+    }
+    Ok(e)
+}
+
+/// Parses a `.attn` source into its syntax tree. A UTF-8 byte order mark at the start is
+/// skipped (spans still count its bytes, so they index the text as given).
 pub fn parse(src: &str) -> Result<Spec, Diagnostic> {
+    check_nesting(src)?;
     let mut pairs = AttnParser::parse(Rule::spec, src).map_err(|e| syntax_error(e, src))?;
     let spec = pairs.next().expect("grammar: spec");
     let s = span(&spec);

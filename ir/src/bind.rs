@@ -56,21 +56,50 @@ pub enum BindError {
     NonPositive { dim: String, value: i64 },
     #[error("dim `{dim}` is given as {given}, but input `{tensor}` says {found}")]
     Conflict { dim: String, given: i64, tensor: String, found: i64 },
+    #[error("input `{name}` has {found} axes {shape:?} but the spec declares {expected} axes: {decl}")]
+    Rank { name: String, found: usize, shape: Vec<usize>, expected: usize, decl: String },
+    #[error("inputs disagree on dim `{dim}`: `{first}` has {first_value} (axis {first_axis}) but `{second}` has {second_value} (axis {second_axis})")]
+    Disagree { dim: String, first: String, first_axis: usize, first_value: i64, second: String, second_axis: usize, second_value: i64 },
+    #[error("`{tensor}` would have {count} elements ({shape}), more than attnc handles ({MAX_ELEMENTS} = 2^48)")]
+    TooLarge { tensor: String, shape: String, count: String },
     #[error("requirement `{text}` does not hold for {values}")]
     Require { text: String, values: String },
     #[error("cannot evaluate `{text}`: {why}")]
     Eval { text: String, why: String },
 }
 
+/// The most elements a tensor may have (so that sizes in bytes fit every integer type that
+/// holds them; no machine has memory for more).
+pub const MAX_ELEMENTS: u128 = 1 << 48;
+
+/// Element count of a tensor at bound dims, refused when it exceeds [`MAX_ELEMENTS`].
+pub fn checked_len(t: &TensorDecl, b: &Bindings) -> Result<usize, BindError> {
+    let mut n: u128 = 1;
+    for e in &t.shape {
+        n = n.saturating_mul(b.extent(e).max(0) as u128);
+    }
+    if n > MAX_ELEMENTS {
+        let count = if n == u128::MAX { "more than 2^128".to_string() } else { n.to_string() };
+        return Err(BindError::TooLarge { tensor: t.name.clone(), shape: b.describe(t), count });
+    }
+    Ok(n as usize)
+}
+
+/// Checks that every tensor of `k` (inputs, derived, output) fits at these dims.
+pub fn check_sizes(k: &Kernel, b: &Bindings) -> Result<(), BindError> {
+    k.tensors.iter().try_for_each(|t| checked_len(t, b).map(|_| ()))
+}
+
 /// Evaluates an integer or boolean expression over dims only (dim definitions, requirements).
+/// Arithmetic that overflows `i64` is an error, not a wrapped value.
 pub fn eval_dims(e: &Expr, dims: &BTreeMap<String, i64>) -> Result<i64, String> {
     let rec = |x: &Expr| eval_dims(x, dims);
     Ok(match e {
         Expr::Int(n) => *n,
         Expr::Bool(b) => *b as i64,
         Expr::Dim(d) => *dims.get(d).ok_or_else(|| format!("dim `{d}` is not bound"))?,
-        Expr::Unary(UnOp::Neg, a) => rec(a)?.wrapping_neg(),
-        Expr::Unary(UnOp::Abs, a) => rec(a)?.wrapping_abs(),
+        Expr::Unary(UnOp::Neg, a) => rec(a)?.checked_neg().ok_or("integer overflow")?,
+        Expr::Unary(UnOp::Abs, a) => rec(a)?.checked_abs().ok_or("integer overflow")?,
         Expr::Unary(UnOp::Not, a) => (rec(a)? == 0) as i64,
         Expr::Select(c, a, b) => {
             if rec(c)? != 0 {
@@ -82,9 +111,9 @@ pub fn eval_dims(e: &Expr, dims: &BTreeMap<String, i64>) -> Result<i64, String> 
         Expr::Binary(op, a, b) => {
             let (x, y) = (rec(a)?, rec(b)?);
             match op {
-                BinOp::Add => x.wrapping_add(y),
-                BinOp::Sub => x.wrapping_sub(y),
-                BinOp::Mul => x.wrapping_mul(y),
+                BinOp::Add => x.checked_add(y).ok_or_else(|| format!("integer overflow in {x} + {y}"))?,
+                BinOp::Sub => x.checked_sub(y).ok_or_else(|| format!("integer overflow in {x} - {y}"))?,
+                BinOp::Mul => x.checked_mul(y).ok_or_else(|| format!("integer overflow in {x} × {y}"))?,
                 BinOp::FloorDiv | BinOp::Mod if y == 0 => return Err("division by zero".into()),
                 BinOp::FloorDiv => floor_div(x, y),
                 BinOp::Mod => floor_mod(x, y),
@@ -115,24 +144,45 @@ pub fn bind(k: &Kernel, shapes: &BTreeMap<String, Vec<usize>>, explicit: &BTreeM
             b.dims.insert(d.name.clone(), v);
         }
     }
+    // A tensor of the wrong rank is named before anything else (its axes bind nothing).
+    for t in k.inputs() {
+        if let Some(found) = shapes.get(&t.name) {
+            if found.len() != t.shape.len() {
+                let decl = format!("{}[{}]", t.dtype, t.shape.iter().map(|e| e.to_string()).collect::<Vec<_>>().join(", "));
+                return Err(BindError::Rank { name: t.name.clone(), found: found.len(), shape: found.clone(), expected: t.shape.len(), decl });
+            }
+        }
+    }
     // Two passes: the first binds free dims from every input, the second (after derived dims
     // are known) checks every axis, so errors show as many known sizes as possible.
+    let mut from: BTreeMap<String, (String, usize)> = BTreeMap::new();
     for t in k.inputs() {
         let Some(found) = shapes.get(&t.name) else {
             continue;
         };
-        if found.len() != t.shape.len() {
-            continue;
-        }
-        for (ext, &n) in t.shape.iter().zip(found) {
+        for (axis, (ext, &n)) in t.shape.iter().zip(found).enumerate() {
             if let Extent::Dim(d) = ext {
                 if free.iter().any(|f| &f.name == d) {
+                    let n = i64::try_from(n).unwrap_or(i64::MAX);
                     match b.dims.get(d) {
                         None => {
-                            b.dims.insert(d.clone(), n as i64);
+                            b.dims.insert(d.clone(), n);
+                            from.insert(d.clone(), (t.name.clone(), axis));
                         }
-                        Some(&given) if explicit.contains_key(d) && given != n as i64 => {
-                            return Err(BindError::Conflict { dim: d.clone(), given, tensor: t.name.clone(), found: n as i64 });
+                        Some(&given) if explicit.contains_key(d) && given != n => {
+                            return Err(BindError::Conflict { dim: d.clone(), given, tensor: t.name.clone(), found: n });
+                        }
+                        Some(&first) if first != n => {
+                            let (first_t, first_axis) = from[d].clone();
+                            return Err(BindError::Disagree {
+                                dim: d.clone(),
+                                first: first_t,
+                                first_axis,
+                                first_value: first,
+                                second: t.name.clone(),
+                                second_axis: axis,
+                                second_value: n,
+                            });
                         }
                         Some(_) => {}
                     }
@@ -161,6 +211,7 @@ pub fn bind(k: &Kernel, shapes: &BTreeMap<String, Vec<usize>>, explicit: &BTreeM
             return Err(BindError::NonPositive { dim: d.name.clone(), value: v });
         }
     }
+    check_sizes(k, &b)?;
     for t in k.inputs() {
         let expected = b.describe(t);
         let Some(found) = shapes.get(&t.name) else {

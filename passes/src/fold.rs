@@ -10,15 +10,17 @@
 //!   without reductions) with at least one key factor is a bare dot. Equal up to rounding
 //!   (products are reassociated).
 //! - Limits: one dot per score; scores with other structure around the dot (softcap's
-//!   `tanh`) are left alone.
+//!   `tanh`) are left alone, and so are factors that may be infinite or zero (a division by
+//!   a value that can be 0), which would not fold exactly.
 
-use crate::separable::{extract, flatten_product, has_reduction, only_pair_indices, side, Dot, Side, DOT};
+use crate::separable::{extract, flatten_product, fold_exact, has_reduction, only_pair_indices, side, Dot, Side, DOT};
 use crate::Applied;
 use attnc_ir::{BinOp, Expr, Kernel, UnOp};
 
 /// The score as a bare dot with every query/key factor folded in, or `None` when it has
-/// another shape (or, unless `force`, no key factor to fold).
-pub fn fold_score(score: &Expr, force: bool) -> Option<Dot> {
+/// another shape, a factor that does not fold exactly ([`crate::separable::fold_exact`]), or
+/// (unless `force`) no key factor to fold.
+pub fn fold_score(k: &Kernel, score: &Expr, force: bool) -> Option<Dot> {
     let mut found = None;
     let rest = extract(score, &mut found);
     let dot = found?;
@@ -43,6 +45,9 @@ pub fn fold_score(score: &Expr, force: bool) -> Option<Dot> {
     if dots != 1 || (cols.is_empty() && !force) {
         return None;
     }
+    if !rows.iter().all(|f| fold_exact(k, f, &dot.a, &dot.r)) || !cols.iter().all(|f| fold_exact(k, f, &dot.b, &dot.r)) {
+        return None;
+    }
     let mul = |x: Expr, fs: Vec<Expr>| fs.into_iter().fold(x, |a, f| Expr::bin(BinOp::Mul, a, f));
     let mut a = mul(dot.a.clone(), rows);
     if neg {
@@ -56,7 +61,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let mut out = k.clone();
     let mut log = Vec::new();
     for (n, br) in out.branches.iter_mut().enumerate() {
-        if let Some(d) = fold_score(&br.score, false) {
+        if let Some(d) = fold_score(k, &br.score, false) {
             let score = d.to_expr();
             log.push(Applied {
                 pass: "fold",

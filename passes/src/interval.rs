@@ -216,6 +216,8 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
                     }
                 }
                 (UnOp::ToFloat, Iv::Int(a, b)) => Iv::Float { lo: a as f64, hi: b as f64, nan: false },
+                // Monotone on [0, inf): sqrt of a non-negative range.
+                (UnOp::Sqrt, Iv::Float { lo, hi, nan }) if lo <= hi && lo >= 0.0 => Iv::Float { lo: lo.sqrt(), hi: hi.sqrt(), nan },
                 (UnOp::Exp | UnOp::Tanh | UnOp::Sigmoid, Iv::Float { lo, hi, nan }) if lo <= hi => {
                     let f = attnc_ir::reference::unary_f64;
                     Iv::Float { lo: f(*op, lo), hi: f(*op, hi), nan }

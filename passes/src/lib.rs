@@ -4,7 +4,8 @@
 //! a kernel into an equal, cheaper one:
 //!
 //! - analyses: interval analysis of expressions ([`interval`]), the block-sparsity
-//!   classification built on it ([`tiles`]), separable structure ([`separable`]);
+//!   classification built on it ([`tiles`]), separable structure ([`separable`]), index
+//!   bounds where the reference reads ([`bounds`]);
 //! - the e-graph ([`egraph`], the only user of egg) with its rules and cost functions;
 //! - the passes, each `run(&Kernel) -> Option<(Kernel, what it did)>`, in the order of
 //!   [`PASSES`]: [`simplify`], [`hoist`], [`fold`], [`lowrank`], [`linear`].
@@ -14,6 +15,7 @@
 //! or of code generation.
 
 pub mod approx;
+pub mod bounds;
 pub mod egraph;
 pub mod fold;
 pub mod hoist;

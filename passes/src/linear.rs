@@ -209,7 +209,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
         Some(m) => Some(causal_offset(m)?),
     };
     // The score: a dot whose body may carry a per-channel decay factor exp(X_i - Y_j).
-    let (a, b, r, len, channel) = match fold_score(&br.score, true) {
+    let (a, b, r, len, channel) = match fold_score(k, &br.score, true) {
         Some(d) => (d.a, d.b, d.r, d.len, None),
         None => {
             // `Σ_r body` alone, times or divided by a per-row factor.

@@ -27,6 +27,7 @@
 
 use crate::egraph::{best_separable, written_cost, RANK_COST};
 use crate::fold::fold_score;
+use crate::interval::{eval, Iv, LoadOracle};
 use crate::separable::{sum_of_products, Dot};
 use crate::Applied;
 use attnc_ir::{BinOp, Expr, Kernel, RedOp};
@@ -62,7 +63,7 @@ fn extend_dot(dot: &Dot, extra_a: Expr, extra_b: Expr, extra: Expr) -> Expr {
 /// [`crate::approx`]) joins the score's dot as it is: `len + C` channels.
 fn absorb_dot(k: &Kernel, bias: &Expr) -> Option<(Kernel, Vec<Applied>)> {
     let d2 = crate::separable::as_dot(bias)?;
-    let dot = fold_score(&k.branches[0].score, true)?;
+    let dot = fold_score(k, &k.branches[0].score, true)?;
     let shifted = |e: &Expr| e.subst(&d2.r, &Expr::bin(BinOp::Sub, Expr::var(&dot.r), dot.len.clone()));
     let mut out = k.clone();
     let nb = &mut out.branches[0];
@@ -72,12 +73,11 @@ fn absorb_dot(k: &Kernel, bias: &Expr) -> Option<(Kernel, Vec<Applied>)> {
     Some((out, vec![Applied { pass: "lowrank", what, cost: None }]))
 }
 
-pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
+/// The terms `u_t(b,h,i) · w_t(b,h,j)` the pass would write the bias of `k` as, with the
+/// e-graph's rank and stop reason, when it rewrites it (the decision of [`run`]).
+fn factors(k: &Kernel) -> Option<(Vec<crate::separable::Term>, u32, String)> {
     let [br] = k.branches.as_slice() else { return None };
     let bias = br.bias.as_ref()?;
-    if let Some(done) = absorb_dot(k, bias) {
-        return Some(done);
-    }
     let (best, cost, stop) = best_separable(bias, k);
     let rank = cost.rank?;
     let terms = sum_of_products(&best)?;
@@ -86,7 +86,77 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     if r == 0 || RANK_COST * r as f64 >= written.eval {
         return None;
     }
-    let dot = fold_score(&br.score, true)?;
+    fold_score(k, &br.score, true)?;
+    Some((terms, rank, stop.to_string()))
+}
+
+/// Largest magnitude of an abstract value (`None`: unknown).
+fn magnitude(v: Iv) -> Option<f64> {
+    match v {
+        Iv::Float { lo, hi, nan: false } if lo <= hi => Some(lo.abs().max(hi.abs())),
+        Iv::Int(lo, hi) => Some((lo as f64).abs().max((hi as f64).abs())),
+        _ => None,
+    }
+}
+
+/// The most the low-rank terms may sum to, relative to the bias as written, before the
+/// rewrite is refused for an input.
+pub const MAX_TERM_RATIO: f64 = 64.0;
+/// The most a term may reach (f32 overflows at 3.4e38; a margin for the dot's sum).
+pub const MAX_TERM: f64 = 1e30;
+
+/// Whether the low-rank form of `k`'s bias is as exact as the bias as written, for the
+/// inputs `data` knows at `dims` (the terms' magnitudes are known before the kernel runs:
+/// ALiBi's slopes). The f32 dot sums the products `u_t·w_t`, which carries an error of
+/// about `Σ|u_t·w_t|·2⁻²⁴`, where the bias as written carries `|bias|·2⁻²⁴`; refused (with
+/// the reason) when a term can overflow f32 or the terms sum to more than
+/// [`MAX_TERM_RATIO`] times the largest bias. `Ok` when the pass does not rewrite `k`.
+pub fn check_inputs(k: &Kernel, dims: &attnc_ir::Bindings, data: &dyn LoadOracle) -> Result<(), String> {
+    let Some((terms, _, _)) = factors(k) else { return Ok(()) };
+    let it = &k.iter;
+    let range = |e: &attnc_ir::Extent| Iv::Int(0, dims.extent(e) - 1);
+    let side = |j: bool| -> Vec<(String, Iv)> {
+        vec![("b".into(), range(&it.b)), ("h".into(), range(&it.h)), (if j { "j" } else { "i" }.into(), range(if j { &it.j } else { &it.i }))]
+    };
+    let mut sum = 0.0f64;
+    for t in &terms {
+        let (Some(u), Some(w)) = (magnitude(eval(&t.u, &mut side(false), &dims.dims, data)), magnitude(eval(&t.w, &mut side(true), &dims.dims, data))) else {
+            return Ok(()); // Not bounded before the run: nothing to judge.
+        };
+        if u > MAX_TERM || w > MAX_TERM || u * w > MAX_TERM {
+            return Err(format!(
+                "the bias term ({})·({}) reaches {:.3e}, beyond what the f32 dot holds exactly",
+                attnc_ir::pretty::infix(&t.u),
+                attnc_ir::pretty::infix(&t.w),
+                u * w
+            ));
+        }
+        sum += u * w;
+    }
+    let mut pair = side(false);
+    pair.push(("j".into(), range(&it.j)));
+    let bias = k.branches[0].bias.as_ref().expect("factors: a bias");
+    if let Some(b) = magnitude(eval(bias, &mut pair, &dims.dims, data)) {
+        if sum > MAX_TERM_RATIO * b.max(1.0) {
+            return Err(format!(
+                "its terms sum to {sum:.3e}, {:.0}× the largest bias ({b:.3e}): the f32 dot would round them far more than the bias as written",
+                sum / b.max(1.0)
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
+    let [br] = k.branches.as_slice() else { return None };
+    let bias = br.bias.as_ref()?;
+    if let Some(done) = absorb_dot(k, bias) {
+        return Some(done);
+    }
+    let (terms, rank, stop) = factors(k)?;
+    let written = written_cost(bias, k);
+    let r = terms.len();
+    let dot = fold_score(k, &br.score, true)?;
     let mut out = k.clone();
     let nb = &mut out.branches[0];
     nb.bias = None;

@@ -4,7 +4,9 @@
 //! Both the tiled CPU kernel (which runs the dot as a matmul) and the rewrites (which move
 //! low-rank biases and per-row factors into the dot) read these shapes.
 
-use attnc_ir::{BinOp, Expr, RedOp, UnOp};
+use crate::interval::{eval, Iv, NoData};
+use attnc_ir::{BinOp, Expr, Kernel, RedOp, UnOp};
+use std::collections::BTreeMap;
 
 /// A separable channel reduction `Σ_{r < len} a · b`.
 #[derive(Clone, Debug, PartialEq)]
@@ -229,4 +231,62 @@ pub fn row_factor(rest: &Expr) -> Option<Expr> {
         Expr::Binary(BinOp::Div, a, c) if **a == d && free(c) => Some(Expr::bin(BinOp::Div, Expr::float(1.0), (**c).clone())),
         _ => None,
     }
+}
+
+/// Whether a factor `f` of a score `Σ_r x·y · f` can move into the dot's operand `x`
+/// (`Σ_r (x·f)·y`) without changing the result beyond rounding, infinities and NaN
+/// included: true when `f` is finite and nonzero for every shape and index (interval
+/// analysis with dims in `[1, 2^48]`: a scale `1/sqrt(D)`), or when `f` is `1/‖x‖`, the
+/// reciprocal of a hoisted norm of `x` itself (a zero norm comes with a zero `x` and an
+/// infinite one with an infinite `x`, so both forms are NaN there). An infinite factor
+/// would turn `0·f` into NaN where `dot·f` is an infinity (`dot / sqrt(hk)` with `hk = 0`),
+/// a zero one would hide an infinite dot.
+pub fn fold_exact(k: &Kernel, f: &Expr, operand: &Expr, r: &str) -> bool {
+    if is_norm_reciprocal(k, f, operand, r) {
+        return true;
+    }
+    let big = 1i64 << 48;
+    let mut vars: Vec<(String, Iv)> = k.dims.iter().map(|d| (format!("${}", d.name), Iv::Int(1, big))).collect();
+    vars.extend(["b", "h", "i", "j", "e"].map(|v| (v.to_string(), Iv::Int(0, big))));
+    let dims_as_vars = subst_dims(f);
+    match eval(&dims_as_vars, &mut vars, &BTreeMap::new(), &NoData) {
+        Iv::Float { lo, hi, nan: false } => lo.is_finite() && hi.is_finite() && (lo > 0.0 || hi < 0.0),
+        Iv::Int(lo, hi) => lo > 0 || hi < 0,
+        _ => false,
+    }
+}
+
+/// `e` with every dim `D` read as the variable `$D`.
+fn subst_dims(e: &Expr) -> Expr {
+    match e {
+        Expr::Dim(d) => Expr::var(&format!("${d}")),
+        _ => e.map_children(&mut subst_dims),
+    }
+}
+
+/// `f` is `1 / T[idx]` where derived tensor `T[v…] = sqrt(Σ_s x'·x')` and `x'` at `v… = idx`,
+/// `s = r` is `operand`.
+fn is_norm_reciprocal(k: &Kernel, f: &Expr, operand: &Expr, r: &str) -> bool {
+    let Expr::Binary(BinOp::Div, one, t) = f else { return false };
+    if **one != Expr::float(1.0) {
+        return false;
+    }
+    let Expr::Load(name, idx) = &**t else { return false };
+    let Some(decl) = k.tensor(name) else { return false };
+    let attnc_ir::TensorKind::Derived { vars, def: attnc_ir::TensorDef::Map(body) } = &decl.kind else { return false };
+    let Expr::Unary(UnOp::Sqrt, sum) = body else { return false };
+    let Expr::Reduce { op: RedOp::Sum, var, body: sq, .. } = &**sum else { return false };
+    let Expr::Binary(BinOp::Mul, x1, x2) = &**sq else { return false };
+    if x1 != x2 || vars.len() != idx.len() {
+        return false;
+    }
+    let mut x = (**x1).clone();
+    // Rename the tensor's variables through fresh names first (the index may reuse them).
+    for (n, v) in vars.iter().enumerate() {
+        x = x.subst(v, &Expr::var(&format!("#{n}")));
+    }
+    for (n, e) in idx.iter().enumerate() {
+        x = x.subst(&format!("#{n}"), e);
+    }
+    x.subst(var, &Expr::var(r)) == *operand
 }

@@ -315,5 +315,19 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         0 => None,
         n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| CodegenError::Unsupported(format!("thread pool: {e}")))?),
     };
-    Ok(CpuKernel { kernel, schedule, layout, path, derives, options, pool, classifier: Default::default(), _module: module, clif, asm })
+    Ok(CpuKernel {
+        kernel,
+        schedule,
+        layout,
+        path,
+        derives,
+        options,
+        pool,
+        classifier: Default::default(),
+        bounds: Default::default(),
+        bounds_source: None,
+        _module: module,
+        clif,
+        asm,
+    })
 }

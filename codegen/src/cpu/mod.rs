@@ -23,7 +23,7 @@ mod tiled;
 
 pub use emit::CpuArtifact;
 
-use crate::host::{check_divisors, derive_tasks, ArgLayout, MaskData, RunError, Storage};
+use crate::host::{check_divisors, derive_tasks, ArgLayout, BoundsCheck, RunError, Storage, TensorData};
 use crate::schedule::{BoundAlgorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
 use attnc_ir::{bind, Bindings, Kernel, KernelInfo, TensorKind};
@@ -175,6 +175,16 @@ impl Default for CpuBackend {
     }
 }
 
+/// The host's cores.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// The most worker threads a kernel may use: 4 × the cores, or 64 on small machines.
+pub fn max_threads() -> usize {
+    (4 * cores()).max(64)
+}
+
 /// Bytes of tile workspace one worker may use (a tile of 1024 × 1024 at 128 channels needs
 /// under 6 MiB; larger tiles only waste memory).
 pub const TASK_WORKSPACE_BYTES: usize = 256 << 20;
@@ -196,6 +206,16 @@ impl Backend for CpuBackend {
     }
     fn tolerance(&self) -> Tolerance {
         Tolerance::F32
+    }
+    fn check_options(&self, o: &CpuOptions) -> Result<(), String> {
+        let most = max_threads();
+        if o.threads > most {
+            return Err(format!("{} threads: at most {most} here (4 × the {} cores, or 64); more threads than cores only add switching", o.threads, cores()));
+        }
+        if o.rows_per_task == 0 || o.rows_per_task > 1 << 20 {
+            return Err(format!("rows per task must be 1 to {} (got {})", 1 << 20, o.rows_per_task));
+        }
+        Ok(())
     }
     fn emit(&self, k: &Kernel, _info: &KernelInfo, s: &Schedule, o: &CpuOptions) -> Result<CpuArtifact, CodegenError> {
         let isa = match self.isa {
@@ -246,6 +266,10 @@ pub struct CpuKernel {
     pool: Option<rayon::ThreadPool>,
     /// Tile classes of static masks, computed once per shape.
     classifier: crate::schedule::classes::TileClassifier,
+    /// Index bounds, checked once per shape when no index reads data.
+    bounds: BoundsCheck,
+    /// The kernel the bounds are checked on (the spec as written), when given.
+    bounds_source: Option<Kernel>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     /// Each function's CLIF, as emitted.
@@ -296,6 +320,10 @@ impl Compiled for CpuKernel {
         &self.kernel
     }
 
+    fn set_bounds_source(&mut self, spec: Kernel) {
+        self.bounds_source = Some(spec);
+    }
+
     fn schedule(&self) -> &Schedule {
         &self.schedule
     }
@@ -309,6 +337,9 @@ impl Compiled for CpuKernel {
         let dims = bind(k, &st.shapes, explicit)?;
         check_divisors(k, &dims)?;
         let bound = self.schedule.bind(k, &dims)?;
+        let source = self.bounds_source.as_ref().unwrap_or(k);
+        let per_call_bounds = self.bounds.before(source, &dims)?;
+        self.check_memory(&dims, &bound)?;
         // Derived tensors and the output get fresh buffers; inputs are read in place.
         let mut owned: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         for t in &k.tensors {
@@ -324,7 +355,7 @@ impl Compiled for CpuKernel {
             .collect();
         let frame = self.layout.fill(k, &dims, &mut |t| bufs[&t.name].as_ptr() as i64);
         let fp = FramePtr(frame.as_ptr());
-        let work = || {
+        let work = || -> Result<(), RunError> {
             use rayon::prelude::*;
             for (name, f) in &self.derives {
                 let t = k.tensor(name).expect("derived tensor");
@@ -333,6 +364,9 @@ impl Compiled for CpuKernel {
                 // SAFETY: the frame describes live buffers of the bound shapes; tasks write
                 // disjoint ranges (a prefix sum along the first axis is one task).
                 tasks.par_iter().for_each(|&(lo, hi)| unsafe { f(fp.get(), lo, hi) });
+            }
+            if per_call_bounds {
+                BoundsCheck::with_data(source, &dims, &bufs)?;
             }
             match (&self.path, &bound.algorithm) {
                 (Path::Rows(attend), BoundAlgorithm::Rows) => {
@@ -356,10 +390,11 @@ impl Compiled for CpuKernel {
                 }
                 _ => unreachable!("the loaded entry points follow the schedule"),
             }
+            Ok(())
         };
         match &self.pool {
-            Some(p) => p.install(work),
-            None => work(),
+            Some(p) => p.install(work)?,
+            None => work()?,
         }
         let out = k.output();
         let data = owned.remove(&out.name).expect("output buffer").into_iter().map(f32::from_bits).collect();
@@ -379,6 +414,29 @@ fn describe(s: &Schedule, o: &CpuOptions) -> String {
 }
 
 impl CpuKernel {
+    /// Refuses a run that would need more memory than the host has (or `ATTNC_MAX_MEMORY`
+    /// allows), before allocating: derived tensors and the output, and the tiled kernel's
+    /// per-worker workspaces and per-group packs.
+    fn check_memory(&self, dims: &Bindings, bound: &crate::schedule::Bound) -> Result<(), RunError> {
+        let k = &self.kernel;
+        let elems = |t: &attnc_ir::TensorDecl| dims.shape(t).iter().map(|&n| n as u128).product::<u128>();
+        let derived: u128 = k.derived().map(|t| 4 * elems(t)).sum();
+        let output = 4 * elems(k.output());
+        let threads = self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads()) as u128;
+        let (mut work, mut packs) = (0u128, 0u128);
+        if let (crate::schedule::BoundAlgorithm::Tiled(t), Some(ts)) = (&bound.algorithm, self.schedule.tiled()) {
+            work = threads * ts.workspace.task_bytes(t.channels, bound.grid.values);
+            let (kt, vb) = ts.workspace.pack_floats(bound.grid.keys, t.channels, bound.grid.values);
+            packs = 4 * (kt + vb) * threads.min(t.groups.len() as u128);
+        }
+        crate::host::check_memory(&[
+            ("for the output", output),
+            ("for derived tensors", derived),
+            ("for tile workspaces", work),
+            ("for key/value packs", packs),
+        ])
+    }
+
     /// Runs the chunked algorithm over every (batch, head) in parallel, reading the
     /// materialized operands and writing the output through `out`.
     fn run_chunked(&self, plan: &chunked::Plan, g: &crate::schedule::Grid, bufs: &BTreeMap<String, &[u32]>, out: *mut f32) {
@@ -424,7 +482,7 @@ impl CpuKernel {
         let grid = t.tiles;
         let (nqb, ntiles, nbr) = (grid.query_tiles(), grid.key_tiles(), k.branches.len() as i64);
         let g = crate::schedule::Grid::of(k, dims);
-        let data = MaskData::new(k, dims, bufs);
+        let data = TensorData::masks(k, dims, bufs);
         let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
         let ws_len = ts.workspace.task_floats(t.channels, g.values) as usize;
         let (kt_len, vb_len) = ts.workspace.pack_floats(g.keys, t.channels, g.values);

@@ -47,6 +47,10 @@ impl Default for ScheduleOptions {
 
 /// Key tiles are whole vectors of every backend's widest lane count (16 f32 lanes).
 pub const KEY_TILE_MULTIPLE: usize = 16;
+/// The largest tile edge (rows or keys) and chunk: beyond it a tile only wastes memory.
+pub const MAX_TILE: usize = 4096;
+/// The largest chunk of the chunked algorithm.
+pub const MAX_CHUNK: usize = 1 << 16;
 
 /// What a target can hold (capability constants, in the manner of tinygrad's): the schedule
 /// refuses a configuration that exceeds them instead of letting an allocation fail.
@@ -92,8 +96,10 @@ pub struct Schedule {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ScheduleError {
-    #[error("tile sizes must be positive and block_k a multiple of {KEY_TILE_MULTIPLE} (got {block_q}×{block_k})")]
+    #[error("tile sizes must be positive, at most {MAX_TILE}, and block_k a multiple of {KEY_TILE_MULTIPLE} (got {block_q}×{block_k})")]
     Tiles { block_q: usize, block_k: usize },
+    #[error("a chunk holds at most {MAX_CHUNK} keys (got {0})")]
+    Chunk(usize),
     #[error(
         "the tile workspace needs {needed} bytes per task ({block_q}×{block_k} tiles, {channels} channels, {values} values), over this target's {budget} bytes: use smaller tiles"
     )]
@@ -102,8 +108,11 @@ pub enum ScheduleError {
 
 /// Chooses how `k` runs under `o` on a target with `limits`.
 pub fn plan(k: &Kernel, _info: &KernelInfo, o: &ScheduleOptions, limits: &Limits) -> Result<Schedule, ScheduleError> {
-    if o.block_k == 0 || !o.block_k.is_multiple_of(KEY_TILE_MULTIPLE) || o.block_q == 0 {
+    if o.block_k == 0 || !o.block_k.is_multiple_of(KEY_TILE_MULTIPLE) || o.block_q == 0 || o.block_q > MAX_TILE || o.block_k > MAX_TILE {
         return Err(ScheduleError::Tiles { block_q: o.block_q, block_k: o.block_k });
+    }
+    if o.chunk > MAX_CHUNK {
+        return Err(ScheduleError::Chunk(o.chunk));
     }
     let linear = if o.chunk > 0 { LinearForm::of(k) } else { None };
     let algorithm = match linear {
@@ -296,7 +305,7 @@ mod tests {
         let k = attnc_passes::optimize(&k, &attnc_passes::PassConfig::all()).expect("passes").kernel;
         assert!(matches!(plan(&k, &info, &ScheduleOptions::default(), &CPU).unwrap().algorithm, Algorithm::Chunked(_)));
         assert!(matches!(plan(&k, &info, &ScheduleOptions { chunk: 0, ..Default::default() }, &CPU).unwrap().algorithm, Algorithm::Tiled(_)));
-        for (bq, bk) in [(0, 64), (64, 0), (64, 40)] {
+        for (bq, bk) in [(0, 64), (64, 0), (64, 40), (8192, 64), (64, 1 << 40)] {
             let e = plan(&k, &info, &ScheduleOptions { block_q: bq, block_k: bk, ..Default::default() }, &CPU).unwrap_err();
             assert_eq!(e, ScheduleError::Tiles { block_q: bq, block_k: bk });
         }

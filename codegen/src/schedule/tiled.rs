@@ -94,8 +94,9 @@ impl TiledPlan {
             parts.push((found, rest));
         }
         let mut fold = None;
-        if let [(Some(_), rest)] = parts.as_mut_slice() {
-            if let Some(f) = attnc_passes::separable::row_factor(rest) {
+        if let [(Some(dot), rest)] = parts.as_mut_slice() {
+            // Only a factor that folds exactly (finite and nonzero, or the operand's norm).
+            if let Some(f) = attnc_passes::separable::row_factor(rest).filter(|f| attnc_passes::separable::fold_exact(k, f, &dot.a, &dot.r)) {
                 fold = Some(f);
                 *rest = Expr::var(DOT);
             }
