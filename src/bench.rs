@@ -1,9 +1,9 @@
 //! Useful work of a kernel instance: the live (unmasked) pairs and the FLOPs they cost, so
 //! benchmarks report GFLOP/s of useful work (masked pairs are not counted).
 
-use attnc::dsl::Checked;
-use attnc::ir::reference::{ExprEval, Scalar, Tensor};
-use attnc::ir::Bindings;
+use crate::dsl::Checked;
+use crate::ir::reference::{ExprEval, Scalar, Tensor};
+use crate::ir::Bindings;
 use attnc_passes::tiles::{classify, DataOracle, TileBox, TileClass};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -18,7 +18,7 @@ pub struct Work {
 
 pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Work, String> {
     let k = &c.kernel;
-    let ext = |e: &attnc::ir::Extent| dims.extent(e);
+    let ext = |e: &crate::ir::Extent| dims.extent(e);
     let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
     let eval = ExprEval::new(k, dims, inputs).map_err(|e| e.to_string())?;
     let oracle = DataOracle {
@@ -30,13 +30,13 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
         // Channels of the score's reduction(s): the size of the first sum's range.
         let mut dk = 0i64;
         br.score.walk(&mut |x| {
-            if let attnc::ir::Expr::Reduce { hi, .. } = x {
+            if let crate::ir::Expr::Reduce { hi, .. } = x {
                 if dk == 0 {
-                    dk = attnc::ir::bind::eval_dims(hi, &dims.dims).unwrap_or(0);
+                    dk = crate::ir::bind::eval_dims(hi, &dims.dims).unwrap_or(0);
                 }
             }
         });
-        let deps = br.mask.as_ref().map(attnc::ir::Deps::of).unwrap_or_default();
+        let deps = br.mask.as_ref().map(crate::ir::Deps::of).unwrap_or_default();
         // The mask compiled once, evaluated per pair of the partial tiles.
         let prepared = br.mask.as_ref().map(|m| eval.prepare(m, &["b", "h", "i", "j"]));
         let (bs, hs) = (if deps.b { nb } else { 1 }, if deps.h { nh } else { 1 });

@@ -2,8 +2,11 @@
 //! CLI and for users embedding attnc: [`load_spec`] reads and checks a `.attn` file,
 //! [`io`] moves tensors through safetensors files, [`inputs`] makes random inputs.
 
+pub mod bench;
+pub mod explain;
 pub mod inputs;
 pub mod io;
+pub mod tune;
 
 pub use attnc_dsl as dsl;
 pub use attnc_ir as ir;

@@ -1,9 +1,9 @@
-//! `attnc tune` and the use of tuned winners by `run` and `bench`.
+//! `attnc tune` and the use of tuned winners by `run`, `bench` and the Python package.
 
+use crate::dsl::Checked;
+use crate::ir::reference::Tensor;
+use crate::ir::Bindings;
 use anyhow::{anyhow, Result};
-use attnc::dsl::Checked;
-use attnc::ir::reference::Tensor;
-use attnc::ir::Bindings;
 use attnc_autotune::cache::{CacheEntry, TrialRecord, TuneCache, CACHE_VERSION};
 use attnc_autotune::space::{prune, Candidate, OptionsOf, SearchSpace};
 use attnc_autotune::tuner::{self, Outcome, Protocol};
@@ -55,7 +55,7 @@ impl<O> Chosen<O> {
         for p in &self.passes_off {
             cfg.set(p, false).map_err(|e| anyhow!("cached winner: {e}"))?;
         }
-        Ok(attnc::optimize(spec, &cfg).map_err(|e| anyhow!("{e}"))?.0)
+        Ok(crate::optimize(spec, &cfg).map_err(|e| anyhow!("{e}"))?.0)
     }
 }
 
@@ -98,7 +98,7 @@ fn first_choice<S: SearchSpace>(space: &S, all: &[Candidate<OptionsOf<S>>]) -> (
 fn small_dims(c: &Checked, given: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
     let mut d = given.clone();
     for e in [&c.kernel.iter.i, &c.kernel.iter.j] {
-        if let attnc::ir::Extent::Dim(name) = e {
+        if let crate::ir::Extent::Dim(name) = e {
             if let Some(v) = d.get_mut(name) {
                 *v = (*v).min(70);
             }
@@ -132,10 +132,12 @@ pub struct TuneArgs<'a> {
     pub seed: u64,
 }
 
-pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
+pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<String> {
+    use std::fmt::Write;
+    let mut text = String::new();
     let backend = space.backend();
-    let dims = attnc::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
-    let inputs = attnc::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
+    let dims = crate::bind_dims(c, a.given).map_err(|e| anyhow!(e))?;
+    let inputs = crate::inputs::random_inputs(&c.kernel, &dims, &c.ranges, a.seed).map_err(|e| anyhow!(e))?;
     let all = candidates(space, c, &dims, &inputs);
     // The untuned configuration: the default options on the spec as optimized (a
     // `lowrank-off` candidate can carry the same options and is not it).
@@ -148,13 +150,13 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
     let without_lowrank = if a.passes.enabled("lowrank") {
         let mut cfg = a.passes.clone();
         cfg.set("lowrank", false).map_err(|e| anyhow!(e))?;
-        let (off, _) = attnc::optimize(a.spec, &cfg).map_err(|e| anyhow!("{e}"))?;
+        let (off, _) = crate::optimize(a.spec, &cfg).map_err(|e| anyhow!("{e}"))?;
         (off.kernel != c.kernel).then_some(off)
     } else {
         None
     };
     if let Some(off) = &without_lowrank {
-        let off_dims = attnc::bind_dims(off, a.given).map_err(|e| anyhow!(e))?;
+        let off_dims = crate::bind_dims(off, a.given).map_err(|e| anyhow!(e))?;
         pruned.extend(attnc_autotune::space::lowrank_off(&candidates(space, off, &off_dims, &inputs), 2));
     }
     pruned.extend(twins);
@@ -168,9 +170,9 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
     let work = crate::bench::useful_work(c, &dims, &inputs).map_err(|e| anyhow!(e))?;
     // The gate: a small input and its reference output, computed once.
     let small_given = small_dims(c, a.given);
-    let small = attnc::bind_dims(c, &small_given).map_err(|e| anyhow!("the correctness gate's small shape does not bind: {e}"))?;
-    let small_inputs = attnc::inputs::random_inputs(&c.kernel, &small, &c.ranges, a.seed + 1).map_err(|e| anyhow!(e))?;
-    let want = attnc::ir::reference::run(&c.kernel, &c.info, &small_inputs, &BTreeMap::new())?;
+    let small = crate::bind_dims(c, &small_given).map_err(|e| anyhow!("the correctness gate's small shape does not bind: {e}"))?;
+    let small_inputs = crate::inputs::random_inputs(&c.kernel, &small, &c.ranges, a.seed + 1).map_err(|e| anyhow!(e))?;
+    let want = crate::ir::reference::run(&c.kernel, &c.info, &small_inputs, &BTreeMap::new())?;
     // The kernel a candidate runs, with its storage for the small and the full inputs.
     let kernels: Vec<(&Checked, Storage, Storage)> = std::iter::once(c)
         .chain(without_lowrank.as_ref())
@@ -212,18 +214,18 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
         _ => None,
     });
     let records: Vec<TrialRecord<OptionsOf<S>>> = trials.iter().map(TrialRecord::from_trial).collect();
-    outln!("{}  {}  ({} of {} candidates after pruning; {:.1} s)", c.kernel.name, given_text(a.given), pruned.len(), all.len(), elapsed);
-    outln!("  {:<26} {:>12} {:>11} {:>9} {:>9}  status", "candidate", "predicted ms", "median ms", "best ms", "GFLOP/s");
+    writeln!(text, "{}  {}  ({} of {} candidates after pruning; {:.1} s)", c.kernel.name, given_text(a.given), pruned.len(), all.len(), elapsed).unwrap();
+    writeln!(text, "  {:<26} {:>12} {:>11} {:>9} {:>9}  status", "candidate", "predicted ms", "median ms", "best ms", "GFLOP/s").unwrap();
     for r in &records {
         let (med, best, gf) = match (r.median_s, r.best_s) {
             (Some(m), Some(b)) => (format!("{:.3}", m * 1e3), format!("{:.3}", b * 1e3), format!("{:.1}", work.flops / b / 1e9)),
             _ => ("-".into(), "-".into(), "-".into()),
         };
         let mark = if r.name == win.candidate.name { "*" } else { " " };
-        outln!("{mark} {:<26} {:>12.3} {:>11} {:>9} {:>9}  {}", r.name, r.predicted_s * 1e3, med, best, gf, r.status);
+        writeln!(text, "{mark} {:<26} {:>12.3} {:>11} {:>9} {:>9}  {}", r.name, r.predicted_s * 1e3, med, best, gf, r.status).unwrap();
     }
     if let (Some((d, name)), Some(best)) = (default_best, win.outcome.best()) {
-        outln!("  winner {} is {:.2}x the default ({name}), best samples", win.candidate.name, d / best);
+        writeln!(text, "  winner {} is {:.2}x the default ({name}), best samples", win.candidate.name, d / best).unwrap();
     }
     let k = key(space, c, &dims);
     let entry = CacheEntry {
@@ -238,12 +240,12 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<()> {
     let path = cache
         .put(&k, &entry)
         .map_err(|e| anyhow!("cannot write the tuning cache in {}: {e} (set ATTNC_CACHE_DIR to a writable directory)", cache.dir.display()))?;
-    outln!("  cached in {}", path.display());
+    writeln!(text, "  cached in {}", path.display()).unwrap();
     if let Some(dir) = a.report {
         attnc_autotune::report::write(dir, &format!("{} {}", c.kernel.name, given_text(a.given)), &records).map_err(|e| anyhow!("report: {e}"))?;
-        outln!("  report written to {}/tune.{{csv,json,svg}}", dir.display());
+        writeln!(text, "  report written to {}/tune.{{csv,json,svg}}", dir.display()).unwrap();
     }
-    Ok(())
+    Ok(text)
 }
 
 fn given_text(given: &BTreeMap<String, i64>) -> String {
@@ -259,9 +261,9 @@ mod tests {
     #[test]
     fn a_winner_without_lowrank_gets_the_kernel_without_it() {
         let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/alibi.attn")).expect("example");
-        let spec = attnc::dsl::compile(&src).expect("compiles");
+        let spec = crate::dsl::compile(&src).expect("compiles");
         let cfg = PassConfig::all();
-        let (oc, _) = attnc::optimize(&spec, &cfg).expect("optimizes");
+        let (oc, _) = crate::optimize(&spec, &cfg).expect("optimizes");
         assert!(oc.kernel.branches[0].bias.is_none(), "lowrank folds ALiBi into the dot");
         let chosen = |off: &[&str]| Chosen { options: (), passes_off: off.iter().map(|s| s.to_string()).collect(), from: String::new() };
         assert_eq!(chosen(&[]).kernel(&spec, &cfg, &oc).expect("kernel").kernel, oc.kernel);

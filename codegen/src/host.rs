@@ -30,6 +30,38 @@ impl Storage {
     }
 }
 
+impl Storage {
+    /// The buffers borrowed.
+    pub fn view(&self) -> Inputs<'_> {
+        Inputs { shapes: self.shapes.clone(), bufs: self.bufs.iter().map(|(n, b)| (n.clone(), b.as_slice())).collect() }
+    }
+}
+
+/// Inputs in storage form (f32 bits, i32), borrowed: a caller's arrays, read in place.
+#[derive(Clone, Debug, Default)]
+pub struct Inputs<'a> {
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub bufs: BTreeMap<String, &'a [u32]>,
+}
+
+impl Inputs<'_> {
+    /// Every declared input has a buffer holding exactly its elements (so the kernels never
+    /// read past one).
+    pub fn check(&self, k: &Kernel, dims: &Bindings) -> Result<(), RunError> {
+        for t in k.inputs() {
+            let want: usize = dims.shape(t).iter().product();
+            match self.bufs.get(&t.name) {
+                None => return Err(RunError::Input { name: t.name.clone(), why: "no data given".into() }),
+                Some(b) if b.len() != want => {
+                    return Err(RunError::Input { name: t.name.clone(), why: format!("{} values for a shape of {want}", b.len()) });
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
@@ -104,6 +136,10 @@ pub fn memory_limit() -> Option<(u128, String)> {
 /// Refuses a run whose estimate (`parts`: what and bytes) exceeds [`memory_limit`].
 pub fn check_memory(parts: &[(&str, u128)]) -> Result<(), RunError> {
     let needed: u128 = parts.iter().map(|p| p.1).sum();
+    // Small runs skip reading the system's figures (a decode step's call stays cheap).
+    if needed < 64 << 20 && std::env::var_os("ATTNC_MAX_MEMORY").is_none() {
+        return Ok(());
+    }
     let Some((limit, limit_from)) = memory_limit() else { return Ok(()) };
     if needed <= limit {
         return Ok(());

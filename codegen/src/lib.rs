@@ -130,8 +130,23 @@ pub trait Compiled: Send + Sync {
     fn schedule(&self) -> &Schedule;
     /// Which algorithm runs, in words (for `run`, `bench` and `explain`).
     fn describe(&self) -> String;
+    /// Runs on borrowed inputs in storage form, writing the output into `out` (as many f32
+    /// values as the output has; zero-initialized).
+    fn run_into(&self, inputs: &host::Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError>;
+
+    /// The output's shape for inputs of these shapes.
+    fn output_shape(&self, shapes: &BTreeMap<String, Vec<usize>>, explicit: &BTreeMap<String, i64>) -> Result<Vec<usize>, RunError> {
+        let dims = attnc_ir::bind(self.kernel(), shapes, explicit)?;
+        Ok(dims.shape(self.kernel().output()))
+    }
+
     /// Runs on inputs in storage form; returns the output's shape and f32 values.
-    fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError>;
+    fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError> {
+        let shape = self.output_shape(&st.shapes, explicit)?;
+        let mut out = vec![0f32; shape.iter().product()];
+        self.run_into(&st.view(), explicit, &mut out)?;
+        Ok((shape, out))
+    }
     /// Checks index bounds on `spec`, the kernel as written (whose meaning the reference
     /// fixes), instead of on the compiled kernel (see [`host::BoundsCheck`]).
     fn set_bounds_source(&mut self, spec: Kernel);

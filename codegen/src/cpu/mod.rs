@@ -23,7 +23,7 @@ mod tiled;
 
 pub use emit::CpuArtifact;
 
-use crate::host::{check_divisors, derive_tasks, ArgLayout, BoundsCheck, RunError, Storage, TensorData};
+use crate::host::{check_divisors, derive_tasks, ArgLayout, BoundsCheck, Inputs, RunError, Storage, TensorData};
 use crate::schedule::{BoundAlgorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
 use attnc_ir::{bind, Bindings, Kernel, KernelInfo, TensorKind};
@@ -332,26 +332,42 @@ impl Compiled for CpuKernel {
         describe(&self.schedule, &self.options)
     }
 
-    fn run_storage(&self, st: &Storage, explicit: &BTreeMap<String, i64>) -> Result<(Vec<usize>, Vec<f32>), RunError> {
+    fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let k = &self.kernel;
         let dims = bind(k, &st.shapes, explicit)?;
+        st.check(k, &dims)?;
+        let out_len: usize = dims.shape(k.output()).iter().product();
+        if out.len() != out_len {
+            return Err(RunError::Input {
+                name: k.output().name.clone(),
+                why: format!("the output buffer holds {} values, the output has {out_len}", out.len()),
+            });
+        }
         check_divisors(k, &dims)?;
         let bound = self.schedule.bind(k, &dims)?;
         let source = self.bounds_source.as_ref().unwrap_or(k);
         let per_call_bounds = self.bounds.before(source, &dims)?;
         self.check_memory(&dims, &bound)?;
-        // Derived tensors and the output get fresh buffers; inputs are read in place.
+        // Derived tensors get fresh buffers; inputs are read in place, the output written in
+        // place (the kernels write through the frame's addresses).
         let mut owned: BTreeMap<String, Vec<u32>> = BTreeMap::new();
-        for t in &k.tensors {
-            if t.kind != TensorKind::Input {
-                let n: usize = dims.shape(t).iter().product();
-                owned.insert(t.name.clone(), vec![0u32; n.max(1)]);
-            }
+        for t in k.derived() {
+            let n: usize = dims.shape(t).iter().product();
+            owned.insert(t.name.clone(), vec![0u32; n.max(1)]);
         }
+        // SAFETY: f32 and u32 have one size and alignment; the kernels write every element.
+        let out_bits: &[u32] = unsafe { std::slice::from_raw_parts(out.as_mut_ptr() as *const u32, out.len()) };
         let bufs: BTreeMap<String, &[u32]> = k
             .tensors
             .iter()
-            .map(|t| (t.name.clone(), if t.kind == TensorKind::Input { st.bufs[&t.name].as_slice() } else { owned[&t.name].as_slice() }))
+            .map(|t| {
+                let b = match t.kind {
+                    TensorKind::Input => st.bufs[&t.name],
+                    TensorKind::Output => out_bits,
+                    TensorKind::Derived { .. } => owned[&t.name].as_slice(),
+                };
+                (t.name.clone(), b)
+            })
             .collect();
         let frame = self.layout.fill(k, &dims, &mut |t| bufs[&t.name].as_ptr() as i64);
         let fp = FramePtr(frame.as_ptr());
@@ -393,12 +409,9 @@ impl Compiled for CpuKernel {
             Ok(())
         };
         match &self.pool {
-            Some(p) => p.install(work)?,
-            None => work()?,
+            Some(p) => p.install(work),
+            None => work(),
         }
-        let out = k.output();
-        let data = owned.remove(&out.name).expect("output buffer").into_iter().map(f32::from_bits).collect();
-        Ok((dims.shape(out), data))
     }
 }
 
