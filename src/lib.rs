@@ -99,39 +99,70 @@ pub fn memory_parts(c: &dsl::Checked, dims: &ir::Bindings, reference: bool) -> V
 
 pub use attnc_codegen as codegen;
 
-/// [`optimize`] for these inputs: when the exact low-rank rewrite would round the bias much
-/// more than the bias as written for these values (`passes::lowrank::check_inputs`: ALiBi
-/// with a slope of 1e38), the spec is optimized without it. The third value says why, when
-/// it was switched off.
+/// A spec optimized once and ready to meet its inputs: the optimized kernel, and when the
+/// exact low-rank rewrite applied, the kernel without it for inputs it would round much worse
+/// than the bias as written (`passes::lowrank::check_inputs`: ALiBi with a slope of 1e38).
+pub struct Prepared {
+    pub optimized: dsl::Checked,
+    pub log: Vec<passes::Applied>,
+    /// The spec optimized without `lowrank`, when that pass rewrote it.
+    pub without_lowrank: Option<(dsl::Checked, Vec<passes::Applied>)>,
+    /// The tensors the bias reads (what [`Prepared::pick`] needs of the inputs).
+    pub bias_reads: std::collections::BTreeSet<String>,
+}
+
+impl Prepared {
+    pub fn new(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<Prepared, passes::PassError> {
+        let (optimized, log) = optimize(c, cfg)?;
+        let mut without_lowrank = None;
+        let mut bias_reads = std::collections::BTreeSet::new();
+        if log.iter().any(|a| a.pass == "lowrank") {
+            let mut off = cfg.clone();
+            off.set("lowrank", false).expect("a pass");
+            let (k0, log0) = optimize(c, &off)?;
+            bias_reads = k0.kernel.branches.first().and_then(|b| b.bias.as_ref()).map(|b| b.loads()).unwrap_or_default();
+            without_lowrank = Some((k0, log0));
+        }
+        Ok(Prepared { optimized, log, without_lowrank, bias_reads })
+    }
+
+    /// The kernel to run at `dims` for inputs `data` knows (it needs the tensors in
+    /// [`Prepared::bias_reads`]), with the log of its rewrites and, when the low-rank bias is
+    /// off for these inputs, why.
+    pub fn pick(&self, dims: &ir::Bindings, data: &dyn passes::interval::LoadOracle) -> (&dsl::Checked, &[passes::Applied], Option<String>) {
+        if let Some((k0, log0)) = &self.without_lowrank {
+            if let Err(why) = passes::lowrank::check_inputs(&k0.kernel, dims, data) {
+                return (k0, log0, Some(why));
+            }
+        }
+        (&self.optimized, &self.log, None)
+    }
+}
+
+/// [`optimize`] for these inputs ([`Prepared::pick`]): the third value says why the exact
+/// low-rank bias was switched off, when it was.
 pub fn optimize_for(
     c: &dsl::Checked,
     cfg: &passes::PassConfig,
     inputs: &std::collections::BTreeMap<String, ir::reference::Tensor>,
     given: &std::collections::BTreeMap<String, i64>,
 ) -> Result<(dsl::Checked, Vec<passes::Applied>, Option<String>), passes::PassError> {
-    let (oc, log) = optimize(c, cfg)?;
-    if !log.iter().any(|a| a.pass == "lowrank") {
-        return Ok((oc, log, None));
+    let p = Prepared::new(c, cfg)?;
+    if p.without_lowrank.is_none() {
+        return Ok((p.optimized, p.log, None));
     }
-    let mut off = cfg.clone();
-    off.set("lowrank", false).expect("a pass");
-    let (k0, log0) = optimize(c, &off)?;
     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
-    let Ok(dims) = ir::bind(&k0.kernel, &shapes, given) else { return Ok((oc, log, None)) };
-    // Only the tensors the bias reads matter (ALiBi's slopes), not q, k and v.
-    let read = k0.kernel.branches.first().and_then(|b| b.bias.as_ref()).map(|b| b.loads()).unwrap_or_default();
+    let Ok(dims) = ir::bind(&c.kernel, &shapes, given) else { return Ok((p.optimized, p.log, None)) };
     let oracle = passes::tiles::DataOracle {
         tensors: inputs
             .iter()
-            .filter(|(n, _)| read.contains(*n))
-            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k0.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
+            .filter(|(n, _)| p.bias_reads.contains(*n))
+            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
             .collect(),
         limit: 1 << 14,
     };
-    match passes::lowrank::check_inputs(&k0.kernel, &dims, &passes::bounds::Bounded::new(oracle)) {
-        Ok(()) => Ok((oc, log, None)),
-        Err(why) => Ok((k0, log0, Some(why))),
-    }
+    let (k, log, why) = p.pick(&dims, &passes::bounds::Bounded::new(oracle));
+    Ok((k.clone(), log.to_vec(), why))
 }
 
 /// What the approximate low-rank bias admitted (see [`approximate_bias`]).

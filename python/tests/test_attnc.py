@@ -1,0 +1,212 @@
+"""The Python package against the reference interpreter, with NumPy and torch, bad input,
+zero copies and threads. torch tests are skipped (with the reason) when torch is absent."""
+
+import glob
+import os
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import attnc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.attn")))
+
+try:
+    import torch
+
+    HAVE_TORCH = True
+except ImportError:  # pragma: no cover - depends on the machine
+    HAVE_TORCH = False
+needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (pip install torch to run the torch tests)")
+
+# Values for whichever of these dims a spec has (N not a multiple of the tile, N != M, G < H).
+SMALL = {"B": 1, "H": 2, "G": 1, "N": 37, "M": 45, "D": 16, "Dv": 12, "K": 2}
+
+
+def small_dims(kern):
+    return {d: SMALL[d] for d in kern._k.dims() if d in SMALL}
+
+
+def test_every_example_matches_the_reference():
+    assert len(EXAMPLES) >= 28
+    ran = 0
+    for path in EXAMPLES:
+        kern = attnc.compile(path)
+        try:
+            ins = kern.random_inputs(seed=3, **small_dims(kern))
+        except ValueError:
+            # A spec whose requirements these dims do not meet (N == M, grids): its own dims.
+            dims = {**small_dims(kern), "N": 64, "M": 64} if "N" in small_dims(kern) else small_dims(kern)
+            try:
+                ins = kern.random_inputs(seed=3, **dims)
+            except ValueError:
+                dims = {**dims, "N": 256, "M": 256, "H": 1, "D": 8, "Dv": 8}
+                ins = kern.random_inputs(seed=3, **dims)
+        got = kern(**ins)
+        want = kern.reference(**ins)
+        assert got.shape == want.shape and got.dtype == np.float32, path
+        rms = np.sqrt(np.mean(want[np.isfinite(want)] ** 2)) if np.isfinite(want).any() else 1.0
+        np.testing.assert_allclose(got, want, atol=2e-4 * max(rms, 1e-3), rtol=2e-3, err_msg=path)
+        ran += 1
+    assert ran == len(EXAMPLES)
+
+
+def alibi_inputs(n=64, h=4, seed=0):
+    kern = attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"))
+    return kern, kern.random_inputs(seed=seed, B=1, H=h, G=h, N=n, M=n, D=16, Dv=16)
+
+
+def test_contiguous_inputs_are_read_in_place_and_the_output_is_the_callers():
+    kern, ins = alibi_inputs()
+    out = kern(**ins)
+    last = kern.last_run()
+    for name, a in ins.items():
+        assert last["inputs"][name] == a.ctypes.data, f"{name} was copied"
+    assert last["output"] == out.ctypes.data, "the returned array is the buffer the kernel wrote"
+    # A non-contiguous or float64 input is converted once (and then is not the caller's).
+    q64 = ins["q"].astype(np.float64)
+    np.testing.assert_allclose(kern(**{**ins, "q": q64}), out, rtol=1e-6, atol=1e-6)
+    assert kern.last_run()["inputs"]["q"] != q64.ctypes.data
+
+
+def test_bad_input_raises_value_errors_naming_the_tensor():
+    kern, ins = alibi_inputs()
+    with pytest.raises(ValueError, match="missing input tensor `slope`"):
+        kern(q=ins["q"], k=ins["k"], v=ins["v"])
+    with pytest.raises(ValueError, match="`sloep` is not an input of alibi"):
+        kern(**ins, sloep=ins["slope"])
+    with pytest.raises(ValueError, match=r"inputs disagree on dim `D`"):
+        kern(**{**ins, "q": ins["q"][..., :15].copy()})
+    with pytest.raises(ValueError, match=r"input `q` is int64"):
+        kern(**{**ins, "q": ins["q"].astype(np.int64)})
+    with pytest.raises(ValueError, match=r"input `q` has 3 axes"):
+        kern(**{**ins, "q": ins["q"][0]})
+    with pytest.raises(ValueError, match="only `cpu` is built"):
+        attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), backend="ptx")
+    with pytest.raises(ValueError, match="threads"):
+        attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), threads=100000)
+
+
+def test_a_spec_error_is_a_spec_error_with_its_diagnostic():
+    with pytest.raises(attnc.SpecError) as e:
+        attnc.compile("attention x { dims B\n input q: f33[B]\n }")
+    assert e.value.code == "E0004"
+    assert "did you mean `f32`?" in e.value.rendered
+    assert e.value.span == (31, 34)
+
+
+def test_an_index_the_reference_refuses_is_refused():
+    src = open(os.path.join(ROOT, "examples", "sdpa.attn")).read().replace("v[b, h, j, e]", "v[b, h, j, e + 1]")
+    kern = attnc.compile(src)
+    ins = kern.random_inputs(B=1, H=1, N=8, M=8, D=4, Dv=4)
+    with pytest.raises(ValueError, match="the reference refuses this index"):
+        kern(**ins)
+
+
+def test_integer_inputs_accept_int64_within_range():
+    kern = attnc.compile(os.path.join(ROOT, "examples", "document_mask.attn"))
+    dims = {d: v for d, v in {"B": 1, "H": 2, "G": 2, "N": 32, "M": 32, "D": 8, "Dv": 8}.items() if d in kern._k.dims()}
+    ins = kern.random_inputs(**dims)
+    ints = [n for n, d, _ in kern.inputs if d == "i32"]
+    assert ints
+    wide = {**ins, **{n: ins[n].astype(np.int64) for n in ints}}
+    np.testing.assert_array_equal(kern(**wide), kern(**ins))
+    too_big = {**ins, ints[0]: ins[ints[0]].astype(np.int64) + (1 << 40)}
+    with pytest.raises(ValueError, match="outside int32"):
+        kern(**too_big)
+
+
+def test_two_threads_run_kernels_at_once_without_the_gil():
+    kern = attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"))
+    ins = kern.random_inputs(B=1, H=8, G=8, N=1024, M=1024, D=64, Dv=64)
+    want = kern(**ins)
+    results, ticks = [], [0]
+    done = threading.Event()
+
+    def work():
+        for _ in range(3):
+            results.append(kern(**ins))
+
+    def count():
+        while not done.is_set():
+            ticks[0] += 1
+            time.sleep(0)
+
+    counter = threading.Thread(target=count)
+    counter.start()
+    workers = [threading.Thread(target=work) for _ in range(2)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    done.set()
+    counter.join()
+    assert len(results) == 6 and all(np.array_equal(r, want) for r in results)
+    # The Python thread kept running while kernels ran (a call holding the GIL would stop it
+    # for the whole call): the GIL was released.
+    elapsed = time.perf_counter() - t0
+    assert ticks[0] > 1000 * elapsed * 10, f"the counting thread advanced {ticks[0]} times in {elapsed:.3f} s"
+
+
+def test_compile_is_cached_per_spec_and_options():
+    path = os.path.join(ROOT, "examples", "alibi.attn")
+    assert attnc.compile(path) is attnc.compile(path)
+    assert attnc.compile(path, block_q=32) is not attnc.compile(path)
+    kern, ins = alibi_inputs()
+    fixed = attnc.compile(path, block_q=32, block_k=32)
+    np.testing.assert_allclose(fixed(**ins), kern(**ins), atol=1e-5, rtol=1e-4)
+    assert "tiled 32x32" in fixed.last_run()["kernel"]
+
+
+def test_explain_and_tune(tmp_path, monkeypatch):
+    kern, _ = alibi_inputs()
+    text = kern.explain(B=1, H=2, G=2, N=128, M=128, D=16, Dv=16)
+    assert "algorithm tiled" in text and "workspace" in text
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    table = kern.tune(top_k=2, samples=1, B=1, H=2, G=2, N=64, M=64, D=16, Dv=16)
+    assert "cached in" in table and str(tmp_path) in table
+
+
+@needs_torch
+def test_torch_tensors_in_torch_out_without_copies():
+    kern, ins = alibi_inputs()
+    t = {n: torch.from_numpy(a) for n, a in ins.items()}
+    out = kern(**t)
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    last = kern.last_run()
+    for n, x in t.items():
+        assert last["inputs"][n] == x.data_ptr(), f"{n} was copied"
+    assert last["output"] == out.data_ptr()
+    np.testing.assert_allclose(out.numpy(), kern(**ins), rtol=1e-6, atol=1e-6)
+    # bf16 and f16 inputs are converted once.
+    half = {**t, "q": t["q"].to(torch.bfloat16)}
+    assert kern(**half).shape == out.shape
+    # Not a CPU tensor: refused with a message, never copied silently.
+    with pytest.raises(ValueError, match="attnc runs on the CPU for now"):
+        kern(**{**t, "q": t["q"].to("meta")})
+
+
+@needs_torch
+def test_the_custom_op_runs_eagerly_and_inside_torch_compile():
+    import attnc.torch as at
+
+    kern, ins = alibi_inputs()
+    op = at.register(kern)
+    t = {n: torch.from_numpy(a) for n, a in ins.items()}
+    eager = op(**t)
+    np.testing.assert_allclose(eager.numpy(), kern(**ins), rtol=1e-6, atol=1e-6)
+
+    def model(q, k, v, slope):
+        return op(q=q * 1.0, k=k, v=v, slope=slope) + 1.0
+
+    compiled = torch.compile(model, fullgraph=True)
+    got = compiled(t["q"], t["k"], t["v"], t["slope"])
+    np.testing.assert_allclose(got.numpy(), eager.numpy() + 1.0, rtol=1e-5, atol=1e-5)
+    q = t["q"].clone().requires_grad_(True)
+    y = op(q=q, k=t["k"], v=t["v"], slope=t["slope"])
+    with pytest.raises(NotImplementedError, match="backward pass of `alibi` is not supported yet"):
+        y.sum().backward()
