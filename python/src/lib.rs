@@ -12,7 +12,7 @@ use attnc::ir::{self, reference::Tensor, Bindings};
 use attnc::passes::PassConfig;
 use attnc::Prepared;
 use attnc_autotune::space::cpu::CpuSpace;
-use attnc_codegen::cpu::{CpuBackend, CpuKernel, CpuOptions};
+use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::host::{Inputs, RunError};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::{Backend, Compiled};
@@ -46,7 +46,7 @@ fn run_error(e: RunError) -> PyErr {
 
 /// What a kernel compiles to for one choice of options and passes.
 struct Variant {
-    kernel: CpuKernel,
+    kernel: <CpuBackend as Backend>::Kernel,
     describe: String,
 }
 
