@@ -6,6 +6,7 @@ use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::schedule::ScheduleOptions;
+use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend as _, Compiled as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::collections::BTreeMap;
@@ -87,6 +88,8 @@ enum Emit {
     Asm,
     /// The kernel IR after the optimization passes (what the backends compile).
     OptIr,
+    /// The WGSL module of the WebGPU backend (validated by naga).
+    Wgsl,
 }
 
 /// Which optimization passes run (every one by default).
@@ -187,6 +190,9 @@ enum Backend {
     Cpu,
     /// The f64 reference interpreter: the meaning of a spec; slow, exact.
     Reference,
+    /// WebGPU: WGSL run by wgpu on the best adapter here (a discrete GPU first, lavapipe on
+    /// a machine without one; `ATTNC_WGPU_ADAPTER=<name part>` picks one). Row kernel only.
+    Wgsl,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -443,6 +449,13 @@ fn run(cli: Cli) -> Result<()> {
                         asm.iter().map(|(f, code)| format!("; {f}\n{code}\n")).collect()
                     }
                 },
+                Emit::Wgsl => {
+                    let (be, o) = (WgslBackend, WgslOptions::default());
+                    let s = be.plan(&oc.kernel, &oc.info, &o)?;
+                    let artifact = be.emit(&oc.kernel, &oc.info, &s, &o)?;
+                    be.validate(&artifact)?;
+                    artifact.to_string()
+                }
                 Emit::Ast => attnc::dsl::parse(&l.src).map_err(|_| anyhow!("unreachable: the spec parsed before"))?.to_string(),
             };
             match output {
@@ -504,6 +517,11 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
+                Backend::Wgsl => {
+                    let kern = WgslBackend.compile(&oc.kernel, &oc.info, &WgslOptions::default())?.checking(&spec_c.kernel);
+                    eprintln!("{}: {}", c.kernel.name, kern.describe());
+                    kern.run(&inputs, &given)?
+                }
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
@@ -537,6 +555,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
+            if backend == Backend::Wgsl && (threads != 0 || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some()) {
+                return Err(anyhow!(
+                    "--threads, --no-tiled, --no-microkernel, --block-q, --block-k and --chunk are CPU options; the wgsl backend runs its row kernel"
+                ));
+            }
             let runs = runs as usize;
             let (given, inputs) = match &input {
                 Some(path) => {
@@ -581,6 +604,11 @@ fn run(cli: Cli) -> Result<()> {
             // A tuned winner may run the spec without a pass (the low-rank bias).
             let c = chosen.kernel(&spec_c, &opt.config()?, &c)?;
             let (opts, from) = (chosen.options, chosen.from);
+            let from = if backend == Backend::Wgsl {
+                format!("{} (the WGSL defaults)", attnc_codegen::BackendOptions::describe(&WgslOptions::default()))
+            } else {
+                from
+            };
             let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
             let mut times = Vec::new();
             let (compile_ms, peak_extra, label) = match backend {
@@ -605,7 +633,22 @@ fn run(cli: Cli) -> Result<()> {
                             times.push(dt);
                         }
                     }
-                    (compile_ms, peak_extra, format!("cpu, {}", kern.describe()))
+                    (compile_ms, peak_extra, format!("cpu, {}; {}", kern.describe(), CpuBackend::default().device()))
+                }
+                Backend::Wgsl => {
+                    let t0 = Instant::now();
+                    let kern = WgslBackend.compile(&c.kernel, &c.info, &WgslOptions::default())?.checking(&spec_c.kernel);
+                    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
+                    drop(inputs);
+                    for n in 0..=runs {
+                        let t = Instant::now();
+                        kern.run_storage(&st, &BTreeMap::new())?;
+                        if n > 0 {
+                            times.push(t.elapsed().as_secs_f64());
+                        }
+                    }
+                    (compile_ms, 0, format!("wgsl, {}; {}", kern.describe(), WgslBackend.device()))
                 }
                 Backend::Reference => {
                     for n in 0..=runs.min(1) {
@@ -615,12 +658,12 @@ fn run(cli: Cli) -> Result<()> {
                             times.push(t.elapsed().as_secs_f64());
                         }
                     }
-                    (0.0, 0, "reference interpreter (f64)".to_string())
+                    (0.0, 0, format!("reference interpreter (f64); {}", CpuBackend::default().device()))
                 }
             };
             times.sort_by(|a, b| a.total_cmp(b));
             let med = times[times.len() / 2];
-            outln!("{}  {dims_text}  [{label}; {}]", c.kernel.name, CpuBackend::default().device());
+            outln!("{}  {dims_text}  [{label}]", c.kernel.name);
             outln!("  options  {from}");
             outln!("  compile  {compile_ms:.1} ms");
             outln!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
@@ -630,11 +673,15 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * work.pairs as f64 / work.total_pairs.max(1) as f64,
                 work.flops / med / 1e9
             );
-            outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
+            if backend == Backend::Wgsl {
+                outln!("  memory   on the device: inputs, derived tensors and the output, nothing more");
+            } else {
+                outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
+            }
         }
         Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed, opt } => {
             if backend != Backend::Cpu {
-                return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune)"));
+                return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune; autotuning the wgsl backend is not written yet)"));
             }
             let (_, spec_c) = load(&spec)?;
             check_threads(threads)?;
@@ -673,6 +720,20 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The Vulkan loader's window-system probe (the wgsl backend) prints an error line per
+    // probe when there is no runtime directory, as in containers and CI; give it a private
+    // one. Set before any thread starts.
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && matches!(cli.cmd, Cmd::Run { backend: Backend::Wgsl, .. } | Cmd::Bench { backend: Backend::Wgsl, .. }) {
+        let dir = std::env::temp_dir().join(format!("attnc-xdg-{}", std::env::var("USER").unwrap_or_else(|_| "user".into())));
+        if std::fs::create_dir_all(&dir).is_ok() {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+            }
+            std::env::set_var("XDG_RUNTIME_DIR", &dir);
+        }
+    }
     if let Some(m) = &cli.max_memory {
         if let Err(e) = attnc_codegen::host::parse_bytes(m) {
             eprintln!("error: --max-memory: {e}");

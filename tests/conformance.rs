@@ -8,6 +8,7 @@ use attnc::ir::reference::Tensor;
 use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
+use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, BackendOptions, Compiled, Tolerance};
 use std::collections::BTreeMap;
 
@@ -181,6 +182,10 @@ fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
 /// `min_cases` cases must run.
 fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&str) -> bool, min_cases: usize) {
     if let Err(why) = r.available() {
+        // CI sets ATTNC_REQUIRE_BACKENDS (e.g. `wgsl`) where it installed a backend's driver,
+        // so a missing one fails instead of skipping.
+        let required = std::env::var("ATTNC_REQUIRE_BACKENDS").unwrap_or_default();
+        assert!(!required.split(',').any(|b| !b.is_empty() && r.name().starts_with(b.trim())), "{} is required here but unavailable: {why}", r.name());
         eprintln!("skipping {}: {why}", r.name());
         return;
     }
@@ -224,6 +229,18 @@ conformance!(cpu_without_fma_or_microkernel_matches_reference, cpu(CpuOptions { 
     p,
     "basic" | "masked_rows"
 ));
+conformance!(
+    /// The WebGPU backend (lavapipe in CI): its row kernel on every example and shape.
+    wgsl_matches_reference_on_every_example_and_shape,
+    On::all(WgslBackend, WgslOptions::default()),
+    |_| true
+);
+conformance!(
+    /// Small workgroups: several key tiles per row, channels spread over more slots.
+    wgsl_small_workgroups_match_reference,
+    On::all(WgslBackend, WgslOptions { workgroup: 16, channels: 32, ..WgslOptions::default() }),
+    |p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan")
+);
 conformance!(
     /// Every pass preserves every example's values under the reference interpreter.
     passes_preserve_every_example_under_the_reference,

@@ -74,6 +74,9 @@ pub enum RunError {
     Schedule(#[from] crate::schedule::ScheduleError),
     #[error(transparent)]
     Bounds(#[from] attnc_passes::bounds::BoundsError),
+    /// The device (a GPU adapter) refused or cannot hold the run.
+    #[error("{0}")]
+    Device(String),
     #[error("cannot build the thread pool: {0}")]
     Threads(String),
     #[error("this run needs about {} ({what}), more than the {} {limit_from}", bytes(*needed), bytes(*limit))]

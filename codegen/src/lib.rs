@@ -15,6 +15,7 @@
 pub mod cpu;
 pub mod host;
 pub mod schedule;
+pub mod wgsl;
 
 use attnc_ir::reference::Tensor;
 use attnc_ir::{Kernel, KernelInfo};

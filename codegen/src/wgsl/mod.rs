@@ -1,0 +1,134 @@
+//! The WebGPU backend: WGSL compute shaders, validated by naga, run by wgpu.
+//!
+//! What it runs today is the schedule's **row kernel** ([`Algorithm::Rows`]), the form every
+//! spec has: a workgroup per query row `(b, h, i)`; per key tile of `workgroup` keys each
+//! invocation evaluates one key's mask, score, bias and decay into workgroup memory, the
+//! workgroup then folds the tile into the branch's normalization state (online softmax with
+//! the reference's semantics: fully masked rows give zeros, NaN propagates, the maximum is
+//! subtracted so logits of 1e4 do not overflow), and every invocation accumulates its own
+//! output channels. Derived tensors are compute passes before it (a prefix sum walks its axis
+//! per line). The tiled and chunked forms, tile classes, f16 storage, subgroups and
+//! autotuning are not written yet: [`WgslBackend::check_options`] refuses a schedule that
+//! asks for them, with that reason.
+//!
+//! Layout (no pointers, no i64 in WGSL): dims, extents and strides in a uniform buffer (the
+//! backend-neutral [`crate::host::ArgLayout`], as i32), inputs in one read-only storage
+//! buffer, derived tensors and the output in one read-write storage buffer, each tensor at an
+//! offset the uniform holds. Integer arithmetic is 32-bit (the runtime refuses shapes whose
+//! sizes or offsets do not fit); tensor indices are clamped into range as on the CPU.
+
+mod emit;
+mod runtime;
+
+use crate::schedule::{Algorithm, Limits, Schedule, ScheduleOptions};
+use crate::{Backend, BackendOptions, CodegenError, Tolerance};
+use attnc_ir::{Kernel, KernelInfo};
+
+pub use emit::{emit, Entry, WgslArtifact};
+
+/// The WGSL backend's options: the schedule's and the workgroup shape.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct WgslOptions {
+    #[serde(flatten)]
+    pub schedule: ScheduleOptions,
+    /// Invocations per workgroup: keys per tile of the row kernel (a power of two, 8 to 256).
+    pub workgroup: u32,
+    /// Output channels each invocation accumulates: the row kernel holds
+    /// `workgroup × channels` channels (Dv) at most.
+    pub channels: u32,
+}
+
+impl Default for WgslOptions {
+    fn default() -> Self {
+        WgslOptions { schedule: ScheduleOptions { tiled: false, chunk: 0, ..ScheduleOptions::default() }, workgroup: 64, channels: 8 }
+    }
+}
+
+impl BackendOptions for WgslOptions {
+    fn schedule(&self) -> &ScheduleOptions {
+        &self.schedule
+    }
+    fn schedule_mut(&mut self) -> &mut ScheduleOptions {
+        &mut self.schedule
+    }
+    fn describe(&self) -> String {
+        format!("row kernel, workgroup {}, {} channels per invocation", self.workgroup, self.channels)
+    }
+}
+
+/// The WebGPU backend.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WgslBackend;
+
+/// Workgroup memory WebGPU guarantees every adapter has.
+pub const WORKGROUP_BYTES: usize = 16 << 10;
+
+impl Backend for WgslBackend {
+    const NAME: &'static str = "wgsl";
+    type Options = WgslOptions;
+    type Artifact = WgslArtifact;
+    type Kernel = runtime::WgslKernel;
+
+    fn available(&self) -> Result<(), String> {
+        runtime::gpu().map(|_| ())
+    }
+
+    fn device(&self) -> String {
+        match runtime::gpu() {
+            Ok(g) => g.fingerprint(),
+            Err(_) => "wgsl:no-adapter".into(),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits { task_workspace_bytes: WORKGROUP_BYTES }
+    }
+
+    /// WGSL's `exp` is within `3 + 2|x|` ULP and its `pow` is `exp2(y·log2 x)`: a little
+    /// looser than the CPU's libm.
+    fn tolerance(&self) -> Tolerance {
+        Tolerance { atol: 5e-4, rtol: 5e-3 }
+    }
+
+    fn check_options(&self, o: &WgslOptions) -> Result<(), String> {
+        if !(8..=256).contains(&o.workgroup) || !o.workgroup.is_power_of_two() {
+            return Err(format!("the workgroup size must be a power of two from 8 to 256 (got {})", o.workgroup));
+        }
+        if !(1..=32).contains(&o.channels) {
+            return Err(format!("channels per invocation must be 1 to 32 (got {})", o.channels));
+        }
+        if o.schedule.tiled || o.schedule.chunk > 0 {
+            return Err("the WGSL backend runs the row kernel only: its tiled and chunked forms are not written yet (leave tiled off and chunk at 0)".into());
+        }
+        Ok(())
+    }
+
+    fn emit(&self, k: &Kernel, _info: &KernelInfo, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, CodegenError> {
+        match s.algorithm {
+            Algorithm::Rows => emit::emit(k, s, o),
+            _ => Err(CodegenError::Unsupported(format!("the WGSL backend has no {s} yet (only the row kernel)"))),
+        }
+    }
+
+    fn validate(&self, a: &WgslArtifact) -> Result<(), CodegenError> {
+        validate(&a.source).map(|_| ())
+    }
+
+    fn load(&self, a: WgslArtifact) -> Result<Self::Kernel, CodegenError> {
+        runtime::WgslKernel::load(a)
+    }
+
+    fn describe(&self, s: &Schedule, o: &WgslOptions) -> String {
+        format!("{s}, workgroup {}", o.workgroup)
+    }
+}
+
+/// naga's parser and validator on WGSL source; errors carry the source span, rendered.
+pub fn validate(src: &str) -> Result<naga::Module, CodegenError> {
+    let module = naga::front::wgsl::parse_str(src).map_err(|e| CodegenError::Invalid(format!("WGSL does not parse:\n{}", e.emit_to_string(src))))?;
+    naga::valid::Validator::new(naga::valid::ValidationFlags::all(), naga::valid::Capabilities::empty())
+        .validate(&module)
+        .map_err(|e| CodegenError::Invalid(format!("WGSL does not validate:\n{}", e.emit_to_string(src))))?;
+    Ok(module)
+}
