@@ -190,3 +190,28 @@ fn bench_runs_on_given_inputs() {
     // Neither --dims nor --input: a usage error.
     assert_eq!(attnc(&["bench", "examples/document_mask.attn"]).0, 2);
 }
+
+/// The WGSL backend from the command line: the module without an adapter, a run checked
+/// against the reference where an adapter is, and without one a message naming what to
+/// install (exit 1, no crash).
+#[test]
+fn wgsl_compiles_runs_and_explains_a_missing_adapter() {
+    let (code, out, err) = attnc(&["compile", "examples/sliding_window_sink.attn", "--emit", "wgsl"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fn attend(") && out.contains("workgroupBarrier()"), "{out}");
+    let run = |env: &[(&str, &str)]| {
+        let o = tmp("wgsl.safetensors");
+        let args = ["run", "examples/document_mask.attn", "--random", "--dims", "B=2,H=2,G=2,N=33,M=33,D=8,Dv=8", "-o", &o, "--backend", "wgsl", "--check"];
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_attnc")).args(args).envs(env.iter().copied()).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("runs");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    if attnc_codegen::Backend::available(&attnc_codegen::wgsl::WgslBackend).is_ok() {
+        let (code, err) = run(&[]);
+        assert_eq!(code, 0, "{err}");
+        assert!(err.contains("check: reference") && err.contains("0 NaN mismatches"), "{err}");
+    }
+    let (code, err) = run(&[("VK_ICD_FILENAMES", "/nonexistent.json"), ("VK_DRIVER_FILES", "/nonexistent.json")]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no WebGPU adapter") && err.contains("mesa-vulkan-drivers"), "{err}");
+}
