@@ -211,6 +211,40 @@ impl ArgLayout {
     }
 }
 
+/// What every runtime establishes before it launches anything: the dims bound from the
+/// inputs' shapes (each input holding exactly its elements, the output buffer its size), no
+/// zero divisor, the schedule at those dims, and the index bounds checked (`per_call_bounds`:
+/// the check still needs the data of the index tensors).
+pub struct RunStart {
+    pub dims: Bindings,
+    pub bound: crate::schedule::Bound,
+    pub per_call_bounds: bool,
+}
+
+impl RunStart {
+    /// `source`: the kernel the bounds are checked on (the spec as written, else `k`).
+    pub fn new(
+        k: &Kernel,
+        s: &crate::schedule::Schedule,
+        st: &Inputs,
+        explicit: &BTreeMap<String, i64>,
+        out_len: usize,
+        bounds: &BoundsCheck,
+        source: &Kernel,
+    ) -> Result<RunStart, RunError> {
+        let dims = attnc_ir::bind(k, &st.shapes, explicit)?;
+        st.check(k, &dims)?;
+        let want: usize = dims.shape(k.output()).iter().product();
+        if out_len != want {
+            return Err(RunError::Input { name: k.output().name.clone(), why: format!("the output buffer holds {out_len} values, the output has {want}") });
+        }
+        check_divisors(k, &dims)?;
+        let bound = s.bind(k, &dims)?;
+        let per_call_bounds = bounds.before(source, &dims)?;
+        Ok(RunStart { dims, bound, per_call_bounds })
+    }
+}
+
 /// Integer divisors are dim expressions (E0008); a zero one would be a run-time fault.
 pub fn check_divisors(k: &Kernel, dims: &Bindings) -> Result<(), RunError> {
     let mut err = None;

@@ -23,10 +23,10 @@ mod tiled;
 
 pub use emit::CpuArtifact;
 
-use crate::host::{check_divisors, derive_tasks, ArgLayout, BoundsCheck, Inputs, RunError, Storage, TensorData};
+use crate::host::{derive_tasks, ArgLayout, BoundsCheck, Inputs, RunError, RunStart, Storage, TensorData};
 use crate::schedule::{BoundAlgorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
-use attnc_ir::{bind, Bindings, Kernel, KernelInfo, TensorKind};
+use attnc_ir::{Bindings, Kernel, KernelInfo, TensorKind};
 use cranelift::codegen::{isa, settings};
 use cranelift::prelude::*;
 use cranelift_jit::JITModule;
@@ -334,19 +334,8 @@ impl Compiled for CpuKernel {
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let k = &self.kernel;
-        let dims = bind(k, &st.shapes, explicit)?;
-        st.check(k, &dims)?;
-        let out_len: usize = dims.shape(k.output()).iter().product();
-        if out.len() != out_len {
-            return Err(RunError::Input {
-                name: k.output().name.clone(),
-                why: format!("the output buffer holds {} values, the output has {out_len}", out.len()),
-            });
-        }
-        check_divisors(k, &dims)?;
-        let bound = self.schedule.bind(k, &dims)?;
         let source = self.bounds_source.as_ref().unwrap_or(k);
-        let per_call_bounds = self.bounds.before(source, &dims)?;
+        let RunStart { dims, bound, per_call_bounds } = RunStart::new(k, &self.schedule, st, explicit, out.len(), &self.bounds, source)?;
         self.check_memory(&dims, &bound)?;
         // Derived tensors get fresh buffers; inputs are read in place, the output written in
         // place (the kernels write through the frame's addresses).

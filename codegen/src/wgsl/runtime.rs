@@ -3,10 +3,10 @@
 //! failure is an error value, never wgpu's panic.
 
 use super::emit::{Entry, WgslArtifact, DERIVE_WORKGROUP};
-use crate::host::{bytes, check_divisors, BoundsCheck, Inputs, RunError};
+use crate::host::{bytes, BoundsCheck, Inputs, RunError, RunStart};
 use crate::schedule::Schedule;
 use crate::{CodegenError, Compiled};
-use attnc_ir::{bind, Kernel, TensorKind};
+use attnc_ir::{Kernel, TensorKind};
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
@@ -204,19 +204,9 @@ impl Compiled for WgslKernel {
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let k = &self.art.kernel;
-        let dims = bind(k, &st.shapes, explicit)?;
-        st.check(k, &dims)?;
-        let out_len: usize = dims.shape(k.output()).iter().product();
-        if out.len() != out_len {
-            return Err(RunError::Input {
-                name: k.output().name.clone(),
-                why: format!("the output buffer holds {} values, the output has {out_len}", out.len()),
-            });
-        }
-        check_divisors(k, &dims)?;
-        let bound = self.art.schedule.bind(k, &dims)?;
         let source = self.bounds_source.as_ref().unwrap_or(k);
-        let per_call_bounds = self.bounds.before(source, &dims)?;
+        let RunStart { dims, bound, per_call_bounds } = RunStart::new(k, &self.art.schedule, st, explicit, out.len(), &self.bounds, source)?;
+        let out_len = out.len();
         let g = bound.grid;
         let o = &self.art.options;
         let most_channels = (o.workgroup * o.channels) as i64;
