@@ -4,6 +4,7 @@
 use anyhow::{anyhow, Context, Result};
 use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
+use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
@@ -191,7 +192,8 @@ enum Backend {
     /// The f64 reference interpreter: the meaning of a spec; slow, exact.
     Reference,
     /// WebGPU: WGSL run by wgpu on the best adapter here (a discrete GPU first, lavapipe on
-    /// a machine without one; `ATTNC_WGPU_ADAPTER=<name part>` picks one). Row kernel only.
+    /// a machine without one; `ATTNC_WGPU_ADAPTER=<name part>` picks one). Row kernel with
+    /// tile classes.
     Wgsl,
 }
 
@@ -323,9 +325,11 @@ enum Cmd {
         #[command(flatten)]
         opt: OptArgs,
     },
-    /// Tune a spec for this machine at a shape: try the cost model's best candidates (tile
-    /// sizes, microkernel on/off, kernel kind), check each against the reference on a small
-    /// input, time the survivors, and cache the winner for `run` and `bench`.
+    /// Tune a spec for this machine at a shape: try the cost model's best candidates (CPU:
+    /// tile sizes, microkernel on/off, kernel kind; WGSL: workgroup size, channels per
+    /// invocation, rows per tile class), check each against the reference on a small input,
+    /// time the survivors, and cache the winner for `run` and `bench` (keyed by the CPU's
+    /// features or the adapter and its driver).
     Tune {
         /// The .attn spec file.
         spec: PathBuf,
@@ -518,8 +522,12 @@ fn run(cli: Cli) -> Result<()> {
                     kern.run(&inputs, &given)?
                 }
                 Backend::Wgsl => {
-                    let kern = WgslBackend.compile(&oc.kernel, &oc.info, &WgslOptions::default())?.checking(&spec_c.kernel);
-                    eprintln!("{}: {}", c.kernel.name, kern.describe());
+                    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    let b = ir::bind(&oc.kernel, &shapes, &given)?;
+                    let chosen = tune::chosen_options(&WgslSpace::new(), &oc, &b, &inputs);
+                    let kc = chosen.kernel(&spec_c, &opt.config()?, &oc)?;
+                    let kern = WgslBackend.compile(&kc.kernel, &kc.info, &chosen.options)?.checking(&spec_c.kernel);
+                    eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
             };
@@ -588,7 +596,16 @@ fn run(cli: Cli) -> Result<()> {
             let c = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let b = bind_given(&c, &given)?;
             let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
-            let chosen = if explicit {
+            // The WGSL options: the tuned winner for this adapter, else the cost model's
+            // choice (the defaults with --untuned).
+            let wgsl = (backend == Backend::Wgsl).then(|| {
+                if untuned {
+                    tune::Chosen { options: WgslOptions::default(), passes_off: vec![], from: "the WGSL defaults (--untuned)".to_string() }
+                } else {
+                    tune::chosen_options(&WgslSpace::new(), &c, &b, &inputs)
+                }
+            });
+            let chosen = if explicit || wgsl.is_some() {
                 let d = ScheduleOptions::default();
                 let schedule = ScheduleOptions {
                     tiled: !no_tiled,
@@ -602,12 +619,13 @@ fn run(cli: Cli) -> Result<()> {
                 tune::chosen_options(&CpuSpace::new(threads), &c, &b, &inputs)
             };
             // A tuned winner may run the spec without a pass (the low-rank bias).
-            let c = chosen.kernel(&spec_c, &opt.config()?, &c)?;
-            let (opts, from) = (chosen.options, chosen.from);
-            let from = if backend == Backend::Wgsl {
-                format!("{} (the WGSL defaults)", attnc_codegen::BackendOptions::describe(&WgslOptions::default()))
-            } else {
-                from
+            let c = match &wgsl {
+                Some(w) => w.kernel(&spec_c, &opt.config()?, &c)?,
+                None => chosen.kernel(&spec_c, &opt.config()?, &c)?,
+            };
+            let (opts, from) = match &wgsl {
+                Some(w) => (chosen.options, format!("{} ({})", attnc_codegen::BackendOptions::describe(&w.options), w.from)),
+                None => (chosen.options, chosen.from),
             };
             let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
             let mut times = Vec::new();
@@ -637,7 +655,8 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Backend::Wgsl => {
                     let t0 = Instant::now();
-                    let kern = WgslBackend.compile(&c.kernel, &c.info, &WgslOptions::default())?.checking(&spec_c.kernel);
+                    let o = wgsl.as_ref().map(|w| w.options.clone()).unwrap_or_default();
+                    let kern = WgslBackend.compile(&c.kernel, &c.info, &o)?.checking(&spec_c.kernel);
                     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
                     drop(inputs);
@@ -680,11 +699,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed, opt } => {
-            if backend != Backend::Cpu {
-                return Err(anyhow!("only the cpu backend is tuned (the reference has nothing to tune; autotuning the wgsl backend is not written yet)"));
+            if backend == Backend::Reference {
+                return Err(anyhow!("the reference interpreter has nothing to tune: choose --backend cpu or wgsl"));
+            }
+            if backend == Backend::Wgsl && threads != 0 {
+                return Err(anyhow!("--threads is a CPU option; the wgsl backend tunes its workgroup shape"));
             }
             let (_, spec_c) = load(&spec)?;
             check_threads(threads)?;
+            if backend == Backend::Wgsl {
+                WgslBackend.available().map_err(|e| anyhow!("{e}"))?;
+            }
             let (c, _) = optimized(&spec_c, &opt)?;
             let given = parse_dims(&dims).map_err(|e| anyhow!("--dims: {e}"))?;
             let b = bind_given(&c, &given)?;
@@ -698,7 +723,11 @@ fn run(cli: Cli) -> Result<()> {
                 report: report.as_deref(),
                 seed,
             };
-            out!("{}", tune::tune(&CpuSpace::new(threads), &c, args)?);
+            let text = match backend {
+                Backend::Wgsl => tune::tune(&WgslSpace::new(), &c, args)?,
+                _ => tune::tune(&CpuSpace::new(threads), &c, args)?,
+            };
+            out!("{text}");
         }
         Cmd::Explain { spec, dims, opt } => {
             let (_, c) = load(&spec)?;
@@ -723,7 +752,9 @@ fn main() -> ExitCode {
     // The Vulkan loader's window-system probe (the wgsl backend) prints an error line per
     // probe when there is no runtime directory, as in containers and CI; give it a private
     // one. Set before any thread starts.
-    if std::env::var_os("XDG_RUNTIME_DIR").is_none() && matches!(cli.cmd, Cmd::Run { backend: Backend::Wgsl, .. } | Cmd::Bench { backend: Backend::Wgsl, .. }) {
+    if std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && matches!(cli.cmd, Cmd::Run { backend: Backend::Wgsl, .. } | Cmd::Bench { backend: Backend::Wgsl, .. } | Cmd::Tune { backend: Backend::Wgsl, .. })
+    {
         let dir = std::env::temp_dir().join(format!("attnc-xdg-{}", std::env::var("USER").unwrap_or_else(|_| "user".into())));
         if std::fs::create_dir_all(&dir).is_ok() {
             #[cfg(unix)]

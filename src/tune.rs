@@ -107,17 +107,10 @@ fn small_dims(c: &Checked, given: &BTreeMap<String, i64>) -> BTreeMap<String, i6
     d
 }
 
-fn within_tolerance(got: &[f32], want: &[f64]) -> Result<(), String> {
-    let finite: Vec<f64> = want.iter().copied().filter(|x| x.is_finite()).collect();
-    let rms = (finite.iter().map(|x| x * x).sum::<f64>() / finite.len().max(1) as f64).sqrt();
-    for (n, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let g = g as f64;
-        let ok = if w.is_nan() || g.is_nan() { w.is_nan() && g.is_nan() } else { (g - w).abs() <= 2e-4 * rms.max(1e-3) + 2e-3 * w.abs() };
-        if !ok {
-            return Err(format!("element {n} is {g}, the reference {w}"));
-        }
-    }
-    Ok(())
+/// The gate: `got` within the backend's tolerance of the reference.
+fn within_tolerance(tol: attnc_codegen::Tolerance, got: &[f32], want: &[f64]) -> Result<(), String> {
+    let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
+    tol.check(&got, want).map_err(|(n, g, w)| format!("element {n} is {g}, the reference {w}"))
 }
 
 pub struct TuneArgs<'a> {
@@ -188,7 +181,7 @@ pub fn tune<S: SearchSpace>(space: &S, c: &Checked, a: TuneArgs) -> Result<Strin
         let (kc, small_storage, _) = &kernels[pick(cand)];
         let k = backend.compile(&kc.kernel, &kc.info, &cand.options).map_err(|e| e.to_string())?.checking(&a.spec.kernel);
         let (_, got) = k.run_storage(small_storage, &BTreeMap::new()).map_err(|e| e.to_string())?;
-        within_tolerance(&got, &want.data)
+        within_tolerance(backend.tolerance(), &got, &want.data)
     };
     let mut build = |cand: &Candidate<OptionsOf<S>>| -> Result<tuner::Run, String> {
         bar.set_message(format!("timing {}", cand.name));

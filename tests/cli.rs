@@ -215,3 +215,29 @@ fn wgsl_compiles_runs_and_explains_a_missing_adapter() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no WebGPU adapter") && err.contains("mesa-vulkan-drivers"), "{err}");
 }
+
+/// `tune --backend wgsl` gates each workgroup shape on the reference, times the survivors
+/// and caches the winner under the adapter, which `bench --backend wgsl` then uses.
+#[test]
+fn wgsl_tunes_and_bench_uses_the_winner() {
+    if attnc_codegen::Backend::available(&attnc_codegen::wgsl::WgslBackend).is_err() {
+        assert!(!std::env::var("ATTNC_REQUIRE_BACKENDS").unwrap_or_default().contains("wgsl"), "wgsl is required here but has no adapter");
+        return;
+    }
+    let cache = tmp("wgsl-cache");
+    let dims = "B=1,H=2,N=40,M=40,D=8,Dv=8";
+    let env = [("ATTNC_CACHE_DIR", cache.as_str())];
+    let cmd = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_attnc")).args(args).envs(env).current_dir(env!("CARGO_MANIFEST_DIR")).output().expect("runs");
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (code, out, err) = cmd(&["tune", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--top-k", "3", "--samples", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rows wg") && out.contains("cached in"), "{out}");
+    let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("options  row kernel, workgroup") && out.contains("(tuned (rows wg"), "{out}");
+    let (code, _, err) = cmd(&["tune", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--threads", "2"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--threads is a CPU option"), "{err}");
+}

@@ -236,9 +236,10 @@ conformance!(
     |_| true
 );
 conformance!(
-    /// Small workgroups: several key tiles per row, channels spread over more slots.
+    /// Small workgroups: several key tiles per row, channels spread over more slots, and
+    /// tile classes per 3 query rows (row blocks that divide no shape).
     wgsl_small_workgroups_match_reference,
-    On::all(WgslBackend, WgslOptions { workgroup: 16, channels: 32, ..WgslOptions::default() }),
+    On::all(WgslBackend, WgslOptions { workgroup: 16, channels: 32, schedule: ScheduleOptions { block_q: 3, ..WgslOptions::default().schedule } }),
     |p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan")
 );
 conformance!(

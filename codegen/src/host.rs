@@ -307,16 +307,15 @@ pub struct TensorData {
 }
 
 impl TensorData {
-    /// The named tensors from storage-form buffers (f32 or i32 bits).
+    /// The named tensors from storage-form buffers (f32 or i32 bits), those `bufs` holds.
     pub fn new<'n>(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>, names: impl IntoIterator<Item = &'n String>) -> TensorData {
         let mut tensors = BTreeMap::new();
         for name in names {
-            let Some(t) = k.tensor(name) else { continue };
-            let vals: Vec<f64> = if t.dtype.is_int() {
-                bufs[&t.name].iter().map(|x| *x as i32 as f64).collect()
-            } else {
-                bufs[&t.name].iter().map(|x| f32::from_bits(*x) as f64).collect()
-            };
+            // A tensor without a buffer here (a derived tensor that lives on a device) is
+            // left out: the analyses then know nothing of its values.
+            let (Some(t), Some(buf)) = (k.tensor(name), bufs.get(name)) else { continue };
+            let vals: Vec<f64> =
+                if t.dtype.is_int() { buf.iter().map(|x| *x as i32 as f64).collect() } else { buf.iter().map(|x| f32::from_bits(*x) as f64).collect() };
             tensors.insert(t.name.clone(), (dims.shape(t), vals, t.dtype.is_int()));
         }
         TensorData { tensors }

@@ -14,7 +14,9 @@ others with ``dims={"W": 7}``). float32 and int32 C-contiguous inputs are read i
 copy; float16, bfloat16 and float64 inputs are converted to float32 once, int64 to int32 once
 (a value outside int32 is refused), and non-contiguous inputs are copied once. The output
 is allocated once and returned in the caller's array type: NumPy in, NumPy out; any torch
-tensor in, torch out. A CUDA tensor is refused (the GPU backends are not built yet), never
+tensor in, torch out. ``attnc.compile(spec, backend="wgsl")`` runs on WebGPU (the adapter
+wgpu finds: a GPU through Vulkan, Metal or DX12, else lavapipe), with the same inputs and
+outputs in host memory. A CUDA tensor is refused (the PTX backend is not built yet), never
 copied silently.
 
 The kernel runs without the GIL, so several Python threads can run kernels at once.
@@ -172,26 +174,43 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(source, path, options, passes_off, threads):
-    return Kernel(_attnc.compile(source, path, dict(options) if options is not None else None, list(passes_off), threads), source)
+def _compile(source, path, options, passes_off, threads, backend):
+    return Kernel(_attnc.compile(source, path, dict(options) if options is not None else None, list(passes_off), threads, backend), source)
 
 
-def compile(spec, backend="cpu", *, threads=0, passes_off=(), tiled=None, microkernel=None, block_q=None, block_k=None, chunk=None):
+def compile(
+    spec,
+    backend="cpu",
+    *,
+    threads=0,
+    passes_off=(),
+    tiled=None,
+    microkernel=None,
+    block_q=None,
+    block_k=None,
+    chunk=None,
+    workgroup=None,
+    channels=None,
+):
     """Checks and optimizes a spec: ``spec`` is a path to a ``.attn`` file or its text.
 
-    ``backend`` is ``"cpu"`` (the PTX and WGSL backends are not built yet). ``threads`` is
-    the worker count (0: every core). ``passes_off`` switches passes off (``("lowrank",)``).
-    Any of ``tiled``, ``microkernel``, ``block_q``, ``block_k``, ``chunk`` fixes the
-    schedule; without them it is chosen per shape. Compiled kernels are cached per
-    (spec, options)."""
-    if backend != "cpu":
-        raise ValueError(f"backend `{backend}`: only `cpu` is built (the PTX and WGSL backends are not built yet)")
+    ``backend`` is ``"cpu"`` or ``"wgsl"`` (WebGPU; ``RuntimeError`` naming what to install
+    when wgpu finds no adapter); the PTX backend is not built yet. ``threads`` is the CPU's
+    worker count (0: every core). ``passes_off`` switches passes off (``("lowrank",)``).
+    Options fix the schedule; without them it is chosen per shape (the tuned winner for
+    this machine, else the cost model's choice). CPU: ``tiled``, ``microkernel``,
+    ``block_q``, ``block_k``, ``chunk``. WGSL: ``workgroup`` (invocations, a power of two
+    from 8 to 256), ``channels`` (output channels per invocation) and ``block_q`` (query
+    rows per row of tile classes). Compiled kernels are cached per (spec, backend, options)."""
+    if backend not in ("cpu", "wgsl"):
+        raise ValueError(f"backend `{backend}`: attnc runs `cpu` and `wgsl` (the PTX backend is not built yet)")
     path = "<string>"
     text = spec
     if "{" not in spec and os.path.exists(spec):
         path = spec
         with open(spec, encoding="utf-8") as f:
             text = f.read()
-    given = {k: v for k, v in dict(tiled=tiled, microkernel=microkernel, block_q=block_q, block_k=block_k, chunk=chunk).items() if v is not None}
+    named = dict(tiled=tiled, microkernel=microkernel, block_q=block_q, block_k=block_k, chunk=chunk, workgroup=workgroup, channels=channels)
+    given = {k: v for k, v in named.items() if v is not None}
     options = tuple(sorted((k, int(v)) for k, v in given.items())) if given else None
-    return _compile(text, path, options, tuple(passes_off), int(threads))
+    return _compile(text, path, options, tuple(passes_off), int(threads), backend)

@@ -12,9 +12,11 @@ use attnc::ir::{self, reference::Tensor, Bindings};
 use attnc::passes::PassConfig;
 use attnc::Prepared;
 use attnc_autotune::space::cpu::CpuSpace;
+use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::host::{Inputs, RunError};
 use attnc_codegen::schedule::ScheduleOptions;
+use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, Compiled};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyValueError};
@@ -44,9 +46,16 @@ fn run_error(e: RunError) -> PyErr {
     }
 }
 
+/// The options of one of the backends the package runs.
+#[derive(Clone, Debug)]
+enum Opts {
+    Cpu(CpuOptions),
+    Wgsl(WgslOptions),
+}
+
 /// What a kernel compiles to for one choice of options and passes.
 struct Variant {
-    kernel: <CpuBackend as Backend>::Kernel,
+    kernel: Box<dyn Compiled>,
     describe: String,
 }
 
@@ -64,8 +73,10 @@ struct Kernel {
     spec: Checked,
     passes: PassConfig,
     prepared: Prepared,
+    /// `"cpu"` or `"wgsl"`.
+    backend: &'static str,
     /// Options fixed by the caller (else chosen per shape).
-    fixed: Option<CpuOptions>,
+    fixed: Option<Opts>,
     threads: usize,
     variants: Mutex<HashMap<String, Arc<Variant>>>,
     /// Per shape: the options chosen and the passes they switch off.
@@ -112,7 +123,7 @@ impl Buf {
 }
 
 /// The options chosen for a shape, the passes they switch off, and where they came from.
-type Choice = (CpuOptions, Vec<String>, String);
+type Choice = (Opts, Vec<String>, String);
 
 /// A random input: name, dtype, shape and little-endian bytes.
 type RawTensor = (String, String, Vec<usize>, Vec<u8>);
@@ -159,20 +170,29 @@ impl Kernel {
         if let Some(c) = self.choices.lock().expect("choices").get(&key) {
             return c.clone();
         }
-        let chosen = attnc::tune::chosen_options(&CpuSpace::new(self.threads), &self.prepared.optimized, dims, &data());
-        let c = (chosen.options, chosen.passes_off, chosen.from);
+        let oc = &self.prepared.optimized;
+        let c = if self.backend == WgslBackend::NAME {
+            let chosen = attnc::tune::chosen_options(&WgslSpace::new(), oc, dims, &data());
+            (Opts::Wgsl(chosen.options), chosen.passes_off, chosen.from)
+        } else {
+            let chosen = attnc::tune::chosen_options(&CpuSpace::new(self.threads), oc, dims, &data());
+            (Opts::Cpu(chosen.options), chosen.passes_off, chosen.from)
+        };
         self.choices.lock().expect("choices").insert(key, c.clone());
         c
     }
 
     /// The compiled variant for a kernel and options (compiled once).
-    fn variant(&self, kc: &Checked, options: &CpuOptions, label: &str) -> PyResult<Arc<Variant>> {
+    fn variant(&self, kc: &Checked, options: &Opts, label: &str) -> PyResult<Arc<Variant>> {
         let key = format!("{label}|{options:?}");
         if let Some(v) = self.variants.lock().expect("variants").get(&key) {
             return Ok(v.clone());
         }
-        let kernel =
-            CpuBackend::default().compile(&kc.kernel, &kc.info, options).map_err(|e| PyValueError::new_err(e.to_string()))?.checking(&self.spec.kernel);
+        let err = |e: attnc_codegen::CodegenError| PyValueError::new_err(e.to_string());
+        let kernel: Box<dyn Compiled> = match options {
+            Opts::Cpu(o) => Box::new(CpuBackend::default().compile(&kc.kernel, &kc.info, o).map_err(err)?.checking(&self.spec.kernel)),
+            Opts::Wgsl(o) => Box::new(WgslBackend.compile(&kc.kernel, &kc.info, o).map_err(err)?.checking(&self.spec.kernel)),
+        };
         let describe = kernel.describe();
         let v = Arc::new(Variant { kernel, describe });
         self.variants.lock().expect("variants").insert(key, v.clone());
@@ -206,6 +226,12 @@ impl Kernel {
     #[getter]
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    /// The backend it runs on: `"cpu"` or `"wgsl"`.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.backend
     }
 
     /// `[(name, dtype, [axis, ...])]` of the declared inputs.
@@ -353,19 +379,64 @@ impl Kernel {
     fn tune(&self, py: Python<'_>, dims: BTreeMap<String, i64>, top_k: usize, samples: usize, seed: u64) -> PyResult<String> {
         let args =
             attnc::tune::TuneArgs { spec: &self.spec, passes: &self.passes, given: &dims, top_k: top_k.max(1), samples: samples.max(1), report: None, seed };
-        let (space, oc) = (CpuSpace::new(self.threads), &self.prepared.optimized);
-        let text = py.detach(|| attnc::tune::tune(&space, oc, args)).map_err(runtime)?;
+        let oc = &self.prepared.optimized;
+        let text = if self.backend == WgslBackend::NAME {
+            let space = WgslSpace::new();
+            py.detach(|| attnc::tune::tune(&space, oc, args)).map_err(runtime)?
+        } else {
+            let space = CpuSpace::new(self.threads);
+            py.detach(|| attnc::tune::tune(&space, oc, args)).map_err(runtime)?
+        };
         // The next call picks the new winner.
         self.choices.lock().expect("choices").clear();
         Ok(text)
     }
 }
 
+/// The options a caller fixed for `backend`, checked (names of the other backend's options
+/// are refused by name).
+fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> PyResult<Opts> {
+    let d = ScheduleOptions::default();
+    let get = |k: &str, dflt: usize| o.get(k).map_or(dflt, |v| *v as usize);
+    let only = |allowed: &[&str]| -> PyResult<()> {
+        match o.keys().find(|k| !allowed.contains(&k.as_str())) {
+            Some(k) => Err(PyValueError::new_err(format!("`{k}` is not an option of the {backend} backend (its options: {})", allowed.join(", ")))),
+            None => Ok(()),
+        }
+    };
+    if backend == WgslBackend::NAME {
+        only(&["workgroup", "channels", "block_q"])?;
+        let w = WgslOptions::default();
+        let mut c = WgslOptions { workgroup: get("workgroup", w.workgroup as usize) as u32, channels: get("channels", w.channels as usize) as u32, ..w };
+        c.schedule.block_q = get("block_q", c.schedule.block_q);
+        WgslBackend.check_options(&c).map_err(PyValueError::new_err)?;
+        return Ok(Opts::Wgsl(c));
+    }
+    only(&["tiled", "microkernel", "block_q", "block_k", "chunk"])?;
+    let schedule =
+        ScheduleOptions { tiled: get("tiled", 1) != 0, block_q: get("block_q", d.block_q), block_k: get("block_k", d.block_k), chunk: get("chunk", d.chunk) };
+    let c = CpuOptions { schedule, microkernel: get("microkernel", 1) != 0, threads, ..CpuOptions::default() };
+    CpuBackend::default().check_options(&c).map_err(PyValueError::new_err)?;
+    Ok(Opts::Cpu(c))
+}
+
 /// Checks and optimizes a spec: `source` is its text; options fix the schedule (else it
-/// is chosen per shape).
+/// is chosen per shape); `backend` is `"cpu"` or `"wgsl"` (WebGPU, on the adapter wgpu
+/// finds: refused with the reason when there is none).
 #[pyfunction]
-#[pyo3(signature = (source, path="<string>", options=None, passes_off=vec![], threads=0))]
-fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, passes_off: Vec<String>, threads: usize) -> PyResult<Kernel> {
+#[pyo3(signature = (source, path="<string>", options=None, passes_off=vec![], threads=0, backend="cpu"))]
+fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, passes_off: Vec<String>, threads: usize, backend: &str) -> PyResult<Kernel> {
+    let backend = match backend {
+        "cpu" => CpuBackend::NAME,
+        "wgsl" => {
+            WgslBackend.available().map_err(runtime)?;
+            if threads != 0 {
+                return Err(PyValueError::new_err("`threads` is an option of the cpu backend"));
+            }
+            WgslBackend::NAME
+        }
+        other => return Err(PyValueError::new_err(format!("backend `{other}`: the package runs `cpu` and `wgsl` (the PTX backend is not built yet)"))),
+    };
     let spec = attnc::dsl::compile(source).map_err(|d| {
         let rendered = d.render(path, source);
         Python::attach(|py| {
@@ -382,22 +453,7 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
     for p in &passes_off {
         passes.set(p, false).map_err(PyValueError::new_err)?;
     }
-    let fixed = match options {
-        None => None,
-        Some(o) => {
-            let d = ScheduleOptions::default();
-            let get = |k: &str, dflt: usize| o.get(k).map_or(dflt, |v| *v as usize);
-            let schedule = ScheduleOptions {
-                tiled: get("tiled", 1) != 0,
-                block_q: get("block_q", d.block_q),
-                block_k: get("block_k", d.block_k),
-                chunk: get("chunk", d.chunk),
-            };
-            let c = CpuOptions { schedule, microkernel: get("microkernel", 1) != 0, threads, ..CpuOptions::default() };
-            CpuBackend::default().check_options(&c).map_err(PyValueError::new_err)?;
-            Some(c)
-        }
-    };
+    let fixed = options.map(|o| given_options(backend, &o, threads)).transpose()?;
     if threads > attnc_codegen::cpu::max_threads() {
         CpuBackend::default().check_options(&CpuOptions { threads, ..CpuOptions::default() }).map_err(PyValueError::new_err)?;
     }
@@ -407,6 +463,7 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
         spec,
         passes,
         prepared,
+        backend,
         fixed,
         threads,
         variants: Mutex::new(HashMap::new()),
@@ -415,10 +472,16 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
     })
 }
 
-/// The host's CPU fingerprint (`cpu:x86_64+avx+avx2+fma`).
+/// The device a backend runs on, as tuning keys name it: the host's CPU features
+/// (`cpu:x86_64+avx+avx2+fma`), or the WebGPU adapter and its driver.
 #[pyfunction]
-fn device() -> String {
-    CpuBackend::default().device()
+#[pyo3(signature = (backend="cpu"))]
+fn device(backend: &str) -> PyResult<String> {
+    match backend {
+        "cpu" => Ok(CpuBackend::default().device()),
+        "wgsl" => Ok(WgslBackend.device()),
+        other => Err(PyValueError::new_err(format!("backend `{other}`: the package runs `cpu` and `wgsl`"))),
+    }
 }
 
 #[pymodule]

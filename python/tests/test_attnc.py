@@ -54,6 +54,42 @@ def test_every_example_matches_the_reference():
     assert ran == len(EXAMPLES)
 
 
+def wgsl_adapter():
+    """The WebGPU adapter's name, or None when wgpu finds none here."""
+    name = attnc.device("wgsl")
+    return None if name == "wgsl:no-adapter" else name
+
+
+needs_wgsl = pytest.mark.skipif(
+    wgsl_adapter() is None and "wgsl" not in os.environ.get("ATTNC_REQUIRE_BACKENDS", ""),
+    reason="no WebGPU adapter (install a Vulkan driver, e.g. mesa-vulkan-drivers for lavapipe)",
+)
+
+
+@needs_wgsl
+def test_wgsl_backend_matches_the_reference():
+    # Causal (tile classes skip tiles), a mask read from data, and a post-map (two passes).
+    for name in ["sdpa_causal", "document_mask", "clipped_softmax", "sigmoid_alibi", "sliding_window_sink"]:
+        path = os.path.join(ROOT, "examples", f"{name}.attn")
+        kern = attnc.compile(path, backend="wgsl")
+        assert kern._k.backend == "wgsl"
+        ins = kern.random_inputs(seed=5, **small_dims(kern))
+        got = kern(**ins)
+        want = kern.reference(**ins)
+        rms = np.sqrt(np.mean(want[np.isfinite(want)] ** 2)) if np.isfinite(want).any() else 1.0
+        np.testing.assert_allclose(got, want, atol=5e-4 * max(rms, 1e-3), rtol=5e-3, err_msg=name)
+        assert "workgroup" in kern.last_run()["kernel"]
+    # Fixed options, and the CPU's refused by name.
+    kern = attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", workgroup=16, channels=4, block_q=4)
+    ins = kern.random_inputs(seed=1, **small_dims(kern))
+    np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-3, rtol=5e-3)
+    assert "workgroup 16" in kern.last_run()["kernel"]
+    with pytest.raises(ValueError, match="`block_k` is not an option of the wgsl backend"):
+        attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", block_k=64)
+    with pytest.raises(ValueError, match="power of two"):
+        attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", workgroup=48)
+
+
 def alibi_inputs(n=64, h=4, seed=0):
     kern = attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"))
     return kern, kern.random_inputs(seed=seed, B=1, H=h, G=h, N=n, M=n, D=16, Dv=16)
@@ -84,8 +120,10 @@ def test_bad_input_raises_value_errors_naming_the_tensor():
         kern(**{**ins, "q": ins["q"].astype(np.int64)})
     with pytest.raises(ValueError, match=r"input `q` has 3 axes"):
         kern(**{**ins, "q": ins["q"][0]})
-    with pytest.raises(ValueError, match="only `cpu` is built"):
+    with pytest.raises(ValueError, match="the PTX backend is not built yet"):
         attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), backend="ptx")
+    with pytest.raises(ValueError, match="`workgroup` is not an option of the cpu backend"):
+        attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), workgroup=64)
     with pytest.raises(ValueError, match="threads"):
         attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), threads=100000)
 

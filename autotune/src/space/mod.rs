@@ -1,11 +1,13 @@
 //! Search spaces: the candidates a backend's tuner tries, each with the cost model's
 //! estimate, and the variants of the best ones worth timing too.
 //!
-//! [`SearchSpace`] is what a backend implements ([`cpu::CpuSpace`] for the CPU). The parts
+//! [`SearchSpace`] is what a backend implements ([`cpu::CpuSpace`] for the CPU,
+//! [`wgsl::WgslSpace`] for WebGPU). The parts
 //! every backend shares live here: the [`Candidate`], pruning, the candidates of the spec
 //! without the exact low-rank bias, and the live-tile count the cost models start from.
 
 pub mod cpu;
+pub mod wgsl;
 
 use attnc_codegen::schedule::classes::{count_tiles, TileCounts, TileGrid};
 use attnc_codegen::Backend;

@@ -141,11 +141,31 @@ impl TileClassTable {
         out
     }
 
+    /// The whole table as a device reads it: one byte per tile, laid out
+    /// `[b][h][qb][branch][kt]` over the batches and heads that any mask depends on
+    /// ([`table_deps`]; a mask that depends on neither has one head's classes).
+    pub fn device_bytes(&self, nb: i64, nh: i64) -> Vec<u8> {
+        let deps = self.branches.iter().fold(Deps::default(), |a, c| Deps { b: a.b || c.deps.b, h: a.h || c.deps.h, ..a });
+        let mut out = Vec::new();
+        for b in if deps.b { 0..nb } else { 0..1 } {
+            for h in if deps.h { 0..nh } else { 0..1 } {
+                out.extend(self.head(b, h).iter().map(|c| *c as u8));
+            }
+        }
+        out
+    }
+
     pub fn counts(&self, br: usize, b: i64, h: i64) -> TileCounts {
         let mut c = TileCounts::default();
         self.of(br, b, h).iter().for_each(|x| c.add(*x, 1.0));
         c
     }
+}
+
+/// Which of the batch and the head any branch's mask depends on: the axes of
+/// [`TileClassTable::device_bytes`].
+pub fn table_deps(k: &Kernel) -> Deps {
+    k.branches.iter().filter_map(|b| b.mask.as_ref()).map(Deps::of).fold(Deps::default(), |a, d| Deps { b: a.b || d.b, h: a.h || d.h, ..a })
 }
 
 type CacheKey = (usize, i64, i64, TileGrid, BTreeMap<String, i64>);
@@ -215,6 +235,9 @@ mod tests {
         let head = t.head(1, 2);
         assert_eq!(&head[..6], &[Partial, Empty, Empty, Full, Full, Full], "query tile 0: branch 0 then branch 1");
         assert_eq!(t.counts(0, 0, 0), TileCounts { empty: 3.0, full: 3.0, partial: 3.0 });
+        // The causal mask depends on neither b nor h: the device table is one head's.
+        assert_eq!(table_deps(&k), Deps::default());
+        assert_eq!(t.device_bytes(2, 3), head.iter().map(|c| *c as u8).collect::<Vec<_>>());
         // The bytes generated code reads.
         assert_eq!([Empty as u8, Full as u8, Partial as u8], [0, 1, 2]);
         // Counting every row, or every other one (counted twice) on a budget.

@@ -518,13 +518,34 @@ fn powf(x: f32, y: f32) -> f32 {{
         self.bind_var("i", &format!("row % {ni}"));
         self.bind_var("h", &format!("(row / {ni}) % {nh}"));
         self.bind_var("b", &format!("row / ({ni} * {nh})"));
+        if k.branches.iter().any(|b| b.mask.is_some()) {
+            // This row's tile classes: `[b][h][query tile][branch][key tile]` over the axes
+            // the masks depend on (see `schedule::classes::TileClassTable::device_bytes`).
+            let deps = crate::schedule::classes::table_deps(k);
+            let (vb, vh, vi) = (self.expr(&Expr::var("b"))?, self.expr(&Expr::var("h"))?, self.expr(&Expr::var("i"))?);
+            let bq = o.schedule.block_q;
+            let head = match (deps.b, deps.h) {
+                (true, true) => format!("{vb} * {nh} + {vh}"),
+                (true, false) => vb,
+                (false, true) => vh,
+                (false, false) => "0i".into(),
+            };
+            self.line(&format!("let kt_n = ({mj} + {wg}i - 1i) / {wg}i;"));
+            self.line(&format!("let qt_n = ({ni} + {bq}i - 1i) / {bq}i;"));
+            self.line(&format!("let cls_row = (({head}) * qt_n + {vi} / {bq}i) * {}i * kt_n;", k.branches.len()));
+            let _ = writeln!(
+                self.head,
+                "@group(0) @binding(3) var<storage, read> cls: array<u32>;\n\
+                 fn tile_class(n: i32) -> u32 {{ return (cls[u32(n) / 4u] >> (8u * (u32(n) % 4u))) & 0xffu; }}"
+            );
+        }
         self.line(&format!("var oacc: array<f32, {ch}>;"));
         self.line(&format!("var bacc: array<f32, {ch}>;"));
         self.line("var any_live = false;");
         for (n, br) in k.branches.iter().enumerate() {
             self.line(&format!("// branch {n}"));
             self.open("");
-            self.branch(br, &mj, &ev, wg, ch)?;
+            self.branch(n, br, &mj, &ev, wg, ch)?;
             self.close();
         }
         // Store: zeros when no key was live in any branch, else the gated values.
@@ -566,8 +587,13 @@ fn powf(x: f32, y: f32) -> f32 {{
         };
         match &br.mask {
             Some(m) => {
+                // A full tile's keys all pass: the mask runs on partial tiles only.
+                self.line("var keep = full;");
+                self.open("if (!keep)");
                 let c = self.expr(m)?;
-                self.open(&format!("if ({c})"));
+                self.line(&format!("keep = {c};"));
+                self.close();
+                self.open("if (keep)");
                 inner(self)?;
                 self.close();
             }
@@ -608,13 +634,20 @@ fn powf(x: f32, y: f32) -> f32 {{
         }
     }
 
-    fn tile_loop(&mut self, mj: &str, wg: u32) {
+    /// Opens the loop over key tiles of branch `br` (number `n`). A masked branch reads the
+    /// tile's class: an empty tile is skipped, a full one (`full`) needs no mask work.
+    fn tile_loop(&mut self, mj: &str, wg: u32, n: usize, br: &attnc_ir::Branch) {
         self.open(&format!("for (var j0: i32 = 0i; j0 < {mj}; j0 += {wg}i)"));
         self.line(&format!("let nt = min({wg}i, {mj} - j0);"));
+        if br.mask.is_some() {
+            self.line(&format!("let cl = tile_class(cls_row + {n}i * kt_n + j0 / {wg}i);"));
+            self.line("if (cl == 0u) { continue; }");
+            self.line("let full = cl == 1u;");
+        }
     }
 
     /// One branch of the row: walks the key tiles, then adds its normalized contribution.
-    fn branch(&mut self, br: &attnc_ir::Branch, mj: &str, ev: &str, wg: u32, ch: u32) -> Result<(), CodegenError> {
+    fn branch(&mut self, n: usize, br: &attnc_ir::Branch, mj: &str, ev: &str, wg: u32, ch: u32) -> Result<(), CodegenError> {
         self.line(&format!("for (var c: i32 = 0i; c < {ch}i; c++) {{ bacc[c] = 0.0f; }}"));
         self.line("var cnt: i32 = 0i;");
         let softmax = matches!(br.norm, Norm::Softmax { .. });
@@ -638,7 +671,7 @@ fn powf(x: f32, y: f32) -> f32 {{
                 let one_pass = post.is_none();
                 // Pass 1 (the only pass without `post`): the tile's maximum, the rescale, the
                 // denominator and (one pass) the weighted values.
-                self.tile_loop(mj, wg);
+                self.tile_loop(mj, wg, n, br);
                 self.line("sh_s[t] = 0.0f;");
                 self.line("sh_d[t] = 1.0f;");
                 self.key_phase(br, mj, &mut |w, s| {
@@ -676,7 +709,7 @@ fn powf(x: f32, y: f32) -> f32 {{
                     None => factor = Some("(1.0f / l)".into()),
                     Some(post) => {
                         // Pass 2: the final weights through `post`, decayed.
-                        self.tile_loop(mj, wg);
+                        self.tile_loop(mj, wg, n, br);
                         self.line("sh_q[t] = 0.0f;");
                         self.key_phase(br, mj, &mut |w, s| {
                             w.bind_float("w", &format!("exp({s} - m) / l"));
@@ -693,7 +726,7 @@ fn powf(x: f32, y: f32) -> f32 {{
                 }
             }
             Norm::Map(f) => {
-                self.tile_loop(mj, wg);
+                self.tile_loop(mj, wg, n, br);
                 self.line("sh_q[t] = 0.0f;");
                 self.key_phase(br, mj, &mut |w, s| {
                     w.bind_float("s", s);
@@ -708,7 +741,7 @@ fn powf(x: f32, y: f32) -> f32 {{
                 self.close();
             }
             Norm::Linear { eps } => {
-                self.tile_loop(mj, wg);
+                self.tile_loop(mj, wg, n, br);
                 self.line("sh_q[t] = 0.0f;");
                 self.line("sh_p[t] = 0.0f;");
                 self.key_phase(br, mj, &mut |w, s| {

@@ -6,10 +6,13 @@
 //! workgroup then folds the tile into the branch's normalization state (online softmax with
 //! the reference's semantics: fully masked rows give zeros, NaN propagates, the maximum is
 //! subtracted so logits of 1e4 do not overflow), and every invocation accumulates its own
-//! output channels. Derived tensors are compute passes before it (a prefix sum walks its axis
-//! per line). The tiled and chunked forms, tile classes, f16 storage, subgroups and
-//! autotuning are not written yet: [`WgslBackend::check_options`] refuses a schedule that
-//! asks for them, with that reason.
+//! output channels. A masked branch reads its key tiles' classes from the schedule's
+//! [`crate::schedule::classes`] (per `block_q` query rows × `workgroup` keys, computed on the
+//! host: once per shape for static masks, per call from the inputs for masks that read them,
+//! all partial for masks that read derived tensors): an empty tile is skipped, a full one
+//! runs no mask. Derived tensors are compute passes before it (a prefix sum walks its axis
+//! per line). The tiled and chunked forms, f16 storage and subgroups are not written yet:
+//! [`WgslBackend::check_options`] refuses a schedule that asks for them, with that reason.
 //!
 //! Layout (no pointers, no i64 in WGSL): dims, extents and strides in a uniform buffer (the
 //! backend-neutral [`crate::host::ArgLayout`], as i32), inputs in one read-only storage
@@ -33,6 +36,8 @@ pub struct WgslOptions {
     #[serde(flatten)]
     pub schedule: ScheduleOptions,
     /// Invocations per workgroup: keys per tile of the row kernel (a power of two, 8 to 256).
+    /// The schedule's `block_q` is the number of query rows that share one row of tile
+    /// classes (fewer: finer classes, more host work per shape).
     pub workgroup: u32,
     /// Output channels each invocation accumulates: the row kernel holds
     /// `workgroup × channels` channels (Dv) at most.
@@ -41,7 +46,7 @@ pub struct WgslOptions {
 
 impl Default for WgslOptions {
     fn default() -> Self {
-        WgslOptions { schedule: ScheduleOptions { tiled: false, chunk: 0, ..ScheduleOptions::default() }, workgroup: 64, channels: 8 }
+        WgslOptions { schedule: ScheduleOptions { tiled: false, chunk: 0, block_q: 16, ..ScheduleOptions::default() }, workgroup: 64, channels: 8 }
     }
 }
 
@@ -53,13 +58,20 @@ impl BackendOptions for WgslOptions {
         &mut self.schedule
     }
     fn describe(&self) -> String {
-        format!("row kernel, workgroup {}, {} channels per invocation", self.workgroup, self.channels)
+        format!("row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, self.schedule.block_q)
     }
 }
 
 /// The WebGPU backend.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct WgslBackend;
+
+impl WgslBackend {
+    /// Invocations per workgroup the adapter takes (256, WebGPU's minimum, without one).
+    pub fn max_invocations(&self) -> u32 {
+        runtime::gpu().map_or(256, |g| g.limits.max_compute_invocations_per_workgroup.min(g.limits.max_compute_workgroup_size_x))
+    }
+}
 
 /// Workgroup memory WebGPU guarantees every adapter has.
 pub const WORKGROUP_BYTES: usize = 16 << 10;

@@ -3,7 +3,8 @@
 //! failure is an error value, never wgpu's panic.
 
 use super::emit::{Entry, WgslArtifact, DERIVE_WORKGROUP};
-use crate::host::{bytes, BoundsCheck, Inputs, RunError, RunStart};
+use crate::host::{bytes, BoundsCheck, Inputs, RunError, RunStart, TensorData};
+use crate::schedule::classes::{TileClassifier, TileGrid};
 use crate::schedule::Schedule;
 use crate::{CodegenError, Compiled};
 use attnc_ir::{Kernel, TensorKind};
@@ -98,6 +99,7 @@ pub struct WgslKernel {
     pipelines: Vec<wgpu::ComputePipeline>,
     bounds: BoundsCheck,
     bounds_source: Option<Kernel>,
+    classifier: TileClassifier,
 }
 
 /// Runs `f` in validation and out-of-memory error scopes; the first error they caught.
@@ -134,8 +136,10 @@ impl WgslKernel {
                 ty: wgpu::BindingType::Buffer { ty: wgpu::BufferBindingType::Uniform, has_dynamic_offset: false, min_binding_size: None },
                 count: None,
             };
-            let layout =
-                d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor { label: Some("attnc"), entries: &[uniform, storage(1, true), storage(2, false)] });
+            let layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("attnc"),
+                entries: &[uniform, storage(1, true), storage(2, false), storage(3, true)],
+            });
             let pl =
                 d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("attnc"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
             let pipelines = art
@@ -157,7 +161,7 @@ impl WgslKernel {
         if let Some(e) = err {
             return Err(CodegenError::Invalid(format!("wgpu refused the WGSL of `{}`: {e}", art.kernel.name)));
         }
-        Ok(WgslKernel { art, gpu, layout, pipelines, bounds: BoundsCheck::default(), bounds_source: None })
+        Ok(WgslKernel { art, gpu, layout, pipelines, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
     }
 
     /// The WGSL source.
@@ -236,6 +240,7 @@ impl Compiled for WgslKernel {
                 )));
             }
         }
+        let classes = self.classes(st, &dims, &g)?;
         let mut table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64);
         table.resize(self.art.table_len(), 0);
         table[self.art.inf_slot] = f32::INFINITY.to_bits() as i64;
@@ -248,13 +253,17 @@ impl Compiled for WgslKernel {
         let d = &self.gpu.device;
         let q = &self.gpu.queue;
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST | wgpu::BufferUsages::COPY_SRC;
-        let ((args, inp, buf, readback), err) = scoped(d, || {
+        let ((args, inp, buf, cls, readback), err) = scoped(d, || {
             let mk = |label, size: u64, usage| {
                 d.create_buffer(&wgpu::BufferDescriptor { label: Some(label), size: (4 * size).max(4), usage, mapped_at_creation: false })
             };
             let args = mk("args", table.len() as u64, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST);
             let inp = mk("inputs", n_inp, usage);
             let buf = mk("work", n_buf, usage);
+            let cls = mk("tile classes", classes.len() as u64, wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
+            if !classes.is_empty() {
+                q.write_buffer(&cls, 0, bytemuck::cast_slice(&classes));
+            }
             let readback = mk("readback", out_len as u64, wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST);
             q.write_buffer(&args, 0, bytemuck::cast_slice(&table));
             for t in k.inputs() {
@@ -263,7 +272,7 @@ impl Compiled for WgslKernel {
                     q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(data));
                 }
             }
-            (args, inp, buf, readback)
+            (args, inp, buf, cls, readback)
         });
         if let Some(e) = err {
             return Err(device_err("cannot allocate the buffers", e));
@@ -275,6 +284,7 @@ impl Compiled for WgslKernel {
                 wgpu::BindGroupEntry { binding: 0, resource: args.as_entire_binding() },
                 wgpu::BindGroupEntry { binding: 1, resource: inp.as_entire_binding() },
                 wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 3, resource: cls.as_entire_binding() },
             ],
         });
         let most_groups = lim.max_compute_workgroups_per_dimension;
@@ -335,6 +345,26 @@ impl Compiled for WgslKernel {
 }
 
 impl WgslKernel {
+    /// The tile classes the masked branches read, one byte per (row block, key tile) packed
+    /// four to a word (empty when no branch has a mask). Static masks are classified once
+    /// per shape; masks that read inputs at every call, from the caller's data; derived
+    /// tensors live on the device, so a mask that reads one finds its tiles partial.
+    fn classes(&self, st: &Inputs, dims: &attnc_ir::Bindings, g: &crate::schedule::Grid) -> Result<Vec<u32>, RunError> {
+        let k = &self.art.kernel;
+        if k.branches.iter().all(|b| b.mask.is_none()) {
+            return Ok(Vec::new());
+        }
+        let o = &self.art.options;
+        let grid = TileGrid { block_q: o.schedule.block_q as i64, block_k: o.workgroup as i64, queries: g.queries, keys: g.keys };
+        let data = TensorData::masks(k, dims, &st.bufs);
+        let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
+        let bytes = table.device_bytes(g.batches, g.heads);
+        if bytes.len() > i32::MAX as usize {
+            return Err(RunError::Device(format!("{} tile classes do not fit WGSL's 32-bit indices (raise block_q)", bytes.len())));
+        }
+        Ok(bytes.chunks(4).map(|c| c.iter().enumerate().fold(0u32, |w, (n, &x)| w | (x as u32) << (8 * n))).collect())
+    }
+
     /// Submits `enc` after copying `len` words at `at` of `src` into `readback`; waits, and
     /// returns them.
     fn submit_read_into(&self, mut enc: wgpu::CommandEncoder, src: &wgpu::Buffer, readback: &wgpu::Buffer, at: u64, len: u64) -> Result<Vec<u32>, RunError> {
