@@ -145,7 +145,7 @@ impl TileClassTable {
     /// `[b][h][qb][branch][kt]` over the batches and heads that any mask depends on
     /// ([`table_deps`]; a mask that depends on neither has one head's classes).
     pub fn device_bytes(&self, nb: i64, nh: i64) -> Vec<u8> {
-        let deps = self.branches.iter().fold(Deps::default(), |a, c| Deps { b: a.b || c.deps.b, h: a.h || c.deps.h, ..a });
+        let deps = self.branches.iter().map(|c| c.deps).fold(Deps::default(), batch_or_head);
         let mut out = Vec::new();
         for b in if deps.b { 0..nb } else { 0..1 } {
             for h in if deps.h { 0..nh } else { 0..1 } {
@@ -165,7 +165,12 @@ impl TileClassTable {
 /// Which of the batch and the head any branch's mask depends on: the axes of
 /// [`TileClassTable::device_bytes`].
 pub fn table_deps(k: &Kernel) -> Deps {
-    k.branches.iter().filter_map(|b| b.mask.as_ref()).map(Deps::of).fold(Deps::default(), |a, d| Deps { b: a.b || d.b, h: a.h || d.h, ..a })
+    k.branches.iter().filter_map(|b| b.mask.as_ref()).map(Deps::of).fold(Deps::default(), batch_or_head)
+}
+
+/// The batch and head dependences of `a` or `d`.
+fn batch_or_head(a: Deps, d: Deps) -> Deps {
+    Deps { b: a.b || d.b, h: a.h || d.h, ..a }
 }
 
 type CacheKey = (usize, i64, i64, TileGrid, BTreeMap<String, i64>);
