@@ -230,16 +230,26 @@ conformance!(cpu_without_fma_or_microkernel_matches_reference, cpu(CpuOptions { 
     "basic" | "masked_rows"
 ));
 conformance!(
-    /// The WebGPU backend (lavapipe in CI): its row kernel on every example and shape.
+    /// The WebGPU backend (lavapipe in CI) as it runs untuned: the tiled kernel (16×16
+    /// tiles, 16 invocations per query row) on every example whose score tiles, the row
+    /// kernel on the others (GLA), on every shape.
     wgsl_matches_reference_on_every_example_and_shape,
     On::all(WgslBackend, WgslOptions::default()),
     |_| true
 );
 conformance!(
-    /// Small workgroups: several key tiles per row, channels spread over more slots, and
-    /// tile classes per 3 query rows (row blocks that divide no shape).
-    wgsl_small_workgroups_match_reference,
-    On::all(WgslBackend, WgslOptions { workgroup: 16, channels: 32, schedule: ScheduleOptions { block_q: 3, ..WgslOptions::default().schedule } }),
+    /// The tiled kernel with 4 invocations per row, 8 keys each of a 32-key tile, and 4
+    /// channels per invocation: a workgroup holds 16 output channels, so wider outputs run
+    /// in slices over several workgroups.
+    wgsl_tiled_narrow_rows_and_value_slices_match_reference,
+    On::all(WgslBackend, WgslOptions { workgroup: 64, channels: 4, schedule: ScheduleOptions { block_q: 16, block_k: 32, ..WgslOptions::default().schedule } }),
+    |p| matches!(p, "basic" | "cross_gqa_b2" | "mqa_n70" | "decode" | "masked_rows" | "nan")
+);
+conformance!(
+    /// The row kernel with small workgroups: several key tiles per row, channels spread
+    /// over more slots, and tile classes per 3 query rows (row blocks that divide no shape).
+    wgsl_row_kernel_small_workgroups_match_reference,
+    On::all(WgslBackend, WgslOptions { workgroup: 16, channels: 32, schedule: ScheduleOptions { tiled: false, block_q: 3, ..WgslOptions::default().schedule } }),
     |p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan")
 );
 conformance!(

@@ -26,3 +26,7 @@ pub use hash::{canonicalize, stable_hash};
 pub use kernel::*;
 pub use text::{parse_expr, parse_kernel, ParseError};
 pub use verify::{verify, Deps, KernelInfo, VerifyError};
+
+/// The variable a tiled kernel binds to a score's separable dot (a float), in the rest of
+/// the score once the dot is extracted (`attnc_passes::separable::DOT`).
+pub const DOT_VAR: &str = "__dot";

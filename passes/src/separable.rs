@@ -68,7 +68,7 @@ pub fn has_reduction(e: &Expr) -> bool {
 }
 
 /// The placeholder for the extracted dot in the rest of a score.
-pub const DOT: &str = "__dot";
+pub const DOT: &str = attnc_ir::DOT_VAR;
 
 fn no(e: &Expr, v: &str) -> bool {
     !e.free_vars().contains(v)

@@ -202,7 +202,7 @@ impl Backend for CpuBackend {
         HostFeatures::detect().fingerprint()
     }
     fn limits(&self) -> Limits {
-        Limits { task_workspace_bytes: TASK_WORKSPACE_BYTES }
+        Limits { task_workspace_bytes: TASK_WORKSPACE_BYTES, staged_tiles: false }
     }
     fn tolerance(&self) -> Tolerance {
         Tolerance::F32

@@ -59,6 +59,9 @@ pub struct Limits {
     /// Bytes of workspace one task may use: a CPU worker's tile workspace, a GPU
     /// workgroup's shared memory (WebGPU guarantees 16 KiB; an H100 has 228 KiB).
     pub task_workspace_bytes: usize,
+    /// The task's memory is a GPU workgroup's: the tiled kernel stages its operands a
+    /// channel chunk at a time ([`workspace::STAGED`]) instead of packing whole head groups.
+    pub staged_tiles: bool,
 }
 
 /// The algorithm a kernel runs with.
@@ -122,7 +125,7 @@ pub fn plan(k: &Kernel, _info: &KernelInfo, o: &ScheduleOptions, limits: &Limits
                 plan,
                 block_q: o.block_q,
                 block_k: o.block_k,
-                workspace: TileWorkspace { block_q: o.block_q, block_k: o.block_k },
+                workspace: TileWorkspace { block_q: o.block_q, block_k: o.block_k, staged: limits.staged_tiles },
             }),
             None => Algorithm::Rows,
         },
@@ -287,7 +290,7 @@ mod tests {
         (k, info)
     }
     const DOT: &str = "(reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))";
-    const CPU: Limits = Limits { task_workspace_bytes: 1 << 28 };
+    const CPU: Limits = Limits { task_workspace_bytes: 1 << 28, staged_tiles: false };
 
     fn dims(n: i64, d: i64) -> Bindings {
         Bindings { dims: [("B", 2), ("H", 3), ("N", n), ("M", n), ("D", d)].iter().map(|(a, b)| (a.to_string(), *b)).collect() }
@@ -322,11 +325,17 @@ mod tests {
         assert_eq!(t.groups.len(), 6, "every (batch, head) reads its own keys");
         // A 16 KiB budget (WebGPU's minimum) refuses 64×64 tiles at 64 channels (67 KB), and
         // takes 16×16 ones (13.7 KB).
-        let small = Limits { task_workspace_bytes: 16 << 10 };
+        let small = Limits { task_workspace_bytes: 16 << 10, staged_tiles: false };
         let s = plan(&k, &info, &ScheduleOptions::default(), &small).expect("plans");
         assert!(matches!(s.bind(&k, &dims(100, 64)), Err(ScheduleError::Workspace { needed: 67072, .. })));
         let s = plan(&k, &info, &ScheduleOptions { block_q: 16, block_k: 16, ..Default::default() }, &small).expect("plans");
         assert!(s.bind(&k, &dims(100, 64)).is_ok());
+        // Staged (a GPU workgroup), 16×16 tiles fit at any channel count; 64×64 ones do not.
+        let gpu = Limits { task_workspace_bytes: 16 << 10, staged_tiles: true };
+        let s = plan(&k, &info, &ScheduleOptions { block_q: 16, block_k: 16, ..Default::default() }, &gpu).expect("plans");
+        assert!(s.bind(&k, &dims(100, 1024)).is_ok());
+        let s = plan(&k, &info, &ScheduleOptions::default(), &gpu).expect("plans");
+        assert!(matches!(s.bind(&k, &dims(100, 16)), Err(ScheduleError::Workspace { needed: 69632, .. })));
     }
 
     #[test]

@@ -1,12 +1,18 @@
 //! The tiled kernel's workspace: one layout, read by the schedule (for its size and budget)
 //! and by each backend's emitter (for the offsets of its regions).
 //!
-//! Two scopes:
-//! - per task (a query tile: a CPU worker's scratch memory, a GPU workgroup's shared
+//! Two layouts of a task's memory:
+//! - [`TASK`], for a target that packs whole head groups once (the CPU): per task (a query tile: a CPU worker's scratch memory, a GPU workgroup's shared
 //!   memory): the packed query features `A`, the scores `S`, the branch and output
 //!   accumulators `O`, `OUT`, and six per-row vectors of the normalization state;
-//! - per head group (heads sharing one key/value pack): the key panels `KT`, transposed in
-//!   panels of `BK` keys, and the value rows `VB`, both zero-padded to whole key tiles.
+//!   per head group (heads sharing one key/value pack) the key panels `KT`, transposed in
+//!   panels of `BK` keys, and the value rows `VB`, both zero-padded to whole key tiles
+//!   ([`PACK`]);
+//! - [`STAGED`], for a target whose task memory is a GPU workgroup's shared memory, too small
+//!   for whole rows of features (WebGPU guarantees 16 KiB): the query features, a key tile's
+//!   features and its values are staged [`STAGE_CHANNELS`] channels at a time, the scores
+//!   and weights of the tile pair are shared, and the accumulators and the normalization
+//!   state live in each invocation's registers. Its size does not depend on the dims.
 //!
 //! Sizes are in f32 elements; a region is `rows × cols` with the columns a function of the
 //! dims (channels of the dot, output channels).
@@ -22,7 +28,12 @@ pub enum Cols {
     Values,
     /// One per row.
     One,
+    /// [`STAGE_CHANNELS`] channels of a staged operand.
+    Stage,
 }
+
+/// Channels of the query features, key features and values staged at once ([`STAGED`]).
+pub const STAGE_CHANNELS: usize = 16;
 
 /// How many rows a region has.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +42,8 @@ pub enum Rows {
     QueryTile,
     /// The keys padded to whole tiles (`ceil(M / BK) · BK`).
     PaddedKeys,
+    /// The keys of one tile (`BK`).
+    KeyTile,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,6 +86,28 @@ pub mod task {
     pub const TMAX: usize = 9;
 }
 
+/// The regions of a GPU workgroup's shared memory when the tile kernel stages its operands.
+pub const STAGED: [Region; 7] = [
+    region("A", "query features, one channel chunk", Rows::QueryTile, Cols::Stage),
+    region("K", "a key tile's features, one channel chunk", Rows::KeyTile, Cols::Stage),
+    region("V", "a key tile's values, one channel chunk", Rows::KeyTile, Cols::Stage),
+    region("S", "scores of the tile pair", Rows::QueryTile, Cols::Keys),
+    region("P", "softmax numerators (or scores) of the tile pair, for the denominator", Rows::QueryTile, Cols::Keys),
+    region("W", "weights of the tile pair, for the values", Rows::QueryTile, Cols::Keys),
+    region("live", "which pairs of the tile pair are live", Rows::QueryTile, Cols::Keys),
+];
+
+/// Indices into [`STAGED`].
+pub mod staged {
+    pub const A: usize = 0;
+    pub const K: usize = 1;
+    pub const V: usize = 2;
+    pub const S: usize = 3;
+    pub const P: usize = 4;
+    pub const W: usize = 5;
+    pub const LIVE: usize = 6;
+}
+
 /// The regions of a head group's pack.
 pub const PACK: [Region; 2] = [
     region("KT", "key features, transposed in panels of BK keys", Rows::PaddedKeys, Cols::Channels),
@@ -84,6 +119,8 @@ pub const PACK: [Region; 2] = [
 pub struct TileWorkspace {
     pub block_q: usize,
     pub block_k: usize,
+    /// The task's layout is [`STAGED`] (else [`TASK`]).
+    pub staged: bool,
 }
 
 impl TileWorkspace {
@@ -92,6 +129,7 @@ impl TileWorkspace {
         match r {
             Rows::QueryTile => self.block_q as u128,
             Rows::PaddedKeys => (keys.max(0) as u128).div_ceil(self.block_k as u128) * self.block_k as u128,
+            Rows::KeyTile => self.block_k as u128,
         }
     }
 
@@ -102,6 +140,7 @@ impl TileWorkspace {
             Cols::Keys => self.block_k as u128,
             Cols::Values => values.max(0) as u128,
             Cols::One => 1,
+            Cols::Stage => STAGE_CHANNELS as u128,
         }
     }
 
@@ -109,9 +148,25 @@ impl TileWorkspace {
         regions.iter().map(|r| self.rows(r.rows, keys) * self.cols(r.cols, channels, values)).sum()
     }
 
-    /// f32 elements of one task's workspace.
+    /// The regions of one task's workspace.
+    pub fn task_regions(&self) -> &'static [Region] {
+        if self.staged {
+            &STAGED
+        } else {
+            &TASK
+        }
+    }
+
+    /// f32 elements (or 32-bit words) of one task's workspace.
     pub fn task_floats(&self, channels: i64, values: i64) -> u128 {
-        self.floats(&TASK, 0, channels, values)
+        self.floats(self.task_regions(), 0, channels, values)
+    }
+
+    /// Elements of region `n` of the task's layout, and where it starts.
+    pub fn task_region(&self, n: usize, channels: i64, values: i64) -> (u128, u128) {
+        let regions = self.task_regions();
+        let at = self.floats(&regions[..n], 0, channels, values);
+        (at, self.floats(&regions[n..n + 1], 0, channels, values))
     }
 
     /// Bytes of one task's workspace.
@@ -131,7 +186,7 @@ mod tests {
 
     #[test]
     fn sizes_add_up_region_by_region() {
-        let w = TileWorkspace { block_q: 64, block_k: 32 };
+        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false };
         // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
         assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
         assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
@@ -139,5 +194,11 @@ mod tests {
         assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
         assert_eq!(TASK[task::TMAX].name, "tmax");
         assert_eq!(TASK[task::S].cols, Cols::Keys);
+        // Staged: A 16×16, K and V 32×16, S, P, W and live 16×32, whatever the dims.
+        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true };
+        assert_eq!(g.task_floats(128, 256), 16 * 16 + 2 * 32 * 16 + 4 * 16 * 32);
+        assert_eq!(g.task_floats(1, 1), g.task_floats(4096, 4096));
+        assert_eq!(g.task_region(staged::S, 0, 0), (16 * 16 + 2 * 32 * 16, 16 * 32));
+        assert_eq!(g.task_region(staged::LIVE, 0, 0).0, 16 * 16 + 2 * 32 * 16 + 3 * 16 * 32);
     }
 }

@@ -10,9 +10,13 @@
 //! leaves them to the implementation; infinities come from the argument table, as WGSL has
 //! no infinite literals.
 
+mod tiled;
+
+pub use tiled::{check as check_tiled, most_values as tiled_values, slices as tiled_slices};
+
 use super::WgslOptions;
 use crate::host::ArgLayout;
-use crate::schedule::Schedule;
+use crate::schedule::{Algorithm, Schedule};
 use crate::CodegenError;
 use attnc_ir::{BinOp, Expr, Kernel, Norm, RedOp, TensorDef, TensorKind, Ty, UnOp};
 use std::fmt::Write as _;
@@ -69,7 +73,7 @@ pub fn emit(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, C
     let layout = ArgLayout::new(k);
     let inf_slot = layout.len;
     let mut w = Writer::new(k, &layout, inf_slot);
-    w.prelude();
+    w.prelude(&s.to_string());
     let mut entries = Vec::new();
     for (n, t) in k.derived().enumerate() {
         let name = format!("derive_{n}");
@@ -80,7 +84,11 @@ pub fn emit(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, C
         w.derive(&name, &t.name)?;
         entries.push(Entry::Derive { name, tensor: t.name.clone(), lines_axis });
     }
-    w.attend(o)?;
+    match &s.algorithm {
+        Algorithm::Rows => w.attend(o)?,
+        Algorithm::Tiled(ts) => w.attend_tiled(o, ts)?,
+        Algorithm::Chunked(_) => return Err(CodegenError::Unsupported("the WGSL backend has no chunked form yet".into())),
+    }
     entries.push(Entry::Attend { name: "attend".into() });
     let source = w.finish();
     Ok(WgslArtifact { source, entries, kernel: k.clone(), schedule: s.clone(), options: o.clone(), layout, inf_slot })
@@ -148,12 +156,12 @@ impl<'k> Writer<'k> {
         format!("args.a[{}].{}", n / 4, ["x", "y", "z", "w"][n % 4])
     }
 
-    fn prelude(&mut self) {
+    fn prelude(&mut self, form: &str) {
         let vecs = (self.inf_slot + 1).div_ceil(4);
         let inf = self.slot(self.inf_slot);
         let _ = write!(
             self.head,
-            "// attnc: kernel `{name}`, WGSL row kernel.
+            "// attnc: kernel `{name}`, WGSL {form}.
 struct Args {{ a: array<vec4<i32>, {vecs}> }}
 @group(0) @binding(0) var<uniform> args: Args;
 @group(0) @binding(1) var<storage, read> inp: array<u32>;
@@ -197,7 +205,8 @@ fn powf(x: f32, y: f32) -> f32 {{
   return select(r, -r, fract(y * 0.5) != 0.0);
 }}
 ",
-            name = self.k.name
+            name = self.k.name,
+            form = form
         );
     }
 
@@ -533,11 +542,7 @@ fn powf(x: f32, y: f32) -> f32 {{
             self.line(&format!("let kt_n = ({mj} + {wg}i - 1i) / {wg}i;"));
             self.line(&format!("let qt_n = ({ni} + {bq}i - 1i) / {bq}i;"));
             self.line(&format!("let cls_row = (({head}) * qt_n + {vi} / {bq}i) * {}i * kt_n;", k.branches.len()));
-            let _ = writeln!(
-                self.head,
-                "@group(0) @binding(3) var<storage, read> cls: array<u32>;\n\
-                 fn tile_class(n: i32) -> u32 {{ return (cls[u32(n) / 4u] >> (8u * (u32(n) % 4u))) & 0xffu; }}"
-            );
+            self.class_reader();
         }
         self.line(&format!("var oacc: array<f32, {ch}>;"));
         self.line(&format!("var bacc: array<f32, {ch}>;"));
@@ -567,6 +572,15 @@ fn powf(x: f32, y: f32) -> f32 {{
         self.close();
         self.close();
         Ok(())
+    }
+
+    /// The tile class table's binding and `tile_class(n)`, its `n`-th byte.
+    fn class_reader(&mut self) {
+        let _ = writeln!(
+            self.head,
+            "@group(0) @binding(3) var<storage, read> cls: array<u32>;\n\
+             fn tile_class(n: i32) -> u32 {{ return (cls[u32(n) / 4u] >> (8u * (u32(n) % 4u))) & 0xffu; }}"
+        );
     }
 
     /// Phase A of a key tile: the invocation's key `j0 + t`; `live` when it passes the mask,

@@ -1,7 +1,11 @@
 //! The WebGPU backend: WGSL compute shaders, validated by naga, run by wgpu.
 //!
-//! What it runs today is the schedule's **row kernel** ([`Algorithm::Rows`]), the form every
-//! spec has: a workgroup per query row `(b, h, i)`; per key tile of `workgroup` keys each
+//! It runs the schedule's **tiled kernel** ([`Algorithm::Tiled`], see `emit/tiled.rs`): a
+//! workgroup per query tile, the separable dot as a matmul over operands staged in
+//! workgroup memory a channel chunk at a time (the schedule's
+//! [`crate::schedule::workspace::STAGED`] layout), the normalization state in registers;
+//! and the **row kernel** ([`Algorithm::Rows`]), the form every spec has, for the specs
+//! without a separable dot and when `tiled` is off: a workgroup per query row `(b, h, i)`; per key tile of `workgroup` keys each
 //! invocation evaluates one key's mask, score, bias and decay into workgroup memory, the
 //! workgroup then folds the tile into the branch's normalization state (online softmax with
 //! the reference's semantics: fully masked rows give zeros, NaN propagates, the maximum is
@@ -11,8 +15,10 @@
 //! host: once per shape for static masks, per call from the inputs for masks that read them,
 //! all partial for masks that read derived tensors): an empty tile is skipped, a full one
 //! runs no mask. Derived tensors are compute passes before it (a prefix sum walks its axis
-//! per line). The tiled and chunked forms, f16 storage and subgroups are not written yet:
-//! [`WgslBackend::check_options`] refuses a schedule that asks for them, with that reason.
+//! per line). Both kernels read tile classes per `block_q` rows (the tiled kernel's key tiles
+//! are `block_k` keys, the row kernel's `workgroup`). The chunked form, classes computed on
+//! the device, f16 storage and subgroups are not written yet: [`WgslBackend::check_options`]
+//! refuses a schedule that asks for the chunked form, with that reason.
 //!
 //! Layout (no pointers, no i64 in WGSL): dims, extents and strides in a uniform buffer (the
 //! backend-neutral [`crate::host::ArgLayout`], as i32), inputs in one read-only storage
@@ -27,7 +33,7 @@ use crate::schedule::{Algorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Tolerance};
 use attnc_ir::{Kernel, KernelInfo};
 
-pub use emit::{emit, Entry, WgslArtifact};
+pub use emit::{emit, tiled_slices, tiled_values, Entry, WgslArtifact};
 
 /// The WGSL backend's options: the schedule's and the workgroup shape.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -35,18 +41,20 @@ pub use emit::{emit, Entry, WgslArtifact};
 pub struct WgslOptions {
     #[serde(flatten)]
     pub schedule: ScheduleOptions,
-    /// Invocations per workgroup: keys per tile of the row kernel (a power of two, 8 to 256).
-    /// The schedule's `block_q` is the number of query rows that share one row of tile
-    /// classes (fewer: finer classes, more host work per shape).
+    /// Invocations per workgroup (a power of two, 8 to 256). The tiled kernel runs
+    /// `workgroup / block_q` of them per query row; the row kernel's key tiles have
+    /// `workgroup` keys, and its `block_q` is the number of query rows that share one row of
+    /// tile classes (fewer: finer classes, more host work per shape).
     pub workgroup: u32,
     /// Output channels each invocation accumulates: the row kernel holds
-    /// `workgroup × channels` channels (Dv) at most.
+    /// `workgroup × channels` channels (Dv) at most, the tiled kernel
+    /// `channels × block_q × 16 / workgroup` ([`tiled_values`]).
     pub channels: u32,
 }
 
 impl Default for WgslOptions {
     fn default() -> Self {
-        WgslOptions { schedule: ScheduleOptions { tiled: false, chunk: 0, block_q: 16, ..ScheduleOptions::default() }, workgroup: 64, channels: 8 }
+        WgslOptions { schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: 16, block_k: 16 }, workgroup: 256, channels: 8 }
     }
 }
 
@@ -58,7 +66,12 @@ impl BackendOptions for WgslOptions {
         &mut self.schedule
     }
     fn describe(&self) -> String {
-        format!("row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, self.schedule.block_q)
+        let s = &self.schedule;
+        if s.tiled {
+            format!("tiled {}x{} where the spec tiles (else rows), workgroup {}, {} channels per invocation", s.block_q, s.block_k, self.workgroup, self.channels)
+        } else {
+            format!("row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, s.block_q)
+        }
     }
 }
 
@@ -94,7 +107,7 @@ impl Backend for WgslBackend {
     }
 
     fn limits(&self) -> Limits {
-        Limits { task_workspace_bytes: WORKGROUP_BYTES }
+        Limits { task_workspace_bytes: WORKGROUP_BYTES, staged_tiles: true }
     }
 
     /// WGSL's `exp` is within `3 + 2|x|` ULP and its `pow` is `exp2(y·log2 x)`: a little
@@ -110,16 +123,19 @@ impl Backend for WgslBackend {
         if !(1..=32).contains(&o.channels) {
             return Err(format!("channels per invocation must be 1 to 32 (got {})", o.channels));
         }
-        if o.schedule.tiled || o.schedule.chunk > 0 {
-            return Err("the WGSL backend runs the row kernel only: its tiled and chunked forms are not written yet (leave tiled off and chunk at 0)".into());
+        if o.schedule.chunk > 0 {
+            return Err("the WGSL backend has no chunked form yet (leave chunk at 0: linear attention runs tiled or as rows)".into());
+        }
+        if o.schedule.tiled {
+            emit::check_tiled(o)?;
         }
         Ok(())
     }
 
     fn emit(&self, k: &Kernel, _info: &KernelInfo, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, CodegenError> {
         match s.algorithm {
-            Algorithm::Rows => emit::emit(k, s, o),
-            _ => Err(CodegenError::Unsupported(format!("the WGSL backend has no {s} yet (only the row kernel)"))),
+            Algorithm::Rows | Algorithm::Tiled(_) => emit::emit(k, s, o),
+            Algorithm::Chunked(_) => Err(CodegenError::Unsupported(format!("the WGSL backend has no {s} yet"))),
         }
     }
 
@@ -134,6 +150,7 @@ impl Backend for WgslBackend {
     fn describe(&self, s: &Schedule, o: &WgslOptions) -> String {
         format!("{s}, workgroup {}", o.workgroup)
     }
+
 }
 
 /// naga's parser and validator on WGSL source; errors carry the source span, rendered.

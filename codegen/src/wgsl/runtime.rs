@@ -213,8 +213,10 @@ impl Compiled for WgslKernel {
         let out_len = out.len();
         let g = bound.grid;
         let o = &self.art.options;
+        // The tiled kernel splits wide outputs over workgroups; the row kernel holds a row's
+        // channels in one.
         let most_channels = (o.workgroup * o.channels) as i64;
-        if g.values > most_channels {
+        if self.art.schedule.tiled().is_none() && g.values > most_channels {
             return Err(RunError::Device(format!(
                 "{} output channels: this WGSL row kernel holds at most {most_channels} (workgroup {} × {} channels per invocation; raise `channels`)",
                 g.values, o.workgroup, o.channels
@@ -296,7 +298,10 @@ impl Compiled for WgslKernel {
                     let count: u64 = shape.iter().enumerate().filter(|(a, _)| Some(*a) != *lines_axis).map(|(_, &x)| x as u64).product();
                     count.div_ceil(DERIVE_WORKGROUP as u64)
                 }
-                Entry::Attend { .. } => (g.batches * g.heads * g.queries) as u64,
+                Entry::Attend { .. } => match self.art.schedule.tiled() {
+                    Some(ts) => (g.batches * g.heads) as u64 * (g.queries as u64).div_ceil(ts.block_q as u64) * super::tiled_slices(o, g.values) as u64,
+                    None => (g.batches * g.heads * g.queries) as u64,
+                },
             };
             if groups == 0 {
                 return Ok(());
@@ -355,7 +360,12 @@ impl WgslKernel {
             return Ok(Vec::new());
         }
         let o = &self.art.options;
-        let grid = TileGrid { block_q: o.schedule.block_q as i64, block_k: o.workgroup as i64, queries: g.queries, keys: g.keys };
+        // The tiled kernel's key tiles are `block_k` keys, the row kernel's `workgroup`.
+        let block_k = match self.art.schedule.tiled() {
+            Some(ts) => ts.block_k as i64,
+            None => o.workgroup as i64,
+        };
+        let grid = TileGrid { block_q: o.schedule.block_q as i64, block_k, queries: g.queries, keys: g.keys };
         let data = TensorData::masks(k, dims, &st.bufs);
         let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
         let bytes = table.device_bytes(g.batches, g.heads);

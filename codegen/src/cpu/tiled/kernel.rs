@@ -90,6 +90,7 @@ impl Gen<'_, '_> {
                         Cols::Keys => self.iconst(bq * bk),
                         Cols::Values => self.b.ins().imul_imm_s(ev, bq),
                         Cols::One => self.iconst(bq),
+                        Cols::Stage => self.iconst(bq * crate::schedule::workspace::STAGE_CHANNELS as i64),
                     };
                     sizes.push((region.cols, v));
                     v
