@@ -1,29 +1,44 @@
-//! The WGSL search space ([`WgslSpace`]): the row kernel's workgroup size (keys per tile),
-//! the output channels each invocation holds, and, for masked kernels, how many query rows
-//! share one row of tile classes.
+//! The WGSL search space ([`WgslSpace`]): for kernels whose score tiles, the tiled kernel's
+//! tile shape (`block_q × block_k`, invocations per query row) and the output channels each
+//! invocation holds; and the row kernel's workgroup size (keys per tile), channels and, for
+//! masked kernels, how many query rows share one row of tile classes.
 //!
 //! The cost model is coarse on purpose (GPUs differ too much for fitted constants to carry
-//! over; lavapipe is a CPU): per live key tile a workgroup runs a fixed part (three
-//! barriers and the tile's bookkeeping) and a serial part every invocation walks (the
-//! tile's keys for the maximum and the sum, and its keys × channels for the values),
-//! `LANES` invocations at a time. It
-//! ranks the candidates; the tuner measures them, within the adapter's invocation limit.
+//! over; lavapipe is a CPU). Per live tile a workgroup runs its barriers (a fixed cost
+//! each) and a serial part every invocation walks, `LANES` invocations at a time:
+//! - row kernel, per (query row, key tile of `workgroup` keys): three barriers, the tile's
+//!   keys for the maximum and the sum, and its keys × channels for the values;
+//! - tiled kernel, per (query tile, key tile) and slice of the output channels: two
+//!   barriers per staged chunk of the dot and of the values and three more; its keys ×
+//!   the dot's channels, the tile's keys twice (maximum, sum) and keys × its channels for
+//!   the values, plus its share of the staging.
+//!
+//! It ranks the candidates; the tuner measures them, within the adapter's invocation
+//! limit and the workgroup memory every WebGPU adapter has.
 
 use super::{live_tiles, Candidate, SearchSpace};
-use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
+use attnc_codegen::schedule::tiled::TiledPlan;
+use attnc_codegen::schedule::workspace::{TileWorkspace, STAGE_CHANNELS};
+use attnc_codegen::wgsl::{tiled_slices, WgslBackend, WgslOptions, WORKGROUP_BYTES};
 use attnc_ir::{Bindings, Kernel};
 use attnc_passes::interval::LoadOracle;
 
-/// Workgroup sizes tried (each a power of two the backend takes).
+/// Workgroup sizes tried by the row kernel (each a power of two the backend takes).
 const WORKGROUPS: [u32; 4] = [32, 64, 128, 256];
-/// Query rows per row of tile classes tried for masked kernels.
+/// Query rows per row of tile classes tried for masked kernels (row kernel).
 const CLASS_ROWS: [usize; 2] = [16, 64];
-/// Seconds per live key tile of one row (barriers, the tile's bookkeeping).
+/// Tiled kernel: query rows and keys per tile, and invocations per query row.
+const TILE_Q: [usize; 3] = [8, 16, 32];
+const TILE_K: [usize; 2] = [16, 32];
+const ROW_LANES: [u32; 3] = [4, 8, 16];
+/// Seconds per live key tile of one row of the row kernel (barriers, bookkeeping).
 const TILE_S: f64 = 2e-6;
+/// Seconds per workgroup barrier of the tiled kernel.
+const BARRIER_S: f64 = 0.7e-6;
 /// Invocations an adapter runs at once (a SIMD group; lavapipe's is 8).
 const LANES: f64 = 8.0;
 /// Seconds per serial step of an invocation (a key of the max/sum loops, a key × channel of
-/// the value loop).
+/// the value loop, a multiply-add of the dot).
 const STEP_S: f64 = 2e-9;
 
 /// The WGSL search space on the adapter the backend chose.
@@ -46,18 +61,61 @@ impl Default for WgslSpace {
 }
 
 /// The fewest channels per invocation that hold `dv` output channels on `workgroup`
-/// invocations, when the backend takes that many.
+/// invocations of the row kernel, when the backend takes that many.
 fn channels_for(dv: i64, workgroup: u32) -> Option<u32> {
     let c = (dv.max(1) as u64).div_ceil(workgroup as u64);
     (c <= 32).then_some(c as u32)
 }
 
+/// The tiled kernel's channels per invocation for `dv` outputs at `lanes` invocations per
+/// row: enough for all of them in one workgroup, else the most it takes (32, in whole
+/// shares of a staged chunk), the rest in slices over more workgroups.
+fn tiled_channels(dv: i64, lanes: u32) -> u32 {
+    let share = STAGE_CHANNELS as u32 / lanes;
+    let chunks = (dv.max(1) as u64).div_ceil(STAGE_CHANNELS as u64) as u32;
+    share * chunks.min(32 / share)
+}
+
+/// The tiled tile shapes within the adapter's invocation limit and WebGPU's workgroup
+/// memory, as options (channels left at the default).
+fn tiled_shapes(max_invocations: u32) -> Vec<WgslOptions> {
+    let mut out = Vec::new();
+    for bq in TILE_Q {
+        for bk in TILE_K {
+            for lanes in ROW_LANES {
+                let wg = bq as u32 * lanes;
+                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true }.task_bytes(0, 0);
+                if wg < 32 || wg > max_invocations || !(bk as u32).is_multiple_of(lanes) || bytes > WORKGROUP_BYTES as u128 {
+                    continue;
+                }
+                let mut o = WgslOptions { workgroup: wg, ..WgslOptions::default() };
+                o.schedule.tiled = true;
+                o.schedule.block_q = bq;
+                o.schedule.block_k = bk;
+                out.push(o);
+            }
+        }
+    }
+    out
+}
+
 fn name(o: &WgslOptions, masked: bool) -> String {
-    if masked {
-        format!("rows wg{} ch{} classes/{}", o.workgroup, o.channels, o.schedule.block_q)
+    let s = &o.schedule;
+    if s.tiled {
+        format!("tiled {}x{} wg{} ch{}", s.block_q, s.block_k, o.workgroup, o.channels)
+    } else if masked {
+        format!("rows wg{} ch{} classes/{}", o.workgroup, o.channels, s.block_q)
     } else {
         format!("rows wg{} ch{}", o.workgroup, o.channels)
     }
+}
+
+/// The row kernel's options: tiles off, `workgroup` keys per tile, class rows `rows`.
+fn row_options(workgroup: u32, channels: u32, rows: usize) -> WgslOptions {
+    let mut o = WgslOptions { workgroup, channels, ..WgslOptions::default() };
+    o.schedule.tiled = false;
+    o.schedule.block_q = rows;
+    o
 }
 
 impl SearchSpace for WgslSpace {
@@ -72,37 +130,59 @@ impl SearchSpace for WgslSpace {
         let masked = k.branches.iter().any(|b| b.mask.is_some());
         let passes =
             k.branches.len() as f64 * if k.branches.iter().any(|b| matches!(&b.norm, attnc_ir::Norm::Softmax { post: Some(_), .. })) { 2.0 } else { 1.0 };
+        let plan = TiledPlan::new(k);
         let default = WgslOptions::default();
         let mut configs: Vec<WgslOptions> = Vec::new();
-        for wg in WORKGROUPS.into_iter().filter(|&w| w <= self.max_invocations) {
-            let Some(ch) = channels_for(dv, wg) else { continue };
-            for rows in if masked { &CLASS_ROWS[..] } else { &CLASS_ROWS[..1] } {
-                let mut o = default.clone();
-                o.workgroup = wg;
-                o.channels = ch;
-                o.schedule.block_q = *rows;
+        if plan.is_some() {
+            for mut o in tiled_shapes(self.max_invocations) {
+                o.channels = tiled_channels(dv, o.workgroup / o.schedule.block_q as u32);
                 configs.push(o);
             }
         }
+        for wg in WORKGROUPS.into_iter().filter(|&w| w <= self.max_invocations) {
+            let Some(ch) = channels_for(dv, wg) else { continue };
+            for rows in if masked { &CLASS_ROWS[..] } else { &CLASS_ROWS[..1] } {
+                configs.push(row_options(wg, ch, *rows));
+            }
+        }
         // The untuned configuration is always a candidate (the tuner's baseline) when it
-        // holds this many channels.
-        if default.workgroup <= self.max_invocations && (default.workgroup * default.channels) as i64 >= dv && !configs.contains(&default) {
+        // holds this many channels (the tiled kernel holds any number).
+        let default_fits = if plan.is_some() { true } else { (default.workgroup * default.channels) as i64 >= dv };
+        if default.workgroup <= self.max_invocations && default_fits && !configs.contains(&default) {
             configs.push(default);
         }
+        let dot = plan.as_ref().and_then(|p| p.dot.as_ref()).map_or(0, |d| attnc_ir::bind::eval_dims(&d.len, &dims.dims).unwrap_or(0).max(0));
         let mut out: Vec<Candidate<WgslOptions>> = configs
             .into_iter()
             .map(|o| {
                 let wg = o.workgroup as i64;
-                let counts = live_tiles(k, dims, o.schedule.block_q as i64, wg, data);
-                // Live (row, key tile) pairs of one head: the classifier's tiles span
-                // `block_q` rows (all of them when nothing is masked).
-                let tiles = if masked { counts.live() * o.schedule.block_q as f64 } else { ni as f64 * (nj as f64 / wg as f64).ceil() };
-                // Every invocation walks the tile's keys (max, sum, values × channels), and
-                // an adapter runs `LANES` invocations at a time (lavapipe: 8): the serial
-                // part grows with the square of the workgroup. Measured on lavapipe
-                // (sliding_window_sink, N = 512, Dv = 32): wg64 ch8 4.5 s, wg256 ch1 7.9 s.
-                let per_tile = TILE_S + STEP_S * (wg * wg) as f64 / LANES * (2.0 + o.channels as f64);
-                Candidate { name: name(&o, masked), predicted: (nb * nh) as f64 * tiles * per_tile * passes, options: o, passes_off: vec![] }
+                let predicted = if o.schedule.tiled && plan.is_some() {
+                    let (bq, bk) = (o.schedule.block_q as i64, o.schedule.block_k as i64);
+                    let tiles = if masked { live_tiles(k, dims, bq, bk, data).live() } else { ((ni + bq - 1) / bq * ((nj + bk - 1) / bk)) as f64 };
+                    let lanes = wg / bq;
+                    let (keys, share) = (bk / lanes, STAGE_CHANNELS as i64 / lanes);
+                    let slices = tiled_slices(&o, dv);
+                    let chunks = |n: i64| (n.max(0) + STAGE_CHANNELS as i64 - 1) / STAGE_CHANNELS as i64;
+                    let slice_chunks = (chunks(dv) + slices - 1) / slices;
+                    let barriers = 2 * chunks(dot) + 2 * slice_chunks + 3;
+                    let stage = ((bq + bk) * chunks(dot) + bk * slice_chunks) * STAGE_CHANNELS as i64 / wg;
+                    let steps = keys * dot + 2 * bk + bk * share * slice_chunks + stage;
+                    let per_tile = BARRIER_S * barriers as f64 + STEP_S * steps as f64 * wg as f64 / LANES;
+                    (nb * nh) as f64 * tiles * slices as f64 * per_tile * passes
+                } else {
+                    let counts = live_tiles(k, dims, o.schedule.block_q as i64, wg, data);
+                    // Live (row, key tile) pairs of one head: the classifier's tiles span
+                    // `block_q` rows (all of them when nothing is masked).
+                    let tiles = if masked { counts.live() * o.schedule.block_q as f64 } else { ni as f64 * (nj as f64 / wg as f64).ceil() };
+                    // Every invocation walks the tile's keys (max, sum, values × channels),
+                    // and an adapter runs `LANES` invocations at a time (lavapipe: 8): the
+                    // serial part grows with the square of the workgroup. Measured on
+                    // lavapipe (sliding_window_sink, N = 512, Dv = 32): wg64 ch8 4.5 s,
+                    // wg256 ch1 7.9 s.
+                    let per_tile = TILE_S + STEP_S * (wg * wg) as f64 / LANES * (2.0 + o.channels as f64);
+                    (nb * nh) as f64 * tiles * per_tile * passes
+                };
+                Candidate { name: name(&o, masked), predicted, options: o, passes_off: vec![] }
             })
             .collect();
         out.sort_by(|a, b| a.predicted.total_cmp(&b.predicted).then_with(|| a.name.cmp(&b.name)));
@@ -112,14 +192,23 @@ impl SearchSpace for WgslSpace {
     fn names(&self, k: &Kernel) -> Vec<String> {
         let masked = k.branches.iter().any(|b| b.mask.is_some());
         let mut names = Vec::new();
+        if TiledPlan::new(k).is_some() {
+            for o in tiled_shapes(self.max_invocations) {
+                for ch in 1..=32 {
+                    names.push(name(&WgslOptions { channels: ch, ..o.clone() }, masked));
+                }
+            }
+        }
         for wg in WORKGROUPS.into_iter().filter(|&w| w <= self.max_invocations) {
             for ch in 1..=32 {
                 for rows in if masked { &CLASS_ROWS[..] } else { &CLASS_ROWS[..1] } {
-                    let mut o = WgslOptions { workgroup: wg, channels: ch, ..WgslOptions::default() };
-                    o.schedule.block_q = *rows;
-                    names.push(name(&o, masked));
+                    names.push(name(&row_options(wg, ch, *rows), masked));
                 }
             }
+        }
+        let d = WgslOptions::default();
+        if d.workgroup <= self.max_invocations {
+            names.push(name(&d, masked));
         }
         let off: Vec<String> = names.iter().map(|n| format!("{n}{}", super::LOWRANK_OFF)).collect();
         names.extend(off);
@@ -145,6 +234,7 @@ impl SearchSpace for WgslSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use attnc_codegen::Backend;
     use attnc_passes::interval::NoData;
 
     fn kernel(mask: &str) -> Kernel {
@@ -166,16 +256,27 @@ mod tests {
         let space = WgslSpace { backend: WgslBackend, max_invocations: 128 };
         let k = kernel("(mask (<= j i))");
         let all = space.candidates(&k, &dims(500, 64), &NoData);
-        assert!(all.iter().all(|c| c.options.workgroup <= 128 && (c.options.workgroup * c.options.channels) >= 64));
-        assert!(all.iter().any(|c| c.options == WgslOptions::default()), "the default is the baseline");
+        assert!(all.iter().all(|c| c.options.workgroup <= 128));
+        assert!(all.iter().filter(|c| !c.options.schedule.tiled).all(|c| c.options.workgroup * c.options.channels >= 64), "a row kernel holds every channel");
+        assert!(all.iter().all(|c| WgslBackend.check_options(&c.options).is_ok()), "the backend takes every candidate");
+        assert!(all.iter().any(|c| c.options.schedule.tiled) && all.iter().any(|c| !c.options.schedule.tiled), "both kernels compete");
         assert!(all.windows(2).all(|w| w[0].predicted <= w[1].predicted), "cheapest first");
         let names = space.names(&k);
         assert!(all.iter().all(|c| names.contains(&c.name)), "the key's checksum covers every candidate");
-        // Dv = 4096 fits no workgroup of 128 at 32 channels: no candidate, not a wrong one.
-        assert!(space.candidates(&k, &dims(64, 8192), &NoData).is_empty());
+        // The default (256 invocations) is the baseline where the adapter takes it.
+        let wide = WgslSpace { backend: WgslBackend, max_invocations: 256 };
+        let all = wide.candidates(&k, &dims(500, 64), &NoData);
+        assert!(all.iter().any(|c| c.options == WgslOptions::default()), "the default is the baseline");
+        assert!(all.iter().all(|c| wide.names(&k).contains(&c.name)));
+        // Dv = 8192 fits no row kernel of 128 invocations at 32 channels: only the tiled
+        // kernel, in slices of the channels.
+        let big = space.candidates(&k, &dims(64, 8192), &NoData);
+        assert!(!big.is_empty() && big.iter().all(|c| c.options.schedule.tiled && attnc_codegen::wgsl::tiled_slices(&c.options, 8192) > 1));
         // Unmasked kernels do not vary the class rows.
         let plain = space.candidates(&kernel(""), &dims(500, 64), &NoData);
-        assert!(plain.iter().all(|c| c.options.schedule.block_q == 16));
+        assert!(plain.iter().filter(|c| !c.options.schedule.tiled).all(|c| c.options.schedule.block_q == 16));
+        // The tiled shapes fit WebGPU's 16 KiB of workgroup memory.
+        assert!(tiled_shapes(256).iter().all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true }.task_bytes(0, 0) <= WORKGROUP_BYTES as u128));
     }
 
     #[test]
@@ -183,10 +284,15 @@ mod tests {
         let space = WgslSpace { backend: WgslBackend, max_invocations: 256 };
         let causal = space.candidates(&kernel("(mask (<= j i))"), &dims(2048, 64), &NoData);
         let full = space.candidates(&kernel(""), &dims(2048, 64), &NoData);
-        let at = |v: &[Candidate<WgslOptions>], wg: u32| {
-            v.iter().find(|c| c.options.workgroup == wg && c.options.schedule.block_q == 16).expect("candidate").predicted
+        let rows = |v: &[Candidate<WgslOptions>], wg: u32| {
+            v.iter().find(|c| !c.options.schedule.tiled && c.options.workgroup == wg && c.options.schedule.block_q == 16).expect("candidate").predicted
         };
-        let r = at(&causal, 64) / at(&full, 64);
+        let r = rows(&causal, 64) / rows(&full, 64);
         assert!((0.45..0.6).contains(&r), "causal costs about half: {r}");
+        let tiled = |v: &[Candidate<WgslOptions>]| {
+            v.iter().find(|c| c.options.schedule.tiled && c.options.schedule.block_q == 16 && c.options.schedule.block_k == 16 && c.options.workgroup == 64).expect("candidate").predicted
+        };
+        let r = tiled(&causal) / tiled(&full);
+        assert!((0.45..0.6).contains(&r), "causal costs about half on the tiled kernel too: {r}");
     }
 }
