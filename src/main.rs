@@ -296,18 +296,26 @@ enum Cmd {
         /// Worker threads (0: one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
-        /// Use the row-at-a-time CPU kernel instead of the tiled one.
+        /// Use the row-at-a-time kernel instead of the tiled one (CPU and wgsl).
         #[arg(long)]
         no_tiled: bool,
         /// Run the tile matmuls in generated f32x4 code instead of the std::arch microkernel.
         #[arg(long)]
         no_microkernel: bool,
-        /// Query rows per tile (default 64).
+        /// Query rows per tile (default 64 on the CPU, 16 on wgsl; the wgsl row kernel's
+        /// rows per row of tile classes).
         #[arg(long)]
         block_q: Option<usize>,
-        /// Keys per tile, a multiple of 16 (default 64).
+        /// Keys per tile, a multiple of 16 (default 64 on the CPU, 16 on wgsl).
         #[arg(long)]
         block_k: Option<usize>,
+        /// wgsl: invocations per workgroup, a power of two from 8 to 256 (default 256; the
+        /// tiled kernel runs workgroup / block_q of them per query row).
+        #[arg(long)]
+        workgroup: Option<u32>,
+        /// wgsl: output channels each invocation accumulates, 1 to 32 (default 8).
+        #[arg(long)]
+        channels: Option<u32>,
         /// Keys per chunk for linear and decay attention in chunked form (0: the quadratic
         /// kernels; default 64).
         #[arg(long)]
@@ -560,13 +568,14 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
             eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
         }
-        Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, chunk, approx_bias, untuned, seed, opt } => {
+        Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, workgroup, channels, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
-            if backend == Backend::Wgsl && (threads != 0 || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some()) {
-                return Err(anyhow!(
-                    "--threads, --no-tiled, --no-microkernel, --block-q, --block-k and --chunk are CPU options; the wgsl backend runs its row kernel"
-                ));
+            if backend == Backend::Wgsl && (threads != 0 || no_microkernel || chunk.is_some()) {
+                return Err(anyhow!("--threads, --no-microkernel and --chunk are CPU options (the wgsl backend has no chunked form yet)"));
+            }
+            if backend != Backend::Wgsl && (workgroup.is_some() || channels.is_some()) {
+                return Err(anyhow!("--workgroup and --channels are options of the wgsl backend"));
             }
             let runs = runs as usize;
             let (given, inputs) = match &input {
@@ -595,16 +604,24 @@ fn run(cli: Cli) -> Result<()> {
             };
             let c = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let b = bind_given(&c, &given)?;
-            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some();
-            // The WGSL options: the tuned winner for this adapter, else the cost model's
-            // choice (the defaults with --untuned).
-            let wgsl = (backend == Backend::Wgsl).then(|| {
-                if untuned {
-                    tune::Chosen { options: WgslOptions::default(), passes_off: vec![], from: "the WGSL defaults (--untuned)".to_string() }
-                } else {
-                    tune::chosen_options(&WgslSpace::new(), &c, &b, &inputs)
+            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some() || workgroup.is_some() || channels.is_some();
+            // The WGSL options: the given ones (the defaults for those not given), else the
+            // tuned winner for this adapter, else the cost model's choice.
+            let wgsl = match backend {
+                Backend::Wgsl if explicit => {
+                    let d = WgslOptions::default();
+                    let mut o = WgslOptions { workgroup: workgroup.unwrap_or(d.workgroup), channels: channels.unwrap_or(d.channels), ..d };
+                    o.schedule.tiled = !no_tiled;
+                    o.schedule.block_q = block_q.unwrap_or(o.schedule.block_q);
+                    o.schedule.block_k = block_k.unwrap_or(o.schedule.block_k);
+                    WgslBackend.check_options(&o).map_err(|e| anyhow!("wgsl options: {e}"))?;
+                    let given = no_tiled || block_q.is_some() || block_k.is_some() || workgroup.is_some() || channels.is_some();
+                    let from = if given { "given options" } else { "the WGSL defaults (--untuned)" };
+                    Some(tune::Chosen { options: o, passes_off: vec![], from: from.to_string() })
                 }
-            });
+                Backend::Wgsl => Some(tune::chosen_options(&WgslSpace::new(), &c, &b, &inputs)),
+                _ => None,
+            };
             let chosen = if explicit || wgsl.is_some() {
                 let d = ScheduleOptions::default();
                 let schedule = ScheduleOptions {

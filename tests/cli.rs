@@ -233,10 +233,28 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
     };
     let (code, out, err) = cmd(&["tune", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--top-k", "3", "--samples", "1"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("rows wg") && out.contains("cached in"), "{out}");
+    assert!(out.contains("tiled 16x16 wg256 ch8") && out.contains("cached in"), "the default is the baseline: {out}");
     let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("options  row kernel, workgroup") && out.contains("(tuned (rows wg"), "{out}");
+    assert!(out.contains("options  ") && out.contains("(tuned ("), "{out}");
+    // Given options win over the tuned ones: the tiled kernel's shape, or the row kernel.
+    let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1", "--block-k", "32", "--workgroup", "64", "--channels", "4"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("options  tiled 16x32 where the spec tiles (else rows), workgroup 64, 4 channels per invocation (given options)"), "{out}");
+    let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1", "--no-tiled", "--workgroup", "32"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("options  row kernel, workgroup 32"), "{out}");
+    for (args, msg) in [
+        (&["--backend", "wgsl", "--workgroup", "64", "--block-q", "3"][..], "must be a multiple of block_q"),
+        (&["--backend", "wgsl", "--chunk", "16"][..], "CPU options"),
+        (&["--workgroup", "64"][..], "options of the wgsl backend"),
+    ] {
+        let mut a = vec!["bench", "examples/sdpa_causal.attn", "--dims", dims, "--runs", "1"];
+        a.extend_from_slice(args);
+        let (code, _, err) = cmd(&a);
+        assert_eq!(code, 1, "{args:?}: {err}");
+        assert!(err.contains(msg), "{args:?}: {err}");
+    }
     let (code, _, err) = cmd(&["tune", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--threads", "2"]);
     assert_eq!(code, 1);
     assert!(err.contains("--threads is a CPU option"), "{err}");

@@ -199,9 +199,11 @@ def compile(
     worker count (0: every core). ``passes_off`` switches passes off (``("lowrank",)``).
     Options fix the schedule; without them it is chosen per shape (the tuned winner for
     this machine, else the cost model's choice). CPU: ``tiled``, ``microkernel``,
-    ``block_q``, ``block_k``, ``chunk``. WGSL: ``workgroup`` (invocations, a power of two
-    from 8 to 256), ``channels`` (output channels per invocation) and ``block_q`` (query
-    rows per row of tile classes). Compiled kernels are cached per (spec, backend, options)."""
+    ``block_q``, ``block_k``, ``chunk``. WGSL: ``tiled`` (off: the row kernel), ``block_q``
+    and ``block_k`` (the tile; the row kernel's rows per row of tile classes),
+    ``workgroup`` (invocations, a power of two from 8 to 256; the tiled kernel runs
+    ``workgroup / block_q`` per query row) and ``channels`` (output channels per
+    invocation). Compiled kernels are cached per (spec, backend, options)."""
     if backend not in ("cpu", "wgsl"):
         raise ValueError(f"backend `{backend}`: attnc runs `cpu` and `wgsl` (the PTX backend is not built yet)")
     path = "<string>"

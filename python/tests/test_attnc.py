@@ -82,13 +82,19 @@ def test_wgsl_backend_matches_the_reference():
         rms = np.sqrt(np.mean(want[np.isfinite(want)] ** 2)) if np.isfinite(want).any() else 1.0
         np.testing.assert_allclose(got, want, atol=5e-4 * max(rms, 1e-3), rtol=5e-3, err_msg=name)
         assert "workgroup" in kern.last_run()["kernel"]
-    # Fixed options, and the CPU's refused by name.
-    kern = attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", workgroup=16, channels=4, block_q=4)
+    # Fixed options (the tiled kernel, then the row kernel), and the CPU's refused by name.
+    causal = os.path.join(ROOT, "examples", "sdpa_causal.attn")
+    kern = attnc.compile(causal, backend="wgsl", workgroup=64, channels=4, block_q=16, block_k=32)
     ins = kern.random_inputs(seed=1, **small_dims(kern))
     np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-3, rtol=5e-3)
-    assert "workgroup 16" in kern.last_run()["kernel"]
-    with pytest.raises(ValueError, match="`block_k` is not an option of the wgsl backend"):
-        attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", block_k=64)
+    assert "tiled 16x32, workgroup 64" in kern.last_run()["kernel"]
+    kern = attnc.compile(causal, backend="wgsl", tiled=False, workgroup=16, channels=4, block_q=4)
+    np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-3, rtol=5e-3)
+    assert "row kernel, workgroup 16" in kern.last_run()["kernel"]
+    with pytest.raises(ValueError, match="`chunk` is not an option of the wgsl backend"):
+        attnc.compile(causal, backend="wgsl", chunk=64)
+    with pytest.raises(ValueError, match="invocations per query row"):
+        attnc.compile(causal, backend="wgsl", workgroup=64, block_q=3)
     with pytest.raises(ValueError, match="power of two"):
         attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", workgroup=48)
 
