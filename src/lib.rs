@@ -59,6 +59,16 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
             return Err(format!("--dims: the spec has no dim `{k}` (its dims: {})", all.join(", ")));
         }
     }
+    // A dim not given takes its default (`dims G = H`) when the dims it uses are known.
+    let mut given = given.clone();
+    for (d, e) in &c.defaults {
+        if !given.contains_key(d) {
+            if let Ok(v) = ir::bind::eval_dims(e, &given) {
+                given.insert(d.clone(), v);
+            }
+        }
+    }
+    let given = &given;
     let missing: Vec<&str> = c.info.free_dims.iter().filter(|d| !given.contains_key(*d)).map(String::as_str).collect();
     if !missing.is_empty() {
         return Err(format!("--dims is missing {} (the spec's free dims are {})", missing.join(", "), c.info.free_dims.join(", ")));
@@ -77,7 +87,7 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
 /// kernel (same values up to rounding), and the rewrites applied.
 pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Checked, Vec<passes::Applied>), passes::PassError> {
     let o = passes::optimize(&c.kernel, cfg)?;
-    Ok((dsl::Checked { kernel: o.kernel, info: o.info, ranges: c.ranges.clone() }, o.log))
+    Ok((dsl::Checked { kernel: o.kernel, info: o.info, ranges: c.ranges.clone(), defaults: c.defaults.clone() }, o.log))
 }
 
 /// What the command line holds for a run at these dims besides the backend's own buffers:
@@ -247,5 +257,5 @@ pub fn approximate_bias(
     inputs.insert(approx::BIAS_W.into(), ir::reference::Tensor::new(vec![nb, nh, m, r], w));
     let kernel = approx::rewrite(k, &src, r);
     let info = ir::verify(&kernel).map_err(|e| format!("--approx-bias produced an invalid kernel (a bug in attnc): {e}"))?;
-    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone() }, ApproxBias { tensor: what, rank: r, max_error: f.max_error, budget }))
+    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone(), defaults: c.defaults.clone() }, ApproxBias { tensor: what, rank: r, max_error: f.max_error, budget }))
 }

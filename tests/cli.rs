@@ -259,3 +259,22 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
     assert_eq!(code, 1);
     assert!(err.contains("--threads is a CPU option"), "{err}");
 }
+
+/// Dims with defaults (`dims B, H, G = H, N, M = N, D, Dv = D` in alibi): `--dims` may leave
+/// them out, may override them, and still refuses a dim the spec does not have.
+#[test]
+fn dims_with_defaults_may_be_left_out() {
+    let o = tmp("defaults.safetensors");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,H=4,N=20,D=8", "-o", &o, "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("[1, 4, 20, 8]") && err.contains("0 NaN mismatches"), "G = H, M = N and Dv = D: {err}");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,H=4,G=2,N=20,M=30,D=8,Dv=4", "-o", &o, "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("[1, 4, 20, 4]"), "given dims win over defaults: {err}");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,H=4,N=20,D=8,X=3", "-o", &o]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the spec has no dim `X`"), "{err}");
+    let (code, _, err) = attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,N=20,D=8", "-o", &o]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--dims is missing H"), "a default needs its own dims: {err}");
+}

@@ -57,7 +57,9 @@ pub struct Assign {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    Dims { names: Vec<Ident>, span: Span },
+    /// `dims B, H, G = H`: free dims, each with an optional default (`defaults[n]` for
+    /// `names[n]`).
+    Dims { names: Vec<Ident>, defaults: Vec<Option<Expr>>, span: Span },
     Dim { name: Ident, value: Expr, span: Span },
     Const { name: Ident, value: Expr, span: Span },
     Input { name: Ident, ty: TensorType, range: Option<(Expr, Expr)>, span: Span },
@@ -232,8 +234,15 @@ impl fmt::Display for Spec {
         for it in &self.items {
             let sp = it.span();
             match it {
-                Item::Dims { names, .. } => {
-                    let n: Vec<&str> = names.iter().map(|n| n.name.as_str()).collect();
+                Item::Dims { names, defaults, .. } => {
+                    let n: Vec<String> = names
+                        .iter()
+                        .zip(defaults)
+                        .map(|(n, d)| match d {
+                            Some(d) => format!("{}={d}", n.name),
+                            None => n.name.clone(),
+                        })
+                        .collect();
                     writeln!(f, "  @{sp} dims {}", n.join(" "))?
                 }
                 Item::Dim { name, value, .. } => writeln!(f, "  @{sp} dim {} = {value}", name.name)?,

@@ -21,6 +21,10 @@ pub struct Checked {
     pub info: ir::KernelInfo,
     /// Value ranges declared for inputs (`in lo..hi`), as dim expressions.
     pub ranges: BTreeMap<String, (ir::Expr, ir::Expr)>,
+    /// Defaults of free dims (`dims G = H`), each a dim expression over other free dims, in
+    /// an order where every default's dims come before it: what a caller that does not
+    /// give the dim (`--dims`, Python's `random_inputs`) binds it to.
+    pub defaults: Vec<(String, ir::Expr)>,
 }
 
 type R<T> = Result<T, Diagnostic>;
@@ -228,6 +232,44 @@ impl<'a> Checker<'a> {
                 Err(d("E0006", format!("{what} must be {want}, found {t}"), e.span, format!("this is {t}")).hint(hint))
             }
         }
+    }
+
+    /// The defaults of free dims, checked (dim expressions over free dims, no cycle) and
+    /// ordered so that every default's dims come first.
+    fn dim_defaults(&mut self, pending: &[(&Ident, &ast::Expr)]) -> R<Vec<(String, ir::Expr)>> {
+        let mut lowered: Vec<(&Ident, ir::Expr, Vec<String>)> = Vec::new();
+        for (name, e) in pending {
+            let v = self.static_int(e, "a dim default")?;
+            let mut uses = Vec::new();
+            v.walk(&mut |x| {
+                if let ir::Expr::Dim(u) = x {
+                    uses.push(u.clone());
+                }
+            });
+            if let Some(u) = uses.iter().find(|u| self.dims.get(*u).is_some_and(|(_, computed)| *computed)) {
+                return Err(d("E0031", format!("the default of `{}` uses `{u}`, a computed dim", name.name), e.span, "computed by the spec")
+                    .hint("a default may use the dims declared with `dims` (and consts); write the computation out"));
+            }
+            lowered.push((name, v, uses));
+        }
+        // Order by dependency; a default that waits on itself through others is a cycle.
+        let mut done: Vec<(String, ir::Expr)> = Vec::new();
+        let mut left = lowered;
+        while !left.is_empty() {
+            let ready = left.iter().position(|(_, _, uses)| uses.iter().all(|u| !left.iter().any(|(n, _, _)| &n.name == u)));
+            let Some(at) = ready else {
+                let (first, _, _) = &left[0];
+                let chain: Vec<&str> = left.iter().map(|(n, _, _)| n.name.as_str()).collect();
+                let mut diag = d("E0031", format!("the defaults of {} depend on each other", chain.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")), first.span, "in a cycle");
+                for (n, _, _) in &left[1..] {
+                    diag = diag.with_secondary(n.span, "in the same cycle");
+                }
+                return Err(diag.hint("give at least one of them without a default (it then comes from the inputs' shapes or the caller)"));
+            };
+            let (n, v, _) = left.remove(at);
+            done.push((n.name.clone(), v));
+        }
+        Ok(done)
     }
 
     fn static_int(&mut self, e: &ast::Expr, what: &str) -> R<ir::Expr> {
@@ -1173,6 +1215,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
     let mut out_decl: Option<(Span, ir::TensorDecl)> = None;
     let mut top: Vec<&ast::Assign> = Vec::new();
     let mut branches: Vec<(Ident, Span, &[ast::Assign])> = Vec::new();
+    let mut pending_defaults: Vec<(&Ident, &ast::Expr)> = Vec::new();
 
     // Declarations are processed in order: a name is visible after its declaration.
     // Helpers and lets are expanded where they are used, so they may mention anything.
@@ -1203,12 +1246,15 @@ pub fn check(spec: &Spec) -> R<Checked> {
     }
     for it in &spec.items {
         match it {
-            Item::Dims { names, .. } => {
-                for n in names {
+            Item::Dims { names, defaults, .. } => {
+                for (n, dflt) in names.iter().zip(defaults) {
                     c.declare_name(n, &seen)?;
                     seen.insert(n.name.clone(), n.span);
                     c.dims.insert(n.name.clone(), (n.span, false));
                     kernel_dims.push(ir::DimDecl { name: n.name.clone(), def: None });
+                    if let Some(e) = dflt {
+                        pending_defaults.push((n, e));
+                    }
                 }
             }
             Item::Dim { name, value, .. } => {
@@ -1341,6 +1387,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
             Item::Fn { .. } | Item::Let { .. } => {}
         }
     }
+    let defaults = c.dim_defaults(&pending_defaults)?;
 
     let top_map = collect_assigns(top.iter().copied(), &TOP_TARGETS, "")?;
     // Branches: explicit blocks, or the top-level statements as the one branch.
@@ -1479,7 +1526,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
             .with_note(format!("note: {e}"))
             .hint("this is a bug in attnc; please report it with the spec")
     })?;
-    Ok(Checked { kernel, info, ranges })
+    Ok(Checked { kernel, info, ranges, defaults })
 }
 
 fn num(e: &ir::Expr) -> f64 {

@@ -28,6 +28,7 @@ fn rule_name(r: &Rule) -> String {
         Rule::stmt
         | Rule::assign
         | Rule::dims_decl
+        | Rule::dim_default
         | Rule::dim_def
         | Rule::const_def
         | Rule::input_decl
@@ -393,7 +394,20 @@ impl Walker {
         let mut inner = p.into_inner();
         let mut next = || inner.next().expect("grammar: statement part");
         Ok(match rule {
-            Rule::dims_decl => Item::Dims { names: std::iter::once(next()).chain(inner).map(ident).collect(), span: s },
+            Rule::dims_decl => {
+                let (mut names, mut defaults) = (Vec::new(), Vec::new());
+                for d in std::iter::once(next()).chain(inner) {
+                    if d.as_rule() == Rule::dim_default {
+                        let mut di = d.into_inner();
+                        names.push(ident(di.next().expect("grammar: dim name")));
+                        defaults.push(Some(self.expr(di.next().expect("grammar: default"))?));
+                    } else {
+                        names.push(ident(d));
+                        defaults.push(None);
+                    }
+                }
+                Item::Dims { names, defaults, span: s }
+            }
             Rule::dim_def => Item::Dim { name: ident(next()), value: self.expr(next())?, span: s },
             Rule::const_def => Item::Const { name: ident(next()), value: self.expr(next())?, span: s },
             Rule::input_decl => {

@@ -257,3 +257,13 @@ def test_the_custom_op_runs_eagerly_and_inside_torch_compile():
     y = op(q=q, k=t["k"], v=t["v"], slope=t["slope"])
     with pytest.raises(NotImplementedError, match="backward pass of `alibi` is not supported yet"):
         y.sum().backward()
+
+
+def test_dims_with_defaults_may_be_left_out():
+    # alibi declares `dims B, H, G = H, N, M = N, D, Dv = D`.
+    kern = attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"))
+    ins = kern.random_inputs(seed=2, B=1, H=2, N=9, D=4)
+    assert ins["k"].shape == (1, 2, 9, 4) and ins["v"].shape == (1, 2, 9, 4)
+    np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="no dim `X`"):
+        kern.random_inputs(B=1, H=2, N=9, D=4, X=3)
