@@ -317,7 +317,7 @@ enum Cmd {
         #[arg(long)]
         channels: Option<u32>,
         /// Keys per chunk for linear and decay attention in chunked form (0: the quadratic
-        /// kernels; default 64).
+        /// kernels; default 64 on the CPU, 0 on wgsl, where a chunk holds at most 64).
         #[arg(long)]
         chunk: Option<usize>,
         /// FlashBias, approximate: time the spec with its bias factored to the rank that
@@ -571,8 +571,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, workgroup, channels, chunk, approx_bias, untuned, seed, opt } => {
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
-            if backend == Backend::Wgsl && (threads != 0 || no_microkernel || chunk.is_some()) {
-                return Err(anyhow!("--threads, --no-microkernel and --chunk are CPU options (the wgsl backend has no chunked form yet)"));
+            if backend == Backend::Wgsl && (threads != 0 || no_microkernel) {
+                return Err(anyhow!("--threads and --no-microkernel are CPU options"));
             }
             if backend != Backend::Wgsl && (workgroup.is_some() || channels.is_some()) {
                 return Err(anyhow!("--workgroup and --channels are options of the wgsl backend"));
@@ -614,8 +614,9 @@ fn run(cli: Cli) -> Result<()> {
                     o.schedule.tiled = !no_tiled;
                     o.schedule.block_q = block_q.unwrap_or(o.schedule.block_q);
                     o.schedule.block_k = block_k.unwrap_or(o.schedule.block_k);
+                    o.schedule.chunk = chunk.unwrap_or(o.schedule.chunk);
                     WgslBackend.check_options(&o).map_err(|e| anyhow!("wgsl options: {e}"))?;
-                    let given = no_tiled || block_q.is_some() || block_k.is_some() || workgroup.is_some() || channels.is_some();
+                    let given = no_tiled || block_q.is_some() || block_k.is_some() || chunk.is_some() || workgroup.is_some() || channels.is_some();
                     let from = if given { "given options" } else { "the WGSL defaults (--untuned)" };
                     Some(tune::Chosen { options: o, passes_off: vec![], from: from.to_string() })
                 }

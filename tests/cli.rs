@@ -246,7 +246,8 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
     assert!(out.contains("options  row kernel, workgroup 32"), "{out}");
     for (args, msg) in [
         (&["--backend", "wgsl", "--workgroup", "64", "--block-q", "3"][..], "must be a multiple of block_q"),
-        (&["--backend", "wgsl", "--chunk", "16"][..], "CPU options"),
+        (&["--backend", "wgsl", "--threads", "1"][..], "CPU options"),
+        (&["--backend", "wgsl", "--chunk", "65"][..], "at most 64 keys per chunk"),
         (&["--workgroup", "64"][..], "options of the wgsl backend"),
     ] {
         let mut a = vec!["bench", "examples/sdpa_causal.attn", "--dims", dims, "--runs", "1"];

@@ -299,6 +299,45 @@ fn chunked_and_quadratic_linear_attention_match_reference() {
     check_examples(&cpu_schedule(ScheduleOptions { chunk: 7, ..Default::default() }), &linear, &|p| matches!(p, "cross_gqa_b2" | "decode" | "masked_rows"), 4);
 }
 
+/// The WGSL chunked kernel on the linear and decay examples: several chunks (state carried
+/// between them, 16 and 7 keys), value slices (Dv > 16), N ≠ M, decode, rows with no key.
+#[test]
+fn wgsl_chunked_linear_attention_matches_reference() {
+    let names = rewritten_by("linear");
+    let linear = |n: &str| names.iter().any(|x| x == n);
+    for (chunk, workgroup) in [(16, 64), (7, 32)] {
+        let o = WgslOptions { workgroup, schedule: ScheduleOptions { chunk, ..WgslOptions::default().schedule }, ..WgslOptions::default() };
+        check_examples(&On::all(WgslBackend, o), &linear, &|p| matches!(p, "basic" | "cross_gqa_b2" | "mqa_n70" | "decode" | "masked_rows" | "nan"), 4);
+    }
+}
+
+/// A log-decay that jumps up by 35 within a chunk (GLA's gate positive at one position):
+/// the WGSL chunked kernel's split factors pass its e^30 limit, so it computes the head
+/// again in the exact pairwise form (the CPU's limit is e^60: it keeps the split form);
+/// both match the reference.
+#[test]
+fn chunked_forms_fall_back_when_the_log_decay_increases() {
+    let (_, c) = examples().into_iter().find(|(n, _)| n == "gla").expect("gla example");
+    let p = PROFILES.iter().find(|p| p.name == "basic").expect("profile");
+    let mut ins = inputs_for(&c, p, 5).expect("inputs");
+    let a = ins.get_mut("a").expect("log gate");
+    let [_, _, n, d]: [usize; 4] = a.shape.clone().try_into().unwrap();
+    for (x, v) in a.data.iter_mut().enumerate() {
+        *v = if (x / d) % n == 20 { 35.0 } else { -0.01 };
+    }
+    let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+    let schedule = ScheduleOptions { chunk: 16, ..Default::default() };
+    let wgsl = On::all(WgslBackend, WgslOptions { schedule: ScheduleOptions { chunk: 16, ..WgslOptions::default().schedule }, ..WgslOptions::default() });
+    let runners: Vec<Box<dyn Runner>> = vec![Box::new(cpu_schedule(schedule)), Box::new(wgsl)];
+    for r in runners {
+        if r.available().is_err() {
+            continue;
+        }
+        let got = r.run(&c, &ins).expect("runs");
+        compare(&format!("gla (increasing log-decay) on {}", r.name()), &got, &want, Tweak::None, r.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
 /// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
 #[test]

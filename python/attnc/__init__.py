@@ -200,7 +200,8 @@ def compile(
     Options fix the schedule; without them it is chosen per shape (the tuned winner for
     this machine, else the cost model's choice). CPU: ``tiled``, ``microkernel``,
     ``block_q``, ``block_k``, ``chunk``. WGSL: ``tiled`` (off: the row kernel), ``block_q``
-    and ``block_k`` (the tile; the row kernel's rows per row of tile classes),
+    and ``block_k`` (the tile; the row kernel's rows per row of tile classes), ``chunk``
+    (keys per chunk of the linear family's chunked kernel, at most 64; 0: quadratic),
     ``workgroup`` (invocations, a power of two from 8 to 256; the tiled kernel runs
     ``workgroup / block_q`` per query row) and ``channels`` (output channels per
     invocation). Compiled kernels are cached per (spec, backend, options)."""

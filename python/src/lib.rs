@@ -405,12 +405,13 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
         }
     };
     if backend == WgslBackend::NAME {
-        only(&["tiled", "workgroup", "channels", "block_q", "block_k"])?;
+        only(&["tiled", "workgroup", "channels", "block_q", "block_k", "chunk"])?;
         let w = WgslOptions::default();
         let mut c = WgslOptions { workgroup: get("workgroup", w.workgroup as usize) as u32, channels: get("channels", w.channels as usize) as u32, ..w };
         c.schedule.tiled = get("tiled", 1) != 0;
         c.schedule.block_q = get("block_q", c.schedule.block_q);
         c.schedule.block_k = get("block_k", c.schedule.block_k);
+        c.schedule.chunk = get("chunk", c.schedule.chunk);
         WgslBackend.check_options(&c).map_err(PyValueError::new_err)?;
         return Ok(Opts::Wgsl(c));
     }

@@ -91,8 +91,13 @@ def test_wgsl_backend_matches_the_reference():
     kern = attnc.compile(causal, backend="wgsl", tiled=False, workgroup=16, channels=4, block_q=4)
     np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-3, rtol=5e-3)
     assert "row kernel, workgroup 16" in kern.last_run()["kernel"]
-    with pytest.raises(ValueError, match="`chunk` is not an option of the wgsl backend"):
-        attnc.compile(causal, backend="wgsl", chunk=64)
+    with pytest.raises(ValueError, match="`microkernel` is not an option of the wgsl backend"):
+        attnc.compile(causal, backend="wgsl", microkernel=0)
+    # Linear attention in chunks (several, 8 keys each) on the WGSL backend.
+    kern = attnc.compile(os.path.join(ROOT, "examples", "retnet.attn"), backend="wgsl", chunk=8)
+    ins = kern.random_inputs(seed=3, B=1, H=2, G=2, N=30, M=30, D=8, Dv=8)
+    np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-4, rtol=5e-3)
+    assert "chunked" in kern.last_run()["kernel"]
     with pytest.raises(ValueError, match="invocations per query row"):
         attnc.compile(causal, backend="wgsl", workgroup=64, block_q=3)
     with pytest.raises(ValueError, match="power of two"):

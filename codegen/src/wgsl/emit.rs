@@ -10,8 +10,10 @@
 //! leaves them to the implementation; infinities come from the argument table, as WGSL has
 //! no infinite literals.
 
+mod chunked;
 mod tiled;
 
+pub use chunked::{slices as chunked_slices, MAX_CHUNK as MAX_WGSL_CHUNK, MAX_FEATURES as MAX_CHUNKED_FEATURES};
 pub use tiled::{check as check_tiled, most_values as tiled_values, slices as tiled_slices};
 
 use super::WgslOptions;
@@ -87,7 +89,7 @@ pub fn emit(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, C
     match &s.algorithm {
         Algorithm::Rows => w.attend(o)?,
         Algorithm::Tiled(ts) => w.attend_tiled(o, ts)?,
-        Algorithm::Chunked(_) => return Err(CodegenError::Unsupported("the WGSL backend has no chunked form yet".into())),
+        Algorithm::Chunked(cs) => w.attend_chunked(o, cs)?,
     }
     entries.push(Entry::Attend { name: "attend".into() });
     let source = w.finish();

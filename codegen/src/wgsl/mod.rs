@@ -33,7 +33,7 @@ use crate::schedule::{Algorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Tolerance};
 use attnc_ir::{Kernel, KernelInfo};
 
-pub use emit::{emit, tiled_slices, tiled_values, Entry, WgslArtifact};
+pub use emit::{chunked_slices, emit, tiled_slices, tiled_values, Entry, WgslArtifact, MAX_CHUNKED_FEATURES, MAX_WGSL_CHUNK};
 
 /// The WGSL backend's options: the schedule's and the workgroup shape.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -67,10 +67,11 @@ impl BackendOptions for WgslOptions {
     }
     fn describe(&self) -> String {
         let s = &self.schedule;
+        let chunked = if s.chunk > 0 { format!("chunked ({} keys) for linear attention, else ", s.chunk) } else { String::new() };
         if s.tiled {
-            format!("tiled {}x{} where the spec tiles (else rows), workgroup {}, {} channels per invocation", s.block_q, s.block_k, self.workgroup, self.channels)
+            format!("{chunked}tiled {}x{} where the spec tiles (else rows), workgroup {}, {} channels per invocation", s.block_q, s.block_k, self.workgroup, self.channels)
         } else {
-            format!("row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, s.block_q)
+            format!("{chunked}row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, s.block_q)
         }
     }
 }
@@ -123,8 +124,8 @@ impl Backend for WgslBackend {
         if !(1..=32).contains(&o.channels) {
             return Err(format!("channels per invocation must be 1 to 32 (got {})", o.channels));
         }
-        if o.schedule.chunk > 0 {
-            return Err("the WGSL backend has no chunked form yet (leave chunk at 0: linear attention runs tiled or as rows)".into());
+        if o.schedule.chunk > MAX_WGSL_CHUNK {
+            return Err(format!("the chunked WGSL kernel takes at most {MAX_WGSL_CHUNK} keys per chunk (got {})", o.schedule.chunk));
         }
         if o.schedule.tiled {
             emit::check_tiled(o)?;
@@ -134,8 +135,7 @@ impl Backend for WgslBackend {
 
     fn emit(&self, k: &Kernel, _info: &KernelInfo, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, CodegenError> {
         match s.algorithm {
-            Algorithm::Rows | Algorithm::Tiled(_) => emit::emit(k, s, o),
-            Algorithm::Chunked(_) => Err(CodegenError::Unsupported(format!("the WGSL backend has no {s} yet"))),
+            Algorithm::Rows | Algorithm::Tiled(_) | Algorithm::Chunked(_) => emit::emit(k, s, o),
         }
     }
 

@@ -222,6 +222,15 @@ impl Compiled for WgslKernel {
                 g.values, o.workgroup, o.channels
             )));
         }
+        if let crate::schedule::BoundAlgorithm::Chunked(p) = &bound.algorithm {
+            if p.dk as i64 > super::MAX_CHUNKED_FEATURES {
+                return Err(RunError::Device(format!(
+                    "{} feature channels: the chunked WGSL kernel's state holds at most {} (run it with chunk 0: the quadratic kernels)",
+                    p.dk,
+                    super::MAX_CHUNKED_FEATURES
+                )));
+            }
+        }
         // Offsets (in 4-byte words): inputs in `inp`, derived tensors and the output in `buf`.
         let mut offsets: BTreeMap<String, u64> = BTreeMap::new();
         let (mut n_inp, mut n_buf) = (0u64, 0u64);
@@ -300,6 +309,7 @@ impl Compiled for WgslKernel {
                 }
                 Entry::Attend { .. } => match self.art.schedule.tiled() {
                     Some(ts) => (g.batches * g.heads) as u64 * (g.queries as u64).div_ceil(ts.block_q as u64) * super::tiled_slices(o, g.values) as u64,
+                    None if self.art.schedule.chunked().is_some() => (g.batches * g.heads * super::chunked_slices(g.values)) as u64,
                     None => (g.batches * g.heads * g.queries) as u64,
                 },
             };
