@@ -256,6 +256,11 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
         assert_eq!(code, 1, "{args:?}: {err}");
         assert!(err.contains(msg), "{args:?}: {err}");
     }
+    // Linear attention: the chunked kernel competes, and the cost model ranks it first.
+    let (code, out, err) = cmd(&["tune", "examples/retnet.attn", "--dims", "B=1,H=2,G=2,N=300,M=300,D=8,Dv=8", "--backend", "wgsl", "--top-k", "2", "--samples", "1"]);
+    assert_eq!(code, 0, "{err}");
+    let first = out.lines().nth(2).unwrap_or_default();
+    assert!(first.contains("chunked"), "{out}");
     let (code, _, err) = cmd(&["tune", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--threads", "2"]);
     assert_eq!(code, 1);
     assert!(err.contains("--threads is a CPU option"), "{err}");

@@ -13,13 +13,20 @@
 //!   the dot's channels, the tile's keys twice (maximum, sum) and keys × its channels for
 //!   the values, plus its share of the staging.
 //!
+//! - chunked kernel (linear and decay attention in the normal form, at most 128 feature
+//!   channels), per (batch, head) and slice of 16 output channels: per chunk of `C` keys,
+//!   its barriers (two per block of 8 rows, one for the state), the rows' exact pairs
+//!   (`C · Dk` each), their state part (`Dk · 16`) and the state update (`Dk · 17 · C`),
+//!   spread over the workgroup.
+//!
 //! It ranks the candidates; the tuner measures them, within the adapter's invocation
 //! limit and the workgroup memory every WebGPU adapter has.
 
 use super::{live_tiles, Candidate, SearchSpace};
 use attnc_codegen::schedule::tiled::TiledPlan;
 use attnc_codegen::schedule::workspace::{TileWorkspace, STAGE_CHANNELS};
-use attnc_codegen::wgsl::{tiled_slices, WgslBackend, WgslOptions, WORKGROUP_BYTES};
+use attnc_codegen::wgsl::{chunked_slices, tiled_slices, WgslBackend, WgslOptions, MAX_CHUNKED_FEATURES, WORKGROUP_BYTES};
+use attnc_passes::linear::LinearForm;
 use attnc_ir::{Bindings, Kernel};
 use attnc_passes::interval::LoadOracle;
 
@@ -27,6 +34,9 @@ use attnc_passes::interval::LoadOracle;
 const WORKGROUPS: [u32; 4] = [32, 64, 128, 256];
 /// Query rows per row of tile classes tried for masked kernels (row kernel).
 const CLASS_ROWS: [usize; 2] = [16, 64];
+/// Chunked kernel: keys per chunk and workgroup sizes.
+const CHUNKS: [usize; 3] = [16, 32, 64];
+const CHUNK_WORKGROUPS: [u32; 2] = [64, 256];
 /// Tiled kernel: query rows and keys per tile, and invocations per query row.
 const TILE_Q: [usize; 3] = [8, 16, 32];
 const TILE_K: [usize; 2] = [16, 32];
@@ -99,9 +109,18 @@ fn tiled_shapes(max_invocations: u32) -> Vec<WgslOptions> {
     out
 }
 
+/// The chunked kernel's options (the schedule's other fields at the default).
+fn chunked_options(chunk: usize, workgroup: u32) -> WgslOptions {
+    let mut o = WgslOptions { workgroup, ..WgslOptions::default() };
+    o.schedule.chunk = chunk;
+    o
+}
+
 fn name(o: &WgslOptions, masked: bool) -> String {
     let s = &o.schedule;
-    if s.tiled {
+    if s.chunk > 0 {
+        format!("chunked {} wg{}", s.chunk, o.workgroup)
+    } else if s.tiled {
         format!("tiled {}x{} wg{} ch{}", s.block_q, s.block_k, o.workgroup, o.channels)
     } else if masked {
         format!("rows wg{} ch{} classes/{}", o.workgroup, o.channels, s.block_q)
@@ -133,6 +152,14 @@ impl SearchSpace for WgslSpace {
         let plan = TiledPlan::new(k);
         let default = WgslOptions::default();
         let mut configs: Vec<WgslOptions> = Vec::new();
+        let linear = LinearForm::of(k).map(|f| dims.extent(&f.channels)).filter(|&dk| dk <= MAX_CHUNKED_FEATURES);
+        if linear.is_some() {
+            for c in CHUNKS {
+                for wg in CHUNK_WORKGROUPS.into_iter().filter(|&w| w <= self.max_invocations) {
+                    configs.push(chunked_options(c, wg));
+                }
+            }
+        }
         if plan.is_some() {
             for mut o in tiled_shapes(self.max_invocations) {
                 o.channels = tiled_channels(dv, o.workgroup / o.schedule.block_q as u32);
@@ -156,7 +183,14 @@ impl SearchSpace for WgslSpace {
             .into_iter()
             .map(|o| {
                 let wg = o.workgroup as i64;
-                let predicted = if o.schedule.tiled && plan.is_some() {
+                let predicted = if let (true, Some(dk)) = (o.schedule.chunk > 0, linear) {
+                    let c = o.schedule.chunk as i64;
+                    let chunks = (nj + c - 1) / c;
+                    let barriers = chunks * (2 * ((ni / chunks.max(1) + 7) / 8).max(1) + 1);
+                    let steps = (ni * (c * dk + dk * 16) + nj * dk * 17) / wg;
+                    let per_head = BARRIER_S * barriers as f64 + STEP_S * steps as f64 * wg as f64 / LANES;
+                    (nb * nh * chunked_slices(dv)) as f64 * per_head
+                } else if o.schedule.tiled && plan.is_some() {
                     let (bq, bk) = (o.schedule.block_q as i64, o.schedule.block_k as i64);
                     let tiles = if masked { live_tiles(k, dims, bq, bk, data).live() } else { ((ni + bq - 1) / bq * ((nj + bk - 1) / bk)) as f64 };
                     let lanes = wg / bq;
@@ -209,6 +243,13 @@ impl SearchSpace for WgslSpace {
         let d = WgslOptions::default();
         if d.workgroup <= self.max_invocations {
             names.push(name(&d, masked));
+        }
+        if LinearForm::of(k).is_some() {
+            for c in CHUNKS {
+                for wg in CHUNK_WORKGROUPS.into_iter().filter(|&w| w <= self.max_invocations) {
+                    names.push(name(&chunked_options(c, wg), masked));
+                }
+            }
         }
         let off: Vec<String> = names.iter().map(|n| format!("{n}{}", super::LOWRANK_OFF)).collect();
         names.extend(off);
