@@ -29,14 +29,18 @@ pub enum Entry {
     /// `derive_<n>`: derived tensor `tensor`, one invocation per element (or per line of a
     /// prefix sum), 64 per workgroup.
     Derive { name: String, tensor: String, lines_axis: Option<usize> },
-    /// `attend`: one workgroup per output row.
+    /// `classify`: the tile class table of masks that read tensors, computed on the device
+    /// (one invocation per table entry, 64 per workgroup, every pair of its tile evaluated),
+    /// written through binding 4 (the table, read-write) before `attend` reads it.
+    Classify { name: String, block_q: i64, block_k: i64 },
+    /// `attend`: the attention pass (see the kernels' docs for its grid).
     Attend { name: String },
 }
 
 impl Entry {
     pub fn name(&self) -> &str {
         match self {
-            Entry::Derive { name, .. } | Entry::Attend { name } => name,
+            Entry::Derive { name, .. } | Entry::Classify { name, .. } | Entry::Attend { name } => name,
         }
     }
 }
@@ -86,6 +90,12 @@ pub fn emit(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, C
         w.derive(&name, &t.name)?;
         entries.push(Entry::Derive { name, tensor: t.name.clone(), lines_axis });
     }
+    // Masks that read tensors are classified on the device, per call, after the derived
+    // tensors they may read; static masks on the host, once per shape.
+    if let Some((block_q, block_k)) = device_classes(k, s, o) {
+        w.classify(block_q, block_k)?;
+        entries.push(Entry::Classify { name: "classify".into(), block_q, block_k });
+    }
     match &s.algorithm {
         Algorithm::Rows => w.attend(o)?,
         Algorithm::Tiled(ts) => w.attend_tiled(o, ts)?,
@@ -94,6 +104,18 @@ pub fn emit(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Result<WgslArtifact, C
     entries.push(Entry::Attend { name: "attend".into() });
     let source = w.finish();
     Ok(WgslArtifact { source, entries, kernel: k.clone(), schedule: s.clone(), options: o.clone(), layout, inf_slot })
+}
+
+/// The tile grid `(block_q, block_k)` of the class table when the device computes it: a
+/// kernel that reads classes (tiled or rows) with a mask that reads a tensor.
+pub fn device_classes(k: &Kernel, s: &Schedule, o: &WgslOptions) -> Option<(i64, i64)> {
+    let data_mask = k.branches.iter().any(|b| b.mask.as_ref().is_some_and(|m| !m.loads().is_empty()));
+    let block_k = match &s.algorithm {
+        Algorithm::Tiled(ts) => ts.block_k as i64,
+        Algorithm::Rows => o.workgroup as i64,
+        Algorithm::Chunked(_) => return None,
+    };
+    data_mask.then_some((o.schedule.block_q as i64, block_k))
 }
 
 struct Writer<'k> {
@@ -571,6 +593,67 @@ fn powf(x: f32, y: f32) -> f32 {{
         let idx = k.out.iter().map(|v| self.expr(&Expr::var(v))).collect::<Result<Vec<_>, _>>()?;
         self.store(&out, &idx, &format!("select(0.0f, {gated}, any_live)"), false);
         self.close();
+        self.close();
+        self.close();
+        Ok(())
+    }
+
+    /// `classify`: one invocation per entry `[b][h][query tile][branch][key tile]` of the
+    /// table (over the batch and head axes the masks depend on) walks its tile's pairs until
+    /// it has seen a kept and a masked one: empty (0), full (1) or partial (2), or'd into
+    /// its byte of the table.
+    fn classify(&mut self, bq: i64, bk: i64) -> Result<(), CodegenError> {
+        let k = self.k;
+        let _ = writeln!(self.head, "@group(0) @binding(4) var<storage, read_write> clsw: array<atomic<u32>>;");
+        self.entry_head("classify", DERIVE_WORKGROUP);
+        let [nb, nh, ni, nj] = [&k.iter.b, &k.iter.h, &k.iter.i, &k.iter.j].map(|x| x.to_expr());
+        let (nb, nh, ni, mj) = (self.expr(&nb)?, self.expr(&nh)?, self.expr(&ni)?, self.expr(&nj)?);
+        let deps = crate::schedule::classes::table_deps(k);
+        let nbr = k.branches.len();
+        self.line(&format!("let n = i32((wid.x + wid.y * nwg.x) * {DERIVE_WORKGROUP}u + lid);"));
+        self.line(&format!("let qt_n = ({ni} + {bq}i - 1i) / {bq}i;"));
+        self.line(&format!("let kt_n = ({mj} + {bk}i - 1i) / {bk}i;"));
+        let slots = match (deps.b, deps.h) {
+            (true, true) => format!("{nb} * {nh}"),
+            (true, false) => nb.clone(),
+            (false, true) => nh.clone(),
+            (false, false) => "1i".into(),
+        };
+        self.open(&format!("if (n < {slots} * qt_n * {nbr}i * kt_n)"));
+        self.line("let kt = n % kt_n;");
+        self.line(&format!("let br = (n / kt_n) % {nbr}i;"));
+        self.line(&format!("let qt = (n / (kt_n * {nbr}i)) % qt_n;"));
+        self.line(&format!("let slot = n / (kt_n * {nbr}i * qt_n);"));
+        let (b, h) = match (deps.b, deps.h) {
+            (true, true) => (format!("slot / {nh}"), format!("slot % {nh}")),
+            (true, false) => ("slot".to_string(), "0i".to_string()),
+            (false, true) => ("0i".to_string(), "slot".to_string()),
+            (false, false) => ("0i".to_string(), "0i".to_string()),
+        };
+        self.bind_var("b", &b);
+        self.bind_var("h", &h);
+        self.line("var kept = false;");
+        self.line("var masked = false;");
+        for (n, br) in k.branches.iter().enumerate() {
+            let Some(m) = &br.mask else {
+                self.line(&format!("if (br == {n}i) {{ kept = true; }}"));
+                continue;
+            };
+            self.open(&format!("if (br == {n}i)"));
+            self.open(&format!("for (var qi: i32 = qt * {bq}i; qi < min({ni}, (qt + 1i) * {bq}i); qi++)"));
+            self.bind_var("i", "qi");
+            self.open(&format!("for (var kj: i32 = kt * {bk}i; kj < min({mj}, (kt + 1i) * {bk}i); kj++)"));
+            self.bind_var("j", "kj");
+            let c = self.expr(m)?;
+            self.line(&format!("if ({c}) {{ kept = true; }} else {{ masked = true; }}"));
+            self.line("if (kept && masked) { break; }");
+            self.close();
+            self.line("if (kept && masked) { break; }");
+            self.close();
+            self.close();
+        }
+        self.line("let code = select(select(1u, 2u, masked), 0u, !kept);");
+        self.line("atomicOr(&clsw[u32(n) / 4u], code << (8u * (u32(n) % 4u)));");
         self.close();
         self.close();
         Ok(())

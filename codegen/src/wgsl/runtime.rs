@@ -96,6 +96,8 @@ pub struct WgslKernel {
     art: WgslArtifact,
     gpu: &'static Gpu,
     layout: wgpu::BindGroupLayout,
+    /// The `classify` pass's layout: binding 4 (the class table, read-write) instead of 3.
+    classify_layout: wgpu::BindGroupLayout,
     pipelines: Vec<wgpu::ComputePipeline>,
     bounds: BoundsCheck,
     bounds_source: Option<Kernel>,
@@ -125,7 +127,7 @@ impl WgslKernel {
     pub fn load(art: WgslArtifact) -> Result<WgslKernel, CodegenError> {
         let gpu = gpu().map_err(CodegenError::Unsupported)?;
         let d = &gpu.device;
-        let ((layout, pipelines), err) = scoped(d, || {
+        let ((layout, classify_layout, pipelines), err) = scoped(d, || {
             let module = d.create_shader_module(wgpu::ShaderModuleDescriptor {
                 label: Some(&art.kernel.name),
                 source: wgpu::ShaderSource::Wgsl(art.source.as_str().into()),
@@ -140,15 +142,24 @@ impl WgslKernel {
                 label: Some("attnc"),
                 entries: &[uniform, storage(1, true), storage(2, false), storage(3, true)],
             });
+            let classify_layout = d.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                label: Some("attnc classify"),
+                entries: &[uniform, storage(1, true), storage(2, false), storage(4, false)],
+            });
             let pl =
                 d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor { label: Some("attnc"), bind_group_layouts: &[Some(&layout)], immediate_size: 0 });
+            let pl_classify = d.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                label: Some("attnc classify"),
+                bind_group_layouts: &[Some(&classify_layout)],
+                immediate_size: 0,
+            });
             let pipelines = art
                 .entries
                 .iter()
                 .map(|e| {
                     d.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
                         label: Some(e.name()),
-                        layout: Some(&pl),
+                        layout: Some(if matches!(e, Entry::Classify { .. }) { &pl_classify } else { &pl }),
                         module: &module,
                         entry_point: Some(e.name()),
                         compilation_options: Default::default(),
@@ -156,12 +167,12 @@ impl WgslKernel {
                     })
                 })
                 .collect();
-            (layout, pipelines)
+            (layout, classify_layout, pipelines)
         });
         if let Some(e) = err {
             return Err(CodegenError::Invalid(format!("wgpu refused the WGSL of `{}`: {e}", art.kernel.name)));
         }
-        Ok(WgslKernel { art, gpu, layout, pipelines, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
+        Ok(WgslKernel { art, gpu, layout, classify_layout, pipelines, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
     }
 
     /// The WGSL source.
@@ -298,6 +309,16 @@ impl Compiled for WgslKernel {
                 wgpu::BindGroupEntry { binding: 3, resource: cls.as_entire_binding() },
             ],
         });
+        let classify_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some("attnc classify"),
+            layout: &self.classify_layout,
+            entries: &[
+                wgpu::BindGroupEntry { binding: 0, resource: args.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 1, resource: inp.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
+                wgpu::BindGroupEntry { binding: 4, resource: cls.as_entire_binding() },
+            ],
+        });
         let most_groups = lim.max_compute_workgroups_per_dimension;
         let dispatch = |enc: &mut wgpu::CommandEncoder, n: usize| -> Result<(), RunError> {
             let (entry, pipe) = (&self.art.entries[n], &self.pipelines[n]);
@@ -307,6 +328,7 @@ impl Compiled for WgslKernel {
                     let count: u64 = shape.iter().enumerate().filter(|(a, _)| Some(*a) != *lines_axis).map(|(_, &x)| x as u64).product();
                     count.div_ceil(DERIVE_WORKGROUP as u64)
                 }
+                Entry::Classify { .. } => (4 * classes.len() as u64).div_ceil(DERIVE_WORKGROUP as u64),
                 Entry::Attend { .. } => match self.art.schedule.tiled() {
                     Some(ts) => (g.batches * g.heads) as u64 * (g.queries as u64).div_ceil(ts.block_q as u64) * super::tiled_slices(o, g.values) as u64,
                     None if self.art.schedule.chunked().is_some() => (g.batches * g.heads * super::chunked_slices(g.values)) as u64,
@@ -319,11 +341,11 @@ impl Compiled for WgslKernel {
             let (x, y) = grid(groups, most_groups)?;
             let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry.name()), timestamp_writes: None });
             pass.set_pipeline(pipe);
-            pass.set_bind_group(0, &group, &[]);
+            pass.set_bind_group(0, if matches!(entry, Entry::Classify { .. }) { &classify_group } else { &group }, &[]);
             pass.dispatch_workgroups(x, y, 1);
             Ok(())
         };
-        let derives = self.art.entries.len() - 1;
+        let derives = self.art.entries.iter().filter(|e| matches!(e, Entry::Derive { .. })).count();
         let mut enc = d.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("attnc") });
         for n in 0..derives {
             dispatch(&mut enc, n)?;
@@ -349,7 +371,13 @@ impl Compiled for WgslKernel {
             }
             BoundsCheck::with_data(source, &dims, &bufs)?;
         }
-        dispatch(&mut enc, derives)?;
+        // The device's tile classes (masks that read tensors), then the attention pass.
+        for n in derives..self.art.entries.len() {
+            if matches!(self.art.entries[n], Entry::Classify { .. }) {
+                enc.clear_buffer(&cls, 0, None);
+            }
+            dispatch(&mut enc, n)?;
+        }
         let out_at = offsets[&k.output().name];
         let words = self.submit_read_into(enc, &buf, &readback, out_at, out_len as u64)?;
         for (o, w) in out.iter_mut().zip(words) {
@@ -361,9 +389,10 @@ impl Compiled for WgslKernel {
 
 impl WgslKernel {
     /// The tile classes the masked branches read, one byte per (row block, key tile) packed
-    /// four to a word (empty when no branch has a mask). Static masks are classified once
-    /// per shape; masks that read inputs at every call, from the caller's data; derived
-    /// tensors live on the device, so a mask that reads one finds its tiles partial.
+    /// four to a word (empty when no branch has a mask). Static masks are classified on the
+    /// host once per shape; a kernel with a mask that reads a tensor (an input or a derived
+    /// tensor) has its table computed on the device by `classify` at every call, so here it
+    /// is only zeros of the table's size.
     fn classes(&self, st: &Inputs, dims: &attnc_ir::Bindings, g: &crate::schedule::Grid) -> Result<Vec<u32>, RunError> {
         let k = &self.art.kernel;
         if k.branches.iter().all(|b| b.mask.is_none()) {
@@ -376,6 +405,16 @@ impl WgslKernel {
             None => o.workgroup as i64,
         };
         let grid = TileGrid { block_q: o.schedule.block_q as i64, block_k, queries: g.queries, keys: g.keys };
+        if super::emit::device_classes(k, &self.art.schedule, o).is_some() {
+            // Computed on the device by `classify`: only the table's size here.
+            let deps = crate::schedule::classes::table_deps(k);
+            let slots = if deps.b { g.batches } else { 1 } * if deps.h { g.heads } else { 1 };
+            let len = slots as u128 * grid.query_tiles() as u128 * k.branches.len() as u128 * grid.key_tiles() as u128;
+            if len > i32::MAX as u128 {
+                return Err(RunError::Device(format!("{len} tile classes do not fit WGSL's 32-bit indices (raise block_q)")));
+            }
+            return Ok(vec![0; (len as usize).div_ceil(4)]);
+        }
         let data = TensorData::masks(k, dims, &st.bufs);
         let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
         let bytes = table.device_bytes(g.batches, g.heads);
