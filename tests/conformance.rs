@@ -338,6 +338,40 @@ fn chunked_forms_fall_back_when_the_log_decay_increases() {
     }
 }
 
+/// f16 and bf16 inputs stay half width on the WGSL device (two to a word): odd element
+/// counts, both halves of a word, a causal mask and a bias that read them, tiled and rows.
+#[test]
+fn wgsl_half_width_inputs_match_reference() {
+    let src = "attention halves {
+      dims B, H, N, M, D, Dv
+      input q: f16[B, H, N, D]
+      input k: bf16[B, H, M, D]
+      input v: f16[B, H, M, Dv]
+      input slope: bf16[H] in 0.0..1.0
+      output o: f32[B, H, N, Dv]
+      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+      bias = -slope[h] * float(p - j) + float(v[b, h, j, 0])
+      mask = j <= p
+      normalize = softmax
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).expect("spec compiles");
+    for o in [WgslOptions::default(), WgslOptions { schedule: ScheduleOptions { tiled: false, ..WgslOptions::default().schedule }, ..WgslOptions::default() }] {
+        let on = On::all(WgslBackend, o);
+        if on.available().is_err() {
+            return;
+        }
+        for (n, m, d, dv) in [(7, 9, 5, 3), (33, 33, 16, 16)] {
+            let dims: BTreeMap<String, i64> = [("B", 2), ("H", 3), ("N", n), ("M", m), ("D", d), ("Dv", dv)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+            let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 11).expect("inputs");
+            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+            let got = on.run(&c, &ins).expect("runs");
+            compare(&format!("halves N={n} M={m} D={d} Dv={dv} on {}", on.name()), &got, &want, Tweak::None, on.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
 /// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
 #[test]

@@ -219,6 +219,16 @@ fn tanhf(x: f32) -> f32 {{
   let t = (1.0 - e) / (1.0 + e);
   return select(t, -t, x < 0.0);
 }}
+// An f16's bits as f32 (integer ops only: `unpack2x16float` needs a capability not every
+// adapter has).
+fn f16_bits(h: u32) -> f32 {{
+  let s = (h >> 15u) << 31u;
+  let e = (h >> 10u) & 0x1fu;
+  let m = h & 0x3ffu;
+  if (e == 0u) {{ return select(1.0, -1.0, s != 0u) * f32(m) * 5.9604645e-8; }}
+  if (e == 31u) {{ return bitcast<f32>(s | 0x7f800000u | (m << 13u)); }}
+  return bitcast<f32>(s | ((e + 112u) << 23u) | (m << 13u));
+}}
 fn powf(x: f32, y: f32) -> f32 {{
   if (y == 0.0 || x == 1.0) {{ return 1.0; }}
   if (isnan_(x) || isnan_(y)) {{ return x + y; }}
@@ -464,8 +474,16 @@ fn powf(x: f32, y: f32) -> f32 {{
         for a in 0..slots.ext.len() {
             let _ = write!(off, " + clamp(x{a}, 0i, {} - 1i) * {}", self.slot(slots.ext[a]), self.slot(slots.stride[a]));
         }
-        let (ret, read) =
-            if decl.dtype.is_int() { ("i32", format!("bitcast<i32>({heap}[u32({off})])")) } else { ("f32", format!("bitcast<f32>({heap}[u32({off})])")) };
+        // f16 and bf16 inputs stay half width on the device, two to a word (the element at
+        // an even offset in the low half): the offsets of such a tensor count halves.
+        let (ret, read) = match decl.dtype {
+            _ if decl.dtype.is_int() => ("i32", format!("bitcast<i32>({heap}[u32({off})])")),
+            attnc_ir::DType::F16 if decl.kind == TensorKind::Input => ("f32", format!("f16_bits(({heap}[u32({off}) / 2u] >> (16u * (u32({off}) % 2u))) & 0xffffu)")),
+            attnc_ir::DType::BF16 if decl.kind == TensorKind::Input => {
+                ("f32", format!("bitcast<f32>((({heap}[u32({off}) / 2u] >> (16u * (u32({off}) % 2u))) & 0xffffu) << 16u)"))
+            }
+            _ => ("f32", format!("bitcast<f32>({heap}[u32({off})])")),
+        };
         let _ = writeln!(self.head, "fn {}({}) -> {ret} {{ return {read}; }}", ident("ld", t), params.join(", "));
     }
 

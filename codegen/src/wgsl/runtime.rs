@@ -186,6 +186,24 @@ impl WgslKernel {
     }
 }
 
+/// An input stored two elements to a word on the device (f16, bf16).
+fn half_width(t: &attnc_ir::TensorDecl) -> bool {
+    t.kind == TensorKind::Input && matches!(t.dtype, attnc_ir::DType::F16 | attnc_ir::DType::BF16)
+}
+
+/// f32 bits of an f16 or bf16 input (exact: its values are of that type) as halves, two to
+/// a word, the even element in the low half.
+fn pack_halves(dtype: attnc_ir::DType, data: &[u32]) -> Vec<u32> {
+    let half = |w: u32| -> u32 {
+        let x = f32::from_bits(w);
+        match dtype {
+            attnc_ir::DType::BF16 => half::bf16::from_f32(x).to_bits() as u32,
+            _ => half::f16::from_f32(x).to_bits() as u32,
+        }
+    };
+    data.chunks(2).map(|p| half(p[0]) | p.get(1).map_or(0, |&w| half(w) << 16)).collect()
+}
+
 fn device_err(what: &str, e: impl std::fmt::Display) -> RunError {
     RunError::Device(format!("{what}: {e}"))
 }
@@ -242,14 +260,15 @@ impl Compiled for WgslKernel {
                 )));
             }
         }
-        // Offsets (in 4-byte words): inputs in `inp`, derived tensors and the output in `buf`.
+        // Offsets (in 4-byte words): inputs in `inp`, derived tensors and the output in `buf`;
+        // f16 and bf16 inputs take half a word per element (their table offset counts halves).
         let mut offsets: BTreeMap<String, u64> = BTreeMap::new();
         let (mut n_inp, mut n_buf) = (0u64, 0u64);
         for t in &k.tensors {
             let n = dims.shape(t).iter().map(|&x| x as u64).product::<u64>();
             let at = if t.kind == TensorKind::Input { &mut n_inp } else { &mut n_buf };
             offsets.insert(t.name.clone(), *at);
-            *at += n;
+            *at += if half_width(t) { n.div_ceil(2) } else { n };
         }
         let lim = &self.gpu.limits;
         let most = lim.max_storage_buffer_binding_size.min(lim.max_buffer_size);
@@ -263,7 +282,7 @@ impl Compiled for WgslKernel {
             }
         }
         let classes = self.classes(st, &dims, &g)?;
-        let mut table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64);
+        let mut table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64 * if half_width(t) { 2 } else { 1 });
         table.resize(self.art.table_len(), 0);
         table[self.art.inf_slot] = f32::INFINITY.to_bits() as i64;
         let table: Vec<i32> = table
@@ -290,7 +309,13 @@ impl Compiled for WgslKernel {
             q.write_buffer(&args, 0, bytemuck::cast_slice(&table));
             for t in k.inputs() {
                 let data = st.bufs[&t.name];
-                if !data.is_empty() {
+                if data.is_empty() {
+                    continue;
+                }
+                if half_width(t) {
+                    let words = pack_halves(t.dtype, data);
+                    q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(&words));
+                } else {
                     q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(data));
                 }
             }
