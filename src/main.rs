@@ -197,10 +197,12 @@ enum Backend {
     Wgsl,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Target {
     /// This machine's CPU, through Cranelift.
     Cpu,
+    /// WebGPU: the WGSL module (validated by naga; no adapter needed).
+    Wgsl,
 }
 
 #[derive(Subcommand)]
@@ -215,10 +217,10 @@ enum Cmd {
     Compile {
         /// The .attn spec file.
         spec: PathBuf,
-        /// What to emit.
-        #[arg(long, value_enum, default_value = "ir")]
-        emit: Emit,
-        /// Code generation target (for --emit clif and asm).
+        /// What to emit (default: ir; wgsl with --target wgsl).
+        #[arg(long, value_enum)]
+        emit: Option<Emit>,
+        /// Code generation target: cpu (--emit clif and asm) or wgsl (--emit wgsl).
         #[arg(long, value_enum, default_value = "cpu")]
         target: Target,
         /// Write to this file instead of standard output.
@@ -440,12 +442,17 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Compile { spec, emit, target, output, opt } => {
+            let emit = emit.unwrap_or(if target == Target::Wgsl { Emit::Wgsl } else { Emit::Ir });
+            if target == Target::Wgsl && matches!(emit, Emit::Clif | Emit::Asm) {
+                return Err(anyhow!("--emit clif and asm are the cpu target's forms; the wgsl target emits wgsl"));
+            }
             let (l, c) = load(&spec)?;
             let (oc, _) = optimized(&c, &opt)?;
             let text = match emit {
                 Emit::Ir => c.kernel.to_string(),
                 Emit::OptIr => oc.kernel.to_string(),
                 Emit::Clif => match target {
+                    Target::Wgsl => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
                     Target::Cpu => {
                         let cpu = CpuBackend::default();
                         let o = CpuOptions::default();
@@ -456,6 +463,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 },
                 Emit::Asm => match target {
+                    Target::Wgsl => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
                     Target::Cpu => {
                         let (_, asm) = attnc_codegen::cpu::emit_host(&oc.kernel, &oc.info, &CpuOptions::default())?;
                         asm.iter().map(|(f, code)| format!("; {f}\n{code}\n")).collect()

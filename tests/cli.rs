@@ -199,6 +199,12 @@ fn wgsl_compiles_runs_and_explains_a_missing_adapter() {
     let (code, out, err) = attnc(&["compile", "examples/sliding_window_sink.attn", "--emit", "wgsl"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("fn attend(") && out.contains("workgroupBarrier()"), "{out}");
+    let (code, same, err) = attnc(&["compile", "examples/sliding_window_sink.attn", "--target", "wgsl"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(same, out, "--target wgsl emits the WGSL module");
+    let (code, _, err) = attnc(&["compile", "examples/sliding_window_sink.attn", "--target", "wgsl", "--emit", "clif"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cpu target"), "{err}");
     let run = |env: &[(&str, &str)]| {
         let o = tmp("wgsl.safetensors");
         let args = ["run", "examples/document_mask.attn", "--random", "--dims", "B=2,H=2,G=2,N=33,M=33,D=8,Dv=8", "-o", &o, "--backend", "wgsl", "--check"];
