@@ -372,6 +372,45 @@ fn wgsl_half_width_inputs_match_reference() {
     }
 }
 
+/// Scalar data at a neighbouring key is plain indexing, not a convolution over scores: a
+/// mask that also lets every query see the first token of each earlier document reads
+/// `seg[b, j - 1]` (guarded by `select(j > 0, …)`), checks, and matches the reference on the CPU
+/// (tiled and rows) and on WGSL.
+#[test]
+fn a_mask_may_read_data_at_a_neighbouring_key() {
+    let src = "attention doc_starts {
+      dims B, H, N, D
+      input q: f32[B, H, N, D]
+      input k: f32[B, H, N, D]
+      input v: f32[B, H, N, D]
+      input seg: i32[B, N] in 0..3
+      output o: f32[B, H, N, D]
+      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+      mask = j <= i && (seg[b, i] == seg[b, j] || select(j > 0, seg[b, j - 1] != seg[b, j], true))
+      normalize = softmax
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).unwrap_or_else(|d| panic!("{}", d.render("doc_starts.attn", src)));
+    let dims: BTreeMap<String, i64> = [("B", 2), ("H", 2), ("N", 45), ("D", 16)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+    let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+    let mut ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 9).expect("inputs");
+    // Sorted segment ids: contiguous documents.
+    ins.get_mut("seg").expect("seg").data.iter_mut().enumerate().for_each(|(x, s)| *s = ((x % 45) / 10) as f64);
+    let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+    let runners: Vec<Box<dyn Runner>> = vec![
+        Box::new(cpu(CpuOptions::default())),
+        Box::new(cpu_schedule(ScheduleOptions { tiled: false, ..Default::default() })),
+        Box::new(On::all(WgslBackend, WgslOptions::default())),
+    ];
+    for r in runners {
+        if r.available().is_err() {
+            continue;
+        }
+        let got = r.run(&c, &ins).unwrap_or_else(|e| panic!("{}: {e}", r.name()));
+        compare(&format!("doc_starts on {}", r.name()), &got, &want, Tweak::None, r.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
 /// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
 #[test]

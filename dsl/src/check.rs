@@ -724,6 +724,7 @@ impl<'a> Checker<'a> {
         }
         let mut idx = Vec::new();
         let mut vec: Option<(Extent, String, Span)> = None;
+        let mut shifted_checks: Vec<(ir::Expr, usize, Span)> = Vec::new();
         for (axis, ix) in indices.iter().enumerate() {
             match ix {
                 Index::Slice(s) => {
@@ -744,9 +745,21 @@ impl<'a> Checker<'a> {
                     }
                     self.check_axis(&x, &decl, axis, e.span, scope)?;
                     check_static_bound(&x, &decl, axis, e.span)?;
-                    self.check_own_pair(&x, &decl, axis, e.span, scope)?;
+                    shifted_checks.push((x.clone(), axis, e.span));
                     idx.push(x);
                 }
+            }
+        }
+        // A feature vector (sliced with `:`, or indexed by a reduction variable) at a
+        // neighbouring key or query is a neighbouring pair's score in the making.
+        let reduction_vars: Vec<&str> = scope.locals.iter().filter_map(|(_, l)| matches!(l, Local::Var { ext: None, .. }).then_some(l)).map(|l| match l {
+            Local::Var { ir, .. } => ir.as_str(),
+            _ => unreachable!("filtered to variables"),
+        }).collect();
+        let feature = vec.is_some() || idx.iter().any(|x| x.free_vars().iter().any(|v| reduction_vars.contains(&v.as_str())));
+        if feature {
+            for (x, axis, s) in &shifted_checks {
+                self.check_own_pair(x, &decl, *axis, *s, scope)?;
             }
         }
         let load = ir::Expr::Load(name.to_string(), idx);
@@ -784,10 +797,12 @@ impl<'a> Checker<'a> {
         Ok(())
     }
 
-    /// A per-pair expression does not read the key axis of a tensor at a shifted key (`j + 1`,
-    /// `j - u`) nor the query axis at a shifted query (`i - 1`): that mixes the scores of
-    /// neighbouring pairs, a convolution over the score matrix. Expressions of both (a
-    /// relative position `p - j`) and other functions of one (`j // BS`) are fine.
+    /// A per-pair expression does not read a feature vector (a sliced or channel-reduced
+    /// access) at a shifted key (`j + 1`, `j - u`) or a shifted query (`i - 1`): that is a
+    /// neighbouring pair's score, and mixing them is a convolution over the score matrix.
+    /// Scalar data at a neighbouring position (`seg[b, j - 1]` in a mask) is plain indexing
+    /// (bounds-checked like any other); expressions of both (a relative position `p - j`)
+    /// and other functions of one (`j // BS`) are fine. (The caller decides "feature".)
     fn check_own_pair(&self, x: &ir::Expr, decl: &ir::TensorDecl, axis: usize, span: Span, scope: &Scope) -> R<()> {
         if !matches!(scope.cx, Cx::Pair | Cx::Post | Cx::Map) {
             return Ok(());

@@ -600,16 +600,7 @@ fn powf(x: f32, y: f32) -> f32 {{
         self.bind_var("e", &format!("t + c * {wg}i"));
         let e = self.expr(&Expr::var("e"))?;
         self.open(&format!("if (valid && {e} < {ev})"));
-        let gated = match &k.gate {
-            Some(g) => {
-                let g = self.expr(g)?;
-                format!("oacc[c] * {g}")
-            }
-            None => "oacc[c]".into(),
-        };
-        let out = k.output().name.clone();
-        let idx = k.out.iter().map(|v| self.expr(&Expr::var(v))).collect::<Result<Vec<_>, _>>()?;
-        self.store(&out, &idx, &format!("select(0.0f, {gated}, any_live)"), false);
+        self.store_output("c")?;
         self.close();
         self.close();
         self.close();
@@ -767,7 +758,6 @@ fn powf(x: f32, y: f32) -> f32 {{
     fn branch(&mut self, n: usize, br: &attnc_ir::Branch, mj: &str, ev: &str, wg: u32, ch: u32) -> Result<(), CodegenError> {
         self.line(&format!("for (var c: i32 = 0i; c < {ch}i; c++) {{ bacc[c] = 0.0f; }}"));
         self.line("var cnt: i32 = 0i;");
-        let softmax = matches!(br.norm, Norm::Softmax { .. });
         match &br.norm {
             Norm::Softmax { sink, .. } => match sink {
                 Some(se) => {
@@ -875,9 +865,19 @@ fn powf(x: f32, y: f32) -> f32 {{
                 factor = Some(format!("(1.0f / (l + {}))", Self::float_lit(eps.0)));
             }
         }
-        let live = if softmax { "cnt > 0i && !(m == -pinf())" } else { "cnt > 0i" };
+        self.fold_branch(br, factor, ch, None)
+    }
+
+    /// The end of a branch: when a key was live (and, for softmax, the row's maximum is
+    /// finite), `oacc += bacc · factor · weight` over `acc` accumulators; `row` binds `i`
+    /// first (the tiled kernel's query row).
+    fn fold_branch(&mut self, br: &attnc_ir::Branch, factor: Option<String>, acc: u32, row: Option<&str>) -> Result<(), CodegenError> {
+        let live = if matches!(br.norm, Norm::Softmax { .. }) { "cnt > 0i && !(m == -pinf())" } else { "cnt > 0i" };
         self.open(&format!("if ({live})"));
         self.line("any_live = true;");
+        if let Some(r) = row {
+            self.bind_var("i", r);
+        }
         let mut f = factor;
         if let Some(wexpr) = &br.weight {
             let wv = self.expr(wexpr)?;
@@ -888,8 +888,25 @@ fn powf(x: f32, y: f32) -> f32 {{
         }
         let f = f.unwrap_or_else(|| "1.0f".into());
         self.line(&format!("let f = {f};"));
-        self.line(&format!("for (var c: i32 = 0i; c < {ch}i; c++) {{ oacc[c] = oacc[c] + bacc[c] * f; }}"));
+        self.line(&format!("for (var a: i32 = 0i; a < {acc}i; a++) {{ oacc[a] = oacc[a] + bacc[a] * f; }}"));
         self.close();
+        Ok(())
+    }
+
+    /// Stores accumulator `oacc[a]` as the output element at the bound `(b, h, i, e)`,
+    /// gated; zero for a row where no key was live in any branch.
+    fn store_output(&mut self, a: &str) -> Result<(), CodegenError> {
+        let k = self.k;
+        let gated = match &k.gate {
+            Some(g) => {
+                let g = self.expr(g)?;
+                format!("oacc[{a}] * {g}")
+            }
+            None => format!("oacc[{a}]"),
+        };
+        let out = k.output().name.clone();
+        let idx = k.out.iter().map(|v| self.expr(&Expr::var(v))).collect::<Result<Vec<_>, _>>()?;
+        self.store(&out, &idx, &format!("select(0.0f, {gated}, any_live)"), false);
         Ok(())
     }
 }

@@ -324,26 +324,22 @@ impl Compiled for WgslKernel {
         if let Some(e) = err {
             return Err(device_err("cannot allocate the buffers", e));
         }
-        let group = d.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("attnc"),
-            layout: &self.layout,
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: args.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: inp.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 3, resource: cls.as_entire_binding() },
-            ],
-        });
-        let classify_group = d.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some("attnc classify"),
-            layout: &self.classify_layout,
-            entries: &[
-                wgpu::BindGroupEntry { binding: 0, resource: args.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 1, resource: inp.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
-                wgpu::BindGroupEntry { binding: 4, resource: cls.as_entire_binding() },
-            ],
-        });
+        // The class table is binding 3 (read-only) for the attention pass, 4 (read-write)
+        // for `classify`.
+        let bind = |label, layout: &wgpu::BindGroupLayout, cls_binding: u32| {
+            d.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(label),
+                layout,
+                entries: &[
+                    wgpu::BindGroupEntry { binding: 0, resource: args.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 1, resource: inp.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: 2, resource: buf.as_entire_binding() },
+                    wgpu::BindGroupEntry { binding: cls_binding, resource: cls.as_entire_binding() },
+                ],
+            })
+        };
+        let group = bind("attnc", &self.layout, 3);
+        let classify_group = bind("attnc classify", &self.classify_layout, 4);
         let most_groups = lim.max_compute_workgroups_per_dimension;
         let dispatch = |enc: &mut wgpu::CommandEncoder, n: usize| -> Result<(), RunError> {
             let (entry, pipe) = (&self.art.entries[n], &self.pipelines[n]);

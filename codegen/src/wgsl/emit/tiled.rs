@@ -166,16 +166,7 @@ impl Writer<'_> {
         self.bind_var("e", &format!("e_lo + (a / {cx}i) * {dc}i + c + {lanes}i * (a % {cx}i)", cx = sh.cx));
         let e = self.expr(&Expr::var("e"))?;
         self.open(&format!("if (row_ok && {e} < e_hi)"));
-        let gated = match &k.gate {
-            Some(g) => {
-                let g = self.expr(g)?;
-                format!("oacc[a] * {g}")
-            }
-            None => "oacc[a]".into(),
-        };
-        let out = k.output().name.clone();
-        let idx = k.out.iter().map(|v| self.expr(&Expr::var(v))).collect::<Result<Vec<_>, _>>()?;
-        self.store(&out, &idx, &format!("select(0.0f, {gated}, any_live)"), false);
+        self.store_output("a")?;
         self.close();
         self.close();
         self.close();
@@ -247,23 +238,7 @@ impl Writer<'_> {
                 factor = Some(format!("(1.0f / (l + {}))", Self::float_lit(eps.0)));
             }
         }
-        let live = if matches!(br.norm, Norm::Softmax { .. }) { "cnt > 0i && !(m == -pinf())" } else { "cnt > 0i" };
-        self.open(&format!("if ({live})"));
-        self.line("any_live = true;");
-        self.bind_var("i", "qi");
-        let mut f = factor;
-        if let Some(wexpr) = &br.weight {
-            let wv = self.expr(wexpr)?;
-            f = Some(match f {
-                Some(x) => format!("{x} * {wv}"),
-                None => wv,
-            });
-        }
-        let f = f.unwrap_or_else(|| "1.0f".into());
-        self.line(&format!("let f = {f};"));
-        self.line(&format!("for (var a: i32 = 0i; a < {}i; a++) {{ oacc[a] = oacc[a] + bacc[a] * f; }}", sh.acc));
-        self.close();
-        Ok(())
+        self.fold_branch(br, factor, sh.acc, Some("qi"))
     }
 
     /// One pass over the branch's key tiles.
