@@ -68,7 +68,7 @@ proptest! {
         "dims", "B", "H", "N", "M", "D", ",", "input", "output", "q", "k", "v", "o", ":", "f32", "i32", "[", "]",
         "score", "mask", "bias", "value", "out", "gate", "normalize", "=", "dot", "(", ")", "b", "h", "i", "j", "e", "p",
         "+", "-", "*", "/", "//", "%", "**", "<=", "==", "&&", "||", "!", "1", "0", "2.5", "softmax", "sum", "<", "in", "..",
-        "let", "fn", "x", "tensor", "require", "branch", "{", "}", "weight", "sqrt", "exp", "select", "s", "w", "map", "cumsum", "\n",
+        "let", "fn", "x", "tensor", "require", "range", "j", "branch", "{", "}", "weight", "sqrt", "exp", "select", "s", "w", "map", "cumsum", "\n",
     ]), 0..60)) {
         let body = toks.join(" ");
         let _ = attnc::dsl::compile(&format!("attention t {{ {body} }}"));
@@ -78,7 +78,7 @@ proptest! {
 
     /// Mutations of real examples (a token deleted or duplicated) never panic either.
     #[test]
-    fn compile_never_panics_on_mutated_examples(which in 0usize..28, at in any::<prop::sample::Index>(), dup in any::<bool>()) {
+    fn compile_never_panics_on_mutated_examples(which in 0usize..64, at in any::<prop::sample::Index>(), dup in any::<bool>()) {
         let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples")).unwrap().map(|e| e.unwrap().path()).collect();
         files.sort();
         let src = std::fs::read_to_string(&files[which % files.len()]).unwrap();

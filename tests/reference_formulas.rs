@@ -1437,3 +1437,49 @@ fn awkward_fully_masked_rows() {
         }
     }
 }
+
+/// Decode against a paged KV cache: key `j` is slot `j % 16` of page `table[b, j / 16]`,
+/// row `i` sits at position `len[b] - N + i` and sees the keys up to it; softmax over them.
+/// Written from the variant's definition, against the reference on random page tables
+/// (pages shared between sequences, repeated within one) and lengths from N to MP·16.
+#[test]
+fn paged_decode() {
+    let c = load("paged_decode");
+    for (ci, (b_, h_, g_, n_, d_, dv_, p_, mp_)) in [(2, 4, 2, 3, 8, 8, 5, 3), (1, 2, 1, 1, 16, 16, 2, 4), (3, 2, 2, 17, 8, 4, 9, 2)].into_iter().enumerate() {
+        let dims: BTreeMap<String, i64> =
+            [("B", b_), ("H", h_), ("G", g_), ("N", n_), ("D", d_), ("Dv", dv_), ("P", p_), ("MP", mp_)].iter().map(|(k, v)| (k.to_string(), *v as i64)).collect();
+        let bind = attnc::bind_dims(&c, &dims).unwrap();
+        let x = attnc::inputs::random_inputs(&c.kernel, &bind, &c.ranges, 50 + ci as u64).unwrap();
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &x, &BTreeMap::new()).unwrap();
+        let (q, kc, vc, table, len) = (&x["q"], &x["kc"], &x["vc"], &x["table"], &x["len"]);
+        let mut got = Tensor::zeros(vec![b_, h_, n_, dv_]);
+        for b in 0..b_ {
+            let l = get(len, &[b]) as usize;
+            assert!((n_..=mp_ * 16).contains(&l), "len[{b}] = {l}");
+            for h in 0..h_ {
+                let hk = h / (h_ / g_);
+                for i in 0..n_ {
+                    let last = l - n_ + i;
+                    let slot = |j: usize| (get(table, &[b, j / 16]) as usize, j % 16);
+                    let s: Vec<f64> = (0..=last)
+                        .map(|j| {
+                            let (pg, sl) = slot(j);
+                            (0..d_).map(|d| get(q, &[b, h, i, d]) * get(kc, &[pg, sl, hk, d])).sum::<f64>() / (d_ as f64).sqrt()
+                        })
+                        .collect();
+                    let mx = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = s.iter().map(|v| (v - mx).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for e in 0..dv_ {
+                        let acc: f64 = w.iter().enumerate().map(|(j, wj)| wj * get(vc, &[slot(j).0, slot(j).1, hk, e])).sum();
+                        let f = flat(&got, &[b, h, i, e]);
+                        got.data[f] = acc / z;
+                    }
+                }
+            }
+        }
+        for (n, (a, w)) in got.data.iter().zip(&want.data).enumerate() {
+            assert!((a - w).abs() <= 1e-12 * w.abs().max(1.0), "paged_decode case {ci}: element {n}: formula {a}, reference {w}");
+        }
+    }
+}

@@ -68,6 +68,8 @@ pub enum Item {
     Fn { name: Ident, params: Vec<Ident>, body: Expr, span: Span },
     Let { name: Ident, value: Expr, span: Span },
     Require { cond: Expr, span: Span },
+    /// `range j < extent`: the keys' count when no tensor is indexed by `j` itself.
+    Range { var: Ident, extent: Expr, span: Span },
     Branch { name: Ident, assigns: Vec<Assign>, span: Span },
     Assign(Assign),
 }
@@ -84,6 +86,7 @@ impl Item {
             | Item::Fn { span, .. }
             | Item::Let { span, .. }
             | Item::Require { span, .. }
+            | Item::Range { span, .. }
             | Item::Branch { span, .. } => *span,
             Item::Assign(a) => a.span,
         }
@@ -262,6 +265,7 @@ impl fmt::Display for Spec {
                 }
                 Item::Let { name, value, .. } => writeln!(f, "  @{sp} let {} = {value}", name.name)?,
                 Item::Require { cond, .. } => writeln!(f, "  @{sp} require {cond}")?,
+                Item::Range { var, extent, .. } => writeln!(f, "  @{sp} range {} < {extent}", var.name)?,
                 Item::Branch { name, assigns, .. } => {
                     writeln!(f, "  @{sp} branch {}", name.name)?;
                     for a in assigns {

@@ -29,6 +29,9 @@ pub struct Checked {
 
 type R<T> = Result<T, Diagnostic>;
 
+/// The computed dim that holds a key range stated as an expression (`range j < MP * PS`).
+pub const KEY_RANGE_DIM: &str = "__keys";
+
 /// Index variables and where each is available.
 const ITER: [&str; 6] = ["b", "h", "i", "j", "e", "p"];
 const RESERVED: [&str; 8] = ["b", "h", "i", "j", "e", "p", "s", "w"];
@@ -1231,6 +1234,7 @@ pub fn check(spec: &Spec) -> R<Checked> {
     let mut top: Vec<&ast::Assign> = Vec::new();
     let mut branches: Vec<(Ident, Span, &[ast::Assign])> = Vec::new();
     let mut pending_defaults: Vec<(&Ident, &ast::Expr)> = Vec::new();
+    let mut key_range: Option<(&Ident, &ast::Expr, Span)> = None;
 
     // Declarations are processed in order: a name is visible after its declaration.
     // Helpers and lets are expanded where they are used, so they may mention anything.
@@ -1382,6 +1386,16 @@ pub fn check(spec: &Spec) -> R<Checked> {
                 c.tensors.insert(name.name.clone(), (name.span, decl.clone()));
                 tensors.push(decl);
             }
+            Item::Range { var, extent, span } => {
+                if var.name != "j" {
+                    return Err(d("E0032", format!("`range {}` is not a key range", var.name), var.span, "only `j` takes a range")
+                        .hint("the other indices' ranges come from the output's axes; `range j < …` states how many keys there are"));
+                }
+                if let Some((_, _, first)) = key_range {
+                    return Err(d("E0032", "the key range is stated twice", *span, "second `range j`").with_secondary(first, "first here"));
+                }
+                key_range = Some((var, extent, *span));
+            }
             Item::Require { cond, .. } => {
                 let mut sc = Scope { cx: Cx::Static, what: "a requirement", locals: vec![] };
                 let r = c.typed(cond, &mut sc, Ty::Bool, "a requirement")?;
@@ -1502,9 +1516,34 @@ pub fn check(spec: &Spec) -> R<Checked> {
                 }
             }
         });
-        let Some(jext) = jext else {
-            return Err(d("E0025", "cannot tell how many keys there are", value_a.value.span, "no tensor is indexed by `j` here")
-                .hint("`value` must read a tensor with `j` as one index, e.g. `v[b, h, j, e]`"));
+        // A stated range (`range j < MP * PS`) wins; it must agree with an axis that `value`
+        // indexes with `j` itself.
+        let jext = match (key_range, jext) {
+            (Some((_, e, span)), found) => {
+                let v = c.static_int(e, "a key range")?;
+                let ext = match &v {
+                    ir::Expr::Dim(n) => Extent::Dim(n.clone()),
+                    ir::Expr::Int(n) if *n >= 0 => Extent::Fixed(*n),
+                    _ => {
+                        // A computed dim holds the expression.
+                        c.dims.insert(KEY_RANGE_DIM.to_string(), (span, true));
+                        kernel_dims.push(ir::DimDecl { name: KEY_RANGE_DIM.to_string(), def: Some(v.clone()) });
+                        Extent::Dim(KEY_RANGE_DIM.to_string())
+                    }
+                };
+                if let Some((have, from)) = found {
+                    if !c.same_extent(&ext, &have) {
+                        return Err(d("E0032", format!("the key range `{e}` contradicts {from}, of length `{have}`"), e.span, "the stated range")
+                            .hint(format!("drop the `range` (the keys' count comes from {from}), or state `require` that the two are equal")));
+                    }
+                }
+                (ext, "the `range j` statement".to_string())
+            }
+            (None, Some(found)) => found,
+            (None, None) => {
+                return Err(d("E0025", "cannot tell how many keys there are", value_a.value.span, "no tensor is indexed by `j` here")
+                    .hint("`value` must read a tensor with `j` as one index, e.g. `v[b, h, j, e]`, or state the count: `range j < MP * PS`"));
+            }
         };
         c.iter.insert("j", jext);
         let mut sc = Scope { cx: Cx::Value, what: "`value`", locals: vec![] };

@@ -39,6 +39,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0029", "index out of range for every shape"),
     ("E0030", "expression nested too deeply"),
     ("E0031", "invalid dim default"),
+    ("E0032", "invalid index range"),
     ("E0999", "internal compiler error (a bug in attnc)"),
 ];
 

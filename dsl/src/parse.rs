@@ -37,6 +37,7 @@ fn rule_name(r: &Rule) -> String {
         | Rule::fn_def
         | Rule::let_def
         | Rule::require_stmt
+        | Rule::range_decl
         | Rule::branch_block => "a statement".into(),
         Rule::tensor_type => "a tensor type like `f32[B, H, N, D]`".into(),
         Rule::EOI => "end of file".into(),
@@ -441,6 +442,7 @@ impl Walker {
             }
             Rule::let_def => Item::Let { name: ident(next()), value: self.expr(next())?, span: s },
             Rule::require_stmt => Item::Require { cond: self.expr(next())?, span: s },
+            Rule::range_decl => Item::Range { var: ident(next()), extent: self.expr(next())?, span: s },
             Rule::branch_block => {
                 let name = ident(next());
                 let assigns = inner.map(|a| self.assign(a)).collect::<R<_>>()?;

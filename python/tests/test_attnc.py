@@ -23,7 +23,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 needs_torch = pytest.mark.skipif(not HAVE_TORCH, reason="torch is not installed (pip install torch to run the torch tests)")
 
 # Values for whichever of these dims a spec has (N not a multiple of the tile, N != M, G < H).
-SMALL = {"B": 1, "H": 2, "G": 1, "N": 37, "M": 45, "D": 16, "Dv": 12, "K": 2}
+SMALL = {"B": 1, "H": 2, "G": 1, "N": 37, "M": 45, "D": 16, "Dv": 12, "K": 2, "P": 5, "MP": 3}
 
 
 def small_dims(kern):
