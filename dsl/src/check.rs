@@ -755,10 +755,14 @@ impl<'a> Checker<'a> {
         }
         // A feature vector (sliced with `:`, or indexed by a reduction variable) at a
         // neighbouring key or query is a neighbouring pair's score in the making.
-        let reduction_vars: Vec<&str> = scope.locals.iter().filter_map(|(_, l)| matches!(l, Local::Var { ext: None, .. }).then_some(l)).map(|l| match l {
-            Local::Var { ir, .. } => ir.as_str(),
-            _ => unreachable!("filtered to variables"),
-        }).collect();
+        let reduction_vars: Vec<&str> = scope
+            .locals
+            .iter()
+            .filter_map(|(_, l)| match l {
+                Local::Var { ir, ext: None } => Some(ir.as_str()),
+                _ => None,
+            })
+            .collect();
         let feature = vec.is_some() || idx.iter().any(|x| x.free_vars().iter().any(|v| reduction_vars.contains(&v.as_str())));
         if feature {
             for (x, axis, s) in &shifted_checks {
