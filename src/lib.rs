@@ -257,5 +257,8 @@ pub fn approximate_bias(
     inputs.insert(approx::BIAS_W.into(), ir::reference::Tensor::new(vec![nb, nh, m, r], w));
     let kernel = approx::rewrite(k, &src, r);
     let info = ir::verify(&kernel).map_err(|e| format!("--approx-bias produced an invalid kernel (a bug in attnc): {e}"))?;
-    Ok((dsl::Checked { kernel, info, ranges: c.ranges.clone(), defaults: c.defaults.clone() }, ApproxBias { tensor: what, rank: r, max_error: f.max_error, budget }))
+    Ok((
+        dsl::Checked { kernel, info, ranges: c.ranges.clone(), defaults: c.defaults.clone() },
+        ApproxBias { tensor: what, rank: r, max_error: f.max_error, budget },
+    ))
 }

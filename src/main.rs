@@ -576,7 +576,25 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
             eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
         }
-        Cmd::Bench { spec, dims, input, backend, runs, threads, no_tiled, no_microkernel, block_q, block_k, workgroup, channels, chunk, approx_bias, untuned, seed, opt } => {
+        Cmd::Bench {
+            spec,
+            dims,
+            input,
+            backend,
+            runs,
+            threads,
+            no_tiled,
+            no_microkernel,
+            block_q,
+            block_k,
+            workgroup,
+            channels,
+            chunk,
+            approx_bias,
+            untuned,
+            seed,
+            opt,
+        } => {
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
             if backend == Backend::Wgsl && (threads != 0 || no_microkernel) {
@@ -612,7 +630,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let c = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let b = bind_given(&c, &given)?;
-            let explicit = untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some() || workgroup.is_some() || channels.is_some();
+            let explicit =
+                untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some() || workgroup.is_some() || channels.is_some();
             // The WGSL options: the given ones (the defaults for those not given), else the
             // tuned winner for this adapter, else the cost model's choice.
             let wgsl = match backend {

@@ -244,7 +244,22 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("options  ") && out.contains("(tuned ("), "{out}");
     // Given options win over the tuned ones: the tiled kernel's shape, or the row kernel.
-    let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1", "--block-k", "32", "--workgroup", "64", "--channels", "4"]);
+    let (code, out, err) = cmd(&[
+        "bench",
+        "examples/sdpa_causal.attn",
+        "--dims",
+        dims,
+        "--backend",
+        "wgsl",
+        "--runs",
+        "1",
+        "--block-k",
+        "32",
+        "--workgroup",
+        "64",
+        "--channels",
+        "4",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("options  tiled 16x32 where the spec tiles (else rows), workgroup 64, 4 channels per invocation (given options)"), "{out}");
     let (code, out, err) = cmd(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--backend", "wgsl", "--runs", "1", "--no-tiled", "--workgroup", "32"]);
@@ -263,7 +278,8 @@ fn wgsl_tunes_and_bench_uses_the_winner() {
         assert!(err.contains(msg), "{args:?}: {err}");
     }
     // Linear attention: the chunked kernel competes, and the cost model ranks it first.
-    let (code, out, err) = cmd(&["tune", "examples/retnet.attn", "--dims", "B=1,H=2,G=2,N=300,M=300,D=8,Dv=8", "--backend", "wgsl", "--top-k", "2", "--samples", "1"]);
+    let (code, out, err) =
+        cmd(&["tune", "examples/retnet.attn", "--dims", "B=1,H=2,G=2,N=300,M=300,D=8,Dv=8", "--backend", "wgsl", "--top-k", "2", "--samples", "1"]);
     assert_eq!(code, 0, "{err}");
     let first = out.lines().nth(2).unwrap_or_default();
     assert!(first.contains("chunked"), "{out}");

@@ -112,14 +112,46 @@ struct Profile {
 }
 
 const PROFILES: &[Profile] = &[
-    Profile { name: "basic", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "cross_gqa_b2", dims: &[("B", 2), ("H", 4), ("G", 2), ("N", 29), ("M", 70), ("D", 8), ("Dv", 12), ("K", 3), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "mqa_n70", dims: &[("B", 2), ("H", 4), ("G", 1), ("N", 70), ("M", 70), ("D", 32), ("Dv", 8), ("K", 2), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "decode", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 1), ("M", 65), ("D", 16), ("Dv", 16), ("K", 1), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "masked_rows", dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 40), ("M", 20), ("D", 16), ("Dv", 16), ("K", 1), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "grid256", dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 256), ("M", 256), ("D", 8), ("Dv", 8), ("K", 2), ("P", 5), ("MP", 3)], tweak: Tweak::None },
-    Profile { name: "large_logits", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)], tweak: Tweak::LargeLogits },
-    Profile { name: "nan", dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)], tweak: Tweak::Nan },
+    Profile {
+        name: "basic",
+        dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "cross_gqa_b2",
+        dims: &[("B", 2), ("H", 4), ("G", 2), ("N", 29), ("M", 70), ("D", 8), ("Dv", 12), ("K", 3), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "mqa_n70",
+        dims: &[("B", 2), ("H", 4), ("G", 1), ("N", 70), ("M", 70), ("D", 32), ("Dv", 8), ("K", 2), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "decode",
+        dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 1), ("M", 65), ("D", 16), ("Dv", 16), ("K", 1), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "masked_rows",
+        dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 40), ("M", 20), ("D", 16), ("Dv", 16), ("K", 1), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "grid256",
+        dims: &[("B", 1), ("H", 1), ("G", 1), ("N", 256), ("M", 256), ("D", 8), ("Dv", 8), ("K", 2), ("P", 5), ("MP", 3)],
+        tweak: Tweak::None,
+    },
+    Profile {
+        name: "large_logits",
+        dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)],
+        tweak: Tweak::LargeLogits,
+    },
+    Profile {
+        name: "nan",
+        dims: &[("B", 1), ("H", 2), ("G", 2), ("N", 37), ("M", 37), ("D", 16), ("Dv", 16), ("K", 2), ("P", 5), ("MP", 3)],
+        tweak: Tweak::Nan,
+    },
 ];
 
 fn examples() -> Vec<(String, Checked)> {

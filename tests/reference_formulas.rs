@@ -1446,8 +1446,10 @@ fn awkward_fully_masked_rows() {
 fn paged_decode() {
     let c = load("paged_decode");
     for (ci, (b_, h_, g_, n_, d_, dv_, p_, mp_)) in [(2, 4, 2, 3, 8, 8, 5, 3), (1, 2, 1, 1, 16, 16, 2, 4), (3, 2, 2, 17, 8, 4, 9, 2)].into_iter().enumerate() {
-        let dims: BTreeMap<String, i64> =
-            [("B", b_), ("H", h_), ("G", g_), ("N", n_), ("D", d_), ("Dv", dv_), ("P", p_), ("MP", mp_)].iter().map(|(k, v)| (k.to_string(), *v as i64)).collect();
+        let dims: BTreeMap<String, i64> = [("B", b_), ("H", h_), ("G", g_), ("N", n_), ("D", d_), ("Dv", dv_), ("P", p_), ("MP", mp_)]
+            .iter()
+            .map(|(k, v)| (k.to_string(), *v as i64))
+            .collect();
         let bind = attnc::bind_dims(&c, &dims).unwrap();
         let x = attnc::inputs::random_inputs(&c.kernel, &bind, &c.ranges, 50 + ci as u64).unwrap();
         let want = attnc::ir::reference::run(&c.kernel, &c.info, &x, &BTreeMap::new()).unwrap();

@@ -59,18 +59,65 @@ pub struct Assign {
 pub enum Item {
     /// `dims B, H, G = H`: free dims, each with an optional default (`defaults[n]` for
     /// `names[n]`).
-    Dims { names: Vec<Ident>, defaults: Vec<Option<Expr>>, span: Span },
-    Dim { name: Ident, value: Expr, span: Span },
-    Const { name: Ident, value: Expr, span: Span },
-    Input { name: Ident, ty: TensorType, range: Option<(Expr, Expr)>, span: Span },
-    Output { name: Ident, ty: TensorType, span: Span },
-    Tensor { name: Ident, vars: Vec<Ident>, ty: TensorType, body: Expr, span: Span },
-    Fn { name: Ident, params: Vec<Ident>, body: Expr, span: Span },
-    Let { name: Ident, value: Expr, span: Span },
-    Require { cond: Expr, span: Span },
+    Dims {
+        names: Vec<Ident>,
+        defaults: Vec<Option<Expr>>,
+        span: Span,
+    },
+    Dim {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
+    Const {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
+    Input {
+        name: Ident,
+        ty: TensorType,
+        range: Option<(Expr, Expr)>,
+        span: Span,
+    },
+    Output {
+        name: Ident,
+        ty: TensorType,
+        span: Span,
+    },
+    Tensor {
+        name: Ident,
+        vars: Vec<Ident>,
+        ty: TensorType,
+        body: Expr,
+        span: Span,
+    },
+    Fn {
+        name: Ident,
+        params: Vec<Ident>,
+        body: Expr,
+        span: Span,
+    },
+    Let {
+        name: Ident,
+        value: Expr,
+        span: Span,
+    },
+    Require {
+        cond: Expr,
+        span: Span,
+    },
     /// `range j < extent`: the keys' count when no tensor is indexed by `j` itself.
-    Range { var: Ident, extent: Expr, span: Span },
-    Branch { name: Ident, assigns: Vec<Assign>, span: Span },
+    Range {
+        var: Ident,
+        extent: Expr,
+        span: Span,
+    },
+    Branch {
+        name: Ident,
+        assigns: Vec<Assign>,
+        span: Span,
+    },
     Assign(Assign),
 }
 

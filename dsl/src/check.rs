@@ -263,7 +263,12 @@ impl<'a> Checker<'a> {
             let Some(at) = ready else {
                 let (first, _, _) = &left[0];
                 let chain: Vec<&str> = left.iter().map(|(n, _, _)| n.name.as_str()).collect();
-                let mut diag = d("E0031", format!("the defaults of {} depend on each other", chain.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")), first.span, "in a cycle");
+                let mut diag = d(
+                    "E0031",
+                    format!("the defaults of {} depend on each other", chain.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")),
+                    first.span,
+                    "in a cycle",
+                );
                 for (n, _, _) in &left[1..] {
                     diag = diag.with_secondary(n.span, "in the same cycle");
                 }

@@ -26,9 +26,9 @@ use super::{live_tiles, Candidate, SearchSpace};
 use attnc_codegen::schedule::tiled::TiledPlan;
 use attnc_codegen::schedule::workspace::{TileWorkspace, STAGE_CHANNELS};
 use attnc_codegen::wgsl::{chunked_slices, tiled_slices, WgslBackend, WgslOptions, MAX_CHUNKED_FEATURES, WORKGROUP_BYTES};
-use attnc_passes::linear::LinearForm;
 use attnc_ir::{Bindings, Kernel};
 use attnc_passes::interval::LoadOracle;
+use attnc_passes::linear::LinearForm;
 
 /// Workgroup sizes tried by the row kernel (each a power of two the backend takes).
 const WORKGROUPS: [u32; 4] = [32, 64, 128, 256];
@@ -317,7 +317,9 @@ mod tests {
         let plain = space.candidates(&kernel(""), &dims(500, 64), &NoData);
         assert!(plain.iter().filter(|c| !c.options.schedule.tiled).all(|c| c.options.schedule.block_q == 16));
         // The tiled shapes fit WebGPU's 16 KiB of workgroup memory.
-        assert!(tiled_shapes(256).iter().all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true }.task_bytes(0, 0) <= WORKGROUP_BYTES as u128));
+        assert!(tiled_shapes(256)
+            .iter()
+            .all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true }.task_bytes(0, 0) <= WORKGROUP_BYTES as u128));
     }
 
     #[test]
@@ -331,7 +333,10 @@ mod tests {
         let r = rows(&causal, 64) / rows(&full, 64);
         assert!((0.45..0.6).contains(&r), "causal costs about half: {r}");
         let tiled = |v: &[Candidate<WgslOptions>]| {
-            v.iter().find(|c| c.options.schedule.tiled && c.options.schedule.block_q == 16 && c.options.schedule.block_k == 16 && c.options.workgroup == 64).expect("candidate").predicted
+            v.iter()
+                .find(|c| c.options.schedule.tiled && c.options.schedule.block_q == 16 && c.options.schedule.block_k == 16 && c.options.workgroup == 64)
+                .expect("candidate")
+                .predicted
         };
         let r = tiled(&causal) / tiled(&full);
         assert!((0.45..0.6).contains(&r), "causal costs about half on the tiled kernel too: {r}");

@@ -478,7 +478,9 @@ fn powf(x: f32, y: f32) -> f32 {{
         // an even offset in the low half): the offsets of such a tensor count halves.
         let (ret, read) = match decl.dtype {
             _ if decl.dtype.is_int() => ("i32", format!("bitcast<i32>({heap}[u32({off})])")),
-            attnc_ir::DType::F16 if decl.kind == TensorKind::Input => ("f32", format!("f16_bits(({heap}[u32({off}) / 2u] >> (16u * (u32({off}) % 2u))) & 0xffffu)")),
+            attnc_ir::DType::F16 if decl.kind == TensorKind::Input => {
+                ("f32", format!("f16_bits(({heap}[u32({off}) / 2u] >> (16u * (u32({off}) % 2u))) & 0xffffu)"))
+            }
             attnc_ir::DType::BF16 if decl.kind == TensorKind::Input => {
                 ("f32", format!("bitcast<f32>((({heap}[u32({off}) / 2u] >> (16u * (u32({off}) % 2u))) & 0xffffu) << 16u)"))
             }

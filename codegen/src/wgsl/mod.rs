@@ -69,7 +69,10 @@ impl BackendOptions for WgslOptions {
         let s = &self.schedule;
         let chunked = if s.chunk > 0 { format!("chunked ({} keys) for linear attention, else ", s.chunk) } else { String::new() };
         if s.tiled {
-            format!("{chunked}tiled {}x{} where the spec tiles (else rows), workgroup {}, {} channels per invocation", s.block_q, s.block_k, self.workgroup, self.channels)
+            format!(
+                "{chunked}tiled {}x{} where the spec tiles (else rows), workgroup {}, {} channels per invocation",
+                s.block_q, s.block_k, self.workgroup, self.channels
+            )
         } else {
             format!("{chunked}row kernel, workgroup {}, {} channels per invocation, tile classes per {} rows", self.workgroup, self.channels, s.block_q)
         }
@@ -150,7 +153,6 @@ impl Backend for WgslBackend {
     fn describe(&self, s: &Schedule, o: &WgslOptions) -> String {
         format!("{s}, workgroup {}", o.workgroup)
     }
-
 }
 
 /// naga's parser and validator on WGSL source; errors carry the source span, rendered.

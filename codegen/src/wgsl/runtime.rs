@@ -172,7 +172,16 @@ impl WgslKernel {
         if let Some(e) = err {
             return Err(CodegenError::Invalid(format!("wgpu refused the WGSL of `{}`: {e}", art.kernel.name)));
         }
-        Ok(WgslKernel { art, gpu, layout, classify_layout, pipelines, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
+        Ok(WgslKernel {
+            art,
+            gpu,
+            layout,
+            classify_layout,
+            pipelines,
+            bounds: BoundsCheck::default(),
+            bounds_source: None,
+            classifier: TileClassifier::default(),
+        })
     }
 
     /// The WGSL source.

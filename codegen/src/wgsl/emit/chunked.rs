@@ -109,7 +109,11 @@ impl Writer<'_> {
             names.ld(FQ, "i", "d"),
             names.ld(FK, "j", "d"),
         );
-        let out = OutRow { eps: form.eps.map(Self::float_lit), gate: form.gate.then(|| format!("{}(vb, vh, i, e)", super::ident("ld", GATE))), name: k.output().name.clone() };
+        let out = OutRow {
+            eps: form.eps.map(Self::float_lit),
+            gate: form.gate.then(|| format!("{}(vb, vh, i, e)", super::ident("ld", GATE))),
+            name: k.output().name.clone(),
+        };
         let sh = ChunkShape { mj: &mj, chunk: c, wg, decayed };
         // Rows with no visible key: zeros.
         self.open("if (valid && causal)");

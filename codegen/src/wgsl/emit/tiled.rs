@@ -58,7 +58,9 @@ struct Shape {
 pub fn check(o: &WgslOptions) -> Result<(), String> {
     let (bq, bk, wg) = (o.schedule.block_q as u32, o.schedule.block_k as u32, o.workgroup);
     if bq == 0 || !wg.is_multiple_of(bq) {
-        return Err(format!("the tiled WGSL kernel runs workgroup / block_q invocations per query row: the workgroup ({wg}) must be a multiple of block_q ({bq})"));
+        return Err(format!(
+            "the tiled WGSL kernel runs workgroup / block_q invocations per query row: the workgroup ({wg}) must be a multiple of block_q ({bq})"
+        ));
     }
     let lanes = wg / bq;
     if !lanes.is_power_of_two() || lanes as usize > STAGE_CHANNELS || !bk.is_multiple_of(lanes) {
@@ -102,7 +104,9 @@ impl Writer<'_> {
         let sh = Shape { bq, bk, wg, lanes, keys: bk / lanes, cx: dc / lanes, acc: o.channels };
         // Workgroup memory: the schedule's staged layout, region by region.
         let _ = writeln!(self.head, "\n// Workgroup memory (schedule::workspace::STAGED, {bq}×{bk} tiles):");
-        for (n, name) in [(staged::A, "ta"), (staged::K, "tk"), (staged::V, "tv"), (staged::S, "ts"), (staged::P, "tp"), (staged::W, "tw"), (staged::LIVE, "tl")] {
+        for (n, name) in
+            [(staged::A, "ta"), (staged::K, "tk"), (staged::V, "tv"), (staged::S, "ts"), (staged::P, "tp"), (staged::W, "tw"), (staged::LIVE, "tl")]
+        {
             let (_, len) = ts.workspace.task_region(n, 0, 0);
             let ty = if n == staged::LIVE { "u32" } else { "f32" };
             let _ = writeln!(self.head, "var<workgroup> {name}: array<{ty}, {len}>; // {}", STAGED[n].what);
@@ -220,18 +224,16 @@ impl Writer<'_> {
         }
         let mut factor: Option<String> = None;
         match &br.norm {
-            Norm::Softmax { post, .. } => {
-                match post {
-                    None => {
-                        self.tile_pass(n, br, plan, sh, fr, Pass::Softmax { accumulate: true })?;
-                        factor = Some("(1.0f / l)".into());
-                    }
-                    Some(post) => {
-                        self.tile_pass(n, br, plan, sh, fr, Pass::Softmax { accumulate: false })?;
-                        self.tile_pass(n, br, plan, sh, fr, Pass::Post(post))?;
-                    }
+            Norm::Softmax { post, .. } => match post {
+                None => {
+                    self.tile_pass(n, br, plan, sh, fr, Pass::Softmax { accumulate: true })?;
+                    factor = Some("(1.0f / l)".into());
                 }
-            }
+                Some(post) => {
+                    self.tile_pass(n, br, plan, sh, fr, Pass::Softmax { accumulate: false })?;
+                    self.tile_pass(n, br, plan, sh, fr, Pass::Post(post))?;
+                }
+            },
             Norm::Map(f) => self.tile_pass(n, br, plan, sh, fr, Pass::Map(f))?,
             Norm::Linear { eps } => {
                 self.tile_pass(n, br, plan, sh, fr, Pass::Linear)?;
@@ -351,7 +353,9 @@ impl Writer<'_> {
         match pass {
             Pass::Softmax { accumulate } => {
                 self.line("var mt = -pinf();");
-                self.line(&format!("for (var u: i32 = 0i; u < {bk}i; u++) {{ if (tl[r * {bk}i + u] != 0u) {{ cnt = cnt + 1i; mt = fmaxf(mt, ts[r * {bk}i + u]); }} }}"));
+                self.line(&format!(
+                    "for (var u: i32 = 0i; u < {bk}i; u++) {{ if (tl[r * {bk}i + u] != 0u) {{ cnt = cnt + 1i; mt = fmaxf(mt, ts[r * {bk}i + u]); }} }}"
+                ));
                 self.line("let mn = fmaxf(m, mt);");
                 self.line("let ok = !(mn == -pinf());");
                 self.line("let corr = select(1.0f, exp(m - mn), ok);");
@@ -380,7 +384,9 @@ impl Writer<'_> {
                 self.line(&format!("tw[r * {bk}i + u] = sx[x] * dx[x];"));
                 self.close();
                 self.line("workgroupBarrier();");
-                self.line(&format!("for (var u: i32 = 0i; u < {bk}i; u++) {{ if (tl[r * {bk}i + u] != 0u) {{ cnt = cnt + 1i; l = l + ts[r * {bk}i + u]; }} }}"));
+                self.line(&format!(
+                    "for (var u: i32 = 0i; u < {bk}i; u++) {{ if (tl[r * {bk}i + u] != 0u) {{ cnt = cnt + 1i; l = l + ts[r * {bk}i + u]; }} }}"
+                ));
             }
             Pass::Post(_) | Pass::Map(_) => {
                 // The pair phase wrote the weights into `ts`.
