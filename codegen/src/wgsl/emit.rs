@@ -695,22 +695,24 @@ fn powf(x: f32, y: f32) -> f32 {{
             w.line("live = true;");
             on_live(w, &s)
         };
-        match &br.mask {
-            Some(m) => {
-                // A full tile's keys all pass: the mask runs on partial tiles only.
-                self.line("var keep = full;");
-                self.open("if (!keep)");
-                let c = self.expr(m)?;
-                self.line(&format!("keep = {c};"));
-                self.close();
-                self.open("if (keep)");
-                inner(self)?;
-                self.close();
-            }
-            None => inner(self)?,
-        }
+        self.if_kept(br, &mut inner)?;
         self.close();
         self.line("sh_l[t] = select(0u, 1u, live);");
+        self.close();
+        Ok(())
+    }
+
+    /// Runs `f` for a pair the branch's mask keeps (the bound `i`, `j`): a full tile's keys
+    /// all pass, so the mask runs on partial tiles only (`full` is the tile's class).
+    fn if_kept(&mut self, br: &attnc_ir::Branch, f: &mut dyn FnMut(&mut Self) -> Result<(), CodegenError>) -> Result<(), CodegenError> {
+        let Some(m) = &br.mask else { return f(self) };
+        self.line("var keep = full;");
+        self.open("if (!keep)");
+        let c = self.expr(m)?;
+        self.line(&format!("keep = {c};"));
+        self.close();
+        self.open("if (keep)");
+        f(self)?;
         self.close();
         Ok(())
     }

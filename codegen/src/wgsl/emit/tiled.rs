@@ -287,7 +287,7 @@ impl Writer<'_> {
         self.open(&format!("if (row_ok && j0 + u < {mj})"));
         self.bind_var("i", "qi");
         self.bind_var("j", "j0 + u");
-        let pair = |w: &mut Self| -> Result<(), CodegenError> {
+        let mut pair = |w: &mut Self| -> Result<(), CodegenError> {
             w.bind_float(DOT, "dacc[x]");
             let mut s = w.expr(&bp.rest)?;
             if let Some(b) = &br.bias {
@@ -325,19 +325,7 @@ impl Writer<'_> {
             }
             Ok(())
         };
-        match &br.mask {
-            Some(m) => {
-                self.line("var keep = full;");
-                self.open("if (!keep)");
-                let cv = self.expr(m)?;
-                self.line(&format!("keep = {cv};"));
-                self.close();
-                self.open("if (keep)");
-                pair(self)?;
-                self.close();
-            }
-            None => pair(self)?,
-        }
+        self.if_kept(br, &mut pair)?;
         self.close();
         self.line("sx[x] = sc;");
         self.line("dx[x] = dd;");
