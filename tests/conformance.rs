@@ -311,12 +311,13 @@ fn cpu_matches_reference_with_each_pass_off() {
 }
 
 /// The passes rewrite what they should: low-rank bias on the ALiBi family, hoisting and
-/// folding on cosine, the linear normal form on the four linear and decay examples.
+/// folding on cosine, the linear normal form on the linear and decay examples (cosFormer
+/// once its cosine splits into query and key terms).
 #[test]
 fn passes_apply_where_expected() {
     assert_eq!(rewritten_by("lowrank"), ["alibi", "sigmoid_alibi"]);
     assert_eq!(rewritten_by("hoist"), ["cosine"]);
-    assert_eq!(rewritten_by("linear"), ["cosine", "gla", "linear_elu", "retnet"]);
+    assert_eq!(rewritten_by("linear"), ["cosformer", "cosine", "gla", "linear_elu", "retnet"]);
 }
 
 /// The chunked algorithm with several chunks (state carried between them), and the
@@ -443,6 +444,48 @@ fn a_mask_may_read_data_at_a_neighbouring_key() {
     }
 }
 
+/// `floor`, `ceil`, `round` (half to even, on exact halves), `cos`, `sin` and `int` (of
+/// `log(0) = -inf`, saturated and then scaled and offset: it must not wrap on one backend
+/// and not on another) in a bias, on the CPU (vector and scalar code) and WGSL (tiled and
+/// rows).
+#[test]
+fn rounding_trigonometry_and_int_match_reference() {
+    let src = "attention rounding {
+      dims B, H, N, M, D
+      input q: f32[B, H, N, D]
+      input k: f32[B, H, M, D]
+      input v: f32[B, H, M, D]
+      input rel: f32[H, 64]
+      output o: f32[B, H, N, D]
+      let d = abs(p - j)
+      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+      bias = rel[h, clamp(int(log(float(d) / 8.0) * 4.0) + 3, 0, 63)] + 1e-8 * float(int(log(float(d))) * 100 + 5)
+        + 0.25 * round(float(p - j) / 2.0) + 0.1 * floor(float(j) / 3.0 - 0.5) - 0.1 * ceil(float(p) / 4.0)
+        + cos(0.3 * float(j)) * sin(0.7 * float(p))
+      mask = j <= p
+      normalize = softmax
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).unwrap_or_else(|d| panic!("{}", d.render("rounding.attn", src)));
+    let dims: BTreeMap<String, i64> = [("B", 1), ("H", 2), ("N", 37), ("M", 53), ("D", 16)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+    let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+    let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 3).expect("inputs");
+    let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+    let runners: Vec<Box<dyn Runner>> = vec![
+        Box::new(cpu(CpuOptions::default())),
+        Box::new(cpu_schedule(ScheduleOptions { tiled: false, ..Default::default() })),
+        Box::new(On::all(WgslBackend, WgslOptions::default())),
+        Box::new(On::all(WgslBackend, WgslOptions { schedule: ScheduleOptions { tiled: false, ..WgslOptions::default().schedule }, ..WgslOptions::default() })),
+    ];
+    for r in runners {
+        if r.available().is_err() {
+            continue;
+        }
+        let got = r.run(&c, &ins).unwrap_or_else(|e| panic!("{}: {e}", r.name()));
+        compare(&format!("rounding on {}", r.name()), &got, &want, Tweak::None, r.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
 /// The tiled kernel takes every example whose score has a separable dot (all but GLA's
 /// per-channel decay inside the sum), so the suite above tests it, not only the row kernel.
 #[test]
@@ -457,7 +500,7 @@ fn tiled_kernel_covers_the_examples() {
         // After the passes, the linear family runs chunked and everything else stays tiled.
         let (oc, _) = attnc::optimize(&c, &PassConfig::all()).expect("passes");
         let s = cpu.plan(&oc.kernel, &oc.info, &CpuOptions::default()).expect("plans");
-        let linear = ["cosine", "gla", "linear_elu", "retnet"].contains(&name.as_str());
+        let linear = ["cosformer", "cosine", "gla", "linear_elu", "retnet"].contains(&name.as_str());
         assert_eq!(matches!(s.algorithm, Algorithm::Chunked(_)), linear, "{name}: {s}");
         assert_eq!(matches!(s.algorithm, Algorithm::Tiled(_)), !linear, "{name}: {s}");
     }

@@ -789,6 +789,52 @@ mod f {
         attend(s, x, |b, h, i| row(s.m, |_| true, |j| relu(score(x, s, b, h, i, j)).powi(2) / s.m as f64), |b, h, i, e| silu(get(&x["g"], &[b, h, i, e])))
     }
 
+    /// cosFormer, causal: `w_ij = relu(q_i)·relu(k_j) · cos(π/2 · (p_i − j)/M)` for `j ≤ p_i`,
+    /// `o_i = Σ_j w_ij v_j / (Σ_j w_ij + 1e-6)` (the quadratic form, cosine as written).
+    pub fn cosformer(s: &Sh, x: &Inputs) -> Tensor {
+        attend(
+            s,
+            x,
+            |b, h, i| {
+                let rq: Vec<f64> = vecat(&x["q"], &[b, h, i]).iter().map(|&t| relu(t)).collect();
+                let p = s.p(i);
+                let w = row(
+                    s.m,
+                    |j| causal(s, i, j),
+                    |j| {
+                        let rk: Vec<f64> = vecat(&x["k"], &[b, s.hk(h), j]).iter().map(|&t| relu(t)).collect();
+                        dot(&rq, &rk) * (std::f64::consts::FRAC_PI_2 * (p - j as i64) as f64 / s.m as f64).cos()
+                    },
+                );
+                let den: f64 = w.iter().flatten().sum::<f64>() + 1e-6;
+                w.into_iter().map(|v| v.map(|v| v / den)).collect()
+            },
+            no_gate,
+        )
+    }
+
+    /// T5's bidirectional relative position bucket (32 buckets, 8 exact, log-spaced up to
+    /// 128), as in Mesh TensorFlow's `_relative_position_bucket`: `rel = j − p_i`; half the
+    /// buckets for keys after the query; `|rel| < 8` exact, else
+    /// `min(15, 8 + ⌊ln(|rel|/8) / ln(16) · 8⌋)`. `softmax_j(q_i·k_j + rel[h, bucket])`, no scale.
+    pub fn t5_bias(s: &Sh, x: &Inputs) -> Tensor {
+        let bucket = |rel: i64| -> usize {
+            let n = rel.unsigned_abs() as usize;
+            let side = if rel > 0 { 16 } else { 0 };
+            let inner = if n < 8 { n } else { 15.min(8 + ((n as f64 / 8.0).ln() / 16f64.ln() * 8.0).floor() as usize) };
+            side + inner
+        };
+        attend(
+            s,
+            x,
+            |b, h, i| {
+                let p = s.p(i);
+                softmax(&row(s.m, |_| true, |j| qk(x, s, b, h, i, j) + get(&x["rel"], &[h, bucket(j as i64 - p)])), None)
+            },
+            no_gate,
+        )
+    }
+
     /// Causal, `p_ij = sigmoid(s_ij - slope[h]·(p_i-j) - log(M))`.
     pub fn sigmoid_alibi(s: &Sh, x: &Inputs) -> Tensor {
         attend(
@@ -1007,7 +1053,7 @@ fn small_case(name: &str, label: &str) -> Case {
     }
 }
 
-const ALL: [(&str, Formula); 28] = [
+const ALL: [(&str, Formula); 30] = [
     ("sdpa", f::sdpa),
     ("sdpa_causal", f::sdpa_causal),
     ("gqa_causal", f::sdpa_causal),
@@ -1036,6 +1082,8 @@ const ALL: [(&str, Formula); 28] = [
     ("gpsa", f::gpsa),
     ("channel_attention", f::channel_attention),
     ("moba_route", f::moba_route),
+    ("cosformer", f::cosformer),
+    ("t5_bias", f::t5_bias),
 ];
 
 // ------------------------------------------------------------------------------------------
@@ -1274,6 +1322,19 @@ fn linear_elu() {
 }
 
 #[test]
+fn cosformer() {
+    check("cosformer", generic_cases(true), f::cosformer);
+}
+
+/// Distances up to 299 reach every bucket on both sides, the log-spaced ones and the last.
+#[test]
+fn t5_bias() {
+    let mut cases = generic_cases(false);
+    cases.push(case("N=M=300: every bucket", sh(1, 2, 1, 300, 300, 8, 8)));
+    check("t5_bias", cases, f::t5_bias);
+}
+
+#[test]
 fn cosine() {
     check("cosine", generic_cases(true), f::cosine);
 }
@@ -1402,8 +1463,8 @@ fn awkward_nan_in_k() {
     }
 }
 
-const CAUSAL_NM: [&str; 10] =
-    ["sdpa_causal", "gqa_causal", "alibi", "softcap", "sink_softmax", "cosine", "retnet", "sigmoid_alibi", "sliding_window_sink", "moba_route"];
+const CAUSAL_NM: [&str; 11] =
+    ["sdpa_causal", "gqa_causal", "alibi", "softcap", "sink_softmax", "cosine", "retnet", "sigmoid_alibi", "sliding_window_sink", "moba_route", "cosformer"];
 
 /// N > M with a causal mask: rows with `p_i < 0` see no key and must be exact zeros, even
 /// when their q row is NaN or huge.
@@ -1431,7 +1492,9 @@ fn awkward_fully_masked_rows() {
             let p = i as i64 + m as i64 - n as i64;
             if p < 0 {
                 assert!(chunk.iter().all(|&v| v == 0.0), "{name}: row {r} (p = {p}) is not zero");
-            } else {
+            } else if name != "cosformer" {
+                // (cosFormer's ReLU features are all zero for a query with no positive
+                // channel: such a live row is legitimately zero.)
                 assert!(chunk.iter().any(|&v| v != 0.0), "{name}: row {r} (p = {p}) is zero");
             }
         }

@@ -130,8 +130,64 @@ fn bool_expr() -> impl Strategy<Value = Expr> {
     cmp.prop_recursive(2, 8, 2, |inner| (prop::sample::select(vec![BinOp::And, BinOp::Or]), inner.clone(), inner).prop_map(|(op, a, b)| Expr::bin(op, a, b)))
 }
 
+/// Float expressions over the integer ones, with the functions whose intervals have rules:
+/// `floor`, `ceil`, `round`, `log`, `sqrt`, `cos`, `sin`, `exp`, `tanh`, and `int` back to an
+/// integer (of operands that cannot be NaN, as the checker requires).
+fn float_expr() -> impl Strategy<Value = Expr> {
+    let leaf = prop_oneof![
+        int_expr().prop_map(|e| Expr::un(ir::UnOp::ToFloat, e)),
+        prop::sample::select(vec![-2.5f64, -0.5, 0.0, 0.5, 1.5, 3.0, 1e6]).prop_map(Expr::float),
+    ];
+    leaf.prop_recursive(3, 16, 2, |inner| {
+        use ir::UnOp as U;
+        prop_oneof![
+            (prop::sample::select(vec![BinOp::Add, BinOp::Sub, BinOp::Mul, BinOp::Div, BinOp::Min, BinOp::Max]), inner.clone(), inner.clone())
+                .prop_map(|(op, a, b)| Expr::bin(op, a, b)),
+            (prop::sample::select(vec![U::Floor, U::Ceil, U::Round, U::Log, U::Sqrt, U::Cos, U::Sin, U::Exp, U::Tanh, U::Neg, U::Abs]), inner.clone())
+                .prop_map(|(op, a)| Expr::un(op, a)),
+        ]
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// Float intervals are sound too, NaN included: a value outside the interval, or NaN
+    /// where the interval rules it out, fails; `int` of an operand the analysis proves a
+    /// number stays inside its integer interval.
+    #[test]
+    fn float_interval_bounds_are_sound(e in float_expr(), i0 in -10i64..40, w in 1i64..6, j0 in -10i64..40, v in 1i64..6) {
+        let k = example("sdpa").kernel;
+        let dims: BTreeMap<String, i64> = [("B", 1), ("H", 1), ("N", 37), ("M", 37), ("D", 1), ("Dv", 1)].iter().map(|(a, b)| (a.to_string(), *b)).collect();
+        let bind = ir::Bindings { dims: dims.clone() };
+        let inputs = BTreeMap::new();
+        let k = ir::Kernel { tensors: k.tensors.into_iter().filter(|t| t.kind == ir::TensorKind::Output).collect(), ..k };
+        let mut vars = vec![("i".to_string(), Iv::Int(i0, i0 + w - 1)), ("j".to_string(), Iv::Int(j0, j0 + v - 1))];
+        let fe = eval(&e, &mut vars, &dims, &NoData);
+        let as_int = Expr::un(ir::UnOp::ToInt, e.clone());
+        let ie = matches!(fe, Iv::Float { nan: false, .. }).then(|| eval(&as_int, &mut vars, &dims, &NoData));
+        for i in i0..i0 + w {
+            for j in j0..j0 + v {
+                let at = [("i", Scalar::Int(i)), ("j", Scalar::Int(j))];
+                let Scalar::Float(x) = eval_expr(&k, &bind, &inputs, &e, &at).unwrap() else { unreachable!() };
+                match fe {
+                    Iv::Float { lo, hi, nan } => prop_assert!(
+                        if x.is_nan() { nan } else { lo <= x && x <= hi },
+                        "{} = {x} at ({i}, {j}) outside {fe:?}", ir::pretty::infix(&e)
+                    ),
+                    Iv::Unknown => {}
+                    other => prop_assert!(false, "float expression gave {other:?}"),
+                }
+                if let Some(ie) = ie {
+                    let Scalar::Int(n) = eval_expr(&k, &bind, &inputs, &as_int, &at).unwrap() else { unreachable!() };
+                    match ie {
+                        Iv::Int(lo, hi) => prop_assert!(lo <= n && n <= hi, "int({}) = {n} at ({i}, {j}) outside [{lo}, {hi}]", ir::pretty::infix(&e)),
+                        other => prop_assert!(false, "int of a number gave {other:?}"),
+                    }
+                }
+            }
+        }
+    }
 
     /// Every concrete value inside the box lies in the interval.
     #[test]

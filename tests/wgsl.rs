@@ -50,5 +50,5 @@ fn linear_examples_emit_chunked_wgsl_that_naga_validates() {
         insta::assert_snapshot!(format!("{name}.chunked.wgsl"), a.source);
         chunked.push(name);
     }
-    assert_eq!(chunked, ["cosine", "gla", "linear_elu", "retnet"]);
+    assert_eq!(chunked, ["cosformer", "cosine", "gla", "linear_elu", "retnet"]);
 }

@@ -37,7 +37,7 @@ const ITER: [&str; 6] = ["b", "h", "i", "j", "e", "p"];
 const RESERVED: [&str; 8] = ["b", "h", "i", "j", "e", "p", "s", "w"];
 
 /// Builtin float functions of one argument.
-const UNARY_FNS: [(&str, UnOp); 9] = [
+const UNARY_FNS: [(&str, UnOp); 14] = [
     ("exp", UnOp::Exp),
     ("log", UnOp::Log),
     ("sqrt", UnOp::Sqrt),
@@ -47,8 +47,13 @@ const UNARY_FNS: [(&str, UnOp); 9] = [
     ("relu", UnOp::Relu),
     ("elu", UnOp::Elu),
     ("abs", UnOp::Abs),
+    ("cos", UnOp::Cos),
+    ("sin", UnOp::Sin),
+    ("floor", UnOp::Floor),
+    ("ceil", UnOp::Ceil),
+    ("round", UnOp::Round),
 ];
-const OTHER_FNS: [&str; 8] = ["min", "max", "clamp", "select", "float", "dot", "norm", "cumsum"];
+const OTHER_FNS: [&str; 9] = ["min", "max", "clamp", "select", "float", "int", "dot", "norm", "cumsum"];
 const NORMS: [&str; 7] = ["softmax", "sigmoid", "relu", "relu2", "none", "map", "linear"];
 
 /// Names that users reach for to express what the attention model cannot, with the reason.
@@ -426,6 +431,68 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Why float expression `x` may be NaN at some point of its domain, by interval analysis
+    /// ([`ir::interval`]) with the iteration indices and free dims non-negative and nothing
+    /// known about tensor data or other variables; `None` when it cannot be. The reason
+    /// names the smallest subexpression that may be NaN.
+    fn may_be_nan(&self, x: &ir::Expr) -> Option<String> {
+        use ir::interval::{eval, Iv, NoData};
+        let big = Iv::Int(0, i32::MAX as i64);
+        let mut vars: Vec<(String, Iv)> = ITER.iter().map(|v| (v.to_string(), big)).collect();
+        for (name, (_, computed)) in &self.dims {
+            if !computed {
+                vars.push((format!("dim:{name}"), big));
+            }
+        }
+        fn dims_as_vars(e: &ir::Expr) -> ir::Expr {
+            match e {
+                ir::Expr::Dim(n) => ir::Expr::var(&format!("dim:{n}")),
+                _ => e.map_children(&mut dims_as_vars),
+            }
+        }
+        let free = |e: &ir::Expr, vars: &mut Vec<(String, Iv)>| matches!(eval(&dims_as_vars(e), vars, &BTreeMap::new(), &NoData), Iv::Float { nan: false, .. });
+        if free(x, &mut vars) {
+            return None;
+        }
+        // The smallest culprit: a float subexpression that may be NaN whose float operands
+        // cannot be.
+        let mut culprit = x.clone();
+        loop {
+            let next = culprit.children().into_iter().find(|c| self.kernel_ty(c) == Some(Ty::Float) && !free(c, &mut vars)).cloned();
+            match next {
+                Some(c) => culprit = c,
+                None => break,
+            }
+        }
+        let what = match &culprit {
+            ir::Expr::Load(t, _) => format!("`{t}` is float data, which may hold NaN: bucket an integer input (`i32`) instead"),
+            ir::Expr::Var(v) => format!("`{v}` may be NaN"),
+            ir::Expr::Unary(op @ (UnOp::Log | UnOp::Sqrt), a) => {
+                format!("`{op}` is NaN below 0, and `{}` may be negative for some indices", ir::pretty::infix(a))
+            }
+            e => format!("`{}` may be NaN for some indices (an infinity times 0, or minus another, is NaN)", ir::pretty::infix(e)),
+        };
+        Some(what)
+    }
+
+    /// Whether a lowered expression is a float (`None` for ints and conditions).
+    fn kernel_ty(&self, e: &ir::Expr) -> Option<Ty> {
+        use ir::Expr as X;
+        let float = match e {
+            X::Float(_) => true,
+            X::Int(_) | X::Dim(_) | X::Bool(_) => false,
+            X::Var(v) => v == "s" || v == "w",
+            X::Load(t, _) => self.tensors.get(t).is_some_and(|(_, d)| !d.dtype.is_int()),
+            X::Unary(UnOp::Not | UnOp::ToInt, _) => false,
+            X::Unary(UnOp::Neg | UnOp::Abs, a) => self.kernel_ty(a).is_some(),
+            X::Unary(..) => true,
+            X::Binary(op, a, _) => !op.is_comparison() && !matches!(op, BinOp::And | BinOp::Or) && self.kernel_ty(a).is_some(),
+            X::Select(_, a, _) => self.kernel_ty(a).is_some(),
+            X::Reduce { body, .. } => self.kernel_ty(body).is_some(),
+        };
+        float.then_some(Ty::Float)
+    }
+
     /// Splits a value into (expr, type), renaming a vector's variable to `to`.
     fn parts(v: Val, to: Option<&str>) -> (ir::Expr, Ty) {
         match v {
@@ -630,6 +697,25 @@ impl<'a> Checker<'a> {
                 self.args_exact(func, args, 1, "float(x)")?;
                 let x = self.typed(&args[0].value, scope, Ty::Float, "the argument of `float`")?;
                 Ok(Val::S(x, Ty::Float))
+            }
+            "int" => {
+                self.args_exact(func, args, 1, "int(x)")?;
+                let v = self.lower(&args[0].value, scope)?;
+                let vi = self.unify_vec(&v, &v, span)?;
+                let (x, t) = Self::parts(v, None);
+                match t {
+                    Ty::Bool => Err(d("E0006", "`int` takes a number, found bool", args[0].value.span, "a condition").hint("use `select(cond, 1, 0)`")),
+                    Ty::Int => Ok(Self::rebuild(x, Ty::Int, &vi, span)),
+                    Ty::Float => {
+                        if let Some(why) = self.may_be_nan(&x) {
+                            return Err(d("E0033", "`int` of a value that may be NaN", args[0].value.span, "may be NaN")
+                                .with_note(format!("note: {why}"))
+                                .with_note("note: `int(x)` rounds toward zero and saturates at ±2^24; NaN has no integer, so its operand must be provably a number")
+                                .hint("compute it from integers and constants, e.g. `int(log(float(abs(i - j)) / 16.0) * 8.0)` (`log` of a non-negative value, divisors that are never zero)"));
+                        }
+                        Ok(Self::rebuild(ir::Expr::un(UnOp::ToInt, x), Ty::Int, &vi, span))
+                    }
+                }
             }
             "dot" | "norm" => {
                 let n = if name == "dot" { 2 } else { 1 };
@@ -1041,6 +1127,10 @@ fn fold_const(e: &ir::Expr) -> Option<ir::Expr> {
         X::Unary(UnOp::Neg, a) => match fold_const(a)? {
             X::Int(n) => X::Int(n.checked_neg()?),
             X::Float(x) => X::float(-x.0),
+            _ => return None,
+        },
+        X::Unary(UnOp::ToInt, a) => match fold_const(a)? {
+            X::Float(x) => X::Int(ir::reference::to_int(x.0)?),
             _ => return None,
         },
         X::Unary(op, a) => match fold_const(a)? {

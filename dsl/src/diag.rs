@@ -40,6 +40,7 @@ pub const CODES: &[(&str, &str)] = &[
     ("E0030", "expression nested too deeply"),
     ("E0031", "invalid dim default"),
     ("E0032", "invalid index range"),
+    ("E0033", "`int` of a value that may be NaN"),
     ("E0999", "internal compiler error (a bug in attnc)"),
 ];
 

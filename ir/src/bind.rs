@@ -23,6 +23,20 @@ impl Bindings {
             Extent::Dim(d) => self.dims[d],
         }
     }
+    /// These bindings with the computed dims of `k` that they lack: a pass may add computed
+    /// dims (the linear pass's `__fc`) to a kernel whose dims were bound from the spec.
+    /// Free dims are never invented: one that is missing stays missing.
+    pub fn complete(&self, k: &Kernel) -> Bindings {
+        let mut out = self.clone();
+        for d in &k.dims {
+            if let (Some(def), None) = (&d.def, out.dims.get(&d.name)) {
+                if let Ok(v) = eval_dims(def, &out.dims) {
+                    out.dims.insert(d.name.clone(), v);
+                }
+            }
+        }
+        out
+    }
     /// Concrete shape of a tensor.
     pub fn shape(&self, t: &TensorDecl) -> Vec<usize> {
         t.shape.iter().map(|e| self.extent(e) as usize).collect()

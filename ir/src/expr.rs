@@ -61,8 +61,11 @@ macro_rules! ops {
 }
 
 ops!(
-    /// Unary operators. `ToFloat` converts an int to a float; every other float function
-    /// takes and returns a float; `Neg` and `Abs` keep their operand's type.
+    /// Unary operators. `ToFloat` converts an int to a float and `ToInt` a float to an int
+    /// (toward zero, saturating at ±2^24, `reference::INT_LIMIT`; its operand must not be NaN,
+    /// which the checker proves); every other float function takes and returns a float; `Neg` and
+    /// `Abs` keep their operand's type. `Round` rounds half to even (IEEE 754
+    /// `roundTiesToEven`, as WGSL's `round`, PTX's `cvt.rni` and Cranelift's `nearest`).
     UnOp {
         Neg = "neg",
         Not = "not",
@@ -75,7 +78,13 @@ ops!(
         Silu = "silu",
         Relu = "relu",
         Elu = "elu",
+        Cos = "cos",
+        Sin = "sin",
+        Floor = "floor",
+        Ceil = "ceil",
+        Round = "round",
         ToFloat = "float",
+        ToInt = "int",
     }
 );
 

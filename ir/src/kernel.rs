@@ -215,6 +215,7 @@ impl Kernel {
             Expr::Unary(op, a) => match op {
                 UnOp::Not => Ty::Bool,
                 UnOp::Neg | UnOp::Abs => self.ty_of(a),
+                UnOp::ToInt => Ty::Int,
                 _ => Ty::Float,
             },
             Expr::Binary(op, a, _) => {

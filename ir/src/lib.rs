@@ -14,6 +14,7 @@ pub mod analysis;
 pub mod bind;
 pub mod expr;
 pub mod hash;
+pub mod interval;
 pub mod kernel;
 pub mod pretty;
 pub mod reference;

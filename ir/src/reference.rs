@@ -49,6 +49,20 @@ pub enum RefError {
     OutOfBounds { context: String, tensor: String, axis: usize, index: i64, len: usize },
     #[error("{context}: integer division by zero")]
     DivByZero { context: String },
+    /// `int` of NaN: the checker refuses an `int` whose operand may be NaN, so only a kernel
+    /// built without it can get here.
+    #[error("{context}: `int` of NaN")]
+    IntOfNan { context: String },
+}
+
+/// The bound `int(x)` saturates at: ±2^24, where f32 still holds every integer. Sums of a
+/// few saturated values stay far inside i32, the backends' integers (`int(log(0.0))` plus a
+/// bucket offset must not wrap around on one backend and not on another).
+pub const INT_LIMIT: f64 = 16_777_216.0;
+
+/// `int(x)`: toward zero, saturating at ±[`INT_LIMIT`]; NaN is `None`.
+pub fn to_int(x: f64) -> Option<i64> {
+    (!x.is_nan()).then(|| x.trunc().clamp(-INT_LIMIT, INT_LIMIT) as i64)
 }
 
 /// Same-type scalar values. Types were checked by `verify`; a mismatch here is a bug.
@@ -121,7 +135,12 @@ pub fn unary_f64(op: UnOp, x: f64) -> f64 {
                 x.exp_m1()
             }
         }
-        UnOp::Not | UnOp::ToFloat => unreachable!("not a float function"),
+        UnOp::Cos => x.cos(),
+        UnOp::Sin => x.sin(),
+        UnOp::Floor => x.floor(),
+        UnOp::Ceil => x.ceil(),
+        UnOp::Round => x.round_ties_even(),
+        UnOp::Not | UnOp::ToFloat | UnOp::ToInt => unreachable!("not a float function"),
     }
 }
 
@@ -205,6 +224,7 @@ impl Machine<'_> {
                     (UnOp::Neg, V::I(x)) => V::I(x.wrapping_neg()),
                     (UnOp::Abs, V::I(x)) => V::I(x.wrapping_abs()),
                     (UnOp::ToFloat, V::I(x)) => V::F(x as f64),
+                    (UnOp::ToInt, V::F(x)) => V::I(to_int(x).ok_or_else(|| RefError::IntOfNan { context: cx.to_string() })?),
                     (op, V::F(x)) => V::F(unary_f64(*op, x)),
                     (op, v) => unreachable!("verified kernel: `{op}` on {v:?}"),
                 }

@@ -110,6 +110,7 @@ impl Ctx<'_> {
                     UnOp::Not => (vec![Ty::Bool], Ty::Bool),
                     UnOp::Neg | UnOp::Abs => (vec![Ty::Int, Ty::Float], t),
                     UnOp::ToFloat => (vec![Ty::Int], Ty::Float),
+                    UnOp::ToInt => (vec![Ty::Float], Ty::Int),
                     _ => (vec![Ty::Float], Ty::Float),
                 };
                 if !want.contains(&t) {

@@ -19,7 +19,8 @@ pub mod bounds;
 pub mod egraph;
 pub mod fold;
 pub mod hoist;
-pub mod interval;
+/// Interval analysis lives in the IR crate (the checker uses it too); re-exported here.
+pub use attnc_ir::interval;
 pub mod linear;
 pub mod lowrank;
 pub mod separable;

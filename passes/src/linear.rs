@@ -28,11 +28,12 @@
 //! - Limits: the tensors are per query head (GQA kv heads are duplicated); a kernel with both
 //!   a per-channel and a scalar decay, or a decay without a causal mask, is left quadratic.
 
+use crate::egraph::best_separable;
 use crate::fold::fold_score;
 use crate::hoist::rename;
-use crate::separable::{flatten_product, side, Side};
+use crate::separable::{extract, flatten_product, fold_exact, has_reduction, only_pair_indices, side, sum_of_products, Dot, Side, DOT};
 use crate::Applied;
-use attnc_ir::{BinOp, DType, Expr, Extent, Kernel, Norm, RedOp, TensorDecl, TensorDef, TensorKind, UnOp};
+use attnc_ir::{BinOp, DType, DimDecl, Expr, Extent, Kernel, Norm, RedOp, TensorDecl, TensorDef, TensorKind, UnOp};
 
 pub const FQ: &str = "__fq";
 pub const FK: &str = "__fk";
@@ -40,7 +41,73 @@ pub const LQ: &str = "__lq";
 pub const LK: &str = "__lk";
 pub const VAL: &str = "__v";
 pub const GATE: &str = "__gate";
+/// The computed dim of the features' channels when a pair factor of the score split into
+/// terms ([`split_pair_factor`]): terms × the dot's channels.
+pub const CHANNELS: &str = "__fc";
 const NAMES: [&str; 6] = [FQ, FK, LQ, LK, VAL, GATE];
+
+/// The most terms a pair factor may split into: each multiplies the state's rows.
+pub const MAX_TERMS: usize = 4;
+
+/// `dot · Π f` where the factors that depend on the query and the key together split (by
+/// the e-graph: cosFormer's `cos(c·(p − j))` = `cos(c·p)·cos(c·j) + sin(c·p)·sin(c·j)`)
+/// into `Σ_t u_t(i)·w_t(j)`, `t < T ≤` [`MAX_TERMS`]: the dot over `T·len` channels,
+/// channel `c` holding term `c // len` of channel `c % len`. Query and key factors fold in
+/// as in [`fold_score`]. Returns the dot and `T`.
+fn split_pair_factor(k: &Kernel, score: &Expr) -> Option<(Dot, usize)> {
+    let mut found = None;
+    let rest = extract(score, &mut found);
+    let dot = found?;
+    let (mut neg, mut fs) = (false, Vec::new());
+    flatten_product(&rest, &mut neg, &mut fs);
+    let (mut rows, mut cols, mut pairs, mut dots) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for f in fs {
+        if f == Expr::var(DOT) {
+            dots += 1;
+            continue;
+        }
+        if has_reduction(&f) || !only_pair_indices(&f) {
+            return None;
+        }
+        match side(&f) {
+            Side::Pair => pairs.push(f),
+            Side::Key => cols.push(f),
+            Side::Query | Side::Uniform => rows.push(f),
+        }
+    }
+    let mul = |fs: Vec<Expr>| fs.into_iter().reduce(|x, y| Expr::bin(BinOp::Mul, x, y));
+    let pair = mul(pairs)?;
+    if dots != 1 || !rows.iter().all(|f| fold_exact(k, f, &dot.a, &dot.r)) || !cols.iter().all(|f| fold_exact(k, f, &dot.b, &dot.r)) {
+        return None;
+    }
+    let (best, _, _) = best_separable(&pair, k);
+    let terms = sum_of_products(&best)?;
+    if terms.is_empty() || terms.len() > MAX_TERMS {
+        return None;
+    }
+    let n = terms.len();
+    let r = Expr::var(&dot.r);
+    let term = Expr::bin(BinOp::FloorDiv, r.clone(), dot.len.clone());
+    let chan = Expr::bin(BinOp::Mod, r, dot.len.clone());
+    // select(t == 0, x0, select(t == 1, x1, … x_{n-1})).
+    let chain = |xs: Vec<Expr>| {
+        let mut it = xs.into_iter().rev();
+        let last = it.next().expect("a term");
+        it.enumerate().fold(last, |acc, (m, x)| Expr::select(Expr::bin(BinOp::Eq, term.clone(), Expr::Int((n - 2 - m) as i64)), x, acc))
+    };
+    let side_of = |x: &Expr, fs: Vec<Expr>, ts: Vec<Expr>| {
+        let x = x.subst(&dot.r, &chan);
+        let x = fs.into_iter().fold(x, |a, f| Expr::bin(BinOp::Mul, a, f));
+        Expr::bin(BinOp::Mul, x, chain(ts))
+    };
+    let mut a = side_of(&dot.a, rows, terms.iter().map(|t| t.u.clone()).collect());
+    if neg {
+        a = Expr::un(UnOp::Neg, a);
+    }
+    let b = side_of(&dot.b, cols, terms.iter().map(|t| t.w.clone()).collect());
+    let len = Expr::bin(BinOp::Mul, Expr::Int(n as i64), dot.len.clone());
+    Some((Dot { a, b, len, ..dot }, n))
+}
 
 /// How the decay enters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -208,9 +275,16 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
         None => None,
         Some(m) => Some(causal_offset(m)?),
     };
-    // The score: a dot whose body may carry a per-channel decay factor exp(X_i - Y_j).
+    // The score: a dot whose body may carry a per-channel decay factor exp(X_i - Y_j), or
+    // times a pair factor that splits into terms.
+    let mut terms = 1;
     let (a, b, r, len, channel) = match fold_score(k, &br.score, true) {
         Some(d) => (d.a, d.b, d.r, d.len, None),
+        None if split_pair_factor(k, &br.score).is_some() => {
+            let (d, n) = split_pair_factor(k, &br.score).expect("just split");
+            terms = n;
+            (d.a, d.b, d.r, d.len, None)
+        }
         None => {
             // `Σ_r body` alone, times or divided by a per-row factor.
             let row_only = |f: &Expr| f.free_vars().iter().all(|v| matches!(v.as_str(), "b" | "h" | "i"));
@@ -247,7 +321,10 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
             (a, mul(kb), var.clone(), (**hi).clone(), Some(ch?))
         }
     };
-    let channels = extent_of(&len)?;
+    if k.dims.iter().any(|d| d.name == CHANNELS) {
+        return None;
+    }
+    let channels = if terms > 1 { Extent::Dim(CHANNELS.into()) } else { extent_of(&len)? };
     let scalar = match &br.decay {
         None => None,
         Some(d) => Some(split_decay(d)?),
@@ -263,6 +340,9 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     }
     let (ib, ih, ii, ij, ie) = (k.iter.b.clone(), k.iter.h.clone(), k.iter.i.clone(), k.iter.j.clone(), k.iter.e.clone());
     let mut out = k.clone();
+    if terms > 1 {
+        out.dims.push(DimDecl { name: CHANNELS.into(), def: Some(len.clone()) });
+    }
     let q_shape = vec![ib.clone(), ih.clone(), ii.clone(), channels.clone()];
     let k_shape = vec![ib.clone(), ih.clone(), ij.clone(), channels.clone()];
     let mut add = |t: TensorDecl| crate::add_derived(&mut out, t);
@@ -291,7 +371,12 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     nb.score = score_expr(decay, &channels);
     nb.decay = (decay == Decay::Scalar).then(scalar_decay_expr);
     let what = format!(
-        "{} {} attention{}: features, log-decays, values{} materialized for the chunked form (state {}×{})",
+        "{}{} {} attention{}: features, log-decays, values{} materialized for the chunked form (state {}×{})",
+        if terms > 1 {
+            format!("a pair factor split into {terms} query × key terms (features of {} channels); ", attnc_ir::pretty::infix(&len))
+        } else {
+            String::new()
+        },
         if causal.is_some() { "causal" } else { "non-causal" },
         if eps.is_some() { "normalized linear" } else { "unnormalized linear" },
         match decay {
@@ -300,7 +385,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
             Decay::Channel => " with a per-channel decay inside the dot".into(),
         },
         if k.gate.is_some() { " and gate" } else { "" },
-        channels,
+        if terms > 1 { attnc_ir::pretty::infix(&len) } else { channels.to_string() },
         k.iter.e,
     );
     Some((out, vec![Applied { pass: "linear", what, cost: None }]))

@@ -90,6 +90,7 @@ const CHUNKS: [usize; 3] = [32, 64, 128];
 /// Every CPU candidate for a kernel bound to `dims`, with its predicted cost, cheapest
 /// first. `threads` is fixed (the caller's choice, part of every candidate).
 pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn LoadOracle) -> Vec<Candidate<CpuOptions>> {
+    let dims = &dims.complete(k);
     let ext = |e: &attnc_ir::Extent| dims.extent(e) as f64;
     let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
     let heads = nb * nh;

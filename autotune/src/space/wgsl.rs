@@ -144,6 +144,7 @@ impl SearchSpace for WgslSpace {
     }
 
     fn candidates(&self, k: &Kernel, dims: &Bindings, data: &dyn LoadOracle) -> Vec<Candidate<WgslOptions>> {
+        let dims = &dims.complete(k);
         let ext = |e: &attnc_ir::Extent| dims.extent(e);
         let (nb, nh, ni, nj, dv) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
         let masked = k.branches.iter().any(|b| b.mask.is_some());

@@ -156,6 +156,7 @@ impl Schedule {
     /// What depends on the dims: the grid, and per algorithm the tile counts, head groups
     /// and workspace (checked against the limits) or the chunked plan.
     pub fn bind(&self, k: &Kernel, dims: &Bindings) -> Result<Bound, ScheduleError> {
+        let dims = &dims.complete(k);
         let grid = Grid::of(k, dims);
         let algorithm = match &self.algorithm {
             Algorithm::Rows => BoundAlgorithm::Rows,

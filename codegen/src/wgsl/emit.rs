@@ -134,7 +134,7 @@ struct Writer<'k> {
     /// holds the memo's length at each open block.
     memo: Vec<(Expr, String)>,
     scopes: Vec<(usize, usize)>,
-    /// Tensors whose load helper is written.
+    /// Tensors whose load helper is written, and helper functions written (`fn cosf`).
     loaders: std::collections::BTreeSet<String>,
 }
 
@@ -381,6 +381,18 @@ fn powf(x: f32, y: f32) -> f32 {{
                     UnOp::Relu => format!("select(0.0, {x}, {x} > 0.0 || isnan_({x}))"),
                     UnOp::Elu => format!("select(exp({x}) - 1.0, {x}, {x} > 0.0 || isnan_({x}))"),
                     UnOp::ToFloat => format!("f32({x})"),
+                    UnOp::Cos | UnOp::Sin => {
+                        let name = if *op == UnOp::Cos { "cosf" } else { "sinf" };
+                        self.trig(name);
+                        format!("{name}({x})")
+                    }
+                    UnOp::Floor => format!("floor({x})"),
+                    UnOp::Ceil => format!("ceil({x})"),
+                    // WGSL's `round` rounds half to even, as the reference.
+                    UnOp::Round => format!("round({x})"),
+                    // Toward zero, saturating at ±2^24 (`reference::INT_LIMIT`); the checker
+                    // rules out NaN.
+                    UnOp::ToInt => format!("i32(clamp({x}, -16777216.0, 16777216.0))"),
                 };
                 self.bind_tmp(e, ty, v)
             }
@@ -462,6 +474,24 @@ fn powf(x: f32, y: f32) -> f32 {{
     }
 
     /// `ld_<t>(x0, …)`: element of tensor `t`, each index clamped into its axis.
+    /// `cosf` / `sinf`: WGSL bounds the error of `cos` and `sin` only on [-π, π] and leaves
+    /// NaN and infinities to the implementation, so the argument is reduced first and a
+    /// non-finite one gives NaN (the reference's answer).
+    fn trig(&mut self, name: &str) {
+        if !self.loaders.insert(format!("fn {name}")) {
+            return;
+        }
+        let f = &name[..3];
+        let _ = write!(
+            self.head,
+            "fn {name}(x: f32) -> f32 {{
+  if (!(abs(x) < pinf())) {{ return pinf() - pinf(); }}
+  return {f}(x - 6.2831855 * round(x * 0.15915494));
+}}
+"
+        );
+    }
+
     fn loader(&mut self, t: &str) {
         if !self.loaders.insert(t.to_string()) {
             return;

@@ -86,6 +86,8 @@ define_language! {
         "/" = Div([Id; 2]),
         "neg" = Neg(Id),
         "float" = ToFloat(Id),
+        "cos" = Cos(Id),
+        "sin" = Sin(Id),
         Lit(Lit),
         Leaf(Symbol),
     }
@@ -144,6 +146,8 @@ fn fold(op: &Ix, a: Option<Lit>, b: Option<Lit>) -> Option<Lit> {
         (Ix::Neg(_), I(x), _) => I(x.wrapping_neg()),
         (Ix::Neg(_), F(x), _) => Lit::float(-f(x)),
         (Ix::ToFloat(_), I(x), _) => Lit::float(x as f64),
+        (Ix::Cos(_), F(x), _) => Lit::float(f(x).cos()),
+        (Ix::Sin(_), F(x), _) => Lit::float(f(x).sin()),
         (Ix::Add(_), I(x), Some(I(y))) => I(x.wrapping_add(y)),
         (Ix::Sub(_), I(x), Some(I(y))) => I(x.wrapping_sub(y)),
         (Ix::Mul(_), I(x), Some(I(y))) => I(x.wrapping_mul(y)),
@@ -178,7 +182,7 @@ impl Analysis<Ix> for FactsAnalysis {
                 let a = d(a);
                 Facts { ty: a.ty, deps: a.deps, konst: fold(enode, a.konst, None) }
             }
-            Ix::ToFloat(a) => {
+            Ix::ToFloat(a) | Ix::Cos(a) | Ix::Sin(a) => {
                 let a = d(a);
                 Facts { ty: Ty::Float, deps: a.deps, konst: fold(enode, a.konst, None) }
             }
@@ -238,9 +242,13 @@ pub fn lower(e: &Expr, k: &Kernel) -> Lowered {
                 let a = go(a, k, out, an);
                 out.add(Ix::Neg(a))
             }
-            Expr::Unary(UnOp::ToFloat, a) => {
+            Expr::Unary(op @ (UnOp::ToFloat | UnOp::Cos | UnOp::Sin), a) => {
                 let a = go(a, k, out, an);
-                out.add(Ix::ToFloat(a))
+                out.add(match op {
+                    UnOp::ToFloat => Ix::ToFloat(a),
+                    UnOp::Cos => Ix::Cos(a),
+                    _ => Ix::Sin(a),
+                })
             }
             other => {
                 let n = match an.opaque.iter().position(|(x, _, _)| x == other) {
@@ -270,6 +278,8 @@ pub fn raise(rec: &RecExpr<Ix>, id: Id, opaque: &[(Expr, Ty, u8)]) -> Expr {
         Ix::Div([a, b]) => Expr::bin(BinOp::Div, r(a), r(b)),
         Ix::Neg(a) => Expr::un(UnOp::Neg, r(a)),
         Ix::ToFloat(a) => Expr::un(UnOp::ToFloat, r(a)),
+        Ix::Cos(a) => Expr::un(UnOp::Cos, r(a)),
+        Ix::Sin(a) => Expr::un(UnOp::Sin, r(a)),
         Ix::Lit(l) => l.to_expr(),
         Ix::Leaf(s) => {
             let s = s.as_str();
@@ -357,7 +367,7 @@ fn opaque_eval(e: &Expr) -> f64 {
     let mut n = 0.0;
     e.walk(&mut |x| {
         n += match x {
-            Expr::Unary(UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Sigmoid | UnOp::Silu | UnOp::Elu, _) => 12.0,
+            Expr::Unary(UnOp::Exp | UnOp::Log | UnOp::Tanh | UnOp::Sigmoid | UnOp::Silu | UnOp::Elu | UnOp::Cos | UnOp::Sin, _) => 12.0,
             Expr::Binary(BinOp::Pow, _, _) => 25.0,
             Expr::Binary(BinOp::FloorDiv | BinOp::Mod | BinOp::Div, _, _) => 4.0,
             // A gather: one scalar load per lane.
@@ -420,6 +430,7 @@ impl CostFunction<Ix> for SepCostFn<'_> {
                 (4.0 + ca.eval + cb.eval, if key_free { ca.rank } else { None })
             }
             Ix::ToFloat(a) => (own(1.0, &[*a], &mut costs), None),
+            Ix::Cos(a) | Ix::Sin(a) => (own(12.0, &[*a], &mut costs), None),
             Ix::Leaf(s) => {
                 let n: usize = s.as_str().strip_prefix('#').and_then(|n| n.parse().ok()).unwrap_or(usize::MAX);
                 (g.analysis.opaque.get(n).map_or(1.0, |(e, _, _)| opaque_eval(e).max(1.0)), None)

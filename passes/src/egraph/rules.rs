@@ -98,6 +98,15 @@ pub const RULES: &[Rule] = &[
     // a / c = a · (1/c) when c is not a pair term (a row or column factor, computed once
     // per row or key): equal up to one rounding.
     Rule { name: "div-to-mul-recip", lhs: "(/ ?a ?c)", rhs: "(* ?a (/ 1.0 ?c))", guard: Some(recip_ok), ty: RuleTy::Float },
+    // cos(a + b) = cos a·cos b − sin a·sin b, sin(a + b) = sin a·cos b + cos a·sin b: equal
+    // up to a few roundings (each factor within an ulp). Pair terms only: a phase that
+    // depends on the query and the key (cosFormer's cos(π/2·(i − j)/M), rotary-style
+    // biases) becomes rank 2, a query term times a key term.
+    Rule { name: "cos-of-sum", lhs: "(cos (+ ?a ?b))", rhs: "(- (* (cos ?a) (cos ?b)) (* (sin ?a) (sin ?b)))", guard: Some(lhs_is_pair), ty: RuleTy::Float },
+    Rule { name: "sin-of-sum", lhs: "(sin (+ ?a ?b))", rhs: "(+ (* (sin ?a) (cos ?b)) (* (cos ?a) (sin ?b)))", guard: Some(lhs_is_pair), ty: RuleTy::Float },
+    // cos(−a) = cos a, sin(−a) = −sin a: exact (the functions are even and odd).
+    Rule { name: "cos-neg", lhs: "(cos (neg ?a))", rhs: "(cos ?a)", guard: None, ty: RuleTy::Float },
+    Rule { name: "sin-neg", lhs: "(sin (neg ?a))", rhs: "(neg (sin ?a))", guard: None, ty: RuleTy::Float },
     // a + 0 = a (ints).
     Rule { name: "add-zero-int", lhs: "(+ ?a 0)", rhs: "?a", guard: None, ty: RuleTy::Int },
     // a + 0.0 = a (floats; -0.0 + 0.0 = +0.0 differs only in the sign of zero).

@@ -43,6 +43,12 @@ pub(crate) mod libm {
     pub extern "C" fn expm1(x: f32) -> f32 {
         x.exp_m1()
     }
+    pub extern "C" fn cos(x: f32) -> f32 {
+        x.cos()
+    }
+    pub extern "C" fn sin(x: f32) -> f32 {
+        x.sin()
+    }
     pub extern "C" fn pow(x: f32, y: f32) -> f32 {
         x.powf(y)
     }
@@ -61,6 +67,8 @@ pub(crate) fn libcalls() -> Vec<(&'static str, usize, *const u8)> {
         ("attnc_powf", 2, libm::pow as *const u8),
         // Cranelift lowers `fma` without the FMA extension to a call to `fmaf`.
         ("fmaf", 3, libm::fma as *const u8),
+        ("attnc_cosf", 1, libm::cos as *const u8),
+        ("attnc_sinf", 1, libm::sin as *const u8),
     ]
 }
 

@@ -171,6 +171,19 @@ impl Gen<'_, '_> {
             UnOp::Exp => self.call("attnc_expf", &[x]),
             UnOp::Log => self.call("attnc_logf", &[x]),
             UnOp::Tanh => self.call("attnc_tanhf", &[x]),
+            UnOp::Cos => self.call("attnc_cosf", &[x]),
+            UnOp::Sin => self.call("attnc_sinf", &[x]),
+            UnOp::Floor => self.b.ins().floor(x),
+            UnOp::Ceil => self.b.ins().ceil(x),
+            UnOp::Round => self.b.ins().nearest(x),
+            // Toward zero, saturating at ±2^24 (the checker rules out NaN).
+            UnOp::ToInt => {
+                let (lo, hi) = (self.fconst(-attnc_ir::reference::INT_LIMIT as f32), self.fconst(attnc_ir::reference::INT_LIMIT as f32));
+                let x = self.b.ins().fmax(x, lo);
+                let x = self.b.ins().fmin(x, hi);
+                let n = self.b.ins().fcvt_to_sint_sat(types::I32, x);
+                self.b.ins().sextend(types::I64, n)
+            }
             UnOp::Sqrt => self.b.ins().sqrt(x),
             UnOp::Sigmoid => self.sigmoid(x),
             UnOp::Silu => {

@@ -262,7 +262,16 @@ impl Gen<'_, '_> {
                         };
                         self.fselect(keep, x, other)
                     }
-                    UnOp::Log => return VV::V(self.lanewise(e)),
+                    UnOp::Floor => self.b.ins().floor(x),
+                    UnOp::Ceil => self.b.ins().ceil(x),
+                    UnOp::Round => self.b.ins().nearest(x),
+                    UnOp::ToInt => {
+                        let (lo, hi) = (f(self, -attnc_ir::reference::INT_LIMIT as f32), f(self, attnc_ir::reference::INT_LIMIT as f32));
+                        let x = self.b.ins().fmax(x, lo);
+                        let x = self.b.ins().fmin(x, hi);
+                        self.b.ins().fcvt_to_sint_sat(types::I32X4, x)
+                    }
+                    UnOp::Log | UnOp::Cos | UnOp::Sin => return VV::V(self.lanewise(e)),
                 })
             }
             Expr::Binary(op, a, b) => {

@@ -10,7 +10,7 @@
 //! Tensor reads go through a [`LoadOracle`], which may return exact bounds from the data
 //! (the run-time pre-pass for segment ids and block lists) or `Unknown` (compile time).
 
-use attnc_ir::{floor_div, floor_mod, BinOp, Expr, RedOp, UnOp};
+use crate::{floor_div, floor_mod, BinOp, Expr, RedOp, UnOp};
 use std::collections::BTreeMap;
 
 /// An abstract value.
@@ -216,10 +216,28 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
                     }
                 }
                 (UnOp::ToFloat, Iv::Int(a, b)) => Iv::Float { lo: a as f64, hi: b as f64, nan: false },
+                // An integer converts to a finite float, whatever it is.
+                (UnOp::ToFloat, _) => Iv::Float { lo: i64::MIN as f64, hi: i64::MAX as f64, nan: false },
+                // Toward zero, saturating at the i32 range (NaN: see `reference::to_int`).
+                (UnOp::ToInt, Iv::Float { lo, hi, nan: false }) if lo <= hi => {
+                    let t = |x: f64| crate::reference::to_int(x).expect("not NaN");
+                    Iv::Int(t(lo), t(hi))
+                }
+                // Monotone non-decreasing, NaN to NaN.
+                (UnOp::Floor | UnOp::Ceil | UnOp::Round | UnOp::Log, Iv::Float { lo, hi, nan }) if lo <= hi => {
+                    let f = crate::reference::unary_f64;
+                    if *op == UnOp::Log && lo < 0.0 {
+                        Iv::Float { lo: f64::NEG_INFINITY, hi: if hi < 0.0 { f64::NEG_INFINITY } else { hi.ln() }, nan: true }
+                    } else {
+                        Iv::Float { lo: f(*op, lo), hi: f(*op, hi), nan }
+                    }
+                }
+                // In [-1, 1]; NaN at infinities.
+                (UnOp::Cos | UnOp::Sin, Iv::Float { lo, hi, nan }) => Iv::Float { lo: -1.0, hi: 1.0, nan: nan || lo.is_infinite() || hi.is_infinite() },
                 // Monotone on [0, inf): sqrt of a non-negative range.
                 (UnOp::Sqrt, Iv::Float { lo, hi, nan }) if lo <= hi && lo >= 0.0 => Iv::Float { lo: lo.sqrt(), hi: hi.sqrt(), nan },
                 (UnOp::Exp | UnOp::Tanh | UnOp::Sigmoid, Iv::Float { lo, hi, nan }) if lo <= hi => {
-                    let f = attnc_ir::reference::unary_f64;
+                    let f = crate::reference::unary_f64;
                     Iv::Float { lo: f(*op, lo), hi: f(*op, hi), nan }
                 }
                 (_, Iv::Float { .. }) => Iv::ANY_FLOAT,
