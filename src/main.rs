@@ -6,6 +6,7 @@ use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
 use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::ptx::{PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend as _, Compiled as _};
@@ -91,6 +92,9 @@ enum Emit {
     OptIr,
     /// The WGSL module of the WebGPU backend (validated by naga).
     Wgsl,
+    /// The PTX module of the NVIDIA backend (the exact f32 row kernel; parsed by the PTX
+    /// interpreter; assemble it with `ptxas -arch=sm_80`).
+    Ptx,
 }
 
 /// Which optimization passes run (every one by default).
@@ -192,9 +196,13 @@ enum Backend {
     /// The f64 reference interpreter: the meaning of a spec; slow, exact.
     Reference,
     /// WebGPU: WGSL run by wgpu on the best adapter here (a discrete GPU first, lavapipe on
-    /// a machine without one; `ATTNC_WGPU_ADAPTER=<name part>` picks one). Row kernel with
-    /// tile classes.
+    /// a machine without one; `ATTNC_WGPU_ADAPTER=<name part>` picks one). Tiled kernel
+    /// (row kernel where the spec does not tile), chunked form for linear attention.
     Wgsl,
+    /// The PTX the NVIDIA backend emits, run by attnc's PTX interpreter on the CPU: checks a
+    /// kernel without a GPU. Slow (small shapes); `run` only.
+    #[value(name = "ptx-sim")]
+    PtxSim,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -203,6 +211,8 @@ enum Target {
     Cpu,
     /// WebGPU: the WGSL module (validated by naga; no adapter needed).
     Wgsl,
+    /// NVIDIA: the PTX module (`--arch`-independent text for sm_80; no GPU needed).
+    Ptx,
 }
 
 #[derive(Subcommand)]
@@ -217,10 +227,11 @@ enum Cmd {
     Compile {
         /// The .attn spec file.
         spec: PathBuf,
-        /// What to emit (default: ir; wgsl with --target wgsl).
+        /// What to emit (default: ir; wgsl with --target wgsl, ptx with --target ptx).
         #[arg(long, value_enum)]
         emit: Option<Emit>,
-        /// Code generation target: cpu (--emit clif and asm) or wgsl (--emit wgsl).
+        /// Code generation target: cpu (--emit clif and asm), wgsl (--emit wgsl) or ptx
+        /// (--emit ptx).
         #[arg(long, value_enum, default_value = "cpu")]
         target: Target,
         /// Write to this file instead of standard output.
@@ -442,9 +453,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Compile { spec, emit, target, output, opt } => {
-            let emit = emit.unwrap_or(if target == Target::Wgsl { Emit::Wgsl } else { Emit::Ir });
-            if target == Target::Wgsl && matches!(emit, Emit::Clif | Emit::Asm) {
-                return Err(anyhow!("--emit clif and asm are the cpu target's forms; the wgsl target emits wgsl"));
+            let emit = emit.unwrap_or(match target {
+                Target::Wgsl => Emit::Wgsl,
+                Target::Ptx => Emit::Ptx,
+                Target::Cpu => Emit::Ir,
+            });
+            if target != Target::Cpu && matches!(emit, Emit::Clif | Emit::Asm) {
+                let t = if target == Target::Wgsl { "wgsl" } else { "ptx" };
+                return Err(anyhow!("--emit clif and asm are the cpu target's forms; the {t} target emits {t}"));
             }
             let (l, c) = load(&spec)?;
             let (oc, _) = optimized(&c, &opt)?;
@@ -452,7 +468,7 @@ fn run(cli: Cli) -> Result<()> {
                 Emit::Ir => c.kernel.to_string(),
                 Emit::OptIr => oc.kernel.to_string(),
                 Emit::Clif => match target {
-                    Target::Wgsl => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
+                    Target::Wgsl | Target::Ptx => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
                     Target::Cpu => {
                         let cpu = CpuBackend::default();
                         let o = CpuOptions::default();
@@ -463,7 +479,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                 },
                 Emit::Asm => match target {
-                    Target::Wgsl => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
+                    Target::Wgsl | Target::Ptx => return Err(anyhow!("--emit clif and asm are the cpu target's forms")),
                     Target::Cpu => {
                         let (_, asm) = attnc_codegen::cpu::emit_host(&oc.kernel, &oc.info, &CpuOptions::default())?;
                         asm.iter().map(|(f, code)| format!("; {f}\n{code}\n")).collect()
@@ -471,6 +487,13 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 Emit::Wgsl => {
                     let (be, o) = (WgslBackend, WgslOptions::default());
+                    let s = be.plan(&oc.kernel, &oc.info, &o)?;
+                    let artifact = be.emit(&oc.kernel, &oc.info, &s, &o)?;
+                    be.validate(&artifact)?;
+                    artifact.to_string()
+                }
+                Emit::Ptx => {
+                    let (be, o) = (PtxSimBackend, PtxOptions::default());
                     let s = be.plan(&oc.kernel, &oc.info, &o)?;
                     let artifact = be.emit(&oc.kernel, &oc.info, &s, &o)?;
                     be.validate(&artifact)?;
@@ -546,6 +569,11 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
+                Backend::PtxSim => {
+                    let kern = PtxSimBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    eprintln!("{}: {} (the PTX interpreter)", c.kernel.name, kern.describe());
+                    kern.run(&inputs, &given)?
+                }
             };
             let secs = start.elapsed().as_secs_f64();
             let o = c.kernel.output();
@@ -595,6 +623,9 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             opt,
         } => {
+            if backend == Backend::PtxSim {
+                return Err(anyhow!("ptx-sim is an interpreter, not something to time: check a kernel with `attnc run --backend ptx-sim --check` (a GPU run of the PTX needs the cudarc runtime, not written yet)"));
+            }
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
             if backend == Backend::Wgsl && (threads != 0 || no_microkernel) {
@@ -714,6 +745,7 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     (compile_ms, 0, format!("wgsl, {}; {}", kern.describe(), WgslBackend.device()))
                 }
+                Backend::PtxSim => unreachable!("refused above"),
                 Backend::Reference => {
                     for n in 0..=runs.min(1) {
                         let t = Instant::now();
@@ -744,8 +776,11 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed, opt } => {
-            if backend == Backend::Reference {
-                return Err(anyhow!("the reference interpreter has nothing to tune: choose --backend cpu or wgsl"));
+            if matches!(backend, Backend::Reference | Backend::PtxSim) {
+                return Err(anyhow!(
+                    "the {} has nothing to tune: choose --backend cpu or wgsl",
+                    if backend == Backend::Reference { "reference interpreter" } else { "PTX interpreter" }
+                ));
             }
             if backend == Backend::Wgsl && threads != 0 {
                 return Err(anyhow!("--threads is a CPU option; the wgsl backend tunes its workgroup shape"));

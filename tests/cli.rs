@@ -306,3 +306,30 @@ fn dims_with_defaults_may_be_left_out() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("--dims is missing H"), "a default needs its own dims: {err}");
 }
+
+/// The PTX target: `compile --target ptx` prints the module (`--emit ptx` the same), `run
+/// --backend ptx-sim --check` runs it in the PTX interpreter and matches the reference, and
+/// what the interpreter cannot do (time or tune a kernel) is refused with the reason.
+#[test]
+fn ptx_compiles_and_runs_in_the_interpreter() {
+    let (code, out, err) = attnc(&["compile", "examples/softcap.attn", "--target", "ptx"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(".target sm_80") && out.contains(".visible .entry attend("), "{out}");
+    let (code, same, err) = attnc(&["compile", "examples/softcap.attn", "--emit", "ptx"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(same, out);
+    let (code, _, err) = attnc(&["compile", "examples/softcap.attn", "--target", "ptx", "--emit", "asm"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cpu target"), "{err}");
+    let o = tmp("ptx.safetensors");
+    let (code, _, err) =
+        attnc(&["run", "examples/document_mask.attn", "--random", "--dims", "B=2,H=2,G=1,N=21,M=21,D=8,Dv=8", "-o", &o, "--backend", "ptx-sim", "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("ran on PtxSim") && err.contains("0 NaN mismatches"), "{err}");
+    let (code, _, err) = attnc(&["bench", "examples/sdpa.attn", "--dims", "B=1,H=1,N=8,M=8,D=8,Dv=8", "--backend", "ptx-sim"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("interpreter"), "{err}");
+    let (code, _, err) = attnc(&["tune", "examples/sdpa.attn", "--dims", "B=1,H=1,N=8,M=8,D=8,Dv=8", "--backend", "ptx-sim"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("nothing to tune"), "{err}");
+}

@@ -7,10 +7,13 @@ use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
 use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
+use attnc_codegen::ptx::{PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, BackendOptions, Compiled, Tolerance};
 use std::collections::BTreeMap;
+mod common;
+use common::examples;
 
 /// What the suite runs: compile a checked spec and run it on inputs.
 trait Runner: Sync {
@@ -154,23 +157,6 @@ const PROFILES: &[Profile] = &[
     },
 ];
 
-fn examples() -> Vec<(String, Checked)> {
-    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
-        .expect("examples")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
-        .collect();
-    files.sort();
-    files
-        .iter()
-        .map(|p| {
-            let name = p.file_stem().unwrap().to_string_lossy().to_string();
-            let c = attnc::dsl::compile(&std::fs::read_to_string(p).unwrap()).unwrap_or_else(|d| panic!("{name}: {}", d.message));
-            (name, c)
-        })
-        .collect()
-}
-
 /// Inputs for a spec under a profile, or `None` when the profile does not fit the spec
 /// (its requirements fail, e.g. N ≠ M for a spec that needs N == M).
 fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Tensor>> {
@@ -269,6 +255,16 @@ conformance!(
     On::all(WgslBackend, WgslOptions::default()),
     |_| true
 );
+/// The PTX backend's exact f32 row kernel, run by the PTX interpreter (no GPU needed):
+/// every example on the small shapes, including N ≠ M with GQA, decode, rows with no key,
+/// logits of 1e4 and NaN; MLA (576-channel keys, 512-channel values: a minute per shape in
+/// the interpreter) on the decode shape it is written for.
+#[test]
+fn ptx_sim_matches_reference_on_every_example() {
+    let on = On::all(PtxSimBackend, PtxOptions::default());
+    check_examples(&on, &|n| n != "mla_decode", &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "large_logits" | "nan"), 150);
+    check_examples(&on, &|n| n == "mla_decode", &|p| p == "decode", 1);
+}
 conformance!(
     /// The tiled kernel with 4 invocations per row, 8 keys each of a 32-key tile, and 4
     /// channels per invocation: a workgroup holds 16 output channels, so wider outputs run
@@ -371,10 +367,9 @@ fn chunked_forms_fall_back_when_the_log_decay_increases() {
     }
 }
 
-/// f16 and bf16 inputs stay half width on the WGSL device (two to a word): odd element
-/// counts, both halves of a word, a causal mask and a bias that read them, tiled and rows.
-#[test]
-fn wgsl_half_width_inputs_match_reference() {
+/// f16 and bf16 inputs (a spec that declares them): half width on the device, decoded
+/// exactly; odd and even element counts.
+fn check_half_width_inputs(on: &dyn Runner) {
     let src = "attention halves {
       dims B, H, N, M, D, Dv
       input q: f16[B, H, N, D]
@@ -389,20 +384,34 @@ fn wgsl_half_width_inputs_match_reference() {
       value = v[b, h, j, e]
     }";
     let c = attnc::dsl::compile(src).expect("spec compiles");
-    for o in [WgslOptions::default(), WgslOptions { schedule: ScheduleOptions { tiled: false, ..WgslOptions::default().schedule }, ..WgslOptions::default() }] {
-        let on = On::all(WgslBackend, o);
-        if on.available().is_err() {
-            return;
-        }
-        for (n, m, d, dv) in [(7, 9, 5, 3), (33, 33, 16, 16)] {
-            let dims: BTreeMap<String, i64> = [("B", 2), ("H", 3), ("N", n), ("M", m), ("D", d), ("Dv", dv)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
-            let b = attnc::bind_dims(&c, &dims).expect("dims bind");
-            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 11).expect("inputs");
-            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
-            let got = on.run(&c, &ins).expect("runs");
-            compare(&format!("halves N={n} M={m} D={d} Dv={dv} on {}", on.name()), &got, &want, Tweak::None, on.tolerance()).unwrap_or_else(|e| panic!("{e}"));
-        }
+    if on.available().is_err() {
+        return;
     }
+    for (n, m, d, dv) in [(7, 9, 5, 3), (33, 33, 16, 16)] {
+        let dims: BTreeMap<String, i64> = [("B", 2), ("H", 3), ("N", n), ("M", m), ("D", d), ("Dv", dv)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+        let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+        let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 11).expect("inputs");
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+        let got = on.run(&c, &ins).expect("runs");
+        compare(&format!("halves N={n} M={m} D={d} Dv={dv} on {}", on.name()), &got, &want, Tweak::None, on.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// WGSL: two halves to a word, decoded with integer operations; tiled and row kernels.
+#[test]
+fn wgsl_half_width_inputs_match_reference() {
+    check_half_width_inputs(&On::all(WgslBackend, WgslOptions::default()));
+    check_half_width_inputs(&On::all(
+        WgslBackend,
+        WgslOptions { schedule: ScheduleOptions { tiled: false, ..WgslOptions::default().schedule }, ..WgslOptions::default() },
+    ));
+}
+
+/// PTX: 2 bytes per element (`ld.global.u16`, then `cvt.f32.f16` or a shift), on the
+/// interpreter.
+#[test]
+fn ptx_half_width_inputs_match_reference() {
+    check_half_width_inputs(&On::all(PtxSimBackend, PtxOptions::default()));
 }
 
 /// Scalar data at a neighbouring key is plain indexing, not a convolution over scores: a
@@ -434,6 +443,7 @@ fn a_mask_may_read_data_at_a_neighbouring_key() {
         Box::new(cpu(CpuOptions::default())),
         Box::new(cpu_schedule(ScheduleOptions { tiled: false, ..Default::default() })),
         Box::new(On::all(WgslBackend, WgslOptions::default())),
+        Box::new(On::all(PtxSimBackend, PtxOptions::default())),
     ];
     for r in runners {
         if r.available().is_err() {
@@ -476,6 +486,7 @@ fn rounding_trigonometry_and_int_match_reference() {
         Box::new(cpu_schedule(ScheduleOptions { tiled: false, ..Default::default() })),
         Box::new(On::all(WgslBackend, WgslOptions::default())),
         Box::new(On::all(WgslBackend, WgslOptions { schedule: ScheduleOptions { tiled: false, ..WgslOptions::default().schedule }, ..WgslOptions::default() })),
+        Box::new(On::all(PtxSimBackend, PtxOptions::default())),
     ];
     for r in runners {
         if r.available().is_err() {

@@ -22,16 +22,8 @@ use attnc_codegen::{Backend, Compiled, Tolerance};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
 use std::collections::BTreeMap;
-
-fn examples() -> Vec<String> {
-    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
-        .expect("examples")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
-        .collect();
-    files.sort();
-    files.iter().map(|p| std::fs::read_to_string(p).expect("example")).collect()
-}
+mod common;
+use common::example_sources as examples;
 
 fn config(default_cases: u32) -> Config {
     let scale: f64 = std::env::var("ATTNC_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);

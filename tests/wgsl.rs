@@ -4,16 +4,8 @@
 use attnc::passes::PassConfig;
 use attnc_codegen::wgsl::{validate, WgslBackend, WgslOptions};
 use attnc_codegen::Backend;
-
-fn examples() -> Vec<(String, attnc::dsl::Checked)> {
-    let mut files: Vec<_> = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/examples"))
-        .expect("examples")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|x| x == "attn"))
-        .collect();
-    files.sort();
-    files.iter().map(|p| (p.file_stem().unwrap().to_string_lossy().to_string(), attnc::dsl::compile(&std::fs::read_to_string(p).unwrap()).unwrap())).collect()
-}
+mod common;
+use common::examples;
 
 #[test]
 fn every_example_emits_wgsl_that_naga_validates() {

@@ -371,6 +371,20 @@ impl BoundsCheck {
     }
 }
 
+/// f32 bits of an f16 or bf16 input (exact: its values are of that type) as halves, two to
+/// a word, the even element in the low half: the device layout of half-width inputs (a
+/// little-endian array of 16-bit elements).
+pub fn pack_halves(dtype: attnc_ir::DType, data: &[u32]) -> Vec<u32> {
+    let half = |w: u32| -> u32 {
+        let x = f32::from_bits(w);
+        match dtype {
+            attnc_ir::DType::BF16 => half::bf16::from_f32(x).to_bits() as u32,
+            _ => half::f16::from_f32(x).to_bits() as u32,
+        }
+    };
+    data.chunks(2).map(|p| half(p[0]) | p.get(1).map_or(0, |&w| half(w) << 16)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

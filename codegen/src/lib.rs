@@ -7,13 +7,16 @@
 //! - [`Backend`]: a target. It emits an artifact that prints as its source text from
 //!   `(Kernel, KernelInfo, Schedule, Options)` (so only verified IR can be emitted),
 //!   validates it, and loads it as a [`Compiled`] kernel that runs on [`host::Storage`];
-//! - [`cpu`]: the CPU backend (Cranelift JIT for the host).
+//! - [`cpu`]: the CPU backend (Cranelift JIT for the host);
+//! - [`wgsl`]: the WebGPU backend (WGSL, naga, wgpu);
+//! - [`ptx`]: PTX for NVIDIA GPUs and its interpreter (`ptx-sim`).
 //!
 //! This is the only crate that knows Cranelift; it knows nothing of the surface language.
 //! `docs/backends.md` says what a new backend writes.
 
 pub mod cpu;
 pub mod host;
+pub mod ptx;
 pub mod schedule;
 pub mod wgsl;
 

@@ -200,19 +200,6 @@ fn half_width(t: &attnc_ir::TensorDecl) -> bool {
     t.kind == TensorKind::Input && matches!(t.dtype, attnc_ir::DType::F16 | attnc_ir::DType::BF16)
 }
 
-/// f32 bits of an f16 or bf16 input (exact: its values are of that type) as halves, two to
-/// a word, the even element in the low half.
-fn pack_halves(dtype: attnc_ir::DType, data: &[u32]) -> Vec<u32> {
-    let half = |w: u32| -> u32 {
-        let x = f32::from_bits(w);
-        match dtype {
-            attnc_ir::DType::BF16 => half::bf16::from_f32(x).to_bits() as u32,
-            _ => half::f16::from_f32(x).to_bits() as u32,
-        }
-    };
-    data.chunks(2).map(|p| half(p[0]) | p.get(1).map_or(0, |&w| half(w) << 16)).collect()
-}
-
 fn device_err(what: &str, e: impl std::fmt::Display) -> RunError {
     RunError::Device(format!("{what}: {e}"))
 }
@@ -322,7 +309,7 @@ impl Compiled for WgslKernel {
                     continue;
                 }
                 if half_width(t) {
-                    let words = pack_halves(t.dtype, data);
+                    let words = crate::host::pack_halves(t.dtype, data);
                     q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(&words));
                 } else {
                     q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(data));

@@ -1,0 +1,660 @@
+//! An interpreter for the PTX attnc emits, so a kernel's semantics can be checked without a
+//! GPU (`attnc run --backend ptx-sim`; no PTX emulator can be installed here and ptxas only
+//! checks syntax).
+//!
+//! It parses a module's `.entry` functions (register declarations, labels, predicated
+//! instructions), decodes every instruction once, and runs a grid thread by thread. It
+//! reports, as errors naming the thread and the instruction: a read of a register never
+//! written, a load or store outside the buffers, an integer division by zero, an
+//! instruction it does not know.
+//!
+//! What it implements is what the exact f32 row kernel and the derive passes use: integer,
+//! float and predicate arithmetic, comparisons, conversions, global loads and stores,
+//! branches. Approximate instructions (`ex2.approx`, `lg2.approx`, `sin.approx`,
+//! `cos.approx`) are computed in f64 and rounded once: within the bounds the PTX ISA states
+//! for them. Warp-level instructions (`shfl.sync`, `bar.sync`, shared memory, `cp.async`,
+//! `ldmatrix`, `mma`), which the tensor-core kernel will need, are not implemented yet: the
+//! parser refuses them, so a kernel using them cannot pass for checked. Threads run one after
+//! another, which is exact for kernels that neither share memory nor synchronize.
+
+use std::collections::BTreeMap;
+
+/// A simulated global buffer's base address: buffer `n` lives at `(n + 1) << 40`.
+const BUF_SHIFT: u32 = 40;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SimError(pub String);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Ty {
+    S32,
+    U32,
+    B32,
+    F32,
+    S64,
+    U64,
+    U16,
+    F16,
+    Pred,
+}
+
+#[derive(Clone, Debug)]
+enum Opd {
+    Reg(usize),
+    Imm(u64),
+    Special(Special),
+    Param(usize),
+    /// `[reg + off]`.
+    Addr(usize, i64),
+    /// `[param]`.
+    ParamAddr(usize),
+    Label(usize),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Special {
+    Tid,
+    Ntid,
+    Ctaid,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    /// Unordered or not equal / greater; either operand NaN.
+    Neu,
+    Gtu,
+    Nan,
+}
+
+/// An instruction, decoded once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum K {
+    Ret,
+    Bra,
+    LdParam,
+    Ld16,
+    Ld32,
+    St32,
+    Mov,
+    Selp,
+    NotP,
+    AndP,
+    OrP,
+    XorP,
+    XorB,
+    Shl,
+    SetpF(Cmp),
+    SetpI(Cmp),
+    CvtF32S32,
+    CvtS32F32,
+    Floor,
+    Ceil,
+    RoundEven,
+    Trunc,
+    CvtU16,
+    CvtF32F16,
+    FAdd,
+    FSub,
+    FMul,
+    FDiv,
+    Fma,
+    FNeg,
+    FAbs,
+    FSqrt,
+    FMin,
+    FMax,
+    FMinNaN,
+    FMaxNaN,
+    Ex2,
+    Lg2,
+    Sin,
+    Cos,
+    Add64,
+    MulWide,
+    IAdd,
+    ISub,
+    IMul,
+    IMad,
+    IDiv,
+    IRem,
+    INeg,
+    IAbs,
+    IMin,
+    IMax,
+}
+
+#[derive(Clone, Debug)]
+struct Ins {
+    /// `@p` / `@!p`.
+    guard: Option<(usize, bool)>,
+    kind: K,
+    opds: Vec<Opd>,
+    line: usize,
+    text: String,
+}
+
+/// Decodes an instruction from its opcode's parts; `None` for what the interpreter does not
+/// run.
+fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
+    let m = |s: &str| mods.iter().any(|x| x == s);
+    let cmp = || {
+        Some(match mods.first()?.as_str() {
+            "eq" => Cmp::Eq,
+            "ne" => Cmp::Ne,
+            "lt" => Cmp::Lt,
+            "le" => Cmp::Le,
+            "gt" => Cmp::Gt,
+            "ge" => Cmp::Ge,
+            "neu" => Cmp::Neu,
+            "gtu" => Cmp::Gtu,
+            "nan" => Cmp::Nan,
+            _ => return None,
+        })
+    };
+    let float = ty == Ty::F32;
+    let int = matches!(ty, Ty::S32 | Ty::U32 | Ty::B32);
+    Some(match op {
+        "ret" => K::Ret,
+        "bra" => K::Bra,
+        "ld" if m("param") => K::LdParam,
+        "ld" if m("global") && ty == Ty::U16 => K::Ld16,
+        "ld" if m("global") && (int || float) => K::Ld32,
+        "st" if m("global") && (int || float) => K::St32,
+        "cvta" | "mov" => K::Mov,
+        "selp" => K::Selp,
+        "not" if ty == Ty::Pred => K::NotP,
+        "and" if ty == Ty::Pred => K::AndP,
+        "or" if ty == Ty::Pred => K::OrP,
+        "xor" if ty == Ty::Pred => K::XorP,
+        "xor" if int => K::XorB,
+        "shl" if int => K::Shl,
+        "setp" if float => K::SetpF(cmp()?),
+        "setp" if int => match cmp()? {
+            c @ (Cmp::Eq | Cmp::Ne | Cmp::Lt | Cmp::Le | Cmp::Gt | Cmp::Ge) => K::SetpI(c),
+            _ => return None,
+        },
+        "cvt" => {
+            let ts: Vec<Ty> = mods.iter().filter_map(|x| ty_of(x)).collect();
+            let rnd = mods.first().map(String::as_str).unwrap_or("");
+            match (ts.first()?, ts.get(1)?) {
+                (Ty::F32, Ty::S32) => K::CvtF32S32,
+                (Ty::S32, Ty::F32) if rnd == "rzi" => K::CvtS32F32,
+                (Ty::F32, Ty::F32) => match rnd {
+                    "rmi" => K::Floor,
+                    "rpi" => K::Ceil,
+                    "rni" => K::RoundEven,
+                    "rzi" => K::Trunc,
+                    _ => return None,
+                },
+                (Ty::U16, Ty::U32) => K::CvtU16,
+                (Ty::F32, Ty::F16 | Ty::U16) => K::CvtF32F16,
+                _ => return None,
+            }
+        }
+        "add" if float => K::FAdd,
+        "sub" if float => K::FSub,
+        "mul" if float => K::FMul,
+        "div" if float => K::FDiv,
+        "fma" if float => K::Fma,
+        "neg" if float => K::FNeg,
+        "abs" if float => K::FAbs,
+        "sqrt" if float => K::FSqrt,
+        "min" if float && m("NaN") => K::FMinNaN,
+        "max" if float && m("NaN") => K::FMaxNaN,
+        "min" if float => K::FMin,
+        "max" if float => K::FMax,
+        "ex2" if float => K::Ex2,
+        "lg2" if float => K::Lg2,
+        "sin" if float => K::Sin,
+        "cos" if float => K::Cos,
+        "add" if matches!(ty, Ty::S64 | Ty::U64) => K::Add64,
+        "mul" if m("wide") && int => K::MulWide,
+        "add" if int => K::IAdd,
+        "sub" if int => K::ISub,
+        "mul" if m("lo") && int => K::IMul,
+        "mad" if m("lo") && int => K::IMad,
+        "div" if int => K::IDiv,
+        "rem" if int => K::IRem,
+        "neg" if int => K::INeg,
+        "abs" if int => K::IAbs,
+        "min" if int => K::IMin,
+        "max" if int => K::IMax,
+        _ => return None,
+    })
+}
+
+/// One `.entry` function, decoded.
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub name: String,
+    params: Vec<String>,
+    nregs: usize,
+    code: Vec<Ins>,
+}
+
+/// A parsed module.
+#[derive(Clone, Debug)]
+pub struct Program {
+    pub functions: Vec<Function>,
+}
+
+fn err<T>(line: usize, msg: impl std::fmt::Display) -> Result<T, SimError> {
+    Err(SimError(format!("line {line}: {msg}")))
+}
+
+fn ty_of(s: &str) -> Option<Ty> {
+    Some(match s {
+        "s32" => Ty::S32,
+        "u32" => Ty::U32,
+        "b32" => Ty::B32,
+        "f32" => Ty::F32,
+        "s64" => Ty::S64,
+        "u64" => Ty::U64,
+        "u16" | "b16" => Ty::U16,
+        "f16" => Ty::F16,
+        "pred" => Ty::Pred,
+        _ => return None,
+    })
+}
+
+impl Program {
+    /// Parses the module text; refuses instructions the interpreter does not run.
+    pub fn parse(src: &str) -> Result<Program, SimError> {
+        let mut functions = Vec::new();
+        let lines: Vec<&str> = src.lines().collect();
+        let mut n = 0;
+        while n < lines.len() {
+            let l = lines[n].trim();
+            if let Some(rest) = l.strip_prefix(".visible .entry ").or_else(|| l.strip_prefix(".entry ")) {
+                let name = rest.trim_end_matches('(').trim().to_string();
+                let mut params = Vec::new();
+                n += 1;
+                while n < lines.len() && !lines[n].trim().starts_with(')') {
+                    let p = lines[n].trim().trim_end_matches(',');
+                    let Some(pn) = p.strip_prefix(".param .u64 ") else { return err(n + 1, format!("unsupported parameter `{p}`")) };
+                    params.push(pn.trim().to_string());
+                    n += 1;
+                }
+                n += 1;
+                if lines.get(n).map(|l| l.trim()) != Some("{") {
+                    return err(n + 1, "expected `{` after the parameters");
+                }
+                n += 1;
+                let start = n;
+                while n < lines.len() && lines[n].trim() != "}" {
+                    n += 1;
+                }
+                functions.push(Function::parse(name, params, &lines[start..n], start)?);
+            }
+            n += 1;
+        }
+        Ok(Program { functions })
+    }
+
+    pub fn function(&self, name: &str) -> Result<&Function, SimError> {
+        self.functions.iter().find(|f| f.name == name).ok_or_else(|| SimError(format!("no entry `{name}` in the module")))
+    }
+}
+
+impl Function {
+    fn parse(name: String, params: Vec<String>, lines: &[&str], first: usize) -> Result<Function, SimError> {
+        // Register names → slots, from `.reg .TYPE %x<N>;` (declaring %x0 … %x(N-1)).
+        let mut regs: BTreeMap<String, (usize, Ty)> = BTreeMap::new();
+        let mut labels: BTreeMap<String, usize> = BTreeMap::new();
+        let mut nregs = 0;
+        let mut count = 0;
+        for (k, l) in lines.iter().enumerate() {
+            let l = l.trim();
+            if let Some(d) = l.strip_prefix(".reg .") {
+                let (t, rest) = d.split_once(' ').unwrap_or((d, ""));
+                let Some(ty) = ty_of(t) else { return err(first + k + 1, format!("unknown register type `{t}`")) };
+                let rest = rest.trim().trim_end_matches(';');
+                let Some((prefix, num)) = rest.split_once('<') else { return err(first + k + 1, "expected `%x<N>`") };
+                let num: usize = num.trim_end_matches('>').parse().map_err(|_| SimError(format!("line {}: bad register count", first + k + 1)))?;
+                for i in 0..num {
+                    regs.insert(format!("{prefix}{i}"), (nregs, ty));
+                    nregs += 1;
+                }
+            } else if let Some(lb) = l.strip_suffix(':') {
+                labels.insert(lb.to_string(), count);
+            } else if !l.is_empty() {
+                count += 1;
+            }
+        }
+        let mut code = Vec::new();
+        for (k, l) in lines.iter().enumerate() {
+            let l = l.trim();
+            let line = first + k + 1;
+            if l.is_empty() || l.starts_with(".reg") || l.ends_with(':') {
+                continue;
+            }
+            let Some(body) = l.strip_suffix(';') else { return err(line, format!("expected `;` at the end of `{l}`")) };
+            let (guard, body) = match body.strip_prefix('@') {
+                Some(g) => {
+                    let (p, rest) = g.split_once(' ').unwrap_or((g, ""));
+                    let (neg, p) = match p.strip_prefix('!') {
+                        Some(p) => (true, p),
+                        None => (false, p),
+                    };
+                    let Some(&(r, Ty::Pred)) = regs.get(p) else { return err(line, format!("`{p}` is not a declared predicate")) };
+                    (Some((r, neg)), rest.trim())
+                }
+                None => (None, body),
+            };
+            let (opcode, args) = body.split_once(char::is_whitespace).unwrap_or((body, ""));
+            let mut parts = opcode.split('.');
+            let op = parts.next().unwrap_or("").to_string();
+            let mods: Vec<String> = parts.map(str::to_string).collect();
+            let ty = mods.iter().rev().find_map(|m| ty_of(m)).unwrap_or(Ty::B32);
+            let Some(kind) = decode(&op, &mods, ty) else { return err(line, format!("`{opcode}` is not an instruction this interpreter runs")) };
+            let mut opds = Vec::new();
+            for a in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                opds.push(Self::operand(a, &regs, &labels, &params, line)?);
+            }
+            code.push(Ins { guard, kind, opds, line, text: l.to_string() });
+        }
+        Ok(Function { name, params, nregs, code })
+    }
+
+    fn operand(a: &str, regs: &BTreeMap<String, (usize, Ty)>, labels: &BTreeMap<String, usize>, params: &[String], line: usize) -> Result<Opd, SimError> {
+        if let Some(inner) = a.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+            if let Some(p) = params.iter().position(|p| p == inner) {
+                return Ok(Opd::ParamAddr(p));
+            }
+            let (r, off) = match inner.split_once('+') {
+                Some((r, o)) => (r, o.parse::<i64>().map_err(|_| SimError(format!("line {line}: bad offset in `{a}`")))?),
+                None => (inner, 0),
+            };
+            return match regs.get(r) {
+                Some(&(n, _)) => Ok(Opd::Addr(n, off)),
+                None => err(line, format!("`{r}` is not a declared register")),
+            };
+        }
+        if let Some(&(n, _)) = regs.get(a) {
+            return Ok(Opd::Reg(n));
+        }
+        match a {
+            "%tid.x" => return Ok(Opd::Special(Special::Tid)),
+            "%ntid.x" => return Ok(Opd::Special(Special::Ntid)),
+            "%ctaid.x" => return Ok(Opd::Special(Special::Ctaid)),
+            _ => {}
+        }
+        if let Some(&l) = labels.get(a) {
+            return Ok(Opd::Label(l));
+        }
+        if let Some(p) = params.iter().position(|p| p == a) {
+            return Ok(Opd::Param(p));
+        }
+        if let Some(h) = a.strip_prefix("0f") {
+            return u32::from_str_radix(h, 16).map(|b| Opd::Imm(b as u64)).map_err(|_| SimError(format!("line {line}: bad float literal `{a}`")));
+        }
+        if let Ok(v) = a.parse::<i64>() {
+            return Ok(Opd::Imm(v as u64));
+        }
+        if a.starts_with('%') {
+            return err(line, format!("`{a}` is not a declared register"));
+        }
+        err(line, format!("cannot read operand `{a}`"))
+    }
+}
+
+/// Global memory: the buffers a launch passes, at their simulated addresses.
+pub struct Memory<'a> {
+    pub buffers: Vec<&'a mut [u8]>,
+}
+
+impl Memory<'_> {
+    /// The simulated address of buffer `n`.
+    pub fn address(n: usize) -> u64 {
+        ((n as u64) + 1) << BUF_SHIFT
+    }
+
+    fn span(&mut self, addr: u64, len: usize) -> Result<&mut [u8], String> {
+        let n = (addr >> BUF_SHIFT) as usize;
+        let off = (addr & ((1 << BUF_SHIFT) - 1)) as usize;
+        let buf = n.checked_sub(1).and_then(|n| self.buffers.get_mut(n)).ok_or_else(|| format!("address {addr:#x} is in no buffer"))?;
+        let blen = buf.len();
+        if off + len > blen {
+            return Err(format!("{len}-byte access at byte {off} of buffer {} ({blen} bytes): out of bounds", n - 1));
+        }
+        Ok(&mut buf[off..off + len])
+    }
+}
+
+fn f(x: u64) -> f32 {
+    f32::from_bits(x as u32)
+}
+fn fb(x: f32) -> u64 {
+    x.to_bits() as u64
+}
+fn i(x: u64) -> i32 {
+    x as u32 as i32
+}
+fn ib(x: i32) -> u64 {
+    x as u32 as u64
+}
+
+struct Thread<'f> {
+    f: &'f Function,
+    regs: Vec<Option<u64>>,
+    tid: u32,
+    ntid: u32,
+    ctaid: u32,
+    params: &'f [u64],
+}
+
+impl Thread<'_> {
+    fn get(&self, o: &Opd, ins: &Ins) -> Result<u64, String> {
+        Ok(match o {
+            Opd::Reg(r) => self.regs[*r].ok_or_else(|| format!("reads a register never written ({})", ins.text))?,
+            Opd::Imm(v) => *v,
+            Opd::Special(Special::Tid) => self.tid as u64,
+            Opd::Special(Special::Ntid) => self.ntid as u64,
+            Opd::Special(Special::Ctaid) => self.ctaid as u64,
+            Opd::Param(p) => self.params[*p],
+            _ => return Err(format!("operand cannot be read as a value ({})", ins.text)),
+        })
+    }
+
+    fn addr(&self, o: &Opd, ins: &Ins) -> Result<u64, String> {
+        match o {
+            Opd::Addr(r, off) => Ok(self.regs[*r].ok_or_else(|| format!("address register never written ({})", ins.text))?.wrapping_add(*off as u64)),
+            _ => Err(format!("expected an address ({})", ins.text)),
+        }
+    }
+
+    fn set(&mut self, o: &Opd, v: u64) -> Result<(), String> {
+        match o {
+            Opd::Reg(r) => {
+                self.regs[*r] = Some(v);
+                Ok(())
+            }
+            _ => Err("the destination is not a register".into()),
+        }
+    }
+
+    /// Runs the thread to `ret`.
+    fn run(&mut self, mem: &mut Memory, budget: &mut u64) -> Result<(), String> {
+        let mut pc = 0;
+        let code = &self.f.code;
+        while pc < code.len() {
+            let ins = &code[pc];
+            pc += 1;
+            if *budget == 0 {
+                return Err("instruction budget exhausted (a loop that does not end?)".into());
+            }
+            *budget -= 1;
+            if let Some((p, neg)) = ins.guard {
+                let v = self.regs[p].ok_or_else(|| format!("guard predicate never written ({})", ins.text))? != 0;
+                if v == neg {
+                    continue;
+                }
+            }
+            let o = &ins.opds;
+            let a = |t: &Thread, n: usize| -> Result<u64, String> {
+                match o.get(n) {
+                    Some(Opd::Reg(r)) => t.regs[*r].ok_or_else(|| format!("reads a register never written ({})", ins.text)),
+                    Some(Opd::Imm(v)) => Ok(*v),
+                    Some(x) => t.get(x, ins),
+                    None => Err(format!("missing operand ({})", ins.text)),
+                }
+            };
+            let fa = |t: &Thread, n: usize| a(t, n).map(f);
+            let ia = |t: &Thread, n: usize| a(t, n).map(i);
+            let fcmp = |c: Cmp, x: f32, y: f32| {
+                let un = x.is_nan() || y.is_nan();
+                match c {
+                    Cmp::Eq => x == y,
+                    Cmp::Ne => !un && x != y,
+                    Cmp::Lt => x < y,
+                    Cmp::Le => x <= y,
+                    Cmp::Gt => x > y,
+                    Cmp::Ge => x >= y,
+                    Cmp::Neu => x != y,
+                    Cmp::Gtu => un || x > y,
+                    Cmp::Nan => un,
+                }
+            };
+            let r = match ins.kind {
+                K::Ret => return Ok(()),
+                K::Bra => {
+                    let Some(Opd::Label(l)) = o.first() else { return Err(format!("bad branch ({})", ins.text)) };
+                    pc = *l;
+                    continue;
+                }
+                K::LdParam => {
+                    let Some(Opd::ParamAddr(p)) = o.get(1) else { return Err(format!("bad ld.param ({})", ins.text)) };
+                    self.params[*p]
+                }
+                K::Ld16 => {
+                    let s = mem.span(self.addr(&o[1], ins)?, 2)?;
+                    u16::from_le_bytes([s[0], s[1]]) as u64
+                }
+                K::Ld32 => {
+                    let s = mem.span(self.addr(&o[1], ins)?, 4)?;
+                    u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as u64
+                }
+                K::St32 => {
+                    let v = a(self, 1)? as u32;
+                    mem.span(self.addr(&o[0], ins)?, 4)?.copy_from_slice(&v.to_le_bytes());
+                    continue;
+                }
+                K::Mov => a(self, 1)?,
+                K::Selp => {
+                    if a(self, 3)? != 0 {
+                        a(self, 1)?
+                    } else {
+                        a(self, 2)?
+                    }
+                }
+                K::NotP => (a(self, 1)? == 0) as u64,
+                K::AndP => (a(self, 1)? != 0 && a(self, 2)? != 0) as u64,
+                K::OrP => (a(self, 1)? != 0 || a(self, 2)? != 0) as u64,
+                K::XorP => ((a(self, 1)? != 0) != (a(self, 2)? != 0)) as u64,
+                K::XorB => (a(self, 1)? ^ a(self, 2)?) & 0xffff_ffff,
+                K::Shl => ((a(self, 1)? as u32) << (a(self, 2)? as u32 & 31)) as u64,
+                K::SetpF(c) => fcmp(c, fa(self, 1)?, fa(self, 2)?) as u64,
+                K::SetpI(c) => {
+                    let (x, y) = (ia(self, 1)?, ia(self, 2)?);
+                    (match c {
+                        Cmp::Eq => x == y,
+                        Cmp::Ne => x != y,
+                        Cmp::Lt => x < y,
+                        Cmp::Le => x <= y,
+                        Cmp::Gt => x > y,
+                        _ => x >= y,
+                    }) as u64
+                }
+                // PTX's cvt.rzi.s32.f32 saturates and gives 0 for NaN, as Rust's `as`.
+                K::CvtS32F32 => ib(fa(self, 1)?.trunc() as i32),
+                K::CvtF32S32 => fb(ia(self, 1)? as f32),
+                K::Floor => fb(fa(self, 1)?.floor()),
+                K::Ceil => fb(fa(self, 1)?.ceil()),
+                K::RoundEven => fb(fa(self, 1)?.round_ties_even()),
+                K::Trunc => fb(fa(self, 1)?.trunc()),
+                K::CvtU16 => a(self, 1)? & 0xffff,
+                K::CvtF32F16 => fb(half::f16::from_bits(a(self, 1)? as u16).to_f32()),
+                K::FAdd => fb(fa(self, 1)? + fa(self, 2)?),
+                K::FSub => fb(fa(self, 1)? - fa(self, 2)?),
+                K::FMul => fb(fa(self, 1)? * fa(self, 2)?),
+                K::FDiv => fb(fa(self, 1)? / fa(self, 2)?),
+                K::Fma => fb(fa(self, 1)?.mul_add(fa(self, 2)?, fa(self, 3)?)),
+                K::FNeg => fb(-fa(self, 1)?),
+                K::FAbs => fb(fa(self, 1)?.abs()),
+                K::FSqrt => fb(fa(self, 1)?.sqrt()),
+                K::FMin => fb(fa(self, 1)?.min(fa(self, 2)?)),
+                K::FMax => fb(fa(self, 1)?.max(fa(self, 2)?)),
+                K::FMinNaN | K::FMaxNaN => {
+                    let (x, y) = (fa(self, 1)?, fa(self, 2)?);
+                    fb(if x.is_nan() || y.is_nan() {
+                        f32::NAN
+                    } else if ins.kind == K::FMinNaN {
+                        x.min(y)
+                    } else {
+                        x.max(y)
+                    })
+                }
+                K::Ex2 => fb((fa(self, 1)? as f64).exp2() as f32),
+                K::Lg2 => fb((fa(self, 1)? as f64).log2() as f32),
+                K::Sin => fb((fa(self, 1)? as f64).sin() as f32),
+                K::Cos => fb((fa(self, 1)? as f64).cos() as f32),
+                K::Add64 => a(self, 1)?.wrapping_add(a(self, 2)?),
+                K::MulWide => (ia(self, 1)? as i64).wrapping_mul(ia(self, 2)? as i64) as u64,
+                K::IAdd => ib(ia(self, 1)?.wrapping_add(ia(self, 2)?)),
+                K::ISub => ib(ia(self, 1)?.wrapping_sub(ia(self, 2)?)),
+                K::IMul => ib(ia(self, 1)?.wrapping_mul(ia(self, 2)?)),
+                K::IMad => ib(ia(self, 1)?.wrapping_mul(ia(self, 2)?).wrapping_add(ia(self, 3)?)),
+                K::IDiv | K::IRem => {
+                    let (x, y) = (ia(self, 1)?, ia(self, 2)?);
+                    if y == 0 {
+                        return Err(format!("integer division by zero ({})", ins.text));
+                    }
+                    ib(if ins.kind == K::IDiv { x.wrapping_div(y) } else { x.wrapping_rem(y) })
+                }
+                K::INeg => ib(ia(self, 1)?.wrapping_neg()),
+                K::IAbs => ib(ia(self, 1)?.wrapping_abs()),
+                K::IMin => ib(ia(self, 1)?.min(ia(self, 2)?)),
+                K::IMax => ib(ia(self, 1)?.max(ia(self, 2)?)),
+            };
+            let dst = o.first().ok_or_else(|| format!("no destination ({})", ins.text))?;
+            self.set(dst, r)?;
+        }
+        Ok(())
+    }
+}
+
+/// Instructions one thread may run before the interpreter calls it a hang.
+pub const THREAD_BUDGET: u64 = 1 << 32;
+
+impl Function {
+    /// Runs a one-dimensional grid of `blocks × threads` on `mem`; `params` are the entry's
+    /// parameters (buffer addresses). The first error stops the run, naming the thread and
+    /// the instruction's line.
+    pub fn launch(&self, blocks: u32, threads: u32, params: &[u64], mem: &mut Memory) -> Result<u64, SimError> {
+        if params.len() != self.params.len() {
+            return Err(SimError(format!("`{}` takes {} parameters, {} given", self.name, self.params.len(), params.len())));
+        }
+        let mut executed = 0u64;
+        for ctaid in 0..blocks {
+            for tid in 0..threads {
+                let mut t = Thread { f: self, regs: vec![None; self.nregs], tid, ntid: threads, ctaid, params };
+                let mut budget = THREAD_BUDGET;
+                t.run(mem, &mut budget).map_err(|e| SimError(format!("`{}`, block {ctaid}, thread {tid}: {e}", self.name)))?;
+                executed += THREAD_BUDGET - budget;
+            }
+        }
+        Ok(executed)
+    }
+
+    /// The line of each instruction (for reports).
+    pub fn lines(&self) -> Vec<usize> {
+        self.code.iter().map(|c| c.line).collect()
+    }
+}
