@@ -53,9 +53,11 @@ pub fn parse_dims(s: &str) -> Result<std::collections::BTreeMap<String, i64>, St
 /// Binds a spec's dims from explicit sizes alone (for making inputs): every free dim must
 /// be given, derived dims are computed, requirements are checked.
 pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i64>) -> Result<ir::Bindings, String> {
+    // Dims named `__…` are attnc's own (the key count of `range j < …`), not the user's.
+    let own: Vec<&str> = c.kernel.dims.iter().map(|d| d.name.as_str()).filter(|n| !n.starts_with("__")).collect();
     for k in given.keys() {
-        if !c.kernel.dims.iter().any(|d| &d.name == k) {
-            let all: Vec<&str> = c.kernel.dims.iter().map(|d| d.name.as_str()).collect();
+        if !own.contains(&k.as_str()) {
+            let all = &own;
             return Err(format!("--dims: the spec has no dim `{k}` (its dims: {})", all.join(", ")));
         }
     }

@@ -333,3 +333,13 @@ fn ptx_compiles_and_runs_in_the_interpreter() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("nothing to tune"), "{err}");
 }
+
+/// `--dims` names a spec's own dims only: attnc's internal ones (the key count `__keys` of
+/// `range j < …`) are neither listed nor accepted.
+#[test]
+fn dims_errors_list_the_specs_own_dims() {
+    let o = tmp("paged.safetensors");
+    let (code, _, err) = attnc(&["run", "examples/paged_decode.attn", "--random", "--dims", "B=1,H=2,N=1,D=8,P=5,MP=3,__keys=48", "-o", &o]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no dim `__keys` (its dims: B, H, G, N, D, Dv, P, MP)"), "{err}");
+}
