@@ -8,14 +8,18 @@
 //! written, a load or store outside the buffers, an integer division by zero, an
 //! instruction it does not know.
 //!
-//! What it implements is what the exact f32 row kernel and the derive passes use: integer,
-//! float and predicate arithmetic, comparisons, conversions, global loads and stores,
-//! branches. Approximate instructions (`ex2.approx`, `lg2.approx`, `sin.approx`,
-//! `cos.approx`) are computed in f64 and rounded once: within the bounds the PTX ISA states
-//! for them. Warp-level instructions (`shfl.sync`, `bar.sync`, shared memory, `cp.async`,
-//! `ldmatrix`, `mma`), which the tensor-core kernel will need, are not implemented yet: the
-//! parser refuses them, so a kernel using them cannot pass for checked. Threads run one after
-//! another, which is exact for kernels that neither share memory nor synchronize.
+//! What it implements: integer, float and predicate arithmetic, comparisons, conversions,
+//! global loads and stores, branches (what the exact f32 row kernel and the derive passes
+//! use), and the block-level machinery a tiled kernel needs: `.shared` arrays with
+//! `ld.shared`/`st.shared`, `bar.sync`, and `shfl.sync` (`up`, `down`, `bfly`, `idx`, with
+//! the ISA's clamp and segment mask). A block runs its threads each to its next
+//! synchronization point, then executes each warp's shuffle (every lane of its mask must be
+//! there) or the barrier (every thread still running must be there; exited threads take no
+//! part); two threads touching a shared byte between the same two barriers, one writing,
+//! is reported as a race. Approximate instructions (`ex2.approx`, `lg2.approx`,
+//! `sin.approx`, `cos.approx`) are computed in f64 and rounded once: within the bounds the
+//! PTX ISA states for them. Not implemented yet, and refused by the parser: `ldmatrix`,
+//! `mma`, `cp.async` (the tensor-core kernel's instructions, with their fragment layouts).
 
 use std::collections::BTreeMap;
 
@@ -57,6 +61,7 @@ enum Special {
     Tid,
     Ntid,
     Ctaid,
+    LaneId,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -128,6 +133,20 @@ enum K {
     IAbs,
     IMin,
     IMax,
+    LdShared32,
+    StShared32,
+    /// `bar.sync`: every thread of the block that has not exited waits here.
+    Bar,
+    /// `shfl.sync.MODE.b32 d, a, b, c, membermask`: the whole warp exchanges registers.
+    Shfl(ShflMode),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ShflMode {
+    Up,
+    Down,
+    Bfly,
+    Idx,
 }
 
 #[derive(Clone, Debug)]
@@ -164,6 +183,16 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
         "ret" => K::Ret,
         "bra" => K::Bra,
         "ld" if m("param") => K::LdParam,
+        "ld" if m("shared") && (int || float) => K::LdShared32,
+        "st" if m("shared") && (int || float) => K::StShared32,
+        "bar" if m("sync") => K::Bar,
+        "shfl" if m("sync") && int => K::Shfl(match mods.get(1)?.as_str() {
+            "up" => ShflMode::Up,
+            "down" => ShflMode::Down,
+            "bfly" => ShflMode::Bfly,
+            "idx" => ShflMode::Idx,
+            _ => return None,
+        }),
         "ld" if m("global") && ty == Ty::U16 => K::Ld16,
         "ld" if m("global") && (int || float) => K::Ld32,
         "st" if m("global") && (int || float) => K::St32,
@@ -237,6 +266,9 @@ pub struct Function {
     params: Vec<String>,
     nregs: usize,
     code: Vec<Ins>,
+    /// Bytes of `.shared` memory a block has (its arrays at the offsets their names stand
+    /// for: a shared address is an offset into the block's window).
+    shared: usize,
 }
 
 /// A parsed module.
@@ -310,9 +342,26 @@ impl Function {
         let mut labels: BTreeMap<String, usize> = BTreeMap::new();
         let mut nregs = 0;
         let mut count = 0;
+        let mut shared = 0usize;
+        let mut symbols: BTreeMap<String, usize> = BTreeMap::new();
         for (k, l) in lines.iter().enumerate() {
             let l = l.trim();
-            if let Some(d) = l.strip_prefix(".reg .") {
+            if let Some(d) = l.strip_prefix(".shared ") {
+                // `.shared .align A .b8 NAME[SIZE];`
+                let words: Vec<&str> = d.trim_end_matches(';').split_whitespace().collect();
+                let (align, decl) = match words.as_slice() {
+                    [".align", a, ".b8", decl] => (a.parse::<usize>().unwrap_or(0), *decl),
+                    _ => return err(first + k + 1, format!("unsupported shared declaration `{l}` (write `.shared .align A .b8 NAME[SIZE];`)")),
+                };
+                let Some((name, size)) = decl.strip_suffix(']').and_then(|x| x.split_once('[')) else { return err(first + k + 1, "expected NAME[SIZE]") };
+                let size: usize = size.parse().map_err(|_| SimError(format!("line {}: bad shared size", first + k + 1)))?;
+                if align == 0 || !align.is_power_of_two() {
+                    return err(first + k + 1, "the alignment must be a power of two");
+                }
+                shared = shared.div_ceil(align) * align;
+                symbols.insert(name.to_string(), shared);
+                shared += size;
+            } else if let Some(d) = l.strip_prefix(".reg .") {
                 let (t, rest) = d.split_once(' ').unwrap_or((d, ""));
                 let Some(ty) = ty_of(t) else { return err(first + k + 1, format!("unknown register type `{t}`")) };
                 let rest = rest.trim().trim_end_matches(';');
@@ -332,7 +381,7 @@ impl Function {
         for (k, l) in lines.iter().enumerate() {
             let l = l.trim();
             let line = first + k + 1;
-            if l.is_empty() || l.starts_with(".reg") || l.ends_with(':') {
+            if l.is_empty() || l.starts_with(".reg") || l.starts_with(".shared") || l.ends_with(':') {
                 continue;
             }
             let Some(body) = l.strip_suffix(';') else { return err(line, format!("expected `;` at the end of `{l}`")) };
@@ -356,11 +405,14 @@ impl Function {
             let Some(kind) = decode(&op, &mods, ty) else { return err(line, format!("`{opcode}` is not an instruction this interpreter runs")) };
             let mut opds = Vec::new();
             for a in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-                opds.push(Self::operand(a, &regs, &labels, &params, line)?);
+                match symbols.get(a) {
+                    Some(&off) => opds.push(Opd::Imm(off as u64)),
+                    None => opds.push(Self::operand(a, &regs, &labels, &params, line)?),
+                }
             }
             code.push(Ins { guard, kind, opds, line, text: l.to_string() });
         }
-        Ok(Function { name, params, nregs, code })
+        Ok(Function { name, params, nregs, code, shared })
     }
 
     fn operand(a: &str, regs: &BTreeMap<String, (usize, Ty)>, labels: &BTreeMap<String, usize>, params: &[String], line: usize) -> Result<Opd, SimError> {
@@ -384,6 +436,7 @@ impl Function {
             "%tid.x" => return Ok(Opd::Special(Special::Tid)),
             "%ntid.x" => return Ok(Opd::Special(Special::Ntid)),
             "%ctaid.x" => return Ok(Opd::Special(Special::Ctaid)),
+            "%laneid" => return Ok(Opd::Special(Special::LaneId)),
             _ => {}
         }
         if let Some(&l) = labels.get(a) {
@@ -448,6 +501,60 @@ struct Thread<'f> {
     ntid: u32,
     ctaid: u32,
     params: &'f [u64],
+    pc: usize,
+    state: State,
+}
+
+/// Where a thread stands between two steps of its block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum State {
+    Running,
+    /// At a `bar.sync` (not yet executed).
+    AtBar,
+    /// At a `shfl.sync` (not yet executed).
+    AtShfl,
+    Exited,
+}
+
+/// A block's shared memory, with who last wrote and read each byte in which barrier epoch:
+/// two threads touching a byte between the same two barriers, one of them writing, is a
+/// race.
+struct Shared {
+    bytes: Vec<u8>,
+    /// `(thread + 1, epoch)` of the last write and read of each byte (0: none).
+    wrote: Vec<(u32, u32)>,
+    read: Vec<(u32, u32)>,
+    epoch: u32,
+}
+
+impl Shared {
+    fn new(n: usize) -> Shared {
+        Shared { bytes: vec![0; n], wrote: vec![(0, 0); n], read: vec![(0, 0); n], epoch: 1 }
+    }
+
+    fn access(&mut self, off: u64, len: usize, tid: u32, write: bool) -> Result<std::ops::Range<usize>, String> {
+        let off = usize::try_from(off).map_err(|_| "shared address out of range".to_string())?;
+        if off + len > self.bytes.len() {
+            return Err(format!("{len}-byte shared access at byte {off} of {}: out of bounds", self.bytes.len()));
+        }
+        let me = tid + 1;
+        for b in off..off + len {
+            let (w, we) = self.wrote[b];
+            if we == self.epoch && w != me && w != 0 {
+                return Err(format!("race on shared byte {b}: thread {} wrote it since the last barrier", w - 1));
+            }
+            if write {
+                let (r, re) = self.read[b];
+                if re == self.epoch && r != me && r != 0 {
+                    return Err(format!("race on shared byte {b}: thread {} read it since the last barrier", r - 1));
+                }
+                self.wrote[b] = (me, self.epoch);
+            } else {
+                self.read[b] = (me, self.epoch);
+            }
+        }
+        Ok(off..off + len)
+    }
 }
 
 impl Thread<'_> {
@@ -458,6 +565,7 @@ impl Thread<'_> {
             Opd::Special(Special::Tid) => self.tid as u64,
             Opd::Special(Special::Ntid) => self.ntid as u64,
             Opd::Special(Special::Ctaid) => self.ctaid as u64,
+            Opd::Special(Special::LaneId) => (self.tid % 32) as u64,
             Opd::Param(p) => self.params[*p],
             _ => return Err(format!("operand cannot be read as a value ({})", ins.text)),
         })
@@ -480,12 +588,28 @@ impl Thread<'_> {
         }
     }
 
-    /// Runs the thread to `ret`.
-    fn run(&mut self, mem: &mut Memory, budget: &mut u64) -> Result<(), String> {
-        let mut pc = 0;
+    /// Runs the thread until it exits or reaches a `bar.sync` or `shfl.sync` (which its block
+    /// then executes for all its threads).
+    fn run(&mut self, mem: &mut Memory, sh: &mut Shared, budget: &mut u64) -> Result<(), String> {
         let code = &self.f.code;
+        let mut pc = self.pc;
+        self.state = State::Exited;
         while pc < code.len() {
             let ins = &code[pc];
+            if matches!(ins.kind, K::Bar | K::Shfl(_)) {
+                self.pc = pc;
+                self.state = if ins.kind == K::Bar { State::AtBar } else { State::AtShfl };
+                // A guarded-off synchronization is skipped like any instruction.
+                if let Some((p, neg)) = ins.guard {
+                    let v = self.regs[p].ok_or_else(|| format!("guard predicate never written ({})", ins.text))? != 0;
+                    if v == neg {
+                        pc += 1;
+                        self.state = State::Exited;
+                        continue;
+                    }
+                }
+                return Ok(());
+            }
             pc += 1;
             if *budget == 0 {
                 return Err("instruction budget exhausted (a loop that does not end?)".into());
@@ -523,7 +647,22 @@ impl Thread<'_> {
                 }
             };
             let r = match ins.kind {
-                K::Ret => return Ok(()),
+                K::Ret => {
+                    self.state = State::Exited;
+                    return Ok(());
+                }
+                K::Bar | K::Shfl(_) => unreachable!("handled before"),
+                K::LdShared32 => {
+                    let r = sh.access(self.addr(&o[1], ins)?, 4, self.tid, false)?;
+                    let b = &sh.bytes[r];
+                    u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as u64
+                }
+                K::StShared32 => {
+                    let v = a(self, 1)? as u32;
+                    let r = sh.access(self.addr(&o[0], ins)?, 4, self.tid, true)?;
+                    sh.bytes[r].copy_from_slice(&v.to_le_bytes());
+                    continue;
+                }
                 K::Bra => {
                     let Some(Opd::Label(l)) = o.first() else { return Err(format!("bad branch ({})", ins.text)) };
                     pc = *l;
@@ -643,14 +782,120 @@ impl Function {
         }
         let mut executed = 0u64;
         for ctaid in 0..blocks {
-            for tid in 0..threads {
-                let mut t = Thread { f: self, regs: vec![None; self.nregs], tid, ntid: threads, ctaid, params };
-                let mut budget = THREAD_BUDGET;
-                t.run(mem, &mut budget).map_err(|e| SimError(format!("`{}`, block {ctaid}, thread {tid}: {e}", self.name)))?;
-                executed += THREAD_BUDGET - budget;
-            }
+            executed += self.block(ctaid, threads, params, mem).map_err(|e| SimError(format!("`{}`, block {ctaid}, {e}", self.name)))?;
         }
         Ok(executed)
+    }
+
+    /// One block: every thread runs to its next synchronization point; then the block
+    /// executes the `shfl.sync` of each warp whose threads all reached one, or, when every
+    /// thread still running waits at a `bar.sync`, the barrier (a new race epoch). Threads
+    /// that exited do not take part. Anything else cannot make progress: an error.
+    fn block(&self, ctaid: u32, threads: u32, params: &[u64], mem: &mut Memory) -> Result<u64, String> {
+        let mut ts: Vec<Thread> =
+            (0..threads).map(|tid| Thread { f: self, regs: vec![None; self.nregs], tid, ntid: threads, ctaid, params, pc: 0, state: State::Running }).collect();
+        let mut sh = Shared::new(self.shared);
+        let mut budget = THREAD_BUDGET;
+        loop {
+            for t in ts.iter_mut().filter(|t| t.state == State::Running) {
+                let tid = t.tid;
+                t.run(mem, &mut sh, &mut budget).map_err(|e| format!("thread {tid}: {e}"))?;
+            }
+            if ts.iter().all(|t| t.state == State::Exited) {
+                return Ok(THREAD_BUDGET - budget);
+            }
+            let mut progress = false;
+            for w in 0..threads.div_ceil(32) as usize {
+                let lanes = w * 32..((w + 1) * 32).min(threads as usize);
+                let warp = &ts[lanes.clone()];
+                let live: Vec<&Thread> = warp.iter().filter(|t| t.state != State::Exited).collect();
+                if live.is_empty() || !live.iter().all(|t| t.state == State::AtShfl) {
+                    continue;
+                }
+                let pc = live[0].pc;
+                if live.iter().any(|t| t.pc != pc) {
+                    return Err(format!(
+                        "warp {w}: its threads wait at different shfl.sync instructions (lines {} and {})",
+                        self.code[pc].line,
+                        self.code[live.iter().find(|t| t.pc != pc).expect("one").pc].line
+                    ));
+                }
+                self.shuffle(&mut ts[lanes], pc)?;
+                progress = true;
+            }
+            if progress {
+                continue;
+            }
+            if ts.iter().all(|t| matches!(t.state, State::AtBar | State::Exited)) {
+                sh.epoch += 1;
+                for t in ts.iter_mut().filter(|t| t.state == State::AtBar) {
+                    t.pc += 1;
+                    t.state = State::Running;
+                }
+                continue;
+            }
+            let at = |s: State| ts.iter().filter(|t| t.state == s).map(|t| t.tid.to_string()).collect::<Vec<_>>().join(", ");
+            return Err(format!(
+                "deadlock: threads [{}] wait at bar.sync while threads [{}] wait at shfl.sync with part of their warp elsewhere",
+                at(State::AtBar),
+                at(State::AtShfl)
+            ));
+        }
+    }
+
+    /// `shfl.sync.MODE.b32 d, a, b, c, mask` for one warp, all of it at instruction `pc`
+    /// (the PTX ISA's definition: `c` holds the clamp in bits 0–4 and the segment mask in
+    /// bits 8–12; a source lane out of range reads the thread's own `a`).
+    fn shuffle(&self, warp: &mut [Thread], pc: usize) -> Result<(), String> {
+        let ins = &self.code[pc];
+        let K::Shfl(mode) = ins.kind else { unreachable!("a shfl") };
+        let text = &ins.text;
+        let val = |t: &Thread, n: usize| -> Result<u64, String> {
+            match ins.opds.get(n) {
+                Some(Opd::Reg(r)) => t.regs[*r].ok_or_else(|| format!("thread {}: reads a register never written ({text})", t.tid)),
+                Some(Opd::Imm(v)) => Ok(*v),
+                _ => Err(format!("bad shfl operand ({text})")),
+            }
+        };
+        let mask = val(&warp[0], 4)? as u32;
+        let present: u32 = warp.iter().filter(|t| t.state == State::AtShfl).fold(0, |m, t| m | 1 << (t.tid % 32));
+        if mask & !present != 0 {
+            return Err(format!("shfl.sync names lanes {:#x} in its mask, but only lanes {present:#x} reached it ({text})", mask));
+        }
+        let src: Vec<Option<u64>> = warp.iter().map(|t| if t.state == State::AtShfl { val(t, 1).ok() } else { None }).collect();
+        let mut out = Vec::with_capacity(warp.len());
+        for t in warp.iter() {
+            if t.state != State::AtShfl {
+                out.push(None);
+                continue;
+            }
+            let lane = (t.tid % 32) as i32;
+            let (b, c) = (val(t, 2)? as i32 & 0x1f, val(t, 3)? as i32);
+            let (cval, segmask) = (c & 0x1f, (c >> 8) & 0x1f);
+            let max_lane = (lane & segmask) | (cval & !segmask);
+            let min_lane = lane & segmask;
+            let (j, ok) = match mode {
+                ShflMode::Up => (lane - b, lane - b >= max_lane),
+                ShflMode::Down => (lane + b, lane + b <= max_lane),
+                ShflMode::Bfly => (lane ^ b, (lane ^ b) <= max_lane),
+                ShflMode::Idx => (min_lane | (b & !segmask), (min_lane | (b & !segmask)) <= max_lane),
+            };
+            let j = if ok { j } else { lane };
+            let v = src
+                .get(j as usize)
+                .copied()
+                .flatten()
+                .ok_or_else(|| format!("thread {}: lane {j} has not reached this shfl.sync or has no value ({text})", t.tid))?;
+            out.push(Some(v));
+        }
+        for (t, v) in warp.iter_mut().zip(out) {
+            if let Some(v) = v {
+                t.set(&ins.opds[0], v)?;
+                t.pc = pc + 1;
+                t.state = State::Running;
+            }
+        }
+        Ok(())
     }
 
     /// The line of each instruction (for reports).
