@@ -149,6 +149,15 @@ fn float_expr() -> impl Strategy<Value = Expr> {
     })
 }
 
+/// An sdpa kernel with only its output (no tensor to read) and its dims, in which the
+/// property tests evaluate expressions of `i` and `j`.
+fn pair_box() -> (ir::Kernel, BTreeMap<String, i64>, ir::Bindings) {
+    let k = example("sdpa").kernel;
+    let dims: BTreeMap<String, i64> = [("B", 1), ("H", 1), ("N", 37), ("M", 37), ("D", 1), ("Dv", 1)].iter().map(|(a, b)| (a.to_string(), *b)).collect();
+    let bind = ir::Bindings { dims: dims.clone() };
+    (ir::Kernel { tensors: k.tensors.into_iter().filter(|t| t.kind == ir::TensorKind::Output).collect(), ..k }, dims, bind)
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -157,11 +166,8 @@ proptest! {
     /// number stays inside its integer interval.
     #[test]
     fn float_interval_bounds_are_sound(e in float_expr(), i0 in -10i64..40, w in 1i64..6, j0 in -10i64..40, v in 1i64..6) {
-        let k = example("sdpa").kernel;
-        let dims: BTreeMap<String, i64> = [("B", 1), ("H", 1), ("N", 37), ("M", 37), ("D", 1), ("Dv", 1)].iter().map(|(a, b)| (a.to_string(), *b)).collect();
-        let bind = ir::Bindings { dims: dims.clone() };
+        let (k, dims, bind) = pair_box();
         let inputs = BTreeMap::new();
-        let k = ir::Kernel { tensors: k.tensors.into_iter().filter(|t| t.kind == ir::TensorKind::Output).collect(), ..k };
         let mut vars = vec![("i".to_string(), Iv::Int(i0, i0 + w - 1)), ("j".to_string(), Iv::Int(j0, j0 + v - 1))];
         let fe = eval(&e, &mut vars, &dims, &NoData);
         let as_int = Expr::un(ir::UnOp::ToInt, e.clone());
@@ -192,11 +198,8 @@ proptest! {
     /// Every concrete value inside the box lies in the interval.
     #[test]
     fn interval_bounds_are_sound(e in int_expr(), c in bool_expr(), i0 in -10i64..40, w in 1i64..12, j0 in -10i64..40, v in 1i64..12) {
-        let k = example("sdpa").kernel;
-        let dims: BTreeMap<String, i64> = [("B", 1), ("H", 1), ("N", 37), ("M", 37), ("D", 1), ("Dv", 1)].iter().map(|(a, b)| (a.to_string(), *b)).collect();
-        let bind = ir::Bindings { dims: dims.clone() };
+        let (k, dims, bind) = pair_box();
         let inputs = BTreeMap::new();
-        let k = ir::Kernel { tensors: k.tensors.into_iter().filter(|t| t.kind == ir::TensorKind::Output).collect(), ..k };
         let mut vars = vec![("i".to_string(), Iv::Int(i0, i0 + w - 1)), ("j".to_string(), Iv::Int(j0, j0 + v - 1))];
         let ie = eval(&e, &mut vars, &dims, &NoData);
         let ic = eval(&c, &mut vars, &dims, &NoData);

@@ -13,7 +13,7 @@
 //!   `tanh`) are left alone, and so are factors that may be infinite or zero (a division by
 //!   a value that can be 0), which would not fold exactly.
 
-use crate::separable::{extract, flatten_product, fold_exact, has_reduction, only_pair_indices, side, Dot, Side, DOT};
+use crate::separable::{fold_exact, score_factors, Dot, ScoreFactors};
 use crate::Applied;
 use attnc_ir::{BinOp, Expr, Kernel, UnOp};
 
@@ -21,28 +21,8 @@ use attnc_ir::{BinOp, Expr, Kernel, UnOp};
 /// another shape, a factor that does not fold exactly ([`crate::separable::fold_exact`]), or
 /// (unless `force`) no key factor to fold.
 pub fn fold_score(k: &Kernel, score: &Expr, force: bool) -> Option<Dot> {
-    let mut found = None;
-    let rest = extract(score, &mut found);
-    let dot = found?;
-    let mut neg = false;
-    let mut factors = Vec::new();
-    flatten_product(&rest, &mut neg, &mut factors);
-    let (mut rows, mut cols, mut dots) = (Vec::new(), Vec::new(), 0);
-    for f in factors {
-        if f == Expr::var(DOT) {
-            dots += 1;
-            continue;
-        }
-        if has_reduction(&f) || !only_pair_indices(&f) {
-            return None;
-        }
-        match side(&f) {
-            Side::Pair => return None,
-            Side::Key => cols.push(f),
-            Side::Query | Side::Uniform => rows.push(f),
-        }
-    }
-    if dots != 1 || (cols.is_empty() && !force) {
+    let ScoreFactors { dot, neg, rows, cols, pairs } = score_factors(score)?;
+    if !pairs.is_empty() || (cols.is_empty() && !force) {
         return None;
     }
     if !rows.iter().all(|f| fold_exact(k, f, &dot.a, &dot.r)) || !cols.iter().all(|f| fold_exact(k, f, &dot.b, &dot.r)) {

@@ -31,7 +31,7 @@
 use crate::egraph::best_separable;
 use crate::fold::fold_score;
 use crate::hoist::rename;
-use crate::separable::{extract, flatten_product, fold_exact, has_reduction, only_pair_indices, side, sum_of_products, Dot, Side, DOT};
+use crate::separable::{flatten_product, fold_exact, score_factors, side, sum_of_products, Dot, ScoreFactors, Side};
 use crate::Applied;
 use attnc_ir::{BinOp, DType, DimDecl, Expr, Extent, Kernel, Norm, RedOp, TensorDecl, TensorDef, TensorKind, UnOp};
 
@@ -55,29 +55,9 @@ pub const MAX_TERMS: usize = 4;
 /// channel `c` holding term `c // len` of channel `c % len`. Query and key factors fold in
 /// as in [`fold_score`]. Returns the dot and `T`.
 fn split_pair_factor(k: &Kernel, score: &Expr) -> Option<(Dot, usize)> {
-    let mut found = None;
-    let rest = extract(score, &mut found);
-    let dot = found?;
-    let (mut neg, mut fs) = (false, Vec::new());
-    flatten_product(&rest, &mut neg, &mut fs);
-    let (mut rows, mut cols, mut pairs, mut dots) = (Vec::new(), Vec::new(), Vec::new(), 0);
-    for f in fs {
-        if f == Expr::var(DOT) {
-            dots += 1;
-            continue;
-        }
-        if has_reduction(&f) || !only_pair_indices(&f) {
-            return None;
-        }
-        match side(&f) {
-            Side::Pair => pairs.push(f),
-            Side::Key => cols.push(f),
-            Side::Query | Side::Uniform => rows.push(f),
-        }
-    }
-    let mul = |fs: Vec<Expr>| fs.into_iter().reduce(|x, y| Expr::bin(BinOp::Mul, x, y));
-    let pair = mul(pairs)?;
-    if dots != 1 || !rows.iter().all(|f| fold_exact(k, f, &dot.a, &dot.r)) || !cols.iter().all(|f| fold_exact(k, f, &dot.b, &dot.r)) {
+    let ScoreFactors { dot, neg, rows, cols, pairs } = score_factors(score)?;
+    let pair = pairs.into_iter().reduce(|x, y| Expr::bin(BinOp::Mul, x, y))?;
+    if !rows.iter().all(|f| fold_exact(k, f, &dot.a, &dot.r)) || !cols.iter().all(|f| fold_exact(k, f, &dot.b, &dot.r)) {
         return None;
     }
     let (best, _, _) = best_separable(&pair, k);

@@ -290,3 +290,40 @@ fn is_norm_reciprocal(k: &Kernel, f: &Expr, operand: &Expr, r: &str) -> bool {
     }
     x.subst(var, &Expr::var(r)) == *operand
 }
+
+/// A score's factors around its dot (the dot itself stands for [`DOT`]): query-side and
+/// uniform ones, key-side ones, and those that depend on both.
+pub struct ScoreFactors {
+    pub dot: Dot,
+    pub neg: bool,
+    pub rows: Vec<Expr>,
+    pub cols: Vec<Expr>,
+    pub pairs: Vec<Expr>,
+}
+
+/// `score` as `±dot · Π factors`, each factor classified by the side it depends on; `None`
+/// without exactly one dot, or with a factor that holds a reduction or an index other than
+/// the pair's.
+pub fn score_factors(score: &Expr) -> Option<ScoreFactors> {
+    let mut found = None;
+    let rest = extract(score, &mut found);
+    let dot = found?;
+    let (mut neg, mut factors) = (false, Vec::new());
+    flatten_product(&rest, &mut neg, &mut factors);
+    let (mut rows, mut cols, mut pairs, mut dots) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for f in factors {
+        if f == Expr::var(DOT) {
+            dots += 1;
+            continue;
+        }
+        if has_reduction(&f) || !only_pair_indices(&f) {
+            return None;
+        }
+        match side(&f) {
+            Side::Pair => pairs.push(f),
+            Side::Key => cols.push(f),
+            Side::Query | Side::Uniform => rows.push(f),
+        }
+    }
+    (dots == 1).then_some(ScoreFactors { dot, neg, rows, cols, pairs })
+}
