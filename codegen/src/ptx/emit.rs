@@ -74,6 +74,10 @@ pub struct Func<'k> {
     regs: Vec<RegTy>,
     counts: [usize; 5],
     labels: usize,
+    /// The parameter loads, then the table slots and last indices read once (so they
+    /// dominate every use), then the body.
+    head: String,
+    slot_lines: String,
     body: String,
     /// IR variable → register, innermost last.
     env: Vec<(String, String)>,
@@ -96,6 +100,8 @@ impl<'k> Func<'k> {
             regs: Vec::new(),
             counts: [0; 5],
             labels: 0,
+            head: String::new(),
+            slot_lines: String::new(),
             body: String::new(),
             env: Vec::new(),
             args: String::new(),
@@ -106,9 +112,8 @@ impl<'k> Func<'k> {
         };
         for (n, p) in ["args", "inp", "buf"].iter().enumerate() {
             let raw = f.reg(RegTy::U64);
-            f.ins(&format!("ld.param.u64 {raw}, [p_{p}];"));
             let g = f.reg(RegTy::U64);
-            f.ins(&format!("cvta.to.global.u64 {g}, {raw};"));
+            let _ = writeln!(f.head, "\tld.param.u64 {raw}, [p_{p}];\n\tcvta.to.global.u64 {g}, {raw};");
             match n {
                 0 => f.args = g,
                 1 => f.inp = g,
@@ -170,33 +175,27 @@ impl<'k> Func<'k> {
         r
     }
 
-    /// Table slot `n` (read once per function, at first use in the entry block: every slot
-    /// read is hoisted to the function's start).
+    /// Table slot `n`, read once per function at its start (before the body, so the load
+    /// dominates every use).
     pub fn slot(&mut self, n: usize) -> String {
         if let Some(r) = self.slots.get(&n) {
             return r.clone();
         }
         let r = self.reg(RegTy::S32);
-        // Written at the start of the body (after the parameter loads) so it dominates
-        // every use.
-        let line = format!("\tld.global.s32 {r}, [{}+{}];\n", self.args, 4 * n);
-        let at = self.body.match_indices('\n').nth(5).map_or(self.body.len(), |(p, _)| p + 1);
-        self.body.insert_str(at, &line);
+        let _ = writeln!(self.slot_lines, "\tld.global.s32 {r}, [{}+{}];", self.args, 4 * n);
         self.slots.insert(n, r.clone());
         r
     }
 
-    /// `extent − 1` of table slot `n` (an axis's last index), computed once at the start.
+    /// `extent − 1` of table slot `n` (an axis's last index), computed once at the start,
+    /// after the slot's load.
     fn last_index(&mut self, n: usize) -> String {
         if let Some(r) = self.tops.get(&n) {
             return r.clone();
         }
         let ext = self.slot(n);
         let r = self.reg(RegTy::S32);
-        let line = format!("\tadd.s32 {r}, {ext}, -1;\n");
-        // After every slot load (they are all inserted after the parameter loads).
-        let at = self.body.match_indices('\n').nth(5 + self.slots.len()).map_or(self.body.len(), |(p, _)| p + 1);
-        self.body.insert_str(at, &line);
+        let _ = writeln!(self.slot_lines, "\tadd.s32 {r}, {ext}, -1;");
         self.tops.insert(n, r.clone());
         r
     }
@@ -691,6 +690,8 @@ impl<'k> Func<'k> {
                 let _ = writeln!(s, "\t.reg {} {}<{}>;", t.decl(), t.prefix(), n + 1);
             }
         }
+        s.push_str(&self.head);
+        s.push_str(&self.slot_lines);
         s.push_str(&self.body);
         s.push_str("\tret;\n}\n");
         s
