@@ -371,6 +371,18 @@ impl BoundsCheck {
     }
 }
 
+/// An input a GPU backend keeps at 2 bytes per element (f16, bf16): [`pack_halves`] lays it
+/// out.
+pub fn half_width(t: &TensorDecl) -> bool {
+    t.kind == TensorKind::Input && matches!(t.dtype, attnc_ir::DType::F16 | attnc_ir::DType::BF16)
+}
+
+/// Threads (or invocations) a derive pass of a tensor of `shape` needs: one per element, or
+/// one per line along the axis a prefix sum walks.
+pub fn derive_lines(shape: &[usize], lines_axis: Option<usize>) -> u64 {
+    shape.iter().enumerate().filter(|(a, _)| Some(*a) != lines_axis).map(|(_, &x)| x as u64).product()
+}
+
 /// f32 bits of an f16 or bf16 input (exact: its values are of that type) as halves, two to
 /// a word, the even element in the low half: the device layout of half-width inputs (a
 /// little-endian array of 16-bit elements).

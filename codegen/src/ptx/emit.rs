@@ -234,7 +234,7 @@ impl<'k> Func<'k> {
     /// The global address of element `off` of tensor `t` (its base added).
     pub fn address(&mut self, t: &str, off: &str) -> String {
         let decl = self.k.tensor(t).expect("verified: a declared tensor");
-        let half = half_width(decl);
+        let half = crate::host::half_width(decl);
         let heap = if decl.kind == TensorKind::Input { self.inp.clone() } else { self.buf.clone() };
         let wide = self.reg(RegTy::U64);
         self.ins(&format!("mul.wide.s32 {wide}, {off}, {};", if half { 2 } else { 4 }));
@@ -696,11 +696,6 @@ impl<'k> Func<'k> {
         s.push_str("\tret;\n}\n");
         s
     }
-}
-
-/// Inputs of these types are 2 bytes per element on the device.
-pub fn half_width(t: &attnc_ir::TensorDecl) -> bool {
-    t.kind == TensorKind::Input && matches!(t.dtype, DType::F16 | DType::BF16)
 }
 
 /// `tid = ctaid.x · ntid.x + tid.x` (the thread's global index), and the predicate

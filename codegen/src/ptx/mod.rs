@@ -215,7 +215,7 @@ impl Compiled for PtxSimKernel {
         for t in &k.tensors {
             let n: usize = dims.shape(t).iter().product();
             if t.kind == TensorKind::Input {
-                let size = if emit::half_width(t) { 2 } else { 4 };
+                let size = if crate::host::half_width(t) { 2 } else { 4 };
                 n_inp = n_inp.div_ceil(size) * size;
                 offsets.insert(t.name.clone(), n_inp / size);
                 n_inp += n * size;
@@ -234,10 +234,13 @@ impl Compiled for PtxSimKernel {
         let mut inp = vec![0u8; n_inp];
         for t in k.inputs() {
             let data = st.bufs[&t.name];
-            let bytes =
-                if emit::half_width(t) { crate::host::pack_halves(t.dtype, data).iter().flat_map(|x| x.to_le_bytes()).collect() } else { words_to_bytes(data) };
-            let at = offsets[&t.name] * if emit::half_width(t) { 2 } else { 4 };
-            let n = dims.shape(t).iter().product::<usize>() * if emit::half_width(t) { 2 } else { 4 };
+            let bytes = if crate::host::half_width(t) {
+                crate::host::pack_halves(t.dtype, data).iter().flat_map(|x| x.to_le_bytes()).collect()
+            } else {
+                words_to_bytes(data)
+            };
+            let at = offsets[&t.name] * if crate::host::half_width(t) { 2 } else { 4 };
+            let n = dims.shape(t).iter().product::<usize>() * if crate::host::half_width(t) { 2 } else { 4 };
             inp[at..at + n].copy_from_slice(&bytes[..n]);
         }
         let mut buf = vec![0u8; 4 * n_buf];
@@ -253,7 +256,7 @@ impl Compiled for PtxSimKernel {
         for e in &self.art.entries {
             if let Entry::Derive { name, tensor, lines_axis } = e {
                 let shape = dims.shape(k.tensor(tensor).expect("derived tensor"));
-                let count: usize = shape.iter().enumerate().filter(|(a, _)| Some(*a) != *lines_axis).map(|(_, &x)| x).product();
+                let count = crate::host::derive_lines(&shape, *lines_axis) as usize;
                 launch(name, count, &mut args, &mut inp, &mut buf)?;
             }
         }

@@ -195,11 +195,6 @@ impl WgslKernel {
     }
 }
 
-/// An input stored two elements to a word on the device (f16, bf16).
-fn half_width(t: &attnc_ir::TensorDecl) -> bool {
-    t.kind == TensorKind::Input && matches!(t.dtype, attnc_ir::DType::F16 | attnc_ir::DType::BF16)
-}
-
 fn device_err(what: &str, e: impl std::fmt::Display) -> RunError {
     RunError::Device(format!("{what}: {e}"))
 }
@@ -264,7 +259,7 @@ impl Compiled for WgslKernel {
             let n = dims.shape(t).iter().map(|&x| x as u64).product::<u64>();
             let at = if t.kind == TensorKind::Input { &mut n_inp } else { &mut n_buf };
             offsets.insert(t.name.clone(), *at);
-            *at += if half_width(t) { n.div_ceil(2) } else { n };
+            *at += if crate::host::half_width(t) { n.div_ceil(2) } else { n };
         }
         let lim = &self.gpu.limits;
         let most = lim.max_storage_buffer_binding_size.min(lim.max_buffer_size);
@@ -278,7 +273,7 @@ impl Compiled for WgslKernel {
             }
         }
         let classes = self.classes(st, &dims, &g)?;
-        let mut table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64 * if half_width(t) { 2 } else { 1 });
+        let mut table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64 * if crate::host::half_width(t) { 2 } else { 1 });
         table.resize(self.art.table_len(), 0);
         table[self.art.inf_slot] = f32::INFINITY.to_bits() as i64;
         let table: Vec<i32> = table
@@ -308,7 +303,7 @@ impl Compiled for WgslKernel {
                 if data.is_empty() {
                     continue;
                 }
-                if half_width(t) {
+                if crate::host::half_width(t) {
                     let words = crate::host::pack_halves(t.dtype, data);
                     q.write_buffer(&inp, 4 * offsets[&t.name], bytemuck::cast_slice(&words));
                 } else {
@@ -342,7 +337,7 @@ impl Compiled for WgslKernel {
             let groups = match entry {
                 Entry::Derive { tensor, lines_axis, .. } => {
                     let shape = dims.shape(k.tensor(tensor).expect("derived tensor"));
-                    let count: u64 = shape.iter().enumerate().filter(|(a, _)| Some(*a) != *lines_axis).map(|(_, &x)| x as u64).product();
+                    let count = crate::host::derive_lines(&shape, *lines_axis);
                     count.div_ceil(DERIVE_WORKGROUP as u64)
                 }
                 Entry::Classify { .. } => (4 * classes.len() as u64).div_ceil(DERIVE_WORKGROUP as u64),
