@@ -11,15 +11,24 @@
 //! What it implements: integer, float and predicate arithmetic, comparisons, conversions,
 //! global loads and stores, branches (what the exact f32 row kernel and the derive passes
 //! use), and the block-level machinery a tiled kernel needs: `.shared` arrays with
-//! `ld.shared`/`st.shared`, `bar.sync`, and `shfl.sync` (`up`, `down`, `bfly`, `idx`, with
-//! the ISA's clamp and segment mask). A block runs its threads each to its next
-//! synchronization point, then executes each warp's shuffle (every lane of its mask must be
-//! there) or the barrier (every thread still running must be there; exited threads take no
-//! part); two threads touching a shared byte between the same two barriers, one writing,
-//! is reported as a race. Approximate instructions (`ex2.approx`, `lg2.approx`,
-//! `sin.approx`, `cos.approx`) are computed in f64 and rounded once: within the bounds the
-//! PTX ISA states for them. Not implemented yet, and refused by the parser: `ldmatrix`,
-//! `mma`, `cp.async` (the tensor-core kernel's instructions, with their fragment layouts).
+//! `ld.shared`/`st.shared`, `bar.sync`, `shfl.sync` (`up`, `down`, `bfly`, `idx`, with the
+//! ISA's clamp and segment mask), and the tensor-core instructions with the PTX ISA's
+//! fragment layouts: `ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16`,
+//! `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32` (exact products summed
+//! in f64, rounded once), `cp.async.{ca,cg}.shared.global` with a source size (zero-filled
+//! tails), `commit_group`, `wait_group`, `wait_all`, and `cvt.rn.{bf16x2,f16x2}.f32`.
+//!
+//! A block runs its threads each to its next synchronization point, then executes each
+//! warp's warp-wide instruction (`shfl.sync`: every lane of its mask must be there;
+//! `ldmatrix`, `mma`: all 32 lanes) or the barrier (every thread still running must be
+//! there; exited threads take no part). Shared memory is checked byte by byte: reading a
+//! byte never written (shared memory starts undefined), two threads touching a byte between
+//! the same two barriers with one writing (a race), touching the destination of a `cp.async`
+//! not yet waited for, or exiting with copies in flight, are errors. A `cp.async` counts as a
+//! write from its issue (it may land any time until its group is waited for) and lands, as a
+//! write by its thread, when the thread waits for its group. Approximate instructions
+//! (`ex2.approx`, `lg2.approx`, `sin.approx`, `cos.approx`) are computed in f64 and rounded
+//! once: within the bounds the PTX ISA states for them.
 
 use std::collections::BTreeMap;
 
@@ -41,6 +50,8 @@ enum Ty {
     U16,
     F16,
     Pred,
+    Bf16x2,
+    F16x2,
 }
 
 #[derive(Clone, Debug)]
@@ -54,6 +65,8 @@ enum Opd {
     /// `[param]`.
     ParamAddr(usize),
     Label(usize),
+    /// `{%r1, %r2, …}`: a vector of registers (the fragments of `ldmatrix` and `mma`).
+    Vec(Vec<usize>),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -94,7 +107,12 @@ enum K {
     OrP,
     XorP,
     XorB,
+    AndB,
+    OrB,
     Shl,
+    /// `shr.u32` (logical) and `shr.s32` (arithmetic).
+    ShrU,
+    ShrS,
     SetpF(Cmp),
     SetpI(Cmp),
     CvtF32S32,
@@ -139,6 +157,32 @@ enum K {
     Bar,
     /// `shfl.sync.MODE.b32 d, a, b, c, membermask`: the whole warp exchanges registers.
     Shfl(ShflMode),
+    /// `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16 {d…}, [a]`: the warp loads `n`
+    /// 8×8 matrices of halves from shared memory into fragments.
+    Ldmatrix {
+        n: u8,
+        trans: bool,
+    },
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 {d×4}, {a×4}, {b×2}, {c×4}` with
+    /// `T` bf16 (`bf16: true`) or f16.
+    Mma {
+        bf16: bool,
+    },
+    /// `cp.async.(ca|cg).shared.global [d], [s], size[, src_size]`: an asynchronous copy
+    /// from global to shared memory, zero-filled past `src_size`.
+    CpAsync {
+        cg: bool,
+    },
+    /// `cp.async.commit_group`: closes the thread's open group of copies.
+    CpCommit,
+    /// `cp.async.wait_group n` (`wait_all`: commit, then 0): completes all but the `n`
+    /// most recent groups.
+    CpWait,
+    CpWaitAll,
+    /// `cvt.rn.(bf16x2|f16x2).f32 d, a, b`: `a` rounded to the upper half, `b` the lower.
+    CvtPack {
+        bf16: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -186,6 +230,30 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
         "ld" if m("shared") && (int || float) => K::LdShared32,
         "st" if m("shared") && (int || float) => K::StShared32,
         "bar" if m("sync") => K::Bar,
+        "ldmatrix" if m("sync") && m("aligned") && m("m8n8") && m("shared") && m("b16") => K::Ldmatrix {
+            n: match () {
+                _ if m("x1") => 1,
+                _ if m("x2") => 2,
+                _ if m("x4") => 4,
+                _ => return None,
+            },
+            trans: m("trans"),
+        },
+        "mma" if m("sync") && m("aligned") && m("m16n8k16") && m("row") && m("col") => {
+            let ts: Vec<&str> = mods.iter().map(String::as_str).filter(|x| matches!(*x, "f32" | "bf16" | "f16")).collect();
+            match ts.as_slice() {
+                ["f32", "bf16", "bf16", "f32"] => K::Mma { bf16: true },
+                ["f32", "f16", "f16", "f32"] => K::Mma { bf16: false },
+                _ => return None,
+            }
+        }
+        "cp" if mods.first().map(String::as_str) == Some("async") => match mods.get(1).map(String::as_str) {
+            Some(c @ ("ca" | "cg")) if m("shared") && m("global") => K::CpAsync { cg: c == "cg" },
+            Some("commit_group") => K::CpCommit,
+            Some("wait_group") => K::CpWait,
+            Some("wait_all") => K::CpWaitAll,
+            _ => return None,
+        },
         "shfl" if m("sync") && int => K::Shfl(match mods.get(1)?.as_str() {
             "up" => ShflMode::Up,
             "down" => ShflMode::Down,
@@ -203,7 +271,11 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
         "or" if ty == Ty::Pred => K::OrP,
         "xor" if ty == Ty::Pred => K::XorP,
         "xor" if int => K::XorB,
+        "and" if int => K::AndB,
+        "or" if int => K::OrB,
         "shl" if int => K::Shl,
+        "shr" if ty == Ty::S32 => K::ShrS,
+        "shr" if int => K::ShrU,
         "setp" if float => K::SetpF(cmp()?),
         "setp" if int => match cmp()? {
             c @ (Cmp::Eq | Cmp::Ne | Cmp::Lt | Cmp::Le | Cmp::Gt | Cmp::Ge) => K::SetpI(c),
@@ -223,6 +295,8 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
                     _ => return None,
                 },
                 (Ty::U16, Ty::U32) => K::CvtU16,
+                (Ty::Bf16x2, Ty::F32) if rnd == "rn" => K::CvtPack { bf16: true },
+                (Ty::F16x2, Ty::F32) if rnd == "rn" => K::CvtPack { bf16: false },
                 (Ty::F32, Ty::F16 | Ty::U16) => K::CvtF32F16,
                 _ => return None,
             }
@@ -277,6 +351,24 @@ pub struct Program {
     pub functions: Vec<Function>,
 }
 
+/// The operands of an instruction: split at commas outside `{…}` vectors.
+fn split_operands(args: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start) = (Vec::new(), 0i32, 0);
+    for (n, c) in args.char_indices() {
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                out.push(args[start..n].trim());
+                start = n + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(args[start..].trim());
+    out
+}
+
 fn err<T>(line: usize, msg: impl std::fmt::Display) -> Result<T, SimError> {
     Err(SimError(format!("line {line}: {msg}")))
 }
@@ -292,6 +384,8 @@ fn ty_of(s: &str) -> Option<Ty> {
         "u16" | "b16" => Ty::U16,
         "f16" => Ty::F16,
         "pred" => Ty::Pred,
+        "bf16x2" => Ty::Bf16x2,
+        "f16x2" => Ty::F16x2,
         _ => return None,
     })
 }
@@ -404,7 +498,18 @@ impl Function {
             let ty = mods.iter().rev().find_map(|m| ty_of(m)).unwrap_or(Ty::B32);
             let Some(kind) = decode(&op, &mods, ty) else { return err(line, format!("`{opcode}` is not an instruction this interpreter runs")) };
             let mut opds = Vec::new();
-            for a in args.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            for a in split_operands(args).into_iter().filter(|a| !a.is_empty()) {
+                if let Some(inner) = a.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+                    let mut v = Vec::new();
+                    for r in inner.split(',').map(str::trim) {
+                        match regs.get(r) {
+                            Some(&(n, _)) => v.push(n),
+                            None => return err(line, format!("`{r}` in `{a}` is not a declared register")),
+                        }
+                    }
+                    opds.push(Opd::Vec(v));
+                    continue;
+                }
                 match symbols.get(a) {
                     Some(&off) => opds.push(Opd::Imm(off as u64)),
                     None => opds.push(Self::operand(a, &regs, &labels, &params, line)?),
@@ -503,6 +608,17 @@ struct Thread<'f> {
     params: &'f [u64],
     pc: usize,
     state: State,
+    /// `cp.async` copies issued and not yet committed, then the committed groups, oldest
+    /// first.
+    open: Vec<AsyncCopy>,
+    groups: std::collections::VecDeque<Vec<AsyncCopy>>,
+}
+
+/// A `cp.async` in flight: the bytes it read from global memory when issued (zero-filled
+/// past its source size) and where in shared memory they land when its group completes.
+struct AsyncCopy {
+    dst: u64,
+    data: Vec<u8>,
 }
 
 /// Where a thread stands between two steps of its block.
@@ -511,8 +627,8 @@ enum State {
     Running,
     /// At a `bar.sync` (not yet executed).
     AtBar,
-    /// At a `shfl.sync` (not yet executed).
-    AtShfl,
+    /// At a warp-wide instruction (`shfl.sync`, `ldmatrix`, `mma`), not yet executed.
+    AtWarp,
     Exited,
 }
 
@@ -525,11 +641,13 @@ struct Shared {
     wrote: Vec<(u32, u32)>,
     read: Vec<(u32, u32)>,
     epoch: u32,
+    /// `thread + 1` of the `cp.async` in flight that writes each byte (0: none).
+    busy: Vec<u32>,
 }
 
 impl Shared {
     fn new(n: usize) -> Shared {
-        Shared { bytes: vec![0; n], wrote: vec![(0, 0); n], read: vec![(0, 0); n], epoch: 1 }
+        Shared { bytes: vec![0; n], wrote: vec![(0, 0); n], read: vec![(0, 0); n], epoch: 1, busy: vec![0; n] }
     }
 
     fn access(&mut self, off: u64, len: usize, tid: u32, write: bool) -> Result<std::ops::Range<usize>, String> {
@@ -539,6 +657,12 @@ impl Shared {
         }
         let me = tid + 1;
         for b in off..off + len {
+            if self.busy[b] != 0 {
+                return Err(format!(
+                    "shared byte {b} is written by a cp.async of thread {} still in flight (complete it with cp.async.wait_group first)",
+                    self.busy[b] - 1
+                ));
+            }
             let (w, we) = self.wrote[b];
             if we == self.epoch && w != me && w != 0 {
                 return Err(format!("race on shared byte {b}: thread {} wrote it since the last barrier", w - 1));
@@ -550,6 +674,9 @@ impl Shared {
                 }
                 self.wrote[b] = (me, self.epoch);
             } else {
+                if w == 0 {
+                    return Err(format!("reads shared byte {b}, never written (shared memory starts undefined)"));
+                }
                 self.read[b] = (me, self.epoch);
             }
         }
@@ -557,7 +684,39 @@ impl Shared {
     }
 }
 
+impl Shared {
+    /// Issues a `cp.async` of `len` bytes to `off`: the copy may land at any time until its
+    /// group is waited for, so it counts as a write now (a race with another thread's
+    /// access since the last barrier) and its bytes are off limits until it lands.
+    fn issue(&mut self, off: u64, len: usize, tid: u32) -> Result<(), String> {
+        let r = self.access(off, len, tid, true)?;
+        for b in r {
+            self.busy[b] = tid + 1;
+        }
+        Ok(())
+    }
+
+    /// A `cp.async` lands: its bytes are written (a write by the thread, at this epoch).
+    fn land(&mut self, c: &AsyncCopy, tid: u32) -> Result<(), String> {
+        let off = c.dst as usize;
+        self.busy[off..off + c.data.len()].fill(0);
+        let r = self.access(c.dst, c.data.len(), tid, true)?;
+        self.bytes[r].copy_from_slice(&c.data);
+        Ok(())
+    }
+}
+
 impl Thread<'_> {
+    /// Completes the committed groups of `cp.async` but the `keep` most recent.
+    fn wait_groups(&mut self, sh: &mut Shared, keep: usize) -> Result<(), String> {
+        while self.groups.len() > keep {
+            for c in self.groups.pop_front().expect("a group") {
+                sh.land(&c, self.tid)?;
+            }
+        }
+        Ok(())
+    }
+
     fn get(&self, o: &Opd, ins: &Ins) -> Result<u64, String> {
         Ok(match o {
             Opd::Reg(r) => self.regs[*r].ok_or_else(|| format!("reads a register never written ({})", ins.text))?,
@@ -596,9 +755,9 @@ impl Thread<'_> {
         self.state = State::Exited;
         while pc < code.len() {
             let ins = &code[pc];
-            if matches!(ins.kind, K::Bar | K::Shfl(_)) {
+            if matches!(ins.kind, K::Bar | K::Shfl(_) | K::Ldmatrix { .. } | K::Mma { .. }) {
                 self.pc = pc;
-                self.state = if ins.kind == K::Bar { State::AtBar } else { State::AtShfl };
+                self.state = if ins.kind == K::Bar { State::AtBar } else { State::AtWarp };
                 // A guarded-off synchronization is skipped like any instruction.
                 if let Some((p, neg)) = ins.guard {
                     let v = self.regs[p].ok_or_else(|| format!("guard predicate never written ({})", ins.text))? != 0;
@@ -651,7 +810,49 @@ impl Thread<'_> {
                     self.state = State::Exited;
                     return Ok(());
                 }
-                K::Bar | K::Shfl(_) => unreachable!("handled before"),
+                K::Bar | K::Shfl(_) | K::Ldmatrix { .. } | K::Mma { .. } => unreachable!("handled before"),
+                K::CpAsync { cg } => {
+                    let (dst, src) = (self.addr(&o[0], ins)?, self.addr(&o[1], ins)?);
+                    let size = a(self, 2)? as usize;
+                    let src_size = if o.len() > 3 { a(self, 3)? as usize } else { size };
+                    if !matches!(size, 4 | 8 | 16) || (cg && size != 16) {
+                        return Err(format!("cp.async copies 4, 8 or 16 bytes (cg: 16), not {size} ({})", ins.text));
+                    }
+                    if src_size > size {
+                        return Err(format!("cp.async source size {src_size} exceeds its copy size {size} ({})", ins.text));
+                    }
+                    if dst % size as u64 != 0 || src % size as u64 != 0 {
+                        return Err(format!("cp.async of {size} bytes from {src:#x} to shared {dst}: addresses not aligned to the size ({})", ins.text));
+                    }
+                    let mut data = vec![0u8; size];
+                    if src_size > 0 {
+                        data[..src_size].copy_from_slice(mem.span(src, src_size)?);
+                    }
+                    sh.issue(dst, size, self.tid)?;
+                    self.open.push(AsyncCopy { dst, data });
+                    continue;
+                }
+                K::CpCommit => {
+                    let g = std::mem::take(&mut self.open);
+                    self.groups.push_back(g);
+                    continue;
+                }
+                K::CpWait => {
+                    let keep = a(self, 0)? as usize;
+                    self.wait_groups(sh, keep)?;
+                    continue;
+                }
+                K::CpWaitAll => {
+                    let g = std::mem::take(&mut self.open);
+                    self.groups.push_back(g);
+                    self.wait_groups(sh, 0)?;
+                    continue;
+                }
+                K::CvtPack { bf16 } => {
+                    let (hi, lo) = (fa(self, 1)?, fa(self, 2)?);
+                    let h = |x: f32| if bf16 { half::bf16::from_f32(x).to_bits() } else { half::f16::from_f32(x).to_bits() } as u64;
+                    h(lo) | h(hi) << 16
+                }
                 K::LdShared32 => {
                     let r = sh.access(self.addr(&o[1], ins)?, 4, self.tid, false)?;
                     let b = &sh.bytes[r];
@@ -698,7 +899,12 @@ impl Thread<'_> {
                 K::OrP => (a(self, 1)? != 0 || a(self, 2)? != 0) as u64,
                 K::XorP => ((a(self, 1)? != 0) != (a(self, 2)? != 0)) as u64,
                 K::XorB => (a(self, 1)? ^ a(self, 2)?) & 0xffff_ffff,
-                K::Shl => ((a(self, 1)? as u32) << (a(self, 2)? as u32 & 31)) as u64,
+                K::AndB => a(self, 1)? & a(self, 2)? & 0xffff_ffff,
+                K::OrB => (a(self, 1)? | a(self, 2)?) & 0xffff_ffff,
+                // PTX clamps shift amounts above 31 (to 0 bits left, or all sign bits).
+                K::Shl => (a(self, 1)? as u32).checked_shl(a(self, 2)? as u32).unwrap_or(0) as u64,
+                K::ShrU => (a(self, 1)? as u32).checked_shr(a(self, 2)? as u32).unwrap_or(0) as u64,
+                K::ShrS => ib(ia(self, 1)? >> (a(self, 2)? as u32).min(31)),
                 K::SetpF(c) => fcmp(c, fa(self, 1)?, fa(self, 2)?) as u64,
                 K::SetpI(c) => {
                     let (x, y) = (ia(self, 1)?, ia(self, 2)?);
@@ -792,14 +998,29 @@ impl Function {
     /// thread still running waits at a `bar.sync`, the barrier (a new race epoch). Threads
     /// that exited do not take part. Anything else cannot make progress: an error.
     fn block(&self, ctaid: u32, threads: u32, params: &[u64], mem: &mut Memory) -> Result<u64, String> {
-        let mut ts: Vec<Thread> =
-            (0..threads).map(|tid| Thread { f: self, regs: vec![None; self.nregs], tid, ntid: threads, ctaid, params, pc: 0, state: State::Running }).collect();
+        let mut ts: Vec<Thread> = (0..threads)
+            .map(|tid| Thread {
+                f: self,
+                regs: vec![None; self.nregs],
+                tid,
+                ntid: threads,
+                ctaid,
+                params,
+                pc: 0,
+                state: State::Running,
+                open: Vec::new(),
+                groups: Default::default(),
+            })
+            .collect();
         let mut sh = Shared::new(self.shared);
         let mut budget = THREAD_BUDGET;
         loop {
             for t in ts.iter_mut().filter(|t| t.state == State::Running) {
                 let tid = t.tid;
                 t.run(mem, &mut sh, &mut budget).map_err(|e| format!("thread {tid}: {e}"))?;
+                if t.state == State::Exited && (!t.open.is_empty() || t.groups.iter().any(|g| !g.is_empty())) {
+                    return Err(format!("thread {tid}: exits with cp.async copies it never waited for"));
+                }
             }
             if ts.iter().all(|t| t.state == State::Exited) {
                 return Ok(THREAD_BUDGET - budget);
@@ -809,18 +1030,35 @@ impl Function {
                 let lanes = w * 32..((w + 1) * 32).min(threads as usize);
                 let warp = &ts[lanes.clone()];
                 let live: Vec<&Thread> = warp.iter().filter(|t| t.state != State::Exited).collect();
-                if live.is_empty() || !live.iter().all(|t| t.state == State::AtShfl) {
+                if live.is_empty() || !live.iter().all(|t| t.state == State::AtWarp) {
                     continue;
                 }
                 let pc = live[0].pc;
                 if live.iter().any(|t| t.pc != pc) {
                     return Err(format!(
-                        "warp {w}: its threads wait at different shfl.sync instructions (lines {} and {})",
+                        "warp {w}: its threads wait at different warp-wide instructions (lines {} and {})",
                         self.code[pc].line,
                         self.code[live.iter().find(|t| t.pc != pc).expect("one").pc].line
                     ));
                 }
-                self.shuffle(&mut ts[lanes], pc)?;
+                match self.code[pc].kind {
+                    K::Shfl(_) => self.shuffle(&mut ts[lanes], pc)?,
+                    kind => {
+                        if live.len() != 32 {
+                            return Err(format!("warp {w}: `{}` needs all 32 lanes of the warp, {} reached it", self.code[pc].text, live.len()));
+                        }
+                        let warp = &mut ts[lanes];
+                        match kind {
+                            K::Ldmatrix { n, trans } => self.ldmatrix(warp, pc, &mut sh, n as usize, trans)?,
+                            K::Mma { bf16 } => self.mma(warp, pc, bf16)?,
+                            _ => unreachable!("a warp-wide instruction"),
+                        }
+                        for t in warp.iter_mut() {
+                            t.pc = pc + 1;
+                            t.state = State::Running;
+                        }
+                    }
+                }
                 progress = true;
             }
             if progress {
@@ -836,9 +1074,9 @@ impl Function {
             }
             let at = |s: State| ts.iter().filter(|t| t.state == s).map(|t| t.tid.to_string()).collect::<Vec<_>>().join(", ");
             return Err(format!(
-                "deadlock: threads [{}] wait at bar.sync while threads [{}] wait at shfl.sync with part of their warp elsewhere",
+                "deadlock: threads [{}] wait at bar.sync while threads [{}] wait at a warp-wide instruction with part of their warp elsewhere",
                 at(State::AtBar),
-                at(State::AtShfl)
+                at(State::AtWarp)
             ));
         }
     }
@@ -858,14 +1096,14 @@ impl Function {
             }
         };
         let mask = val(&warp[0], 4)? as u32;
-        let present: u32 = warp.iter().filter(|t| t.state == State::AtShfl).fold(0, |m, t| m | 1 << (t.tid % 32));
+        let present: u32 = warp.iter().filter(|t| t.state == State::AtWarp).fold(0, |m, t| m | 1 << (t.tid % 32));
         if mask & !present != 0 {
             return Err(format!("shfl.sync names lanes {:#x} in its mask, but only lanes {present:#x} reached it ({text})", mask));
         }
-        let src: Vec<Option<u64>> = warp.iter().map(|t| if t.state == State::AtShfl { val(t, 1).ok() } else { None }).collect();
+        let src: Vec<Option<u64>> = warp.iter().map(|t| if t.state == State::AtWarp { val(t, 1).ok() } else { None }).collect();
         let mut out = Vec::with_capacity(warp.len());
         for t in warp.iter() {
-            if t.state != State::AtShfl {
+            if t.state != State::AtWarp {
                 out.push(None);
                 continue;
             }
@@ -893,6 +1131,85 @@ impl Function {
                 t.set(&ins.opds[0], v)?;
                 t.pc = pc + 1;
                 t.state = State::Running;
+            }
+        }
+        Ok(())
+    }
+
+    /// The registers of vector operand `n` of `ins`.
+    fn vector<'a>(ins: &'a Ins, n: usize, len: usize) -> Result<&'a [usize], String> {
+        match ins.opds.get(n) {
+            Some(Opd::Vec(v)) if v.len() == len => Ok(v),
+            _ => Err(format!("operand {} must be a vector of {len} registers ({})", n + 1, ins.text)),
+        }
+    }
+
+    /// `ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16` for a whole warp (the PTX ISA's
+    /// layout): lanes `8m … 8m + 7` give the shared addresses of matrix `m`'s 8 rows (16
+    /// bytes each, 16-byte aligned); lane `l` receives in register `m` the halves at row
+    /// `l / 4`, columns `2(l % 4)` (low half) and `2(l % 4) + 1` (high half), or with
+    /// `.trans` the halves at rows `2(l % 4)`, `2(l % 4) + 1` of column `l / 4`.
+    fn ldmatrix(&self, warp: &mut [Thread], pc: usize, sh: &mut Shared, n: usize, trans: bool) -> Result<(), String> {
+        let ins = &self.code[pc];
+        let dst = Self::vector(ins, 0, n)?;
+        let mut rows = vec![[0u16; 8]; 8 * n];
+        for (r, row) in rows.iter_mut().enumerate() {
+            let t = &warp[r];
+            let at = t.addr(&ins.opds[1], ins).map_err(|e| format!("thread {}: {e}", t.tid))?;
+            if at % 16 != 0 {
+                return Err(format!("thread {}: ldmatrix row address {at} is not 16-byte aligned ({})", t.tid, ins.text));
+            }
+            let range = sh.access(at, 16, t.tid, false).map_err(|e| format!("thread {}: {e}", t.tid))?;
+            for (c, h) in sh.bytes[range].chunks(2).enumerate() {
+                row[c] = u16::from_le_bytes([h[0], h[1]]);
+            }
+        }
+        for (l, t) in warp.iter_mut().enumerate() {
+            let (g, q) = (l / 4, l % 4);
+            for (m, &d) in dst.iter().enumerate() {
+                let mat = &rows[8 * m..8 * m + 8];
+                let (lo, hi) = if trans { (mat[2 * q][g], mat[2 * q + 1][g]) } else { (mat[g][2 * q], mat[g][2 * q + 1]) };
+                t.regs[d] = Some(lo as u64 | (hi as u64) << 16);
+            }
+        }
+        Ok(())
+    }
+
+    /// `mma.sync.aligned.m16n8k16.row.col.f32.T.T.f32 d, a, b, c` for a whole warp, with
+    /// the PTX ISA's fragment layouts (lane `l`, `g = l / 4`, `q = l % 4`; the low half of
+    /// a register is the first element): A's registers hold rows `g`, `g + 8`, `g`, `g + 8`
+    /// at columns `2q, 2q + 1` (`+ 8` in the last two); B's hold rows `2q, 2q + 1` (`+ 8`
+    /// in the second) of column `g`; C and D hold rows `g`, `g`, `g + 8`, `g + 8` at
+    /// columns `2q`, `2q + 1`. The products are exact and summed in f64, rounded once.
+    fn mma(&self, warp: &mut [Thread], pc: usize, bf16: bool) -> Result<(), String> {
+        let ins = &self.code[pc];
+        let (dr, ar, br, cr) = (Self::vector(ins, 0, 4)?, Self::vector(ins, 1, 4)?, Self::vector(ins, 2, 2)?, Self::vector(ins, 3, 4)?);
+        let half = |x: u64| if bf16 { half::bf16::from_bits(x as u16).to_f64() } else { half::f16::from_bits(x as u16).to_f64() };
+        let (mut a, mut b, mut c) = ([[0f64; 16]; 16], [[0f64; 8]; 16], [[0f64; 8]; 16]);
+        for (l, t) in warp.iter().enumerate() {
+            let get = |r: usize| t.regs[r].ok_or_else(|| format!("thread {}: reads a register never written ({})", t.tid, ins.text));
+            let (g, q) = (l / 4, 2 * (l % 4));
+            for (n, &r) in ar.iter().enumerate() {
+                let v = get(r)?;
+                let (row, col) = (g + 8 * (n % 2), q + 8 * (n / 2));
+                a[row][col] = half(v & 0xffff);
+                a[row][col + 1] = half(v >> 16);
+            }
+            for (n, &r) in br.iter().enumerate() {
+                let v = get(r)?;
+                b[q + 8 * n][g] = half(v & 0xffff);
+                b[q + 8 * n + 1][g] = half(v >> 16);
+            }
+            for (n, &r) in cr.iter().enumerate() {
+                c[g + 8 * (n / 2)][q + n % 2] = f(get(r)?) as f64;
+            }
+        }
+        for (l, t) in warp.iter_mut().enumerate() {
+            let (g, q) = (l / 4, 2 * (l % 4));
+            for (n, &r) in dr.iter().enumerate() {
+                let (row, col) = (g + 8 * (n / 2), q + n % 2);
+                let d: f64 = (0..16).map(|k| a[row][k] * b[k][col]).sum::<f64>() + c[row][col];
+                t.regs[r] = Some(fb(d as f32));
             }
         }
         Ok(())

@@ -128,10 +128,11 @@ fn an_access_outside_the_buffers_is_an_error() {
 /// when parsing, so a kernel that uses it cannot pass for checked.
 #[test]
 fn instructions_it_does_not_run_are_refused_when_parsing() {
-    let e = run("\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r1, %r2, %r3, %r4}, [%r5];", &[0; 8], &[0; 8]).unwrap_err();
-    assert!(e.contains("ldmatrix.sync.aligned.m8n8.x4.shared.b16") && e.contains("not an instruction this interpreter runs"), "{e}");
-    let e = run("\tcp.async.ca.shared.global [%r1], [%rd1], 16;", &[0; 8], &[0; 8]).unwrap_err();
-    assert!(e.contains("cp.async"), "{e}");
+    let e = run("\twgmma.fence.sync.aligned;", &[0; 8], &[0; 8]).unwrap_err();
+    assert!(e.contains("wgmma.fence.sync.aligned") && e.contains("not an instruction this interpreter runs"), "{e}");
+    let e = run("\tmma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%f1, %f2, %f3, %f4}, {%r1, %r2}, {%r3}, {%f1, %f2, %f3, %f4};", &[0; 8], &[0; 8])
+        .unwrap_err();
+    assert!(e.contains("m16n8k8"), "{e}");
 }
 
 #[test]
@@ -227,8 +228,15 @@ fn shared_memory_needs_a_barrier_between_a_write_and_another_threads_read() {
     };
     let got = run_block(SMEM, &body("\tbar.sync 0;"), 64).unwrap();
     assert_eq!(got, (0..64).map(|t| (t + 1) % 64).collect::<Vec<u32>>());
+    // Without it, thread 0 runs ahead and reads a byte thread 1 has not written yet.
     let e = run_block(SMEM, &body(""), 64).unwrap_err();
-    assert!(e.contains("race on shared byte"), "{e}");
+    assert!(e.contains("thread 0: reads shared byte 4, never written"), "{e}");
+    // Threads reading their own slot, then a neighbour's written before: a race.
+    let e = run_block(SMEM, &body("\tld.shared.s32 %r8, [%r4];"), 64).unwrap_err();
+    assert!(e.contains("never written") || e.contains("race on shared byte"), "{e}");
+    let racy = "\tmov.u32 %r2, buf;\n\tst.shared.s32 [%r2], %r1;\n\tld.shared.s32 %r7, [%r2];\n\tst.global.s32 [%rd3], %r7;";
+    let e = run_block(SMEM, racy, 2).unwrap_err();
+    assert!(e.contains("thread 1") && e.contains("race on shared byte 0: thread 0 wrote it"), "{e}");
     // Out of the array's 256 bytes.
     let e = run_block(SMEM, "\tmov.u32 %r2, buf;\n\tst.shared.s32 [%r2+256], %r1;", 1).unwrap_err();
     assert!(e.contains("out of bounds"), "{e}");
