@@ -1137,7 +1137,7 @@ impl Function {
     }
 
     /// The registers of vector operand `n` of `ins`.
-    fn vector<'a>(ins: &'a Ins, n: usize, len: usize) -> Result<&'a [usize], String> {
+    fn vector(ins: &Ins, n: usize, len: usize) -> Result<&[usize], String> {
         match ins.opds.get(n) {
             Some(Opd::Vec(v)) if v.len() == len => Ok(v),
             _ => Err(format!("operand {} must be a vector of {len} registers ({})", n + 1, ins.text)),

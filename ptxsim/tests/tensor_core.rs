@@ -167,14 +167,17 @@ fn unpack_d(words: &[u32]) -> [[f32; 8]; 16] {
     d
 }
 
-fn inputs() -> ([[f32; 16]; 16], [[f32; 8]; 16], [[f32; 8]; 16]) {
+type A = [[f32; 16]; 16];
+type B = [[f32; 8]; 16];
+
+fn inputs() -> (A, B, B) {
     let mut a = [[0f32; 16]; 16];
     let mut b = [[0f32; 8]; 16];
     let mut c = [[0f32; 8]; 16];
     for r in 0..16 {
-        for k in 0..16 {
+        for (k, x) in a[r].iter_mut().enumerate() {
             // Small integers and halves: exact in bf16 and f16, and so is every sum.
-            a[r][k] = ((r * 7 + k * 3) % 11) as f32 - 5.0;
+            *x = ((r * 7 + k * 3) % 11) as f32 - 5.0;
         }
         for n in 0..8 {
             b[r][n] = 0.5 * (((r * 5 + n * 13) % 9) as f32 - 4.0);

@@ -27,6 +27,8 @@ pub enum RegTy {
     U64,
     Pred,
     U16,
+    /// Untyped 32 bits: packed halves, `ldmatrix` and `mma` fragments.
+    B32,
 }
 
 impl RegTy {
@@ -37,6 +39,7 @@ impl RegTy {
             RegTy::U64 => ".u64",
             RegTy::Pred => ".pred",
             RegTy::U16 => ".b16",
+            RegTy::B32 => ".b32",
         }
     }
     fn prefix(self) -> &'static str {
@@ -46,6 +49,7 @@ impl RegTy {
             RegTy::U64 => "%rd",
             RegTy::Pred => "%p",
             RegTy::U16 => "%h",
+            RegTy::B32 => "%x",
         }
     }
     fn of(t: Ty) -> RegTy {
@@ -72,11 +76,13 @@ pub struct Func<'k> {
     layout: &'k ArgLayout,
     name: String,
     regs: Vec<RegTy>,
-    counts: [usize; 5],
+    counts: [usize; 6],
     labels: usize,
     /// The parameter loads, then the table slots and last indices read once (so they
     /// dominate every use), then the body.
     head: String,
+    /// `.shared` declarations.
+    shared: String,
     slot_lines: String,
     body: String,
     /// IR variable → register, innermost last.
@@ -98,9 +104,10 @@ impl<'k> Func<'k> {
             layout,
             name: name.to_string(),
             regs: Vec::new(),
-            counts: [0; 5],
+            counts: [0; 6],
             labels: 0,
             head: String::new(),
+            shared: String::new(),
             slot_lines: String::new(),
             body: String::new(),
             env: Vec::new(),
@@ -142,6 +149,15 @@ impl<'k> Func<'k> {
 
     pub fn place(&mut self, l: &str) {
         let _ = writeln!(self.body, "{l}:");
+    }
+
+    /// Declares a `.shared` array of `bytes` bytes aligned to 16, and returns a register
+    /// holding its address in the shared window.
+    pub fn shared_array(&mut self, name: &str, bytes: usize) -> String {
+        let _ = writeln!(self.shared, "\t.shared .align 16 .b8 {name}[{bytes}];");
+        let r = self.reg(RegTy::S32);
+        let _ = writeln!(self.head, "\tmov.u32 {r}, {name};");
+        r
     }
 
     pub fn bind(&mut self, var: &str, reg: &str) {
@@ -303,7 +319,7 @@ impl<'k> Func<'k> {
         self.ins(&format!("st.global.f32 [{a}], {v};"));
     }
 
-    fn var(&self, v: &str) -> Result<String, CodegenError> {
+    pub fn var(&self, v: &str) -> Result<String, CodegenError> {
         self.env.iter().rev().find(|(n, _)| n == v).map(|(_, r)| r.clone()).ok_or_else(|| CodegenError::Emit(format!("variable `{v}` is not bound")))
     }
 
@@ -683,7 +699,8 @@ impl<'k> Func<'k> {
     /// The function's text: `.entry`, parameters, register declarations, body.
     pub fn finish(self) -> String {
         let mut s = format!(".visible .entry {}(\n\t.param .u64 p_args,\n\t.param .u64 p_inp,\n\t.param .u64 p_buf\n)\n{{\n", self.name);
-        for t in [RegTy::Pred, RegTy::U16, RegTy::S32, RegTy::F32, RegTy::U64] {
+        s.push_str(&self.shared);
+        for t in [RegTy::Pred, RegTy::U16, RegTy::S32, RegTy::B32, RegTy::F32, RegTy::U64] {
             let n = self.counts[t as usize];
             if n > 0 {
                 // `%r<n>` declares %r0 … %r(n-1); registers are numbered from 1.

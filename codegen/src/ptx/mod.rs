@@ -15,7 +15,9 @@
 //! per element, everything else at 4) and the work buffer (derived tensors, the output).
 
 pub mod emit;
+pub mod tensor;
 pub use attnc_ptxsim as sim;
+pub use tensor::TcPlan;
 
 use crate::host::{ArgLayout, BoundsCheck, Inputs, RunError, RunStart};
 use crate::schedule::{Algorithm, Limits, Schedule, ScheduleOptions};
@@ -42,7 +44,7 @@ pub struct PtxOptions {
 
 impl Default for PtxOptions {
     fn default() -> Self {
-        PtxOptions { schedule: ScheduleOptions { tiled: false, chunk: 0, block_q: 64, block_k: 64 }, arch: "sm_80".into(), threads: 128, channels: 8 }
+        PtxOptions { schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: tensor::BLOCK_Q, block_k: 32 }, arch: "sm_80".into(), threads: 128, channels: 8 }
     }
 }
 
@@ -54,7 +56,8 @@ impl BackendOptions for PtxOptions {
         &mut self.schedule
     }
     fn describe(&self) -> String {
-        format!("{} exact f32 row kernel, {} threads per block, {} channels per thread", self.arch, self.threads, self.channels)
+        let tiles = if self.schedule.tiled { format!("tensor-core tiles of {}x{} where the spec has bf16/f16 q, k, v, else ", tensor::BLOCK_Q, self.schedule.block_k) } else { String::new() };
+        format!("{} {tiles}exact f32 row kernel ({} threads per block, {} channels per thread)", self.arch, self.threads, self.channels)
     }
 }
 
@@ -65,6 +68,10 @@ pub enum Entry {
     Derive { name: String, tensor: String, lines_axis: Option<usize> },
     /// `attend`: a thread per query row and channel slice.
     Attend,
+    /// `attend_tc`: the tensor-core tiled kernel, a CTA per `(b, h)`, query tile and value
+    /// slice; taken when the call's shapes fit it ([`PtxArtifact::tensor_cores_fit`]), else
+    /// `attend` runs.
+    AttendTensor,
 }
 
 /// A kernel's PTX module and what a runtime needs to launch it.
@@ -76,6 +83,37 @@ pub struct PtxArtifact {
     pub schedule: Schedule,
     pub options: PtxOptions,
     pub layout: ArgLayout,
+    /// The tensor-core kernel's plan, or why the spec runs the row kernel only.
+    pub tensor: Result<TcPlan, String>,
+}
+
+impl PtxArtifact {
+    /// Whether this call's shapes fit the tensor-core kernel: the dot's channels at most
+    /// [`tensor::MAX_CHANNELS`], and the rows of queries, keys and values whole 16-byte
+    /// chunks (a multiple of 8 halves). `Err` says why `attend` runs instead.
+    pub fn tensor_cores_fit(&self, dims: &attnc_ir::Bindings) -> Result<&TcPlan, String> {
+        let p = self.tensor.as_ref().map_err(|e| e.clone())?;
+        let d = attnc_ir::bind::eval_dims(&p.len, &dims.dims)?;
+        if d > tensor::MAX_CHANNELS as i64 {
+            return Err(format!("the dot has {d} channels, over the tensor-core kernel's {}", tensor::MAX_CHANNELS));
+        }
+        for r in [&p.q, &p.k, &p.v] {
+            let t = self.kernel.tensor(&r.tensor).expect("an input");
+            let row = dims.extent(t.shape.last().expect("a row"));
+            if row % 8 != 0 {
+                return Err(format!("`{}` has rows of {row} halves, not whole 16-byte chunks", t.name));
+            }
+        }
+        Ok(p)
+    }
+
+    /// The kernel that runs at `dims`, in words.
+    pub fn form(&self, dims: &attnc_ir::Bindings) -> String {
+        match self.tensor_cores_fit(dims) {
+            Ok(p) => format!("tensor-core tiled kernel ({} mma.sync m16n8k16, {}x{} tiles)", p.dtype, tensor::BLOCK_Q, p.block_k),
+            Err(why) => format!("exact f32 row kernel ({why})"),
+        }
+    }
 }
 
 impl std::fmt::Display for PtxArtifact {
@@ -86,11 +124,15 @@ impl std::fmt::Display for PtxArtifact {
 
 /// Writes the module for `k` under `s` (the row kernel).
 pub fn emit_module(k: &Kernel, s: &Schedule, o: &PtxOptions) -> Result<PtxArtifact, CodegenError> {
-    if !matches!(s.algorithm, Algorithm::Rows) {
-        return Err(CodegenError::Unsupported(format!(
-            "the PTX backend runs the exact f32 row kernel only; the schedule asks for {s} (the tensor-core tiled kernel and the chunked form are not written yet: use tiled = false, chunk = 0)"
-        )));
-    }
+    let tensor = match &s.algorithm {
+        Algorithm::Rows => Err("the schedule runs rows (tiled = false, or no separable dot)".to_string()),
+        Algorithm::Tiled(ts) => TcPlan::new(k, ts),
+        Algorithm::Chunked(_) => {
+            return Err(CodegenError::Unsupported(format!(
+                "the PTX backend has no chunked form yet; the schedule asks for {s} (use chunk = 0: the row kernel runs)"
+            )))
+        }
+    };
     let layout = ArgLayout::new(k);
     let mut source = format!("// attnc: kernel `{}`, PTX, {}.\n.version 8.0\n.target {}\n.address_size 64\n\n", k.name, o.describe(), o.arch);
     let mut entries = Vec::new();
@@ -106,7 +148,12 @@ pub fn emit_module(k: &Kernel, s: &Schedule, o: &PtxOptions) -> Result<PtxArtifa
     }
     source.push_str(&emit::attend(k, &layout, o.channels as usize)?);
     entries.push(Entry::Attend);
-    Ok(PtxArtifact { source, entries, kernel: k.clone(), schedule: s.clone(), options: o.clone(), layout })
+    if let Ok(p) = &tensor {
+        source.push('\n');
+        source.push_str(&tensor::attend(k, &layout, p)?);
+        entries.push(Entry::AttendTensor);
+    }
+    Ok(PtxArtifact { source, entries, kernel: k.clone(), schedule: s.clone(), options: o.clone(), layout, tensor })
 }
 
 fn check_options(o: &PtxOptions) -> Result<(), String> {
@@ -119,8 +166,8 @@ fn check_options(o: &PtxOptions) -> Result<(), String> {
     if !(1..=32).contains(&o.channels) {
         return Err(format!("channels per thread must be 1 to 32 (got {})", o.channels));
     }
-    if o.schedule.tiled || o.schedule.chunk > 0 {
-        return Err("the PTX backend runs the exact f32 row kernel only (tiled = false, chunk = 0): the tensor-core tiled kernel and the chunked form are not written yet".into());
+    if o.schedule.chunk > 0 {
+        return Err("the PTX backend has no chunked form yet (chunk = 0)".into());
     }
     Ok(())
 }
@@ -216,7 +263,8 @@ impl Compiled for PtxSimKernel {
             let n: usize = dims.shape(t).iter().product();
             if t.kind == TensorKind::Input {
                 let size = if crate::host::half_width(t) { 2 } else { 4 };
-                n_inp = n_inp.div_ceil(size) * size;
+                // 16-byte aligned: the tensor-core kernel copies rows in 16-byte chunks.
+                n_inp = n_inp.div_ceil(16) * 16;
                 offsets.insert(t.name.clone(), n_inp / size);
                 n_inp += n * size;
             } else {
@@ -248,7 +296,9 @@ impl Compiled for PtxSimKernel {
         let threads = self.art.options.threads;
         let launch = |name: &str, count: usize, args: &mut Vec<u8>, inp: &mut Vec<u8>, buf: &mut Vec<u8>| -> Result<(), RunError> {
             let f = self.program.function(name).map_err(|e| RunError::Device(e.to_string()))?;
-            let blocks = u32::try_from(count.div_ceil(threads as usize)).map_err(|_| RunError::Device("the grid is too large".into()))?;
+            // `attend_tc` counts CTAs of its own size; the others count threads.
+            let (blocks, threads) = if name == "attend_tc" { (count, 32 * tensor::WARPS as u32) } else { (count.div_ceil(threads as usize), threads) };
+            let blocks = u32::try_from(blocks).map_err(|_| RunError::Device("the grid is too large".into()))?;
             let mut mem = sim::Memory { buffers: vec![args.as_mut_slice(), inp.as_mut_slice(), buf.as_mut_slice()] };
             f.launch(blocks, threads, &params, &mut mem).map_err(|e| RunError::Device(format!("ptx-sim: {e}")))?;
             Ok(())
@@ -271,9 +321,16 @@ impl Compiled for PtxSimKernel {
             BoundsCheck::with_data(source, &dims, &bufs)?;
         }
         let g = &dims;
-        let rows = [&k.iter.b, &k.iter.h, &k.iter.i].iter().map(|x| g.extent(x) as usize).product::<usize>();
-        let slices = (g.extent(&k.iter.e) as usize).div_ceil(self.art.options.channels as usize);
-        launch("attend", rows * slices, &mut args, &mut inp, &mut buf)?;
+        if self.art.tensor_cores_fit(g).is_ok() {
+            let ctas = [&k.iter.b, &k.iter.h].iter().map(|x| g.extent(x) as usize).product::<usize>()
+                * (g.extent(&k.iter.i) as usize).div_ceil(tensor::BLOCK_Q)
+                * (g.extent(&k.iter.e) as usize).div_ceil(tensor::VALUES);
+            launch("attend_tc", ctas, &mut args, &mut inp, &mut buf)?;
+        } else {
+            let rows = [&k.iter.b, &k.iter.h, &k.iter.i].iter().map(|x| g.extent(x) as usize).product::<usize>();
+            let slices = (g.extent(&k.iter.e) as usize).div_ceil(self.art.options.channels as usize);
+            launch("attend", rows * slices, &mut args, &mut inp, &mut buf)?;
+        }
         let at = 4 * offsets[&k.output().name];
         for (o, c) in out.iter_mut().zip(buf[at..].chunks(4)) {
             *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
