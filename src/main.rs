@@ -549,6 +549,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let oc = optimized_for(&spec_c, &opt, &inputs, &given)?;
             let start = Instant::now();
+            // A looser bound a kernel states (reduced-precision arithmetic), for --check.
+            let mut stated: Option<attnc_codegen::Tolerance> = None;
             let out = match backend {
                 Backend::Reference => ir::reference::run(&oc.kernel, &oc.info, &inputs, &given)?,
                 Backend::Cpu => {
@@ -572,6 +574,11 @@ fn run(cli: Cli) -> Result<()> {
                 Backend::PtxSim => {
                     let kern = PtxSimBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
                     eprintln!("{}: {} (the PTX interpreter)", c.kernel.name, kern.describe());
+                    let shapes: BTreeMap<String, Vec<usize>> = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    if let Ok(dims) = ir::bind(&kern.art.kernel, &shapes, &given) {
+                        eprintln!("{}: runs the {}", c.kernel.name, kern.art.form(&dims));
+                    }
+                    stated = kern.stated_tolerance();
                     kern.run(&inputs, &given)?
                 }
             };
@@ -597,6 +604,16 @@ fn run(cli: Cli) -> Result<()> {
                 );
                 if approx_bias.is_some() {
                     eprintln!("check: the reference runs the exact bias; the difference includes what the approximate bias admits");
+                } else if let Some(t) = stated {
+                    if let Err((n, g, w)) = t.check(&out.data, &want.data) {
+                        return Err(anyhow!(
+                            "the {backend:?} output differs from the reference beyond the kernel's stated tolerance (atol {:.0e}·rms, rtol {:.0e}): element {n} is {g}, reference {w}; {} was not written",
+                            t.atol,
+                            t.rtol,
+                            output.display()
+                        ));
+                    }
+                    eprintln!("check: within the kernel's stated tolerance (atol {:.0e}·rms, rtol {:.0e}: bf16/f16 weights on tensor cores)", t.atol, t.rtol);
                 } else if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
                     return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance; {} was not written", output.display()));
                 }

@@ -5,6 +5,7 @@
 
 use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
+use attnc::ir::DType;
 use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::ptx::{PtxOptions, PtxSimBackend};
@@ -166,8 +167,14 @@ fn inputs_for(c: &Checked, p: &Profile, seed: u64) -> Option<BTreeMap<String, Te
     match p.tweak {
         Tweak::None => {}
         Tweak::LargeLogits => {
+            // Rounded to q's type, so the reference and the backend read the same numbers.
+            let round: fn(f64) -> f64 = match c.kernel.tensor("q")?.dtype {
+                DType::BF16 => |x| half::bf16::from_f64(x).to_f64(),
+                DType::F16 => |x| half::f16::from_f64(x).to_f64(),
+                _ => |x| (x as f32) as f64,
+            };
             let q = ins.get_mut("q")?;
-            q.data.iter_mut().for_each(|x| *x = ((*x * 2500.0) as f32) as f64);
+            q.data.iter_mut().for_each(|x| *x = round(*x * 2500.0));
         }
         Tweak::Nan => {
             let q = ins.get_mut("q")?;
@@ -199,6 +206,11 @@ fn check_backend(r: &dyn Runner, filter: &dyn Fn(&str) -> bool) {
 /// Runs `r` on the examples `pick` selects, on the profiles `filter` selects; at least
 /// `min_cases` cases must run.
 fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&str) -> bool, min_cases: usize) {
+    check_cases(r, examples().into_iter().filter(|(n, _)| pick(n)).collect(), filter, min_cases);
+}
+
+/// Runs `r` on `cases` (name and spec), on the profiles `filter` selects.
+fn check_cases(r: &dyn Runner, cases: Vec<(String, Checked)>, filter: &dyn Fn(&str) -> bool, min_cases: usize) {
     if let Err(why) = r.available() {
         // CI sets ATTNC_REQUIRE_BACKENDS (e.g. `wgsl`) where it installed a backend's driver,
         // so a missing one fails instead of skipping.
@@ -209,7 +221,7 @@ fn check_examples(r: &dyn Runner, pick: &dyn Fn(&str) -> bool, filter: &dyn Fn(&
     }
     let mut failures = Vec::new();
     let mut ran = 0;
-    for (name, c) in examples().into_iter().filter(|(n, _)| pick(n)) {
+    for (name, c) in cases {
         for p in PROFILES.iter().filter(|p| filter(p.name)) {
             let Some(ins) = inputs_for(&c, p, 7) else {
                 continue;
@@ -265,6 +277,53 @@ fn ptx_sim_matches_reference_on_every_example() {
     check_examples(&on, &|n| n != "mla_decode", &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "large_logits" | "nan"), 150);
     check_examples(&on, &|n| n == "mla_decode", &|p| p == "decode", 1);
 }
+/// The PTX tensor-core kernel under [`ptx::tensor::tolerance`], with the row kernel where a
+/// spec or shape does not fit it.
+struct PtxTensorCores(DType);
+
+impl Runner for PtxTensorCores {
+    fn name(&self) -> String {
+        format!("ptx-sim tensor cores ({})", self.0)
+    }
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn tolerance(&self) -> Tolerance {
+        attnc_codegen::ptx::tensor::tolerance(self.0)
+    }
+    fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
+        On::all(PtxSimBackend, PtxOptions::default()).run(c, inputs)
+    }
+}
+
+/// Every example with bf16 (and, on fewer shapes, f16) queries, keys and values, on the
+/// PTX interpreter: the tensor-core kernel (`mma.sync`, `ldmatrix`, `cp.async`) wherever the
+/// spec fits it, on shapes with partial query and key tiles, GQA, decode, rows with no key,
+/// logits of 1e4 and NaN. The softmax examples the issue names must take the tensor-core
+/// path.
+#[test]
+fn ptx_sim_tensor_cores_match_reference_on_every_example() {
+    for (dtype, ty, profiles) in [
+        (DType::BF16, "bf16", &["basic", "cross_gqa_b2", "mqa_n70", "decode", "masked_rows", "large_logits", "nan"][..]),
+        (DType::F16, "f16", &["basic", "masked_rows"][..]),
+    ] {
+        let cases: Vec<(String, Checked)> = common::examples_as(ty).into_iter().filter(|(n, _)| n != "mla_decode").collect();
+        let mut tensor = Vec::new();
+        for (name, c) in &cases {
+            let (oc, _) = attnc::optimize(c, &PassConfig::all()).expect("passes");
+            let art = PtxSimBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default()).expect("compiles");
+            if art.art.tensor.is_ok() {
+                tensor.push(name.clone());
+            }
+        }
+        eprintln!("{ty}: the tensor-core kernel runs {} examples: {}", tensor.len(), tensor.join(", "));
+        for want in ["sdpa", "sdpa_causal", "alibi", "sliding_window_sink", "document_mask", "softcap"] {
+            assert!(tensor.iter().any(|n| n == want), "{want} does not take the tensor-core path as {ty}");
+        }
+        check_cases(&PtxTensorCores(dtype), cases, &|p| profiles.contains(&p), 40);
+    }
+}
+
 conformance!(
     /// The tiled kernel with 4 invocations per row, 8 keys each of a 32-key tile, and 4
     /// channels per invocation: a workgroup holds 16 output channels, so wider outputs run

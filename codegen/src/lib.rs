@@ -138,6 +138,12 @@ pub trait Compiled: Send + Sync {
     /// values as the output has; zero-initialized).
     fn run_into(&self, inputs: &host::Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError>;
 
+    /// The bound this kernel states when it rounds more than f32 arithmetic does (the PTX
+    /// tensor-core kernel's bf16 weights); `None`: the backend's [`Backend::tolerance`].
+    fn stated_tolerance(&self) -> Option<Tolerance> {
+        None
+    }
+
     /// The output's shape for inputs of these shapes.
     fn output_shape(&self, shapes: &BTreeMap<String, Vec<usize>>, explicit: &BTreeMap<String, i64>) -> Result<Vec<usize>, RunError> {
         let dims = attnc_ir::bind(self.kernel(), shapes, explicit)?;

@@ -147,9 +147,27 @@ pub fn check_inputs(k: &Kernel, dims: &attnc_ir::Bindings, data: &dyn LoadOracle
     Ok(())
 }
 
+/// Whether the score reads a bf16 or f16 tensor: its dot runs on tensor cores (the PTX
+/// backend), whose operands are the half-precision tensors themselves. Extra channels
+/// would be computed f32 features rounded to the half type (ALiBi's `slope·i` to 8 bits of
+/// mantissa) or keep the dot off the tensor cores; the bias as written costs a few
+/// operations per element there. Such kernels keep their bias.
+fn half_precision_dot(k: &Kernel, score: &Expr) -> bool {
+    let mut half = false;
+    score.walk(&mut |x| {
+        if let Expr::Load(t, _) = x {
+            half |= k.tensor(t).is_some_and(|d| matches!(d.dtype, attnc_ir::DType::BF16 | attnc_ir::DType::F16));
+        }
+    });
+    half
+}
+
 pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
     let [br] = k.branches.as_slice() else { return None };
     let bias = br.bias.as_ref()?;
+    if half_precision_dot(k, &br.score) {
+        return None;
+    }
     if let Some(done) = absorb_dot(k, bias) {
         return Some(done);
     }

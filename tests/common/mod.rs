@@ -30,3 +30,22 @@ pub fn examples() -> Vec<(String, attnc::dsl::Checked)> {
         })
         .collect()
 }
+
+/// Every example with its float inputs declared `dtype` (`bf16`, `f16`) instead of `f32`:
+/// what the tensor-core paths run. Names as in [`examples`].
+pub fn examples_as(dtype: &str) -> Vec<(String, attnc::dsl::Checked)> {
+    example_paths()
+        .iter()
+        .map(|p| {
+            let name = p.file_stem().expect("a file name").to_string_lossy().to_string();
+            let src: String = std::fs::read_to_string(p)
+                .expect("example")
+                .lines()
+                .map(|l| if l.trim_start().starts_with("input ") { l.replacen(": f32[", &format!(": {dtype}["), 1) } else { l.to_string() })
+                .collect::<Vec<_>>()
+                .join("\n");
+            let c = attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{name} as {dtype}: {}", d.message));
+            (name, c)
+        })
+        .collect()
+}

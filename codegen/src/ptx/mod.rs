@@ -44,7 +44,12 @@ pub struct PtxOptions {
 
 impl Default for PtxOptions {
     fn default() -> Self {
-        PtxOptions { schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: tensor::BLOCK_Q, block_k: 32 }, arch: "sm_80".into(), threads: 128, channels: 8 }
+        PtxOptions {
+            schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: tensor::BLOCK_Q, block_k: 32 },
+            arch: "sm_80".into(),
+            threads: 128,
+            channels: 8,
+        }
     }
 }
 
@@ -56,7 +61,11 @@ impl BackendOptions for PtxOptions {
         &mut self.schedule
     }
     fn describe(&self) -> String {
-        let tiles = if self.schedule.tiled { format!("tensor-core tiles of {}x{} where the spec has bf16/f16 q, k, v, else ", tensor::BLOCK_Q, self.schedule.block_k) } else { String::new() };
+        let tiles = if self.schedule.tiled {
+            format!("tensor-core tiles of {}x{} where the spec has bf16/f16 q, k, v, else ", tensor::BLOCK_Q, self.schedule.block_k)
+        } else {
+            String::new()
+        };
         format!("{} {tiles}exact f32 row kernel ({} threads per block, {} channels per thread)", self.arch, self.threads, self.channels)
     }
 }
@@ -250,6 +259,9 @@ impl Compiled for PtxSimKernel {
     }
     fn set_bounds_source(&mut self, spec: Kernel) {
         self.bounds_source = Some(spec);
+    }
+    fn stated_tolerance(&self) -> Option<Tolerance> {
+        self.art.tensor.as_ref().ok().map(|p| tensor::tolerance(p.dtype))
     }
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {

@@ -144,7 +144,20 @@ impl TcPlan {
 /// `t / 16 + 8u`. Chunks `≥ write` are not copied (never read); rows `≥ rows_live` and
 /// chunks `≥ live` are zero-filled.
 #[allow(clippy::too_many_arguments)]
-fn stage(f: &mut Func, src: &Rows, row_var: &str, ch_var: &str, row0: &str, nrows: usize, rows_live: &str, ch0: &str, live: &str, write: &str, dst: &str, tid: &str) -> Result<(), CodegenError> {
+fn stage(
+    f: &mut Func,
+    src: &Rows,
+    row_var: &str,
+    ch_var: &str,
+    row0: &str,
+    nrows: usize,
+    rows_live: &str,
+    ch0: &str,
+    live: &str,
+    write: &str,
+    dst: &str,
+    tid: &str,
+) -> Result<(), CodegenError> {
     let threads = 32 * WARPS;
     let (c, r) = (f.reg(RegTy::S32), f.reg(RegTy::S32));
     f.ins(&format!("and.b32 {c}, {tid}, 15;"));
