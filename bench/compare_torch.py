@@ -220,7 +220,7 @@ def eager(torch, spec, q, k, v, extra, H, G):
     return run
 
 
-def flex(torch, spec, q, k, v, extra, H):
+def flex(torch, spec, q, k, v, extra, H, device="cpu"):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     N = q.shape[2]
@@ -251,7 +251,7 @@ def flex(torch, spec, q, k, v, extra, H):
     if spec == "dense_bias":
         def score_mod(s, b, h, i, j):
             return s + dense[b, h, i, j]
-    block_mask = create_block_mask(mask_mod, q.shape[0], H, N, N, device="cpu") if mask_mod else None
+    block_mask = create_block_mask(mask_mod, q.shape[0], H, N, N, device=device) if mask_mod else None
     # A fresh compile per variant: dynamo's recompile limit would otherwise silently fall
     # back to the unfused implementation after a few variants.
     torch._dynamo.reset()

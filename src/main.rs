@@ -6,7 +6,7 @@ use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
 use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
-use attnc_codegen::ptx::{PtxOptions, PtxSimBackend};
+use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend as _, Compiled as _};
@@ -203,6 +203,10 @@ enum Backend {
     /// kernel without a GPU. Slow (small shapes); `run` only.
     #[value(name = "ptx-sim")]
     PtxSim,
+    /// NVIDIA GPU: the same PTX, JIT-compiled by the driver and run through cudarc on device
+    /// 0 (the tensor-core kernel for bf16/f16 specs, the exact f32 row kernel otherwise).
+    /// Without an NVIDIA driver or GPU: an error saying so.
+    Ptx,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -571,6 +575,17 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
                     kern.run(&inputs, &given)?
                 }
+                Backend::Ptx => {
+                    PtxBackend.available().map_err(|e| anyhow!("{e}"))?;
+                    let kern = PtxBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    eprintln!("{}: {} on {}", c.kernel.name, kern.describe(), PtxBackend.device());
+                    let shapes: BTreeMap<String, Vec<usize>> = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    if let Ok(dims) = ir::bind(&kern.art.kernel, &shapes, &given) {
+                        eprintln!("{}: runs the {}", c.kernel.name, kern.art.form(&dims));
+                    }
+                    stated = kern.stated_tolerance();
+                    kern.run(&inputs, &given)?
+                }
                 Backend::PtxSim => {
                     let kern = PtxSimBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
                     eprintln!("{}: {} (the PTX interpreter)", c.kernel.name, kern.describe());
@@ -641,7 +656,10 @@ fn run(cli: Cli) -> Result<()> {
             opt,
         } => {
             if backend == Backend::PtxSim {
-                return Err(anyhow!("ptx-sim is an interpreter, not something to time: check a kernel with `attnc run --backend ptx-sim --check` (a GPU run of the PTX needs the cudarc runtime, not written yet)"));
+                return Err(anyhow!("ptx-sim is an interpreter, not something to time: check a kernel with `attnc run --backend ptx-sim --check`, time it on a GPU with `--backend ptx`"));
+            }
+            if backend == Backend::Ptx {
+                PtxBackend.available().map_err(|e| anyhow!("{e}"))?;
             }
             let (_, c) = load(&spec)?;
             check_threads(threads)?;
@@ -762,6 +780,17 @@ fn run(cli: Cli) -> Result<()> {
                     }
                     (compile_ms, 0, format!("wgsl, {}; {}", kern.describe(), WgslBackend.device()))
                 }
+                Backend::Ptx => {
+                    let t0 = Instant::now();
+                    let kern = PtxBackend.compile(&c.kernel, &c.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
+                    let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
+                    let form = kern.art.form(&b.complete(&kern.art.kernel));
+                    drop(inputs);
+                    // Device time between CUDA events, the inputs already on the GPU.
+                    times = kern.time(&st.view(), runs)?;
+                    (compile_ms, 0, format!("ptx, {form}, device time (CUDA events); {}", PtxBackend.device()))
+                }
                 Backend::PtxSim => unreachable!("refused above"),
                 Backend::Reference => {
                     for n in 0..=runs.min(1) {
@@ -786,7 +815,7 @@ fn run(cli: Cli) -> Result<()> {
                 100.0 * work.pairs as f64 / work.total_pairs.max(1) as f64,
                 work.flops / med / 1e9
             );
-            if backend == Backend::Wgsl {
+            if matches!(backend, Backend::Wgsl | Backend::Ptx) {
                 outln!("  memory   on the device: inputs, derived tensors and the output, nothing more");
             } else {
                 outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
@@ -797,6 +826,11 @@ fn run(cli: Cli) -> Result<()> {
                 return Err(anyhow!(
                     "the {} has nothing to tune: choose --backend cpu or wgsl",
                     if backend == Backend::Reference { "reference interpreter" } else { "PTX interpreter" }
+                ));
+            }
+            if backend == Backend::Ptx {
+                return Err(anyhow!(
+                    "autotuning is not written for the PTX backend yet: `attnc bench --backend ptx` runs its defaults (64x32 tensor-core tiles)"
                 ));
             }
             if backend == Backend::Wgsl && threads != 0 {

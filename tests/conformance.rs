@@ -8,7 +8,7 @@ use attnc::ir::reference::Tensor;
 use attnc::ir::DType;
 use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
-use attnc_codegen::ptx::{PtxOptions, PtxSimBackend};
+use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, BackendOptions, Compiled, Tolerance};
@@ -277,22 +277,42 @@ fn ptx_sim_matches_reference_on_every_example() {
     check_examples(&on, &|n| n != "mla_decode", &|p| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "large_logits" | "nan"), 150);
     check_examples(&on, &|n| n == "mla_decode", &|p| p == "decode", 1);
 }
+/// The PTX backend on an NVIDIA GPU (device 0, through cudarc): every example, every
+/// shape, as f32 (the row kernel) and as bf16 (the tensor-core kernel where it fits).
+/// Skipped where there is no NVIDIA driver, unless `ATTNC_REQUIRE_BACKENDS` names `ptx`.
+#[test]
+fn ptx_gpu_matches_reference_on_every_example() {
+    let on = On::all(PtxBackend, PtxOptions::default());
+    check_examples(&on, &|_| true, &|_| true, 150);
+    if on.available().is_ok() {
+        check_cases(&PtxTensorCores(DType::BF16, true), common::examples_as("bf16"), &|_| true, 150);
+    }
+}
+
 /// The PTX tensor-core kernel under [`ptx::tensor::tolerance`], with the row kernel where a
-/// spec or shape does not fit it.
-struct PtxTensorCores(DType);
+/// spec or shape does not fit it; on the interpreter, or (`true`) on the GPU.
+struct PtxTensorCores(DType, bool);
 
 impl Runner for PtxTensorCores {
     fn name(&self) -> String {
-        format!("ptx-sim tensor cores ({})", self.0)
+        format!("{} tensor cores ({})", if self.1 { "ptx" } else { "ptx-sim" }, self.0)
     }
     fn available(&self) -> Result<(), String> {
-        Ok(())
+        if self.1 {
+            PtxBackend.available()
+        } else {
+            Ok(())
+        }
     }
     fn tolerance(&self) -> Tolerance {
         attnc_codegen::ptx::tensor::tolerance(self.0)
     }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
-        On::all(PtxSimBackend, PtxOptions::default()).run(c, inputs)
+        if self.1 {
+            On::all(PtxBackend, PtxOptions::default()).run(c, inputs)
+        } else {
+            On::all(PtxSimBackend, PtxOptions::default()).run(c, inputs)
+        }
     }
 }
 
@@ -320,7 +340,7 @@ fn ptx_sim_tensor_cores_match_reference_on_every_example() {
         for want in ["sdpa", "sdpa_causal", "alibi", "sliding_window_sink", "document_mask", "softcap"] {
             assert!(tensor.iter().any(|n| n == want), "{want} does not take the tensor-core path as {ty}");
         }
-        check_cases(&PtxTensorCores(dtype), cases, &|p| profiles.contains(&p), 40);
+        check_cases(&PtxTensorCores(dtype, false), cases, &|p| profiles.contains(&p), 40);
     }
 }
 

@@ -14,9 +14,11 @@
 //! backend-neutral [`crate::host::ArgLayout`] as i32), the inputs (f16 and bf16 at 2 bytes
 //! per element, everything else at 4) and the work buffer (derived tensors, the output).
 
+pub mod cuda;
 pub mod emit;
 pub mod tensor;
 pub use attnc_ptxsim as sim;
+pub use cuda::PtxBackend;
 pub use tensor::TcPlan;
 
 use crate::host::{ArgLayout, BoundsCheck, Inputs, RunError, RunStart};
@@ -81,6 +83,17 @@ pub enum Entry {
     /// slice; taken when the call's shapes fit it ([`PtxArtifact::tensor_cores_fit`]), else
     /// `attend` runs.
     AttendTensor,
+}
+
+impl Entry {
+    /// The entry point's name in the module.
+    pub fn name(&self) -> String {
+        match self {
+            Entry::Derive { name, .. } => name.clone(),
+            Entry::Attend => "attend".into(),
+            Entry::AttendTensor => "attend_tc".into(),
+        }
+    }
 }
 
 /// A kernel's PTX module and what a runtime needs to launch it.
@@ -265,9 +278,82 @@ impl Compiled for PtxSimKernel {
     }
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
-        let k = &self.art.kernel;
-        let source = self.bounds_source.as_ref().unwrap_or(k);
-        let RunStart { dims, per_call_bounds, .. } = RunStart::new(k, &self.art.schedule, st, explicit, out.len(), &self.bounds, source)?;
+        let mut dev = SimDevice { program: &self.program, args: Vec::new(), inp: Vec::new(), buf: Vec::new() };
+        run_on(&self.art, &self.bounds, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
+    }
+}
+
+/// Where a module's entries run: the interpreter or a GPU.
+pub trait PtxDevice {
+    /// Puts the argument table and the inputs on the device, and a zeroed work buffer of
+    /// `buf` bytes.
+    fn upload(&mut self, args: &[u8], inp: &[u8], buf: usize) -> Result<(), RunError>;
+    /// Runs entry `name` on `blocks` blocks of `threads` threads, in order after the last.
+    fn launch(&mut self, name: &str, blocks: u32, threads: u32) -> Result<(), RunError>;
+    /// `len` bytes of the work buffer from byte `at` (waiting for the launches).
+    fn read(&mut self, at: usize, len: usize) -> Result<Vec<u8>, RunError>;
+}
+
+/// The interpreter as a device.
+struct SimDevice<'p> {
+    program: &'p sim::Program,
+    args: Vec<u8>,
+    inp: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl PtxDevice for SimDevice<'_> {
+    fn upload(&mut self, args: &[u8], inp: &[u8], buf: usize) -> Result<(), RunError> {
+        (self.args, self.inp, self.buf) = (args.to_vec(), inp.to_vec(), vec![0; buf]);
+        Ok(())
+    }
+    fn launch(&mut self, name: &str, blocks: u32, threads: u32) -> Result<(), RunError> {
+        let f = self.program.function(name).map_err(|e| RunError::Device(e.to_string()))?;
+        let params = [sim::Memory::address(0), sim::Memory::address(1), sim::Memory::address(2)];
+        let mut mem = sim::Memory { buffers: vec![self.args.as_mut_slice(), self.inp.as_mut_slice(), self.buf.as_mut_slice()] };
+        f.launch(blocks, threads, &params, &mut mem).map_err(|e| RunError::Device(format!("ptx-sim: {e}")))?;
+        Ok(())
+    }
+    fn read(&mut self, at: usize, len: usize) -> Result<Vec<u8>, RunError> {
+        Ok(self.buf[at..at + len].to_vec())
+    }
+}
+
+/// One launch of an entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Launch {
+    pub name: String,
+    pub blocks: u32,
+    pub threads: u32,
+}
+
+/// One call of a module, laid out: the argument table (i32), the inputs (16-byte aligned,
+/// halves at 2 bytes), the work buffer's size, and the launches in order (the derive
+/// passes, then `attend_tc` where the call's shapes fit it, else `attend`).
+pub struct Call {
+    pub args: Vec<u8>,
+    pub inp: Vec<u8>,
+    pub buf: usize,
+    pub derives: Vec<Launch>,
+    pub attend: Launch,
+    /// The output's byte offset in the work buffer.
+    pub out_at: usize,
+    dims: attnc_ir::Bindings,
+    offsets: BTreeMap<String, usize>,
+    per_call_bounds: bool,
+}
+
+impl Call {
+    pub fn new(
+        art: &PtxArtifact,
+        bounds: &BoundsCheck,
+        source: &Kernel,
+        st: &Inputs,
+        explicit: &BTreeMap<String, i64>,
+        out_len: usize,
+    ) -> Result<Call, RunError> {
+        let k = &art.kernel;
+        let RunStart { dims, per_call_bounds, .. } = RunStart::new(k, &art.schedule, st, explicit, out_len, bounds, source)?;
         // Offsets in elements; the inputs' buffer in bytes (halves take 2).
         let mut offsets: BTreeMap<String, usize> = BTreeMap::new();
         let (mut n_inp, mut n_buf) = (0usize, 0usize);
@@ -284,69 +370,89 @@ impl Compiled for PtxSimKernel {
                 n_buf += n;
             }
         }
-        let table = self.art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64);
+        let table = art.layout.fill(k, &dims, &mut |t| offsets[&t.name] as i64);
         let table: Vec<u32> = table
             .iter()
             .map(|&v| i32::try_from(v).map(|x| x as u32))
             .collect::<Result<_, _>>()
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
-        let mut args = words_to_bytes(&table);
+        let args = words_to_bytes(&table);
         let mut inp = vec![0u8; n_inp];
         for t in k.inputs() {
             let data = st.bufs[&t.name];
-            let bytes = if crate::host::half_width(t) {
-                crate::host::pack_halves(t.dtype, data).iter().flat_map(|x| x.to_le_bytes()).collect()
-            } else {
-                words_to_bytes(data)
-            };
-            let at = offsets[&t.name] * if crate::host::half_width(t) { 2 } else { 4 };
-            let n = dims.shape(t).iter().product::<usize>() * if crate::host::half_width(t) { 2 } else { 4 };
+            let half = crate::host::half_width(t);
+            let bytes = if half { crate::host::pack_halves(t.dtype, data).iter().flat_map(|x| x.to_le_bytes()).collect() } else { words_to_bytes(data) };
+            let size = if half { 2 } else { 4 };
+            let at = offsets[&t.name] * size;
+            let n = dims.shape(t).iter().product::<usize>() * size;
             inp[at..at + n].copy_from_slice(&bytes[..n]);
         }
-        let mut buf = vec![0u8; 4 * n_buf];
-        let params = [sim::Memory::address(0), sim::Memory::address(1), sim::Memory::address(2)];
-        let threads = self.art.options.threads;
-        let launch = |name: &str, count: usize, args: &mut Vec<u8>, inp: &mut Vec<u8>, buf: &mut Vec<u8>| -> Result<(), RunError> {
-            let f = self.program.function(name).map_err(|e| RunError::Device(e.to_string()))?;
-            // `attend_tc` counts CTAs of its own size; the others count threads.
-            let (blocks, threads) = if name == "attend_tc" { (count, 32 * tensor::WARPS as u32) } else { (count.div_ceil(threads as usize), threads) };
-            let blocks = u32::try_from(blocks).map_err(|_| RunError::Device("the grid is too large".into()))?;
-            let mut mem = sim::Memory { buffers: vec![args.as_mut_slice(), inp.as_mut_slice(), buf.as_mut_slice()] };
-            f.launch(blocks, threads, &params, &mut mem).map_err(|e| RunError::Device(format!("ptx-sim: {e}")))?;
-            Ok(())
-        };
-        for e in &self.art.entries {
+        let threads = art.options.threads;
+        let grid = |count: usize| u32::try_from(count).map_err(|_| RunError::Device("the grid is too large".into()));
+        let mut derives = Vec::new();
+        for e in &art.entries {
             if let Entry::Derive { name, tensor, lines_axis } = e {
                 let shape = dims.shape(k.tensor(tensor).expect("derived tensor"));
                 let count = crate::host::derive_lines(&shape, *lines_axis) as usize;
-                launch(name, count, &mut args, &mut inp, &mut buf)?;
+                derives.push(Launch { name: name.clone(), blocks: grid(count.div_ceil(threads as usize))?, threads });
             }
-        }
-        if per_call_bounds {
-            let words: Vec<u32> = buf.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-            let mut bufs: BTreeMap<String, &[u32]> = st.bufs.clone();
-            for t in k.derived() {
-                let n: usize = dims.shape(t).iter().product();
-                let at = offsets[&t.name];
-                bufs.insert(t.name.clone(), &words[at..at + n]);
-            }
-            BoundsCheck::with_data(source, &dims, &bufs)?;
         }
         let g = &dims;
-        if self.art.tensor_cores_fit(g).is_ok() {
+        let attend = if art.tensor_cores_fit(g).is_ok() {
             let ctas = [&k.iter.b, &k.iter.h].iter().map(|x| g.extent(x) as usize).product::<usize>()
                 * (g.extent(&k.iter.i) as usize).div_ceil(tensor::BLOCK_Q)
                 * (g.extent(&k.iter.e) as usize).div_ceil(tensor::VALUES);
-            launch("attend_tc", ctas, &mut args, &mut inp, &mut buf)?;
+            Launch { name: "attend_tc".into(), blocks: grid(ctas)?, threads: 32 * tensor::WARPS as u32 }
         } else {
             let rows = [&k.iter.b, &k.iter.h, &k.iter.i].iter().map(|x| g.extent(x) as usize).product::<usize>();
-            let slices = (g.extent(&k.iter.e) as usize).div_ceil(self.art.options.channels as usize);
-            launch("attend", rows * slices, &mut args, &mut inp, &mut buf)?;
+            let slices = (g.extent(&k.iter.e) as usize).div_ceil(art.options.channels as usize);
+            Launch { name: "attend".into(), blocks: grid((rows * slices).div_ceil(threads as usize))?, threads }
+        };
+        let out_at = 4 * offsets[&k.output().name];
+        Ok(Call { args, inp, buf: 4 * n_buf, derives, attend, out_at, dims, offsets, per_call_bounds })
+    }
+
+    /// After the derive passes: the bounds that depend on derived data (read back from the
+    /// device), when the kernel has any.
+    pub fn check_bounds(&self, k: &Kernel, source: &Kernel, st: &Inputs, dev: &mut dyn PtxDevice) -> Result<(), RunError> {
+        if !self.per_call_bounds {
+            return Ok(());
         }
-        let at = 4 * offsets[&k.output().name];
-        for (o, c) in out.iter_mut().zip(buf[at..].chunks(4)) {
-            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        let bytes = dev.read(0, self.buf)?;
+        let words: Vec<u32> = bytes.chunks(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut bufs: BTreeMap<String, &[u32]> = st.bufs.clone();
+        for t in k.derived() {
+            let n: usize = self.dims.shape(t).iter().product();
+            let at = self.offsets[&t.name];
+            bufs.insert(t.name.clone(), &words[at..at + n]);
         }
+        BoundsCheck::with_data(source, &self.dims, &bufs)?;
         Ok(())
     }
+}
+
+/// Runs a module on `dev`: the call's layout, the derive passes, the data-dependent
+/// bounds, the attention entry, the output read back.
+pub fn run_on(
+    art: &PtxArtifact,
+    bounds: &BoundsCheck,
+    bounds_source: Option<&Kernel>,
+    st: &Inputs,
+    explicit: &BTreeMap<String, i64>,
+    out: &mut [f32],
+    dev: &mut dyn PtxDevice,
+) -> Result<(), RunError> {
+    let source = bounds_source.unwrap_or(&art.kernel);
+    let call = Call::new(art, bounds, source, st, explicit, out.len())?;
+    dev.upload(&call.args, &call.inp, call.buf)?;
+    for l in &call.derives {
+        dev.launch(&l.name, l.blocks, l.threads)?;
+    }
+    call.check_bounds(&art.kernel, source, st, dev)?;
+    dev.launch(&call.attend.name, call.attend.blocks, call.attend.threads)?;
+    let bytes = dev.read(call.out_at, 4 * out.len())?;
+    for (x, c) in out.iter_mut().zip(bytes.chunks(4)) {
+        *x = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+    }
+    Ok(())
 }
