@@ -48,6 +48,7 @@ enum Ty {
     S64,
     U64,
     U16,
+    U8,
     F16,
     Pred,
     Bf16x2,
@@ -97,6 +98,7 @@ enum K {
     Ret,
     Bra,
     LdParam,
+    Ld8,
     Ld16,
     Ld32,
     St32,
@@ -122,6 +124,8 @@ enum K {
     RoundEven,
     Trunc,
     CvtU16,
+    /// `cvt.s64.s32`: sign extension.
+    CvtS64S32,
     CvtF32F16,
     FAdd,
     FSub,
@@ -262,6 +266,7 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
             _ => return None,
         }),
         "ld" if m("global") && ty == Ty::U16 => K::Ld16,
+        "ld" if m("global") && ty == Ty::U8 => K::Ld8,
         "ld" if m("global") && (int || float) => K::Ld32,
         "st" if m("global") && (int || float) => K::St32,
         "cvta" | "mov" => K::Mov,
@@ -295,6 +300,7 @@ fn decode(op: &str, mods: &[String], ty: Ty) -> Option<K> {
                     _ => return None,
                 },
                 (Ty::U16, Ty::U32) => K::CvtU16,
+                (Ty::S64, Ty::S32) => K::CvtS64S32,
                 (Ty::Bf16x2, Ty::F32) if rnd == "rn" => K::CvtPack { bf16: true },
                 (Ty::F16x2, Ty::F32) if rnd == "rn" => K::CvtPack { bf16: false },
                 (Ty::F32, Ty::F16 | Ty::U16) => K::CvtF32F16,
@@ -382,6 +388,7 @@ fn ty_of(s: &str) -> Option<Ty> {
         "s64" => Ty::S64,
         "u64" => Ty::U64,
         "u16" | "b16" => Ty::U16,
+        "u8" => Ty::U8,
         "f16" => Ty::F16,
         "pred" => Ty::Pred,
         "bf16x2" => Ty::Bf16x2,
@@ -873,6 +880,7 @@ impl Thread<'_> {
                     let Some(Opd::ParamAddr(p)) = o.get(1) else { return Err(format!("bad ld.param ({})", ins.text)) };
                     self.params[*p]
                 }
+                K::Ld8 => mem.span(self.addr(&o[1], ins)?, 1)?[0] as u64,
                 K::Ld16 => {
                     let s = mem.span(self.addr(&o[1], ins)?, 2)?;
                     u16::from_le_bytes([s[0], s[1]]) as u64
@@ -925,6 +933,7 @@ impl Thread<'_> {
                 K::RoundEven => fb(fa(self, 1)?.round_ties_even()),
                 K::Trunc => fb(fa(self, 1)?.trunc()),
                 K::CvtU16 => a(self, 1)? & 0xffff,
+                K::CvtS64S32 => ia(self, 1)? as i64 as u64,
                 K::CvtF32F16 => fb(half::f16::from_bits(a(self, 1)? as u16).to_f32()),
                 K::FAdd => fb(fa(self, 1)? + fa(self, 2)?),
                 K::FSub => fb(fa(self, 1)? - fa(self, 2)?),

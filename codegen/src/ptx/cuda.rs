@@ -84,7 +84,7 @@ impl Backend for PtxBackend {
             functions.insert(name, f);
         }
         let stream = ctx.default_stream();
-        Ok(CudaKernel { art: a, _module: module, functions, stream, bounds: BoundsCheck::default(), bounds_source: None })
+        Ok(CudaKernel { art: a, _module: module, functions, stream, bounds: BoundsCheck::default(), bounds_source: None, classifier: Default::default() })
     }
 
     fn describe(&self, s: &Schedule, o: &PtxOptions) -> String {
@@ -100,6 +100,7 @@ pub struct CudaKernel {
     stream: Arc<CudaStream>,
     bounds: BoundsCheck,
     bounds_source: Option<Kernel>,
+    classifier: crate::schedule::classes::TileClassifier,
 }
 
 /// One call's buffers on the GPU.
@@ -148,7 +149,7 @@ impl CudaKernel {
         let k = &self.art.kernel;
         let source = self.bounds_source.as_ref().unwrap_or(k);
         let out_len = attnc_ir::bind(k, &st.shapes, &BTreeMap::new())?.shape(k.output()).iter().product();
-        let call = super::Call::new(&self.art, &self.bounds, source, st, &BTreeMap::new(), out_len)?;
+        let call = super::Call::new(&self.art, &self.bounds, &self.classifier, source, st, &BTreeMap::new(), out_len)?;
         let mut dev = GpuDevice { k: self, bufs: None };
         dev.upload(&call.args, &call.inp, call.buf)?;
         let mut times = Vec::new();
@@ -188,6 +189,6 @@ impl Compiled for CudaKernel {
     }
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let mut dev = GpuDevice { k: self, bufs: None };
-        run_on(&self.art, &self.bounds, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
+        run_on(&self.art, &self.bounds, &self.classifier, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
     }
 }

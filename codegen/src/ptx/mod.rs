@@ -22,6 +22,7 @@ pub use cuda::PtxBackend;
 pub use tensor::TcPlan;
 
 use crate::host::{ArgLayout, BoundsCheck, Inputs, RunError, RunStart};
+use crate::schedule::classes::{TileClassifier, TileGrid};
 use crate::schedule::{Algorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
 use attnc_ir::{Kernel, KernelInfo, TensorKind};
@@ -240,7 +241,7 @@ impl Backend for PtxSimBackend {
 
     fn load(&self, a: PtxArtifact) -> Result<PtxSimKernel, CodegenError> {
         let program = sim::Program::parse(&a.source).map_err(|e| CodegenError::Invalid(format!("the emitted PTX does not parse: {e}")))?;
-        Ok(PtxSimKernel { art: a, program, bounds: BoundsCheck::default(), bounds_source: None })
+        Ok(PtxSimKernel { art: a, program, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
     }
 
     fn describe(&self, s: &Schedule, o: &PtxOptions) -> String {
@@ -254,6 +255,7 @@ pub struct PtxSimKernel {
     program: sim::Program,
     bounds: BoundsCheck,
     bounds_source: Option<Kernel>,
+    classifier: TileClassifier,
 }
 
 fn words_to_bytes(w: &[u32]) -> Vec<u8> {
@@ -279,7 +281,7 @@ impl Compiled for PtxSimKernel {
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let mut dev = SimDevice { program: &self.program, args: Vec::new(), inp: Vec::new(), buf: Vec::new() };
-        run_on(&self.art, &self.bounds, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
+        run_on(&self.art, &self.bounds, &self.classifier, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
     }
 }
 
@@ -344,9 +346,11 @@ pub struct Call {
 }
 
 impl Call {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         art: &PtxArtifact,
         bounds: &BoundsCheck,
+        classifier: &TileClassifier,
         source: &Kernel,
         st: &Inputs,
         explicit: &BTreeMap<String, i64>,
@@ -376,8 +380,30 @@ impl Call {
             .map(|&v| i32::try_from(v).map(|x| x as u32))
             .collect::<Result<_, _>>()
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
+        let mut table = table;
+        // The tensor-core kernel's tile classes (one byte per tile, `[slot][query tile][key
+        // tile]`) follow the inputs; the table's extra slot holds their byte offset.
+        let classes = match art.tensor_cores_fit(&dims) {
+            Ok(p) if p.classes => {
+                let g = crate::schedule::Grid::of(k, &dims);
+                let grid = TileGrid { block_q: tensor::BLOCK_Q as i64, block_k: p.block_k as i64, queries: g.queries, keys: g.keys };
+                let data = crate::host::TensorData::masks(k, &dims, &st.bufs);
+                classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle()).device_bytes(g.batches, g.heads)
+            }
+            _ => Vec::new(),
+        };
+        let cls_at = n_inp.div_ceil(16) * 16;
+        table.push(
+            u32::try_from(cls_at)
+                .ok()
+                .filter(|&x| x <= i32::MAX as u32)
+                .ok_or_else(|| RunError::Device("the inputs do not fit PTX's 32-bit offsets".into()))?,
+        );
         let args = words_to_bytes(&table);
-        let mut inp = vec![0u8; n_inp];
+        let mut inp = vec![0u8; if classes.is_empty() { n_inp } else { cls_at + classes.len() }];
+        if !classes.is_empty() {
+            inp[cls_at..].copy_from_slice(&classes);
+        }
         for t in k.inputs() {
             let data = st.bufs[&t.name];
             let half = crate::host::half_width(t);
@@ -436,6 +462,7 @@ impl Call {
 pub fn run_on(
     art: &PtxArtifact,
     bounds: &BoundsCheck,
+    classifier: &TileClassifier,
     bounds_source: Option<&Kernel>,
     st: &Inputs,
     explicit: &BTreeMap<String, i64>,
@@ -443,7 +470,7 @@ pub fn run_on(
     dev: &mut dyn PtxDevice,
 ) -> Result<(), RunError> {
     let source = bounds_source.unwrap_or(&art.kernel);
-    let call = Call::new(art, bounds, source, st, explicit, out.len())?;
+    let call = Call::new(art, bounds, classifier, source, st, explicit, out.len())?;
     dev.upload(&call.args, &call.inp, call.buf)?;
     for l in &call.derives {
         dev.launch(&l.name, l.blocks, l.threads)?;

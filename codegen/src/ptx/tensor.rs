@@ -75,6 +75,8 @@ pub struct TcPlan {
     /// The score with the dot as the variable [`DOT`].
     pub rest: Expr,
     pub block_k: usize,
+    /// The mask's tile classes are read (empty key tiles skipped): always with a mask.
+    pub classes: bool,
 }
 
 /// `t[…, ch]` with `ch` only in the last index and the other indices free of `not`.
@@ -122,7 +124,7 @@ impl TcPlan {
         // Two stages of key and value tiles in the static shared memory.
         let fit = (SHARED_LIMIT / (4 * ROW)) / 16 * 16;
         let block_k = ts.block_k.min(fit).max(16) / 16 * 16;
-        Ok(TcPlan { dtype, q, k: kk, v, r: dot.r, len: dot.len, rest, block_k })
+        Ok(TcPlan { dtype, q, k: kk, v, r: dot.r, len: dot.len, rest, block_k, classes: br.mask.is_some() })
     }
 
     /// Shared bytes per CTA: two stages of a key and a value tile.
@@ -332,13 +334,61 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         f.ins("cp.async.commit_group;");
         Ok(())
     };
+    // The key tiles this query tile walks: with a mask, those the class table (bytes
+    // `[slot][query tile][key tile]` after the inputs, its offset in the table's extra
+    // slot) does not mark empty; else all.
+    let classes = match (&br.mask, p.classes) {
+        (Some(_), true) => {
+            let deps = crate::schedule::classes::table_deps(k);
+            let off = f.slot(layout.len);
+            let slot = f.reg(RegTy::S32);
+            match (deps.b, deps.h) {
+                (true, true) => f.ins(&format!("mad.lo.s32 {slot}, {b}, {nh}, {h};")),
+                (true, false) => f.ins(&format!("mov.s32 {slot}, {b};")),
+                (false, true) => f.ins(&format!("mov.s32 {slot}, {h};")),
+                (false, false) => f.ins(&format!("mov.s32 {slot}, 0;")),
+            }
+            let row = f.reg(RegTy::S32);
+            f.ins(&format!("mad.lo.s32 {row}, {slot}, {qtiles}, {qt};"));
+            f.ins(&format!("mul.lo.s32 {row}, {row}, {ntiles};"));
+            f.ins(&format!("add.s32 {row}, {row}, {off};"));
+            let wide = f.reg(RegTy::U64);
+            f.ins(&format!("cvt.s64.s32 {wide}, {row};"));
+            let at = f.reg(RegTy::U64);
+            f.ins(&format!("add.s64 {at}, {}, {wide};", f.inp));
+            Some(at)
+        }
+        _ => None,
+    };
+    // `t` moved to the first live tile at or after it (the bound `ntiles` when none).
+    let first_live = |f: &mut Func, t: &str| {
+        let Some(at) = &classes else { return };
+        let (top, end) = (f.label(), f.label());
+        f.place(&top);
+        let p = f.reg(RegTy::Pred);
+        f.ins(&format!("setp.ge.s32 {p}, {t}, {ntiles};"));
+        f.ins(&format!("@{p} bra.uni {end};"));
+        let (w, a, c) = (f.reg(RegTy::U64), f.reg(RegTy::U64), f.reg(RegTy::S32));
+        f.ins(&format!("cvt.s64.s32 {w}, {t};"));
+        f.ins(&format!("add.s64 {a}, {at}, {w};"));
+        f.ins(&format!("ld.global.u8 {c}, [{a}];"));
+        f.ins(&format!("setp.ne.s32 {p}, {c}, 0;"));
+        f.ins(&format!("@{p} bra.uni {end};"));
+        f.ins(&format!("add.s32 {t}, {t}, 1;"));
+        f.ins(&format!("bra.uni {top};"));
+        f.place(&end);
+    };
     let none = f.label();
+    let (tile, cur) = (f.reg(RegTy::S32), f.reg(RegTy::S32));
+    f.ins(&format!("mov.s32 {tile}, 0;"));
+    f.ins(&format!("mov.s32 {cur}, 0;"));
+    first_live(&mut f, &tile);
     {
         let p0 = f.reg(RegTy::Pred);
-        f.ins(&format!("setp.le.s32 {p0}, {ntiles}, 0;"));
+        f.ins(&format!("setp.ge.s32 {p0}, {tile}, {ntiles};"));
         f.ins(&format!("@{p0} bra.uni {none};"));
     }
-    issue(&mut f, &zero, &smem)?;
+    issue(&mut f, &tile, &smem)?;
     // Lane addresses for the K (non-transposed) and V (transposed) fragments: matrix
     // `l / 8`, row `l % 8` of it.
     let (mat, mrow) = (f.reg(RegTy::S32), f.reg(RegTy::S32));
@@ -359,10 +409,13 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         f.ins(&format!("mad.lo.s32 {voff}, {hi}, 16, {voff};"));
     }
     let log2e = flit(std::f32::consts::LOG2_E);
-    f.for_range(&zero, &ntiles, &mut |f, tile| {
-        let (next, cur, kb) = (f.reg(RegTy::S32), f.reg(RegTy::S32), f.reg(RegTy::S32));
+    let top = f.label();
+    f.place(&top);
+    {
+        let f = &mut f;
+        let (next, kb) = (f.reg(RegTy::S32), f.reg(RegTy::S32));
         f.ins(&format!("add.s32 {next}, {tile}, 1;"));
-        f.ins(&format!("and.b32 {cur}, {tile}, 1;"));
+        first_live(f, &next);
         f.ins(&format!("mad.lo.s32 {kb}, {cur}, {stage_bytes}, {smem};"));
         let last = f.reg(RegTy::Pred);
         f.ins(&format!("setp.ge.s32 {last}, {next}, {ntiles};"));
@@ -486,8 +539,12 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         }
         // Every warp is done with this stage before the next iteration refills it.
         f.ins("bar.sync 0;");
-        Ok(())
-    })?;
+        f.ins(&format!("mov.s32 {tile}, {next};"));
+        f.ins(&format!("xor.b32 {cur}, {cur}, 1;"));
+        let more = f.reg(RegTy::Pred);
+        f.ins(&format!("setp.lt.s32 {more}, {tile}, {ntiles};"));
+        f.ins(&format!("@{more} bra.uni {top};"));
+    }
     f.place(&none);
 
     // The denominators over the row's lanes, the sink, and the store.
