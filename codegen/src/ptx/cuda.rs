@@ -7,8 +7,8 @@
 //! so and nothing calls into the driver (cudarc panics when libcuda is missing, so its
 //! presence is probed first).
 
-use super::{run_on, tensor, PtxArtifact, PtxDevice, PtxOptions};
-use crate::host::{BoundsCheck, Inputs, RunError};
+use super::{run_on, tensor, CallState, PtxArtifact, PtxDevice, PtxOptions};
+use crate::host::{Inputs, RunError};
 use crate::schedule::{Limits, Schedule};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
 use attnc_ir::{Kernel, KernelInfo};
@@ -84,7 +84,7 @@ impl Backend for PtxBackend {
             functions.insert(name, f);
         }
         let stream = ctx.default_stream();
-        Ok(CudaKernel { art: a, _module: module, functions, stream, bounds: BoundsCheck::default(), bounds_source: None, classifier: Default::default() })
+        Ok(CudaKernel { art: a, _module: module, functions, stream, state: CallState::default() })
     }
 
     fn describe(&self, s: &Schedule, o: &PtxOptions) -> String {
@@ -98,9 +98,7 @@ pub struct CudaKernel {
     _module: Arc<CudaModule>,
     functions: BTreeMap<String, CudaFunction>,
     stream: Arc<CudaStream>,
-    bounds: BoundsCheck,
-    bounds_source: Option<Kernel>,
-    classifier: crate::schedule::classes::TileClassifier,
+    state: CallState,
 }
 
 /// One call's buffers on the GPU.
@@ -147,9 +145,8 @@ impl CudaKernel {
     /// derive passes and the attention entry between two CUDA events, in seconds.
     pub fn time(&self, st: &Inputs, runs: usize) -> Result<Vec<f64>, RunError> {
         let k = &self.art.kernel;
-        let source = self.bounds_source.as_ref().unwrap_or(k);
         let out_len = attnc_ir::bind(k, &st.shapes, &BTreeMap::new())?.shape(k.output()).iter().product();
-        let call = super::Call::new(&self.art, &self.bounds, &self.classifier, source, st, &BTreeMap::new(), out_len)?;
+        let call = super::Call::new(&self.art, &self.state, st, &BTreeMap::new(), out_len)?;
         let mut dev = GpuDevice { k: self, bufs: None };
         dev.upload(&call.args, &call.inp, call.buf)?;
         let mut times = Vec::new();
@@ -162,7 +159,7 @@ impl CudaKernel {
             let end = self.stream.record_event(timing).map_err(driver)?;
             let ms = start.elapsed_ms(&end).map_err(driver)?;
             if n == 0 {
-                call.check_bounds(k, source, st, &mut dev)?;
+                call.check_bounds(k, &self.state, st, &mut dev)?;
             } else {
                 times.push(ms as f64 / 1e3);
             }
@@ -182,13 +179,13 @@ impl Compiled for CudaKernel {
         self.art.options.describe()
     }
     fn set_bounds_source(&mut self, spec: Kernel) {
-        self.bounds_source = Some(spec);
+        self.state.bounds_source = Some(spec);
     }
     fn stated_tolerance(&self) -> Option<Tolerance> {
         self.art.tensor.as_ref().ok().map(|p| tensor::tolerance(p.dtype))
     }
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let mut dev = GpuDevice { k: self, bufs: None };
-        run_on(&self.art, &self.bounds, &self.classifier, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
+        run_on(&self.art, &self.state, st, explicit, out, &mut dev)
     }
 }

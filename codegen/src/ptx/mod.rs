@@ -241,7 +241,7 @@ impl Backend for PtxSimBackend {
 
     fn load(&self, a: PtxArtifact) -> Result<PtxSimKernel, CodegenError> {
         let program = sim::Program::parse(&a.source).map_err(|e| CodegenError::Invalid(format!("the emitted PTX does not parse: {e}")))?;
-        Ok(PtxSimKernel { art: a, program, bounds: BoundsCheck::default(), bounds_source: None, classifier: TileClassifier::default() })
+        Ok(PtxSimKernel { art: a, program, state: CallState::default() })
     }
 
     fn describe(&self, s: &Schedule, o: &PtxOptions) -> String {
@@ -253,9 +253,16 @@ impl Backend for PtxSimBackend {
 pub struct PtxSimKernel {
     pub art: PtxArtifact,
     program: sim::Program,
-    bounds: BoundsCheck,
-    bounds_source: Option<Kernel>,
-    classifier: TileClassifier,
+    state: CallState,
+}
+
+/// What a loaded module keeps between calls, whatever runs it: the bounds checks, the
+/// spec they check, the tile classifier (static masks' classes per shape).
+#[derive(Default)]
+pub struct CallState {
+    pub bounds: BoundsCheck,
+    pub bounds_source: Option<Kernel>,
+    pub classifier: TileClassifier,
 }
 
 fn words_to_bytes(w: &[u32]) -> Vec<u8> {
@@ -273,7 +280,7 @@ impl Compiled for PtxSimKernel {
         format!("{} ({})", self.art.options.describe(), "interpreted")
     }
     fn set_bounds_source(&mut self, spec: Kernel) {
-        self.bounds_source = Some(spec);
+        self.state.bounds_source = Some(spec);
     }
     fn stated_tolerance(&self) -> Option<Tolerance> {
         self.art.tensor.as_ref().ok().map(|p| tensor::tolerance(p.dtype))
@@ -281,7 +288,7 @@ impl Compiled for PtxSimKernel {
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let mut dev = SimDevice { program: &self.program, args: Vec::new(), inp: Vec::new(), buf: Vec::new() };
-        run_on(&self.art, &self.bounds, &self.classifier, self.bounds_source.as_ref(), st, explicit, out, &mut dev)
+        run_on(&self.art, &self.state, st, explicit, out, &mut dev)
     }
 }
 
@@ -346,17 +353,10 @@ pub struct Call {
 }
 
 impl Call {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        art: &PtxArtifact,
-        bounds: &BoundsCheck,
-        classifier: &TileClassifier,
-        source: &Kernel,
-        st: &Inputs,
-        explicit: &BTreeMap<String, i64>,
-        out_len: usize,
-    ) -> Result<Call, RunError> {
+    pub fn new(art: &PtxArtifact, state: &CallState, st: &Inputs, explicit: &BTreeMap<String, i64>, out_len: usize) -> Result<Call, RunError> {
         let k = &art.kernel;
+        let (bounds, classifier) = (&state.bounds, &state.classifier);
+        let source = state.bounds_source.as_ref().unwrap_or(k);
         let RunStart { dims, per_call_bounds, .. } = RunStart::new(k, &art.schedule, st, explicit, out_len, bounds, source)?;
         // Offsets in elements; the inputs' buffer in bytes (halves take 2).
         let mut offsets: BTreeMap<String, usize> = BTreeMap::new();
@@ -440,7 +440,8 @@ impl Call {
 
     /// After the derive passes: the bounds that depend on derived data (read back from the
     /// device), when the kernel has any.
-    pub fn check_bounds(&self, k: &Kernel, source: &Kernel, st: &Inputs, dev: &mut dyn PtxDevice) -> Result<(), RunError> {
+    pub fn check_bounds(&self, k: &Kernel, state: &CallState, st: &Inputs, dev: &mut dyn PtxDevice) -> Result<(), RunError> {
+        let source = state.bounds_source.as_ref().unwrap_or(k);
         if !self.per_call_bounds {
             return Ok(());
         }
@@ -461,21 +462,18 @@ impl Call {
 /// bounds, the attention entry, the output read back.
 pub fn run_on(
     art: &PtxArtifact,
-    bounds: &BoundsCheck,
-    classifier: &TileClassifier,
-    bounds_source: Option<&Kernel>,
+    state: &CallState,
     st: &Inputs,
     explicit: &BTreeMap<String, i64>,
     out: &mut [f32],
     dev: &mut dyn PtxDevice,
 ) -> Result<(), RunError> {
-    let source = bounds_source.unwrap_or(&art.kernel);
-    let call = Call::new(art, bounds, classifier, source, st, explicit, out.len())?;
+    let call = Call::new(art, state, st, explicit, out.len())?;
     dev.upload(&call.args, &call.inp, call.buf)?;
     for l in &call.derives {
         dev.launch(&l.name, l.blocks, l.threads)?;
     }
-    call.check_bounds(&art.kernel, source, st, dev)?;
+    call.check_bounds(&art.kernel, state, st, dev)?;
     dev.launch(&call.attend.name, call.attend.blocks, call.attend.threads)?;
     let bytes = dev.read(call.out_at, 4 * out.len())?;
     for (x, c) in out.iter_mut().zip(bytes.chunks(4)) {
