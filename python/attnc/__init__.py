@@ -16,8 +16,10 @@ copy; float16, bfloat16 and float64 inputs are converted to float32 once, int64 
 is allocated once and returned in the caller's array type: NumPy in, NumPy out; any torch
 tensor in, torch out. ``attnc.compile(spec, backend="wgsl")`` runs on WebGPU (the adapter
 wgpu finds: a GPU through Vulkan, Metal or DX12, else lavapipe), with the same inputs and
-outputs in host memory. A CUDA tensor is refused (the PTX backend is not built yet), never
-copied silently.
+outputs in host memory; ``backend="ptx"`` on an NVIDIA GPU (the tensor-core kernel for
+bf16/f16 specs) and ``backend="ptx-sim"`` in attnc's PTX interpreter (slow: for checking),
+inputs and outputs in host memory too. A CUDA tensor is refused (inputs are read from host
+memory), never copied silently.
 
 The kernel runs without the GIL, so several Python threads can run kernels at once.
 Options are chosen per shape: the winner ``attnc tune`` (or ``kern.tune``) cached for this
@@ -54,7 +56,7 @@ def _torch_to_numpy(name, x, want_int):
 
     if x.device.type != "cpu":
         raise ValueError(
-            f"input `{name}` is on {x.device}: attnc runs on the CPU for now (its GPU backends are not built yet); "
+            f"input `{name}` is on {x.device}: attnc reads inputs from host memory (the GPU backends copy them to the device themselves); "
             f"move it with `.cpu()` (attnc does not copy it silently)"
         )
     x = x.detach()
@@ -194,8 +196,9 @@ def compile(
 ):
     """Checks and optimizes a spec: ``spec`` is a path to a ``.attn`` file or its text.
 
-    ``backend`` is ``"cpu"`` or ``"wgsl"`` (WebGPU; ``RuntimeError`` naming what to install
-    when wgpu finds no adapter); the PTX backend is not built yet. ``threads`` is the CPU's
+    ``backend`` is ``"cpu"``, ``"wgsl"`` (WebGPU; ``RuntimeError`` naming what to install
+    when wgpu finds no adapter), ``"ptx"`` (an NVIDIA GPU; ``RuntimeError`` without a driver)
+    or ``"ptx-sim"`` (the PTX in attnc's interpreter, slow). ``threads`` is the CPU's
     worker count (0: every core). ``passes_off`` switches passes off (``("lowrank",)``).
     Options fix the schedule; without them it is chosen per shape (the tuned winner for
     this machine, else the cost model's choice). CPU: ``tiled``, ``microkernel``,
@@ -204,9 +207,11 @@ def compile(
     (keys per chunk of the linear family's chunked kernel, at most 64; 0: quadratic),
     ``workgroup`` (invocations, a power of two from 8 to 256; the tiled kernel runs
     ``workgroup / block_q`` per query row) and ``channels`` (output channels per
-    invocation). Compiled kernels are cached per (spec, backend, options)."""
-    if backend not in ("cpu", "wgsl"):
-        raise ValueError(f"backend `{backend}`: attnc runs `cpu` and `wgsl` (the PTX backend is not built yet)")
+    invocation). PTX: ``tiled`` (off: the row kernel even for bf16 specs) and ``channels``
+    (the row kernel's output channels per thread). Compiled kernels are cached per (spec,
+    backend, options)."""
+    if backend not in ("cpu", "wgsl", "ptx", "ptx-sim"):
+        raise ValueError(f"backend `{backend}`: attnc runs `cpu`, `wgsl`, `ptx` (an NVIDIA GPU) and `ptx-sim` (the PTX interpreter)")
     path = "<string>"
     text = spec
     if "{" not in spec and os.path.exists(spec):

@@ -15,6 +15,7 @@ use attnc_autotune::space::cpu::CpuSpace;
 use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::host::{Inputs, RunError};
+use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, Compiled};
@@ -51,6 +52,11 @@ fn run_error(e: RunError) -> PyErr {
 enum Opts {
     Cpu(CpuOptions),
     Wgsl(WgslOptions),
+    /// The PTX backend: on the GPU (`sim: false`) or in the interpreter.
+    Ptx {
+        options: PtxOptions,
+        sim: bool,
+    },
 }
 
 /// What a kernel compiles to for one choice of options and passes.
@@ -73,7 +79,7 @@ struct Kernel {
     spec: Checked,
     passes: PassConfig,
     prepared: Prepared,
-    /// `"cpu"` or `"wgsl"`.
+    /// `"cpu"`, `"wgsl"`, `"ptx"` or `"ptx-sim"`.
     backend: &'static str,
     /// Options fixed by the caller (else chosen per shape).
     fixed: Option<Opts>,
@@ -171,7 +177,10 @@ impl Kernel {
             return c.clone();
         }
         let oc = &self.prepared.optimized;
-        let c = if self.backend == WgslBackend::NAME {
+        let c = if self.backend == PtxBackend::NAME || self.backend == PtxSimBackend::NAME {
+            // No PTX autotuning yet: the defaults (tensor cores for bf16/f16 specs).
+            (Opts::Ptx { options: PtxOptions::default(), sim: self.backend == PtxSimBackend::NAME }, vec![], "PTX defaults (not tuned)".into())
+        } else if self.backend == WgslBackend::NAME {
             let chosen = attnc::tune::chosen_options(&WgslSpace::new(), oc, dims, &data());
             (Opts::Wgsl(chosen.options), chosen.passes_off, chosen.from)
         } else {
@@ -192,6 +201,8 @@ impl Kernel {
         let kernel: Box<dyn Compiled> = match options {
             Opts::Cpu(o) => Box::new(CpuBackend::default().compile(&kc.kernel, &kc.info, o).map_err(err)?.checking(&self.spec.kernel)),
             Opts::Wgsl(o) => Box::new(WgslBackend.compile(&kc.kernel, &kc.info, o).map_err(err)?.checking(&self.spec.kernel)),
+            Opts::Ptx { options, sim: true } => Box::new(PtxSimBackend.compile(&kc.kernel, &kc.info, options).map_err(err)?.checking(&self.spec.kernel)),
+            Opts::Ptx { options, sim: false } => Box::new(PtxBackend.compile(&kc.kernel, &kc.info, options).map_err(err)?.checking(&self.spec.kernel)),
         };
         let describe = kernel.describe();
         let v = Arc::new(Variant { kernel, describe });
@@ -228,7 +239,7 @@ impl Kernel {
         self.name.clone()
     }
 
-    /// The backend it runs on: `"cpu"` or `"wgsl"`.
+    /// The backend it runs on: `"cpu"`, `"wgsl"`, `"ptx"` or `"ptx-sim"`.
     #[getter]
     fn backend(&self) -> &'static str {
         self.backend
@@ -380,6 +391,9 @@ impl Kernel {
         let args =
             attnc::tune::TuneArgs { spec: &self.spec, passes: &self.passes, given: &dims, top_k: top_k.max(1), samples: samples.max(1), report: None, seed };
         let oc = &self.prepared.optimized;
+        if self.backend == PtxBackend::NAME || self.backend == PtxSimBackend::NAME {
+            return Err(PyValueError::new_err("autotuning is not written for the PTX backend yet"));
+        }
         let text = if self.backend == WgslBackend::NAME {
             let space = WgslSpace::new();
             py.detach(|| attnc::tune::tune(&space, oc, args)).map_err(runtime)?
@@ -404,6 +418,15 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
             None => Ok(()),
         }
     };
+    if backend == PtxBackend::NAME || backend == PtxSimBackend::NAME {
+        only(&["tiled", "threads", "channels"])?;
+        let mut c = PtxOptions::default();
+        c.schedule.tiled = get("tiled", 1) != 0;
+        c.threads = get("threads", c.threads as usize) as u32;
+        c.channels = get("channels", c.channels as usize) as u32;
+        PtxSimBackend.check_options(&c).map_err(PyValueError::new_err)?;
+        return Ok(Opts::Ptx { options: c, sim: backend == PtxSimBackend::NAME });
+    }
     if backend == WgslBackend::NAME {
         only(&["tiled", "workgroup", "channels", "block_q", "block_k", "chunk"])?;
         let w = WgslOptions::default();
@@ -424,8 +447,9 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
 }
 
 /// Checks and optimizes a spec: `source` is its text; options fix the schedule (else it
-/// is chosen per shape); `backend` is `"cpu"` or `"wgsl"` (WebGPU, on the adapter wgpu
-/// finds: refused with the reason when there is none).
+/// is chosen per shape); `backend` is `"cpu"`, `"wgsl"` (WebGPU, on the adapter wgpu
+/// finds: refused with the reason when there is none), `"ptx"` (an NVIDIA GPU, likewise) or
+/// `"ptx-sim"` (the same PTX in attnc's interpreter: slow, for checking).
 #[pyfunction]
 #[pyo3(signature = (source, path="<string>", options=None, passes_off=vec![], threads=0, backend="cpu"))]
 fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, passes_off: Vec<String>, threads: usize, backend: &str) -> PyResult<Kernel> {
@@ -438,7 +462,24 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
             }
             WgslBackend::NAME
         }
-        other => return Err(PyValueError::new_err(format!("backend `{other}`: the package runs `cpu` and `wgsl` (the PTX backend is not built yet)"))),
+        "ptx" | "ptx-sim" => {
+            if backend == "ptx" {
+                PtxBackend.available().map_err(runtime)?;
+            }
+            if threads != 0 {
+                return Err(PyValueError::new_err("`threads` is an option of the cpu backend"));
+            }
+            if backend == "ptx" {
+                PtxBackend::NAME
+            } else {
+                PtxSimBackend::NAME
+            }
+        }
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "backend `{other}`: the package runs `cpu`, `wgsl`, `ptx` (an NVIDIA GPU) and `ptx-sim` (the PTX interpreter)"
+            )))
+        }
     };
     let spec = attnc::dsl::compile(source).map_err(|d| {
         let rendered = d.render(path, source);
@@ -483,7 +524,9 @@ fn device(backend: &str) -> PyResult<String> {
     match backend {
         "cpu" => Ok(CpuBackend::default().device()),
         "wgsl" => Ok(WgslBackend.device()),
-        other => Err(PyValueError::new_err(format!("backend `{other}`: the package runs `cpu` and `wgsl`"))),
+        "ptx" => Ok(PtxBackend.device()),
+        "ptx-sim" => Ok(PtxSimBackend.device()),
+        other => Err(PyValueError::new_err(format!("backend `{other}`: the package runs `cpu`, `wgsl`, `ptx` and `ptx-sim`"))),
     }
 }
 

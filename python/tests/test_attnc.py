@@ -104,6 +104,23 @@ def test_wgsl_backend_matches_the_reference():
         attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="wgsl", workgroup=48)
 
 
+def test_ptx_sim_backend_runs_the_tensor_core_kernel_on_bf16_specs():
+    # The PTX interpreter: a bf16 spec takes the tensor-core kernel (its stated bf16
+    # tolerance), an f32 one the exact row kernel; PTX options are checked by name.
+    src = open(os.path.join(ROOT, "examples", "sdpa_causal.attn"), encoding="utf-8").read()
+    bf16 = "\n".join(l.replace(": f32[", ": bf16[", 1) if l.lstrip().startswith("input ") else l for l in src.splitlines())
+    for text, tol in [(bf16, 8e-3), (src, 5e-4)]:
+        kern = attnc.compile(text, backend="ptx-sim")
+        assert kern._k.backend == "ptx-sim"
+        ins = kern.random_inputs(seed=2, B=1, H=2, N=40, M=40, D=16, Dv=16)
+        got, want = kern(**ins), kern.reference(**ins)
+        rms = np.sqrt(np.mean(want[want != 0] ** 2))
+        np.testing.assert_allclose(got, want, atol=tol * rms, rtol=10 * tol)
+    assert attnc.device("ptx-sim") == "ptx-sim:interpreter"
+    with pytest.raises(ValueError, match="`block_q` is not an option of the ptx-sim backend"):
+        attnc.compile(bf16, backend="ptx-sim", block_q=16)
+
+
 def alibi_inputs(n=64, h=4, seed=0):
     kern = attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"))
     return kern, kern.random_inputs(seed=seed, B=1, H=h, G=h, N=n, M=n, D=16, Dv=16)
@@ -134,8 +151,11 @@ def test_bad_input_raises_value_errors_naming_the_tensor():
         kern(**{**ins, "q": ins["q"].astype(np.int64)})
     with pytest.raises(ValueError, match=r"input `q` has 3 axes"):
         kern(**{**ins, "q": ins["q"][0]})
-    with pytest.raises(ValueError, match="the PTX backend is not built yet"):
-        attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), backend="ptx")
+    with pytest.raises(ValueError, match="backend `cuda`: attnc runs `cpu`, `wgsl`, `ptx`"):
+        attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), backend="cuda")
+    if attnc.device("ptx") == "cuda:none":
+        with pytest.raises(RuntimeError, match="no NVIDIA driver"):
+            attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), backend="ptx")
     with pytest.raises(ValueError, match="`workgroup` is not an option of the cpu backend"):
         attnc.compile(os.path.join(ROOT, "examples", "alibi.attn"), workgroup=64)
     with pytest.raises(ValueError, match="threads"):
