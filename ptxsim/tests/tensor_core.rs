@@ -60,6 +60,16 @@ const STAGE: &str = "\tmad.lo.s32 %r3, %r1, 16, %r2;
 \tbar.sync 0;
 ";
 
+/// `%r6`: the shared address lane `l` gives `ldmatrix .x4` for a row-major 16×16 tile of
+/// halves at `smem`: row `l % 16`, columns `8·(l / 16) …` (32 bytes a row).
+const A_ROWS: &str = "\tand.b32 %r4, %r1, 15;
+\tshr.u32 %r5, %r1, 4;
+\tshl.b32 %r4, %r4, 5;
+\tshl.b32 %r5, %r5, 4;
+\tadd.s32 %r6, %r4, %r5;
+\tadd.s32 %r6, %r6, %r2;
+";
+
 fn halves(m: &[u16]) -> Vec<u8> {
     m.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -78,13 +88,7 @@ fn ldmatrix_gives_each_lane_the_halves_the_isa_says() {
     let m = distinct();
     for trans in [false, true] {
         let body = format!(
-            "{STAGE}\tand.b32 %r4, %r1, 15;
-\tshr.u32 %r5, %r1, 4;
-\tshl.b32 %r4, %r4, 5;
-\tshl.b32 %r5, %r5, 4;
-\tadd.s32 %r6, %r4, %r5;
-\tadd.s32 %r6, %r6, %r2;
-\tldmatrix.sync.aligned.m8n8.x4{}.shared.b16 {{%r10, %r11, %r12, %r13}}, [%r6];
+            "{STAGE}{A_ROWS}\tldmatrix.sync.aligned.m8n8.x4{}.shared.b16 {{%r10, %r11, %r12, %r13}}, [%r6];
 \tmul.wide.s32 %rd7, %r1, 16;
 \tadd.s64 %rd8, %rd2, %rd7;
 \tst.global.b32 [%rd8], %r10;
@@ -248,13 +252,7 @@ fn ldmatrix_fragments_feed_mma() {
             "\tand.b32 %r7, %r1, 7;\n\tshl.b32 %r7, %r7, 5;\n\tshr.u32 %r8, %r1, 3;\n\tand.b32 %r8, %r8, 1;\n\tshl.b32 %r8, %r8, 4;\n\tadd.s32 %r7, %r7, %r8;\n"
         };
         let body = format!(
-            "{STAGE}\tand.b32 %r4, %r1, 15;
-\tshr.u32 %r5, %r1, 4;
-\tshl.b32 %r4, %r4, 5;
-\tshl.b32 %r5, %r5, 4;
-\tadd.s32 %r6, %r4, %r5;
-\tadd.s32 %r6, %r6, %r2;
-\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%r10, %r11, %r12, %r13}}, [%r6];
+            "{STAGE}{A_ROWS}\tldmatrix.sync.aligned.m8n8.x4.shared.b16 {{%r10, %r11, %r12, %r13}}, [%r6];
 \tcp.async.ca.shared.global [%r3+512], [%rd3+512], 16;
 \tcp.async.wait_all;
 \tbar.sync 0;

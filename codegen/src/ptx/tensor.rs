@@ -220,6 +220,15 @@ fn quad(f: &mut Func, x: &str, op: &str) {
     }
 }
 
+/// Row `r`'s output accumulators (elements `2r`, `2r + 1` of every tile) times `corr`.
+fn rescale(f: &mut Func, o: &[Vec<String>], r: usize, corr: &str) {
+    for acc in o {
+        for x in &acc[2 * r..2 * r + 2] {
+            f.ins(&format!("mul.rn.f32 {x}, {x}, {corr};"));
+        }
+    }
+}
+
 /// Four fresh registers of type `t`.
 fn four(f: &mut Func, t: RegTy) -> Vec<String> {
     (0..4).map(|_| f.reg(t)).collect()
@@ -510,11 +519,7 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
                 }
             }
             f.ins(&format!("fma.rn.f32 {}, {}, {corr}, {sum};", l[r], l[r]));
-            for acc in &o {
-                for x in &acc[2 * r..2 * r + 2] {
-                    f.ins(&format!("mul.rn.f32 {x}, {x}, {corr};"));
-                }
-            }
+            rescale(f, &o, r, &corr);
         }
         // O += P·V, 16 keys per k-step; P's A fragment from two accumulator tiles.
         let vaddr = f.reg(RegTy::S32);
@@ -566,11 +571,7 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
             f.ins(&format!("sub.rn.f32 {es}, {s2}, {mn};"));
             f.ins(&format!("ex2.approx.ftz.f32 {es}, {es};"));
             f.ins(&format!("fma.rn.f32 {}, {}, {corr}, {es};", l[r], l[r]));
-            for acc in &o {
-                for x in &acc[2 * r..2 * r + 2] {
-                    f.ins(&format!("mul.rn.f32 {x}, {x}, {corr};"));
-                }
-            }
+            rescale(&mut f, &o, r, &corr);
         }
         let in_rows = f.reg(RegTy::Pred);
         f.ins(&format!("setp.lt.s32 {in_rows}, {}, {ni};", rows_of[r]));
