@@ -6,7 +6,7 @@ use attnc::{ir, load_spec, parse_dims, Loaded};
 use attnc_autotune::space::cpu::CpuSpace;
 use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
-use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
+use attnc_codegen::ptx::{Precision, PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend as _, Compiled as _};
@@ -276,6 +276,11 @@ enum Cmd {
         /// the budget. The output then differs from the exact one by the bias error.
         #[arg(long, value_name = "BUDGET")]
         approx_bias: Option<f64>,
+        /// PTX backends: what an f32 spec's queries, keys and values are on the device.
+        /// `exact` (default) keeps the spec's types (the exact f32 row kernel); `bf16` or
+        /// `f16` rounds them, so the tensor-core kernel runs, within the tolerance it states.
+        #[arg(long, default_value = "exact", value_parser = parse_precision)]
+        precision: Precision,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -341,6 +346,10 @@ enum Cmd {
         /// meets this max-error budget (see `run --help`).
         #[arg(long, value_name = "BUDGET")]
         approx_bias: Option<f64>,
+        /// PTX backend: an f32 spec's queries, keys and values on the device (see `run
+        /// --help`): exact, bf16 or f16.
+        #[arg(long, default_value = "exact", value_parser = parse_precision)]
+        precision: Precision,
         /// Use the built-in defaults, not the tuned winner from the cache (nor the cost
         /// model's pick when untuned). Any explicit option above implies it.
         #[arg(long)]
@@ -519,7 +528,11 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, input, random, seed, dims, output, backend, check, approx_bias, opt } => {
+        Cmd::Run { spec, input, random, seed, dims, output, backend, check, approx_bias, precision, opt } => {
+            if precision != Precision::Exact && !matches!(backend, Backend::Ptx | Backend::PtxSim) {
+                return Err(anyhow!("--precision is an option of the PTX backends (ptx, ptx-sim)"));
+            }
+            let ptx_options = PtxOptions { precision, ..PtxOptions::default() };
             let (_, c) = load(&spec)?;
             let given = dims_arg(&dims)?;
             if let Some(inp) = &input {
@@ -551,7 +564,15 @@ fn run(cli: Cli) -> Result<()> {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c.clone(),
             };
-            let oc = optimized_for(&spec_c, &opt, &inputs, &given)?;
+            // A lowered precision applies to the spec before the passes (so it keeps its
+            // bias for the tensor cores); the check still runs the spec as written.
+            let oc = match precision.dtype() {
+                Some(d) => {
+                    let lowered = attnc::dsl::Checked { kernel: attnc_codegen::ptx::lower_precision(&spec_c.kernel, d), ..spec_c.clone() };
+                    optimized_for(&lowered, &opt, &inputs, &given)?
+                }
+                None => optimized_for(&spec_c, &opt, &inputs, &given)?,
+            };
             let start = Instant::now();
             // A looser bound a kernel states (reduced-precision arithmetic), for --check.
             let mut stated: Option<attnc_codegen::Tolerance> = None;
@@ -577,7 +598,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Backend::Ptx => {
                     PtxBackend.available().map_err(|e| anyhow!("{e}"))?;
-                    let kern = PtxBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    let kern = PtxBackend.compile(&oc.kernel, &oc.info, &ptx_options)?.checking(&spec_c.kernel);
                     eprintln!("{}: {} on {}", c.kernel.name, kern.describe(), PtxBackend.device());
                     let shapes: BTreeMap<String, Vec<usize>> = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
                     if let Ok(dims) = ir::bind(&kern.art.kernel, &shapes, &given) {
@@ -587,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
                     kern.run(&inputs, &given)?
                 }
                 Backend::PtxSim => {
-                    let kern = PtxSimBackend.compile(&oc.kernel, &oc.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    let kern = PtxSimBackend.compile(&oc.kernel, &oc.info, &ptx_options)?.checking(&spec_c.kernel);
                     eprintln!("{}: {} (the PTX interpreter)", c.kernel.name, kern.describe());
                     let shapes: BTreeMap<String, Vec<usize>> = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
                     if let Ok(dims) = ir::bind(&kern.art.kernel, &shapes, &given) {
@@ -628,7 +649,10 @@ fn run(cli: Cli) -> Result<()> {
                             output.display()
                         ));
                     }
-                    eprintln!("check: within the kernel's stated tolerance (atol {:.0e}·rms, rtol {:.0e}: bf16/f16 weights on tensor cores)", t.atol, t.rtol);
+                    eprintln!(
+                        "check: within the kernel's stated tolerance (atol {:.0e}·rms, rtol {:.0e}: bf16/f16 arithmetic on tensor cores)",
+                        t.atol, t.rtol
+                    );
                 } else if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
                     return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance; {} was not written", output.display()));
                 }
@@ -653,8 +677,12 @@ fn run(cli: Cli) -> Result<()> {
             approx_bias,
             untuned,
             seed,
+            precision,
             opt,
         } => {
+            if precision != Precision::Exact && backend != Backend::Ptx {
+                return Err(anyhow!("--precision is an option of the PTX backend"));
+            }
             if backend == Backend::PtxSim {
                 return Err(anyhow!("ptx-sim is an interpreter, not something to time: check a kernel with `attnc run --backend ptx-sim --check`, time it on a GPU with `--backend ptx`"));
             }
@@ -782,7 +810,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Backend::Ptx => {
                     let t0 = Instant::now();
-                    let kern = PtxBackend.compile(&c.kernel, &c.info, &PtxOptions::default())?.checking(&spec_c.kernel);
+                    let kern = PtxBackend.compile(&c.kernel, &c.info, &PtxOptions { precision, ..PtxOptions::default() })?.checking(&spec_c.kernel);
                     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
                     let form = kern.art.form(&b.complete(&kern.art.kernel));
@@ -876,6 +904,10 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn parse_precision(s: &str) -> Result<Precision, String> {
+    Precision::parse(s)
 }
 
 fn main() -> ExitCode {

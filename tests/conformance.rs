@@ -8,7 +8,7 @@ use attnc::ir::reference::Tensor;
 use attnc::ir::DType;
 use attnc::passes::PassConfig;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
-use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
+use attnc_codegen::ptx::{Precision, PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, BackendOptions, Compiled, Tolerance};
@@ -287,6 +287,38 @@ fn ptx_gpu_matches_reference_on_every_example() {
     if on.available().is_ok() {
         check_cases(&PtxTensorCores(DType::BF16, true), common::examples_as("bf16"), &|_| true, 150);
     }
+}
+
+/// f32 specs with `precision = bf16` (or f16) on the PTX interpreter: queries, keys and
+/// values rounded on the device, the tensor-core kernel wherever it applies, against the
+/// f32 reference within [`ptx::tensor::lowered_tolerance`].
+struct PtxLowered(DType, Precision);
+
+impl Runner for PtxLowered {
+    fn name(&self) -> String {
+        format!("ptx-sim, f32 specs at {:?}", self.1)
+    }
+    fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn tolerance(&self) -> Tolerance {
+        attnc_codegen::ptx::tensor::lowered_tolerance(self.0)
+    }
+    fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
+        // Lowered before the passes, as `attnc run --precision` does.
+        let lowered = Checked { kernel: attnc_codegen::ptx::lower_precision(&c.kernel, self.0), ..c.clone() };
+        let (oc, _) = attnc::optimize(&lowered, &PassConfig::all()).map_err(|e| e.to_string())?;
+        let o = PtxOptions { precision: self.1, ..PtxOptions::default() };
+        let k = PtxSimBackend.compile(&oc.kernel, &oc.info, &o).map_err(|e| e.to_string())?.checking(&c.kernel);
+        k.run(inputs, &BTreeMap::new()).map_err(|e| e.to_string())
+    }
+}
+
+#[test]
+fn ptx_sim_f32_specs_at_lowered_precision_match_reference() {
+    let cases = || examples().into_iter().filter(|(n, _)| n != "mla_decode").collect::<Vec<_>>();
+    check_cases(&PtxLowered(DType::BF16, Precision::Bf16), cases(), &|p| matches!(p, "basic" | "cross_gqa_b2" | "masked_rows" | "nan"), 40);
+    check_cases(&PtxLowered(DType::F16, Precision::F16), cases(), &|p| p == "basic", 20);
 }
 
 /// The PTX tensor-core kernel under [`ptx::tensor::tolerance`], with the row kernel where a

@@ -7,7 +7,7 @@
 //! so and nothing calls into the driver (cudarc panics when libcuda is missing, so its
 //! presence is probed first).
 
-use super::{run_on, tensor, CallState, PtxArtifact, PtxDevice, PtxOptions};
+use super::{run_on, CallState, PtxArtifact, PtxDevice, PtxOptions};
 use crate::host::{Inputs, RunError};
 use crate::schedule::{Limits, Schedule};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
@@ -182,7 +182,7 @@ impl Compiled for CudaKernel {
         self.state.bounds_source = Some(spec);
     }
     fn stated_tolerance(&self) -> Option<Tolerance> {
-        self.art.tensor.as_ref().ok().map(|p| tensor::tolerance(p.dtype))
+        self.art.stated_tolerance()
     }
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
         let mut dev = GpuDevice { k: self, bufs: None };

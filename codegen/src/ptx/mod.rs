@@ -43,6 +43,61 @@ pub struct PtxOptions {
     pub threads: u32,
     /// Output channels each thread accumulates (1 to 32).
     pub channels: u32,
+    /// The precision of the queries, keys and values on the device (see [`Precision`]).
+    pub precision: Precision,
+}
+
+/// What an f32 spec's queries, keys and values are on the device. `Exact` keeps the spec's
+/// types (an f32 spec runs the exact row kernel); `Bf16` and `F16` round its f32 queries,
+/// keys and values to that type when they are copied to the device, so the tensor-core
+/// kernel takes the spec, within [`tensor::lowered_tolerance`] of the f32 reference.
+#[derive(Clone, Copy, Debug, Default, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Exact,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn parse(s: &str) -> Result<Precision, String> {
+        match s {
+            "exact" | "f32" => Ok(Precision::Exact),
+            "bf16" => Ok(Precision::Bf16),
+            "f16" => Ok(Precision::F16),
+            _ => Err(format!("precision `{s}`: exact (the spec's types), bf16 or f16")),
+        }
+    }
+    pub fn dtype(self) -> Option<attnc_ir::DType> {
+        match self {
+            Precision::Exact => None,
+            Precision::Bf16 => Some(attnc_ir::DType::BF16),
+            Precision::F16 => Some(attnc_ir::DType::F16),
+        }
+    }
+}
+
+/// `k` with the f32 queries, keys and values declared `dtype` (what the device then holds:
+/// the runtime rounds them when it copies them), when its one branch's dot and its value
+/// read rows of input tensors (the tensor-core kernel's shape); else `k` unchanged, exact.
+/// Lowered before the passes, a spec keeps its bias (the low-rank pass leaves a
+/// half-precision dot alone).
+pub fn lower_precision(k: &Kernel, dtype: attnc_ir::DType) -> Kernel {
+    use attnc_ir::Expr;
+    let [br] = k.branches.as_slice() else { return k.clone() };
+    let mut found = None;
+    crate::schedule::tiled::extract(&br.score, &mut found);
+    let (Some(d), Expr::Load(vt, _)) = (found, &k.value) else { return k.clone() };
+    let (Expr::Load(qt, _), Expr::Load(kt, _)) = (&d.a, &d.b) else { return k.clone() };
+    let names = [qt, kt, vt];
+    let mut out = k.clone();
+    for t in out.tensors.iter_mut() {
+        if t.kind == TensorKind::Input && t.dtype == attnc_ir::DType::F32 && names.contains(&&t.name) {
+            t.dtype = dtype;
+        }
+    }
+    out
 }
 
 impl Default for PtxOptions {
@@ -52,6 +107,7 @@ impl Default for PtxOptions {
             arch: "sm_80".into(),
             threads: 128,
             channels: 8,
+            precision: Precision::Exact,
         }
     }
 }
@@ -64,10 +120,14 @@ impl BackendOptions for PtxOptions {
         &mut self.schedule
     }
     fn describe(&self) -> String {
-        let tiles = if self.schedule.tiled {
-            format!("tensor-core tiles of {}x{} where the spec has bf16/f16 q, k, v, else ", tensor::BLOCK_Q, self.schedule.block_k)
-        } else {
-            String::new()
+        let tiles = match (self.schedule.tiled, self.precision) {
+            (false, _) => String::new(),
+            (true, Precision::Exact) => {
+                format!("tensor-core tiles of {}x{} where the spec has bf16/f16 q, k, v, else ", tensor::BLOCK_Q, self.schedule.block_k)
+            }
+            (true, p) => {
+                format!("q, k, v rounded to {} for tensor-core tiles of {}x{}, else ", format!("{p:?}").to_lowercase(), tensor::BLOCK_Q, self.schedule.block_k)
+            }
         };
         format!("{} {tiles}exact f32 row kernel ({} threads per block, {} channels per thread)", self.arch, self.threads, self.channels)
     }
@@ -112,13 +172,18 @@ pub struct PtxArtifact {
 
 impl PtxArtifact {
     /// Whether this call's shapes fit the tensor-core kernel: the dot's channels at most
-    /// [`tensor::MAX_CHANNELS`], and the rows of queries, keys and values whole 16-byte
-    /// chunks (a multiple of 8 halves). `Err` says why `attend` runs instead.
+    /// [`tensor::MAX_CHANNELS`], the dot's and the output's channels and the rows of
+    /// queries, keys and values whole 16-byte chunks (multiples of 8 halves). `Err` says why
+    /// `attend` runs instead.
     pub fn tensor_cores_fit(&self, dims: &attnc_ir::Bindings) -> Result<&TcPlan, String> {
         let p = self.tensor.as_ref().map_err(|e| e.clone())?;
         let d = attnc_ir::bind::eval_dims(&p.len, &dims.dims)?;
         if d > tensor::MAX_CHANNELS as i64 {
             return Err(format!("the dot has {d} channels, over the tensor-core kernel's {}", tensor::MAX_CHANNELS));
+        }
+        let e = dims.extent(&self.kernel.iter.e);
+        if d % 8 != 0 || e % 8 != 0 {
+            return Err(format!("the dot's {d} channels or the {e} output channels are not a multiple of 8 (16-byte chunks)"));
         }
         for r in [&p.q, &p.k, &p.v] {
             let t = self.kernel.tensor(&r.tensor).expect("an input");
@@ -128,6 +193,13 @@ impl PtxArtifact {
             }
         }
         Ok(p)
+    }
+
+    /// The bound the tensor-core kernel states (P rounded; with a lowered precision, the
+    /// inputs too); `None` when the module has only the exact row kernel.
+    pub fn stated_tolerance(&self) -> Option<Tolerance> {
+        let p = self.tensor.as_ref().ok()?;
+        Some(if self.options.precision == Precision::Exact { tensor::tolerance(p.dtype) } else { tensor::lowered_tolerance(p.dtype) })
     }
 
     /// The kernel that runs at `dims`, in words.
@@ -147,6 +219,14 @@ impl std::fmt::Display for PtxArtifact {
 
 /// Writes the module for `k` under `s` (the row kernel).
 pub fn emit_module(k: &Kernel, s: &Schedule, o: &PtxOptions) -> Result<PtxArtifact, CodegenError> {
+    let lowered;
+    let k = match o.precision.dtype() {
+        Some(d) => {
+            lowered = lower_precision(k, d);
+            &lowered
+        }
+        None => k,
+    };
     let tensor = match &s.algorithm {
         Algorithm::Rows => Err("the schedule runs rows (tiled = false, or no separable dot)".to_string()),
         Algorithm::Tiled(ts) => TcPlan::new(k, ts),
@@ -283,7 +363,7 @@ impl Compiled for PtxSimKernel {
         self.state.bounds_source = Some(spec);
     }
     fn stated_tolerance(&self) -> Option<Tolerance> {
-        self.art.tensor.as_ref().ok().map(|p| tensor::tolerance(p.dtype))
+        self.art.stated_tolerance()
     }
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
