@@ -475,33 +475,55 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         f.place(&sdone);
 
         // Scores in base 2, masked to −inf: element c of tile nt is row g + 8·(c / 2),
-        // key j0 + 8·nt + 2q + c % 2.
-        for (nt, tile_s) in s.iter().enumerate() {
-            for (c, x) in tile_s.iter().enumerate() {
-                let j = f.reg(RegTy::S32);
-                f.ins(&format!("add.s32 {j}, {j0}, {q2};"));
-                f.ins(&format!("add.s32 {j}, {j}, {};", 8 * nt + c % 2));
-                f.bind("i", &rows_of[c / 2]);
-                f.bind("j", &j);
-                f.bind(DOT, x);
-                let mut sc = f.expr(&p.rest)?;
-                if let Some(bias) = &br.bias {
-                    let bv = f.expr(bias)?;
+        // key j0 + 8·nt + 2q + c % 2. A tile its class marks full skips the mask (keys past
+        // the last are masked either way).
+        let scores = |f: &mut Func, masked: bool| -> Result<(), CodegenError> {
+            for (nt, tile_s) in s.iter().enumerate() {
+                for (c, x) in tile_s.iter().enumerate() {
+                    let j = f.reg(RegTy::S32);
+                    f.ins(&format!("add.s32 {j}, {j0}, {q2};"));
+                    f.ins(&format!("add.s32 {j}, {j}, {};", 8 * nt + c % 2));
+                    f.bind("i", &rows_of[c / 2]);
+                    f.bind("j", &j);
+                    f.bind(DOT, x);
+                    let mut sc = f.expr(&p.rest)?;
+                    if let Some(bias) = &br.bias {
+                        let bv = f.expr(bias)?;
+                        let r = f.reg(RegTy::F32);
+                        f.ins(&format!("add.rn.f32 {r}, {sc}, {bv};"));
+                        sc = r;
+                    }
+                    let keep = f.reg(RegTy::Pred);
+                    f.ins(&format!("setp.lt.s32 {keep}, {j}, {nj};"));
+                    if let (Some(mask), true) = (&br.mask, masked) {
+                        let pm = f.expr(mask)?;
+                        f.ins(&format!("and.pred {keep}, {keep}, {pm};"));
+                    }
+                    f.unbind(3);
                     let r = f.reg(RegTy::F32);
-                    f.ins(&format!("add.rn.f32 {r}, {sc}, {bv};"));
-                    sc = r;
+                    f.ins(&format!("mul.rn.f32 {r}, {sc}, {log2e};"));
+                    f.ins(&format!("selp.f32 {x}, {r}, {ninf}, {keep};"));
                 }
-                let keep = f.reg(RegTy::Pred);
-                f.ins(&format!("setp.lt.s32 {keep}, {j}, {nj};"));
-                if let Some(mask) = &br.mask {
-                    let pm = f.expr(mask)?;
-                    f.ins(&format!("and.pred {keep}, {keep}, {pm};"));
-                }
-                f.unbind(3);
-                let r = f.reg(RegTy::F32);
-                f.ins(&format!("mul.rn.f32 {r}, {sc}, {log2e};"));
-                f.ins(&format!("selp.f32 {x}, {r}, {ninf}, {keep};"));
             }
+            Ok(())
+        };
+        match &classes {
+            Some(at) => {
+                let (w, a, c) = (f.reg(RegTy::U64), f.reg(RegTy::U64), f.reg(RegTy::S32));
+                f.ins(&format!("cvt.s64.s32 {w}, {tile};"));
+                f.ins(&format!("add.s64 {a}, {at}, {w};"));
+                f.ins(&format!("ld.global.u8 {c}, [{a}];"));
+                let full = f.reg(RegTy::Pred);
+                f.ins(&format!("setp.eq.s32 {full}, {c}, {};", crate::schedule::classes::TileClass::Full as u8));
+                let (unmasked, done) = (f.label(), f.label());
+                f.ins(&format!("@{full} bra.uni {unmasked};"));
+                scores(f, true)?;
+                f.ins(&format!("bra.uni {done};"));
+                f.place(&unmasked);
+                scores(f, false)?;
+                f.place(&done);
+            }
+            None => scores(f, true)?,
         }
         // Online softmax per row: the maximum over the row's four lanes, the rescale of
         // what came before, the weights in place.
