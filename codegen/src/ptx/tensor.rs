@@ -15,14 +15,17 @@
 //! from two accumulator tiles into one A fragment (`cvt.rn.bf16x2.f32`) and V's B fragments
 //! by `ldmatrix.trans`. Rows padded to `MAX_CHANNELS + 8` halves keep `ldmatrix` free of
 //! bank conflicts. A row with no live key (or all at −inf) gives zeros; a sink logit joins
-//! the denominator at the end; the gate multiplies at the store.
+//! the denominator at the end; the gate multiplies at the store. With a mask, the walk
+//! reads the schedule's tile classes for its query tile (a byte per key tile, after the
+//! inputs): empty tiles are never loaded nor computed, full ones skip the mask.
 //!
 //! Precision: the products of bf16 inputs are exact and accumulate in f32; P is rounded to
 //! the inputs' half type before `P·V` (relative 2^-9 for bf16, 2^-11 for f16), so the
-//! output is within [`tolerance`] of the reference. Specs that do not fit (f32 inputs,
-//! several branches, another normalization, a post-map or decay, a computed query, key or
-//! value) run the exact f32 row kernel; so does a call whose dot has more than
-//! [`MAX_CHANNELS`] channels or a channel count or value width that is not a multiple of 8
+//! output is within [`tolerance`] of the reference. An f32 spec takes this kernel only when
+//! asked (`PtxOptions::precision`, its inputs rounded on the device: [`lowered_tolerance`]).
+//! Specs that do not fit (several branches, another normalization, a post-map or decay, a
+//! computed query, key or value) run the exact f32 row kernel; so does a call whose dot has
+//! more than [`MAX_CHANNELS`] channels or channel counts that are not multiples of 8
 //! (16-byte rows for `cp.async`).
 
 use super::emit::{flit, Func, RegTy};
