@@ -185,6 +185,21 @@ fn check_output_path(p: &std::path::Path) -> Result<()> {
 
 /// The spec after the passes `o` selects; a pass that produces an invalid kernel is a bug,
 /// reported as such.
+/// [`optimized_for`] at a PTX precision: a lowered one applies to the spec before the passes
+/// (so a bias stays a bias for the tensor cores).
+fn optimized_at(
+    c: &attnc::dsl::Checked,
+    precision: Precision,
+    o: &OptArgs,
+    inputs: &BTreeMap<String, ir::reference::Tensor>,
+    given: &BTreeMap<String, i64>,
+) -> Result<attnc::dsl::Checked> {
+    match precision.dtype() {
+        Some(d) => optimized_for(&attnc::dsl::Checked { kernel: attnc_codegen::ptx::lower_precision(&c.kernel, d), ..c.clone() }, o, inputs, given),
+        None => optimized_for(c, o, inputs, given),
+    }
+}
+
 fn optimized(c: &attnc::dsl::Checked, o: &OptArgs) -> Result<(attnc::dsl::Checked, Vec<attnc::passes::Applied>)> {
     attnc::optimize(c, &o.config()?).map_err(|e| anyhow!("{e}"))
 }
@@ -564,15 +579,8 @@ fn run(cli: Cli) -> Result<()> {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c.clone(),
             };
-            // A lowered precision applies to the spec before the passes (so it keeps its
-            // bias for the tensor cores); the check still runs the spec as written.
-            let oc = match precision.dtype() {
-                Some(d) => {
-                    let lowered = attnc::dsl::Checked { kernel: attnc_codegen::ptx::lower_precision(&spec_c.kernel, d), ..spec_c.clone() };
-                    optimized_for(&lowered, &opt, &inputs, &given)?
-                }
-                None => optimized_for(&spec_c, &opt, &inputs, &given)?,
-            };
+            // The check still runs the spec as written.
+            let oc = optimized_at(&spec_c, precision, &opt, &inputs, &given)?;
             let start = Instant::now();
             // A looser bound a kernel states (reduced-precision arithmetic), for --check.
             let mut stated: Option<attnc_codegen::Tolerance> = None;
@@ -722,7 +730,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(budget) => approximated(&c, &mut inputs, budget)?,
                 None => c,
             };
-            let c = optimized_for(&spec_c, &opt, &inputs, &given)?;
+            let c = optimized_at(&spec_c, precision, &opt, &inputs, &given)?;
             let b = bind_given(&c, &given)?;
             let explicit =
                 untuned || no_tiled || no_microkernel || block_q.is_some() || block_k.is_some() || chunk.is_some() || workgroup.is_some() || channels.is_some();
