@@ -1,18 +1,20 @@
-//! The NVIDIA backend's first stage: PTX for sm_80 and later, and an interpreter that runs
-//! it on the CPU ([`sim`], the `attnc-ptxsim` crate), so every example's PTX is checked against the reference
-//! without a GPU (`attnc run --backend ptx-sim`, `attnc compile --target ptx`).
+//! The NVIDIA backend: PTX for sm_80 and later, run on a GPU through cudarc ([`cuda`],
+//! `--backend ptx`) or by an interpreter on the CPU ([`sim`], the `attnc-ptxsim` crate,
+//! `--backend ptx-sim`), so every example's PTX is checked against the reference without a
+//! GPU (`attnc compile --target ptx` prints it).
 //!
-//! What it emits today is the **exact f32 row kernel** (the schedule's [`Algorithm::Rows`]):
-//! a thread per query row and slice of output channels, the normalization's state and the
-//! accumulators in registers, the reference's semantics (fully masked rows give zeros, NaN
-//! propagates, the maximum is subtracted); derived tensors are passes of their own before
-//! it. It is the path an f32 spec runs on by default. Not written yet, and refused with that
-//! reason: the tensor-core tiled kernel (`mma.sync`, `ldmatrix`, `cp.async`), the chunked
-//! form, tile classes on the device, and the cudarc runtime that launches on a GPU.
+//! A module holds the derived tensors' passes, the **exact f32 row kernel** `attend` (every
+//! spec: a thread per query row and slice of output channels, the reference's semantics)
+//! and, when the schedule is tiled and the spec's queries, keys and values are bf16/f16 rows
+//! ([`TcPlan`]), the **tensor-core tiled kernel** `attend_tc` ([`tensor`]); each call takes
+//! `attend_tc` when its shapes fit ([`PtxArtifact::tensor_cores_fit`]). An f32 spec runs the
+//! row kernel unless [`Precision`] lowers its queries, keys and values. Not written yet: the
+//! chunked form (refused), tile classes computed on the device, autotuning.
 //!
-//! Layout: three parameters, the global addresses of the argument table (the
-//! backend-neutral [`crate::host::ArgLayout`] as i32), the inputs (f16 and bf16 at 2 bytes
-//! per element, everything else at 4) and the work buffer (derived tensors, the output).
+//! Layout ([`Call`]): three parameters, the global addresses of the argument table (the
+//! backend-neutral [`crate::host::ArgLayout`] as i32, plus the tile-class table's offset),
+//! the inputs (16-byte aligned; f16 and bf16 at 2 bytes per element, everything else at 4;
+//! the tile classes after them) and the work buffer (derived tensors, the output).
 
 pub mod cuda;
 pub mod emit;
