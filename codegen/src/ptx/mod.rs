@@ -207,7 +207,12 @@ impl PtxArtifact {
     /// The kernel that runs at `dims`, in words.
     pub fn form(&self, dims: &attnc_ir::Bindings) -> String {
         match self.tensor_cores_fit(dims) {
-            Ok(p) => format!("tensor-core tiled kernel ({} mma.sync m16n8k16, {}x{} tiles)", p.dtype, tensor::BLOCK_Q, p.block_k),
+            Ok(p) => format!(
+                "tensor-core tiled kernel ({} mma.sync m16n8k16, {}x{} tiles; the row kernel if a value is NaN or infinite)",
+                p.dtype,
+                tensor::BLOCK_Q,
+                p.block_k
+            ),
             Err(why) => format!("exact f32 row kernel ({why})"),
         }
     }
@@ -463,10 +468,14 @@ impl Call {
             .collect::<Result<_, _>>()
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
         let mut table = table;
+        // The tensor-core kernel multiplies every value of a key tile by its weight, zero
+        // for a masked pair: a NaN or infinite value at a masked key would reach rows the
+        // reference keeps it from. Such a call runs the row kernel (masked pairs skipped).
+        let tc = art.tensor_cores_fit(&dims).ok().filter(|p| st.bufs[&p.v.tensor].iter().all(|w| f32::from_bits(*w).is_finite()));
         // The tensor-core kernel's tile classes (one byte per tile, `[slot][query tile][key
         // tile]`) follow the inputs; the table's extra slot holds their byte offset.
-        let classes = match art.tensor_cores_fit(&dims) {
-            Ok(p) if p.classes => {
+        let classes = match tc {
+            Some(p) if p.classes => {
                 let g = crate::schedule::Grid::of(k, &dims);
                 let grid = TileGrid { block_q: tensor::BLOCK_Q as i64, block_k: p.block_k as i64, queries: g.queries, keys: g.keys };
                 let data = crate::host::TensorData::masks(k, &dims, &st.bufs);
@@ -506,7 +515,7 @@ impl Call {
             }
         }
         let g = &dims;
-        let attend = if art.tensor_cores_fit(g).is_ok() {
+        let attend = if tc.is_some() {
             let ctas = [&k.iter.b, &k.iter.h].iter().map(|x| g.extent(x) as usize).product::<usize>()
                 * (g.extent(&k.iter.i) as usize).div_ceil(tensor::BLOCK_Q)
                 * (g.extent(&k.iter.e) as usize).div_ceil(tensor::VALUES);
