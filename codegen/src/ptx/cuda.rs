@@ -20,13 +20,19 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PtxBackend;
 
-/// Device 0's context, or why there is none.
+/// Device 0's context, or why there is none: probed once per process (`available`,
+/// `device` and `load` all ask).
 pub fn context() -> Result<Arc<CudaContext>, String> {
-    // SAFETY: only probes for the library; no driver call is made.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("no NVIDIA driver on this machine (libcuda.so was not found): `--backend ptx` needs an NVIDIA GPU; `--backend ptx-sim` runs the same PTX in attnc's interpreter".into());
-    }
-    CudaContext::new(0).map_err(|e| format!("the NVIDIA driver is present but device 0 cannot be opened: {e}"))
+    static CONTEXT: std::sync::OnceLock<Result<Arc<CudaContext>, String>> = std::sync::OnceLock::new();
+    CONTEXT
+        .get_or_init(|| {
+            // SAFETY: only probes for the library; no driver call is made.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("no NVIDIA driver on this machine (libcuda.so was not found): `--backend ptx` needs an NVIDIA GPU; `--backend ptx-sim` runs the same PTX in attnc's interpreter".into());
+            }
+            CudaContext::new(0).map_err(|e| format!("the NVIDIA driver is present but device 0 cannot be opened: {e}"))
+        })
+        .clone()
 }
 
 impl Backend for PtxBackend {

@@ -236,6 +236,15 @@ fn quad(f: &mut Func, x: &str, op: &str) {
     }
 }
 
+/// The class byte of key tile `t` (`at`: the address of this query tile's row of classes).
+fn tile_class(f: &mut Func, at: &str, t: &str) -> String {
+    let (w, a, c) = (f.reg(RegTy::U64), f.reg(RegTy::U64), f.reg(RegTy::S32));
+    f.ins(&format!("cvt.s64.s32 {w}, {t};"));
+    f.ins(&format!("add.s64 {a}, {at}, {w};"));
+    f.ins(&format!("ld.global.u8 {c}, [{a}];"));
+    c
+}
+
 /// Row `r`'s output accumulators (elements `2r`, `2r + 1` of every tile) times `corr`.
 fn rescale(f: &mut Func, o: &[Vec<String>], r: usize, corr: &str) {
     for acc in o {
@@ -393,10 +402,7 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         let p = f.reg(RegTy::Pred);
         f.ins(&format!("setp.ge.s32 {p}, {t}, {ntiles};"));
         f.ins(&format!("@{p} bra.uni {end};"));
-        let (w, a, c) = (f.reg(RegTy::U64), f.reg(RegTy::U64), f.reg(RegTy::S32));
-        f.ins(&format!("cvt.s64.s32 {w}, {t};"));
-        f.ins(&format!("add.s64 {a}, {at}, {w};"));
-        f.ins(&format!("ld.global.u8 {c}, [{a}];"));
+        let c = tile_class(f, at, t);
         f.ins(&format!("setp.ne.s32 {p}, {c}, 0;"));
         f.ins(&format!("@{p} bra.uni {end};"));
         f.ins(&format!("add.s32 {t}, {t}, 1;"));
@@ -512,10 +518,7 @@ pub fn attend(k: &Kernel, layout: &ArgLayout, p: &TcPlan) -> Result<String, Code
         };
         match &classes {
             Some(at) => {
-                let (w, a, c) = (f.reg(RegTy::U64), f.reg(RegTy::U64), f.reg(RegTy::S32));
-                f.ins(&format!("cvt.s64.s32 {w}, {tile};"));
-                f.ins(&format!("add.s64 {a}, {at}, {w};"));
-                f.ins(&format!("ld.global.u8 {c}, [{a}];"));
+                let c = tile_class(f, at, &tile);
                 let full = f.reg(RegTy::Pred);
                 f.ins(&format!("setp.eq.s32 {full}, {c}, {};", crate::schedule::classes::TileClass::Full as u8));
                 let (unmasked, done) = (f.label(), f.label());
