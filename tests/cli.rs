@@ -334,6 +334,38 @@ fn ptx_compiles_and_runs_in_the_interpreter() {
     assert!(err.contains("nothing to tune"), "{err}");
 }
 
+/// The PTX options on the command line: `--precision bf16` puts an f32 spec on the tensor
+/// cores (said, and checked within the bound the kernel states); other backends refuse it;
+/// `--backend ptx` without an NVIDIA driver says so and exits 1; PTX autotuning is refused.
+#[test]
+fn ptx_precision_and_gpu_backend_errors() {
+    let o = tmp("ptx-bf16.safetensors");
+    let dims = "B=1,H=2,N=70,M=70,D=32,Dv=32";
+    let (code, _, err) =
+        attnc(&["run", "examples/sdpa_causal.attn", "--random", "--dims", dims, "-o", &o, "--backend", "ptx-sim", "--precision", "bf16", "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("runs the tensor-core tiled kernel (bf16") && err.contains("within the kernel's stated tolerance"), "{err}");
+    let (code, _, err) = attnc(&["run", "examples/sdpa_causal.attn", "--random", "--dims", dims, "-o", &o, "--precision", "bf16"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--precision is an option of the PTX backends"), "{err}");
+    let (code, _, err) = attnc(&["run", "examples/sdpa_causal.attn", "--random", "--dims", dims, "-o", &o, "--backend", "ptx-sim", "--precision", "tf32"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("exact (the spec's types), bf16 or f16"), "{err}");
+    let (code, _, err) = attnc(&["tune", "examples/sdpa.attn", "--dims", "B=1,H=1,N=8,M=8,D=8,Dv=8", "--backend", "ptx"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("autotuning is not written for the PTX backend"), "{err}");
+    if let Err(why) = attnc_codegen::Backend::available(&attnc_codegen::ptx::PtxBackend) {
+        for cmd in [
+            &["run", "examples/sdpa.attn", "--random", "--dims", "B=1,H=1,N=8,M=8,D=8,Dv=8", "-o", &o, "--backend", "ptx"][..],
+            &["bench", "examples/sdpa.attn", "--dims", "B=1,H=1,N=8,M=8,D=8,Dv=8", "--backend", "ptx"][..],
+        ] {
+            let (code, _, err) = attnc(cmd);
+            assert_eq!(code, 1, "{err}");
+            assert!(err.contains(&why), "{err}");
+        }
+    }
+}
+
 /// `--dims` names a spec's own dims only: attnc's internal ones (the key count `__keys` of
 /// `range j < …`) are neither listed nor accepted.
 #[test]
