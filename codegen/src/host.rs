@@ -136,6 +136,28 @@ pub fn memory_limit() -> Option<(u128, String)> {
     Some((kib * 1024, "available on this machine".to_string()))
 }
 
+/// The float tensors the value expression reads (inputs or derived).
+pub fn value_tensors(k: &Kernel) -> Vec<String> {
+    let mut names = Vec::new();
+    k.value.walk(&mut |e| {
+        if let attnc_ir::Expr::Load(t, _) = e {
+            if !names.contains(t) && k.tensor(t).is_some_and(|d| !d.dtype.is_int()) {
+                names.push(t.clone());
+            }
+        }
+    });
+    names
+}
+
+/// Whether every value the kernel aggregates is finite. A tiled kernel multiplies every value
+/// of a key tile by its weight, zero for a masked pair, so a NaN or an infinity at a masked
+/// key would reach rows the reference keeps it from (0 · NaN is NaN); a call where this is
+/// false runs the row kernel, which skips masked pairs. (The chunked forms sum only the
+/// pairs their masks keep, within a chunk and across chunks, and need no such check.)
+pub fn values_finite(names: &[String], bufs: &BTreeMap<String, &[u32]>) -> bool {
+    names.iter().all(|n| bufs.get(n).is_none_or(|b| b.iter().all(|w| f32::from_bits(*w).is_finite())))
+}
+
 /// Refuses a run whose estimate (`parts`: what and bytes) exceeds [`memory_limit`].
 pub fn check_memory(parts: &[(&str, u128)]) -> Result<(), RunError> {
     let needed: u128 = parts.iter().map(|p| p.1).sum();

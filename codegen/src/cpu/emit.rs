@@ -315,6 +315,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         0 => None,
         n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| CodegenError::Unsupported(format!("thread pool: {e}")))?),
     };
+    let value_tensors = crate::host::value_tensors(&kernel);
     Ok(CpuKernel {
         kernel,
         schedule,
@@ -326,6 +327,8 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         classifier: Default::default(),
         bounds: Default::default(),
         bounds_source: None,
+        value_tensors,
+        row_fallback: Default::default(),
         _module: module,
         clif,
         asm,

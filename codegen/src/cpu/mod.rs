@@ -270,6 +270,11 @@ pub struct CpuKernel {
     bounds: BoundsCheck,
     /// The kernel the bounds are checked on (the spec as written), when given.
     bounds_source: Option<Kernel>,
+    /// The float tensors the values read ([`crate::host::value_tensors`]).
+    value_tensors: Vec<String>,
+    /// The row kernel of the same spec, compiled on the first call whose values hold a NaN or
+    /// an infinity (the tiled kernel would spread it to masked pairs).
+    row_fallback: std::sync::OnceLock<Result<Box<CpuKernel>, CodegenError>>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     /// Each function's CLIF, as emitted.
@@ -360,7 +365,7 @@ impl Compiled for CpuKernel {
             .collect();
         let frame = self.layout.fill(k, &dims, &mut |t| bufs[&t.name].as_ptr() as i64);
         let fp = FramePtr(frame.as_ptr());
-        let work = || -> Result<(), RunError> {
+        let work = || -> Result<bool, RunError> {
             use rayon::prelude::*;
             for (name, f) in &self.derives {
                 let t = k.tensor(name).expect("derived tensor");
@@ -372,6 +377,9 @@ impl Compiled for CpuKernel {
             }
             if per_call_bounds {
                 BoundsCheck::with_data(source, &dims, &bufs)?;
+            }
+            if matches!(self.path, Path::Tiled { .. }) && !crate::host::values_finite(&self.value_tensors, &bufs) {
+                return Ok(false);
             }
             match (&self.path, &bound.algorithm) {
                 (Path::Rows(attend), BoundAlgorithm::Rows) => {
@@ -395,12 +403,17 @@ impl Compiled for CpuKernel {
                 }
                 _ => unreachable!("the loaded entry points follow the schedule"),
             }
-            Ok(())
+            Ok(true)
         };
-        match &self.pool {
+        let done = match &self.pool {
             Some(p) => p.install(work),
             None => work(),
+        }?;
+        if done {
+            return Ok(());
         }
+        drop(bufs);
+        self.row_fallback()?.run_into(st, explicit, out)
     }
 }
 
@@ -416,6 +429,20 @@ fn describe(s: &Schedule, o: &CpuOptions) -> String {
 }
 
 impl CpuKernel {
+    /// The row kernel of this spec (compiled once, on first use): it skips masked pairs, so
+    /// a NaN or an infinity among the values reaches only the rows that keep its key.
+    fn row_fallback(&self) -> Result<&CpuKernel, RunError> {
+        let made = self.row_fallback.get_or_init(|| {
+            let s = Schedule { algorithm: crate::schedule::Algorithm::Rows, limits: self.schedule.limits.clone() };
+            let a = emit::emit(&self.kernel, &s, &self.options, host_isa(&self.options)?)?;
+            emit::validate(&a)?;
+            let mut rows = emit::load(a, false)?;
+            rows.bounds_source = self.bounds_source.clone();
+            Ok(Box::new(rows))
+        });
+        made.as_deref().map_err(|e| RunError::Device(format!("the row kernel (for values that are not all finite): {e}")))
+    }
+
     /// Refuses a run that would need more memory than the host has (or `ATTNC_MAX_MEMORY`
     /// allows), before allocating: derived tensors and the output, and the tiled kernel's
     /// per-worker workspaces and per-group packs.

@@ -468,10 +468,9 @@ impl Call {
             .collect::<Result<_, _>>()
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
         let mut table = table;
-        // The tensor-core kernel multiplies every value of a key tile by its weight, zero
-        // for a masked pair: a NaN or infinite value at a masked key would reach rows the
-        // reference keeps it from. Such a call runs the row kernel (masked pairs skipped).
-        let tc = art.tensor_cores_fit(&dims).ok().filter(|p| st.bufs[&p.v.tensor].iter().all(|w| f32::from_bits(*w).is_finite()));
+        // A NaN or infinite value at a masked key (the tensor cores multiply it by a zero
+        // weight) runs the row kernel: see [`crate::host::values_finite`].
+        let tc = art.tensor_cores_fit(&dims).ok().filter(|p| crate::host::values_finite(std::slice::from_ref(&p.v.tensor), &st.bufs));
         // The tensor-core kernel's tile classes (one byte per tile, `[slot][query tile][key
         // tile]`) follow the inputs; the table's extra slot holds their byte offset.
         let classes = match tc {
