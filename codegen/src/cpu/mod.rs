@@ -433,7 +433,7 @@ impl CpuKernel {
     /// a NaN or an infinity among the values reaches only the rows that keep its key.
     fn row_fallback(&self) -> Result<&CpuKernel, RunError> {
         let made = self.row_fallback.get_or_init(|| {
-            let s = Schedule { algorithm: crate::schedule::Algorithm::Rows, limits: self.schedule.limits.clone() };
+            let s = Schedule { algorithm: crate::schedule::Algorithm::Rows, limits: self.schedule.limits };
             let a = emit::emit(&self.kernel, &s, &self.options, host_isa(&self.options)?)?;
             emit::validate(&a)?;
             let mut rows = emit::load(a, false)?;
