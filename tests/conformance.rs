@@ -502,10 +502,22 @@ fn wgsl_chunked_linear_attention_matches_reference() {
     }
 }
 
+/// The PTX chunked kernel on the interpreter, as the WGSL one above: several chunks (16 and
+/// 7 keys), value slices, N ≠ M, decode, rows with no key, NaN.
+#[test]
+fn ptx_sim_chunked_linear_attention_matches_reference() {
+    let names = rewritten_by("linear");
+    let linear = |n: &str| names.iter().any(|x| x == n);
+    for (chunk, threads) in [(16, 64), (7, 32)] {
+        let o = PtxOptions { threads, schedule: ScheduleOptions { chunk, ..PtxOptions::default().schedule }, ..PtxOptions::default() };
+        check_examples(&On::all(PtxSimBackend, o), &linear, &|p| matches!(p, "basic" | "cross_gqa_b2" | "mqa_n70" | "decode" | "masked_rows" | "nan"), 4);
+    }
+}
+
 /// A log-decay that jumps up by 35 within a chunk (GLA's gate positive at one position):
-/// the WGSL chunked kernel's split factors pass its e^30 limit, so it computes the head
-/// again in the exact pairwise form (the CPU's limit is e^60: it keeps the split form);
-/// both match the reference.
+/// the WGSL and PTX chunked kernels' split factors pass their e^30 limit, so they compute
+/// the head again in the exact pairwise form (the CPU's limit is e^60: it keeps the split
+/// form); all match the reference.
 #[test]
 fn chunked_forms_fall_back_when_the_log_decay_increases() {
     let (_, c) = examples().into_iter().find(|(n, _)| n == "gla").expect("gla example");
@@ -519,7 +531,8 @@ fn chunked_forms_fall_back_when_the_log_decay_increases() {
     let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
     let schedule = ScheduleOptions { chunk: 16, ..Default::default() };
     let wgsl = On::all(WgslBackend, WgslOptions { schedule: ScheduleOptions { chunk: 16, ..WgslOptions::default().schedule }, ..WgslOptions::default() });
-    let runners: Vec<Box<dyn Runner>> = vec![Box::new(cpu_schedule(schedule)), Box::new(wgsl)];
+    let ptx = On::all(PtxSimBackend, PtxOptions { schedule: ScheduleOptions { chunk: 16, ..PtxOptions::default().schedule }, ..PtxOptions::default() });
+    let runners: Vec<Box<dyn Runner>> = vec![Box::new(cpu_schedule(schedule)), Box::new(wgsl), Box::new(ptx)];
     for r in runners {
         if r.available().is_err() {
             continue;

@@ -176,8 +176,8 @@ class Kernel:
 
 
 @functools.lru_cache(maxsize=256)
-def _compile(source, path, options, passes_off, threads, backend):
-    return Kernel(_attnc.compile(source, path, dict(options) if options is not None else None, list(passes_off), threads, backend), source)
+def _compile(source, path, options, passes_off, threads, backend, precision="exact"):
+    return Kernel(_attnc.compile(source, path, dict(options) if options is not None else None, list(passes_off), threads, backend, precision), source)
 
 
 def compile(
@@ -193,6 +193,7 @@ def compile(
     chunk=None,
     workgroup=None,
     channels=None,
+    precision="exact",
 ):
     """Checks and optimizes a spec: ``spec`` is a path to a ``.attn`` file or its text.
 
@@ -207,8 +208,12 @@ def compile(
     (keys per chunk of the linear family's chunked kernel, at most 64; 0: quadratic),
     ``workgroup`` (invocations, a power of two from 8 to 256; the tiled kernel runs
     ``workgroup / block_q`` per query row) and ``channels`` (output channels per
-    invocation). PTX: ``tiled`` (off: the row kernel even for bf16 specs) and ``channels``
-    (the row kernel's output channels per thread). Compiled kernels are cached per (spec,
+    invocation). PTX: ``tiled`` (off: the row kernel even for bf16 specs), ``channels``
+    (the row kernel's output channels per thread), ``chunk`` (the linear family's chunked
+    kernel, at most 64 keys, the default; 0: quadratic) and ``precision``: ``"exact"``
+    (the spec's types: an f32 spec runs exact f32 kernels), ``"bf16"`` or ``"f16"`` (an f32
+    spec's queries, keys and values rounded on the device so the tensor cores take it,
+    within the ``tolerance`` that ``last_run()`` reports). Compiled kernels are cached per (spec,
     backend, options)."""
     if backend not in ("cpu", "wgsl", "ptx", "ptx-sim"):
         raise ValueError(f"backend `{backend}`: attnc runs `cpu`, `wgsl`, `ptx` (an NVIDIA GPU) and `ptx-sim` (the PTX interpreter)")
@@ -221,4 +226,4 @@ def compile(
     named = dict(tiled=tiled, microkernel=microkernel, block_q=block_q, block_k=block_k, chunk=chunk, workgroup=workgroup, channels=channels)
     given = {k: v for k, v in named.items() if v is not None}
     options = tuple(sorted((k, int(v)) for k, v in given.items())) if given else None
-    return _compile(text, path, options, tuple(passes_off), int(threads), backend)
+    return _compile(text, path, options, tuple(passes_off), int(threads), backend, precision)

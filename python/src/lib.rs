@@ -15,7 +15,7 @@ use attnc_autotune::space::cpu::CpuSpace;
 use attnc_autotune::space::wgsl::WgslSpace;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::host::{Inputs, RunError};
-use attnc_codegen::ptx::{PtxBackend, PtxOptions, PtxSimBackend};
+use attnc_codegen::ptx::{Precision, PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::wgsl::{WgslBackend, WgslOptions};
 use attnc_codegen::{Backend, Compiled};
@@ -71,6 +71,9 @@ struct LastRun {
     inputs: BTreeMap<String, usize>,
     output: usize,
     options: String,
+    /// The bound the kernel states against the f32 reference, when it rounds (`(atol, rtol)`:
+    /// atol a fraction of the rms of the nonzero outputs).
+    tolerance: Option<(f64, f64)>,
 }
 
 #[pyclass(module = "attnc._attnc", frozen)]
@@ -83,6 +86,8 @@ struct Kernel {
     backend: &'static str,
     /// Options fixed by the caller (else chosen per shape).
     fixed: Option<Opts>,
+    /// The PTX backends' precision of the queries, keys and values.
+    precision: Precision,
     threads: usize,
     variants: Mutex<HashMap<String, Arc<Variant>>>,
     /// Per shape: the options chosen and the passes they switch off.
@@ -179,7 +184,8 @@ impl Kernel {
         let oc = &self.prepared.optimized;
         let c = if self.backend == PtxBackend::NAME || self.backend == PtxSimBackend::NAME {
             // No PTX autotuning yet: the defaults (tensor cores for bf16/f16 specs).
-            (Opts::Ptx { options: PtxOptions::default(), sim: self.backend == PtxSimBackend::NAME }, vec![], "PTX defaults (not tuned)".into())
+            let options = PtxOptions { precision: self.precision, ..PtxOptions::default() };
+            (Opts::Ptx { options, sim: self.backend == PtxSimBackend::NAME }, vec![], "PTX defaults (not tuned)".into())
         } else if self.backend == WgslBackend::NAME {
             let chosen = attnc::tune::chosen_options(&WgslSpace::new(), oc, dims, &data());
             (Opts::Wgsl(chosen.options), chosen.passes_off, chosen.from)
@@ -325,7 +331,8 @@ impl Kernel {
         let out_addr = out_slice.as_ptr() as usize;
         let kernel = &v.kernel;
         py.detach(|| kernel.run_into(&inputs, &explicit, out_slice)).map_err(run_error)?;
-        *self.last.lock().expect("last") = LastRun { inputs: addresses, output: out_addr, options: v.describe.clone() };
+        *self.last.lock().expect("last") =
+            LastRun { inputs: addresses, output: out_addr, options: v.describe.clone(), tolerance: v.kernel.stated_tolerance().map(|t| (t.atol, t.rtol)) };
         Ok(())
     }
 
@@ -369,13 +376,16 @@ impl Kernel {
     }
 
     /// What the last call read and wrote: `{"inputs": {name: address}, "output": address,
-    /// "kernel": "tiled 64x64, Avx2 microkernel"}`.
+    /// "kernel": "tiled 64x64, Avx2 microkernel", "tolerance": None}` (`tolerance`: the
+    /// `(atol, rtol)` a rounding kernel states against the f32 reference, atol a fraction
+    /// of the rms of the nonzero outputs; `None` for exact f32 kernels).
     fn last_run(&self, py: Python<'_>) -> PyResult<Py<PyDict>> {
         let l = self.last.lock().expect("last").clone();
         let d = PyDict::new(py);
         d.set_item("inputs", l.inputs)?;
         d.set_item("output", l.output)?;
         d.set_item("kernel", l.options)?;
+        d.set_item("tolerance", l.tolerance)?;
         Ok(d.unbind())
     }
 
@@ -419,9 +429,10 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
         }
     };
     if backend == PtxBackend::NAME || backend == PtxSimBackend::NAME {
-        only(&["tiled", "threads", "channels"])?;
+        only(&["tiled", "threads", "channels", "chunk"])?;
         let mut c = PtxOptions::default();
         c.schedule.tiled = get("tiled", 1) != 0;
+        c.schedule.chunk = get("chunk", c.schedule.chunk);
         c.threads = get("threads", c.threads as usize) as u32;
         c.channels = get("channels", c.channels as usize) as u32;
         PtxSimBackend.check_options(&c).map_err(PyValueError::new_err)?;
@@ -449,10 +460,24 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
 /// Checks and optimizes a spec: `source` is its text; options fix the schedule (else it
 /// is chosen per shape); `backend` is `"cpu"`, `"wgsl"` (WebGPU, on the adapter wgpu
 /// finds: refused with the reason when there is none), `"ptx"` (an NVIDIA GPU, likewise) or
-/// `"ptx-sim"` (the same PTX in attnc's interpreter: slow, for checking).
+/// `"ptx-sim"` (the same PTX in attnc's interpreter: slow, for checking). `precision`
+/// (PTX backends): `"exact"` keeps the spec's types; `"bf16"` or `"f16"` rounds an f32
+/// spec's queries, keys and values on the device so the tensor cores take it.
 #[pyfunction]
-#[pyo3(signature = (source, path="<string>", options=None, passes_off=vec![], threads=0, backend="cpu"))]
-fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, passes_off: Vec<String>, threads: usize, backend: &str) -> PyResult<Kernel> {
+#[pyo3(signature = (source, path="<string>", options=None, passes_off=vec![], threads=0, backend="cpu", precision="exact"))]
+fn compile(
+    source: &str,
+    path: &str,
+    options: Option<BTreeMap<String, i64>>,
+    passes_off: Vec<String>,
+    threads: usize,
+    backend: &str,
+    precision: &str,
+) -> PyResult<Kernel> {
+    let precision = Precision::parse(precision).map_err(PyValueError::new_err)?;
+    if precision != Precision::Exact && !matches!(backend, "ptx" | "ptx-sim") {
+        return Err(PyValueError::new_err(format!("`precision` is an option of the ptx and ptx-sim backends (the {backend} backend computes in f32)")));
+    }
     let backend = match backend {
         "cpu" => CpuBackend::NAME,
         "wgsl" => {
@@ -497,11 +522,20 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
     for p in &passes_off {
         passes.set(p, false).map_err(PyValueError::new_err)?;
     }
-    let fixed = options.map(|o| given_options(backend, &o, threads)).transpose()?;
+    let mut fixed = options.map(|o| given_options(backend, &o, threads)).transpose()?;
+    if let Some(Opts::Ptx { options, .. }) = &mut fixed {
+        options.precision = precision;
+    }
     if threads > attnc_codegen::cpu::max_threads() {
         CpuBackend::default().check_options(&CpuOptions { threads, ..CpuOptions::default() }).map_err(PyValueError::new_err)?;
     }
-    let prepared = Prepared::new(&spec, &passes).map_err(runtime)?;
+    // A lowered precision applies to the spec before the passes (as `attnc run
+    // --precision`), so a bias stays a bias for the tensor cores.
+    let prepared = match precision.dtype() {
+        Some(d) => Prepared::new(&Checked { kernel: attnc_codegen::ptx::lower_precision(&spec.kernel, d), ..spec.clone() }, &passes),
+        None => Prepared::new(&spec, &passes),
+    }
+    .map_err(runtime)?;
     Ok(Kernel {
         name: spec.kernel.name.clone(),
         spec,
@@ -509,6 +543,7 @@ fn compile(source: &str, path: &str, options: Option<BTreeMap<String, i64>>, pas
         prepared,
         backend,
         fixed,
+        precision,
         threads,
         variants: Mutex::new(HashMap::new()),
         choices: Mutex::new(HashMap::new()),

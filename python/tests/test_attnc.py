@@ -117,8 +117,27 @@ def test_ptx_sim_backend_runs_the_tensor_core_kernel_on_bf16_specs():
         rms = np.sqrt(np.mean(want[want != 0] ** 2))
         np.testing.assert_allclose(got, want, atol=tol * rms, rtol=10 * tol)
     assert attnc.device("ptx-sim") == "ptx-sim:interpreter"
+    assert kern.last_run()["tolerance"] is None
     with pytest.raises(ValueError, match="`block_q` is not an option of the ptx-sim backend"):
         attnc.compile(bf16, backend="ptx-sim", block_q=16)
+    # An f32 spec at precision bf16: q, k, v rounded on the device, the tensor cores, the
+    # stated tolerance.
+    kern = attnc.compile(src, backend="ptx-sim", precision="bf16")
+    ins = kern.random_inputs(seed=4, B=1, H=1, N=40, M=40, D=16, Dv=16)
+    got, want = kern(**ins), kern.reference(**ins)
+    assert "tensor-core" in kern.last_run()["kernel"] or "tensor cores" in kern.last_run()["kernel"], kern.last_run()["kernel"]
+    atol, rtol = kern.last_run()["tolerance"]
+    rms = np.sqrt(np.mean(want[want != 0] ** 2))
+    np.testing.assert_allclose(got, want, atol=atol * rms, rtol=rtol)
+    with pytest.raises(ValueError, match="precision `tf64`"):
+        attnc.compile(src, backend="ptx-sim", precision="tf64")
+    with pytest.raises(ValueError, match="`precision` is an option of the ptx"):
+        attnc.compile(src, precision="bf16")
+    # The linear family's chunked kernel (several chunks of 8 keys).
+    kern = attnc.compile(os.path.join(ROOT, "examples", "retnet.attn"), backend="ptx-sim", chunk=8)
+    ins = kern.random_inputs(seed=3, B=1, H=2, G=2, N=30, M=30, D=8, Dv=8)
+    np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-4, rtol=5e-3)
+    assert "chunked" in kern.last_run()["kernel"], kern.last_run()["kernel"]
 
 
 def alibi_inputs(n=64, h=4, seed=0):

@@ -233,6 +233,11 @@ impl<'k> Func<'k> {
 
     /// `for (v = lo; v < hi; v++) { f(v) }`.
     pub fn for_range(&mut self, lo: &str, hi: &str, f: &mut dyn FnMut(&mut Self, &str) -> Result<(), CodegenError>) -> Result<(), CodegenError> {
+        self.for_step(lo, hi, "1", f)
+    }
+
+    /// `for (v = lo; v < hi; v += step) { f(v) }` (`step` a register or a literal).
+    pub fn for_step(&mut self, lo: &str, hi: &str, step: &str, f: &mut dyn FnMut(&mut Self, &str) -> Result<(), CodegenError>) -> Result<(), CodegenError> {
         let v = self.reg(RegTy::S32);
         self.ins(&format!("mov.s32 {v}, {lo};"));
         let (top, end) = (self.label(), self.label());
@@ -241,7 +246,7 @@ impl<'k> Func<'k> {
         self.ins(&format!("setp.ge.s32 {p}, {v}, {hi};"));
         self.ins(&format!("@{p} bra {end};"));
         f(self, &v)?;
-        self.ins(&format!("add.s32 {v}, {v}, 1;"));
+        self.ins(&format!("add.s32 {v}, {v}, {step};"));
         self.ins(&format!("bra.uni {top};"));
         self.place(&end);
         Ok(())
@@ -324,7 +329,7 @@ impl<'k> Func<'k> {
     }
 
     /// `exp(x)` = `2^(x·log2 e)`.
-    fn exp(&mut self, x: &str) -> String {
+    pub fn exp(&mut self, x: &str) -> String {
         let t = self.reg(RegTy::F32);
         self.ins(&format!("mul.rn.f32 {t}, {x}, {};", flit(LOG2E)));
         let r = self.reg(RegTy::F32);

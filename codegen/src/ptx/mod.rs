@@ -8,14 +8,18 @@
 //! and, when the schedule is tiled and the spec's queries, keys and values are bf16/f16 rows
 //! ([`TcPlan`]), the **tensor-core tiled kernel** `attend_tc` ([`tensor`]); each call takes
 //! `attend_tc` when its shapes fit ([`PtxArtifact::tensor_cores_fit`]). An f32 spec runs the
-//! row kernel unless [`Precision`] lowers its queries, keys and values. Not written yet: the
-//! chunked form (refused), tile classes computed on the device, autotuning.
+//! row kernel unless [`Precision`] lowers its queries, keys and values. Under the chunked
+//! schedule (the linear and decay family) the module has the **chunked kernel**
+//! `attend_chunked` ([`chunked`]), linear in the keys, taken when the features fit its state
+//! ([`crate::schedule::gpu_chunk::MAX_FEATURES`]). Not written yet: tile classes computed on
+//! the device, autotuning.
 //!
 //! Layout ([`Call`]): three parameters, the global addresses of the argument table (the
 //! backend-neutral [`crate::host::ArgLayout`] as i32, plus the tile-class table's offset),
 //! the inputs (16-byte aligned; f16 and bf16 at 2 bytes per element, everything else at 4;
 //! the tile classes after them) and the work buffer (derived tensors, the output).
 
+pub mod chunked;
 pub mod cuda;
 pub mod emit;
 pub mod tensor;
@@ -105,7 +109,7 @@ pub fn lower_precision(k: &Kernel, dtype: attnc_ir::DType) -> Kernel {
 impl Default for PtxOptions {
     fn default() -> Self {
         PtxOptions {
-            schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: tensor::BLOCK_Q, block_k: 32 },
+            schedule: ScheduleOptions { tiled: true, chunk: crate::schedule::gpu_chunk::MAX_CHUNK, block_q: tensor::BLOCK_Q, block_k: 32 },
             arch: "sm_80".into(),
             threads: 128,
             channels: 8,
@@ -131,7 +135,11 @@ impl BackendOptions for PtxOptions {
                 format!("q, k, v rounded to {} for tensor-core tiles of {}x{}, else ", format!("{p:?}").to_lowercase(), tensor::BLOCK_Q, self.schedule.block_k)
             }
         };
-        format!("{} {tiles}exact f32 row kernel ({} threads per block, {} channels per thread)", self.arch, self.threads, self.channels)
+        let chunked = match self.schedule.chunk {
+            0 => String::new(),
+            c => format!("chunked ({c} keys) for linear attention, "),
+        };
+        format!("{} {chunked}{tiles}exact f32 row kernel ({} threads per block, {} channels per thread)", self.arch, self.threads, self.channels)
     }
 }
 
@@ -146,6 +154,9 @@ pub enum Entry {
     /// slice; taken when the call's shapes fit it ([`PtxArtifact::tensor_cores_fit`]), else
     /// `attend` runs.
     AttendTensor,
+    /// `attend_chunked`: the chunked linear form, a CTA per `(b, h)` and value slice; taken
+    /// when the call's features fit its state ([`PtxArtifact::chunked_fit`]), else `attend`.
+    AttendChunked,
 }
 
 impl Entry {
@@ -155,6 +166,7 @@ impl Entry {
             Entry::Derive { name, .. } => name.clone(),
             Entry::Attend => "attend".into(),
             Entry::AttendTensor => "attend_tc".into(),
+            Entry::AttendChunked => "attend_chunked".into(),
         }
     }
 }
@@ -197,6 +209,18 @@ impl PtxArtifact {
         Ok(p)
     }
 
+    /// Whether this call runs the chunked kernel: the schedule is chunked and the features
+    /// fit its state. `Err` says why `attend` runs instead.
+    pub fn chunked_fit(&self, dims: &attnc_ir::Bindings) -> Result<(), String> {
+        let cs = self.schedule.chunked().ok_or("the schedule is not chunked")?;
+        let dk = attnc_ir::bind::eval_dims(&cs.form.channels.to_expr(), &dims.dims)?;
+        let most = crate::schedule::gpu_chunk::MAX_FEATURES;
+        if dk > most {
+            return Err(format!("{dk} feature channels, over the chunked kernel's state of {most}"));
+        }
+        Ok(())
+    }
+
     /// The bound the tensor-core kernel states (P rounded; with a lowered precision, the
     /// inputs too); `None` when the module has only the exact row kernel.
     pub fn stated_tolerance(&self) -> Option<Tolerance> {
@@ -206,6 +230,12 @@ impl PtxArtifact {
 
     /// The kernel that runs at `dims`, in words.
     pub fn form(&self, dims: &attnc_ir::Bindings) -> String {
+        if let Some(cs) = self.schedule.chunked() {
+            return match self.chunked_fit(dims) {
+                Ok(()) => format!("chunked linear kernel ({} keys per chunk, exact f32)", cs.chunk),
+                Err(why) => format!("exact f32 row kernel ({why})"),
+            };
+        }
         match self.tensor_cores_fit(dims) {
             Ok(p) => format!(
                 "tensor-core tiled kernel ({} mma.sync m16n8k16, {}x{} tiles; the row kernel if a value is NaN or infinite)",
@@ -237,14 +267,16 @@ pub fn emit_module(k: &Kernel, s: &Schedule, o: &PtxOptions) -> Result<PtxArtifa
     let tensor = match &s.algorithm {
         Algorithm::Rows => Err("the schedule runs rows (tiled = false, or no separable dot)".to_string()),
         Algorithm::Tiled(ts) => TcPlan::new(k, ts),
-        Algorithm::Chunked(_) => {
-            return Err(CodegenError::Unsupported(format!(
-                "the PTX backend has no chunked form yet; the schedule asks for {s} (use chunk = 0: the row kernel runs)"
-            )))
-        }
+        Algorithm::Chunked(_) => Err("the schedule is chunked (linear attention)".to_string()),
     };
     let layout = ArgLayout::new(k);
-    let mut source = format!("// attnc: kernel `{}`, PTX, {}.\n.version 8.0\n.target {}\n.address_size 64\n\n", k.name, o.describe(), o.arch);
+    // The header names the kernels the module holds (the chunked one only under a chunked
+    // schedule).
+    let mut shown = o.clone();
+    if s.chunked().is_none() {
+        shown.schedule.chunk = 0;
+    }
+    let mut source = format!("// attnc: kernel `{}`, PTX, {}.\n.version 8.0\n.target {}\n.address_size 64\n\n", k.name, shown.describe(), o.arch);
     let mut entries = Vec::new();
     for (n, t) in k.derived().enumerate() {
         let name = format!("derive_{n}");
@@ -263,6 +295,11 @@ pub fn emit_module(k: &Kernel, s: &Schedule, o: &PtxOptions) -> Result<PtxArtifa
         source.push_str(&tensor::attend(k, &layout, p)?);
         entries.push(Entry::AttendTensor);
     }
+    if let Algorithm::Chunked(cs) = &s.algorithm {
+        source.push('\n');
+        source.push_str(&chunked::attend(k, &layout, cs, o.threads)?);
+        entries.push(Entry::AttendChunked);
+    }
     Ok(PtxArtifact { source, entries, kernel: k.clone(), schedule: s.clone(), options: o.clone(), layout, tensor })
 }
 
@@ -276,8 +313,9 @@ fn check_options(o: &PtxOptions) -> Result<(), String> {
     if !(1..=32).contains(&o.channels) {
         return Err(format!("channels per thread must be 1 to 32 (got {})", o.channels));
     }
-    if o.schedule.chunk > 0 {
-        return Err("the PTX backend has no chunked form yet (chunk = 0)".into());
+    let most = crate::schedule::gpu_chunk::MAX_CHUNK;
+    if o.schedule.chunk > most {
+        return Err(format!("the chunked PTX kernel takes at most {most} keys per chunk (got {})", o.schedule.chunk));
     }
     Ok(())
 }
@@ -514,7 +552,11 @@ impl Call {
             }
         }
         let g = &dims;
-        let attend = if tc.is_some() {
+        let attend = if art.chunked_fit(g).is_ok() {
+            let heads = [&k.iter.b, &k.iter.h].iter().map(|x| g.extent(x) as usize).product::<usize>();
+            let slices = crate::schedule::gpu_chunk::slices(g.extent(&k.iter.e)) as usize;
+            Launch { name: "attend_chunked".into(), blocks: grid(heads * slices)?, threads }
+        } else if tc.is_some() {
             let ctas = [&k.iter.b, &k.iter.h].iter().map(|x| g.extent(x) as usize).product::<usize>()
                 * (g.extent(&k.iter.i) as usize).div_ceil(tensor::BLOCK_Q)
                 * (g.extent(&k.iter.e) as usize).div_ceil(tensor::VALUES);

@@ -14,6 +14,7 @@
 //! [`Schedule`]; it decides nothing the schedule already decides (see `docs/backends.md`).
 
 pub mod classes;
+pub mod gpu_chunk;
 pub mod groups;
 pub mod tiled;
 pub mod workspace;

@@ -25,22 +25,8 @@ use crate::CodegenError;
 use attnc_passes::linear::{Decay, FK, FQ, GATE, LK, LQ, VAL};
 use std::fmt::Write as _;
 
-/// Output channels per workgroup (a slice of the output's).
-pub const VS: u32 = 16;
-/// Feature channels the state holds at most (`Dk × VS` words of workgroup memory).
-pub const MAX_FEATURES: i64 = 128;
-/// Rows computed at once.
-const RB: u32 = 8;
-/// Keys per chunk at most.
-pub const MAX_CHUNK: usize = 64;
-/// Largest exponent a split factor may reach before the pairwise form is used (two factors
-/// multiply: e^60 stays well inside f32).
-const MAX_EXP: f32 = 30.0;
-
-/// Workgroups per (batch, head): slices of [`VS`] output channels.
-pub fn slices(values: i64) -> i64 {
-    (values.max(1) + VS as i64 - 1) / VS as i64
-}
+pub use crate::schedule::gpu_chunk::{slices, MAX_CHUNK, MAX_FEATURES};
+use crate::schedule::gpu_chunk::{MAX_SPLIT_EXP as MAX_EXP, ROW_BLOCK as RB, SLICE as VS};
 
 impl Writer<'_> {
     pub(super) fn attend_chunked(&mut self, o: &WgslOptions, cs: &ChunkedSchedule) -> Result<(), CodegenError> {
