@@ -354,7 +354,7 @@ enum Cmd {
         #[arg(long)]
         channels: Option<u32>,
         /// Keys per chunk for linear and decay attention in chunked form (0: the quadratic
-        /// kernels; default 64 on the CPU, 0 on wgsl, where a chunk holds at most 64).
+        /// kernels; default 64 on the CPU and ptx, 0 on wgsl; a GPU chunk holds at most 64).
         #[arg(long)]
         chunk: Option<usize>,
         /// FlashBias, approximate: time the spec with its bias factored to the rank that
@@ -818,7 +818,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 Backend::Ptx => {
                     let t0 = Instant::now();
-                    let kern = PtxBackend.compile(&c.kernel, &c.info, &PtxOptions { precision, ..PtxOptions::default() })?.checking(&spec_c.kernel);
+                    let mut o = PtxOptions { precision, ..PtxOptions::default() };
+                    o.schedule.chunk = chunk.unwrap_or(o.schedule.chunk);
+                    let kern = PtxBackend.compile(&c.kernel, &c.info, &o)?.checking(&spec_c.kernel);
                     let compile_ms = t0.elapsed().as_secs_f64() * 1e3;
                     let st = attnc_codegen::host::Storage::from_f64(&c.kernel, &inputs);
                     let form = kern.art.form(&b.complete(&kern.art.kernel));
