@@ -1269,6 +1269,16 @@ impl<'a> Checker<'a> {
                             if eps.is_nan() || eps < 0.0 {
                                 return Err(bad("`eps` must be a number >= 0".into(), arg.value.span, "negative or NaN"));
                             }
+                            // The kernels compute in f32 (GPUs may flush subnormals to zero):
+                            // a smaller eps would be 0 there, and 0 / (0 + eps) would be NaN
+                            // on the device where the reference gives 0.
+                            if eps > 0.0 && eps < f32::MIN_POSITIVE as f64 {
+                                return Err(bad(
+                                    format!("`eps` = {eps:e} is below f32's smallest normal number ({:e}); the kernels compute in f32, where it would be 0: write 0 or a larger eps", f32::MIN_POSITIVE),
+                                    arg.value.span,
+                                    "too small for f32",
+                                ));
+                            }
                         }
                         _ => return Err(bad("`linear` takes one named argument, `eps`".into(), arg.value.span, "unexpected argument")),
                     }
