@@ -340,6 +340,22 @@ fn non_finite_values_at_masked_keys_reach_only_the_rows_that_keep_them() {
     }
 }
 
+/// Two branches whose dots read other queries against the same keys (differential
+/// attention with one key tensor): one key panel, each branch its own packed queries (the
+/// tiled kernels once used the first branch's queries for both).
+#[test]
+fn branches_with_their_own_queries_over_shared_keys_match_reference() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/diff_attn.attn")).expect("example");
+    let shared = src.replace("k2[b, h, j, :]", "k1[b, h, j, :]").replace("  input k2: f32[B, H, M, D]\n", "");
+    assert_ne!(shared, src);
+    let c = attnc::dsl::compile(&shared).expect("spec");
+    let cases = || vec![("diff_attn_shared_keys".to_string(), c.clone())];
+    let profiles = |p: &str| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "nan");
+    check_cases(&cpu_schedule(ScheduleOptions::default()), cases(), &profiles, 4);
+    check_cases(&cpu_schedule(ScheduleOptions { block_q: 16, block_k: 16, ..Default::default() }), cases(), &profiles, 4);
+    check_cases(&On::all(WgslBackend, WgslOptions::default()), cases(), &profiles, 4);
+}
+
 /// f32 specs with `precision = bf16` (or f16) on the PTX interpreter: queries, keys and
 /// values rounded on the device, the tensor-core kernel wherever it applies, against the
 /// f32 reference within [`ptx::tensor::lowered_tolerance`].

@@ -1548,3 +1548,56 @@ fn paged_decode() {
         }
     }
 }
+
+/// Differential attention (Ye et al., 2024), causal: `o = softmax(s¹)·v − lam[h]·softmax(s²)·v`
+/// with `sᶜ_ij = q^c_i·k^c_j / √D`, from the definition, against the reference: N < M,
+/// decode, N > M (rows with no key are zeros), a NaN in `q2` (exactly its row turns NaN) and
+/// logits of ~1e4 in one branch only.
+#[test]
+fn diff_attn() {
+    let c = load("diff_attn");
+    let cases: Vec<(&str, Sh, Option<[usize; 4]>, f64)> = vec![
+        ("B2 H3 N37 M53 D16 Dv8", sh(2, 3, 3, 37, 53, 16, 8), None, 1.0),
+        ("decode N1 M70", sh(1, 2, 2, 1, 70, 8, 16), None, 1.0),
+        ("N45 > M30: empty rows", sh(2, 2, 2, 45, 30, 8, 8), None, 1.0),
+        ("NaN in q2", sh(2, 2, 2, 20, 20, 8, 8), Some([1, 1, 19, 3]), 1.0),
+        ("q1 logits ~1e4", sh(1, 2, 2, 30, 30, 8, 8), None, 1e4),
+    ];
+    for (ci, (label, s, nan, big)) in cases.into_iter().enumerate() {
+        let what = format!("diff_attn [{label}]");
+        let dims: BTreeMap<String, i64> =
+            [("B", s.b), ("H", s.h), ("N", s.n), ("M", s.m), ("D", s.d), ("Dv", s.dv)].iter().map(|(k, v)| (k.to_string(), *v as i64)).collect();
+        let bind = attnc::bind_dims(&c, &dims).unwrap();
+        let mut x = attnc::inputs::random_inputs(&c.kernel, &bind, &c.ranges, 70 + ci as u64).unwrap();
+        x.get_mut("q1").unwrap().data.iter_mut().for_each(|v| *v *= big);
+        if let Some(idx) = nan {
+            let t = x.get_mut("q2").unwrap();
+            let f = flat(t, &idx);
+            t.data[f] = f64::NAN;
+        }
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &x, &BTreeMap::new()).unwrap();
+        let branch = |qn: &str, kn: &str, b: usize, h: usize, i: usize| {
+            let q = vecat(&x[qn], &[b, h, i]);
+            softmax(&row(s.m, |j| causal(&s, i, j), |j| dot(q, vecat(&x[kn], &[b, h, j])) * s.scale()), None)
+        };
+        let got = attend(
+            &s,
+            &x,
+            |b, h, i| {
+                let lam = get(&x["lam"], &[h]);
+                let (one, two) = (branch("q1", "k1", b, h, i), branch("q2", "k2", b, h, i));
+                one.iter().zip(&two).map(|(p, r)| p.zip(*r).map(|(p, r)| p - lam * r)).collect()
+            },
+            no_gate,
+        );
+        if s.n > s.m {
+            assert!(want.data[..s.dv].iter().all(|&v| v == 0.0), "{what}: row 0 sees no key");
+        }
+        if let Some([b, h, i, _]) = nan {
+            let nans: Vec<usize> = (0..want.data.len()).filter(|&f| want.data[f].is_nan()).collect();
+            assert_eq!(nans.len(), s.dv, "{what}: exactly row {i} is NaN");
+            assert!(nans.iter().all(|&f| unflat(&want.shape, f)[..3] == [b, h, i]), "{what}: the NaN row");
+        }
+        compare(&what, &got, &want);
+    }
+}

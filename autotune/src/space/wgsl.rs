@@ -94,7 +94,7 @@ fn tiled_shapes(max_invocations: u32) -> Vec<WgslOptions> {
         for bk in TILE_K {
             for lanes in ROW_LANES {
                 let wg = bq as u32 * lanes;
-                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true }.task_bytes(0, 0);
+                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true, panels: 1 }.task_bytes(0, 0);
                 if wg < 32 || wg > max_invocations || !(bk as u32).is_multiple_of(lanes) || bytes > WORKGROUP_BYTES as u128 {
                     continue;
                 }
@@ -179,7 +179,7 @@ impl SearchSpace for WgslSpace {
         if default.workgroup <= self.max_invocations && default_fits && !configs.contains(&default) {
             configs.push(default);
         }
-        let dot = plan.as_ref().and_then(|p| p.dot.as_ref()).map_or(0, |d| attnc_ir::bind::eval_dims(&d.len, &dims.dims).unwrap_or(0).max(0));
+        let dot = plan.as_ref().and_then(|p| p.channels()).map_or(0, |d| attnc_ir::bind::eval_dims(d, &dims.dims).unwrap_or(0).max(0));
         let mut out: Vec<Candidate<WgslOptions>> = configs
             .into_iter()
             .map(|o| {
@@ -320,7 +320,8 @@ mod tests {
         // The tiled shapes fit WebGPU's 16 KiB of workgroup memory.
         assert!(tiled_shapes(256)
             .iter()
-            .all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true }.task_bytes(0, 0) <= WORKGROUP_BYTES as u128));
+            .all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true, panels: 1 }.task_bytes(0, 0)
+                <= WORKGROUP_BYTES as u128));
     }
 
     #[test]

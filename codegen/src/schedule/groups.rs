@@ -18,7 +18,7 @@ pub struct HeadGroup {
 /// any other way, every head is its own group.
 pub fn head_groups(k: &Kernel, plan: &TiledPlan, dims: &Bindings, nb: i64, nh: i64) -> Vec<HeadGroup> {
     let mut roots: Vec<&Expr> = vec![&k.value];
-    if let Some(d) = &plan.dot {
+    for d in &plan.panels {
         roots.push(&d.b);
     }
     // Maximal subexpressions that mention h and nothing that varies inside the pack.

@@ -123,10 +123,10 @@ pub fn plan(k: &Kernel, _info: &KernelInfo, o: &ScheduleOptions, limits: &Limits
         Some(form) => Algorithm::Chunked(ChunkedSchedule { form, chunk: o.chunk }),
         None => match TiledPlan::new(k).filter(|_| o.tiled) {
             Some(plan) => Algorithm::Tiled(TiledSchedule {
+                workspace: TileWorkspace { block_q: o.block_q, block_k: o.block_k, staged: limits.staged_tiles, panels: plan.panels.len().max(1) },
                 plan,
                 block_q: o.block_q,
                 block_k: o.block_k,
-                workspace: TileWorkspace { block_q: o.block_q, block_k: o.block_k, staged: limits.staged_tiles },
             }),
             None => Algorithm::Rows,
         },
@@ -162,7 +162,7 @@ impl Schedule {
         let algorithm = match &self.algorithm {
             Algorithm::Rows => BoundAlgorithm::Rows,
             Algorithm::Tiled(t) => {
-                let channels = t.plan.dot.as_ref().map_or(0, |d| attnc_ir::bind::eval_dims(&d.len, &dims.dims).unwrap_or(0).max(0));
+                let channels = t.plan.channels().map_or(0, |d| attnc_ir::bind::eval_dims(d, &dims.dims).unwrap_or(0).max(0));
                 let tiles = classes::TileGrid { block_q: t.block_q as i64, block_k: t.block_k as i64, queries: grid.queries, keys: grid.keys };
                 let needed = t.workspace.task_bytes(channels, grid.values);
                 if needed > self.limits.task_workspace_bytes as u128 {

@@ -11,19 +11,24 @@ pub use attnc_passes::separable::{extract, Dot, DOT};
 pub struct TiledPlan {
     /// Per branch: the separable dot (if any) and what the score does with it.
     pub branches: Vec<BranchPlan>,
-    /// The dot all branches share (they read one key panel `B` with one channel count).
-    pub dot: Option<Dot>,
-    /// A per-row factor of the score (`dot · c` or `dot / c`, `c` free of `j`) folded into
-    /// the packed query features, so the tile loop does not multiply by it; single-branch
-    /// kernels only. A softmax branch folds `log2(e)` the same way ([`SoftmaxPlan::log2e_folded`]).
-    pub fold: Option<Expr>,
+    /// The distinct key factors of the branches' dots, one key panel each (differential
+    /// attention has two; branches that read the same keys share one). All have one
+    /// channel count, so one query tile `A` and one panel size serve every branch.
+    pub panels: Vec<Dot>,
 }
 
 /// One branch of the tiled form.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BranchPlan {
-    /// The separable channel reduction of the score, run as the tile's `Q·Kᵀ` matmul.
+    /// The separable channel reduction of the score, run as the tile's `Q·Kᵀ` matmul: the
+    /// branch's own query features `dot.a` against its key panel.
     pub dot: Option<Dot>,
+    /// The index of the dot's key panel in [`TiledPlan::panels`].
+    pub panel: Option<usize>,
+    /// A per-row factor of the score (`dot · c` or `dot / c`, `c` free of `j`) folded into
+    /// the branch's packed query features, so the tile loop does not multiply by it. A
+    /// softmax branch folds `log2(e)` the same way ([`SoftmaxPlan::log2e_folded`]).
+    pub fold: Option<Expr>,
     /// The score with the dot replaced by the variable [`DOT`] (just `DOT` when the score
     /// is the dot, or its folded row factor times it).
     pub rest: Expr,
@@ -67,7 +72,7 @@ impl TiledPlan {
     /// tile kernel can use (the row kernel handles it).
     pub fn new(k: &Kernel) -> Option<TiledPlan> {
         let mut parts = Vec::new();
-        let mut shared: Option<Dot> = None;
+        let mut panels: Vec<Dot> = Vec::new();
         for br in &k.branches {
             let mut found = None;
             let rest = extract(&br.score, &mut found);
@@ -84,28 +89,34 @@ impl TiledPlan {
             if pair_reduction {
                 return None;
             }
+            let mut panel = None;
             if let Some(d) = &found {
-                match &shared {
-                    // Two branches with different key factors would need two key panels.
-                    Some(s) if s.b != d.b || s.len != d.len || s.r != d.r => return None,
-                    _ => shared = Some(d.clone()),
+                // Dots of different channel counts would need query tiles and panels of
+                // different sizes: the row kernel runs them.
+                if panels.first().is_some_and(|p| p.len != d.len) {
+                    return None;
                 }
+                panel = Some(match panels.iter().position(|p| p.b == d.b && p.r == d.r) {
+                    Some(n) => n,
+                    None => {
+                        panels.push(d.clone());
+                        panels.len() - 1
+                    }
+                });
             }
-            parts.push((found, rest));
+            parts.push((found, panel, rest));
         }
-        let mut fold = None;
-        if let [(Some(dot), rest)] = parts.as_mut_slice() {
-            // Only a factor that folds exactly (finite and nonzero, or the operand's norm).
-            if let Some(f) = attnc_passes::separable::row_factor(rest).filter(|f| attnc_passes::separable::fold_exact(k, f, &dot.a, &dot.r)) {
-                fold = Some(f);
-                *rest = Expr::var(DOT);
-            }
-        }
-        let log2e_folded = fold.is_some() && matches!(k.branches[0].norm, Norm::Softmax { .. });
         let branches = parts
             .into_iter()
             .zip(&k.branches)
-            .map(|((dot, rest), br)| {
+            .map(|((dot, panel, mut rest), br)| {
+                // Only a factor that folds exactly (finite and nonzero, or the operand's norm).
+                let fold =
+                    dot.as_ref().and_then(|d| attnc_passes::separable::row_factor(&rest).filter(|f| attnc_passes::separable::fold_exact(k, f, &d.a, &d.r)));
+                if fold.is_some() {
+                    rest = Expr::var(DOT);
+                }
+                let log2e_folded = fold.is_some() && matches!(br.norm, Norm::Softmax { .. });
                 let softmax = match &br.norm {
                     Norm::Softmax { post, .. } => {
                         let plain = log2e_folded && rest == Expr::var(DOT) && br.bias.is_none();
@@ -121,16 +132,23 @@ impl TiledPlan {
                     }
                     _ => None,
                 };
-                BranchPlan { dot, rest, softmax }
+                BranchPlan { dot, panel, fold, rest, softmax }
             })
             .collect();
-        Some(TiledPlan { branches, dot: shared, fold })
+        Some(TiledPlan { branches, panels })
     }
 
-    /// Whether `log2 e` is folded into the packed queries (the first branch is a softmax and
-    /// the score's row factor is folded).
+    /// The dots' channel count (`None`: no branch has a dot).
+    pub fn channels(&self) -> Option<&Expr> {
+        self.panels.first().map(|d| &d.len)
+    }
+}
+
+impl BranchPlan {
+    /// Whether `log2 e` is folded into the branch's packed queries (a softmax branch whose
+    /// row factor is folded).
     pub fn log2e_folded(&self) -> bool {
-        self.branches.first().and_then(|b| b.softmax.as_ref()).is_some_and(|s| s.log2e_folded)
+        self.softmax.as_ref().is_some_and(|s| s.log2e_folded)
     }
 }
 
@@ -151,7 +169,7 @@ mod tests {
     #[test]
     fn a_scaled_dot_folds_its_factor_and_log2e() {
         let p = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (softmax)))"))).expect("tiled");
-        assert!(p.fold.is_some() && p.log2e_folded());
+        assert!(p.branches[0].fold.is_some() && p.branches[0].log2e_folded());
         let s = p.branches[0].softmax.as_ref().expect("softmax");
         assert!(s.plain);
         assert_eq!(s.passes, vec![SoftmaxPass { accumulate: true, fused_step: true, final_weights: false }]);
@@ -169,7 +187,29 @@ mod tests {
         assert!(passes[0].fused_step && !passes[0].accumulate);
         assert!(passes[1].final_weights && passes[1].accumulate && !passes[1].fused_step);
         let map = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (map (sigmoid s))))"))).expect("tiled");
-        assert!(map.branches[0].softmax.is_none() && !map.log2e_folded());
+        assert!(map.branches[0].softmax.is_none() && !map.branches[0].log2e_folded());
+    }
+
+    #[test]
+    fn branches_with_their_own_dots_get_a_panel_per_key_factor() {
+        let two = |qa: &str, kb: &str, len: &str| {
+            kernel(&format!(
+                "(branch {DOT_SCORE} (norm (softmax))) (branch (score (* (reduce sum r0 0 {len} (* (load {qa} b h i r0) (load {kb} b h j r0))) 0.125)) (norm (softmax)))"
+            ))
+        };
+        // Differential attention's shape: other queries and other keys, two panels.
+        let p = TiledPlan::new(&two("k", "q", "$D")).expect("tiled");
+        assert_eq!(p.panels.len(), 2);
+        assert_eq!((p.branches[0].panel, p.branches[1].panel), (Some(0), Some(1)));
+        // Other queries against the same keys: one panel, each branch its own queries.
+        let p = TiledPlan::new(&two("k", "k", "$D")).expect("tiled");
+        assert_eq!(p.panels.len(), 1);
+        assert_eq!((p.branches[0].panel, p.branches[1].panel), (Some(0), Some(0)));
+        assert_ne!(p.branches[0].dot.as_ref().unwrap().a, p.branches[1].dot.as_ref().unwrap().a);
+        // Both fold their own scale.
+        assert!(p.branches.iter().all(|b| b.fold.is_some() && b.log2e_folded()));
+        // Dots of different lengths: no common query tile.
+        assert!(TiledPlan::new(&two("k", "q", "4")).is_none());
     }
 
     #[test]

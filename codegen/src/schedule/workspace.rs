@@ -121,6 +121,9 @@ pub struct TileWorkspace {
     pub block_k: usize,
     /// The task's layout is [`STAGED`] (else [`TASK`]).
     pub staged: bool,
+    /// Key panels a head group's pack holds (one per distinct key factor of the branches'
+    /// dots, at least 1).
+    pub panels: usize,
 }
 
 impl TileWorkspace {
@@ -174,9 +177,14 @@ impl TileWorkspace {
         4 * self.task_floats(channels, values)
     }
 
-    /// f32 elements of the key panels and of the value rows of one head group.
+    /// f32 elements of the key panels (all of them) and of the value rows of one head group.
     pub fn pack_floats(&self, keys: i64, channels: i64, values: i64) -> (u128, u128) {
-        (self.floats(&PACK[..1], keys, channels, values), self.floats(&PACK[1..], keys, channels, values))
+        (self.panels as u128 * self.panel_floats(keys, channels), self.floats(&PACK[1..], keys, channels, values))
+    }
+
+    /// f32 elements of one key panel.
+    pub fn panel_floats(&self, keys: i64, channels: i64) -> u128 {
+        self.floats(&PACK[..1], keys, channels, 0)
     }
 }
 
@@ -186,16 +194,17 @@ mod tests {
 
     #[test]
     fn sizes_add_up_region_by_region() {
-        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false };
+        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1 };
         // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
         assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
         assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
         // 70 keys pad to 96.
         assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
+        assert_eq!(TileWorkspace { panels: 2, ..w }.pack_floats(70, 16, 8), (2 * 96 * 16, 96 * 8), "a panel per key factor");
         assert_eq!(TASK[task::TMAX].name, "tmax");
         assert_eq!(TASK[task::S].cols, Cols::Keys);
         // Staged: A 16×16, K and V 32×16, S, P, W and live 16×32, whatever the dims.
-        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true };
+        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true, panels: 1 };
         assert_eq!(g.task_floats(128, 256), 16 * 16 + 2 * 32 * 16 + 4 * 16 * 32);
         assert_eq!(g.task_floats(1, 1), g.task_floats(4096, 4096));
         assert_eq!(g.task_region(staged::S, 0, 0), (16 * 16 + 2 * 32 * 16, 16 * 32));

@@ -8,7 +8,7 @@ use attnc_ir::{Expr, Norm};
 use cranelift::codegen::ir::FuncRef;
 use cranelift::prelude::*;
 
-use crate::schedule::tiled::{SoftmaxPass, TiledPlan, DOT};
+use crate::schedule::tiled::{Dot, SoftmaxPass, DOT};
 use crate::schedule::workspace::{Cols, TASK};
 use crate::schedule::TiledSchedule;
 use attnc_ir::Branch;
@@ -45,8 +45,6 @@ struct TileFrame {
     one_f: Value,
     ninf: Value,
     bk: i64,
-    folds_log2e: bool,
-    has_dot: bool,
 }
 
 /// One pass of one branch over its live key tiles (see `SoftmaxPass`).
@@ -67,6 +65,9 @@ struct PassFrame<'a> {
     pv: FuncRef,
     softmax_mk: Option<SoftmaxKernels<FuncRef>>,
     iota: Value,
+    /// The branch's key panel (its dot's), and whether its packed queries carry `log2 e`.
+    panel: Option<usize>,
+    folds_log2e: bool,
 }
 
 impl Gen<'_, '_> {
@@ -119,11 +120,10 @@ impl Gen<'_, '_> {
         let ni = self.expr(&k.iter.i.to_expr());
         let mj = self.expr(&k.iter.j.to_expr());
         let ev = self.expr(&k.iter.e.to_expr());
-        let dlen = match &plan.dot {
-            Some(d) => self.expr(&d.len),
+        let dlen = match plan.channels() {
+            Some(d) => self.expr(d),
             None => self.iconst(0),
         };
-        let folds_log2e = plan.log2e_folded();
         let rest = self.b.ins().isub(ni, i0);
         let bqv = self.iconst(bq);
         let nq = self.b.ins().smin(rest, bqv);
@@ -139,7 +139,6 @@ impl Gen<'_, '_> {
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
         let ninf = self.fconst(f32::NEG_INFINITY);
-        let has_dot = plan.dot.is_some();
         let f = TileFrame {
             i0,
             kt,
@@ -169,11 +168,8 @@ impl Gen<'_, '_> {
             one_f,
             ninf,
             bk,
-            folds_log2e,
-            has_dot,
         };
-        // Pack A (zero rows past the end), clear OUT and the live flags.
-        self.pack_queries(plan, &f);
+        // Clear OUT and the live flags.
         self.zero_fill(out_ws, bq_dv);
         self.zero_fill(live_ws, bqv);
 
@@ -195,7 +191,11 @@ impl Gen<'_, '_> {
                 _ => None,
             };
 
-            // Branch state.
+            // The branch's queries A (its dot's query factor, its row factor folded; zero
+            // rows past the end), and its state.
+            if let Some(dot) = &bp.dot {
+                self.pack_queries(dot, bp.fold.as_ref(), bp.log2e_folded(), &f);
+            }
             self.branch_state(&f, &sink);
             let one_pass = [SoftmaxPass { accumulate: true, fused_step: false, final_weights: false }];
             let passes: &[SoftmaxPass] = bp.softmax.as_ref().map_or(&one_pass, |s| &s.passes);
@@ -227,6 +227,8 @@ impl Gen<'_, '_> {
                     pv,
                     softmax_mk,
                     iota,
+                    panel: bp.panel,
+                    folds_log2e: bp.log2e_folded(),
                 };
                 self.key_tiles(&f, &p);
             }
@@ -240,10 +242,11 @@ impl Gen<'_, '_> {
         self.b.ins().return_(&[]);
     }
 
-    /// Packs the query tile's features `A` (the folded row factor applied), zero rows past the end.
-    fn pack_queries(&mut self, plan: &TiledPlan, f: &TileFrame) {
-        let TileFrame { i0, ni, dlen, nq, bqv, a_ws, zero, zf, folds_log2e, .. } = *f;
-        if let Some(dot) = &plan.dot {
+    /// Packs the query tile's features `A` of a branch's dot (the folded row factor applied,
+    /// and `log2 e` when `folds_log2e`), zero rows past the end.
+    fn pack_queries(&mut self, dot: &Dot, fold: Option<&Expr>, folds_log2e: bool, f: &TileFrame) {
+        let TileFrame { i0, ni, dlen, nq, bqv, a_ws, zero, zf, .. } = *f;
+        {
             self.for_range(zero, bqv, &mut |g, r| {
                 let inside = g.b.ins().icmp(IntCC::SignedLessThan, r, nq);
                 let i = g.b.ins().iadd(i0, r);
@@ -252,7 +255,7 @@ impl Gen<'_, '_> {
                 g.bind("i", i);
                 let row = g.b.ins().imul(r, dlen);
                 // The folded row factor (and log2 e for a softmax), once per row.
-                let factor = plan.fold.as_ref().map(|f| {
+                let factor = fold.map(|f| {
                     let v = g.expr(f);
                     if folds_log2e {
                         let l2e = g.fconst(std::f32::consts::LOG2_E);
@@ -319,31 +322,9 @@ impl Gen<'_, '_> {
     /// One pass over the live key tiles: the scores' matmul, the rows, the softmax step and `P·V`.
     fn key_tiles(&mut self, f: &TileFrame, p: &PassFrame) {
         let TileFrame {
-            kt,
-            vb,
-            classes,
-            mj,
-            ev,
-            dlen,
-            nq,
-            bqv,
-            bkv,
-            ntiles,
-            a_ws,
-            s_ws,
-            o_ws,
-            m_ws,
-            l_ws,
-            corr_ws,
-            blive_ws,
-            tmax_ws,
-            zero,
-            one_f,
-            bk,
-            has_dot,
-            ..
+            kt, vb, classes, mj, ev, dlen, nq, bqv, bkv, ntiles, a_ws, s_ws, o_ws, m_ws, l_ws, corr_ws, blive_ws, tmax_ws, zero, one_f, bk, ..
         } = *f;
-        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, .. } = *p;
+        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, .. } = *p;
         if weights.is_some() {
             self.for_range(zero, bqv, &mut |g, r| {
                 let l = g.load_f32(l_ws, r);
@@ -367,10 +348,18 @@ impl Gen<'_, '_> {
                 // A full tile of plain dot products whose softmax step runs in the
                 // microkernel has no per-row work but marking its rows live.
                 let plain = helper.is_some() && plain_scores;
-                if has_dot {
-                    let panel = g.b.ins().imul(kb, dlen);
-                    let panel = g.b.ins().imul_imm_s(panel, bk);
-                    let ktp = g.ptr_off(kt, panel);
+                if let Some(pn) = panel {
+                    // Key tile kb of panel pn: the panels hold ntiles tiles of BK × D each.
+                    let t = match pn {
+                        0 => kb,
+                        _ => {
+                            let before = g.b.ins().imul_imm_s(ntiles, pn as i64);
+                            g.b.ins().iadd(before, kb)
+                        }
+                    };
+                    let off = g.b.ins().imul(t, dlen);
+                    let off = g.b.ins().imul_imm_s(off, bk);
+                    let ktp = g.ptr_off(kt, off);
                     match softmax_mk.filter(|_| plain) {
                         // A full tile of plain dot products: the row maxima come with the scores.
                         Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
@@ -429,8 +418,8 @@ impl Gen<'_, '_> {
     fn tile_rows(&mut self, f: &TileFrame, p: &PassFrame, check: Value, jbase: Value, mjv: Value) {
         let g = self;
         let _k = g.kernel;
-        let TileFrame { i0, nq, s_ws, m_ws, l_ws, corr_ws, blive_ws, zf, one_f, ninf, bk, folds_log2e, .. } = *f;
-        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, .. } = *p;
+        let TileFrame { i0, nq, s_ws, m_ws, l_ws, corr_ws, blive_ws, zf, one_f, ninf, bk, .. } = *f;
+        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, folds_log2e, .. } = *p;
         let z = g.iconst(0);
         g.for_range(z, nq, &mut |g, r| {
             let i = g.b.ins().iadd(i0, r);

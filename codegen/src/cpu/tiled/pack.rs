@@ -1,5 +1,6 @@
-//! `pack(frame, b, h, kt, vb)`: a head group's key panels (the dot's key factor, transposed in
-//! panels of `BK` keys) and value rows, zero-padded to whole key tiles.
+//! `pack(frame, b, h, kt, vb)`: a head group's key panels (each distinct key factor of the
+//! branches' dots, transposed in panels of `BK` keys, one after the other) and value rows,
+//! zero-padded to whole key tiles.
 
 use super::super::gen::Gen;
 use crate::schedule::TiledSchedule;
@@ -25,13 +26,24 @@ impl Gen<'_, '_> {
         // divisions) is computed once per pack, not per element.
         let mut inner = vec!["j".to_string(), "e".to_string()];
         let mut roots = vec![&k.value];
-        if let Some(dot) = &plan.dot {
-            inner.push(dot.r.clone());
+        for dot in &plan.panels {
+            if !inner.contains(&dot.r) {
+                inner.push(dot.r.clone());
+            }
             roots.push(&dot.b);
         }
         let hoisted = self.hoist(&roots, &inner);
-        if let Some(dot) = &plan.dot {
+        for (n, dot) in plan.panels.iter().enumerate() {
             let dlen = self.expr(&dot.len);
+            // Panel n starts after n panels of ceil(M / BK) · BK keys × D channels.
+            let kt = match n {
+                0 => kt,
+                _ => {
+                    let size = self.b.ins().imul(mpad, dlen);
+                    let base = self.b.ins().imul_imm_s(size, n as i64);
+                    self.ptr_off(kt, base)
+                }
+            };
             self.for_range(zero, mpad, &mut |g, j| {
                 let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
                 let jc = g.b.ins().iadd_imm_s(mj, -1);

@@ -115,8 +115,8 @@ impl Writer<'_> {
         let [nb, nh, ni, nj, ne] = [&k.iter.b, &k.iter.h, &k.iter.i, &k.iter.j, &k.iter.e].map(|x| x.to_expr());
         let (nb, nh, ni) = (self.expr(&nb)?, self.expr(&nh)?, self.expr(&ni)?);
         let (mj, ev) = (self.expr(&nj)?, self.expr(&ne)?);
-        let dlen = match &plan.dot {
-            Some(d) => Some(self.expr(&d.len)?),
+        let dlen = match plan.channels() {
+            Some(d) => Some(self.expr(d)?),
             None => None,
         };
         // Workgroup `(tile, slice)`: the query tile, and its slice of the output channels.
@@ -258,7 +258,7 @@ impl Writer<'_> {
         // 1. The dot, staged a channel chunk at a time.
         self.line(&format!("var dacc: array<f32, {keys}>;"));
         if let (Some(dot), Some(dlen)) = (&bp.dot, fr.dlen.as_deref()) {
-            let a = match &plan.fold {
+            let a = match &bp.fold {
                 Some(f) => Expr::bin(attnc_ir::BinOp::Mul, dot.a.clone(), f.clone()),
                 None => dot.a.clone(),
             };
