@@ -356,6 +356,32 @@ fn branches_with_their_own_queries_over_shared_keys_match_reference() {
     check_cases(&On::all(WgslBackend, WgslOptions::default()), cases(), &profiles, 4);
 }
 
+/// Floor division and modulo by negative constants (−1, −3, −4) and a positive one, in a
+/// bias and a mask, of terms that mix the query and the key (a row-only term would cancel in
+/// the softmax): `x % −1` once came out as `2x` on the CPU (the fuzz test's find).
+#[test]
+fn floor_division_by_negative_constants_matches_reference() {
+    let src = "attention negdiv {
+      dims B, H, N, M, D, Dv
+      input q: f32[B, H, N, D]
+      input k: f32[B, H, M, D]
+      input v: f32[B, H, M, Dv]
+      output o: f32[B, H, N, Dv]
+      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+      bias = float(abs((p - j) % -1)) * 0.5 + float(abs((p + j) // -3)) * 0.1 + float((7 * p + j) % -4) * 0.2 + float((p - j) // -1 % 5)
+      mask = ((p + j) % -3) != -1
+      normalize = softmax
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).expect("spec");
+    let cases = || vec![("negdiv".to_string(), c.clone())];
+    let profiles = |p: &str| matches!(p, "basic" | "cross_gqa_b2" | "decode");
+    check_cases(&cpu_schedule(ScheduleOptions::default()), cases(), &profiles, 2);
+    check_cases(&cpu_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }), cases(), &profiles, 2);
+    check_cases(&On::all(WgslBackend, WgslOptions::default()), cases(), &profiles, 2);
+    check_cases(&On::all(PtxSimBackend, PtxOptions::default()), cases(), &profiles, 2);
+}
+
 /// f32 specs with `precision = bf16` (or f16) on the PTX interpreter: queries, keys and
 /// values rounded on the device, the tensor-core kernel wherever it applies, against the
 /// f32 reference within [`ptx::tensor::lowered_tolerance`].

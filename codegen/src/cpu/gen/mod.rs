@@ -295,6 +295,8 @@ impl<'f, 'k> Gen<'f, 'k> {
         self.b.switch_to_block(merge);
     }
 
+    /// `a // d` (Python's floor division), and the divisor a floor modulo multiplies the
+    /// quotient by (`a % d = a − q·m`).
     pub(crate) fn floor_div(&mut self, a: Value, d: Value) -> (Value, Value) {
         // A constant divisor other than 0 and −1 needs no guard; a power of two is a shift.
         if let Some(n) = self.const_int(d) {
@@ -325,7 +327,10 @@ impl<'f, 'k> Gen<'f, 'k> {
         let q = self.b.ins().isub(q, adj);
         let na = self.b.ins().ineg(a);
         let q = self.b.ins().select(m1, na, q);
-        (q, sd)
+        // The divisor modulo multiplies back: −1 itself (`a − (−a)·(−1) = 0`); 1 for a zero
+        // divisor (the bounds check refuses it before a kernel runs).
+        let md = self.b.ins().select(z, one, d);
+        (q, md)
     }
 
     /// The value of `v` when it is an integer constant.
