@@ -329,6 +329,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         bounds_source: None,
         value_tensors,
         row_fallback: Default::default(),
+        derived_pool: Default::default(),
         _module: module,
         clif,
         asm,
