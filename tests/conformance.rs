@@ -361,19 +361,12 @@ fn branches_with_their_own_queries_over_shared_keys_match_reference() {
 /// the softmax): `x % −1` once came out as `2x` on the CPU (the fuzz test's find).
 #[test]
 fn floor_division_by_negative_constants_matches_reference() {
-    let src = "attention negdiv {
-      dims B, H, N, M, D, Dv
-      input q: f32[B, H, N, D]
-      input k: f32[B, H, M, D]
-      input v: f32[B, H, M, Dv]
-      output o: f32[B, H, N, Dv]
-      score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
-      bias = float(abs((p - j) % -1)) * 0.5 + float(abs((p + j) // -3)) * 0.1 + float((7 * p + j) % -4) * 0.2 + float((p - j) // -1 % 5)
-      mask = ((p + j) % -3) != -1
-      normalize = softmax
-      value = v[b, h, j, e]
-    }";
-    let c = attnc::dsl::compile(src).expect("spec");
+    let src = biased_softmax(
+        "negdiv",
+        "float(abs((p - j) % -1)) * 0.5 + float(abs((p + j) // -3)) * 0.1 + float((7 * p + j) % -4) * 0.2 + float((p - j) // -1 % 5)",
+        "((p + j) % -3) != -1",
+    );
+    let c = attnc::dsl::compile(&src).expect("spec");
     let cases = || vec![("negdiv".to_string(), c.clone())];
     let profiles = |p: &str| matches!(p, "basic" | "cross_gqa_b2" | "decode");
     check_cases(&cpu_schedule(ScheduleOptions::default()), cases(), &profiles, 2);
@@ -781,25 +774,36 @@ fn approximate_low_rank_bias_meets_its_budget() {
     compare("swin_window (approximate low rank)", &got, &want, Tweak::None, Tolerance::F32).expect("the CPU runs the factored spec exactly");
 }
 
-/// Integer floor division and modulo in masks and biases, on the tiled kernel's vector path:
-/// negative numerators, divisors that are and are not powers of two, numerators near -2^23
-/// where the f32 quotient estimate is one too low (`(j - 7340100) // 7` passes -7340025, whose
-/// estimate needs the correction), and numerators beyond 2^23 (the scalar path).
-#[test]
-fn integer_division_on_lanes_matches_reference() {
-    let src = "attention intdiv {
+/// A scaled-dot softmax spec with this bias and mask (integer arithmetic tests).
+fn biased_softmax(name: &str, bias: &str, mask: &str) -> String {
+    format!(
+        "attention {name} {{
       dims B, H, N, M, D, Dv
       input q: f32[B, H, N, D]
       input k: f32[B, H, M, D]
       input v: f32[B, H, M, Dv]
       output o: f32[B, H, N, Dv]
       score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
-      bias = float((j - 37) // 7 - (p - 37) // 7) * 0.1 + float((j - 41) % 5) * 0.05 + float((j * 4000000 - 9) // 3 % 11) * 0.02 + float((j - 60) % 16) * 0.01 + float((j - 7340100) // 7 + 1048586) * 0.03 + float((j - 7340100) % 7) * 0.04
-      mask = (j - 50) // 9 <= (p - 50) // 9
+      bias = {bias}
+      mask = {mask}
       normalize = softmax
       value = v[b, h, j, e]
-    }";
-    let c = attnc::dsl::compile(src).expect("spec compiles");
+    }}"
+    )
+}
+
+/// Integer floor division and modulo in masks and biases, on the tiled kernel's vector path:
+/// negative numerators, divisors that are and are not powers of two, numerators near -2^23
+/// where the f32 quotient estimate is one too low (`(j - 7340100) // 7` passes -7340025, whose
+/// estimate needs the correction), and numerators beyond 2^23 (the scalar path).
+#[test]
+fn integer_division_on_lanes_matches_reference() {
+    let src = biased_softmax(
+        "intdiv",
+        "float((j - 37) // 7 - (p - 37) // 7) * 0.1 + float((j - 41) % 5) * 0.05 + float((j * 4000000 - 9) // 3 % 11) * 0.02 + float((j - 60) % 16) * 0.01 + float((j - 7340100) // 7 + 1048586) * 0.03 + float((j - 7340100) % 7) * 0.04",
+        "(j - 50) // 9 <= (p - 50) // 9",
+    );
+    let c = attnc::dsl::compile(&src).expect("spec compiles");
     for (n, m) in [(37, 37), (70, 130), (1, 300)] {
         let dims: BTreeMap<String, i64> = [("B", 1), ("H", 2), ("N", n), ("M", m), ("D", 8), ("Dv", 8)].iter().map(|(d, v)| (d.to_string(), *v)).collect();
         let b = attnc::bind_dims(&c, &dims).expect("dims bind");
