@@ -275,10 +275,10 @@ pub struct CpuKernel {
     /// The row kernel of the same spec, compiled on the first call whose values hold a NaN or
     /// an infinity (the tiled kernel would spread it to masked pairs).
     row_fallback: std::sync::OnceLock<Result<Box<CpuKernel>, CodegenError>>,
-    /// The derived tensors' buffers of the last call, reused by the next (fresh pages cost a
-    /// fault each: a quarter of a chunked call's time at N = 8192). The derive functions
-    /// write every element, so a reused buffer is not cleared.
-    derived_pool: std::sync::Mutex<Vec<Vec<u32>>>,
+    /// The derived tensors' buffers of the last call, by tensor, reused by the next (fresh
+    /// pages cost a fault each: a quarter of a chunked call's time at N = 8192). The derive
+    /// functions write every element, so a reused buffer is not cleared.
+    derived_pool: std::sync::Mutex<BTreeMap<String, Vec<u32>>>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     /// Each function's CLIF, as emitted.
@@ -346,13 +346,13 @@ impl Compiled for CpuKernel {
         let source = self.bounds_source.as_ref().unwrap_or(k);
         let RunStart { dims, bound, per_call_bounds } = RunStart::new(k, &self.schedule, st, explicit, out.len(), &self.bounds, source)?;
         self.check_memory(&dims, &bound)?;
-        // Derived tensors get fresh buffers; inputs are read in place, the output written in
-        // place (the kernels write through the frame's addresses).
+        // Derived tensors get the last call's buffers (or fresh ones); inputs are read in
+        // place, the output written in place (the kernels write through the frame's addresses).
         let mut owned: BTreeMap<String, Vec<u32>> = BTreeMap::new();
         let mut pool = std::mem::take(&mut *self.derived_pool.lock().unwrap_or_else(|e| e.into_inner()));
         for t in k.derived() {
             let n: usize = dims.shape(t).iter().product::<usize>().max(1);
-            let mut b = pool.pop().unwrap_or_default();
+            let mut b = pool.remove(&t.name).unwrap_or_default();
             if b.len() < n {
                 b.resize(n, 0);
             } else {
@@ -426,7 +426,7 @@ impl Compiled for CpuKernel {
         // keep one set).
         let mut pool = self.derived_pool.lock().unwrap_or_else(|e| e.into_inner());
         if pool.is_empty() {
-            pool.extend(owned.into_values());
+            *pool = owned;
         }
         drop(pool);
         let done = done?;
