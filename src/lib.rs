@@ -85,6 +85,16 @@ pub fn bind_dims(c: &dsl::Checked, given: &std::collections::BTreeMap<String, i6
     Ok(b)
 }
 
+/// The spec as the PTX backend runs it at `precision`, before the passes (so a bias stays a
+/// bias for the tensor cores): an f32 spec's queries, keys and values declared bf16/f16 at
+/// a lowered precision ([`codegen::ptx::lower_precision`]), else the spec itself.
+pub fn at_precision(c: &dsl::Checked, precision: codegen::ptx::Precision) -> std::borrow::Cow<'_, dsl::Checked> {
+    match precision.dtype() {
+        Some(d) => std::borrow::Cow::Owned(dsl::Checked { kernel: codegen::ptx::lower_precision(&c.kernel, d), ..c.clone() }),
+        None => std::borrow::Cow::Borrowed(c),
+    }
+}
+
 /// A checked spec after the optimization passes: the same inputs and output, an equal
 /// kernel (same values up to rounding), and the rewrites applied.
 pub fn optimize(c: &dsl::Checked, cfg: &passes::PassConfig) -> Result<(dsl::Checked, Vec<passes::Applied>), passes::PassError> {

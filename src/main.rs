@@ -194,10 +194,7 @@ fn optimized_at(
     inputs: &BTreeMap<String, ir::reference::Tensor>,
     given: &BTreeMap<String, i64>,
 ) -> Result<attnc::dsl::Checked> {
-    match precision.dtype() {
-        Some(d) => optimized_for(&attnc::dsl::Checked { kernel: attnc_codegen::ptx::lower_precision(&c.kernel, d), ..c.clone() }, o, inputs, given),
-        None => optimized_for(c, o, inputs, given),
-    }
+    optimized_for(&attnc::at_precision(c, precision), o, inputs, given)
 }
 
 fn optimized(c: &attnc::dsl::Checked, o: &OptArgs) -> Result<(attnc::dsl::Checked, Vec<attnc::passes::Applied>)> {

@@ -392,7 +392,7 @@ impl Runner for PtxLowered {
     }
     fn run(&self, c: &Checked, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, String> {
         // Lowered before the passes, as `attnc run --precision` does.
-        let lowered = Checked { kernel: attnc_codegen::ptx::lower_precision(&c.kernel, self.0), ..c.clone() };
+        let lowered = attnc::at_precision(c, self.1);
         let (oc, _) = attnc::optimize(&lowered, &PassConfig::all()).map_err(|e| e.to_string())?;
         let o = PtxOptions { precision: self.1, ..PtxOptions::default() };
         let k = PtxSimBackend.compile(&oc.kernel, &oc.info, &o).map_err(|e| e.to_string())?.checking(&c.kernel);

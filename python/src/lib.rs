@@ -529,13 +529,8 @@ fn compile(
     if threads > attnc_codegen::cpu::max_threads() {
         CpuBackend::default().check_options(&CpuOptions { threads, ..CpuOptions::default() }).map_err(PyValueError::new_err)?;
     }
-    // A lowered precision applies to the spec before the passes (as `attnc run
-    // --precision`), so a bias stays a bias for the tensor cores.
-    let prepared = match precision.dtype() {
-        Some(d) => Prepared::new(&Checked { kernel: attnc_codegen::ptx::lower_precision(&spec.kernel, d), ..spec.clone() }, &passes),
-        None => Prepared::new(&spec, &passes),
-    }
-    .map_err(runtime)?;
+    // A lowered precision applies to the spec before the passes, as `attnc run --precision`.
+    let prepared = Prepared::new(&attnc::at_precision(&spec, precision), &passes).map_err(runtime)?;
     Ok(Kernel {
         name: spec.kernel.name.clone(),
         spec,
