@@ -295,19 +295,19 @@ impl Ctx {
                 }
                 let s = ld_shared(f, &addr);
                 let last = int_op(f, "add", c1, "-1");
-                if decayed {
+                // λk at the chunk's last key: the reference of the state after the update.
+                let lk_last = if decayed { Some(self.ld(f, LK, &last, &d)) } else { None };
+                if let Some(top) = &lk_last {
                     let past = pred(f, "gt", c0, "0");
                     f.if_(&past, false, &mut |f| {
                         let before = int_op(f, "add", c0, "-1");
-                        let a = self.ld(f, LK, &last, &d);
                         let b = self.ld(f, LK, &before, &d);
-                        let z = float_op(f, "sub", &a, &b);
+                        let z = float_op(f, "sub", top, &b);
                         let g = self.fac(f, &z);
                         f.ins(&format!("mul.rn.f32 {s}, {s}, {g};"));
                         Ok(())
                     })?;
                 }
-                let lk_last = if decayed { Some(self.ld(f, LK, &last, &d)) } else { None };
                 f.for_range(c0, c1, &mut |f, j| {
                     let mut kf = self.ld(f, FK, j, &d);
                     if let Some(top) = &lk_last {
