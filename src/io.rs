@@ -38,6 +38,27 @@ pub fn read_inputs(path: &Path, kernel: &Kernel) -> Result<BTreeMap<String, Tens
     Ok(out)
 }
 
+/// Reads the float tensor `name` of shape `shape` from a safetensors file (f32, f16, bf16 or
+/// f64 data), e.g. the cotangent of a spec's output.
+pub fn read_float(path: &Path, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let Ok(view) = st.tensor(name) else {
+        let mut have: Vec<String> = st.names().into_iter().map(|s| s.to_string()).collect();
+        have.sort();
+        bail!(
+            "tensor `{name}` is missing from {} (expected shape {shape:?}; the file has: {})",
+            path.display(),
+            if have.is_empty() { "nothing".to_string() } else { have.join(", ") }
+        );
+    };
+    if view.shape() != shape {
+        bail!("`{name}` in {} has shape {:?}; expected {shape:?}", path.display(), view.shape());
+    }
+    let data = decode(&view, DType::F32).with_context(|| format!("`{name}` in {}", path.display()))?;
+    Ok(Tensor::new(shape.to_vec(), data))
+}
+
 fn decode(view: &TensorView, want: DType) -> Result<Vec<f64>> {
     let b = view.data();
     let d = view.dtype();

@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod explain;
+pub mod grad;
 pub mod inputs;
 pub mod io;
 pub mod tune;

@@ -296,6 +296,42 @@ enum Cmd {
         #[command(flatten)]
         opt: OptArgs,
     },
+    /// Gradients of a spec's output with respect to every float input (queries, keys,
+    /// values, slopes, tables, biases, gates, decay rates, sink logits, branch weights),
+    /// derived from the spec: the gradient of `Σ cotangent · output`, written by input name.
+    /// Runs the reference backward (f64, exact, slow: small shapes); integer inputs and masks
+    /// have no gradient, a row with no live key has gradient zero, NaN propagates.
+    Grad {
+        /// The .attn spec file.
+        spec: PathBuf,
+        /// Input tensors (safetensors); dims are bound from their shapes.
+        #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
+        input: Option<PathBuf>,
+        /// Run on seeded random inputs instead of a file (needs --dims).
+        #[arg(long, requires = "dims")]
+        random: bool,
+        /// Seed for --random (and for the elements --check samples).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Dim sizes, e.g. B=1,H=2,N=64,M=64,D=16 (needed for --random; with --input, only
+        /// dims that no input carries).
+        #[arg(long)]
+        dims: Option<String>,
+        /// The output's cotangent: a safetensors file with a tensor named as the spec's
+        /// output, of its shape (default: ones, the gradient of the output's sum).
+        #[arg(long, value_name = "DO")]
+        cotangent: Option<PathBuf>,
+        /// Output file (safetensors): one gradient per float input, named as the input.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Also compare each input's gradient with central finite differences of the
+        /// reference forward on sampled elements; a disagreement writes nothing, exit 1.
+        #[arg(long)]
+        check: bool,
+        /// Elements per input that --check compares.
+        #[arg(long, default_value_t = 16)]
+        check_samples: usize,
+    },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
     Inputs {
         /// The .attn spec file.
@@ -664,6 +700,67 @@ fn run(cli: Cli) -> Result<()> {
             }
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
             eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
+        }
+        Cmd::Grad { spec, input, random, seed, dims, cotangent, output, check, check_samples } => {
+            let (_, c) = load(&spec)?;
+            ir::grad::differentiable(&c.kernel).map_err(|e| anyhow!("{}: {e}", c.kernel.name))?;
+            let given = dims_arg(&dims)?;
+            for p in [input.as_ref(), cotangent.as_ref()].into_iter().flatten() {
+                if same_file(p, &output) {
+                    return Err(anyhow!("-o {} is an input file: choose another output path", output.display()));
+                }
+            }
+            check_output_path(&output)?;
+            let inputs = if random {
+                let b = bind_given(&c, &given)?;
+                let mut parts = attnc::memory_parts(&c, &b, true);
+                parts.push(("for the gradients", parts[0].1 * 2 / 3));
+                attnc_codegen::host::check_memory(&parts)?;
+                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?
+            } else {
+                attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
+            };
+            let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+            let b = ir::bind(&c.kernel, &shapes, &given)?;
+            let o = c.kernel.output();
+            let dout = match &cotangent {
+                Some(p) => attnc::io::read_float(p, &o.name, &b.shape(o))?,
+                None => {
+                    eprintln!("{}: no --cotangent: the gradient of the sum of `{}`", c.kernel.name, o.name);
+                    attnc::grad::ones_like_output(&c.kernel, &b)
+                }
+            };
+            let t = Instant::now();
+            let grads = ir::grad::grad(&c.kernel, &b, &inputs, &dout)?;
+            eprintln!("{}: reference backward (f64) in {:.3} s", c.kernel.name, t.elapsed().as_secs_f64());
+            if check {
+                let t = Instant::now();
+                let rows = attnc::grad::finite_differences(&c.kernel, &b, &inputs, &dout, &grads, check_samples, seed).map_err(|e| anyhow!(e))?;
+                let mut failed = None;
+                for r in &rows {
+                    eprintln!(
+                        "check: `{}`: {} elements match central differences (max |difference| {:.2e}, largest |gradient| {:.2e}){}",
+                        r.input,
+                        r.checked,
+                        r.worst,
+                        r.scale,
+                        if r.kinks > 0 { format!("; {} skipped at kinks", r.kinks) } else { String::new() }
+                    );
+                    failed = failed.or(r.failure.clone());
+                }
+                eprintln!("check: finite differences in {:.3} s", t.elapsed().as_secs_f64());
+                if let Some(f) = failed {
+                    return Err(anyhow!("the gradient differs from finite differences: {f}; {} was not written", output.display()));
+                }
+            }
+            let list: Vec<(String, ir::DType, &ir::reference::Tensor)> =
+                c.kernel.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), t.dtype, &grads[&t.name])).collect();
+            if list.is_empty() {
+                return Err(anyhow!("{} has no float input: there is nothing to differentiate", c.kernel.name));
+            }
+            attnc::io::write(&output, &list)?;
+            let names: Vec<&str> = list.iter().map(|(n, _, _)| n.as_str()).collect();
+            eprintln!("{}: wrote the gradients of {} to {}", c.kernel.name, names.join(", "), output.display());
         }
         Cmd::Bench {
             spec,

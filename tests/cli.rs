@@ -375,3 +375,32 @@ fn dims_errors_list_the_specs_own_dims() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no dim `__keys` (its dims: B, H, G, N, D, Dv, P, MP)"), "{err}");
 }
+
+#[test]
+fn grad_writes_a_gradient_per_float_input_and_checks_it() {
+    let dims = "B=1,H=2,G=1,N=6,M=9,D=4,Dv=3";
+    let ins = tmp("grad_in.safetensors");
+    let out = tmp("grad_out.safetensors");
+    let grads = tmp("grads.safetensors");
+    assert_eq!(attnc(&["inputs", "examples/alibi.attn", "--dims", dims, "-o", &ins]).0, 0);
+    // The forward's own output serves as a cotangent of the right name and shape.
+    assert_eq!(attnc(&["run", "examples/alibi.attn", "--input", &ins, "-o", &out, "--backend", "reference"]).0, 0);
+    let (code, _, err) = attnc(&["grad", "examples/alibi.attn", "--input", &ins, "--cotangent", &out, "-o", &grads, "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("check: `slope`: 2 elements match central differences"), "{err}");
+    let bytes = std::fs::read(&grads).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    assert_eq!(names, ["k", "q", "slope", "v"]);
+    assert_eq!(st.tensor("q").unwrap().shape(), &[1, 2, 6, 4]);
+    assert_eq!(st.tensor("k").unwrap().shape(), &[1, 1, 9, 4]);
+    // A cotangent of another shape is refused by name and shape; nothing is written.
+    let other = tmp("grad_other.safetensors");
+    assert_eq!(attnc(&["run", "examples/alibi.attn", "--random", "--dims", "B=1,H=2,G=1,N=5,M=9,D=4,Dv=3", "-o", &other, "--backend", "reference"]).0, 0);
+    let fresh = tmp("grads_fresh.safetensors");
+    let (code, _, err) = attnc(&["grad", "examples/alibi.attn", "--input", &ins, "--cotangent", &other, "-o", &fresh]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`o`") && err.contains("[1, 2, 5, 3]") && err.contains("[1, 2, 6, 3]"), "{err}");
+    assert!(!std::path::Path::new(&fresh).exists());
+}

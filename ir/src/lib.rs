@@ -12,7 +12,9 @@
 
 pub mod analysis;
 pub mod bind;
+pub mod diff;
 pub mod expr;
+pub mod grad;
 pub mod hash;
 pub mod interval;
 pub mod kernel;

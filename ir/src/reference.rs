@@ -67,26 +67,26 @@ pub fn to_int(x: f64) -> Option<i64> {
 
 /// Same-type scalar values. Types were checked by `verify`; a mismatch here is a bug.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum V {
+pub(crate) enum V {
     I(i64),
     F(f64),
     B(bool),
 }
 
 impl V {
-    fn i(self) -> i64 {
+    pub(crate) fn i(self) -> i64 {
         match self {
             V::I(x) => x,
             other => unreachable!("verified kernel: expected int, got {other:?}"),
         }
     }
-    fn f(self) -> f64 {
+    pub(crate) fn f(self) -> f64 {
         match self {
             V::F(x) => x,
             other => unreachable!("verified kernel: expected float, got {other:?}"),
         }
     }
-    fn b(self) -> bool {
+    pub(crate) fn b(self) -> bool {
         match self {
             V::B(x) => x,
             other => unreachable!("verified kernel: expected bool, got {other:?}"),
@@ -146,7 +146,7 @@ pub fn unary_f64(op: UnOp, x: f64) -> f64 {
 
 /// An expression with variables resolved to slots and dims to numbers.
 #[derive(Clone, Debug)]
-enum Node {
+pub(crate) enum Node {
     Const(V),
     Slot(usize),
     Load { t: usize, idx: Vec<Node> },
@@ -156,24 +156,24 @@ enum Node {
     Red { op: RedOp, slot: usize, lo: Box<Node>, hi: Box<Node>, body: Box<Node> },
 }
 
-struct Store {
-    name: String,
-    shape: Vec<usize>,
-    data: Vec<f64>,
-    is_int: bool,
+pub(crate) struct Store {
+    pub(crate) name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) data: Vec<f64>,
+    pub(crate) is_int: bool,
 }
 
-struct Machine<'a> {
-    dims: &'a Bindings,
-    tensors: Vec<Store>,
-    names: BTreeMap<String, usize>,
+pub(crate) struct Machine<'a> {
+    pub(crate) dims: &'a Bindings,
+    pub(crate) tensors: Vec<Store>,
+    pub(crate) names: BTreeMap<String, usize>,
 }
 
 /// Slots 0..7 hold `b h i j e s w`; reductions and tensor variables take slots after those.
-const FIXED: [&str; 7] = ["b", "h", "i", "j", "e", "s", "w"];
+pub(crate) const FIXED: [&str; 7] = ["b", "h", "i", "j", "e", "s", "w"];
 
 impl Machine<'_> {
-    fn compile(&self, e: &Expr, scope: &mut Vec<String>) -> Node {
+    pub(crate) fn compile(&self, e: &Expr, scope: &mut Vec<String>) -> Node {
         match e {
             Expr::Int(n) => Node::Const(V::I(*n)),
             Expr::Float(x) => Node::Const(V::F(x.0)),
@@ -196,7 +196,7 @@ impl Machine<'_> {
         }
     }
 
-    fn eval(&self, n: &Node, env: &mut Vec<V>, cx: &str) -> Result<V, RefError> {
+    pub(crate) fn eval(&self, n: &Node, env: &mut Vec<V>, cx: &str) -> Result<V, RefError> {
         Ok(match n {
             Node::Const(v) => *v,
             Node::Slot(s) => env[*s],
@@ -370,7 +370,7 @@ pub fn run_bound(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>)
 }
 
 /// Inputs plus every derived tensor, materialized.
-fn machine<'a>(k: &Kernel, dims: &'a Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Machine<'a>, RefError> {
+pub(crate) fn machine<'a>(k: &Kernel, dims: &'a Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Machine<'a>, RefError> {
     let mut m = Machine { dims, tensors: Vec::new(), names: BTreeMap::new() };
     for t in &k.tensors {
         match &t.kind {

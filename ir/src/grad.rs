@@ -1,0 +1,462 @@
+//! The reference backward: gradients of a kernel's output, against a cotangent, with
+//! respect to every float input, in f64. It fixes what a backward kernel must compute, as
+//! [`crate::reference`] fixes the forward.
+//!
+//! For each `(b, h, i)` it recomputes the forward row (the live keys, each branch's weights)
+//! and runs it backwards:
+//!
+//! 1. `o[e] = acc[e] · gate(e)`: `dacc[e] = do[e] · gate(e)`, and `gate`'s leaves receive
+//!    `do[e] · acc[e]`; a row with no live key (all zeros, gate not applied) has no gradient;
+//! 2. `acc[e] = Σ_j q_j · value(j, e)` with `q_j = p_j · weight · decay_j`: `value`'s leaves
+//!    receive `q_j · dacc[e]`, `dq_j = Σ_e dacc[e] · value(j, e)`, and `weight`, `decay` and
+//!    `p_j` their shares of `dq_j`;
+//! 3. the normalization's Jacobian: softmax `ds_j = w_j (dw_j − Σ_k w_k dw_k)` with
+//!    `dw_j = dp_j · post'(w_j)`, the sink logit `−w_sink Σ_k w_k dw_k`; a map
+//!    `ds_j = dp_j · f'(s_j)`; linear `ds_j = dp_j / den − Σ_k dp_k s_k / den²`;
+//! 4. `s_j = score + bias`: both receive `ds_j`.
+//!
+//! A leaf's share is scattered through the symbolic partials of [`crate::diff`]. Derived
+//! tensors pass their gradient on last, in reverse declaration order (a `cumsum` as a
+//! reverse running sum). Masks, integers and indices have no gradient. NaN propagates as in
+//! the forward: a NaN score makes its row's gradients NaN.
+
+use crate::bind::Bindings;
+use crate::diff::{partials, DiffError, Target};
+use crate::expr::{BinOp, Expr};
+use crate::kernel::*;
+use crate::reference::{fmax, machine, Machine, Node, RefError, Tensor, FIXED, V};
+use std::collections::BTreeMap;
+
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum GradError {
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    #[error(transparent)]
+    Diff(#[from] DiffError),
+    #[error("the cotangent `{name}` has shape {got:?}; the output has shape {want:?}")]
+    Cotangent { name: String, got: Vec<usize>, want: Vec<usize> },
+}
+
+/// One leaf's partial, compiled: `g[tensor][idx] += seed · adj` for every value of the binders.
+struct Scatter {
+    tensor: usize,
+    idx: Vec<Node>,
+    /// `(lo, hi, slot)` of each enclosing reduction, outermost first.
+    binders: Vec<(Node, Node, usize)>,
+    adj: Node,
+}
+
+/// An expression's derivative: what it scatters to tensor elements, and its derivative by
+/// its float variable (`s` of a map, `w` of a post).
+struct Diffed {
+    loads: Vec<Scatter>,
+    by_var: Option<Node>,
+}
+
+/// The derivative of `e`, compiled with the variables `base` in scope; `var` is the float
+/// variable it may read (any other is refused).
+fn diffed(m: &Machine, k: &Kernel, e: &Expr, base: &[String], var: Option<&str>, what: &str) -> Result<Diffed, GradError> {
+    let mut loads = Vec::new();
+    let mut by: Option<Expr> = None;
+    for t in partials(k, e)? {
+        match &t.target {
+            Target::Load { tensor, idx } => {
+                let mut scope = base.to_vec();
+                let mut binders = Vec::new();
+                for b in &t.binders {
+                    let lo = m.compile(&b.lo, &mut scope);
+                    let hi = m.compile(&b.hi, &mut scope);
+                    scope.push(b.var.clone());
+                    binders.push((lo, hi, scope.len() - 1));
+                }
+                let idx = idx.iter().map(|x| m.compile(x, &mut scope)).collect();
+                let adj = m.compile(&t.adj, &mut scope);
+                loads.push(Scatter { tensor: m.names[tensor], idx, binders, adj });
+            }
+            Target::Var(v) if Some(v.as_str()) == var && t.binders.is_empty() => {
+                by = Some(match by {
+                    None => t.adj,
+                    Some(a) => Expr::bin(BinOp::Add, a, t.adj),
+                });
+            }
+            Target::Var(v) => return Err(DiffError::Unsupported(format!("`{v}` where it is read in {what}")).into()),
+        }
+    }
+    let by_var = by.map(|e| m.compile(&e, &mut base.to_vec()));
+    Ok(Diffed { loads, by_var })
+}
+
+fn diffed_opt(m: &Machine, k: &Kernel, e: &Option<Expr>, base: &[String], var: Option<&str>, what: &str) -> Result<Option<Diffed>, GradError> {
+    e.as_ref().map(|e| diffed(m, k, e, base, var, what)).transpose()
+}
+
+/// Adds `seed · ∂/∂leaf` to each leaf `terms` read, at the variables `env` holds.
+fn scatter(m: &Machine, terms: &[Scatter], env: &mut Vec<V>, seed: f64, g: &mut [Vec<f64>], cx: &str) -> Result<(), RefError> {
+    fn walk(m: &Machine, t: &Scatter, level: usize, env: &mut Vec<V>, seed: f64, g: &mut [Vec<f64>], cx: &str) -> Result<(), RefError> {
+        if level == t.binders.len() {
+            let a = m.eval(&t.adj, env, cx)?.f();
+            let st = &m.tensors[t.tensor];
+            let mut flat = 0usize;
+            for (axis, (x, &len)) in t.idx.iter().zip(&st.shape).enumerate() {
+                let i = m.eval(x, env, cx)?.i();
+                if i < 0 || i as usize >= len {
+                    return Err(RefError::OutOfBounds { context: cx.to_string(), tensor: st.name.clone(), axis, index: i, len });
+                }
+                flat = flat * len + i as usize;
+            }
+            g[t.tensor][flat] += seed * a;
+            return Ok(());
+        }
+        let (lo, hi, slot) = &t.binders[level];
+        let (lo, hi) = (m.eval(lo, env, cx)?.i(), m.eval(hi, env, cx)?.i());
+        if env.len() <= *slot {
+            env.resize(*slot + 1, V::I(0));
+        }
+        for x in lo..hi {
+            env[*slot] = V::I(x);
+            walk(m, t, level + 1, env, seed, g, cx)?;
+        }
+        Ok(())
+    }
+    for t in terms {
+        walk(m, t, 0, env, seed, g, cx)?;
+    }
+    Ok(())
+}
+
+/// Gradients of `Σ dout · o` with respect to every float input of `k` (by name, shaped as
+/// the input), at `inputs`; `dims` bound as for [`crate::reference::run_bound`].
+pub fn grad(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, dout: &Tensor) -> Result<BTreeMap<String, Tensor>, GradError> {
+    let m = machine(k, dims, inputs)?;
+    let want = dims.shape(k.output());
+    if dout.shape != want {
+        return Err(GradError::Cotangent { name: k.output().name.clone(), got: dout.shape.clone(), want });
+    }
+    let mut g: Vec<Vec<f64>> = m.tensors.iter().map(|t| vec![0.0; if t.is_int { 0 } else { t.data.len() }]).collect();
+    attend_backward(k, &m, dout, &mut g)?;
+    derived_backward(k, &m, &mut g)?;
+    let mut out = BTreeMap::new();
+    for t in k.inputs().filter(|t| !t.dtype.is_int()) {
+        let n = m.names[&t.name];
+        out.insert(t.name.clone(), Tensor::new(m.tensors[n].shape.clone(), std::mem::take(&mut g[n])));
+    }
+    Ok(out)
+}
+
+/// Whether attnc derives the gradient of every expression of `k` (a float `max`/`min`
+/// reduction is the one construct it refuses).
+pub fn differentiable(k: &Kernel) -> Result<(), DiffError> {
+    for (_, e) in k.exprs() {
+        partials(k, e)?;
+    }
+    Ok(())
+}
+
+struct BranchD {
+    score: Diffed,
+    bias: Option<Diffed>,
+    decay: Option<Diffed>,
+    weight: Option<Diffed>,
+    sink: Option<Diffed>,
+    post: Option<Diffed>,
+    map: Option<Diffed>,
+    /// The forward's nodes of the same expressions.
+    f_score: Node,
+    f_bias: Option<Node>,
+    f_mask: Option<Node>,
+    f_decay: Option<Node>,
+    f_weight: Option<Node>,
+    f_sink: Option<Node>,
+    f_post: Option<Node>,
+    f_map: Option<Node>,
+    eps: Option<f64>,
+}
+
+fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -> Result<(), GradError> {
+    let d = m.dims;
+    let (nb, nh, ni, nj, ne) = (d.extent(&k.iter.b), d.extent(&k.iter.h), d.extent(&k.iter.i), d.extent(&k.iter.j), d.extent(&k.iter.e));
+    let shape = &dout.shape;
+    let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
+    let axis_of = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
+    let (sb, sh, si, se) = (strides[axis_of("b")], strides[axis_of("h")], strides[axis_of("i")], strides[axis_of("e")]);
+
+    let base: Vec<String> = FIXED.iter().map(|s| s.to_string()).collect();
+    let fc = |e: &Expr| m.compile(e, &mut base.clone());
+    let fo = |e: &Option<Expr>| e.as_ref().map(|e| m.compile(e, &mut base.clone()));
+    let mut branches = Vec::new();
+    for (n, br) in k.branches.iter().enumerate() {
+        let w = |part: &str| format!("branch {n}'s {part}");
+        let (sink, post, map, eps) = match &br.norm {
+            Norm::Softmax { sink, post } => (sink.clone(), post.clone(), None, None),
+            Norm::Map(e) => (None, None, Some(e.clone()), None),
+            Norm::Linear { eps } => (None, None, None, Some(eps.0)),
+        };
+        branches.push(BranchD {
+            score: diffed(m, k, &br.score, &base, None, &w("score"))?,
+            bias: diffed_opt(m, k, &br.bias, &base, None, &w("bias"))?,
+            decay: diffed_opt(m, k, &br.decay, &base, None, &w("decay"))?,
+            weight: diffed_opt(m, k, &br.weight, &base, None, &w("weight"))?,
+            sink: diffed_opt(m, k, &sink, &base, None, &w("sink"))?,
+            post: diffed_opt(m, k, &post, &base, Some("w"), &w("post"))?,
+            map: diffed_opt(m, k, &map, &base, Some("s"), &w("map"))?,
+            f_score: fc(&br.score),
+            f_bias: fo(&br.bias),
+            f_mask: fo(&br.mask),
+            f_decay: fo(&br.decay),
+            f_weight: fo(&br.weight),
+            f_sink: fo(&sink),
+            f_post: fo(&post),
+            f_map: fo(&map),
+            eps,
+        });
+    }
+    let value_d = diffed(m, k, &k.value, &base, None, "the value")?;
+    let gate_d = diffed_opt(m, k, &k.gate, &base, None, "the gate")?;
+    let f_value = fc(&k.value);
+    let f_gate = fo(&k.gate);
+
+    let (sb_, sh_, si_, sj_, se_, ss_, sw_) = (0, 1, 2, 3, 4, 5, 6);
+    let mut env = vec![V::I(0); FIXED.len()];
+    let ne = ne as usize;
+    let mut acc = vec![0.0f64; ne];
+    let mut dacc = vec![0.0f64; ne];
+    /// One branch's forward row: live keys with their scores, the normalized weights
+    /// before `post` (softmax) and after, and the extras the backward needs.
+    #[derive(Default)]
+    struct Row {
+        on: bool,
+        keys: Vec<i64>,
+        s: Vec<f64>,
+        w: Vec<f64>,
+        p: Vec<f64>,
+        decay: Vec<f64>,
+        weight: f64,
+        /// Softmax: the sink's weight `exp(sink − max) / z`.
+        w_sink: f64,
+        /// Linear: the denominator.
+        den: f64,
+    }
+    let mut rows: Vec<Row> = branches.iter().map(|_| Row::default()).collect();
+    for b in 0..nb {
+        for h in 0..nh {
+            for i in 0..ni {
+                env[sb_] = V::I(b);
+                env[sh_] = V::I(h);
+                env[si_] = V::I(i);
+                let cx = format!("backward at (b={b}, h={h}, i={i})");
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                let mut any_live = false;
+                // The forward row, as the reference computes it.
+                for (br, r) in branches.iter().zip(rows.iter_mut()) {
+                    r.on = false;
+                    r.keys.clear();
+                    r.s.clear();
+                    for j in 0..nj {
+                        env[sj_] = V::I(j);
+                        if let Some(mask) = &br.f_mask {
+                            if !m.eval(mask, &mut env, &cx)?.b() {
+                                continue;
+                            }
+                        }
+                        let mut s = m.eval(&br.f_score, &mut env, &cx)?.f();
+                        if let Some(bias) = &br.f_bias {
+                            s += m.eval(bias, &mut env, &cx)?.f();
+                        }
+                        r.keys.push(j);
+                        r.s.push(s);
+                    }
+                    if r.keys.is_empty() {
+                        continue;
+                    }
+                    r.w.clear();
+                    r.p.clear();
+                    if let Some(map) = &br.f_map {
+                        for (&j, &s) in r.keys.iter().zip(&r.s) {
+                            env[sj_] = V::I(j);
+                            env[ss_] = V::F(s);
+                            r.p.push(m.eval(map, &mut env, &cx)?.f());
+                        }
+                    } else if let Some(eps) = br.eps {
+                        r.den = r.s.iter().sum::<f64>() + eps;
+                        r.p.extend(r.s.iter().map(|s| s / r.den));
+                    } else {
+                        let sink = match &br.f_sink {
+                            Some(n) => Some(m.eval(n, &mut env, &cx)?.f()),
+                            None => None,
+                        };
+                        let mut mx = r.s.iter().fold(f64::NEG_INFINITY, |a, s| fmax(a, *s));
+                        if let Some(sk) = sink {
+                            mx = fmax(mx, sk);
+                        }
+                        if mx == f64::NEG_INFINITY {
+                            continue;
+                        }
+                        let mut z: f64 = r.s.iter().map(|s| (s - mx).exp()).sum();
+                        if let Some(sk) = sink {
+                            z += (sk - mx).exp();
+                        }
+                        r.w_sink = sink.map_or(0.0, |sk| (sk - mx).exp() / z);
+                        for (&j, &s) in r.keys.iter().zip(&r.s) {
+                            let w = (s - mx).exp() / z;
+                            r.w.push(w);
+                            let mut p = w;
+                            if let Some(post) = &br.f_post {
+                                env[sj_] = V::I(j);
+                                env[sw_] = V::F(w);
+                                p = m.eval(post, &mut env, &cx)?.f();
+                            }
+                            r.p.push(p);
+                        }
+                    }
+                    r.on = true;
+                    any_live = true;
+                    r.weight = match &br.f_weight {
+                        Some(w) => m.eval(w, &mut env, &cx)?.f(),
+                        None => 1.0,
+                    };
+                    r.decay.clear();
+                    for (&j, &p) in r.keys.iter().zip(&r.p) {
+                        env[sj_] = V::I(j);
+                        let dec = match &br.f_decay {
+                            Some(dn) => m.eval(dn, &mut env, &cx)?.f(),
+                            None => 1.0,
+                        };
+                        r.decay.push(dec);
+                        let q = p * r.weight * dec;
+                        for (e, a) in acc.iter_mut().enumerate() {
+                            env[se_] = V::I(e as i64);
+                            *a += q * m.eval(&f_value, &mut env, &cx)?.f();
+                        }
+                    }
+                }
+                if !any_live {
+                    continue; // the row is zeros whatever the inputs: no gradient
+                }
+                // 1. The gate.
+                let base_o = b as usize * sb + h as usize * sh + i as usize * si;
+                for e in 0..ne {
+                    let dov = dout.data[base_o + e * se];
+                    env[se_] = V::I(e as i64);
+                    let gv = match &f_gate {
+                        Some(gn) => m.eval(gn, &mut env, "gate")?.f(),
+                        None => 1.0,
+                    };
+                    dacc[e] = dov * gv;
+                    if let Some(gd) = &gate_d {
+                        scatter(m, &gd.loads, &mut env, dov * acc[e], g, &cx)?;
+                    }
+                }
+                for (br, r) in branches.iter().zip(rows.iter()) {
+                    if !r.on {
+                        continue;
+                    }
+                    // 2. The aggregation: value, decay, weight, and dp_j.
+                    let mut dp = vec![0.0f64; r.keys.len()];
+                    let mut dweight = 0.0;
+                    for (n, &j) in r.keys.iter().enumerate() {
+                        env[sj_] = V::I(j);
+                        let q = r.p[n] * r.weight * r.decay[n];
+                        let mut dq = 0.0;
+                        for (e, &da) in dacc.iter().enumerate() {
+                            env[se_] = V::I(e as i64);
+                            dq += da * m.eval(&f_value, &mut env, &cx)?.f();
+                            scatter(m, &value_d.loads, &mut env, q * da, g, &cx)?;
+                        }
+                        dweight += dq * r.p[n] * r.decay[n];
+                        if let Some(dd) = &br.decay {
+                            scatter(m, &dd.loads, &mut env, dq * r.p[n] * r.weight, g, &cx)?;
+                        }
+                        dp[n] = dq * r.weight * r.decay[n];
+                    }
+                    if let Some(wd) = &br.weight {
+                        scatter(m, &wd.loads, &mut env, dweight, g, &cx)?;
+                    }
+                    // 3. The normalization: dp_j becomes ds_j.
+                    let ds: Vec<f64> = if let Some(md) = &br.map {
+                        let mut ds = Vec::with_capacity(dp.len());
+                        for (n, &j) in r.keys.iter().enumerate() {
+                            env[sj_] = V::I(j);
+                            env[ss_] = V::F(r.s[n]);
+                            scatter(m, &md.loads, &mut env, dp[n], g, &cx)?;
+                            let f1 = match &md.by_var {
+                                Some(dn) => m.eval(dn, &mut env, &cx)?.f(),
+                                None => 0.0,
+                            };
+                            ds.push(dp[n] * f1);
+                        }
+                        ds
+                    } else if br.eps.is_some() {
+                        let cross: f64 = dp.iter().zip(&r.s).map(|(d, s)| d * s).sum::<f64>() / (r.den * r.den);
+                        dp.iter().map(|d| d / r.den - cross).collect()
+                    } else {
+                        let mut dw = dp.clone();
+                        if let Some(pd) = &br.post {
+                            for (n, &j) in r.keys.iter().enumerate() {
+                                env[sj_] = V::I(j);
+                                env[sw_] = V::F(r.w[n]);
+                                scatter(m, &pd.loads, &mut env, dp[n], g, &cx)?;
+                                dw[n] = dp[n]
+                                    * match &pd.by_var {
+                                        Some(dn) => m.eval(dn, &mut env, &cx)?.f(),
+                                        None => 0.0,
+                                    };
+                            }
+                        }
+                        let sigma: f64 = r.w.iter().zip(&dw).map(|(w, d)| w * d).sum();
+                        if let Some(sd) = &br.sink {
+                            scatter(m, &sd.loads, &mut env, -r.w_sink * sigma, g, &cx)?;
+                        }
+                        r.w.iter().zip(&dw).map(|(w, d)| w * (d - sigma)).collect()
+                    };
+                    // 4. The score and the bias.
+                    for (n, &j) in r.keys.iter().enumerate() {
+                        env[sj_] = V::I(j);
+                        scatter(m, &br.score.loads, &mut env, ds[n], g, &cx)?;
+                        if let Some(bd) = &br.bias {
+                            scatter(m, &bd.loads, &mut env, ds[n], g, &cx)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Passes each derived tensor's gradient to what its body reads, last tensor first.
+fn derived_backward(k: &Kernel, m: &Machine, g: &mut [Vec<f64>]) -> Result<(), GradError> {
+    for t in k.derived().collect::<Vec<_>>().into_iter().rev() {
+        let TensorKind::Derived { vars, def } = &t.kind else { unreachable!("derived") };
+        let n = m.names[&t.name];
+        if m.tensors[n].is_int {
+            continue;
+        }
+        let shape = m.tensors[n].shape.clone();
+        let strides: Vec<usize> = (0..shape.len()).map(|a| shape[a + 1..].iter().product()).collect();
+        let mut seed = std::mem::take(&mut g[n]);
+        let body = match def {
+            TensorDef::Map(e) => e,
+            TensorDef::Cumsum { axis, body } => {
+                // t[x] = Σ_{u ≤ x} body[u]: body[u] receives Σ_{x ≥ u} dt[x].
+                for flat in (0..seed.len()).rev() {
+                    if (flat / strides[*axis]) % shape[*axis] != shape[*axis] - 1 {
+                        seed[flat] += seed[flat + strides[*axis]];
+                    }
+                }
+                body
+            }
+        };
+        let d = diffed(m, k, body, vars, None, &format!("tensor `{}`", t.name))?;
+        let cx = format!("backward of tensor `{}`", t.name);
+        let mut env = vec![V::I(0); vars.len()];
+        for (flat, &s) in seed.iter().enumerate() {
+            let mut rem = flat;
+            for (a, st) in strides.iter().enumerate() {
+                env[a] = V::I((rem / st) as i64);
+                rem %= st;
+            }
+            scatter(m, &d.loads, &mut env, s, g, &cx)?;
+        }
+    }
+    Ok(())
+}
