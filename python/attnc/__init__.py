@@ -155,6 +155,29 @@ class Kernel:
             return torch.from_numpy(out)
         return out
 
+    def grad(self, cotangent=None, dims=None, **arrays):
+        """Gradients of ``sum(cotangent * output)`` with respect to every float input, derived
+        from the spec (the reference backward: f64, exact, slow; small shapes), as
+        ``{name: float64 array}`` (torch in, torch out). ``cotangent`` has the output's shape
+        (default: ones, the gradient of the output's sum). Integer inputs have no gradient; a
+        row with no live key has gradient zero; NaN propagates."""
+        a, torch_in = self._arrays(arrays)
+        shape = tuple(self._k.output_shape({n: list(x.shape) for n, x in a.items()}, dims))
+        if cotangent is None:
+            dout = np.ones(shape, np.float64)
+        else:
+            if _is_torch(cotangent):
+                cotangent = cotangent.detach().cpu().to(dtype=__import__("torch").float64).numpy()
+            dout = np.ascontiguousarray(np.asarray(cotangent, dtype=np.float64))
+            if dout.shape != shape:
+                raise ValueError(f"the cotangent of `{self.output_name}` has shape {dout.shape}; the output has shape {shape}")
+        grads = {n: np.frombuffer(b, dtype=np.float64).reshape(s).copy() for n, s, b in self._k.grad(a, dout, dims)}
+        if torch_in:
+            import torch
+
+            return {n: torch.from_numpy(g) for n, g in grads.items()}
+        return grads
+
     def random_inputs(self, seed=0, **dims):
         """Seeded random inputs at these dims (value ranges from the spec's ``in lo..hi``), as
         ``{name: numpy array}``: what ``attnc inputs`` writes."""

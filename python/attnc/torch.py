@@ -7,7 +7,9 @@
     o = alibi(q=q, k=k, v=v, slope=slope)               # eager
     o = torch.compile(lambda q, k, v, s: alibi(q=q, k=k, v=v, slope=s))(q, k, v, s)
 
-Forward only for now: calling backward raises ``NotImplementedError``.
+``loss.backward()`` works through the op: the backward is derived from the spec
+(:meth:`attnc.Kernel.grad`, the reference backward in f64: exact, slow, for small shapes and
+for checking; compiled backward kernels are not written yet). Integer inputs get no gradient.
 """
 
 import torch
@@ -36,10 +38,15 @@ def register(kernel, name=None):
         dtype = {"f16": torch.float16, "bf16": torch.bfloat16}.get(kernel.output_dtype, torch.float32)
         return tensors[0].new_empty(shape, dtype=dtype)
 
-    def backward(ctx, grad):
-        raise NotImplementedError(f"attnc: the backward pass of `{kernel.name}` is not supported yet (forward only)")
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
 
-    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+    def backward(ctx, grad):
+        tensors = ctx.saved_tensors
+        grads = kernel.grad(cotangent=grad, **dict(zip(names, tensors)))
+        return tuple(grads[n].to(device=t.device, dtype=t.dtype) if n in grads else None for n, t in zip(names, tensors))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
     def call(**tensors):
         missing = [n for n in names if n not in tensors]

@@ -138,6 +138,7 @@ type Choice = (Opts, Vec<String>, String);
 
 /// A random input: name, dtype, shape and little-endian bytes.
 type RawTensor = (String, String, Vec<usize>, Vec<u8>);
+type RawGrad = (String, Vec<usize>, Vec<u8>);
 
 /// Buffers of the declared inputs (float32 or int32, C-contiguous) with their shapes.
 struct Buffers {
@@ -350,6 +351,30 @@ impl Kernel {
         }
         out_buf.copy_from_slice(py, &got.data)?;
         Ok(())
+    }
+
+    /// Gradients of `Σ cotangent · output` with respect to every float input, derived from
+    /// the spec (the reference backward, f64): `[(name, shape, bytes)]` of little-endian
+    /// float64 data. `cotangent` is a C-contiguous float64 buffer of the output's shape.
+    #[pyo3(signature = (arrays, cotangent, dims=None))]
+    fn grad(&self, py: Python<'_>, arrays: &Bound<'_, PyDict>, cotangent: &Bound<'_, PyAny>, dims: Option<BTreeMap<String, i64>>) -> PyResult<Vec<RawGrad>> {
+        let explicit = dims.unwrap_or_default();
+        let b = input_buffers(&self.spec, arrays)?;
+        let bound = self.bind(&b, &explicit)?;
+        let mut parts = attnc::memory_parts(&self.spec, &bound, true);
+        parts.push(("for the gradients", parts[0].1 * 2 / 3));
+        attnc_codegen::host::check_memory(&parts).map_err(run_error)?;
+        let data = self.tensors(&b, &|_| true);
+        let o = self.spec.kernel.output();
+        let want = bound.shape(o);
+        let cb = PyBuffer::<f64>::get(cotangent).map_err(|_| PyValueError::new_err("the cotangent must be a C-contiguous float64 buffer"))?;
+        if cb.shape() != want.as_slice() {
+            return Err(PyValueError::new_err(format!("the cotangent of `{}` has shape {:?}; the output has shape {want:?}", o.name, cb.shape())));
+        }
+        let dout = Tensor::new(want, cb.to_vec(py)?);
+        let spec = &self.spec;
+        let g = py.detach(|| ir::grad::grad(&spec.kernel, &bound, &data, &dout)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(g.into_iter().map(|(n, t)| (n, t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect())).collect())
     }
 
     /// Seeded random inputs at these dims (value ranges from the spec's `in lo..hi`), as

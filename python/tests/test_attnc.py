@@ -299,10 +299,29 @@ def test_the_custom_op_runs_eagerly_and_inside_torch_compile():
     compiled = torch.compile(model, fullgraph=True)
     got = compiled(t["q"], t["k"], t["v"], t["slope"])
     np.testing.assert_allclose(got.numpy(), eager.numpy() + 1.0, rtol=1e-5, atol=1e-5)
-    q = t["q"].clone().requires_grad_(True)
-    y = op(q=q, k=t["k"], v=t["v"], slope=t["slope"])
-    with pytest.raises(NotImplementedError, match="backward pass of `alibi` is not supported yet"):
-        y.sum().backward()
+
+
+
+@needs_torch
+def test_loss_backward_runs_through_the_custom_op():
+    import attnc.torch as at
+
+    kern, ins = alibi_inputs(n=9, h=2)
+    op = at.register(kern)
+    t = {n: torch.from_numpy(a).requires_grad_(True) for n, a in ins.items()}
+    w = torch.randn(op(**t).shape)
+    (op(**t) * w).sum().backward()
+    # The same loss written in torch and differentiated by torch's autograd (float64).
+    q, k, v, slope = (ins[n].astype(np.float64) for n in ("q", "k", "v", "slope"))
+    e = {n: torch.from_numpy(a).requires_grad_(True) for n, a in dict(q=q, k=k, v=v, slope=slope).items()}
+    n = q.shape[2]
+    dist = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).to(torch.float64)
+    s = e["q"] @ e["k"].transpose(-1, -2) / np.sqrt(q.shape[-1]) - e["slope"][None, :, None, None] * dist
+    s = s.masked_fill(dist < 0, float("-inf"))
+    (torch.softmax(s, -1) @ e["v"] * w.double()).sum().backward()
+    for name in ("q", "k", "v", "slope"):
+        np.testing.assert_allclose(t[name].grad.numpy(), e[name].grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=name)
+        assert t[name].grad.dtype == torch.float32
 
 
 def test_dims_with_defaults_may_be_left_out():
@@ -313,3 +332,39 @@ def test_dims_with_defaults_may_be_left_out():
     np.testing.assert_allclose(kern(**ins), kern.reference(**ins), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="no dim `X`"):
         kern.random_inputs(B=1, H=2, N=9, D=4, X=3)
+
+
+def test_grad_matches_finite_differences_of_the_reference():
+    kern = attnc.compile(os.path.join(ROOT, "examples", "sink_softmax.attn"))
+    ins = kern.random_inputs(seed=4, **small_dims(kern))
+    # float64 inputs at float32-exact values (the kernel reads them as float32).
+    base = {n: a.astype(np.float64) for n, a in ins.items()}
+    rng = np.random.default_rng(0)
+    dout = rng.standard_normal(kern.reference(**base).shape)
+    grads = kern.grad(cotangent=dout, **base)
+    assert sorted(grads) == ["k", "q", "sink", "v"]
+
+    def loss(x):
+        return float((kern.reference(**x) * dout).sum())
+
+    for name in ("q", "k", "sink"):
+        for idx in [tuple(rng.integers(0, d) for d in base[name].shape) for _ in range(4)]:
+            h = 1e-3
+            up = {**base, name: base[name].copy()}
+            up[name][idx] += h
+            down = {**base, name: base[name].copy()}
+            down[name][idx] -= h
+            fd = (loss(up) - loss(down)) / (2 * h)
+            assert abs(grads[name][idx] - fd) <= 1e-3 * max(1.0, abs(fd)), (name, idx, grads[name][idx], fd)
+
+
+def test_grad_defaults_to_ones_and_refuses_a_misshaped_cotangent():
+    kern = attnc.compile(os.path.join(ROOT, "examples", "document_mask.attn"))
+    ins = kern.random_inputs(seed=1, **{**small_dims(kern), "M": SMALL["N"]})
+    grads = kern.grad(**ins)
+    ints = {n for n, d, _ in kern.inputs if d == "i32"}
+    assert ints and not ints & set(grads), "integer inputs have no gradient"
+    ones = np.ones(kern(**ins).shape)
+    np.testing.assert_array_equal(kern.grad(cotangent=ones, **ins)["q"], grads["q"])
+    with pytest.raises(ValueError, match="the cotangent of `o` has shape"):
+        kern.grad(cotangent=np.ones((1, 2, 3)), **ins)
