@@ -18,6 +18,9 @@ Shared machines are noisy (the same run can take 1.5x as long a minute later), s
 sides are timed in alternation, `--rounds` times, each a median of `--runs`; the table
 keeps each side's best round.
 
+The first line gives the host's FMA peak at its widest vector width (`attnc peak`, measured
+in the same run on the same threads) and each attnc row its fraction of it.
+
 Set up (once; about 3 GB of wheels, not part of CI):
   python3 -m venv .venv-bench && .venv-bench/bin/pip install torch==2.15.0 numpy
 Run (after `cargo build --release`):
@@ -286,6 +289,10 @@ def main():
     torch.set_num_threads(args.threads)
     B, H, D = 1, 8, 64
     print(f"# attnc vs PyTorch {torch.__version__}, B={B} H={H} D={D} f32, {args.threads} threads, best of {args.rounds} alternating rounds, each a median of {args.runs}")
+    # The host's FMA peak at its widest vector width, measured now on the same threads.
+    peak_line = subprocess.run([ATTNC, "peak", "--threads", str(args.threads)], capture_output=True, text=True, check=True).stdout.strip()
+    peak = float(re.search(r"fma peak ([0-9.]+) GFLOP/s", peak_line).group(1))
+    print(f"# {peak_line}; the `peak` column is each attnc row's GFLOP/s as a fraction of it")
     tmp = tempfile.mkdtemp(prefix="attnc-compare-")
     print(f"{'variant':22} {'N':>5} {'attnc ms':>9} {'GFLOP/s':>8} {'base':>6} {'base ms':>9} {'GFLOP/s':>8} {'ratio':>6}")
     for N in args.n:
@@ -343,7 +350,7 @@ def main():
             if ms is None:
                 continue
             inputs = "same inputs" if path else "random inputs"
-            print(f"{spec:22} {N:>5} {ms:9.2f} {gflop / ms * 1e3:8.1f}   (compile {comp:.1f} ms, {live:.1f}% live, {mem:.1f} MiB extra, {inputs})")
+            print(f"{spec:22} {N:>5} {ms:9.2f} {gflop / ms * 1e3:8.1f}   (peak {gflop / ms * 1e3 / peak:.0%}; compile {comp:.1f} ms, {live:.1f}% live, {mem:.1f} MiB extra, {inputs})")
             shown = [n for n, _ in baselines] + (["attnc@base"] if args.baseline_attnc else [])
             for name in shown:
                 if name in failed:

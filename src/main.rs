@@ -450,6 +450,17 @@ enum Cmd {
         #[command(flatten)]
         opt: OptArgs,
     },
+    /// Measure this CPU's FMA peak (GFLOP/s) at its widest vector width (AVX-512, AVX2+FMA
+    /// or portable, detected at run time): register-only fused multiply-adds on every
+    /// thread, best of three runs. The ceiling `bench` figures are read against.
+    Peak {
+        /// Threads (0: one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// About how long to measure, in seconds.
+        #[arg(long, default_value_t = 1.0)]
+        seconds: f64,
+    },
     /// List the diagnostic codes.
     Codes,
 }
@@ -1000,6 +1011,13 @@ fn run(cli: Cli) -> Result<()> {
                 None => None,
             };
             out!("{}", attnc::explain::explain(&c, &oc, &log, &opt.config()?, shape.as_ref())?);
+        }
+        Cmd::Peak { threads, seconds } => {
+            if !(seconds > 0.0 && seconds <= 600.0) {
+                return Err(anyhow!("--seconds must be in (0, 600]"));
+            }
+            let p = attnc_codegen::cpu::peak::fma_peak(threads, seconds);
+            outln!("fma peak {:.1} GFLOP/s ({:?}, {} threads; {})", p.gflops, p.isa, p.threads, CpuBackend::default().device());
         }
         Cmd::Codes => {
             for (code, what) in attnc::dsl::CODES {

@@ -19,6 +19,7 @@ mod chunked;
 mod emit;
 mod gen;
 pub mod microkernel;
+pub mod peak;
 mod tiled;
 
 pub use emit::CpuArtifact;
