@@ -59,11 +59,11 @@ def first_line(e):
 
 
 def spec_dims(spec):
-    """The names on the spec's `dims` line."""
+    """The names on the spec's `dims` line (`G = H`, a dim with a default, gives `G`)."""
     for line in open(os.path.join(ROOT, "examples", spec + ".attn")):
         line = line.split("#")[0].strip()
         if line.startswith("dims "):
-            return [d.strip() for d in line[5:].split(",")]
+            return [d.split("=")[0].strip() for d in line[5:].split(",")]
     return []
 
 
