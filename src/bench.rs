@@ -21,10 +21,10 @@ pub fn useful_work(c: &Checked, dims: &Bindings, inputs: &BTreeMap<String, Tenso
     let ext = |e: &crate::ir::Extent| dims.extent(e);
     let (nb, nh, ni, nj, ne) = (ext(&k.iter.b), ext(&k.iter.h), ext(&k.iter.i), ext(&k.iter.j), ext(&k.iter.e));
     let eval = ExprEval::new(k, dims, inputs).map_err(|e| e.to_string())?;
-    let oracle = DataOracle {
-        tensors: inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
-        limit: 1 << 14,
-    };
+    let oracle = DataOracle::new(
+        inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
+        1 << 14,
+    );
     let (mut pairs, mut flops) = (0u64, 0f64);
     for br in &k.branches {
         // Channels of the score's reduction(s): the size of the first sum's range.

@@ -176,14 +176,14 @@ pub fn optimize_for(
     }
     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
     let Ok(dims) = ir::bind(&c.kernel, &shapes, given) else { return Ok((p.optimized, p.log, None)) };
-    let oracle = passes::tiles::DataOracle {
-        tensors: inputs
+    let oracle = passes::tiles::DataOracle::new(
+        inputs
             .iter()
             .filter(|(n, _)| p.bias_reads.contains(*n))
             .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
             .collect(),
-        limit: 1 << 14,
-    };
+        1 << 14,
+    );
     let (k, log, why) = p.pick(&dims, &passes::bounds::Bounded::new(oracle));
     Ok((k.clone(), log.to_vec(), why))
 }

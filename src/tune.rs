@@ -16,13 +16,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 fn oracle<'a>(c: &Checked, inputs: &'a BTreeMap<String, Tensor>) -> DataOracle<'a> {
-    DataOracle {
-        tensors: inputs
-            .iter()
-            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
-            .collect(),
-        limit: 1 << 14,
-    }
+    DataOracle::new(
+        inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
+        1 << 14,
+    )
 }
 
 /// Every candidate (for the key's checksum) and the cost model's order.

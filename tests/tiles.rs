@@ -16,10 +16,10 @@ fn example(name: &str) -> attnc::dsl::Checked {
 }
 
 fn oracle<'a>(inputs: &'a BTreeMap<String, Tensor>, k: &ir::Kernel) -> DataOracle<'a> {
-    DataOracle {
-        tensors: inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
-        limit: 4096,
-    }
+    DataOracle::new(
+        inputs.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
+        4096,
+    )
 }
 
 #[test]

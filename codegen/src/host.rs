@@ -351,10 +351,7 @@ impl TensorData {
 
     /// The classifier's view (boxes of up to 2^14 elements are read exactly).
     pub fn oracle(&self) -> attnc_passes::tiles::DataOracle<'_> {
-        attnc_passes::tiles::DataOracle {
-            tensors: self.tensors.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(),
-            limit: 1 << 14,
-        }
+        attnc_passes::tiles::DataOracle::new(self.tensors.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(), 1 << 14)
     }
 }
 

@@ -519,11 +519,11 @@ mod tests {
         let k = kernel("(load v b h (load perm j) e)", "");
         let perm: Vec<f64> = vec![0.0, 1.0, 2.0, 100000000.0, 4.0, 5.0, 6.0, 7.0];
         let shape = [8usize];
-        let data = Bounded::new(crate::tiles::DataOracle { tensors: [("perm".to_string(), (&shape[..], &perm[..], true))].into(), limit: 1 << 14 });
+        let data = Bounded::new(crate::tiles::DataOracle::new([("perm".to_string(), (&shape[..], &perm[..], true))].into(), 1 << 14));
         let Err(BoundsError::OutOfRange(v)) = check(&k, &dims(), &data) else { panic!("refused") };
         assert_eq!((v.value, v.from_data.as_deref()), (100000000, Some("`perm[3]` = 100000000")));
         let ok: Vec<f64> = (0..8).rev().map(|x| x as f64).collect();
-        let data = Bounded::new(crate::tiles::DataOracle { tensors: [("perm".to_string(), (&shape[..], &ok[..], true))].into(), limit: 1 << 14 });
+        let data = Bounded::new(crate::tiles::DataOracle::new([("perm".to_string(), (&shape[..], &ok[..], true))].into(), 1 << 14));
         assert_eq!(check(&k, &dims(), &data), Ok(()));
         assert!(reads_data(&k) && !reads_data(&kernel("(load v b h j e)", "")));
     }

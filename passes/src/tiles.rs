@@ -9,7 +9,8 @@
 
 use crate::interval::{eval, Iv, LoadOracle};
 use attnc_ir::Expr;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
 
 /// A tile's class. The discriminants are the bytes generated code reads (a backend's
 /// class table is a `[TileClass]` passed as bytes).
@@ -91,11 +92,52 @@ pub fn classify_row(
 }
 
 /// Exact bounds of tensor elements over index boxes, read from the data (boxes of up to
-/// `limit` elements; larger boxes are unknown).
+/// `limit` elements; larger boxes are unknown). Each box is scanned once: the classifier asks
+/// for the same key ranges on every row of query tiles (`seg[b, j0..j1]`), so results are
+/// kept for the oracle's lifetime (one call's data).
 pub struct DataOracle<'a> {
     /// name -> (shape, values as f64, is_int)
     pub tensors: BTreeMap<String, (&'a [usize], &'a [f64], bool)>,
     pub limit: usize,
+    memo: Mutex<HashMap<(String, Vec<(usize, usize)>), Iv>>,
+}
+
+impl<'a> DataOracle<'a> {
+    pub fn new(tensors: BTreeMap<String, (&'a [usize], &'a [f64], bool)>, limit: usize) -> DataOracle<'a> {
+        DataOracle { tensors, limit, memo: Mutex::new(HashMap::new()) }
+    }
+}
+
+/// The bounds of `data` over the row-major box `ranges` (inclusive) of a tensor of `shape`.
+fn scan_box(shape: &[usize], data: &[f64], ranges: &[(usize, usize)], is_int: bool) -> Iv {
+    let (mut lo, mut hi, mut nan) = (f64::INFINITY, f64::NEG_INFINITY, false);
+    let last = ranges.len() - 1;
+    let mut idx: Vec<usize> = ranges.iter().map(|r| r.0).collect();
+    loop {
+        // The innermost axis is contiguous: one slice.
+        let flat = idx.iter().zip(shape.iter()).fold(0usize, |f, (i, n)| f * n + i);
+        for &x in &data[flat..=flat + (ranges[last].1 - ranges[last].0)] {
+            if x.is_nan() {
+                nan = true;
+            } else {
+                lo = lo.min(x);
+                hi = hi.max(x);
+            }
+        }
+        // Next row of the box, row-major over the outer axes.
+        let mut a = last;
+        loop {
+            if a == 0 {
+                return if is_int { Iv::Int(lo as i64, hi as i64) } else { Iv::Float { lo, hi, nan } };
+            }
+            a -= 1;
+            if idx[a] < ranges[a].1 {
+                idx[a] += 1;
+                break;
+            }
+            idx[a] = ranges[a].0;
+        }
+    }
 }
 
 impl LoadOracle for DataOracle<'_> {
@@ -120,29 +162,62 @@ impl LoadOracle for DataOracle<'_> {
         if count > self.limit || ranges.len() != shape.len() {
             return Iv::Unknown;
         }
+        if ranges.is_empty() {
+            let x = data[0];
+            return if *is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
+        }
+        let key = (tensor.to_string(), ranges);
+        if let Some(v) = self.memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return *v;
+        }
+        let v = scan_box(shape, data, &key.1, *is_int);
+        self.memo.lock().unwrap_or_else(|e| e.into_inner()).insert(key, v);
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bounds of a box, the slow way: every element joined.
+    fn joined(shape: &[usize], data: &[f64], ranges: &[(usize, usize)], is_int: bool) -> Iv {
         let mut acc: Option<Iv> = None;
-        let mut idx: Vec<usize> = ranges.iter().map(|r| r.0).collect();
-        loop {
-            let flat = idx.iter().zip(shape.iter()).fold(0usize, |f, (i, n)| f * n + i);
-            let x = data[flat];
-            let v = if *is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
-            acc = Some(acc.map_or(v, |a| a.join(v)));
-            // Next index in the box, row-major.
-            let mut a = idx.len();
-            loop {
-                if a == 0 {
-                    return acc.unwrap_or(Iv::Unknown);
-                }
-                a -= 1;
-                if idx[a] < ranges[a].1 {
-                    idx[a] += 1;
-                    break;
-                }
-                idx[a] = ranges[a].0;
+        for (flat, &x) in data.iter().enumerate() {
+            let mut rem = flat;
+            let mut inside = true;
+            for (a, &(lo, hi)) in ranges.iter().enumerate() {
+                let stride: usize = shape[a + 1..].iter().product();
+                let i = rem / stride;
+                rem %= stride;
+                inside &= lo <= i && i <= hi;
             }
-            if idx.is_empty() {
-                return acc.unwrap_or(Iv::Unknown);
+            if inside {
+                let v = if is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
+                acc = Some(acc.map_or(v, |a| a.join(v)));
             }
+        }
+        acc.expect("a box holds an element")
+    }
+
+    #[test]
+    fn data_oracle_bounds_match_every_element_joined_and_repeat() {
+        let shape = [3usize, 5, 7];
+        let ints: Vec<f64> = (0..105).map(|x| ((x * 37 + 11) % 23) as f64 - 9.0).collect();
+        let mut floats: Vec<f64> = (0..105).map(|x| ((x * 53 + 7) % 29) as f64 * 0.25 - 3.0).collect();
+        floats[40] = f64::NAN;
+        for (data, is_int) in [(&ints, true), (&floats, false)] {
+            let o = DataOracle::new([("t".to_string(), (&shape[..], &data[..], is_int))].into(), 1 << 10);
+            for ranges in [[(0, 2), (0, 4), (0, 6)], [(1, 1), (2, 3), (5, 6)], [(0, 1), (1, 1), (0, 0)], [(2, 2), (4, 4), (6, 6)]] {
+                let index: Vec<Iv> = ranges.iter().map(|&(lo, hi)| Iv::Int(lo as i64, hi as i64)).collect();
+                let want = joined(&shape, data, &ranges, is_int);
+                assert_eq!(o.load("t", &index), want, "{ranges:?}");
+                assert_eq!(o.load("t", &index), want, "{ranges:?} again (kept)");
+            }
+            // Out of range or past the limit: unknown.
+            assert_eq!(o.load("t", &[Iv::Int(0, 3), Iv::Int(0, 0), Iv::Int(0, 0)]), Iv::Unknown);
+            let small = DataOracle::new([("t".to_string(), (&shape[..], &data[..], is_int))].into(), 10);
+            assert_eq!(small.load("t", &[Iv::Int(0, 2), Iv::Int(0, 4), Iv::Int(0, 0)]), Iv::Unknown);
         }
     }
 }
