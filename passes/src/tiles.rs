@@ -91,6 +91,9 @@ pub fn classify_row(
     out
 }
 
+/// A tensor and an index box (inclusive ranges per axis).
+type BoxKey = (String, Vec<(usize, usize)>);
+
 /// Exact bounds of tensor elements over index boxes, read from the data (boxes of up to
 /// `limit` elements; larger boxes are unknown). Each box is scanned once: the classifier asks
 /// for the same key ranges on every row of query tiles (`seg[b, j0..j1]`), so results are
@@ -99,7 +102,7 @@ pub struct DataOracle<'a> {
     /// name -> (shape, values as f64, is_int)
     pub tensors: BTreeMap<String, (&'a [usize], &'a [f64], bool)>,
     pub limit: usize,
-    memo: Mutex<HashMap<(String, Vec<(usize, usize)>), Iv>>,
+    memo: Mutex<HashMap<BoxKey, Iv>>,
 }
 
 impl<'a> DataOracle<'a> {

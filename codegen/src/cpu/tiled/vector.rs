@@ -19,7 +19,7 @@ pub(super) fn little() -> MemFlagsData {
 }
 
 /// `tanh`'s numerator coefficients (odd powers, from x^13 down to x^1, in x²).
-pub(crate) const TANH_NUM: [f32; 7] = [-2.760_768_5e-16, 2.000_187_9e-13, -8.604_671_5e-11, 5.122_297e-8, 1.485_722_4e-5, 6.372_619_3e-4, 4.893_524_6e-3];
+pub(crate) const TANH_NUM: [f32; 7] = [-2.760_768_5e-16, 2.000_188e-13, -8.604_672e-11, 5.122_297e-8, 1.485_722_4e-5, 6.372_619_3e-4, 4.893_524_6e-3];
 /// `tanh`'s denominator coefficients (even powers, from x^6 down to x^0, in x²).
 pub(crate) const TANH_DEN: [f32; 4] = [1.198_258_4e-6, 1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3];
 
