@@ -536,28 +536,39 @@ impl CpuKernel {
         let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
         let ws_len = ts.workspace.task_floats(t.channels, g.values) as usize;
         let (kt_len, vb_len) = ts.workspace.pack_floats(g.keys, t.channels, g.values);
-        t.groups.par_iter().for_each(|group| {
-            let (b, heads) = (group.batch, &group.heads);
-            let mut kt = vec![0f32; kt_len as usize];
-            let mut vb = vec![0f32; vb_len as usize];
-            // SAFETY: kt and vb hold the padded panels `pack` writes.
-            unsafe { pack(fp.get(), b, heads[0], kt.as_mut_ptr(), vb.as_mut_ptr()) };
-            // Per head: its classes, [query tile][branch][key tile].
-            let per_head = (nqb * nbr * ntiles) as usize;
-            let cls: Vec<_> = heads.iter().flat_map(|&h| table.head(b, h)).collect();
-            let (ktp, vbp) = (SendPtr(kt.as_ptr()), SendPtr(vb.as_ptr()));
-            let clsp = SendPtr(cls.as_ptr() as *const u8);
-            let tasks: Vec<(usize, i64)> = (0..heads.len()).flat_map(|n| (0..nqb).map(move |qb| (n, qb))).collect();
-            tasks.par_iter().for_each_init(
-                || vec![0f32; ws_len],
-                |ws, &(n, qb)| {
-                    // SAFETY: the classes are `repr(u8)` bytes, laid out as `tile` reads them.
-                    let c = unsafe { clsp.get().add(n * per_head + (qb * nbr * ntiles) as usize) };
-                    // SAFETY: tiles write disjoint output rows; ws holds the tile workspace.
-                    unsafe { tile(fp.get(), b, heads[n], qb * grid.block_q, ktp.get(), vbp.get(), ws.as_mut_ptr(), c) };
-                },
-            );
-        });
+        // Query tiles per task: small tiles (block-diagonal masks run 16-row tiles with one live
+        // key tile each) are grouped so that a task holds about 64 rows of work.
+        let per_task = (64 / grid.block_q).max(1) as usize;
+        // The panels are reused from group to group within a worker's run of groups: `pack`
+        // writes every element a tile reads, and the zero padding stays where it was.
+        t.groups.par_iter().for_each_init(
+            || (vec![0f32; kt_len as usize], vec![0f32; vb_len as usize]),
+            |(kt, vb), group| {
+                let (b, heads) = (group.batch, &group.heads);
+                // SAFETY: kt and vb hold the padded panels `pack` writes.
+                unsafe { pack(fp.get(), b, heads[0], kt.as_mut_ptr(), vb.as_mut_ptr()) };
+                // Per head: its classes, [query tile][branch][key tile].
+                let per_head = (nqb * nbr * ntiles) as usize;
+                let mut cls = Vec::with_capacity(per_head * heads.len());
+                for &h in heads {
+                    cls.extend_from_slice(&table.head(b, h));
+                }
+                let (ktp, vbp) = (SendPtr(kt.as_ptr()), SendPtr(vb.as_ptr()));
+                let clsp = SendPtr(cls.as_ptr() as *const u8);
+                let tasks: Vec<(usize, i64)> = (0..heads.len()).flat_map(|n| (0..nqb).map(move |qb| (n, qb))).collect();
+                tasks.par_chunks(per_task).for_each_init(
+                    || vec![0f32; ws_len],
+                    |ws, chunk| {
+                        for &(n, qb) in chunk {
+                            // SAFETY: the classes are `repr(u8)` bytes, laid out as `tile` reads them.
+                            let c = unsafe { clsp.get().add(n * per_head + (qb * nbr * ntiles) as usize) };
+                            // SAFETY: tiles write disjoint output rows; ws holds the tile workspace.
+                            unsafe { tile(fp.get(), b, heads[n], qb * grid.block_q, ktp.get(), vbp.get(), ws.as_mut_ptr(), c) };
+                        }
+                    },
+                );
+            },
+        );
     }
 }
 
