@@ -25,6 +25,7 @@ use crate::diff::{partials, DiffError, Target};
 use crate::expr::{BinOp, Expr};
 use crate::kernel::*;
 use crate::reference::{fmax, machine, Machine, Node, RefError, Tensor, FIXED, V};
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
@@ -216,10 +217,7 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
     let f_gate = fo(&k.gate);
 
     let (sb_, sh_, si_, sj_, se_, ss_, sw_) = (0, 1, 2, 3, 4, 5, 6);
-    let mut env = vec![V::I(0); FIXED.len()];
     let ne = ne as usize;
-    let mut acc = vec![0.0f64; ne];
-    let mut dacc = vec![0.0f64; ne];
     /// One branch's forward row: live keys with their scores, the normalized weights
     /// before `post` (softmax) and after, and the extras the backward needs.
     #[derive(Default)]
@@ -236,9 +234,13 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
         /// Linear: the denominator.
         den: f64,
     }
-    let mut rows: Vec<Row> = branches.iter().map(|_| Row::default()).collect();
-    for b in 0..nb {
-        for h in 0..nh {
+    // One head's rows, into `g`.
+    let head = |b: i64, h: i64, g: &mut [Vec<f64>]| -> Result<(), GradError> {
+        let mut env = vec![V::I(0); FIXED.len()];
+        let mut acc = vec![0.0f64; ne];
+        let mut dacc = vec![0.0f64; ne];
+        let mut rows: Vec<Row> = branches.iter().map(|_| Row::default()).collect();
+        {
             for i in 0..ni {
                 env[sb_] = V::I(b);
                 env[sh_] = V::I(h);
@@ -418,6 +420,28 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
                     }
                 }
             }
+        }
+        Ok(())
+    };
+    // Heads in a fixed number of parts, in parallel; each part sums into its own buffers and
+    // the parts are added in order, so the result does not depend on the threads.
+    const PARTS: usize = 4;
+    let heads: Vec<(i64, i64)> = (0..nb).flat_map(|b| (0..nh).map(move |h| (b, h))).collect();
+    let per = heads.len().div_ceil(PARTS).max(1);
+    let sizes: Vec<usize> = g.iter().map(Vec::len).collect();
+    let parts: Vec<Result<Vec<Vec<f64>>, GradError>> = heads
+        .par_chunks(per)
+        .map(|chunk| {
+            let mut part: Vec<Vec<f64>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+            for &(b, h) in chunk {
+                head(b, h, &mut part)?;
+            }
+            Ok(part)
+        })
+        .collect();
+    for part in parts {
+        for (into, from) in g.iter_mut().zip(part?) {
+            into.iter_mut().zip(from).for_each(|(x, y)| *x += y);
         }
     }
     Ok(())
