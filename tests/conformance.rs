@@ -819,27 +819,45 @@ fn integer_division_on_lanes_matches_reference() {
     }
 }
 
-/// `tanh` on the CPU's vector path, element by element: with one-hot values each output is
-/// one `tanh(q_i · k_j)`, over [-12, 12] and near 0, within 1e-6 relative of the f64
-/// reference (the rational form; `1 − 2/(e^{2x} + 1)` lost 6e-6 near 0 to cancellation).
+/// Float functions on the CPU's vector paths, element by element: with one-hot values each
+/// output is one `f(x)`, over [-12, 12] and near 0, within 1e-6 relative of the f64
+/// reference. `f(dot)` runs in the tiled kernel's vector pass; `dot(f(q), k)` in a derived
+/// tensor's vector loop (the linear form). `tanh` once lost 5e-5 near 0 to cancellation in
+/// `1 − 2/(e^{2x} + 1)`, and `elu` 6e-4 in `exp(x) − 1`.
 #[test]
-fn tanh_on_the_vector_path_is_accurate_over_its_range() {
-    let src = "attention t {\n  dims B, H, N, M, D, Dv\n  input q: f32[B, H, N, D]\n  input k: f32[B, H, M, D]\n  input v: f32[B, H, M, Dv]\n  output o: f32[B, H, N, Dv]\n  score = tanh(dot(q[b, h, i, :], k[b, h, j, :]))\n  normalize = none\n  value = v[b, h, j, e]\n}\n";
-    let c = attnc::dsl::compile(src).expect("spec");
+fn float_functions_on_the_vector_paths_are_accurate_over_their_range() {
     let (n, m) = (512usize, 16usize);
     let q: Vec<f64> = (0..n).map(|i| if i < 32 { (i as f64 - 16.0) * 1e-4 } else { -12.0 + 24.0 * i as f64 / n as f64 } as f32 as f64).collect();
-    let k: Vec<f64> = (0..m).map(|j| (1.0 + 0.037 * j as f64) as f32 as f64).collect();
-    let v: Vec<f64> = (0..m * m).map(|x| if x / m == x % m { 1.0 } else { 0.0 }).collect();
-    let ins: BTreeMap<String, Tensor> = [("q", (q, vec![1, 1, n, 1])), ("k", (k, vec![1, 1, m, 1])), ("v", (v, vec![1, 1, m, m]))]
-        .into_iter()
-        .map(|(name, (d, s))| (name.to_string(), Tensor::new(s, d)))
-        .collect();
-    let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
-    let got = cpu(CpuOptions::default()).run(&c, &ins).expect("cpu");
-    let mut worst = 0f64;
-    for (g, w) in got.data.iter().zip(&want.data) {
-        assert!((g - w).abs() <= 1e-6 * w.abs() + 1e-30, "tanh: {g} vs {w}");
-        worst = worst.max((g - w).abs() / w.abs().max(1e-30));
+    for f in ["tanh", "elu"] {
+        let one_hot: Vec<f64> = (0..m * m).map(|x| if x / m == x % m { 1.0 } else { 0.0 }).collect();
+        // Tiled: D = 1, o[i, e] = f(q_i · k_e). Derived: D = M = 16 and one-hot keys,
+        // o[i, e] = f(q[i, e]) (the derived tensor's rows are 16 long: the 4-lane loop).
+        for (form, score, k, qshape, kshape) in [
+            (
+                "tiled pass",
+                format!("{f}(dot(q[b, h, i, :], k[b, h, j, :]))"),
+                (0..m).map(|j| (1.0 + 0.037 * j as f64) as f32 as f64).collect::<Vec<f64>>(),
+                vec![1, 1, n, 1],
+                vec![1, 1, m, 1],
+            ),
+            ("derived tensor", format!("dot({f}(q[b, h, i, :]), k[b, h, j, :])"), one_hot.clone(), vec![1, 1, n / m, m], vec![1, 1, m, m]),
+        ] {
+            let src = format!(
+                "attention t {{\n  dims B, H, N, M, D, Dv\n  input q: f32[B, H, N, D]\n  input k: f32[B, H, M, D]\n  input v: f32[B, H, M, Dv]\n  output o: f32[B, H, N, Dv]\n  score = {score}\n  normalize = none\n  value = v[b, h, j, e]\n}}\n"
+            );
+            let c = attnc::dsl::compile(&src).expect("spec");
+            let ins: BTreeMap<String, Tensor> = [("q", (q.clone(), qshape)), ("k", (k, kshape)), ("v", (one_hot.clone(), vec![1, 1, m, m]))]
+                .into_iter()
+                .map(|(name, (d, s))| (name.to_string(), Tensor::new(s, d)))
+                .collect();
+            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+            let got = cpu(CpuOptions::default()).run(&c, &ins).expect("cpu");
+            let mut worst = 0f64;
+            for (g, w) in got.data.iter().zip(&want.data) {
+                assert!((g - w).abs() <= 1e-6 * w.abs() + 1e-30, "{f} ({form}): {g} vs {w}");
+                worst = worst.max((g - w).abs() / w.abs().max(1e-30));
+            }
+            eprintln!("{f} ({form}): max relative error {worst:.2e}");
+        }
     }
-    eprintln!("tanh on the vector path: max relative error {worst:.2e}");
 }

@@ -276,9 +276,22 @@ impl Gen<'_, '_> {
                         let other = if *op == UnOp::Relu {
                             zero
                         } else {
+                            // expm1: `exp(x) − 1` cancels near 0 (6e-4 relative at
+                            // x = −1e-4), so |x| < 1/2 takes the Taylor series to x⁷
+                            // (truncation below 1e-7 relative there).
                             let ex = self.vexp(x);
                             let one = f(self, 1.0);
-                            self.b.ins().fsub(ex, one)
+                            let far = self.b.ins().fsub(ex, one);
+                            let mut p = f(self, 1.0 / 5040.0);
+                            for k in [720.0f32, 120.0, 24.0, 6.0, 2.0, 1.0] {
+                                let c = f(self, 1.0 / k);
+                                p = self.b.ins().fma(p, x, c);
+                            }
+                            let near = self.b.ins().fmul(p, x);
+                            let ax = self.b.ins().fabs(x);
+                            let half = f(self, 0.5);
+                            let small = self.b.ins().fcmp(FloatCC::LessThan, ax, half);
+                            self.fselect(small, near, far)
                         };
                         self.fselect(keep, x, other)
                     }
@@ -579,7 +592,7 @@ impl Gen<'_, '_> {
         self.cache.truncate(len - n);
     }
 
-    pub(super) fn vexpr_f(&mut self, e: &Expr, vecs: &[String]) -> Value {
+    pub(crate) fn vexpr_f(&mut self, e: &Expr, vecs: &[String]) -> Value {
         let v = self.vexpr(e, vecs);
         self.vec(v)
     }
