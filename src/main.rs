@@ -125,6 +125,50 @@ impl OptArgs {
     }
 }
 
+/// Where a command's inputs come from: a safetensors file or seeded random tensors.
+#[derive(clap::Args, Clone, Debug)]
+struct InputSource {
+    /// Input tensors (safetensors); dims are bound from their shapes.
+    #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
+    input: Option<PathBuf>,
+    /// Run on seeded random inputs instead of a file (needs --dims).
+    #[arg(long, requires = "dims")]
+    random: bool,
+    /// Seed for --random.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64 (needed for --random; with --input,
+    /// only dims that no input carries).
+    #[arg(long)]
+    dims: Option<String>,
+}
+
+impl InputSource {
+    /// The given dims and the inputs, refused before the work when what the command holds at
+    /// the bound dims (`memory`, the inputs first) does not fit: before generating random
+    /// inputs, after reading a file (its inputs then counted at their storage size only).
+    fn load(
+        &self,
+        c: &attnc::dsl::Checked,
+        memory: &dyn Fn(&ir::Bindings) -> Vec<(&'static str, u128)>,
+    ) -> Result<(BTreeMap<String, i64>, BTreeMap<String, ir::reference::Tensor>)> {
+        let given = dims_arg(&self.dims)?;
+        if self.random {
+            let b = bind_given(c, &given)?;
+            attnc_codegen::host::check_memory(&memory(&b))?;
+            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, self.seed).map_err(|e| anyhow!(e))?;
+            return Ok((given, ins));
+        }
+        let ins = attnc::io::read_inputs(self.input.as_ref().expect("clap: --input or --random"), &c.kernel)?;
+        let shapes = ins.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+        let b = ir::bind(&c.kernel, &shapes, &given)?;
+        let mut parts = memory(&b);
+        parts[0].1 /= 3; // the inputs are already read (as f64); their storage form remains
+        attnc_codegen::host::check_memory(&parts)?;
+        Ok((given, ins))
+    }
+}
+
 /// The spec with its bias factored within `budget` (FlashBias, approximate); prints
 /// the rank and the error admitted.
 fn approximated(c: &attnc::dsl::Checked, inputs: &mut BTreeMap<String, ir::reference::Tensor>, budget: f64) -> Result<attnc::dsl::Checked> {
@@ -261,19 +305,8 @@ enum Cmd {
     Run {
         /// The .attn spec file.
         spec: PathBuf,
-        /// Input tensors (safetensors); dims are bound from their shapes.
-        #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
-        input: Option<PathBuf>,
-        /// Run on seeded random inputs instead of a file (needs --dims).
-        #[arg(long, requires = "dims")]
-        random: bool,
-        /// Seed for --random.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Dim sizes, e.g. B=1,H=8,N=2048,M=2048,D=64 (needed for --random; with --input,
-        /// only dims that no input carries).
-        #[arg(long)]
-        dims: Option<String>,
+        #[command(flatten)]
+        source: InputSource,
         /// Output file (safetensors).
         #[arg(short, long)]
         output: PathBuf,
@@ -304,19 +337,8 @@ enum Cmd {
     Grad {
         /// The .attn spec file.
         spec: PathBuf,
-        /// Input tensors (safetensors); dims are bound from their shapes.
-        #[arg(short, long, required_unless_present = "random", conflicts_with = "random")]
-        input: Option<PathBuf>,
-        /// Run on seeded random inputs instead of a file (needs --dims).
-        #[arg(long, requires = "dims")]
-        random: bool,
-        /// Seed for --random (and for the elements --check samples).
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Dim sizes, e.g. B=1,H=2,N=64,M=64,D=16 (needed for --random; with --input, only
-        /// dims that no input carries).
-        #[arg(long)]
-        dims: Option<String>,
+        #[command(flatten)]
+        source: InputSource,
         /// The output's cotangent: a safetensors file with a tensor named as the spec's
         /// output, of its shape (default: ones, the gradient of the output's sum).
         #[arg(long, value_name = "DO")]
@@ -325,7 +347,8 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
         /// Also compare each input's gradient with central finite differences of the
-        /// reference forward on sampled elements; a disagreement writes nothing, exit 1.
+        /// reference forward on sampled elements (chosen by --seed); a disagreement writes
+        /// nothing, exit 1.
         #[arg(long)]
         check: bool,
         /// Elements per input that --check compares.
@@ -587,34 +610,20 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, input, random, seed, dims, output, backend, check, approx_bias, precision, opt } => {
+        Cmd::Run { spec, source, output, backend, check, approx_bias, precision, opt } => {
             if precision != Precision::Exact && !matches!(backend, Backend::Ptx | Backend::PtxSim) {
                 return Err(anyhow!("--precision is an option of the PTX backends (ptx, ptx-sim)"));
             }
             let ptx_options = PtxOptions { precision, ..PtxOptions::default() };
             let (_, c) = load(&spec)?;
-            let given = dims_arg(&dims)?;
-            if let Some(inp) = &input {
+            if let Some(inp) = &source.input {
                 if same_file(inp, &output) {
                     return Err(anyhow!("-o {} is the input file: choose another output path (the input would be replaced)", output.display()));
                 }
             }
             check_output_path(&output)?;
             let reference = check || backend == Backend::Reference;
-            let inputs = if random {
-                let b = bind_given(&c, &given)?;
-                attnc_codegen::host::check_memory(&attnc::memory_parts(&c, &b, reference))?;
-                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?
-            } else {
-                attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
-            };
-            if !random {
-                let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
-                let b = ir::bind(&c.kernel, &shapes, &given)?;
-                let mut parts = attnc::memory_parts(&c, &b, reference);
-                parts[0].1 /= 3; // the inputs are already read (as f64); their storage form remains
-                attnc_codegen::host::check_memory(&parts)?;
-            }
+            let (given, inputs) = source.load(&c, &|b| attnc::memory_parts(&c, b, reference))?;
             // The check runs the spec as written, on the inputs as given (kept only when
             // --approx-bias adds its factors to them).
             let exact_inputs = (approx_bias.is_some() && check).then(|| inputs.clone());
@@ -712,25 +721,20 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
             eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
         }
-        Cmd::Grad { spec, input, random, seed, dims, cotangent, output, check, check_samples } => {
+        Cmd::Grad { spec, source, cotangent, output, check, check_samples } => {
             let (_, c) = load(&spec)?;
             ir::grad::differentiable(&c.kernel).map_err(|e| anyhow!("{}: {e}", c.kernel.name))?;
-            let given = dims_arg(&dims)?;
-            for p in [input.as_ref(), cotangent.as_ref()].into_iter().flatten() {
+            for p in [source.input.as_ref(), cotangent.as_ref()].into_iter().flatten() {
                 if same_file(p, &output) {
                     return Err(anyhow!("-o {} is an input file: choose another output path", output.display()));
                 }
             }
             check_output_path(&output)?;
-            let inputs = if random {
-                let b = bind_given(&c, &given)?;
-                let mut parts = attnc::memory_parts(&c, &b, true);
+            let (given, inputs) = source.load(&c, &|b| {
+                let mut parts = attnc::memory_parts(&c, b, true);
                 parts.push(("for the gradients", parts[0].1 * 2 / 3));
-                attnc_codegen::host::check_memory(&parts)?;
-                attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, seed).map_err(|e| anyhow!(e))?
-            } else {
-                attnc::io::read_inputs(input.as_ref().expect("clap: --input or --random"), &c.kernel)?
-            };
+                parts
+            })?;
             let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
             let b = ir::bind(&c.kernel, &shapes, &given)?;
             let o = c.kernel.output();
@@ -746,7 +750,7 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("{}: reference backward (f64) in {:.3} s", c.kernel.name, t.elapsed().as_secs_f64());
             if check {
                 let t = Instant::now();
-                let rows = attnc::grad::finite_differences(&c.kernel, &b, &inputs, &dout, &grads, check_samples, seed).map_err(|e| anyhow!(e))?;
+                let rows = attnc::grad::finite_differences(&c.kernel, &b, &inputs, &dout, &grads, check_samples, source.seed).map_err(|e| anyhow!(e))?;
                 let mut failed = None;
                 for r in &rows {
                     eprintln!(
