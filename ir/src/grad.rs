@@ -24,7 +24,7 @@ use crate::bind::Bindings;
 use crate::diff::{partials, DiffError, Target};
 use crate::expr::{BinOp, Expr};
 use crate::kernel::*;
-use crate::reference::{fmax, machine, Machine, Node, RefError, Tensor, FIXED, V};
+use crate::reference::{branch_row, machine, BranchNodes, BranchRow, Machine, Node, RefError, Tensor, FIXED, V};
 use rayon::prelude::*;
 use std::collections::BTreeMap;
 
@@ -161,16 +161,8 @@ struct BranchD {
     sink: Option<Diffed>,
     post: Option<Diffed>,
     map: Option<Diffed>,
-    /// The forward's nodes of the same expressions.
-    f_score: Node,
-    f_bias: Option<Node>,
-    f_mask: Option<Node>,
-    f_decay: Option<Node>,
-    f_weight: Option<Node>,
-    f_sink: Option<Node>,
-    f_post: Option<Node>,
-    f_map: Option<Node>,
-    eps: Option<f64>,
+    /// The forward's nodes of the same branch.
+    f: BranchNodes,
 }
 
 fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -> Result<(), GradError> {
@@ -187,10 +179,10 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
     let mut branches = Vec::new();
     for (n, br) in k.branches.iter().enumerate() {
         let w = |part: &str| format!("branch {n}'s {part}");
-        let (sink, post, map, eps) = match &br.norm {
-            Norm::Softmax { sink, post } => (sink.clone(), post.clone(), None, None),
-            Norm::Map(e) => (None, None, Some(e.clone()), None),
-            Norm::Linear { eps } => (None, None, None, Some(eps.0)),
+        let (sink, post, map) = match &br.norm {
+            Norm::Softmax { sink, post } => (sink.clone(), post.clone(), None),
+            Norm::Map(e) => (None, None, Some(e.clone())),
+            Norm::Linear { .. } => (None, None, None),
         };
         branches.push(BranchD {
             score: diffed(m, k, &br.score, &base, None, &w("score"))?,
@@ -200,15 +192,7 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
             sink: diffed_opt(m, k, &sink, &base, None, &w("sink"))?,
             post: diffed_opt(m, k, &post, &base, Some("w"), &w("post"))?,
             map: diffed_opt(m, k, &map, &base, Some("s"), &w("map"))?,
-            f_score: fc(&br.score),
-            f_bias: fo(&br.bias),
-            f_mask: fo(&br.mask),
-            f_decay: fo(&br.decay),
-            f_weight: fo(&br.weight),
-            f_sink: fo(&sink),
-            f_post: fo(&post),
-            f_map: fo(&map),
-            eps,
+            f: BranchNodes::compile(m, br),
         });
     }
     let value_d = diffed(m, k, &k.value, &base, None, "the value")?;
@@ -218,21 +202,14 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
 
     let (sb_, sh_, si_, sj_, se_, ss_, sw_) = (0, 1, 2, 3, 4, 5, 6);
     let ne = ne as usize;
-    /// One branch's forward row: live keys with their scores, the normalized weights
-    /// before `post` (softmax) and after, and the extras the backward needs.
+    /// One branch's forward row (as the reference computes it), with its decay per key and
+    /// its branch weight.
     #[derive(Default)]
     struct Row {
         on: bool,
-        keys: Vec<i64>,
-        s: Vec<f64>,
-        w: Vec<f64>,
-        p: Vec<f64>,
+        r: BranchRow,
         decay: Vec<f64>,
         weight: f64,
-        /// Softmax: the sink's weight `exp(sink − max) / z`.
-        w_sink: f64,
-        /// Linear: the denominator.
-        den: f64,
     }
     // One head's rows, into `g`.
     let head = |b: i64, h: i64, g: &mut [Vec<f64>]| -> Result<(), GradError> {
@@ -249,82 +226,25 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
                 acc.iter_mut().for_each(|a| *a = 0.0);
                 let mut any_live = false;
                 // The forward row, as the reference computes it.
-                for (br, r) in branches.iter().zip(rows.iter_mut()) {
-                    r.on = false;
-                    r.keys.clear();
-                    r.s.clear();
-                    for j in 0..nj {
-                        env[sj_] = V::I(j);
-                        if let Some(mask) = &br.f_mask {
-                            if !m.eval(mask, &mut env, &cx)?.b() {
-                                continue;
-                            }
-                        }
-                        let mut s = m.eval(&br.f_score, &mut env, &cx)?.f();
-                        if let Some(bias) = &br.f_bias {
-                            s += m.eval(bias, &mut env, &cx)?.f();
-                        }
-                        r.keys.push(j);
-                        r.s.push(s);
-                    }
-                    if r.keys.is_empty() {
+                for (br, row) in branches.iter().zip(rows.iter_mut()) {
+                    row.on = branch_row(m, &br.f, nj, &mut env, &mut row.r, &cx)?;
+                    if !row.on {
                         continue;
                     }
-                    r.w.clear();
-                    r.p.clear();
-                    if let Some(map) = &br.f_map {
-                        for (&j, &s) in r.keys.iter().zip(&r.s) {
-                            env[sj_] = V::I(j);
-                            env[ss_] = V::F(s);
-                            r.p.push(m.eval(map, &mut env, &cx)?.f());
-                        }
-                    } else if let Some(eps) = br.eps {
-                        r.den = r.s.iter().sum::<f64>() + eps;
-                        r.p.extend(r.s.iter().map(|s| s / r.den));
-                    } else {
-                        let sink = match &br.f_sink {
-                            Some(n) => Some(m.eval(n, &mut env, &cx)?.f()),
-                            None => None,
-                        };
-                        let mut mx = r.s.iter().fold(f64::NEG_INFINITY, |a, s| fmax(a, *s));
-                        if let Some(sk) = sink {
-                            mx = fmax(mx, sk);
-                        }
-                        if mx == f64::NEG_INFINITY {
-                            continue;
-                        }
-                        let mut z: f64 = r.s.iter().map(|s| (s - mx).exp()).sum();
-                        if let Some(sk) = sink {
-                            z += (sk - mx).exp();
-                        }
-                        r.w_sink = sink.map_or(0.0, |sk| (sk - mx).exp() / z);
-                        for (&j, &s) in r.keys.iter().zip(&r.s) {
-                            let w = (s - mx).exp() / z;
-                            r.w.push(w);
-                            let mut p = w;
-                            if let Some(post) = &br.f_post {
-                                env[sj_] = V::I(j);
-                                env[sw_] = V::F(w);
-                                p = m.eval(post, &mut env, &cx)?.f();
-                            }
-                            r.p.push(p);
-                        }
-                    }
-                    r.on = true;
                     any_live = true;
-                    r.weight = match &br.f_weight {
+                    row.weight = match &br.f.weight {
                         Some(w) => m.eval(w, &mut env, &cx)?.f(),
                         None => 1.0,
                     };
-                    r.decay.clear();
-                    for (&j, &p) in r.keys.iter().zip(&r.p) {
+                    row.decay.clear();
+                    for (&j, &p) in row.r.keys.iter().zip(&row.r.p) {
                         env[sj_] = V::I(j);
-                        let dec = match &br.f_decay {
+                        let dec = match &br.f.decay {
                             Some(dn) => m.eval(dn, &mut env, &cx)?.f(),
                             None => 1.0,
                         };
-                        r.decay.push(dec);
-                        let q = p * r.weight * dec;
+                        row.decay.push(dec);
+                        let q = p * row.weight * dec;
                         for (e, a) in acc.iter_mut().enumerate() {
                             env[se_] = V::I(e as i64);
                             *a += q * m.eval(&f_value, &mut env, &cx)?.f();
@@ -348,27 +268,28 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
                         scatter(m, &gd.loads, &mut env, dov * acc[e], g, &cx)?;
                     }
                 }
-                for (br, r) in branches.iter().zip(rows.iter()) {
-                    if !r.on {
+                for (br, row) in branches.iter().zip(rows.iter()) {
+                    if !row.on {
                         continue;
                     }
+                    let (r, weight, decay) = (&row.r, row.weight, &row.decay);
                     // 2. The aggregation: value, decay, weight, and dp_j.
                     let mut dp = vec![0.0f64; r.keys.len()];
                     let mut dweight = 0.0;
                     for (n, &j) in r.keys.iter().enumerate() {
                         env[sj_] = V::I(j);
-                        let q = r.p[n] * r.weight * r.decay[n];
+                        let q = r.p[n] * weight * decay[n];
                         let mut dq = 0.0;
                         for (e, &da) in dacc.iter().enumerate() {
                             env[se_] = V::I(e as i64);
                             dq += da * m.eval(&f_value, &mut env, &cx)?.f();
                             scatter(m, &value_d.loads, &mut env, q * da, g, &cx)?;
                         }
-                        dweight += dq * r.p[n] * r.decay[n];
+                        dweight += dq * r.p[n] * decay[n];
                         if let Some(dd) = &br.decay {
-                            scatter(m, &dd.loads, &mut env, dq * r.p[n] * r.weight, g, &cx)?;
+                            scatter(m, &dd.loads, &mut env, dq * r.p[n] * weight, g, &cx)?;
                         }
-                        dp[n] = dq * r.weight * r.decay[n];
+                        dp[n] = dq * weight * decay[n];
                     }
                     if let Some(wd) = &br.weight {
                         scatter(m, &wd.loads, &mut env, dweight, g, &cx)?;
@@ -387,7 +308,7 @@ fn attend_backward(k: &Kernel, m: &Machine, dout: &Tensor, g: &mut [Vec<f64>]) -
                             ds.push(dp[n] * f1);
                         }
                         ds
-                    } else if br.eps.is_some() {
+                    } else if br.f.eps.is_some() {
                         let cross: f64 = dp.iter().zip(&r.s).map(|(d, s)| d * s).sum::<f64>() / (r.den * r.den);
                         dp.iter().map(|d| d / r.den - cross).collect()
                     } else {

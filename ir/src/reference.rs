@@ -496,6 +496,127 @@ fn derive(m: &Machine, name: &str, vars: &[String], def: &TensorDef, shape: &[us
     Ok(data)
 }
 
+/// One branch's expressions compiled with the fixed slots `b h i j e s w` in scope.
+pub(crate) struct BranchNodes {
+    pub(crate) score: Node,
+    pub(crate) bias: Option<Node>,
+    pub(crate) mask: Option<Node>,
+    pub(crate) decay: Option<Node>,
+    pub(crate) weight: Option<Node>,
+    pub(crate) sink: Option<Node>,
+    pub(crate) post: Option<Node>,
+    pub(crate) map: Option<Node>,
+    pub(crate) eps: Option<f64>,
+}
+
+impl BranchNodes {
+    pub(crate) fn compile(m: &Machine, br: &Branch) -> BranchNodes {
+        let mut sc = scope_fixed();
+        let mut c = |e: &Option<Expr>| e.as_ref().map(|e| m.compile(e, &mut sc));
+        let (sink, post, map, eps) = match &br.norm {
+            Norm::Softmax { sink, post } => (c(sink), c(post), None, None),
+            Norm::Map(e) => (None, None, c(&Some(e.clone())), None),
+            Norm::Linear { eps } => (None, None, None, Some(eps.0)),
+        };
+        BranchNodes {
+            score: m.compile(&br.score, &mut scope_fixed()),
+            bias: c(&br.bias),
+            mask: c(&br.mask),
+            decay: c(&br.decay),
+            weight: c(&br.weight),
+            sink,
+            post,
+            map,
+            eps,
+        }
+    }
+}
+
+/// One branch's normalized row at `(b, h, i)` (steps 1 and 2 of the module's contract,
+/// before decay and branch weight).
+#[derive(Default)]
+pub(crate) struct BranchRow {
+    /// The live keys and their scores `score + bias`.
+    pub(crate) keys: Vec<i64>,
+    pub(crate) s: Vec<f64>,
+    /// Softmax: the weights before `post`; empty for other normalizations.
+    pub(crate) w: Vec<f64>,
+    /// The normalized weights `p_j`.
+    pub(crate) p: Vec<f64>,
+    /// Softmax: the sink's weight `exp(sink − max) / z` (0 without a sink).
+    pub(crate) w_sink: f64,
+    /// Linear: the denominator `Σ s + eps`.
+    pub(crate) den: f64,
+}
+
+/// Fills `row` for the branch at the `(b, h, i)` that `env` holds; `false` when the branch
+/// has no live key (none unmasked, or every softmax logit and the sink −inf).
+pub(crate) fn branch_row(m: &Machine, br: &BranchNodes, nj: i64, env: &mut Vec<V>, row: &mut BranchRow, cx: &str) -> Result<bool, RefError> {
+    let (sj_, ss_, sw_) = (3, 5, 6);
+    row.keys.clear();
+    row.s.clear();
+    row.w.clear();
+    row.p.clear();
+    for j in 0..nj {
+        env[sj_] = V::I(j);
+        if let Some(mask) = &br.mask {
+            if !m.eval(mask, env, cx)?.b() {
+                continue;
+            }
+        }
+        let mut s = m.eval(&br.score, env, cx)?.f();
+        if let Some(bias) = &br.bias {
+            s += m.eval(bias, env, cx)?.f();
+        }
+        row.keys.push(j);
+        row.s.push(s);
+    }
+    if row.keys.is_empty() {
+        return Ok(false);
+    }
+    if let Some(map) = &br.map {
+        for (&j, &s) in row.keys.iter().zip(&row.s) {
+            env[sj_] = V::I(j);
+            env[ss_] = V::F(s);
+            row.p.push(m.eval(map, env, cx)?.f());
+        }
+    } else if let Some(eps) = br.eps {
+        row.den = row.s.iter().sum::<f64>() + eps;
+        row.p.extend(row.s.iter().map(|s| s / row.den));
+    } else {
+        let sink = match &br.sink {
+            Some(n) => Some(m.eval(n, env, cx)?.f()),
+            None => None,
+        };
+        let mut mx = row.s.iter().fold(f64::NEG_INFINITY, |a, s| fmax(a, *s));
+        if let Some(sk) = sink {
+            mx = fmax(mx, sk);
+        }
+        // Every score (and the sink) is -inf: a score of -inf is a masked key, so the
+        // branch has no live key (and exp(-inf - -inf) would be NaN).
+        if mx == f64::NEG_INFINITY {
+            return Ok(false);
+        }
+        let mut z: f64 = row.s.iter().map(|s| (s - mx).exp()).sum();
+        if let Some(sk) = sink {
+            z += (sk - mx).exp();
+        }
+        row.w_sink = sink.map_or(0.0, |sk| (sk - mx).exp() / z);
+        for n in 0..row.keys.len() {
+            let w = (row.s[n] - mx).exp() / z;
+            row.w.push(w);
+            let mut p = w;
+            if let Some(post) = &br.post {
+                env[sj_] = V::I(row.keys[n]);
+                env[sw_] = V::F(w);
+                p = m.eval(post, env, cx)?.f();
+            }
+            row.p.push(p);
+        }
+    }
+    Ok(true)
+}
+
 fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
     let d = m.dims;
     let (nb, nh, ni, nj, ne) = (d.extent(&k.iter.b), d.extent(&k.iter.h), d.extent(&k.iter.i), d.extent(&k.iter.j), d.extent(&k.iter.e));
@@ -506,48 +627,15 @@ fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
     let axis_of = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
     let (sb, sh, si, se) = (strides[axis_of("b")], strides[axis_of("h")], strides[axis_of("i")], strides[axis_of("e")]);
 
-    struct B {
-        score: Node,
-        bias: Option<Node>,
-        mask: Option<Node>,
-        decay: Option<Node>,
-        weight: Option<Node>,
-        sink: Option<Node>,
-        post: Option<Node>,
-        map: Option<Node>,
-        eps: Option<f64>,
-    }
+    let branches: Vec<BranchNodes> = k.branches.iter().map(|br| BranchNodes::compile(m, br)).collect();
     let mut sc = scope_fixed();
-    let c = |e: &Option<Expr>, sc: &mut Vec<String>| e.as_ref().map(|e| m.compile(e, sc));
-    let branches: Vec<B> = k
-        .branches
-        .iter()
-        .map(|br| {
-            let (sink, post, map, eps) = match &br.norm {
-                Norm::Softmax { sink, post } => (c(sink, &mut sc), c(post, &mut sc), None, None),
-                Norm::Map(e) => (None, None, Some(m.compile(e, &mut sc)), None),
-                Norm::Linear { eps } => (None, None, None, Some(eps.0)),
-            };
-            B {
-                score: m.compile(&br.score, &mut sc),
-                bias: c(&br.bias, &mut sc),
-                mask: c(&br.mask, &mut sc),
-                decay: c(&br.decay, &mut sc),
-                weight: c(&br.weight, &mut sc),
-                sink,
-                post,
-                map,
-                eps,
-            }
-        })
-        .collect();
     let value = m.compile(&k.value, &mut sc);
-    let gate = c(&k.gate, &mut sc);
+    let gate = k.gate.as_ref().map(|g| m.compile(g, &mut sc));
 
     let mut env = vec![V::I(0); FIXED.len()];
-    let (sb_, sh_, si_, sj_, se_, ss_, sw_) = (0, 1, 2, 3, 4, 5, 6);
+    let (sb_, sh_, si_, sj_, se_) = (0, 1, 2, 3, 4);
     let mut acc = vec![0.0f64; ne as usize];
-    let mut live: Vec<(i64, f64)> = Vec::with_capacity(nj as usize);
+    let mut row = BranchRow::default();
     for b in 0..nb {
         for h in 0..nh {
             for i in 0..ni {
@@ -558,67 +646,15 @@ fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
                 let mut any_live = false;
                 for (n, br) in branches.iter().enumerate() {
                     let cx = format!("branch {n} at (b={b}, h={h}, i={i})");
-                    live.clear();
-                    for j in 0..nj {
-                        env[sj_] = V::I(j);
-                        if let Some(mask) = &br.mask {
-                            if !m.eval(mask, &mut env, &cx)?.b() {
-                                continue;
-                            }
-                        }
-                        let mut s = m.eval(&br.score, &mut env, &cx)?.f();
-                        if let Some(bias) = &br.bias {
-                            s += m.eval(bias, &mut env, &cx)?.f();
-                        }
-                        live.push((j, s));
-                    }
-                    if live.is_empty() {
+                    if !branch_row(m, br, nj, &mut env, &mut row, &cx)? {
                         continue;
-                    }
-                    // Normalize in place: live[n].1 becomes p_j.
-                    if let Some(map) = &br.map {
-                        for (j, s) in live.iter_mut() {
-                            env[sj_] = V::I(*j);
-                            env[ss_] = V::F(*s);
-                            *s = m.eval(map, &mut env, &cx)?.f();
-                        }
-                    } else if let Some(eps) = br.eps {
-                        let den: f64 = live.iter().map(|(_, s)| s).sum::<f64>() + eps;
-                        live.iter_mut().for_each(|(_, s)| *s /= den);
-                    } else {
-                        let sink = match &br.sink {
-                            Some(n) => Some(m.eval(n, &mut env, &cx)?.f()),
-                            None => None,
-                        };
-                        let mut mx = live.iter().fold(f64::NEG_INFINITY, |a, (_, s)| fmax(a, *s));
-                        if let Some(sk) = sink {
-                            mx = fmax(mx, sk);
-                        }
-                        // Every score (and the sink) is -inf: a score of -inf is a masked key,
-                        // so the branch has no live key (and exp(-inf - -inf) would be NaN).
-                        if mx == f64::NEG_INFINITY {
-                            continue;
-                        }
-                        let mut z: f64 = live.iter().map(|(_, s)| (s - mx).exp()).sum();
-                        if let Some(sk) = sink {
-                            z += (sk - mx).exp();
-                        }
-                        for (j, s) in live.iter_mut() {
-                            let mut p = (*s - mx).exp() / z;
-                            if let Some(post) = &br.post {
-                                env[sj_] = V::I(*j);
-                                env[sw_] = V::F(p);
-                                p = m.eval(post, &mut env, &cx)?.f();
-                            }
-                            *s = p;
-                        }
                     }
                     any_live = true;
                     let weight = match &br.weight {
                         Some(w) => m.eval(w, &mut env, &cx)?.f(),
                         None => 1.0,
                     };
-                    for &(j, p) in live.iter() {
+                    for (&j, &p) in row.keys.iter().zip(&row.p) {
                         env[sj_] = V::I(j);
                         let mut p = p * weight;
                         if let Some(decay) = &br.decay {
