@@ -28,6 +28,12 @@ impl Gen<'_, '_> {
         attnc_ir::analysis::varies(e, vecs)
     }
 
+    /// The float constant `v` on 4 lanes.
+    pub(crate) fn fconst4(&mut self, v: f32) -> Value {
+        let s = self.fconst(v);
+        self.b.ins().splat(types::F32X4, s)
+    }
+
     /// A uniform value as a vector of 4 lanes (ints as i32, conditions as lane masks).
     pub(super) fn splat(&mut self, v: Value) -> Value {
         let ty = self.b.func.dfg.value_type(v);
@@ -89,39 +95,35 @@ impl Gen<'_, '_> {
     /// (Cephes `expf`, ~1 ulp), and `2^n` built in the exponent bits. exp(-inf) = 0,
     /// exp(+large) = inf, NaN stays NaN.
     pub(crate) fn vexp(&mut self, x: Value) -> Value {
-        let c = |g: &mut Self, v: f32| {
-            let s = g.fconst(v);
-            g.b.ins().splat(types::F32X4, s)
-        };
         // Clamp with compare-and-select (NaN is restored at the end, so the clamps need not
         // propagate it).
-        let hi = c(self, 88.376_26);
-        let lo = c(self, -87.336_54);
+        let hi = self.fconst4(88.376_26);
+        let lo = self.fconst4(-87.336_54);
         let too_hi = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
         let xc = self.fselect(too_hi, hi, x);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let xc = self.fselect(under, lo, xc);
         // n = round(x·log2 e) with the 1.5·2^23 trick: adding it leaves n in the low
         // mantissa bits, so 2^n is those bits shifted into the exponent.
-        let log2e = c(self, std::f32::consts::LOG2_E);
-        let magic = c(self, 12_582_912.0);
+        let log2e = self.fconst4(std::f32::consts::LOG2_E);
+        let magic = self.fconst4(12_582_912.0);
         let t = self.b.ins().fma(xc, log2e, magic);
         let n = self.b.ins().fsub(t, magic);
-        let ln2_hi = c(self, 0.693_359_4);
-        let ln2_lo = c(self, -2.121_944_4e-4);
+        let ln2_hi = self.fconst4(0.693_359_4);
+        let ln2_lo = self.fconst4(-2.121_944_4e-4);
         let r = self.b.ins().fmul(n, ln2_hi);
         let r = self.b.ins().fsub(xc, r);
         let r2 = self.b.ins().fmul(n, ln2_lo);
         let r = self.b.ins().fsub(r, r2);
         let coeffs = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5];
-        let mut p = c(self, coeffs[0]);
+        let mut p = self.fconst4(coeffs[0]);
         for k in &coeffs[1..] {
-            let kv = c(self, *k);
+            let kv = self.fconst4(*k);
             p = self.b.ins().fma(p, r, kv);
         }
         let rr = self.b.ins().fmul(r, r);
         p = self.b.ins().fma(p, rr, r);
-        let one = c(self, 1.0);
+        let one = self.fconst4(1.0);
         p = self.b.ins().fadd(p, one);
         let tb = self.b.ins().bitcast(types::I32X4, little(), t);
         let mb = self.b.ins().bitcast(types::I32X4, little(), magic);
@@ -133,10 +135,10 @@ impl Gen<'_, '_> {
         let scale = self.b.ins().bitcast(types::F32X4, little(), e);
         let y = self.b.ins().fmul(p, scale);
         // Out of range: underflow to 0, overflow to inf; NaN passes through.
-        let zero = c(self, 0.0);
+        let zero = self.fconst4(0.0);
         let y = self.fselect(under, zero, y);
-        let inf = c(self, f32::INFINITY);
-        let over_lim = c(self, 88.722_84);
+        let inf = self.fconst4(f32::INFINITY);
+        let over_lim = self.fconst4(88.722_84);
         let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, over_lim);
         let y = self.fselect(over, inf, y);
         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
@@ -148,21 +150,17 @@ impl Gen<'_, '_> {
     /// Round-to-nearest by the 1.5·2^23 trick, a degree-5 minimax polynomial for 2^f on
     /// [-1/2, 1/2] (relative error < 3e-7), and the exponent built in the bits.
     pub(crate) fn vexp2_nonpos(&mut self, x: Value) -> Value {
-        let c = |g: &mut Self, v: f32| {
-            let s = g.fconst(v);
-            g.b.ins().splat(types::F32X4, s)
-        };
-        let lo = c(self, -126.0);
+        let lo = self.fconst4(-126.0);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let x = self.fselect(under, lo, x);
-        let magic = c(self, 12_582_912.0);
+        let magic = self.fconst4(12_582_912.0);
         let t = self.b.ins().fadd(x, magic);
         let n = self.b.ins().fsub(t, magic);
         let f = self.b.ins().fsub(x, n);
         let coeffs = EXP2_POLY;
-        let mut p = c(self, coeffs[0]);
+        let mut p = self.fconst4(coeffs[0]);
         for k in &coeffs[1..] {
-            let kv = c(self, *k);
+            let kv = self.fconst4(*k);
             p = self.b.ins().fma(p, f, kv);
         }
         let tb = self.b.ins().bitcast(types::I32X4, little(), t);
@@ -188,21 +186,17 @@ impl Gen<'_, '_> {
     /// relative accuracy holds near 0 too, where `1 − 2/(e^{2x} + 1)` cancels. NaN stays NaN
     /// (the clamps compare false and the arithmetic carries it).
     pub(crate) fn vtanh(&mut self, x: Value) -> Value {
-        let c = |g: &mut Self, v: f32| {
-            let s = g.fconst(v);
-            g.b.ins().splat(types::F32X4, s)
-        };
-        let hi = c(self, 7.905_311);
-        let lo = c(self, -7.905_311);
+        let hi = self.fconst4(7.905_311);
+        let lo = self.fconst4(-7.905_311);
         let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
         let xc = self.fselect(over, hi, x);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
         let xc = self.fselect(under, lo, xc);
         let x2 = self.b.ins().fmul(xc, xc);
         let poly = |g: &mut Self, coeffs: &[f32]| {
-            let mut p = c(g, coeffs[0]);
+            let mut p = g.fconst4(coeffs[0]);
             for k in &coeffs[1..] {
-                let kv = c(g, *k);
+                let kv = g.fconst4(*k);
                 p = g.b.ins().fma(x2, p, kv);
             }
             p
@@ -249,10 +243,6 @@ impl Gen<'_, '_> {
             Expr::Unary(op, a) => {
                 let x = self.vexpr(a, vecs);
                 let x = self.vec(x);
-                let f = |g: &mut Self, v: f32| {
-                    let s = g.fconst(v);
-                    g.b.ins().splat(types::F32X4, s)
-                };
                 VV::V(match op {
                     UnOp::Neg if self.b.func.dfg.value_type(x) == types::F32X4 => self.b.ins().fneg(x),
                     UnOp::Neg => self.b.ins().ineg(x),
@@ -269,7 +259,7 @@ impl Gen<'_, '_> {
                     }
                     UnOp::Tanh => self.vtanh(x),
                     UnOp::Relu | UnOp::Elu => {
-                        let zero = f(self, 0.0);
+                        let zero = self.fconst4(0.0);
                         let pos = self.b.ins().fcmp(FloatCC::GreaterThan, x, zero);
                         let nan = self.b.ins().fcmp(FloatCC::Unordered, x, x);
                         let keep = self.b.ins().bor(pos, nan);
@@ -280,16 +270,16 @@ impl Gen<'_, '_> {
                             // x = −1e-4), so |x| < 1/2 takes the Taylor series to x⁷
                             // (truncation below 1e-7 relative there).
                             let ex = self.vexp(x);
-                            let one = f(self, 1.0);
+                            let one = self.fconst4(1.0);
                             let far = self.b.ins().fsub(ex, one);
-                            let mut p = f(self, 1.0 / 5040.0);
+                            let mut p = self.fconst4(1.0 / 5040.0);
                             for k in [720.0f32, 120.0, 24.0, 6.0, 2.0, 1.0] {
-                                let c = f(self, 1.0 / k);
+                                let c = self.fconst4(1.0 / k);
                                 p = self.b.ins().fma(p, x, c);
                             }
                             let near = self.b.ins().fmul(p, x);
                             let ax = self.b.ins().fabs(x);
-                            let half = f(self, 0.5);
+                            let half = self.fconst4(0.5);
                             let small = self.b.ins().fcmp(FloatCC::LessThan, ax, half);
                             self.fselect(small, near, far)
                         };
@@ -299,7 +289,7 @@ impl Gen<'_, '_> {
                     UnOp::Ceil => self.b.ins().ceil(x),
                     UnOp::Round => self.b.ins().nearest(x),
                     UnOp::ToInt => {
-                        let (lo, hi) = (f(self, -attnc_ir::reference::INT_LIMIT as f32), f(self, attnc_ir::reference::INT_LIMIT as f32));
+                        let (lo, hi) = (self.fconst4(-attnc_ir::reference::INT_LIMIT as f32), self.fconst4(attnc_ir::reference::INT_LIMIT as f32));
                         let x = self.b.ins().fmax(x, lo);
                         let x = self.b.ins().fmin(x, hi);
                         self.b.ins().fcvt_to_sint_sat(types::I32X4, x)
