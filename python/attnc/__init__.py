@@ -167,7 +167,9 @@ class Kernel:
             dout = np.ones(shape, np.float64)
         else:
             if _is_torch(cotangent):
-                cotangent = cotangent.detach().cpu().to(dtype=__import__("torch").float64).numpy()
+                import torch
+
+                cotangent = cotangent.detach().cpu().to(torch.float64).numpy()
             dout = np.ascontiguousarray(np.asarray(cotangent, dtype=np.float64))
             if dout.shape != shape:
                 raise ValueError(f"the cotangent of `{self.output_name}` has shape {dout.shape}; the output has shape {shape}")
