@@ -124,10 +124,7 @@ impl Gen<'_, '_> {
             let p = self.b.ins().imul(*x, tv.stride[a]);
             base = self.b.ins().iadd(base, p);
         }
-        let iota = {
-            let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
-            self.b.ins().vconst(types::I32X4, c)
-        };
+        let iota = self.iota4();
         let hoisted = self.hoist(&[&body], &vecs);
         let zero = self.iconst(0);
         self.for_range(zero, n4, &mut |g, c| {

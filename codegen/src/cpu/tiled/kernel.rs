@@ -173,10 +173,7 @@ impl Gen<'_, '_> {
         self.zero_fill(out_ws, bq_dv);
         self.zero_fill(live_ws, bqv);
 
-        let iota = {
-            let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
-            self.b.ins().vconst(types::I32X4, c)
-        };
+        let iota = self.iota4();
 
         for (bn, (br, bp)) in k.branches.iter().zip(&plan.branches).enumerate() {
             let score_rest = &bp.rest;

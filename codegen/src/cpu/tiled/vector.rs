@@ -28,6 +28,12 @@ impl Gen<'_, '_> {
         attnc_ir::analysis::varies(e, vecs)
     }
 
+    /// The lane numbers `[0, 1, 2, 3]` as i32x4.
+    pub(crate) fn iota4(&mut self) -> Value {
+        let c = self.b.func.dfg.constants.insert(cranelift::codegen::ir::ConstantData::from([0u8, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0].as_ref()));
+        self.b.ins().vconst(types::I32X4, c)
+    }
+
     /// The float constant `v` on 4 lanes.
     pub(crate) fn fconst4(&mut self, v: f32) -> Value {
         let s = self.fconst(v);
