@@ -326,6 +326,13 @@ enum Cmd {
         /// `f16` rounds them, so the tensor-core kernel runs, within the tolerance it states.
         #[arg(long, default_value = "exact", value_parser = parse_precision)]
         precision: Precision,
+        /// Also write what a backward pass needs from this forward, as the tensor
+        /// `<output>.stats` of shape [B, H, N, branches]: each row's softmax log-sum-exp
+        /// (natural log, the sink included; −inf for a row with no live key), or its linear
+        /// denominator (Σ s + eps; 0 for a row with no live key); 0 for other normalizations.
+        /// CPU and reference backends.
+        #[arg(long)]
+        save_stats: bool,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -512,6 +519,16 @@ fn load(path: &std::path::Path) -> Result<(Loaded, attnc::dsl::Checked)> {
     }
 }
 
+/// The saved statistics are laid out by branch: the compiled kernel (after the passes) must
+/// have the spec's branches with the same normalizations.
+fn same_branches(spec: &ir::Kernel, compiled: &ir::Kernel) -> Result<()> {
+    let norms = |k: &ir::Kernel| k.branches.iter().map(ir::reference::saves_stats).collect::<Vec<_>>();
+    if norms(spec) != norms(compiled) {
+        return Err(anyhow!("--save-stats: the optimized kernel's branches differ from the spec's; run with --no-opt"));
+    }
+    Ok(())
+}
+
 fn dims_arg(s: &Option<String>) -> Result<BTreeMap<String, i64>> {
     match s {
         Some(s) => parse_dims(s).map_err(|e| anyhow!("--dims: {e}")),
@@ -610,9 +627,12 @@ fn run(cli: Cli) -> Result<()> {
             attnc::io::write(&output, &list)?;
             eprintln!("wrote {} input tensors to {}", list.len(), output.display());
         }
-        Cmd::Run { spec, source, output, backend, check, approx_bias, precision, opt } => {
+        Cmd::Run { spec, source, output, backend, check, approx_bias, precision, save_stats, opt } => {
             if precision != Precision::Exact && !matches!(backend, Backend::Ptx | Backend::PtxSim) {
                 return Err(anyhow!("--precision is an option of the PTX backends (ptx, ptx-sim)"));
+            }
+            if save_stats && !matches!(backend, Backend::Cpu | Backend::Reference) {
+                return Err(anyhow!("--save-stats: the {backend:?} backend does not save the forward's statistics yet (the cpu and reference backends do)"));
             }
             let ptx_options = PtxOptions { precision, ..PtxOptions::default() };
             let (_, c) = load(&spec)?;
@@ -637,7 +657,15 @@ fn run(cli: Cli) -> Result<()> {
             let start = Instant::now();
             // A looser bound a kernel states (reduced-precision arithmetic), for --check.
             let mut stated: Option<attnc_codegen::Tolerance> = None;
+            let mut stats: Option<ir::reference::Tensor> = None;
             let out = match backend {
+                Backend::Reference if save_stats => {
+                    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    let b = ir::bind(&oc.kernel, &shapes, &given)?;
+                    let (out, st) = ir::reference::run_with_stats(&oc.kernel, &b, &inputs)?;
+                    stats = Some(st);
+                    out
+                }
                 Backend::Reference => ir::reference::run(&oc.kernel, &oc.info, &inputs, &given)?,
                 Backend::Cpu => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
@@ -646,7 +674,14 @@ fn run(cli: Cli) -> Result<()> {
                     let kc = chosen.kernel(&spec_c, &opt.config()?, &oc)?;
                     let kern = CpuBackend::default().compile(&kc.kernel, &kc.info, &chosen.options)?.checking(&spec_c.kernel);
                     eprintln!("{}: {} (options from {})", c.kernel.name, kern.describe(), chosen.from);
-                    kern.run(&inputs, &given)?
+                    if save_stats {
+                        same_branches(&spec_c.kernel, &kc.kernel)?;
+                        let (out, st) = kern.run_with_stats(&inputs, &given)?;
+                        stats = Some(st);
+                        out
+                    } else {
+                        kern.run(&inputs, &given)?
+                    }
                 }
                 Backend::Wgsl => {
                     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
@@ -717,9 +752,34 @@ fn run(cli: Cli) -> Result<()> {
                 } else if nan_mismatch > 0 || worst > 1e-3 * scale.max(1.0) {
                     return Err(anyhow!("the {backend:?} output differs from the reference beyond f32 tolerance; {} was not written", output.display()));
                 }
+                if let Some(st) = &stats {
+                    let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
+                    let b = ir::bind(&c.kernel, &shapes, &given)?;
+                    let (_, want) = ir::reference::run_with_stats(&c.kernel, &b, exact_inputs.as_ref().unwrap_or(&inputs))?;
+                    let (mut worst, mut mismatched) = (0f64, 0usize);
+                    for (g, w) in st.data.iter().zip(&want.data) {
+                        if w.is_finite() && g.is_finite() {
+                            worst = worst.max((g - w).abs() / w.abs().max(1.0));
+                        } else {
+                            mismatched += (g != w && !(g.is_nan() && w.is_nan())) as usize;
+                        }
+                    }
+                    eprintln!("check: statistics: max relative difference {worst:.3e}; {mismatched} non-finite mismatches");
+                    if approx_bias.is_none() && (mismatched > 0 || worst > 1e-3) {
+                        return Err(anyhow!("the {backend:?} statistics differ from the reference's; {} was not written", output.display()));
+                    }
+                }
             }
-            attnc::io::write(&output, &[(o.name.clone(), o.dtype, &out)])?;
+            let stats_name = format!("{}.stats", o.name);
+            let mut list = vec![(o.name.clone(), o.dtype, &out)];
+            if let Some(st) = &stats {
+                list.push((stats_name.clone(), ir::DType::F32, st));
+            }
+            attnc::io::write(&output, &list)?;
             eprintln!("{}: wrote `{}` {:?} to {}", c.kernel.name, o.name, out.shape, output.display());
+            if let Some(st) = &stats {
+                eprintln!("{}: wrote `{stats_name}` {:?} (the forward's statistics) to {}", c.kernel.name, st.shape, output.display());
+            }
         }
         Cmd::Grad { spec, source, cotangent, output, check, check_samples } => {
             let (_, c) = load(&spec)?;

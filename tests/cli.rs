@@ -404,3 +404,30 @@ fn grad_writes_a_gradient_per_float_input_and_checks_it() {
     assert!(err.contains("`o`") && err.contains("[1, 2, 5, 3]") && err.contains("[1, 2, 6, 3]"), "{err}");
     assert!(!std::path::Path::new(&fresh).exists());
 }
+
+#[test]
+fn run_saves_the_forward_statistics_and_checks_them() {
+    let dims = "B=1,H=2,G=2,N=9,M=7,D=4,Dv=3";
+    let (cpu, reference) = (tmp("stats_cpu.safetensors"), tmp("stats_ref.safetensors"));
+    // gpsa blends two softmax branches: one statistic per branch; N > M leaves no row dead here
+    // (no mask), so every statistic is a finite log-sum-exp.
+    let (code, _, err) = attnc(&["run", "examples/gpsa.attn", "--random", "--dims", dims, "-o", &cpu, "--save-stats", "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("check: statistics: max relative difference") && err.contains("wrote `o.stats` [1, 2, 9, 2]"), "{err}");
+    assert_eq!(attnc(&["run", "examples/gpsa.attn", "--random", "--dims", dims, "-o", &reference, "--save-stats", "--backend", "reference"]).0, 0);
+    let read = |path: &str| -> Vec<f32> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("o.stats").unwrap();
+        assert_eq!(t.shape(), &[1, 2, 9, 2]);
+        t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+    };
+    let (a, b) = (read(&cpu), read(&reference));
+    assert!(a.iter().zip(&b).all(|(x, y)| x.is_finite() && (x - y).abs() <= 1e-4 * y.abs().max(1.0)), "{a:?} vs {b:?}");
+    // Backends that do not save statistics say so before running; nothing is written.
+    let none = tmp("stats_none.safetensors");
+    let (code, _, err) = attnc(&["run", "examples/gpsa.attn", "--random", "--dims", dims, "-o", &none, "--save-stats", "--backend", "ptx-sim"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--save-stats: the PtxSim backend does not save"), "{err}");
+    assert!(!std::path::Path::new(&none).exists());
+}

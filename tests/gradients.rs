@@ -145,3 +145,67 @@ fn nan_propagates_through_the_backward() {
     assert!(g["k"].data[..d].iter().all(|x| x.is_nan()));
     assert!(g["k"].data[(row + 1) * d..13 * d].iter().all(|x| x.is_finite()));
 }
+
+/// The forward's saved statistics (what a backward reads: each row's softmax log-sum-exp, or
+/// its linear denominator) from every CPU algorithm (tiled with the default and with small
+/// tiles, the row kernel, chunked) against the reference's, on every example and profile;
+/// plus a NaN among the values, which sends the tiled kernel to its row fallback.
+#[test]
+fn saved_statistics_match_the_reference_on_every_cpu_algorithm() {
+    use attnc::codegen::cpu::{CpuBackend, CpuOptions};
+    use attnc::codegen::schedule::ScheduleOptions;
+    use attnc::codegen::{Backend, Compiled};
+    let schedules = [
+        ("default", ScheduleOptions::default()),
+        ("small tiles", ScheduleOptions { block_q: 16, block_k: 32, chunk: 0, ..Default::default() }),
+        ("rows", ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }),
+        ("chunk 7", ScheduleOptions { chunk: 7, ..Default::default() }),
+    ];
+    let (mut failures, mut compared, mut finite, mut dead) = (Vec::new(), 0usize, 0usize, 0usize);
+    for (name, c) in examples() {
+        for (profile, dims) in PROFILES {
+            let Some((b, mut ins, _)) = setup(&c, dims, 5) else { continue };
+            if *profile == "decode" {
+                // A NaN value: the tiled kernel reruns on its row kernel, which saves the statistics too.
+                if let Some(t) = attnc::codegen::host::value_tensors(&c.kernel).first().and_then(|v| ins.get_mut(v)) {
+                    t.data[0] = f64::NAN;
+                }
+            }
+            let (_, want) = attnc::ir::reference::run_with_stats(&c.kernel, &b, &ins).expect("the reference runs");
+            for (sname, s) in &schedules {
+                let kern = match CpuBackend::default().compile(&c.kernel, &c.info, &CpuOptions::with_schedule(s.clone())) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        failures.push(format!("{name} [{profile}, {sname}]: {e}"));
+                        continue;
+                    }
+                };
+                let (_, got) = match kern.run_with_stats(&ins, &b.dims) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        failures.push(format!("{name} [{profile}, {sname}]: {e}"));
+                        continue;
+                    }
+                };
+                assert_eq!(got.shape, want.shape, "{name} [{profile}, {sname}]");
+                for (n, (g, w)) in got.data.iter().zip(&want.data).enumerate() {
+                    compared += 1;
+                    let ok = if w.is_finite() {
+                        finite += 1;
+                        (g - w).abs() <= 2e-4 * w.abs().max(1.0)
+                    } else {
+                        dead += 1;
+                        g == w
+                    };
+                    if !ok {
+                        failures.push(format!("{name} [{profile}, {sname}] ({}): statistic {n} is {g}, reference {w}", kern.describe()));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("{compared} statistics compared ({finite} finite, {dead} of rows with no live key)");
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(finite > 10_000 && dead > 100, "too few statistics compared: {finite} finite, {dead} −inf");
+}

@@ -81,6 +81,9 @@ pub enum RunError {
     Threads(String),
     #[error("this run needs about {} ({what}), more than the {} {limit_from}", bytes(*needed), bytes(*limit))]
     Memory { needed: u128, what: String, limit: u128, limit_from: String },
+    /// What this backend or this kernel does not do (yet).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// `1.5 GiB`.
@@ -183,6 +186,9 @@ pub fn check_memory(parts: &[(&str, u128)]) -> Result<(), RunError> {
 pub struct ArgLayout {
     pub dims: BTreeMap<String, usize>,
     pub tensors: BTreeMap<String, TensorSlots>,
+    /// The slot of the saved statistics' address (`[B, H, N, branches]` f32, contiguous; 0:
+    /// not saved), when the backend writes them ([`ArgLayout::with_stats`]).
+    pub stats: Option<usize>,
     pub len: usize,
 }
 
@@ -209,7 +215,15 @@ impl ArgLayout {
             let stride = t.shape.iter().map(|_| next()).collect();
             tensors.insert(t.name.clone(), TensorSlots { base, ext, stride, is_int: t.dtype.is_int() });
         }
-        ArgLayout { dims, tensors, len: n }
+        ArgLayout { dims, tensors, stats: None, len: n }
+    }
+
+    /// The layout with one more slot: the saved statistics' address (0 in [`ArgLayout::fill`]'s
+    /// table: the kernel saves nothing unless the caller sets it).
+    pub fn with_stats(mut self) -> ArgLayout {
+        self.stats = Some(self.len);
+        self.len += 1;
+        self
     }
 
     /// The table at bound dims, each tensor's base slot holding `base(tensor)`.

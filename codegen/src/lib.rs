@@ -141,6 +141,27 @@ pub trait Compiled: Send + Sync {
     /// values as the output has; zero-initialized).
     fn run_into(&self, inputs: &host::Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError>;
 
+    /// [`Compiled::run_into`], also writing the statistics a backward pass needs into
+    /// `stats` (laid out as [`attnc_ir::reference::stats_shape`]; what each branch saves is
+    /// [`attnc_ir::reference::run_with_stats`]'s contract).
+    fn run_stats_into(&self, _inputs: &host::Inputs, _explicit: &BTreeMap<String, i64>, _out: &mut [f32], _stats: &mut [f32]) -> Result<(), RunError> {
+        Err(RunError::Unsupported("this backend does not save the forward's statistics yet (the CPU backend and the reference do)".into()))
+    }
+
+    /// Runs on named inputs; returns the output and the saved statistics
+    /// ([`Compiled::run_stats_into`]).
+    fn run_with_stats(&self, inputs: &BTreeMap<String, Tensor>, explicit: &BTreeMap<String, i64>) -> Result<(Tensor, Tensor), RunError> {
+        let st = Storage::from_f64(self.kernel(), inputs);
+        let dims = attnc_ir::bind(self.kernel(), &st.shapes, explicit)?;
+        let shape = dims.shape(self.kernel().output());
+        let sshape = attnc_ir::reference::stats_shape(self.kernel(), &dims);
+        let mut out = vec![0f32; shape.iter().product()];
+        let mut stats = vec![0f32; sshape.iter().product()];
+        self.run_stats_into(&st.view(), explicit, &mut out, &mut stats)?;
+        let f64s = |v: Vec<f32>| v.into_iter().map(|x| x as f64).collect();
+        Ok((Tensor::new(shape, f64s(out)), Tensor::new(sshape, f64s(stats))))
+    }
+
     /// The bound this kernel states when it rounds more than f32 arithmetic does (the PTX
     /// tensor-core kernel's bf16 weights); `None`: the backend's [`Backend::tolerance`].
     fn stated_tolerance(&self) -> Option<Tolerance> {

@@ -366,7 +366,31 @@ pub fn run(k: &Kernel, _info: &KernelInfo, inputs: &BTreeMap<String, Tensor>, ex
 /// Runs a verified kernel whose dims are already bound (shapes checked by [`bind`]).
 pub fn run_bound(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<Tensor, RefError> {
     let m = machine(k, dims, inputs)?;
-    attend(k, &m)
+    attend(k, &m, None)
+}
+
+/// The shape of a kernel's saved statistics at bound dims: `[B, H, N, branches]`.
+pub fn stats_shape(k: &Kernel, dims: &Bindings) -> Vec<usize> {
+    let d = |e: &crate::Extent| dims.extent(e) as usize;
+    vec![d(&k.iter.b), d(&k.iter.h), d(&k.iter.i), k.branches.len()]
+}
+
+/// The statistic a branch saves, by its normalization: `softmax` its row's log-sum-exp
+/// (natural log, the sink included), a linear denominator `Σ s + eps`; other
+/// normalizations save nothing (their weights need no row state).
+pub fn saves_stats(br: &Branch) -> bool {
+    matches!(br.norm, Norm::Softmax { .. } | Norm::Linear { .. })
+}
+
+/// [`run_bound`], and the statistics a backward pass needs from the forward, laid out as
+/// [`stats_shape`]: per row `(b, h, i)` and branch, the softmax log-sum-exp (−inf for a row
+/// with no live key), the linear denominator (0 for a row with no live key), and 0 for a
+/// branch that saves nothing ([`saves_stats`]).
+pub fn run_with_stats(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>) -> Result<(Tensor, Tensor), RefError> {
+    let m = machine(k, dims, inputs)?;
+    let mut stats = Tensor::zeros(stats_shape(k, dims));
+    let out = attend(k, &m, Some(&mut stats))?;
+    Ok((out, stats))
 }
 
 /// Inputs plus every derived tensor, materialized.
@@ -547,6 +571,8 @@ pub(crate) struct BranchRow {
     pub(crate) w_sink: f64,
     /// Linear: the denominator `Σ s + eps`.
     pub(crate) den: f64,
+    /// Softmax: the log of its denominator, `max + ln Σ exp(s − max)` (sink included).
+    pub(crate) lse: f64,
 }
 
 /// Fills `row` for the branch at the `(b, h, i)` that `env` holds; `false` when the branch
@@ -602,6 +628,7 @@ pub(crate) fn branch_row(m: &Machine, br: &BranchNodes, nj: i64, env: &mut Vec<V
             z += (sk - mx).exp();
         }
         row.w_sink = sink.map_or(0.0, |sk| (sk - mx).exp() / z);
+        row.lse = mx + z.ln();
         for n in 0..row.keys.len() {
             let w = (row.s[n] - mx).exp() / z;
             row.w.push(w);
@@ -617,7 +644,7 @@ pub(crate) fn branch_row(m: &Machine, br: &BranchNodes, nj: i64, env: &mut Vec<V
     Ok(true)
 }
 
-fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
+fn attend(k: &Kernel, m: &Machine, mut stats: Option<&mut Tensor>) -> Result<Tensor, RefError> {
     let d = m.dims;
     let (nb, nh, ni, nj, ne) = (d.extent(&k.iter.b), d.extent(&k.iter.h), d.extent(&k.iter.i), d.extent(&k.iter.j), d.extent(&k.iter.e));
     let out_decl = k.output();
@@ -646,7 +673,28 @@ fn attend(k: &Kernel, m: &Machine) -> Result<Tensor, RefError> {
                 let mut any_live = false;
                 for (n, br) in branches.iter().enumerate() {
                     let cx = format!("branch {n} at (b={b}, h={h}, i={i})");
-                    if !branch_row(m, br, nj, &mut env, &mut row, &cx)? {
+                    let live = branch_row(m, br, nj, &mut env, &mut row, &cx)?;
+                    if let Some(st) = stats.as_deref_mut() {
+                        let at = ((b * nh + h) * ni + i) as usize * branches.len() + n;
+                        st.data[at] = match (br.eps, br.map.is_some(), live) {
+                            (_, true, _) => 0.0,
+                            (Some(_), _, live) => {
+                                if live {
+                                    row.den
+                                } else {
+                                    0.0
+                                }
+                            }
+                            (None, _, live) => {
+                                if live {
+                                    row.lse
+                                } else {
+                                    f64::NEG_INFINITY
+                                }
+                            }
+                        };
+                    }
+                    if !live {
                         continue;
                     }
                     any_live = true;

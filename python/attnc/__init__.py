@@ -143,6 +143,26 @@ class Kernel:
         self._k.run(a, out, dims)
         return out.astype(np.float16) if self.output_dtype == "f16" else out
 
+    def with_stats(self, dims=None, **arrays):
+        """Runs like a call and also returns what a backward pass needs from this forward:
+        ``(output, stats)``, ``stats`` float32 of shape ``[B, H, N, branches]``: each row's
+        softmax log-sum-exp (natural log, the sink included; -inf for a row with no live
+        key), or its linear denominator (``sum s + eps``; 0 for a row with no live key); 0 for
+        other normalizations. CPU backend (other backends raise ``ValueError``)."""
+        a, torch_in = self._arrays(arrays)
+        shape = self._k.output_shape({n: list(x.shape) for n, x in a.items()}, dims)
+        out = np.zeros(shape, np.float32)
+        stats = np.zeros(self._k.stats_shape({n: list(x.shape) for n, x in a.items()}, dims), np.float32)
+        self._k.run(a, out, dims, stats)
+        if self.output_dtype == "f16":
+            out = out.astype(np.float16)
+        if torch_in:
+            import torch
+
+            out_t = torch.from_numpy(out) if self.output_dtype != "bf16" else torch.from_numpy(out).to(torch.bfloat16)
+            return out_t, torch.from_numpy(stats)
+        return out, stats
+
     def reference(self, dims=None, **arrays):
         """The f64 reference interpreter (the meaning of the spec; slow, exact), as float64."""
         a, torch_in = self._arrays(arrays)

@@ -275,22 +275,44 @@ impl Kernel {
         Ok(b.shape(self.spec.kernel.output()))
     }
 
+    /// The saved statistics' shape (`[B, H, N, branches]`) for inputs of these shapes.
+    #[pyo3(signature = (shapes, dims=None))]
+    fn stats_shape(&self, shapes: BTreeMap<String, Vec<usize>>, dims: Option<BTreeMap<String, i64>>) -> PyResult<Vec<usize>> {
+        let b = ir::bind(&self.spec.kernel, &shapes, &dims.unwrap_or_default()).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(ir::reference::stats_shape(&self.spec.kernel, &b))
+    }
+
     /// Runs on `arrays` (`{name: float32 or int32 C-contiguous buffer}`), writing the output
-    /// into `out` (a float32 buffer of the output's shape). The GIL is released while the
-    /// kernel runs.
-    #[pyo3(signature = (arrays, out, dims=None))]
-    fn run(&self, py: Python<'_>, arrays: &Bound<'_, PyDict>, out: &Bound<'_, PyAny>, dims: Option<BTreeMap<String, i64>>) -> PyResult<()> {
+    /// into `out` (a float32 buffer of the output's shape) and, when given, the forward's
+    /// saved statistics into `stats` (a float32 buffer of `stats_shape`). The GIL is
+    /// released while the kernel runs.
+    #[pyo3(signature = (arrays, out, dims=None, stats=None))]
+    fn run(
+        &self,
+        py: Python<'_>,
+        arrays: &Bound<'_, PyDict>,
+        out: &Bound<'_, PyAny>,
+        dims: Option<BTreeMap<String, i64>>,
+        stats: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
         let explicit = dims.unwrap_or_default();
         let b = input_buffers(&self.spec, arrays)?;
         let bound = self.bind(&b, &explicit)?;
-        let out_buf = PyBuffer::<f32>::get(out).map_err(|_| PyValueError::new_err("the output must be a writable C-contiguous float32 buffer"))?;
-        if out_buf.readonly() || !out_buf.is_c_contiguous() {
-            return Err(PyValueError::new_err("the output must be a writable C-contiguous float32 buffer"));
-        }
-        let want = bound.shape(self.spec.kernel.output());
-        if out_buf.shape() != want.as_slice() {
-            return Err(PyValueError::new_err(format!("the output buffer has shape {:?}, the output is {want:?}", out_buf.shape())));
-        }
+        let writable = |x: &Bound<'_, PyAny>, what: &str, want: &[usize]| -> PyResult<PyBuffer<f32>> {
+            let buf = PyBuffer::<f32>::get(x).map_err(|_| PyValueError::new_err(format!("the {what} must be a writable C-contiguous float32 buffer")))?;
+            if buf.readonly() || !buf.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!("the {what} must be a writable C-contiguous float32 buffer")));
+            }
+            if buf.shape() != want {
+                return Err(PyValueError::new_err(format!("the {what} buffer has shape {:?}, the {what} is {want:?}", buf.shape())));
+            }
+            Ok(buf)
+        };
+        let out_buf = writable(out, "output", &bound.shape(self.spec.kernel.output()))?;
+        let stats_buf = match stats {
+            Some(s) => Some(writable(s, "statistics", &ir::reference::stats_shape(&self.spec.kernel, &bound))?),
+            None => None,
+        };
         // The kernel for these inputs: the low-rank guard reads only the bias's tensors.
         let small = self.tensors(&b, &|n| self.prepared.bias_reads.contains(n));
         let oracle = attnc::passes::tiles::DataOracle::new(
@@ -331,7 +353,19 @@ impl Kernel {
         let out_slice = unsafe { std::slice::from_raw_parts_mut(out_buf.buf_ptr() as *mut f32, out_buf.item_count()) };
         let out_addr = out_slice.as_ptr() as usize;
         let kernel = &v.kernel;
-        py.detach(|| kernel.run_into(&inputs, &explicit, out_slice)).map_err(run_error)?;
+        match &stats_buf {
+            Some(sb) => {
+                // The statistics are laid out by branch: the kernel that runs must have the spec's.
+                let saves = |k: &ir::Kernel| k.branches.iter().map(ir::reference::saves_stats).collect::<Vec<_>>();
+                if saves(kernel.kernel()) != saves(&self.spec.kernel) {
+                    return Err(PyValueError::new_err("the optimized kernel's branches differ from the spec's: compile with passes_off to save statistics"));
+                }
+                // SAFETY: as for the output, a fresh writable contiguous float32 buffer.
+                let st = unsafe { std::slice::from_raw_parts_mut(sb.buf_ptr() as *mut f32, sb.item_count()) };
+                py.detach(|| kernel.run_stats_into(&inputs, &explicit, out_slice, st)).map_err(run_error)?;
+            }
+            None => py.detach(|| kernel.run_into(&inputs, &explicit, out_slice)).map_err(run_error)?,
+        }
         *self.last.lock().expect("last") =
             LastRun { inputs: addresses, output: out_addr, options: v.describe.clone(), tolerance: v.kernel.stated_tolerance().map(|t| (t.atol, t.rtol)) };
         Ok(())

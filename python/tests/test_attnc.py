@@ -368,3 +368,22 @@ def test_grad_defaults_to_ones_and_refuses_a_misshaped_cotangent():
     np.testing.assert_array_equal(kern.grad(cotangent=ones, **ins)["q"], grads["q"])
     with pytest.raises(ValueError, match="the cotangent of `o` has shape"):
         kern.grad(cotangent=np.ones((1, 2, 3)), **ins)
+
+
+def test_with_stats_returns_each_rows_log_sum_exp():
+    kern = attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"))
+    dims = {**small_dims(kern), "M": SMALL["N"]}
+    ins = kern.random_inputs(seed=2, **dims)
+    out, stats = kern.with_stats(**ins)
+    np.testing.assert_array_equal(out, kern(**ins))
+    q, k = ins["q"].astype(np.float64), ins["k"].astype(np.float64)
+    s = np.einsum("bhid,bhjd->bhij", q, k) / np.sqrt(q.shape[-1])
+    n = s.shape[-1]
+    s[..., np.triu(np.ones((n, n), bool), 1)] = -np.inf
+    mx = s.max(-1, keepdims=True)
+    lse = (mx + np.log(np.exp(s - mx).sum(-1, keepdims=True)))
+    assert stats.shape == lse.shape and stats.dtype == np.float32
+    np.testing.assert_allclose(stats, lse, rtol=1e-5, atol=1e-5)
+    sim = attnc.compile(os.path.join(ROOT, "examples", "sdpa_causal.attn"), backend="ptx-sim")
+    with pytest.raises(ValueError, match="does not save the forward's statistics yet"):
+        sim.with_stats(**ins)

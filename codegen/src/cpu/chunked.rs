@@ -64,25 +64,30 @@ fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Computes one head's output rows (`out`: N × Dv, zero on entry).
-pub(crate) fn run_head(p: &Plan, h: &Head, out: &mut [f32]) {
+/// Computes one head's output rows (`out`: N × Dv, zero on entry) and, when asked, each
+/// row's saved statistic (`stats`: N; the linear denominator, 0 without one or for a row
+/// with no key).
+pub(crate) fn run_head(p: &Plan, h: &Head, out: &mut [f32], stats: Option<&mut [f32]>) {
     if p.m == 0 || p.n == 0 {
+        if let Some(st) = stats {
+            st.fill(0.0);
+        }
         return; // no keys: every row is fully masked and stays zero
     }
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
             // SAFETY: the features were detected just above.
-            return unsafe { run_head_avx2(p, h, out) };
+            return unsafe { run_head_avx2(p, h, out, stats) };
         }
     }
-    run_head_body(p, h, out)
+    run_head_body(p, h, out, stats)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn run_head_avx2(p: &Plan, h: &Head, out: &mut [f32]) {
-    run_head_body(p, h, out)
+unsafe fn run_head_avx2(p: &Plan, h: &Head, out: &mut [f32], stats: Option<&mut [f32]>) {
+    run_head_body(p, h, out, stats)
 }
 
 /// Values with a column of ones appended when the normalization needs the row sums.
@@ -101,7 +106,7 @@ fn values<'v>(p: &Plan, v: &'v [f32]) -> (std::borrow::Cow<'v, [f32]>, usize) {
 }
 
 #[inline(always)]
-fn run_head_body(p: &Plan, h: &Head, out: &mut [f32]) {
+fn run_head_body(p: &Plan, h: &Head, out: &mut [f32], stats: Option<&mut [f32]>) {
     let (v, w) = values(p, h.v);
     let mut acc = vec![0f32; p.n * w];
     let ok = match p.causal {
@@ -116,6 +121,14 @@ fn run_head_body(p: &Plan, h: &Head, out: &mut [f32]) {
         pairwise(p, h, &v, w, &mut acc, 0, p.m);
     }
     finish(p, h, &acc, w, out);
+    if let Some(st) = stats {
+        for (i, x) in st.iter_mut().enumerate() {
+            *x = match (p.eps, p.last_key(i)) {
+                (Some(eps), Some(_)) => acc[i * w + p.dv] + eps,
+                _ => 0.0,
+            };
+        }
+    }
 }
 
 /// Normalization, gate, and zeros for rows with no visible key.

@@ -343,9 +343,29 @@ impl Compiled for CpuKernel {
     }
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
+        self.run_inner(st, explicit, out, None)
+    }
+
+    fn run_stats_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32], stats: &mut [f32]) -> Result<(), RunError> {
+        self.run_inner(st, explicit, out, Some(stats))
+    }
+}
+
+impl CpuKernel {
+    /// [`Compiled::run_into`], writing the saved statistics into `stats` when given.
+    fn run_inner(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32], mut stats: Option<&mut [f32]>) -> Result<(), RunError> {
         let k = &self.kernel;
         let source = self.bounds_source.as_ref().unwrap_or(k);
         let RunStart { dims, bound, per_call_bounds } = RunStart::new(k, &self.schedule, st, explicit, out.len(), &self.bounds, source)?;
+        if let Some(sb) = stats.as_deref() {
+            let want: usize = attnc_ir::reference::stats_shape(k, &dims).iter().product();
+            if sb.len() != want {
+                return Err(RunError::Input {
+                    name: "stats".into(),
+                    why: format!("the statistics buffer holds {} values, the statistics have {want}", sb.len()),
+                });
+            }
+        }
         self.check_memory(&dims, &bound)?;
         // Derived tensors get the last call's buffers (or fresh ones); inputs are read in
         // place, the output written in place (the kernels write through the frame's addresses).
@@ -376,7 +396,11 @@ impl Compiled for CpuKernel {
                 (t.name.clone(), b)
             })
             .collect();
-        let frame = self.layout.fill(k, &dims, &mut |t| bufs[&t.name].as_ptr() as i64);
+        let mut frame = self.layout.fill(k, &dims, &mut |t| bufs[&t.name].as_ptr() as i64);
+        let stats_ptr = stats.as_deref_mut().map(|s| SendPtr(s.as_mut_ptr() as *const f32));
+        if let (Some(slot), Some(p)) = (self.layout.stats, stats_ptr) {
+            frame[slot] = p.get() as i64;
+        }
         let fp = FramePtr(frame.as_ptr());
         let work = || -> Result<bool, RunError> {
             use rayon::prelude::*;
@@ -412,7 +436,7 @@ impl Compiled for CpuKernel {
                 (Path::Tiled { pack, tile }, BoundAlgorithm::Tiled(t)) => self.run_tiled(*pack, *tile, t, &dims, &bufs, fp),
                 (Path::Chunked, BoundAlgorithm::Chunked(plan)) => {
                     let out = bufs[&k.output().name].as_ptr() as *mut f32;
-                    self.run_chunked(plan, &bound.grid, &bufs, out)
+                    self.run_chunked(plan, &bound.grid, &bufs, out, stats_ptr)
                 }
                 _ => unreachable!("the loaded entry points follow the schedule"),
             }
@@ -434,7 +458,7 @@ impl Compiled for CpuKernel {
         if done {
             return Ok(());
         }
-        self.row_fallback()?.run_into(st, explicit, out)
+        self.row_fallback()?.run_inner(st, explicit, out, stats)
     }
 }
 
@@ -489,7 +513,7 @@ impl CpuKernel {
 
     /// Runs the chunked algorithm over every (batch, head) in parallel, reading the
     /// materialized operands and writing the output through `out`.
-    fn run_chunked(&self, plan: &chunked::Plan, g: &crate::schedule::Grid, bufs: &BTreeMap<String, &[u32]>, out: *mut f32) {
+    fn run_chunked(&self, plan: &chunked::Plan, g: &crate::schedule::Grid, bufs: &BTreeMap<String, &[u32]>, out: *mut f32, stats: Option<SendPtr<f32>>) {
         use attnc_passes::linear::{Decay, FK, FQ, GATE, LK, LQ, VAL};
         use rayon::prelude::*;
         let form = &self.schedule.chunked().expect("a chunked schedule").form;
@@ -518,7 +542,9 @@ impl CpuKernel {
             };
             // SAFETY: each (b, h) writes its own N × Dv block of the output (order b h i e).
             let rows = unsafe { std::slice::from_raw_parts_mut((out.get() as *mut f32).add(bh * n * dv), n * dv) };
-            chunked::run_head(plan, &head, rows);
+            // SAFETY: the same for its N statistics (one branch: order b h i).
+            let st = stats.map(|p| unsafe { std::slice::from_raw_parts_mut((p.get() as *mut f32).add(bh * n), n) });
+            chunked::run_head(plan, &head, rows, st);
         });
     }
 

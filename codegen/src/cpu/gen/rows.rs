@@ -26,8 +26,8 @@ impl Gen<'_, '_> {
                 let z = g.fconst(0.0);
                 g.store_f32(out_acc, e, z);
             });
-            for br in &k.branches {
-                g.branch(br, mj, ev, ws, out_acc, any_live);
+            for (bn, br) in k.branches.iter().enumerate() {
+                g.branch(bn, br, mj, ev, ws, out_acc, any_live);
             }
             // Store the row: zeros when no key was live in any branch, else gated values.
             let live = g.b.use_var(any_live);
@@ -66,7 +66,8 @@ impl Gen<'_, '_> {
     }
 
     /// One branch of one row: walks the keys, then adds its normalized contribution.
-    pub(super) fn branch(&mut self, br: &attnc_ir::Branch, mj: Value, ev: Value, acc: Value, out_acc: Value, any_live: Variable) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn branch(&mut self, bn: usize, br: &attnc_ir::Branch, mj: Value, ev: Value, acc: Value, out_acc: Value, any_live: Variable) {
         let zero_i = self.iconst(0);
         self.for_range(zero_i, ev, &mut |g, e| {
             let z = g.fconst(0.0);
@@ -236,6 +237,24 @@ impl Gen<'_, '_> {
             let fin = self.b.ins().fcmp(FloatCC::NotEqual, mv, ninf);
             live = self.b.ins().band(live, fin);
         }
+        // The saved statistic (`run_with_stats`' contract): log-sum-exp, or the linear
+        // denominator; −inf and 0 for a row with no live key.
+        let i = self.expr(&Expr::var("i"));
+        self.save_stat(bn, i, &mut |g| match (&br.norm, softmax) {
+            (_, true) => {
+                let (mv, lv) = (g.b.use_var(m), g.b.use_var(l));
+                let ln = g.call("attnc_logf", &[lv]);
+                let lse = g.b.ins().fadd(mv, ln);
+                g.b.ins().select(live, lse, neg_inf)
+            }
+            (Norm::Linear { eps }, _) => {
+                let lv = g.b.use_var(l);
+                let e = g.fconst(eps.0 as f32);
+                let d = g.b.ins().fadd(lv, e);
+                g.b.ins().select(live, d, zero_f)
+            }
+            _ => zero_f,
+        });
         self.if_then(live, &mut |g| {
             let t = g.b.ins().iconst(types::I8, 1);
             g.b.def_var(any_live, t);

@@ -230,7 +230,7 @@ impl Gen<'_, '_> {
                 self.key_tiles(&f, &p);
             }
             // Fold the branch into OUT: O · weight / denominator, for live rows.
-            self.fold_branch(&f, br, softmax, &post, linear_eps);
+            self.fold_branch(&f, bn, br, softmax, &post, linear_eps);
         }
         // Gate and store: f32x4 stores when the output rows are contiguous along `e` and
         // there is no gate, else element by element.
@@ -644,7 +644,7 @@ impl Gen<'_, '_> {
     }
 
     /// Adds the branch to OUT: O · weight / denominator, for live rows.
-    fn fold_branch(&mut self, f: &TileFrame, br: &Branch, softmax: bool, post: &Option<Expr>, linear_eps: Option<f64>) {
+    fn fold_branch(&mut self, f: &TileFrame, bn: usize, br: &Branch, softmax: bool, post: &Option<Expr>, linear_eps: Option<f64>) {
         let TileFrame { i0, ev, nq, o_ws, out_ws, m_ws, l_ws, live_ws, blive_ws, zero, zf, one_f, ninf, .. } = *f;
         self.for_range(zero, nq, &mut |g, r| {
             let i = g.b.ins().iadd(i0, r);
@@ -657,6 +657,24 @@ impl Gen<'_, '_> {
                 let fin = g.b.ins().fcmp(FloatCC::NotEqual, mrow, ninf);
                 live = g.b.ins().band(live, fin);
             }
+            // The saved statistic (`run_with_stats`' contract): the log-sum-exp from the base-2
+            // state (`m·ln 2 + ln l`), or the linear denominator; −inf and 0 for a dead row.
+            g.save_stat(bn, i, &mut |g| {
+                if softmax {
+                    let mrow = g.load_f32(m_ws, r);
+                    let ln2 = g.fconst(std::f32::consts::LN_2);
+                    let m = g.b.ins().fmul(mrow, ln2);
+                    let ln = g.call("attnc_logf", &[lrow]);
+                    let lse = g.b.ins().fadd(m, ln);
+                    g.b.ins().select(live, lse, ninf)
+                } else if let Some(eps) = linear_eps {
+                    let e = g.fconst(eps as f32);
+                    let d = g.b.ins().fadd(lrow, e);
+                    g.b.ins().select(live, d, zf)
+                } else {
+                    zf
+                }
+            });
             let mut factor = match (softmax && post.is_none(), linear_eps) {
                 (true, _) => g.b.ins().fdiv(one_f, lrow),
                 (_, Some(eps)) => {
