@@ -861,3 +861,57 @@ fn float_functions_on_the_vector_paths_are_accurate_over_their_range() {
         }
     }
 }
+
+/// A softmax with a post-map runs in two passes; the second rescales the first pass's kept
+/// weights of full tiles (`keep_weights`) or computes the scores again. Both, with full and
+/// partial tiles (a causal mask, tails), a post-map that is not 0 at 0, and large logits
+/// rising along the keys (weights kept relative to an early maximum, then rescaled by a far
+/// smaller factor).
+#[test]
+fn two_pass_softmax_keeps_or_recomputes_its_weights_alike() {
+    let post = |mask: &str, post: &str| {
+        format!(
+            "attention post {{
+          dims B, H, N, M, D, Dv
+          input q: f32[B, H, N, D]
+          input k: f32[B, H, M, D]
+          input v: f32[B, H, M, Dv]
+          output o: f32[B, H, N, Dv]
+          score = dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D)
+          {mask}
+          normalize = softmax(post = {post})
+          value = v[b, h, j, e]
+        }}"
+        )
+    };
+    let clipped = "clamp(1.003 * w - 0.003, 0.0, 1.0)";
+    let specs = [post("", clipped), post("mask = j <= p", clipped), post("mask = j <= p", "w * w + 0.01")];
+    for src in &specs {
+        let c = attnc::dsl::compile(src).expect("spec compiles");
+        for (n, m, scale) in [(37, 37, 1.0), (70, 130, 1.0), (1, 300, 1.0), (64, 256, 40.0)] {
+            let dims: BTreeMap<String, i64> = [("B", 1), ("H", 2), ("N", n), ("M", m), ("D", 8), ("Dv", 8)].iter().map(|(d, v)| (d.to_string(), *v)).collect();
+            let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+            let mut ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 9).expect("inputs");
+            // Large logits, rising along the keys: each tile's maximum exceeds the last.
+            let q = ins.get_mut("q").expect("q");
+            q.data.iter_mut().for_each(|x| *x *= scale);
+            if scale > 1.0 {
+                let k = ins.get_mut("k").expect("k");
+                let d = 8;
+                for (n, x) in k.data.iter_mut().enumerate() {
+                    *x += (n / d % m as usize) as f64 * 0.01;
+                }
+            }
+            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+            for keep_weights in [true, false] {
+                for (bq, bk) in [(64, 64), (16, 32)] {
+                    let o = CpuOptions { keep_weights, ..CpuOptions::with_schedule(ScheduleOptions { block_q: bq, block_k: bk, ..Default::default() }) };
+                    let on = cpu(o);
+                    let got = on.run(&c, &ins).expect("cpu runs");
+                    let label = format!("two-pass N={n} M={m} scale={scale} keep={keep_weights} {bq}x{bk}: {src}");
+                    compare(&label, &got, &want, Tweak::None, on.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+                }
+            }
+        }
+    }
+}

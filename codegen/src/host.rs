@@ -189,6 +189,10 @@ pub struct ArgLayout {
     /// The slot of the saved statistics' address (`[B, H, N, branches]` f32, contiguous; 0:
     /// not saved), when the backend writes them ([`ArgLayout::with_stats`]).
     pub stats: Option<usize>,
+    /// The slot of a flag (nonzero: yes) telling the tiled CPU kernel that each task's
+    /// workspace is followed by room to keep first-pass softmax weights
+    /// ([`crate::schedule::BoundTiled::keep_weights`]), when the backend reads one.
+    pub kept: Option<usize>,
     pub len: usize,
 }
 
@@ -215,13 +219,20 @@ impl ArgLayout {
             let stride = t.shape.iter().map(|_| next()).collect();
             tensors.insert(t.name.clone(), TensorSlots { base, ext, stride, is_int: t.dtype.is_int() });
         }
-        ArgLayout { dims, tensors, stats: None, len: n }
+        ArgLayout { dims, tensors, stats: None, kept: None, len: n }
     }
 
     /// The layout with one more slot: the saved statistics' address (0 in [`ArgLayout::fill`]'s
     /// table: the kernel saves nothing unless the caller sets it).
     pub fn with_stats(mut self) -> ArgLayout {
         self.stats = Some(self.len);
+        self.len += 1;
+        self
+    }
+
+    /// The layout with one more slot: the kept-weights flag (0 in [`ArgLayout::fill`]'s table).
+    pub fn with_kept(mut self) -> ArgLayout {
+        self.kept = Some(self.len);
         self.len += 1;
         self
     }

@@ -218,7 +218,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
         sig.returns.push(AbiParam::new(types::F32));
         libs.insert(*name, module.declare_function(name, Linkage::Import, &sig).map_err(err)?);
     }
-    let layout = ArgLayout::new(k).with_stats();
+    let layout = ArgLayout::new(k).with_stats().with_kept();
     let mut kinds: Vec<FuncKind> = k.derived().map(|t| FuncKind::Derive(t.name.clone())).collect();
     let mut mm = None;
     match &s.algorithm {

@@ -55,11 +55,15 @@ pub struct CpuOptions {
     /// re-elaborate hoisted loop invariants (a square root and a division) inside the key
     /// loop, which made kernels slower, not faster.
     pub clif_opt: bool,
+    /// A softmax with a post-map (two passes) keeps its first pass's weights of full tiles
+    /// for the second when the schedule allows ([`crate::schedule::BoundTiled::keep_weights`]);
+    /// off: the second pass computes the scores again.
+    pub keep_weights: bool,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { schedule: ScheduleOptions::default(), fma: true, microkernel: true, rows_per_task: 16, threads: 0, clif_opt: false }
+        CpuOptions { schedule: ScheduleOptions::default(), fma: true, microkernel: true, rows_per_task: 16, threads: 0, clif_opt: false, keep_weights: true }
     }
 }
 
@@ -401,6 +405,9 @@ impl CpuKernel {
         if let (Some(slot), Some(p)) = (self.layout.stats, stats_ptr) {
             frame[slot] = p.get() as i64;
         }
+        if let (Some(slot), BoundAlgorithm::Tiled(t)) = (self.layout.kept, &bound.algorithm) {
+            frame[slot] = self.keeps_weights(t) as i64;
+        }
         let fp = FramePtr(frame.as_ptr());
         let work = || -> Result<bool, RunError> {
             use rayon::prelude::*;
@@ -488,6 +495,11 @@ impl CpuKernel {
         made.as_deref().map_err(|e| RunError::Device(format!("the row kernel (for values that are not all finite): {e}")))
     }
 
+    /// Whether the tiled kernel keeps a two-pass softmax's first-pass weights at these dims.
+    fn keeps_weights(&self, t: &crate::schedule::BoundTiled) -> bool {
+        t.keep_weights && self.options.keep_weights
+    }
+
     /// Refuses a run that would need more memory than the host has (or `ATTNC_MAX_MEMORY`
     /// allows), before allocating: derived tensors and the output, and the tiled kernel's
     /// per-worker workspaces and per-group packs.
@@ -499,7 +511,8 @@ impl CpuKernel {
         let threads = self.pool.as_ref().map_or_else(rayon::current_num_threads, |p| p.current_num_threads()) as u128;
         let (mut work, mut packs) = (0u128, 0u128);
         if let (crate::schedule::BoundAlgorithm::Tiled(t), Some(ts)) = (&bound.algorithm, self.schedule.tiled()) {
-            work = threads * ts.workspace.task_bytes(t.channels, bound.grid.values);
+            let kept = if self.keeps_weights(t) { 4 * ts.workspace.kept_floats(bound.grid.keys) } else { 0 };
+            work = threads * (ts.workspace.task_bytes(t.channels, bound.grid.values) + kept);
             let (kt, vb) = ts.workspace.pack_floats(bound.grid.keys, t.channels, bound.grid.values);
             packs = 4 * (kt + vb) * threads.min(t.groups.len() as u128);
         }
@@ -560,7 +573,9 @@ impl CpuKernel {
         let g = crate::schedule::Grid::of(k, dims);
         let data = TensorData::masks(k, dims, bufs);
         let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
-        let ws_len = ts.workspace.task_floats(t.channels, g.values) as usize;
+        // The task's workspace, then the room a two-pass softmax keeps its weights in.
+        let kept = if self.keeps_weights(t) { ts.workspace.kept_floats(g.keys) } else { 0 };
+        let ws_len = (ts.workspace.task_floats(t.channels, g.values) + kept) as usize;
         let (kt_len, vb_len) = ts.workspace.pack_floats(g.keys, t.channels, g.values);
         // Query tiles per task: small tiles (block-diagonal masks run 16-row tiles with one live
         // key tile each) are grouped so that a task holds about 64 rows of work.

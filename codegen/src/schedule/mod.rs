@@ -176,7 +176,10 @@ impl Schedule {
                     });
                 }
                 let groups = groups::head_groups(k, &t.plan, dims, grid.batches, grid.heads);
-                BoundAlgorithm::Tiled(BoundTiled { channels, tiles, groups })
+                // Keeping a query tile's first-pass weights saves the second pass its score
+                // matmuls: where the task's memory is the host's, and up to a budget.
+                let keep_weights = t.plan.two_pass_plain() && !self.limits.staged_tiles && 4 * t.workspace.kept_floats(grid.keys) <= KEPT_WEIGHTS_BYTES as u128;
+                BoundAlgorithm::Tiled(BoundTiled { channels, tiles, groups, keep_weights })
             }
             Algorithm::Chunked(c) => {
                 let form = &c.form;
@@ -247,7 +250,14 @@ pub struct BoundTiled {
     pub tiles: classes::TileGrid,
     /// Heads that read one key/value pack, per batch.
     pub groups: Vec<groups::HeadGroup>,
+    /// A two-pass softmax keeps its first pass's weights of full tiles for the second pass
+    /// (which then rescales them instead of recomputing the scores), in
+    /// [`workspace::TileWorkspace::kept_floats`] more floats per task.
+    pub keep_weights: bool,
 }
+
+/// The most a task keeps between a softmax's two passes (64 query rows × 128K keys).
+pub const KEPT_WEIGHTS_BYTES: usize = 32 << 20;
 
 /// The chunked algorithm at bound dims: the shape of one (batch, head) and its choices.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -142,6 +142,13 @@ impl TiledPlan {
     pub fn channels(&self) -> Option<&Expr> {
         self.panels.first().map(|d| &d.len)
     }
+
+    /// Some branch runs softmax in two passes over plain dot scores: its first pass's
+    /// weights of full tiles can be kept for the second instead of computed again
+    /// ([`crate::schedule::BoundTiled::keep_weights`]).
+    pub fn two_pass_plain(&self) -> bool {
+        self.branches.iter().any(|b| b.softmax.as_ref().is_some_and(|s| s.plain && s.passes.len() == 2))
+    }
 }
 
 impl BranchPlan {

@@ -186,6 +186,15 @@ impl TileWorkspace {
     pub fn panel_floats(&self, keys: i64, channels: i64) -> u128 {
         self.floats(&PACK[..1], keys, channels, 0)
     }
+
+    /// f32 elements a task keeps between the two passes of a softmax with a post-map (after
+    /// its workspace, when [`crate::schedule::BoundTiled::keep_weights`]): per key tile, the
+    /// query tile's first-pass weights (`BQ × BK`, relative to the row maximum at that tile)
+    /// and that maximum per row (`BQ`).
+    pub fn kept_floats(&self, keys: i64) -> u128 {
+        let tiles = (keys.max(0) as u128).div_ceil(self.block_k as u128);
+        tiles * self.block_q as u128 * (self.block_k as u128 + 1)
+    }
 }
 
 #[cfg(test)]

@@ -68,6 +68,18 @@ struct PassFrame<'a> {
     /// The branch's key panel (its dot's), and whether its packed queries carry `log2 e`.
     panel: Option<usize>,
     folds_log2e: bool,
+    /// Where a two-pass softmax over plain scores keeps its first pass's weights.
+    kept: Option<Kept>,
+}
+
+/// The kept first-pass weights of a two-pass softmax (`BoundTiled::keep_weights`), after the
+/// task's workspace: `on` (the host made room), the weights `kw[tile][row][key]` and the
+/// row maximum they are relative to, `km[tile][row]`.
+#[derive(Clone, Copy)]
+struct Kept {
+    on: Value,
+    kw: Value,
+    km: Value,
 }
 
 impl Gen<'_, '_> {
@@ -174,6 +186,18 @@ impl Gen<'_, '_> {
         self.zero_fill(live_ws, bqv);
 
         let iota = self.iota4();
+        // Room for the kept weights follows the workspace (its last region, tmax, is BQ long).
+        let kept = match self.kept {
+            Some((frame, slot)) if ts.plan.two_pass_plain() && softmax_mk.is_some() => {
+                let flag = self.b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
+                let on = self.b.ins().icmp_imm_s(IntCC::NotEqual, flag, 0);
+                let kw = self.ptr_off(tmax_ws, bqv);
+                let span = self.b.ins().imul_imm_s(ntiles, bq * bk);
+                let km = self.ptr_off(kw, span);
+                Some(Kept { on, kw, km })
+            }
+            _ => None,
+        };
 
         for (bn, (br, bp)) in k.branches.iter().zip(&plan.branches).enumerate() {
             let score_rest = &bp.rest;
@@ -226,6 +250,7 @@ impl Gen<'_, '_> {
                     iota,
                     panel: bp.panel,
                     folds_log2e: bp.log2e_folded(),
+                    kept: kept.filter(|_| plain_scores && passes.len() == 2),
                 };
                 self.key_tiles(&f, &p);
             }
@@ -321,7 +346,7 @@ impl Gen<'_, '_> {
         let TileFrame {
             kt, vb, classes, mj, ev, dlen, nq, bqv, bkv, ntiles, a_ws, s_ws, o_ws, m_ws, l_ws, corr_ws, blive_ws, tmax_ws, zero, one_f, bk, ..
         } = *f;
-        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, .. } = *p;
+        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, .. } = *p;
         if weights.is_some() {
             self.for_range(zero, bqv, &mut |g, r| {
                 let l = g.load_f32(l_ws, r);
@@ -345,39 +370,62 @@ impl Gen<'_, '_> {
                 // A full tile of plain dot products whose softmax step runs in the
                 // microkernel has no per-row work but marking its rows live.
                 let plain = helper.is_some() && plain_scores;
-                if let Some(pn) = panel {
-                    // Key tile kb of panel pn: the panels hold ntiles tiles of BK × D each.
-                    let t = match pn {
-                        0 => kb,
-                        _ => {
-                            let before = g.b.ins().imul_imm_s(ntiles, pn as i64);
-                            g.b.ins().iadd(before, kb)
-                        }
-                    };
-                    let off = g.b.ins().imul(t, dlen);
-                    let off = g.b.ins().imul_imm_s(off, bk);
-                    let ktp = g.ptr_off(kt, off);
-                    match softmax_mk.filter(|_| plain) {
-                        // A full tile of plain dot products: the row maxima come with the scores.
-                        Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
-                            check,
-                            &mut |g| {
+                // A full tile (generated only where read: by the second-pass weights and the
+                // kept weights).
+                let full = if weights.is_some() || kept.is_some() { g.b.ins().bxor_imm_u(check, 1) } else { check };
+                // The second pass over a full tile whose first-pass weights were kept rescales
+                // them (`2^(m_tile − m) / l` per row) instead of computing the scores again.
+                let restore = kept.filter(|_| two_pass_second && weights.is_some()).map(|k| (k, g.b.ins().band(k.on, full)));
+                // The first of two passes computes a full tile's scores, then its weights, in
+                // the kept region's slot of the tile (kept with the maxima after the step).
+                let keep = kept.filter(|_| !accumulate && helper.is_some()).map(|k| (k, g.b.ins().band(k.on, full)));
+                let s_tile = match keep {
+                    Some((k, keep)) => {
+                        let off = g.b.ins().imul(kb, bqv);
+                        let off = g.b.ins().imul_imm_s(off, bk);
+                        let slot = g.ptr_off(k.kw, off);
+                        g.b.ins().select(keep, slot, s_ws)
+                    }
+                    None => s_ws,
+                };
+                let mut scores = |g: &mut Self| {
+                    if let Some(pn) = panel {
+                        // Key tile kb of panel pn: the panels hold ntiles tiles of BK × D each.
+                        let t = match pn {
+                            0 => kb,
+                            _ => {
+                                let before = g.b.ins().imul_imm_s(ntiles, pn as i64);
+                                g.b.ins().iadd(before, kb)
+                            }
+                        };
+                        let off = g.b.ins().imul(t, dlen);
+                        let off = g.b.ins().imul_imm_s(off, bk);
+                        let ktp = g.ptr_off(kt, off);
+                        match softmax_mk.filter(|_| plain) {
+                            // A full tile of plain dot products: the row maxima come with the scores.
+                            Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
+                                check,
+                                &mut |g| {
+                                    g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                                },
+                                &mut |g| {
+                                    g.b.ins().call(qk_max, &[a_ws, dlen, ktp, s_tile, nq, dlen, bkv, tmax_ws]);
+                                },
+                            ),
+                            None => {
                                 g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
-                            },
-                            &mut |g| {
-                                g.b.ins().call(qk_max, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv, tmax_ws]);
-                            },
-                        ),
-                        None => {
-                            g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                            }
                         }
                     }
-                }
-                if let Some(w) = weights {
-                    let full = g.b.ins().bxor_imm_u(check, 1);
-                    g.if_then(full, &mut |g| {
-                        g.b.ins().call(w, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
-                    });
+                    if let Some(w) = weights {
+                        g.if_then(full, &mut |g| {
+                            g.b.ins().call(w, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
+                        });
+                    }
+                };
+                match restore {
+                    Some((k, from_kept)) => g.if_else(from_kept, &mut |g| g.restore_weights(f, k, kb), &mut scores),
+                    None => scores(g),
                 }
                 let j0v = g.b.ins().ireduce(types::I32, j0);
                 let j0v = g.b.ins().splat(types::I32X4, j0v);
@@ -400,7 +448,10 @@ impl Gen<'_, '_> {
                 if let Some(step) = helper {
                     let null = g.iconst(0);
                     let tmax = if plain { g.b.ins().select(check, null, tmax_ws) } else { null };
-                    g.b.ins().call(step, &[s_ws, bkv, nq, bkv, m_ws, l_ws, corr_ws, tmax]);
+                    g.b.ins().call(step, &[s_tile, bkv, nq, bkv, m_ws, l_ws, corr_ws, tmax]);
+                }
+                if let Some((k, keep)) = keep {
+                    g.if_then(keep, &mut |g| g.keep_maxima(f, k, kb));
                 }
                 if accumulate {
                     let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
@@ -640,6 +691,44 @@ impl Gen<'_, '_> {
             }
             g.unhoist(hoisted);
             g.unbind(1);
+        });
+    }
+
+    /// Keeps each row's maximum after a full tile of the first pass (its weights, in the
+    /// kept slot, are relative to it).
+    fn keep_maxima(&mut self, f: &TileFrame, k: Kept, kb: Value) {
+        let TileFrame { nq, m_ws, zero, bqv, .. } = *f;
+        let first = self.b.ins().imul(kb, bqv);
+        self.for_range(zero, nq, &mut |g, r| {
+            let row = g.b.ins().iadd(first, r);
+            let m = g.load_f32(m_ws, r);
+            g.store_f32(k.km, row, m);
+        });
+    }
+
+    /// The second pass's weights of a full tile from the kept ones: `w · 2^(m_tile − m) / l`
+    /// into `S` (`corr` holds `1 / l`; a row whose maximum was still −inf has weight 0).
+    fn restore_weights(&mut self, f: &TileFrame, k: Kept, kb: Value) {
+        let TileFrame { nq, s_ws, m_ws, corr_ws, zero, zf, ninf, bk, .. } = *f;
+        let bq = f.bqv;
+        let first = self.b.ins().imul(kb, bq);
+        self.for_range(zero, nq, &mut |g, r| {
+            let row = g.b.ins().iadd(first, r);
+            let mt = g.load_f32(k.km, row);
+            let m = g.load_f32(m_ws, r);
+            let d = g.b.ins().fsub(mt, m);
+            let ln2 = g.fconst(std::f32::consts::LN_2);
+            let d = g.b.ins().fmul(d, ln2);
+            let e = g.call("attnc_expf", &[d]);
+            let inv = g.load_f32(corr_ws, r);
+            let factor = g.b.ins().fmul(e, inv);
+            let dead = g.b.ins().fcmp(FloatCC::Equal, mt, ninf);
+            let factor = g.b.ins().select(dead, zf, factor);
+            let src = g.b.ins().imul_imm_s(row, bk);
+            let src = g.ptr_off(k.kw, src);
+            let dst = g.b.ins().imul_imm_s(r, bk);
+            let n = g.iconst(bk);
+            g.copy_row(src, n, Some(factor), &mut |g, x, v| g.store_row(s_ws, dst, x, v));
         });
     }
 
