@@ -97,3 +97,107 @@ pub fn ones_like_output(k: &Kernel, dims: &Bindings) -> Tensor {
     let n = shape.iter().product();
     Tensor::new(shape, vec![1.0; n])
 }
+
+/// Why a compiled backward could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum CompiledGradError {
+    #[error(transparent)]
+    Unsupported(#[from] attnc_ir::backward::Unsupported),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn other(e: impl std::fmt::Display) -> CompiledGradError {
+    CompiledGradError::Other(e.to_string())
+}
+
+/// The gradients of `Σ dout · o` with respect to every float input, by compiled kernels on
+/// the CPU: the forward with its saved log-sum-exp, `D = Σ_e dO ∘ O` per row, then the
+/// backward kernels of [`attnc_ir::backward`], each added into its input's gradient at the
+/// leaf's index (grouped heads and repeated reads summed). f32 arithmetic; the same
+/// contract as [`attnc_ir::grad::grad`] (a row with no live key contributes nothing).
+pub fn compiled(
+    k: &Kernel,
+    dims: &Bindings,
+    inputs: &BTreeMap<String, Tensor>,
+    dout: &Tensor,
+    options: &attnc_codegen::cpu::CpuOptions,
+) -> Result<BTreeMap<String, Tensor>, CompiledGradError> {
+    use attnc_codegen::cpu::CpuBackend;
+    use attnc_codegen::{Backend, Compiled};
+    use attnc_ir::backward::{backward_kernels, DD, DO, LSE};
+    use attnc_ir::reference::{ExprEval, Scalar};
+    let kernels = backward_kernels(k)?;
+    let compile = |kern: &Kernel| -> Result<attnc_codegen::cpu::CpuKernel, CompiledGradError> {
+        let info = attnc_ir::verify(kern).map_err(|e| other(format!("the backward kernel {} does not verify (a bug in attnc): {e}", kern.name)))?;
+        CpuBackend::default().compile(kern, &info, options).map_err(other)
+    };
+    let explicit = dims.dims.clone();
+    let (o, stats) = compile(k)?.run_with_stats(inputs, &explicit).map_err(other)?;
+    let want = dims.shape(k.output());
+    if dout.shape != want {
+        return Err(other(format!("the cotangent `{}` has shape {:?}; the output has shape {want:?}", k.output().name, dout.shape)));
+    }
+    // D per row (b, h, i): the output's axes in its order.
+    let (nb, nh, ni) = (stats.shape[0], stats.shape[1], stats.shape[2]);
+    let axis = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
+    let strides: Vec<usize> = (0..want.len()).map(|a| want[a + 1..].iter().product()).collect();
+    let (sb, sh, si, se, ne) = (strides[axis("b")], strides[axis("h")], strides[axis("i")], strides[axis("e")], want[axis("e")]);
+    let mut dd = vec![0f64; nb * nh * ni];
+    for b in 0..nb {
+        for h in 0..nh {
+            for i in 0..ni {
+                let base = b * sb + h * sh + i * si;
+                dd[(b * nh + h) * ni + i] = (0..ne).map(|e| dout.data[base + e * se] * o.data[base + e * se]).sum();
+            }
+        }
+    }
+    let mut ins = inputs.clone();
+    ins.insert(LSE.into(), Tensor::new(vec![nb, nh, ni], stats.data));
+    ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], dd));
+    ins.insert(DO.into(), dout.clone());
+    let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
+    let mut grads: BTreeMap<String, Tensor> = k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    for gk in &kernels {
+        let part = compile(&gk.kernel)?.run(&ins, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
+        let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
+        let gstrides: Vec<usize> = (0..g.shape.len()).map(|a| g.shape[a + 1..].iter().product()).collect();
+        let [pb, ph, pr, pe] = part.shape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
+        // The index is affine in `e` along the gradient's last axis (`q[b, h, i, e]`): one
+        // evaluation per row; otherwise one per element.
+        let last = gk.idx.len().checked_sub(1);
+        let contiguous = last.is_some_and(|l| gk.idx[l] == attnc_ir::Expr::var("e") && gk.idx[..l].iter().all(|x| !x.free_vars().contains("e")));
+        let prepared: Vec<_> = gk.idx.iter().map(|x| eval.prepare(x, &["b", "h", "i", "e"])).collect();
+        let at = |vals: &[Scalar]| -> Result<usize, CompiledGradError> {
+            let mut flat = 0usize;
+            for (a, p) in prepared.iter().enumerate() {
+                let Scalar::Int(x) = p.eval(vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
+                if x < 0 || x as usize >= g.shape[a] {
+                    return Err(other(format!("`{}` index {x} on axis {a} is out of bounds", gk.target)));
+                }
+                flat += x as usize * gstrides[a];
+            }
+            Ok(flat)
+        };
+        for b in 0..pb {
+            for h in 0..ph {
+                for r in 0..pr {
+                    let row = &part.data[((b * ph + h) * pr + r) * pe..][..pe];
+                    let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
+                    if contiguous {
+                        let base = at(&v(0))?;
+                        for (e, x) in row.iter().enumerate() {
+                            g.data[base + e] += x;
+                        }
+                    } else {
+                        for (e, x) in row.iter().enumerate() {
+                            let n = at(&v(e))?;
+                            g.data[n] += x;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok(grads)
+}

@@ -209,3 +209,45 @@ fn saved_statistics_match_the_reference_on_every_cpu_algorithm() {
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
     assert!(finite > 10_000 && dead > 100, "too few statistics compared: {finite} finite, {dead} −inf");
 }
+
+/// The compiled backward (the backward kernels of `attnc_ir::backward` on the CPU, tiled and
+/// on the row kernel) against the reference backward, on every example it covers and every
+/// profile; the others are refused with a reason.
+#[test]
+fn compiled_backward_matches_the_reference_backward() {
+    use attnc::codegen::cpu::CpuOptions;
+    use attnc::codegen::schedule::ScheduleOptions;
+    let schedules = [("default", CpuOptions::default()), ("rows", CpuOptions::with_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }))];
+    let (mut failures, mut covered, mut refused, mut compared) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
+    for (name, c) in examples() {
+        if let Err(why) = attnc::ir::backward::backward_kernels(&c.kernel) {
+            refused.push(format!("{name}: {why}"));
+            continue;
+        }
+        covered.push(name.clone());
+        for (profile, dims) in PROFILES {
+            let Some((b, ins, dout)) = setup(&c, dims, 21) else { continue };
+            let want = attnc::ir::grad::grad(&c.kernel, &b, &ins, &dout).expect("reference backward");
+            for (sname, o) in &schedules {
+                let got = match attnc::grad::compiled(&c.kernel, &b, &ins, &dout, o) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        failures.push(format!("{name} [{profile}, {sname}]: {e}"));
+                        continue;
+                    }
+                };
+                for (input, w) in &want {
+                    let g = &got[input];
+                    let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
+                    compared += w.data.len();
+                    if let Some((n, (x, y))) = g.data.iter().zip(&w.data).enumerate().find(|(_, (x, y))| !((*x - *y).abs() <= 1e-4 * scale || (x.is_nan() && y.is_nan()))) {
+                        failures.push(format!("{name} [{profile}, {sname}] `{input}` element {n}: compiled {x}, reference {y} (scale {scale:.2e})"));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("covered ({}): {}\nrefused:\n{}\n{compared} gradient elements compared", covered.len(), covered.join(", "), refused.join("\n"));
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(covered.len() >= 8, "only {} examples have a compiled backward", covered.len());
+}

@@ -11,6 +11,7 @@
 //! code generation (attnc-codegen).
 
 pub mod analysis;
+pub mod backward;
 pub mod bind;
 pub mod diff;
 pub mod expr;

@@ -1,0 +1,208 @@
+//! The backward pass as ordinary attnc kernels: from a kernel, the kernels whose outputs
+//! are the gradients of its float inputs (FlashAttention-2's equations, derived from the
+//! spec), so that every backend that runs a forward kernel runs the backward too.
+//!
+//! For a softmax branch, with `P_ij = exp(s_ij − lse_i)` (the forward's saved log-sum-exp),
+//! `dP_ij = Σ_e dO_ie · value(j, e)` and `D_i = Σ_e dO_ie · O_ie`:
+//!
+//! - the value's leaves: `Σ_i P_ij · dO_ie · ∂value/∂leaf`: a kernel whose rows are the keys
+//!   (`i` and `j` exchanged), normalization `exp(s − lse)`, value `dO · ∂value`;
+//! - each leaf of the score or bias (`s = score + bias`): `Σ_j dS_ij · ∂s/∂leaf` with
+//!   `dS_ij = P_ij (dP_ij − D_i)`: a kernel over the rows when the leaf's index reads the
+//!   query (`q[b, h, i, r]`, a per-head slope), over the keys when it reads the key
+//!   (`k[b, hk, j, r]`); the leaf's reduction (the dot's channel) becomes the output channel.
+//!
+//! Each kernel writes `[B, H, rows, E]`; the host adds each element into the gradient at
+//! the leaf's index ([`GradKernel::idx`]), which sums grouped heads and repeated reads.
+//! The kernels read the forward's inputs and three more: `__lse` and `__dd` (`[B, H, N]`:
+//! the log-sum-exp and `D`) and `__do` (the cotangent, shaped as the output).
+//!
+//! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
+//! branches, normalizations other than softmax, a post-map, decay, a gate, a branch weight,
+//! a sink that reads a tensor, derived tensors, a leaf whose index reads both the query and
+//! the key (a relative-position table, a dense bias), or whose partial still holds a
+//! reduction (a score nonlinear in its dot: softcap, cosine).
+
+use crate::diff::{partials, Target};
+use crate::expr::{BinOp, Expr, RedOp, UnOp};
+use crate::kernel::*;
+
+/// Names of the extra inputs of the backward kernels.
+pub const LSE: &str = "__lse";
+pub const DD: &str = "__dd";
+pub const DO: &str = "__do";
+
+/// One backward kernel: its output, added element by element into the gradient of
+/// `target` at `idx` (expressions of `b`, `h`, `i` (the kernel's row) and `e`).
+#[derive(Clone, Debug)]
+pub struct GradKernel {
+    pub kernel: Kernel,
+    pub target: String,
+    pub idx: Vec<Expr>,
+    /// What it computes, for messages: `dq (rows)`, `dk (keys)`, `dv (keys)`.
+    pub what: String,
+}
+
+/// Why a kernel has no compiled backward yet.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("no compiled backward for this spec yet: {0}")]
+pub struct Unsupported(pub String);
+
+fn no<T>(why: impl Into<String>) -> Result<T, Unsupported> {
+    Err(Unsupported(why.into()))
+}
+
+/// Exchanges the query and key variables.
+fn swap(e: &Expr) -> Expr {
+    e.subst("i", &Expr::var("__swap")).subst("j", &Expr::var("i")).subst("__swap", &Expr::var("j"))
+}
+
+fn extent_of(e: &Expr) -> Option<Extent> {
+    match e {
+        Expr::Dim(d) => Some(Extent::Dim(d.clone())),
+        Expr::Int(n) => Some(Extent::Fixed(*n)),
+        _ => None,
+    }
+}
+
+fn has_reduce(e: &Expr) -> bool {
+    let mut r = false;
+    e.walk(&mut |x| r |= matches!(x, Expr::Reduce { .. }));
+    r
+}
+
+/// The backward kernels of `k` (see the module's documentation).
+pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
+    let [br] = k.branches.as_slice() else { return no(format!("{} branches (one is derived so far)", k.branches.len())) };
+    match &br.norm {
+        Norm::Softmax { post: Some(_), .. } => return no("a softmax post-map"),
+        Norm::Softmax { sink: Some(s), .. } if !s.loads().is_empty() => return no("a sink logit read from a tensor"),
+        Norm::Softmax { .. } => {}
+        _ => return no("a normalization other than softmax"),
+    }
+    if br.decay.is_some() {
+        return no("decay");
+    }
+    if br.weight.is_some() {
+        return no("a branch weight");
+    }
+    if k.gate.is_some() {
+        return no("a gate");
+    }
+    if let Some(t) = k.derived().next() {
+        return no(format!("the derived tensor `{}`", t.name));
+    }
+    let float = |name: &str| k.tensor(name).is_some_and(|t| !t.dtype.is_int());
+    let out = k.output();
+    // The cotangent at (row `i`, channel `ch`), the output's axes in its order.
+    let d_o = |ch: &Expr| Expr::Load(DO.into(), k.out.iter().map(|v| if v == "e" { ch.clone() } else { Expr::var(v) }).collect());
+    let row_stat = |name: &str| Expr::Load(name.into(), vec![Expr::var("b"), Expr::var("h"), Expr::var("i")]);
+    let s = Expr::var("s");
+    // P = exp(s − lse_i) and dS = P (dP − D_i), with dP = Σ_e dO_ie · value(j, e).
+    let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
+    let ev = "__e";
+    let d_p = Expr::Reduce {
+        op: RedOp::Sum,
+        var: ev.into(),
+        lo: Box::new(Expr::Int(0)),
+        hi: Box::new(k.iter.e.to_expr()),
+        body: Box::new(Expr::bin(BinOp::Mul, d_o(&Expr::var(ev)), k.value.subst("e", &Expr::var(ev)))),
+    };
+    let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_p, row_stat(DD)));
+
+    let mut inputs: Vec<TensorDecl> = k.inputs().cloned().collect();
+    let stat_shape = vec![k.iter.b.clone(), k.iter.h.clone(), k.iter.i.clone()];
+    for name in [LSE, DD] {
+        inputs.push(TensorDecl { name: name.into(), dtype: DType::F32, shape: stat_shape.clone(), kind: TensorKind::Input });
+    }
+    inputs.push(TensorDecl { name: DO.into(), dtype: DType::F32, shape: out.shape.clone(), kind: TensorKind::Input });
+
+    // A kernel over the rows (`keys: false`) or the keys, in the forward's frame: the
+    // normalization map `norm`, the value `value` (of `e` over `width`).
+    let make = |what: &str, norm: &Expr, value: &Expr, width: Extent, keys: bool| -> Kernel {
+        let f = |e: &Expr| if keys { swap(e) } else { e.clone() };
+        let rows = if keys { k.iter.j.clone() } else { k.iter.i.clone() };
+        let cols = if keys { k.iter.i.clone() } else { k.iter.j.clone() };
+        let mut tensors = inputs.clone();
+        tensors.push(TensorDecl {
+            name: "grad".into(),
+            dtype: DType::F32,
+            shape: vec![k.iter.b.clone(), k.iter.h.clone(), rows.clone(), width.clone()],
+            kind: TensorKind::Output,
+        });
+        let norm = Norm::Map(f(norm));
+        Kernel {
+            name: format!("{}_{what}", k.name),
+            dims: k.dims.clone(),
+            tensors,
+            requires: k.requires.clone(),
+            iter: Iter { b: k.iter.b.clone(), h: k.iter.h.clone(), i: rows, j: cols, e: width },
+            value: f(value),
+            out: ["b", "h", "i", "e"].map(String::from).to_vec(),
+            branches: vec![Branch { score: f(&br.score), bias: br.bias.as_ref().map(f), mask: br.mask.as_ref().map(f), norm, decay: None, weight: None }],
+            gate: None,
+        }
+    };
+
+    let mut kernels = Vec::new();
+    // The value's leaves: over the keys, weight P, value dO_ie · ∂value/∂leaf.
+    for t in partials(k, &k.value).map_err(|e| Unsupported(e.to_string()))? {
+        let Target::Load { tensor, idx } = t.target else { return no("a value that reads a float variable") };
+        if !t.binders.is_empty() {
+            return no(format!("a value that sums over `{tensor}`"));
+        }
+        if t.adj.free_vars().contains("j") {
+            return no(format!("a value whose partial for `{tensor}` reads the key"));
+        }
+        let value = Expr::bin(BinOp::Mul, d_o(&Expr::var("e")), t.adj);
+        kernels.push(GradKernel { kernel: make(&format!("d{tensor}"), &p, &value, k.iter.e.clone(), true), idx: idx.iter().map(swap).collect(), what: format!("d{tensor} (keys)"), target: tensor });
+    }
+    // The score's and bias's leaves: weight dS, value ∂s/∂leaf, the leaf's channel as `e`.
+    let mut terms = partials(k, &br.score).map_err(|e| Unsupported(e.to_string()))?;
+    if let Some(b) = &br.bias {
+        terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?);
+    }
+    for t in terms {
+        let Target::Load { tensor, idx } = t.target else { return no("a score that reads a float variable") };
+        if !float(&tensor) {
+            return no(format!("a score that reads `{tensor}`"));
+        }
+        if has_reduce(&t.adj) {
+            return no(format!("a score nonlinear in its dot product (the partial for `{tensor}` holds a reduction)"));
+        }
+        let (mut idx, mut adj, width) = match t.binders.as_slice() {
+            [] => (idx, t.adj, Extent::Fixed(1)),
+            [bd] if bd.lo == Expr::Int(0) => {
+                let Some(w) = extent_of(&bd.hi) else { return no(format!("a reduction over `{tensor}` of extent {:?}", bd.hi)) };
+                let e = Expr::var("e");
+                (idx.iter().map(|x| x.subst(&bd.var, &e)).collect(), t.adj.subst(&bd.var, &e), w)
+            }
+            _ => return no(format!("nested reductions over `{tensor}`")),
+        };
+        let vars: std::collections::BTreeSet<String> = idx.iter().flat_map(|x| x.free_vars()).collect();
+        let (reads_i, reads_j) = (vars.contains("i"), vars.contains("j"));
+        let keys = match (reads_i, reads_j) {
+            (true, true) => return no(format!("`{tensor}` is read at an index of both the query and the key (its gradient is per pair)")),
+            (false, true) => true,
+            (_, false) => false,
+        };
+        if keys {
+            idx = idx.iter().map(swap).collect();
+        }
+        if k.ty_of(&adj) == crate::Ty::Int {
+            adj = Expr::un(UnOp::ToFloat, adj);
+        }
+        let side = if keys { "keys" } else { "rows" };
+        // A value reads the key and the channel, not the row: a partial without a channel
+        // (a slope's `j − i`) goes into the weight, with the value 1.
+        let (norm, value) = if width == Extent::Fixed(1) {
+            (Expr::bin(BinOp::Mul, d_s.clone(), adj), Expr::float(1.0))
+        } else if adj.free_vars().contains(if keys { "j" } else { "i" }) {
+            return no(format!("the partial for `{tensor}` reads both the row and the channel"));
+        } else {
+            (d_s.clone(), adj)
+        };
+        kernels.push(GradKernel { kernel: make(&format!("d{tensor}"), &norm, &value, width, keys), idx, what: format!("d{tensor} ({side})"), target: tensor });
+    }
+    Ok(kernels)
+}
