@@ -157,7 +157,8 @@ pub fn compiled(
     ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], dd));
     ins.insert(DO.into(), dout.clone());
     let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
-    let mut grads: BTreeMap<String, Tensor> = k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    let mut grads: BTreeMap<String, Tensor> =
+        k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
     for gk in &kernels {
         let part = compile(&gk.kernel)?.run(&ins, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;

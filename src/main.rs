@@ -361,6 +361,11 @@ enum Cmd {
         /// Elements per input that --check compares.
         #[arg(long, default_value_t = 16)]
         check_samples: usize,
+        /// `cpu`: compiled backward kernels (f32; specs with one softmax branch whose score
+        /// is linear in its dot, see `docs/backward.md`); `reference`: the f64 reference
+        /// backward (every spec, slow); `auto` (default): cpu where it applies, else reference.
+        #[arg(long, value_enum, default_value = "auto")]
+        backend: GradBackend,
     },
     /// Write seeded random inputs for a spec (value ranges from its `in lo..hi` clauses).
     Inputs {
@@ -781,7 +786,7 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("{}: wrote `{stats_name}` {:?} (the forward's statistics) to {}", c.kernel.name, st.shape, output.display());
             }
         }
-        Cmd::Grad { spec, source, cotangent, output, check, check_samples } => {
+        Cmd::Grad { spec, source, cotangent, output, check, check_samples, backend } => {
             let (_, c) = load(&spec)?;
             ir::grad::differentiable(&c.kernel).map_err(|e| anyhow!("{}: {e}", c.kernel.name))?;
             for p in [source.input.as_ref(), cotangent.as_ref()].into_iter().flatten() {
@@ -805,10 +810,45 @@ fn run(cli: Cli) -> Result<()> {
                     attnc::grad::ones_like_output(&c.kernel, &b)
                 }
             };
+            let compiled = match (backend, ir::backward::backward_kernels(&c.kernel)) {
+                (GradBackend::Reference, _) => false,
+                (_, Ok(_)) => true,
+                (GradBackend::Cpu, Err(e)) => return Err(anyhow!("{}: {e} (--backend reference runs every spec)", c.kernel.name)),
+                (GradBackend::Auto, Err(e)) => {
+                    eprintln!("{}: {e}; running the reference backward", c.kernel.name);
+                    false
+                }
+            };
             let t = Instant::now();
-            let grads = ir::grad::grad(&c.kernel, &b, &inputs, &dout)?;
-            eprintln!("{}: reference backward (f64) in {:.3} s", c.kernel.name, t.elapsed().as_secs_f64());
-            if check {
+            let grads = if compiled {
+                let g = attnc::grad::compiled(&c.kernel, &b, &inputs, &dout, &attnc_codegen::cpu::CpuOptions::default())
+                    .map_err(|e| anyhow!("{}: {e}", c.kernel.name))?;
+                eprintln!("{}: compiled backward (CPU, f32) in {:.3} s", c.kernel.name, t.elapsed().as_secs_f64());
+                g
+            } else {
+                let g = ir::grad::grad(&c.kernel, &b, &inputs, &dout)?;
+                eprintln!("{}: reference backward (f64) in {:.3} s", c.kernel.name, t.elapsed().as_secs_f64());
+                g
+            };
+            if check && compiled {
+                // The compiled gradients against the reference backward, element by element.
+                let t = Instant::now();
+                let want = ir::grad::grad(&c.kernel, &b, &inputs, &dout)?;
+                let mut failed = None;
+                for (name, w) in &want {
+                    let g = &grads[name];
+                    let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
+                    let worst = g.data.iter().zip(&w.data).fold(0f64, |a, (x, y)| if x.is_nan() && y.is_nan() { a } else { a.max((x - y).abs()) });
+                    eprintln!("check: `{name}`: max |difference| {worst:.2e} from the reference backward (largest |gradient| {scale:.2e})");
+                    if !(worst <= 1e-4 * scale) {
+                        failed = failed.or(Some(format!("`{name}` differs by {worst:.2e} (largest |gradient| {scale:.2e})")));
+                    }
+                }
+                eprintln!("check: reference backward (f64) in {:.3} s", t.elapsed().as_secs_f64());
+                if let Some(f) = failed {
+                    return Err(anyhow!("the compiled gradient differs from the reference backward: {f}; {} was not written", output.display()));
+                }
+            } else if check {
                 let t = Instant::now();
                 let rows = attnc::grad::finite_differences(&c.kernel, &b, &inputs, &dout, &grads, check_samples, source.seed).map_err(|e| anyhow!(e))?;
                 let mut failed = None;
@@ -1090,6 +1130,14 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Which backward `attnc grad` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum GradBackend {
+    Auto,
+    Cpu,
+    Reference,
 }
 
 fn parse_precision(s: &str) -> Result<Precision, String> {

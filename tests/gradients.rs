@@ -240,7 +240,9 @@ fn compiled_backward_matches_the_reference_backward() {
                     let g = &got[input];
                     let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
                     compared += w.data.len();
-                    if let Some((n, (x, y))) = g.data.iter().zip(&w.data).enumerate().find(|(_, (x, y))| !((*x - *y).abs() <= 1e-4 * scale || (x.is_nan() && y.is_nan()))) {
+                    if let Some((n, (x, y))) =
+                        g.data.iter().zip(&w.data).enumerate().find(|(_, (x, y))| !((*x - *y).abs() <= 1e-4 * scale || (x.is_nan() && y.is_nan())))
+                    {
                         failures.push(format!("{name} [{profile}, {sname}] `{input}` element {n}: compiled {x}, reference {y} (scale {scale:.2e})"));
                     }
                 }

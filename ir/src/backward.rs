@@ -155,7 +155,12 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
             return no(format!("a value whose partial for `{tensor}` reads the key"));
         }
         let value = Expr::bin(BinOp::Mul, d_o(&Expr::var("e")), t.adj);
-        kernels.push(GradKernel { kernel: make(&format!("d{tensor}"), &p, &value, k.iter.e.clone(), true), idx: idx.iter().map(swap).collect(), what: format!("d{tensor} (keys)"), target: tensor });
+        kernels.push(GradKernel {
+            kernel: make(&format!("d{tensor}"), &p, &value, k.iter.e.clone(), true),
+            idx: idx.iter().map(swap).collect(),
+            what: format!("d{tensor} (keys)"),
+            target: tensor,
+        });
     }
     // The score's and bias's leaves: weight dS, value ∂s/∂leaf, the leaf's channel as `e`.
     let mut terms = partials(k, &br.score).map_err(|e| Unsupported(e.to_string()))?;
