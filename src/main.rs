@@ -838,10 +838,11 @@ fn run(cli: Cli) -> Result<()> {
                 for (name, w) in &want {
                     let g = &grads[name];
                     let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
-                    let worst = g.data.iter().zip(&w.data).fold(0f64, |a, (x, y)| if x.is_nan() && y.is_nan() { a } else { a.max((x - y).abs()) });
-                    eprintln!("check: `{name}`: max |difference| {worst:.2e} from the reference backward (largest |gradient| {scale:.2e})");
-                    if !(worst <= 1e-4 * scale) {
-                        failed = failed.or(Some(format!("`{name}` differs by {worst:.2e} (largest |gradient| {scale:.2e})")));
+                    let nan = g.data.iter().zip(&w.data).filter(|(x, y)| x.is_nan() != y.is_nan()).count();
+                    let worst = g.data.iter().zip(&w.data).filter(|(x, y)| !x.is_nan() && !y.is_nan()).fold(0f64, |a, (x, y)| a.max((x - y).abs()));
+                    eprintln!("check: `{name}`: max |difference| {worst:.2e} from the reference backward (largest |gradient| {scale:.2e}); {nan} NaN mismatches");
+                    if nan > 0 || worst > 1e-4 * scale {
+                        failed = failed.or(Some(format!("`{name}` differs by {worst:.2e} (largest |gradient| {scale:.2e}), {nan} NaN mismatches")));
                     }
                 }
                 eprintln!("check: reference backward (f64) in {:.3} s", t.elapsed().as_secs_f64());
