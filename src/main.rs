@@ -840,7 +840,9 @@ fn run(cli: Cli) -> Result<()> {
                     let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
                     let nan = g.data.iter().zip(&w.data).filter(|(x, y)| x.is_nan() != y.is_nan()).count();
                     let worst = g.data.iter().zip(&w.data).filter(|(x, y)| !x.is_nan() && !y.is_nan()).fold(0f64, |a, (x, y)| a.max((x - y).abs()));
-                    eprintln!("check: `{name}`: max |difference| {worst:.2e} from the reference backward (largest |gradient| {scale:.2e}); {nan} NaN mismatches");
+                    eprintln!(
+                        "check: `{name}`: max |difference| {worst:.2e} from the reference backward (largest |gradient| {scale:.2e}); {nan} NaN mismatches"
+                    );
                     if nan > 0 || worst > 1e-4 * scale {
                         failed = failed.or(Some(format!("`{name}` differs by {worst:.2e} (largest |gradient| {scale:.2e}), {nan} NaN mismatches")));
                     }

@@ -205,7 +205,7 @@ impl Kernel {
             Expr::Float(_) => Ty::Float,
             Expr::Bool(_) => Ty::Bool,
             Expr::Var(v) => {
-                if v == "s" || v == "w" || v == crate::DOT_VAR {
+                if v == "s" || v == "w" || v == crate::DOT_VAR || v == crate::DOT2_VAR {
                     Ty::Float
                 } else {
                     Ty::Int

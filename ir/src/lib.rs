@@ -34,3 +34,6 @@ pub use verify::{verify, Deps, KernelInfo, VerifyError};
 /// The variable a tiled kernel binds to a score's separable dot (a float), in the rest of
 /// the score once the dot is extracted (`attnc_passes::separable::DOT`).
 pub const DOT_VAR: &str = "__dot";
+/// The variable a normalization map's second separable dot becomes (the tiled kernel's
+/// second matmul per tile), a float like [`DOT_VAR`].
+pub const DOT2_VAR: &str = "__dot2";

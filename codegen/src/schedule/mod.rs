@@ -162,7 +162,7 @@ impl Schedule {
         let algorithm = match &self.algorithm {
             Algorithm::Rows => BoundAlgorithm::Rows,
             Algorithm::Tiled(t) => {
-                let channels = t.plan.channels().map_or(0, |d| attnc_ir::bind::eval_dims(d, &dims.dims).unwrap_or(0).max(0));
+                let channels = t.plan.channels_all().map_or(0, |d| attnc_ir::bind::eval_dims(&d, &dims.dims).unwrap_or(0).max(0));
                 let tiles = classes::TileGrid { block_q: t.block_q as i64, block_k: t.block_k as i64, queries: grid.queries, keys: grid.keys };
                 let needed = t.workspace.task_bytes(channels, grid.values);
                 if needed > self.limits.task_workspace_bytes as u128 {

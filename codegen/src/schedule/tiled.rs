@@ -35,7 +35,22 @@ pub struct BranchPlan {
     /// How a softmax branch runs; `None` for the other normalizations (one pass, each
     /// weight a pointwise function of its score, plus the row sum for `linear`).
     pub softmax: Option<SoftmaxPlan>,
+    /// A normalization map that reads a second separable dot (the backward kernels' `dP =
+    /// dO·Vᵀ`): run as a second matmul per tile.
+    pub map_dot: Option<MapDot>,
 }
+
+/// The second dot of a normalization map: its query features against its own key panel,
+/// the map with the dot replaced by the variable [`DOT2`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct MapDot {
+    pub dot: Dot,
+    pub panel: usize,
+    pub rest: Expr,
+}
+
+/// The variable a normalization map's second dot becomes ([`MapDot::rest`]).
+pub const DOT2: &str = attnc_ir::DOT2_VAR;
 
 /// The softmax plan of a branch. Softmax runs in base 2 (`2^(s·log2 e − m)`), online over
 /// the key tiles: a running maximum `m`, denominator `l` and rescale factor per row.
@@ -104,12 +119,29 @@ impl TiledPlan {
                     }
                 });
             }
-            parts.push((found, panel, rest));
+            // A map that reads a separable dot (its channels may differ from the score's: the
+            // shorter is zero-padded, see `channels_all`).
+            let mut map_dot = None;
+            if let (Norm::Map(f), Some(_)) = (&br.norm, &found) {
+                let mut second = None;
+                let rest = extract(f, &mut second).subst(DOT, &Expr::var(DOT2));
+                if let Some(d2) = second {
+                    let n = match panels.iter().position(|p| p.b == d2.b && p.r == d2.r) {
+                        Some(n) => n,
+                        None => {
+                            panels.push(d2.clone());
+                            panels.len() - 1
+                        }
+                    };
+                    map_dot = Some(MapDot { dot: d2, panel: n, rest });
+                }
+            }
+            parts.push((found, panel, rest, map_dot));
         }
         let branches = parts
             .into_iter()
             .zip(&k.branches)
-            .map(|((dot, panel, mut rest), br)| {
+            .map(|((dot, panel, mut rest, map_dot), br)| {
                 // Only a factor that folds exactly (finite and nonzero, or the operand's norm).
                 let fold =
                     dot.as_ref().and_then(|d| attnc_passes::separable::row_factor(&rest).filter(|f| attnc_passes::separable::fold_exact(k, f, &d.a, &d.r)));
@@ -132,15 +164,23 @@ impl TiledPlan {
                     }
                     _ => None,
                 };
-                BranchPlan { dot, panel, fold, rest, softmax }
+                BranchPlan { dot, panel, fold, rest, softmax, map_dot }
             })
             .collect();
         Some(TiledPlan { branches, panels })
     }
 
-    /// The dots' channel count (`None`: no branch has a dot).
+    /// The score dots' channel count (`None`: no branch has a dot).
     pub fn channels(&self) -> Option<&Expr> {
         self.panels.first().map(|d| &d.len)
+    }
+
+    /// The channels of every packed query tile and key panel: the score dots' count, or the
+    /// largest with a normalization map's dot of another count (the shorter ones are
+    /// zero-padded, which leaves their dot products exact).
+    pub fn channels_all(&self) -> Option<Expr> {
+        let first = self.panels.first()?.len.clone();
+        Some(self.panels.iter().skip(1).fold(first, |acc, d| if d.len == acc { acc } else { Expr::bin(attnc_ir::BinOp::Max, acc, d.len.clone()) }))
     }
 
     /// Some branch runs softmax in two passes over plain dot scores: its first pass's
@@ -224,5 +264,24 @@ mod tests {
         let gla =
             "(branch (score (reduce sum r0 0 $D (* (* (load q b h i r0) (load k b h j r0)) (exp (- (load q b h i r0) (load k b h j r0)))))) (norm (softmax)))";
         assert!(TiledPlan::new(&kernel(gla)).is_none());
+    }
+
+    #[test]
+    fn a_normalization_map_reading_a_second_dot_gets_its_own_panel() {
+        let k = attnc_ir::parse_kernel(
+            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D) (dim Dv)
+               (input q f32 [B H N D]) (input k f32 [B H M D]) (input g f32 [B H N Dv]) (input v f32 [B H M Dv])
+               (output o f32 [B H N D])
+               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e)
+               (branch (score (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0))))
+                 (norm (map (* s (reduce sum r1 0 $Dv (* (load g b h i r1) (load v b h j r1))))))))",
+        )
+        .expect("kernel");
+        let p = TiledPlan::new(&k).expect("tiled");
+        let md = p.branches[0].map_dot.as_ref().expect("the map's dot is found");
+        assert_eq!(md.panel, 1);
+        assert_eq!(md.rest, Expr::bin(attnc_ir::BinOp::Mul, Expr::var("s"), Expr::var(DOT2)));
+        assert_eq!(p.channels(), Some(&Expr::dim("D")), "the score's dot");
+        assert_eq!(p.channels_all(), Some(Expr::bin(attnc_ir::BinOp::Max, Expr::dim("D"), Expr::dim("Dv"))), "the tile holds the longer");
     }
 }

@@ -59,7 +59,7 @@ const fn region(name: &'static str, what: &'static str, rows: Rows, cols: Cols) 
 }
 
 /// The regions of a task's workspace, in order (each starts where the previous ends).
-pub const TASK: [Region; 10] = [
+pub const TASK: [Region; 12] = [
     region("A", "packed query features", Rows::QueryTile, Cols::Channels),
     region("S", "scores, then weights", Rows::QueryTile, Cols::Keys),
     region("O", "the branch's accumulator", Rows::QueryTile, Cols::Values),
@@ -70,6 +70,8 @@ pub const TASK: [Region; 10] = [
     region("live", "the row has a live key in some branch", Rows::QueryTile, Cols::One),
     region("blive", "the row has a live key in this branch", Rows::QueryTile, Cols::One),
     region("tmax", "row maxima of a tile's scores, from the matmul", Rows::QueryTile, Cols::One),
+    region("A2", "packed query features of a normalization map's dot", Rows::QueryTile, Cols::Channels),
+    region("S2", "a normalization map's dot, per pair", Rows::QueryTile, Cols::Keys),
 ];
 
 /// Indices into [`TASK`].
@@ -84,6 +86,8 @@ pub mod task {
     pub const LIVE: usize = 7;
     pub const BLIVE: usize = 8;
     pub const TMAX: usize = 9;
+    pub const A2: usize = 10;
+    pub const S2: usize = 11;
 }
 
 /// The regions of a GPU workgroup's shared memory when the tile kernel stages its operands.
@@ -204,9 +208,9 @@ mod tests {
     #[test]
     fn sizes_add_up_region_by_region() {
         let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1 };
-        // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
-        assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
-        assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
+        // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64, then A2 and S2 as A and S.
+        assert_eq!(w.task_floats(16, 8), 2 * (64 * 16 + 64 * 32) + 2 * 64 * 8 + 6 * 64);
+        assert_eq!(w.task_bytes(0, 8), 4 * (2 * 64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
         // 70 keys pad to 96.
         assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
         assert_eq!(TileWorkspace { panels: 2, ..w }.pack_floats(70, 16, 8), (2 * 96 * 16, 96 * 8), "a panel per key factor");

@@ -8,7 +8,7 @@ use attnc_ir::{Expr, Norm};
 use cranelift::codegen::ir::FuncRef;
 use cranelift::prelude::*;
 
-use crate::schedule::tiled::{Dot, SoftmaxPass, DOT};
+use crate::schedule::tiled::{Dot, MapDot, SoftmaxPass, DOT, DOT2};
 use crate::schedule::workspace::{Cols, TASK};
 use crate::schedule::TiledSchedule;
 use attnc_ir::Branch;
@@ -40,6 +40,8 @@ struct TileFrame {
     live_ws: Value,
     blive_ws: Value,
     tmax_ws: Value,
+    a2_ws: Value,
+    s2_ws: Value,
     zero: Value,
     zf: Value,
     one_f: Value,
@@ -70,6 +72,8 @@ struct PassFrame<'a> {
     folds_log2e: bool,
     /// Where a two-pass softmax over plain scores keeps its first pass's weights.
     kept: Option<Kept>,
+    /// The normalization map's own dot (into `S2`).
+    map_dot: Option<&'a MapDot>,
 }
 
 /// The kept first-pass weights of a two-pass softmax (`BoundTiled::keep_weights`), after the
@@ -132,8 +136,8 @@ impl Gen<'_, '_> {
         let ni = self.expr(&k.iter.i.to_expr());
         let mj = self.expr(&k.iter.j.to_expr());
         let ev = self.expr(&k.iter.e.to_expr());
-        let dlen = match plan.channels() {
-            Some(d) => self.expr(d),
+        let dlen = match plan.channels_all() {
+            Some(d) => self.expr(&d),
             None => self.iconst(0),
         };
         let rest = self.b.ins().isub(ni, i0);
@@ -145,8 +149,8 @@ impl Gen<'_, '_> {
         // The task workspace (`schedule::workspace::TASK`): A, S, O, OUT, then the row state.
         let (regions, bq_dv) = self.workspace(ws, bq, bk, dlen, ev);
         use crate::schedule::workspace::task;
-        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws] =
-            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX].map(|r| regions[r]);
+        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws, a2_ws, s2_ws] =
+            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX, task::A2, task::S2].map(|r| regions[r]);
         let zero = self.iconst(0);
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
@@ -175,6 +179,8 @@ impl Gen<'_, '_> {
             live_ws,
             blive_ws,
             tmax_ws,
+            a2_ws,
+            s2_ws,
             zero,
             zf,
             one_f,
@@ -186,12 +192,14 @@ impl Gen<'_, '_> {
         self.zero_fill(live_ws, bqv);
 
         let iota = self.iota4();
-        // Room for the kept weights follows the workspace (its last region, tmax, is BQ long).
+        // Room for the kept weights follows the workspace (its last region, S2, is BQ × BK).
+        debug_assert_eq!(TASK.len() - 1, task::S2);
         let kept = match self.kept {
             Some((frame, slot)) if ts.plan.two_pass_plain() && softmax_mk.is_some() => {
                 let flag = self.b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
                 let on = self.b.ins().icmp_imm_s(IntCC::NotEqual, flag, 0);
-                let kw = self.ptr_off(tmax_ws, bqv);
+                let tile = self.iconst(bq * bk);
+                let kw = self.ptr_off(s2_ws, tile);
                 let span = self.b.ins().imul_imm_s(ntiles, bq * bk);
                 let km = self.ptr_off(kw, span);
                 Some(Kept { on, kw, km })
@@ -214,8 +222,13 @@ impl Gen<'_, '_> {
 
             // The branch's queries A (its dot's query factor, its row factor folded; zero
             // rows past the end), and its state.
+            let padded = |d: &Dot| plan.channels_all().as_ref() != Some(&d.len);
             if let Some(dot) = &bp.dot {
-                self.pack_queries(dot, bp.fold.as_ref(), bp.log2e_folded(), &f);
+                self.pack_queries(dot, bp.fold.as_ref(), bp.log2e_folded(), f.a_ws, padded(dot), &f);
+            }
+            // A normalization map's dot: its query features into A2.
+            if let Some(md) = &bp.map_dot {
+                self.pack_queries(&md.dot, None, false, f.a2_ws, padded(&md.dot), &f);
             }
             self.branch_state(&f, &sink);
             let one_pass = [SoftmaxPass { accumulate: true, fused_step: false, final_weights: false }];
@@ -251,6 +264,7 @@ impl Gen<'_, '_> {
                     panel: bp.panel,
                     folds_log2e: bp.log2e_folded(),
                     kept: kept.filter(|_| plain_scores && passes.len() == 2),
+                    map_dot: bp.map_dot.as_ref(),
                 };
                 self.key_tiles(&f, &p);
             }
@@ -266,8 +280,12 @@ impl Gen<'_, '_> {
 
     /// Packs the query tile's features `A` of a branch's dot (the folded row factor applied,
     /// and `log2 e` when `folds_log2e`), zero rows past the end.
-    fn pack_queries(&mut self, dot: &Dot, fold: Option<&Expr>, folds_log2e: bool, f: &TileFrame) {
-        let TileFrame { i0, ni, dlen, nq, bqv, a_ws, zero, zf, .. } = *f;
+    #[allow(clippy::too_many_arguments)]
+    fn pack_queries(&mut self, dot: &Dot, fold: Option<&Expr>, folds_log2e: bool, a_ws: Value, padded: bool, f: &TileFrame) {
+        let TileFrame { i0, ni, dlen, nq, bqv, zero, zf, .. } = *f;
+        // The dot's own channels, when the tile has more (`padded`: `TiledPlan::channels_all`
+        // is another count).
+        let own = if padded { self.expr(&dot.len) } else { dlen };
         {
             self.for_range(zero, bqv, &mut |g, r| {
                 let inside = g.b.ins().icmp(IntCC::SignedLessThan, r, nq);
@@ -288,7 +306,7 @@ impl Gen<'_, '_> {
                 });
                 let mut generic = |g: &mut Self| {
                     let z = g.iconst(0);
-                    g.for_range(z, dlen, &mut |g, x| {
+                    g.for_range(z, own, &mut |g, x| {
                         g.bind(&dot.r, x);
                         let v = g.expr(&dot.a);
                         g.unbind(1);
@@ -301,12 +319,19 @@ impl Gen<'_, '_> {
                         g.store_f32(a_ws, off, v);
                     });
                 };
-                match g.contiguous_row(&dot.a, &dot.r, dlen) {
+                match g.contiguous_row(&dot.a, &dot.r, own) {
                     Some((src, ok)) => {
                         let fast = g.b.ins().band(ok, inside);
-                        g.if_else(fast, &mut |g| g.copy_row(src, dlen, factor, &mut |g, x, v| g.store_row(a_ws, row, x, v)), &mut generic);
+                        g.if_else(fast, &mut |g| g.copy_row(src, own, factor, &mut |g, x, v| g.store_row(a_ws, row, x, v)), &mut generic);
                     }
                     None => generic(g),
+                }
+                // A dot shorter than the tile's channels: zeros after its own.
+                if padded {
+                    g.for_range(own, dlen, &mut |g, x| {
+                        let off = g.b.ins().iadd(row, x);
+                        g.store_f32(a_ws, off, zf);
+                    });
                 }
                 g.unbind(1);
             });
@@ -346,7 +371,8 @@ impl Gen<'_, '_> {
         let TileFrame {
             kt, vb, classes, mj, ev, dlen, nq, bqv, bkv, ntiles, a_ws, s_ws, o_ws, m_ws, l_ws, corr_ws, blive_ws, tmax_ws, zero, one_f, bk, ..
         } = *f;
-        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, .. } = *p;
+        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, map_dot, .. } = *p;
+        let (a2_ws, s2_ws) = (f.a2_ws, f.s2_ws);
         if weights.is_some() {
             self.for_range(zero, bqv, &mut |g, r| {
                 let l = g.load_f32(l_ws, r);
@@ -427,6 +453,15 @@ impl Gen<'_, '_> {
                     Some((k, from_kept)) => g.if_else(from_kept, &mut |g| g.restore_weights(f, k, kb), &mut scores),
                     None => scores(g),
                 }
+                // The normalization map's dot: its panel against the packed A2.
+                if let Some(md) = map_dot {
+                    let before = g.b.ins().imul_imm_s(ntiles, md.panel as i64);
+                    let t = g.b.ins().iadd(before, kb);
+                    let off = g.b.ins().imul(t, dlen);
+                    let off = g.b.ins().imul_imm_s(off, bk);
+                    let ktp = g.ptr_off(kt, off);
+                    g.b.ins().call(qk, &[a2_ws, dlen, ktp, s2_ws, nq, dlen, bkv]);
+                }
                 let j0v = g.b.ins().ireduce(types::I32, j0);
                 let j0v = g.b.ins().splat(types::I32X4, j0v);
                 let jbase = g.b.ins().iadd(j0v, iota);
@@ -467,7 +502,8 @@ impl Gen<'_, '_> {
         let g = self;
         let _k = g.kernel;
         let TileFrame { i0, nq, s_ws, m_ws, l_ws, corr_ws, blive_ws, zf, one_f, ninf, bk, .. } = *f;
-        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, folds_log2e, .. } = *p;
+        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, folds_log2e, map_dot, .. } = *p;
+        let s2_ws = f.s2_ws;
         let z = g.iconst(0);
         g.for_range(z, nq, &mut |g, r| {
             let i = g.b.ins().iadd(i0, r);
@@ -477,10 +513,12 @@ impl Gen<'_, '_> {
             row_exprs.extend(br.mask.iter());
             row_exprs.extend(br.decay.iter());
             row_exprs.extend(post.iter());
-            if let Norm::Map(f) = &br.norm {
-                row_exprs.push(f);
+            match (&br.norm, map_dot) {
+                (_, Some(md)) => row_exprs.push(&md.rest),
+                (Norm::Map(f), None) => row_exprs.push(f),
+                _ => {}
             }
-            let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), "s".to_string(), "w".to_string()]);
+            let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string(), "w".to_string()]);
             let srow = g.b.ins().imul_imm_s(r, bk);
             let ninf_v = g.b.ins().splat(types::F32X4, ninf);
             let zero_v = g.b.ins().splat(types::F32X4, zf);
@@ -586,8 +624,19 @@ impl Gen<'_, '_> {
                         };
                         sel(g, pw, zero_v)
                     } else {
-                        let pw = match &br.norm {
-                            Norm::Map(f) => {
+                        let pw = match (&br.norm, map_dot) {
+                            (_, Some(md)) => {
+                                // The map's own dot, from S2.
+                                let addr = g.ptr_off(s2_ws, off);
+                                let d2 = g.b.ins().load(types::F32X4, flags(), addr, 0);
+                                g.bind(DOT2, d2);
+                                g.bind("s", s);
+                                let vecs2 = vec!["j".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string()];
+                                let p = g.vexpr_f(&md.rest, &vecs2);
+                                g.unbind(2);
+                                p
+                            }
+                            (Norm::Map(f), None) => {
                                 g.bind("s", s);
                                 let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
                                 let p = g.vexpr_f(f, &vecs2);

@@ -33,8 +33,12 @@ impl Gen<'_, '_> {
             roots.push(&dot.b);
         }
         let hoisted = self.hoist(&roots, &inner);
+        // Every panel has the tile's channels (`channels_all`); a shorter dot's are zero-padded.
+        let all = plan.channels_all().expect("panels have a channel count");
+        let dlen = self.expr(&all);
         for (n, dot) in plan.panels.iter().enumerate() {
-            let dlen = self.expr(&dot.len);
+            let padded = dot.len != all;
+            let own = if padded { self.expr(&dot.len) } else { dlen };
             // Panel n starts after n panels of ceil(M / BK) · BK keys × D channels.
             let kt = match n {
                 0 => kt,
@@ -56,7 +60,7 @@ impl Gen<'_, '_> {
                 let col = g.b.ins().iadd(panel, c);
                 let mut generic = |g: &mut Self| {
                     let z = g.iconst(0);
-                    g.for_range(z, dlen, &mut |g, r| {
+                    g.for_range(z, own, &mut |g, r| {
                         g.bind(&dot.r, r);
                         let v = g.expr(&dot.b);
                         g.unbind(1);
@@ -67,13 +71,13 @@ impl Gen<'_, '_> {
                     });
                 };
                 // A key row read from a contiguous tensor: vector loads, one store per lane.
-                match g.contiguous_row(&dot.b, &dot.r, dlen) {
+                match g.contiguous_row(&dot.b, &dot.r, own) {
                     Some((src, ok)) => {
                         let fast = g.b.ins().band(ok, inside);
                         g.if_else(
                             fast,
                             &mut |g| {
-                                g.copy_row(src, dlen, None, &mut |g, x, v| {
+                                g.copy_row(src, own, None, &mut |g, x, v| {
                                     let lanes = if g.b.func.dfg.value_type(v).is_vector() { 4 } else { 1 };
                                     for lane in 0..lanes {
                                         let s = if lanes == 4 { g.b.ins().extractlane(v, lane as u8) } else { v };
@@ -88,6 +92,13 @@ impl Gen<'_, '_> {
                         );
                     }
                     None => generic(g),
+                }
+                if padded {
+                    g.for_range(own, dlen, &mut |g, r| {
+                        let off = g.b.ins().imul_imm_s(r, bk);
+                        let off = g.b.ins().iadd(off, col);
+                        g.store_f32(kt, off, zf);
+                    });
                 }
                 g.unbind(1);
             });
