@@ -175,12 +175,16 @@ class Kernel:
             return torch.from_numpy(out)
         return out
 
-    def grad(self, cotangent=None, dims=None, **arrays):
+    def grad(self, cotangent=None, dims=None, backend="auto", **arrays):
         """Gradients of ``sum(cotangent * output)`` with respect to every float input, derived
-        from the spec (the reference backward: f64, exact, slow; small shapes), as
-        ``{name: float64 array}`` (torch in, torch out). ``cotangent`` has the output's shape
-        (default: ones, the gradient of the output's sum). Integer inputs have no gradient; a
-        row with no live key has gradient zero; NaN propagates."""
+        from the spec, as ``{name: float64 array}`` (torch in, torch out). ``cotangent`` has
+        the output's shape (default: ones, the gradient of the output's sum). Integer inputs
+        have no gradient; a row with no live key has gradient zero; NaN propagates.
+        ``backend``: ``"cpu"`` runs the compiled backward kernels (f32; one softmax branch
+        whose score is linear in its dot: sdpa, causal, ALiBi, masks, ...; raises
+        ``ValueError`` naming what it does not cover), ``"reference"`` the f64 reference
+        backward (every spec; slow, small shapes), ``"auto"`` (default) the compiled one where
+        it applies."""
         a, torch_in = self._arrays(arrays)
         shape = tuple(self._k.output_shape({n: list(x.shape) for n, x in a.items()}, dims))
         if cotangent is None:
@@ -193,7 +197,7 @@ class Kernel:
             dout = np.ascontiguousarray(np.asarray(cotangent, dtype=np.float64))
             if dout.shape != shape:
                 raise ValueError(f"the cotangent of `{self.output_name}` has shape {dout.shape}; the output has shape {shape}")
-        grads = {n: np.frombuffer(b, dtype=np.float64).reshape(s).copy() for n, s, b in self._k.grad(a, dout, dims)}
+        grads = {n: np.frombuffer(b, dtype=np.float64).reshape(s).copy() for n, s, b in self._k.grad(a, dout, dims, backend)}
         if torch_in:
             import torch
 

@@ -388,10 +388,27 @@ impl Kernel {
     }
 
     /// Gradients of `Σ cotangent · output` with respect to every float input, derived from
-    /// the spec (the reference backward, f64): `[(name, shape, bytes)]` of little-endian
-    /// float64 data. `cotangent` is a C-contiguous float64 buffer of the output's shape.
-    #[pyo3(signature = (arrays, cotangent, dims=None))]
-    fn grad(&self, py: Python<'_>, arrays: &Bound<'_, PyDict>, cotangent: &Bound<'_, PyAny>, dims: Option<BTreeMap<String, i64>>) -> PyResult<Vec<RawGrad>> {
+    /// the spec: `[(name, shape, bytes)]` of little-endian float64 data. `cotangent` is a
+    /// C-contiguous float64 buffer of the output's shape. `backend`: `cpu` (the compiled
+    /// backward kernels, f32), `reference` (the f64 reference backward, every spec), `auto`
+    /// (cpu where the compiled backward covers the spec and the kernel runs on the CPU).
+    #[pyo3(signature = (arrays, cotangent, dims=None, backend="auto"))]
+    fn grad(
+        &self,
+        py: Python<'_>,
+        arrays: &Bound<'_, PyDict>,
+        cotangent: &Bound<'_, PyAny>,
+        dims: Option<BTreeMap<String, i64>>,
+        backend: &str,
+    ) -> PyResult<Vec<RawGrad>> {
+        let covered = ir::backward::backward_kernels(&self.spec.kernel);
+        let compiled = match (backend, &covered) {
+            ("reference", _) => false,
+            ("cpu", Err(e)) => return Err(PyValueError::new_err(format!("{e} (backend=\"reference\" runs every spec)"))),
+            ("cpu", Ok(_)) => true,
+            ("auto", c) => c.is_ok() && self.backend == CpuBackend::NAME,
+            (other, _) => return Err(PyValueError::new_err(format!("backend must be \"auto\", \"cpu\" or \"reference\" (got {other:?})"))),
+        };
         let explicit = dims.unwrap_or_default();
         let b = input_buffers(&self.spec, arrays)?;
         let bound = self.bind(&b, &explicit)?;
@@ -407,7 +424,12 @@ impl Kernel {
         }
         let dout = Tensor::new(want, cb.to_vec(py)?);
         let spec = &self.spec;
-        let g = py.detach(|| ir::grad::grad(&spec.kernel, &bound, &data, &dout)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let g = if compiled {
+            let options = CpuOptions { threads: self.threads, ..CpuOptions::default() };
+            py.detach(|| attnc::grad::compiled(&spec.kernel, &bound, &data, &dout, &options)).map_err(|e| PyValueError::new_err(e.to_string()))?
+        } else {
+            py.detach(|| ir::grad::grad(&spec.kernel, &bound, &data, &dout)).map_err(|e| PyValueError::new_err(e.to_string()))?
+        };
         Ok(g.into_iter().map(|(n, t)| (n, t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect())).collect())
     }
 
