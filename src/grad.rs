@@ -159,6 +159,48 @@ pub fn compiled(
     let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
     let mut grads: BTreeMap<String, Tensor> =
         k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    // The sink logit's share, per live row: `−exp(sink − lse) · D` times each leaf's partial.
+    if let attnc_ir::Norm::Softmax { sink: Some(se), .. } = &k.branches[0].norm {
+        let rows = ["b", "h", "i"];
+        let sink = eval.prepare(se, &rows);
+        let terms = attnc_ir::diff::partials(k, se).map_err(other)?;
+        let mut prepared = Vec::new();
+        for t in &terms {
+            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a sink that reads a float variable")) };
+            prepared.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &rows)).collect::<Vec<_>>(), eval.prepare(&t.adj, &rows)));
+        }
+        let num = |s: Scalar| match s {
+            Scalar::Float(x) => x,
+            Scalar::Int(x) => x as f64,
+            Scalar::Bool(x) => x as i64 as f64,
+        };
+        let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
+        for b in 0..nb {
+            for h in 0..nh {
+                for i in 0..ni {
+                    let r = (b * nh + h) * ni + i;
+                    if lse[r] == f64::NEG_INFINITY {
+                        continue; // no live key: no gradient
+                    }
+                    let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64)];
+                    let ds = -(num(sink.eval(&vals).map_err(other)?) - lse[r]).exp() * dd[r];
+                    for (tensor, idx, adj) in &prepared {
+                        let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
+                        let (mut flat, mut stride) = (0usize, 1usize);
+                        for a in (0..idx.len()).rev() {
+                            let Scalar::Int(x) = idx[a].eval(&vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
+                            if x < 0 || x as usize >= g.shape[a] {
+                                return Err(other(format!("`{tensor}` index {x} on axis {a} is out of bounds")));
+                            }
+                            flat += x as usize * stride;
+                            stride *= g.shape[a];
+                        }
+                        g.data[flat] += num(adj.eval(&vals).map_err(other)?) * ds;
+                    }
+                }
+            }
+        }
+    }
     for gk in &kernels {
         let part = compile(&gk.kernel)?.run(&ins, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;

@@ -13,13 +13,14 @@
 //!   (`k[b, hk, j, r]`); the leaf's reduction (the dot's channel) becomes the output channel.
 //!
 //! Each kernel writes `[B, H, rows, E]`; the host adds each element into the gradient at
-//! the leaf's index ([`GradKernel::idx`]), which sums grouped heads and repeated reads.
+//! the leaf's index ([`GradKernel::idx`]), which sums grouped heads and repeated reads. A
+//! sink logit's leaves get `−exp(sink − lse_i) · D_i` per row, on the host.
 //! The kernels read the forward's inputs and three more: `__lse` and `__dd` (`[B, H, N]`:
 //! the log-sum-exp and `D`) and `__do` (the cotangent, shaped as the output).
 //!
 //! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
 //! branches, normalizations other than softmax, a post-map, decay, a gate, a branch weight,
-//! a sink that reads a tensor, derived tensors, a leaf whose index reads both the query and
+//! a sink logit with a reduction, derived tensors, a leaf whose index reads both the query and
 //! the key (a relative-position table, a dense bias), or whose partial still holds a
 //! reduction (a score nonlinear in its dot: softcap, cosine).
 
@@ -76,7 +77,15 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     let [br] = k.branches.as_slice() else { return no(format!("{} branches (one is derived so far)", k.branches.len())) };
     match &br.norm {
         Norm::Softmax { post: Some(_), .. } => return no("a softmax post-map"),
-        Norm::Softmax { sink: Some(s), .. } if !s.loads().is_empty() => return no("a sink logit read from a tensor"),
+        Norm::Softmax { sink: Some(s), .. } => {
+            // The sink's own gradient is per row, `−exp(sink − lse) · D` (the host adds it):
+            // a sink of tensor elements and indices, no reduction.
+            for t in partials(k, s).map_err(|e| Unsupported(e.to_string()))? {
+                if !t.binders.is_empty() || !matches!(t.target, Target::Load { .. }) {
+                    return no("a sink logit with a reduction");
+                }
+            }
+        }
         Norm::Softmax { .. } => {}
         _ => return no("a normalization other than softmax"),
     }
