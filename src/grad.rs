@@ -128,9 +128,22 @@ pub fn compiled(
     use attnc_ir::backward::{backward_kernels, DD, DO, LSE};
     use attnc_ir::reference::{ExprEval, Scalar};
     let kernels = backward_kernels(k)?;
-    let compile = |kern: &Kernel| -> Result<attnc_codegen::cpu::CpuKernel, CompiledGradError> {
+    // Compiled once per kernel and options (a training loop calls this every step).
+    type Cache = Vec<(Kernel, attnc_codegen::cpu::CpuOptions, std::sync::Arc<attnc_codegen::cpu::CpuKernel>)>;
+    static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    let compile = |kern: &Kernel| -> Result<std::sync::Arc<attnc_codegen::cpu::CpuKernel>, CompiledGradError> {
+        let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(c, o, _)| c == kern && o == options).map(|(_, _, x)| x.clone());
+        if let Some(x) = cached {
+            return Ok(x);
+        }
         let info = attnc_ir::verify(kern).map_err(|e| other(format!("the backward kernel {} does not verify (a bug in attnc): {e}", kern.name)))?;
-        CpuBackend::default().compile(kern, &info, options).map_err(other)
+        let made = std::sync::Arc::new(CpuBackend::default().compile(kern, &info, options).map_err(other)?);
+        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= 64 {
+            cache.remove(0);
+        }
+        cache.push((kern.clone(), options.clone(), made.clone()));
+        Ok(made)
     };
     let explicit = dims.dims.clone();
     let (o, stats) = compile(k)?.run_with_stats(inputs, &explicit).map_err(other)?;
@@ -201,8 +214,11 @@ pub fn compiled(
             }
         }
     }
+    // Every backward kernel reads the same inputs: stored as f32 once.
+    let storage = attnc_codegen::host::Storage::from_f64(kernels.first().map_or(k, |g| &g.kernel), &ins);
     for gk in &kernels {
-        let part = compile(&gk.kernel)?.run(&ins, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
+        let (shape, data) = compile(&gk.kernel)?.run_storage(&storage, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
+        let part = Tensor::new(shape, data.into_iter().map(f64::from).collect());
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
         let gstrides: Vec<usize> = (0..g.shape.len()).map(|a| g.shape[a + 1..].iter().product()).collect();
         let [pb, ph, pr, pe] = part.shape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
