@@ -385,9 +385,20 @@ fn grad_writes_a_gradient_per_float_input_and_checks_it() {
     assert_eq!(attnc(&["inputs", "examples/alibi.attn", "--dims", dims, "-o", &ins]).0, 0);
     // The forward's own output serves as a cotangent of the right name and shape.
     assert_eq!(attnc(&["run", "examples/alibi.attn", "--input", &ins, "-o", &out, "--backend", "reference"]).0, 0);
-    let (code, _, err) = attnc(&["grad", "examples/alibi.attn", "--input", &ins, "--cotangent", &out, "-o", &grads, "--check"]);
+    let (code, _, err) = attnc(&["grad", "examples/alibi.attn", "--input", &ins, "--cotangent", &out, "-o", &grads, "--check", "--backend", "reference"]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("check: `slope`: 2 elements match central differences"), "{err}");
+    // The default runs the compiled backward where it applies; --check then compares it
+    // with the reference backward.
+    let compiled = tmp("grads_compiled.safetensors");
+    let (code, _, err) = attnc(&["grad", "examples/alibi.attn", "--input", &ins, "--cotangent", &out, "-o", &compiled, "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("compiled backward (CPU, f32)") && err.contains("check: `slope`: max |difference|"), "{err}");
+    // A spec it does not cover: refused with the reason under --backend cpu.
+    let (code, _, err) =
+        attnc(&["grad", "examples/softcap.attn", "--random", "--dims", "B=1,H=1,G=1,N=4,M=4,D=4,Dv=4", "-o", &tmp("g_cap.safetensors"), "--backend", "cpu"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no compiled backward for this spec yet: a score nonlinear in its dot product"), "{err}");
     let bytes = std::fs::read(&grads).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();

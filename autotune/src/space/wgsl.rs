@@ -94,7 +94,7 @@ fn tiled_shapes(max_invocations: u32) -> Vec<WgslOptions> {
         for bk in TILE_K {
             for lanes in ROW_LANES {
                 let wg = bq as u32 * lanes;
-                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true, panels: 1 }.task_bytes(0, 0);
+                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true, panels: 1, map_dot: false }.task_bytes(0, 0);
                 if wg < 32 || wg > max_invocations || !(bk as u32).is_multiple_of(lanes) || bytes > WORKGROUP_BYTES as u128 {
                     continue;
                 }
@@ -318,10 +318,15 @@ mod tests {
         let plain = space.candidates(&kernel(""), &dims(500, 64), &NoData);
         assert!(plain.iter().filter(|c| !c.options.schedule.tiled).all(|c| c.options.schedule.block_q == 16));
         // The tiled shapes fit WebGPU's 16 KiB of workgroup memory.
-        assert!(tiled_shapes(256)
-            .iter()
-            .all(|o| TileWorkspace { block_q: o.schedule.block_q, block_k: o.schedule.block_k, staged: true, panels: 1 }.task_bytes(0, 0)
-                <= WORKGROUP_BYTES as u128));
+        assert!(tiled_shapes(256).iter().all(|o| TileWorkspace {
+            block_q: o.schedule.block_q,
+            block_k: o.schedule.block_k,
+            staged: true,
+            panels: 1,
+            map_dot: false
+        }
+        .task_bytes(0, 0)
+            <= WORKGROUP_BYTES as u128));
     }
 
     #[test]

@@ -123,7 +123,13 @@ pub fn plan(k: &Kernel, _info: &KernelInfo, o: &ScheduleOptions, limits: &Limits
         Some(form) => Algorithm::Chunked(ChunkedSchedule { form, chunk: o.chunk }),
         None => match TiledPlan::new(k).filter(|_| o.tiled) {
             Some(plan) => Algorithm::Tiled(TiledSchedule {
-                workspace: TileWorkspace { block_q: o.block_q, block_k: o.block_k, staged: limits.staged_tiles, panels: plan.panels.len().max(1) },
+                workspace: TileWorkspace {
+                    block_q: o.block_q,
+                    block_k: o.block_k,
+                    staged: limits.staged_tiles,
+                    panels: plan.panels.len().max(1),
+                    map_dot: plan.branches.iter().any(|b| b.map_dot.is_some()),
+                },
                 plan,
                 block_q: o.block_q,
                 block_k: o.block_k,

@@ -44,6 +44,9 @@ pub enum Rows {
     PaddedKeys,
     /// The keys of one tile (`BK`).
     KeyTile,
+    /// The query rows of a tile when some branch's normalization map has its own dot
+    /// ([`crate::schedule::tiled::MapDot`]), else none.
+    MapTile,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,8 +73,8 @@ pub const TASK: [Region; 12] = [
     region("live", "the row has a live key in some branch", Rows::QueryTile, Cols::One),
     region("blive", "the row has a live key in this branch", Rows::QueryTile, Cols::One),
     region("tmax", "row maxima of a tile's scores, from the matmul", Rows::QueryTile, Cols::One),
-    region("A2", "packed query features of a normalization map's dot", Rows::QueryTile, Cols::Channels),
-    region("S2", "a normalization map's dot, per pair", Rows::QueryTile, Cols::Keys),
+    region("A2", "packed query features of a normalization map's dot", Rows::MapTile, Cols::Channels),
+    region("S2", "a normalization map's dot, per pair", Rows::MapTile, Cols::Keys),
 ];
 
 /// Indices into [`TASK`].
@@ -128,6 +131,8 @@ pub struct TileWorkspace {
     /// Key panels a head group's pack holds (one per distinct key factor of the branches'
     /// dots, at least 1).
     pub panels: usize,
+    /// Some branch's normalization map has its own dot (the `A2` and `S2` regions).
+    pub map_dot: bool,
 }
 
 impl TileWorkspace {
@@ -137,6 +142,13 @@ impl TileWorkspace {
             Rows::QueryTile => self.block_q as u128,
             Rows::PaddedKeys => (keys.max(0) as u128).div_ceil(self.block_k as u128) * self.block_k as u128,
             Rows::KeyTile => self.block_k as u128,
+            Rows::MapTile => {
+                if self.map_dot {
+                    self.block_q as u128
+                } else {
+                    0
+                }
+            }
         }
     }
 
@@ -207,17 +219,19 @@ mod tests {
 
     #[test]
     fn sizes_add_up_region_by_region() {
-        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1 };
-        // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64, then A2 and S2 as A and S.
-        assert_eq!(w.task_floats(16, 8), 2 * (64 * 16 + 64 * 32) + 2 * 64 * 8 + 6 * 64);
-        assert_eq!(w.task_bytes(0, 8), 4 * (2 * 64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
+        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1, map_dot: false };
+        // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
+        assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
+        assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
+        // A normalization map's dot: A2 and S2 as A and S.
+        assert_eq!(TileWorkspace { map_dot: true, ..w }.task_floats(16, 8), 2 * (64 * 16 + 64 * 32) + 2 * 64 * 8 + 6 * 64);
         // 70 keys pad to 96.
         assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
         assert_eq!(TileWorkspace { panels: 2, ..w }.pack_floats(70, 16, 8), (2 * 96 * 16, 96 * 8), "a panel per key factor");
         assert_eq!(TASK[task::TMAX].name, "tmax");
         assert_eq!(TASK[task::S].cols, Cols::Keys);
         // Staged: A 16×16, K and V 32×16, S, P, W and live 16×32, whatever the dims.
-        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true, panels: 1 };
+        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true, panels: 1, map_dot: false };
         assert_eq!(g.task_floats(128, 256), 16 * 16 + 2 * 32 * 16 + 4 * 16 * 32);
         assert_eq!(g.task_floats(1, 1), g.task_floats(4096, 4096));
         assert_eq!(g.task_region(staged::S, 0, 0), (16 * 16 + 2 * 32 * 16, 16 * 32));

@@ -9,7 +9,7 @@ use cranelift::codegen::ir::FuncRef;
 use cranelift::prelude::*;
 
 use crate::schedule::tiled::{Dot, MapDot, SoftmaxPass, DOT, DOT2};
-use crate::schedule::workspace::{Cols, TASK};
+use crate::schedule::workspace::{Cols, TileWorkspace, TASK};
 use crate::schedule::TiledSchedule;
 use attnc_ir::Branch;
 
@@ -90,14 +90,16 @@ impl Gen<'_, '_> {
     /// The addresses of the task workspace's regions, in [`TASK`]'s order, for a tile of
     /// `bq × bk` with `dlen` channels and `ev` values; and the size of a `Values` region
     /// (`bq · ev`, which the fills reuse). Each column kind's size is generated once.
-    pub(super) fn workspace(&mut self, ws: Value, bq: i64, bk: i64, dlen: Value, ev: Value) -> ([Value; TASK.len()], Value) {
+    pub(super) fn workspace(&mut self, ws: Value, w: &TileWorkspace, dlen: Value, ev: Value) -> ([Value; TASK.len()], Value, Value) {
+        let (bq, bk) = (w.block_q as i64, w.block_k as i64);
         let mut sizes: Vec<(Cols, Value)> = Vec::new();
         let mut at = [ws; TASK.len()];
         let mut ptr = ws;
         for (n, region) in TASK.iter().enumerate() {
             at[n] = ptr;
-            if n + 1 == TASK.len() {
-                break;
+            // The regions of a normalization map's dot, when the kernel has none, hold nothing.
+            if w.rows(region.rows, 0) == 0 {
+                continue;
             }
             let size = match sizes.iter().find(|(c, _)| *c == region.cols) {
                 Some((_, v)) => *v,
@@ -119,7 +121,7 @@ impl Gen<'_, '_> {
             Some((_, v)) => *v,
             None => self.b.ins().imul_imm_s(ev, bq),
         };
-        (at, values)
+        (at, values, ptr)
     }
 
     /// Body of `tile(frame, b, h, i0, kt, vb, ws, classes)`. `mm` holds the tile matmuls
@@ -147,7 +149,7 @@ impl Gen<'_, '_> {
         let t = self.b.ins().iadd_imm_s(mj, bk - 1);
         let (ntiles, _) = self.floor_div(t, bkv);
         // The task workspace (`schedule::workspace::TASK`): A, S, O, OUT, then the row state.
-        let (regions, bq_dv) = self.workspace(ws, bq, bk, dlen, ev);
+        let (regions, bq_dv, end) = self.workspace(ws, &ts.workspace, dlen, ev);
         use crate::schedule::workspace::task;
         let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws, a2_ws, s2_ws] =
             [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX, task::A2, task::S2].map(|r| regions[r]);
@@ -192,14 +194,12 @@ impl Gen<'_, '_> {
         self.zero_fill(live_ws, bqv);
 
         let iota = self.iota4();
-        // Room for the kept weights follows the workspace (its last region, S2, is BQ × BK).
-        debug_assert_eq!(TASK.len() - 1, task::S2);
+        // Room for the kept weights follows the workspace.
         let kept = match self.kept {
             Some((frame, slot)) if ts.plan.two_pass_plain() && softmax_mk.is_some() => {
                 let flag = self.b.ins().load(types::I64, flags(), frame, (slot * 8) as i32);
                 let on = self.b.ins().icmp_imm_s(IntCC::NotEqual, flag, 0);
-                let tile = self.iconst(bq * bk);
-                let kw = self.ptr_off(s2_ws, tile);
+                let kw = end;
                 let span = self.b.ins().imul_imm_s(ntiles, bq * bk);
                 let km = self.ptr_off(kw, span);
                 Some(Kept { on, kw, km })
