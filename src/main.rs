@@ -527,8 +527,7 @@ fn load(path: &std::path::Path) -> Result<(Loaded, attnc::dsl::Checked)> {
 /// The saved statistics are laid out by branch: the compiled kernel (after the passes) must
 /// have the spec's branches with the same normalizations.
 fn same_branches(spec: &ir::Kernel, compiled: &ir::Kernel) -> Result<()> {
-    let norms = |k: &ir::Kernel| k.branches.iter().map(ir::reference::saves_stats).collect::<Vec<_>>();
-    if norms(spec) != norms(compiled) {
+    if !ir::reference::same_stats_layout(spec, compiled) {
         return Err(anyhow!("--save-stats: the optimized kernel's branches differ from the spec's; run with --no-opt"));
     }
     Ok(())

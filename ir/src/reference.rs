@@ -382,6 +382,12 @@ pub fn saves_stats(br: &Branch) -> bool {
     matches!(br.norm, Norm::Softmax { .. } | Norm::Linear { .. })
 }
 
+/// Whether two kernels save the same statistics in the same places (a compiled kernel
+/// after the passes against its spec): one branch each, saving alike.
+pub fn same_stats_layout(a: &Kernel, b: &Kernel) -> bool {
+    a.branches.len() == b.branches.len() && a.branches.iter().zip(&b.branches).all(|(x, y)| saves_stats(x) == saves_stats(y))
+}
+
 /// [`run_bound`], and the statistics a backward pass needs from the forward, laid out as
 /// [`stats_shape`]: per row `(b, h, i)` and branch, the softmax log-sum-exp (−inf for a row
 /// with no live key), the linear denominator (0 for a row with no live key), and 0 for a

@@ -356,8 +356,7 @@ impl Kernel {
         match &stats_buf {
             Some(sb) => {
                 // The statistics are laid out by branch: the kernel that runs must have the spec's.
-                let saves = |k: &ir::Kernel| k.branches.iter().map(ir::reference::saves_stats).collect::<Vec<_>>();
-                if saves(kernel.kernel()) != saves(&self.spec.kernel) {
+                if !ir::reference::same_stats_layout(kernel.kernel(), &self.spec.kernel) {
                     return Err(PyValueError::new_err("the optimized kernel's branches differ from the spec's: compile with passes_off to save statistics"));
                 }
                 // SAFETY: as for the output, a fresh writable contiguous float32 buffer.
