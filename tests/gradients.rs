@@ -144,6 +144,12 @@ fn nan_propagates_through_the_backward() {
     // Keys 0..=row are read by the NaN row (causal): NaN; later keys are not: finite.
     assert!(g["k"].data[..d].iter().all(|x| x.is_nan()));
     assert!(g["k"].data[(row + 1) * d..13 * d].iter().all(|x| x.is_finite()));
+    // The compiled backward: NaN exactly where the reference has it.
+    let cg = attnc::grad::compiled(&c.kernel, &b, &ins, &dout, &attnc::codegen::cpu::CpuOptions::default()).expect("compiled grad");
+    for (name, w) in &g {
+        let nan = |t: &attnc::ir::reference::Tensor| t.data.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+        assert_eq!(nan(&cg[name]), nan(w), "`{name}`: NaN where the reference has it");
+    }
 }
 
 /// The forward's saved statistics (what a backward reads: each row's softmax log-sum-exp, or
