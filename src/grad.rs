@@ -1,5 +1,6 @@
 //! Gradients of a spec (`attnc grad`): the reference backward ([`attnc_ir::grad`]) and its
-//! check against central finite differences of the f64 reference forward.
+//! check against central finite differences of the f64 reference forward, and the compiled
+//! backward ([`compiled`]: the kernels of [`attnc_ir::backward`] on the CPU).
 
 use attnc_ir::reference::{run_bound, Tensor};
 use attnc_ir::{Bindings, Kernel};
@@ -111,6 +112,31 @@ fn other(e: impl std::fmt::Display) -> CompiledGradError {
     CompiledGradError::Other(e.to_string())
 }
 
+/// A scalar as f64.
+fn num(s: attnc_ir::reference::Scalar) -> f64 {
+    use attnc_ir::reference::Scalar;
+    match s {
+        Scalar::Float(x) => x,
+        Scalar::Int(x) => x as f64,
+        Scalar::Bool(x) => x as i64 as f64,
+    }
+}
+
+/// Adds `x` to `g` (the gradient of `tensor`) at the index `idx` evaluates to at `vals`.
+fn add_at(g: &mut Tensor, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
+    let (mut flat, mut stride) = (0usize, 1usize);
+    for a in (0..idx.len()).rev() {
+        let attnc_ir::reference::Scalar::Int(v) = idx[a].eval(vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
+        if v < 0 || v as usize >= g.shape[a] {
+            return Err(other(format!("`{tensor}` index {v} on axis {a} is out of bounds")));
+        }
+        flat += v as usize * stride;
+        stride *= g.shape[a];
+    }
+    g.data[flat] += x;
+    Ok(())
+}
+
 /// The gradients of `Σ dout · o` with respect to every float input, by compiled kernels on
 /// the CPU: the forward with its saved log-sum-exp, `D = Σ_e dO ∘ O` per row, then the
 /// backward kernels of [`attnc_ir::backward`], each added into its input's gradient at the
@@ -146,32 +172,65 @@ pub fn compiled(
         Ok(made)
     };
     let explicit = dims.dims.clone();
-    let (o, stats) = compile(k)?.run_with_stats(inputs, &explicit).map_err(other)?;
+    // The forward without its gate (the kernels differentiate the ungated output; the gate
+    // is applied here), with its statistics.
+    let ungated = Kernel { gate: None, ..k.clone() };
+    let (acc, stats) = compile(&ungated)?.run_with_stats(inputs, &explicit).map_err(other)?;
     let want = dims.shape(k.output());
     if dout.shape != want {
         return Err(other(format!("the cotangent `{}` has shape {:?}; the output has shape {want:?}", k.output().name, dout.shape)));
     }
-    // D per row (b, h, i): the output's axes in its order.
     let (nb, nh, ni) = (stats.shape[0], stats.shape[1], stats.shape[2]);
     let axis = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
     let strides: Vec<usize> = (0..want.len()).map(|a| want[a + 1..].iter().product()).collect();
     let (sb, sh, si, se, ne) = (strides[axis("b")], strides[axis("h")], strides[axis("i")], strides[axis("e")], want[axis("e")]);
+    let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
+    let mut grads: BTreeMap<String, Tensor> =
+        k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    // A gate: the kernels' cotangent is `dO ∘ gate`; the gate's leaves get `dO · acc · ∂gate`.
+    let mut d_eff = dout.clone();
+    if let Some(gate) = &k.gate {
+        let vars = ["b", "h", "i", "e"];
+        let gv = eval.prepare(gate, &vars);
+        let mut leaves = Vec::new();
+        for t in attnc_ir::diff::partials(k, gate).map_err(other)? {
+            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a gate that reads a float variable")) };
+            if !t.binders.is_empty() {
+                return Err(CompiledGradError::Unsupported(attnc_ir::backward::Unsupported(format!("a gate that sums over `{tensor}`"))));
+            }
+            leaves.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &vars)).collect::<Vec<_>>(), eval.prepare(&t.adj, &vars)));
+        }
+        for b in 0..nb {
+            for h in 0..nh {
+                for i in 0..ni {
+                    for e in 0..ne {
+                        let n = b * sb + h * sh + i * si + e * se;
+                        let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64), Scalar::Int(e as i64)];
+                        d_eff.data[n] = dout.data[n] * num(gv.eval(&vals).map_err(other)?);
+                        let up = dout.data[n] * acc.data[n];
+                        for (tensor, idx, adj) in &leaves {
+                            let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
+                            add_at(g, tensor, idx, &vals, up * num(adj.eval(&vals).map_err(other)?))?;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // D per row (b, h, i): Σ_e dO ∘ O, the output's axes in its order.
     let mut dd = vec![0f64; nb * nh * ni];
     for b in 0..nb {
         for h in 0..nh {
             for i in 0..ni {
                 let base = b * sb + h * sh + i * si;
-                dd[(b * nh + h) * ni + i] = (0..ne).map(|e| dout.data[base + e * se] * o.data[base + e * se]).sum();
+                dd[(b * nh + h) * ni + i] = (0..ne).map(|e| d_eff.data[base + e * se] * acc.data[base + e * se]).sum();
             }
         }
     }
     let mut ins = inputs.clone();
     ins.insert(LSE.into(), Tensor::new(vec![nb, nh, ni], stats.data));
     ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], dd));
-    ins.insert(DO.into(), dout.clone());
-    let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
-    let mut grads: BTreeMap<String, Tensor> =
-        k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    ins.insert(DO.into(), d_eff);
     // The sink logit's share, per live row: `−exp(sink − lse) · D` times each leaf's partial.
     if let attnc_ir::Norm::Softmax { sink: Some(se), .. } = &k.branches[0].norm {
         let rows = ["b", "h", "i"];
@@ -182,11 +241,6 @@ pub fn compiled(
             let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a sink that reads a float variable")) };
             prepared.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &rows)).collect::<Vec<_>>(), eval.prepare(&t.adj, &rows)));
         }
-        let num = |s: Scalar| match s {
-            Scalar::Float(x) => x,
-            Scalar::Int(x) => x as f64,
-            Scalar::Bool(x) => x as i64 as f64,
-        };
         let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
         for b in 0..nb {
             for h in 0..nh {
@@ -199,16 +253,7 @@ pub fn compiled(
                     let ds = -(num(sink.eval(&vals).map_err(other)?) - lse[r]).exp() * dd[r];
                     for (tensor, idx, adj) in &prepared {
                         let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
-                        let (mut flat, mut stride) = (0usize, 1usize);
-                        for a in (0..idx.len()).rev() {
-                            let Scalar::Int(x) = idx[a].eval(&vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
-                            if x < 0 || x as usize >= g.shape[a] {
-                                return Err(other(format!("`{tensor}` index {x} on axis {a} is out of bounds")));
-                            }
-                            flat += x as usize * stride;
-                            stride *= g.shape[a];
-                        }
-                        g.data[flat] += num(adj.eval(&vals).map_err(other)?) * ds;
+                        add_at(g, tensor, idx, &vals, num(adj.eval(&vals).map_err(other)?) * ds)?;
                     }
                 }
             }

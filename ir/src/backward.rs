@@ -18,9 +18,13 @@
 //! The kernels read the forward's inputs and three more: `__lse` and `__dd` (`[B, H, N]`:
 //! the log-sum-exp and `D`) and `__do` (the cotangent, shaped as the output).
 //!
+//! A normalization map `p = f(s)` (sigmoid, relu²) has `P = f(s)` and `dS = dP · f'(s)`.
+//! A gate is the host's: it runs these kernels on the ungated kernel with `dO ∘ gate` as the
+//! cotangent, and gives the gate's leaves `dO · O_ungated · ∂gate`.
+//!
 //! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
-//! branches, normalizations other than softmax, a post-map, decay, a gate, a branch weight,
-//! a sink logit with a reduction, derived tensors, a leaf whose index reads both the query and
+//! branches, a linear normalization, a post-map, decay, a branch weight, a sink logit with a
+//! reduction, derived tensors, a leaf whose index reads both the query and
 //! the key (a relative-position table, a dense bias), or whose partial still holds a
 //! reduction (a score nonlinear in its dot: softcap, cosine).
 
@@ -86,17 +90,14 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
                 }
             }
         }
-        Norm::Softmax { .. } => {}
-        _ => return no("a normalization other than softmax"),
+        Norm::Softmax { .. } | Norm::Map(_) => {}
+        Norm::Linear { .. } => return no("a linear normalization"),
     }
     if br.decay.is_some() {
         return no("decay");
     }
     if br.weight.is_some() {
         return no("a branch weight");
-    }
-    if k.gate.is_some() {
-        return no("a gate");
     }
     if let Some(t) = k.derived().next() {
         return no(format!("the derived tensor `{}`", t.name));
@@ -107,8 +108,6 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     let d_o = |ch: &Expr| Expr::Load(DO.into(), k.out.iter().map(|v| if v == "e" { ch.clone() } else { Expr::var(v) }).collect());
     let row_stat = |name: &str| Expr::Load(name.into(), vec![Expr::var("b"), Expr::var("h"), Expr::var("i")]);
     let s = Expr::var("s");
-    // P = exp(s − lse_i) and dS = P (dP − D_i), with dP = Σ_e dO_ie · value(j, e).
-    let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
     let ev = "__e";
     let d_p = Expr::Reduce {
         op: RedOp::Sum,
@@ -117,7 +116,19 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         hi: Box::new(k.iter.e.to_expr()),
         body: Box::new(Expr::bin(BinOp::Mul, d_o(&Expr::var(ev)), k.value.subst("e", &Expr::var(ev)))),
     };
-    let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_p, row_stat(DD)));
+    // Softmax: P = exp(s − lse_i) and dS = P (dP − D_i), with dP = Σ_e dO_ie · value(j, e).
+    // A map p = f(s): P = f(s) and dS = dP · f'(s) (none when f does not read s).
+    let (p, d_s) = match &br.norm {
+        Norm::Map(f) => {
+            let df = crate::diff::derivative_by_var(k, f, "s").map_err(|e| Unsupported(e.to_string()))?;
+            (f.clone(), df.map(|df| Expr::bin(BinOp::Mul, d_p, df)))
+        }
+        _ => {
+            let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
+            let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_p, row_stat(DD)));
+            (p, Some(d_s))
+        }
+    };
 
     let mut inputs: Vec<TensorDecl> = k.inputs().cloned().collect();
     let stat_shape = vec![k.iter.b.clone(), k.iter.h.clone(), k.iter.i.clone()];
@@ -172,6 +183,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         });
     }
     // The score's and bias's leaves: weight dS, value ∂s/∂leaf, the leaf's channel as `e`.
+    let Some(d_s) = d_s else { return Ok(kernels) };
     let mut terms = partials(k, &br.score).map_err(|e| Unsupported(e.to_string()))?;
     if let Some(b) = &br.bias {
         terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?);
