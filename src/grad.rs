@@ -231,38 +231,16 @@ pub fn compiled(
     ins.insert(LSE.into(), Tensor::new(vec![nb, nh, ni], stats.data));
     ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], dd));
     ins.insert(DO.into(), d_eff);
-    // The sink logit's share, per live row: `−exp(sink − lse) · D` times each leaf's partial.
-    if let attnc_ir::Norm::Softmax { sink: Some(se), .. } = &k.branches[0].norm {
-        let rows = ["b", "h", "i"];
-        let sink = eval.prepare(se, &rows);
-        let terms = attnc_ir::diff::partials(k, se).map_err(other)?;
-        let mut prepared = Vec::new();
-        for t in &terms {
-            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a sink that reads a float variable")) };
-            prepared.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &rows)).collect::<Vec<_>>(), eval.prepare(&t.adj, &rows)));
-        }
-        let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
-        for b in 0..nb {
-            for h in 0..nh {
-                for i in 0..ni {
-                    let r = (b * nh + h) * ni + i;
-                    if lse[r] == f64::NEG_INFINITY {
-                        continue; // no live key: no gradient
-                    }
-                    let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64)];
-                    let ds = -(num(sink.eval(&vals).map_err(other)?) - lse[r]).exp() * dd[r];
-                    for (tensor, idx, adj) in &prepared {
-                        let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
-                        add_at(g, tensor, idx, &vals, num(adj.eval(&vals).map_err(other)?) * ds)?;
-                    }
-                }
-            }
-        }
-    }
     // Every backward kernel reads the same inputs: stored as f32 once.
-    let storage = attnc_codegen::host::Storage::from_f64(kernels.first().map_or(k, |g| &g.kernel), &ins);
+    let mut storage = attnc_codegen::host::Storage::from_f64(kernels.first().map_or(k, |g| &g.kernel), &ins);
     for gk in &kernels {
         let (shape, data) = compile(&gk.kernel)?.run_storage(&storage, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
+        // A post-map's `D` (the first kernel, one value per row) replaces `Σ dO ∘ O`.
+        if gk.target == DD {
+            storage.bufs.insert(DD.into(), data.iter().map(|x| x.to_bits()).collect());
+            ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], data.into_iter().map(f64::from).collect()));
+            continue;
+        }
         let part = Tensor::new(shape, data.into_iter().map(f64::from).collect());
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
         let gstrides: Vec<usize> = (0..g.shape.len()).map(|a| g.shape[a + 1..].iter().product()).collect();
@@ -298,6 +276,34 @@ pub fn compiled(
                             let n = at(&v(e))?;
                             g.data[n] += x;
                         }
+                    }
+                }
+            }
+        }
+    }
+    // The sink logit's share, per live row: `−exp(sink − lse) · D` times each leaf's partial.
+    if let attnc_ir::Norm::Softmax { sink: Some(se), .. } = &k.branches[0].norm {
+        let rows = ["b", "h", "i"];
+        let sink = eval.prepare(se, &rows);
+        let terms = attnc_ir::diff::partials(k, se).map_err(other)?;
+        let mut prepared = Vec::new();
+        for t in &terms {
+            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a sink that reads a float variable")) };
+            prepared.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &rows)).collect::<Vec<_>>(), eval.prepare(&t.adj, &rows)));
+        }
+        let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
+        for b in 0..nb {
+            for h in 0..nh {
+                for i in 0..ni {
+                    let r = (b * nh + h) * ni + i;
+                    if lse[r] == f64::NEG_INFINITY {
+                        continue; // no live key: no gradient
+                    }
+                    let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64)];
+                    let ds = -(num(sink.eval(&vals).map_err(other)?) - lse[r]).exp() * dd[r];
+                    for (tensor, idx, adj) in &prepared {
+                        let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
+                        add_at(g, tensor, idx, &vals, num(adj.eval(&vals).map_err(other)?) * ds)?;
                     }
                 }
             }

@@ -22,8 +22,11 @@
 //! A gate is the host's: it runs these kernels on the ungated kernel with `dO ∘ gate` as the
 //! cotangent, and gives the gate's leaves `dO · O_ungated · ∂gate`.
 //!
+//! A softmax post-map `p = post(w)` has `dw = dP · post'(w)`, `dS = w (dw − D)` with `D =
+//! Σ_j w dw`, computed by a first row kernel (its target [`DD`]: the host reads it as `D`).
+//!
 //! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
-//! branches, a linear normalization, a post-map, decay, a branch weight, a sink logit with a
+//! branches, a linear normalization, decay, a branch weight, a sink logit with a
 //! reduction, derived tensors, a leaf whose index reads both the query and
 //! the key (a relative-position table, a dense bias), or whose partial still holds a
 //! reduction (a score nonlinear in its dot: softcap, cosine).
@@ -80,7 +83,6 @@ fn has_reduce(e: &Expr) -> bool {
 pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     let [br] = k.branches.as_slice() else { return no(format!("{} branches (one is derived so far)", k.branches.len())) };
     match &br.norm {
-        Norm::Softmax { post: Some(_), .. } => return no("a softmax post-map"),
         Norm::Softmax { sink: Some(s), .. } => {
             // The sink's own gradient is per row, `−exp(sink − lse) · D` (the host adds it):
             // a sink of tensor elements and indices, no reduction.
@@ -118,15 +120,25 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     };
     // Softmax: P = exp(s − lse_i) and dS = P (dP − D_i), with dP = Σ_e dO_ie · value(j, e).
     // A map p = f(s): P = f(s) and dS = dP · f'(s) (none when f does not read s).
+    let mut post_d = None;
     let (p, d_s) = match &br.norm {
         Norm::Map(f) => {
             let df = crate::diff::derivative_by_var(k, f, "s").map_err(|e| Unsupported(e.to_string()))?;
             (f.clone(), df.map(|df| Expr::bin(BinOp::Mul, d_p, df)))
         }
-        _ => {
+        Norm::Softmax { post: None, .. } | Norm::Linear { .. } => {
             let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
             let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_p, row_stat(DD)));
             (p, Some(d_s))
+        }
+        // A post-map `p = post(w)`: `dw = dP · post'(w)`, `dS = w (dw − D)` with
+        // `D = Σ_j w dw` (a kernel of its own, [`DD`] as its target), not `Σ dO ∘ O`.
+        Norm::Softmax { post: Some(post), .. } => {
+            let w = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
+            let dpost = crate::diff::derivative_by_var(k, post, "w").map_err(|e| Unsupported(e.to_string()))?.unwrap_or(Expr::float(0.0));
+            let dw = Expr::bin(BinOp::Mul, d_p, dpost.subst("w", &w));
+            post_d = Some(Expr::bin(BinOp::Mul, w.clone(), dw.clone()));
+            (post.subst("w", &w), Some(Expr::bin(BinOp::Mul, w, Expr::bin(BinOp::Sub, dw, row_stat(DD)))))
         }
     };
 
@@ -165,6 +177,15 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     };
 
     let mut kernels = Vec::new();
+    // A post-map's `D` first: a row kernel of width 1 (the host reads it as `__dd`).
+    if let Some(wdw) = &post_d {
+        kernels.push(GradKernel {
+            kernel: make("dd", wdw, &Expr::float(1.0), Extent::Fixed(1), false),
+            idx: vec![],
+            what: "D (rows)".into(),
+            target: DD.into(),
+        });
+    }
     // The value's leaves: over the keys, weight P, value dO_ie · ∂value/∂leaf.
     for t in partials(k, &k.value).map_err(|e| Unsupported(e.to_string()))? {
         let Target::Load { tensor, idx } = t.target else { return no("a value that reads a float variable") };
