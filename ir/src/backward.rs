@@ -39,6 +39,8 @@ use crate::kernel::*;
 pub const LSE: &str = "__lse";
 pub const DD: &str = "__dd";
 pub const DO: &str = "__do";
+/// The backward kernels' output.
+pub const GRAD: &str = "__grad";
 
 /// One backward kernel: its output, added element by element into the gradient of
 /// `target` at `idx` (expressions of `b`, `h`, `i` (the kernel's row) and `e`).
@@ -104,6 +106,9 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     if let Some(t) = k.derived().next() {
         return no(format!("the derived tensor `{}`", t.name));
     }
+    if let Some(t) = k.tensors.iter().find(|t| [LSE, DD, DO, GRAD].contains(&t.name.as_str())) {
+        return no(format!("the spec declares `{}`, a name the backward kernels use", t.name));
+    }
     let float = |name: &str| k.tensor(name).is_some_and(|t| !t.dtype.is_int());
     let out = k.output();
     // The cotangent at (row `i`, channel `ch`), the output's axes in its order.
@@ -157,7 +162,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         let cols = if keys { k.iter.i.clone() } else { k.iter.j.clone() };
         let mut tensors = inputs.clone();
         tensors.push(TensorDecl {
-            name: "grad".into(),
+            name: GRAD.into(),
             dtype: DType::F32,
             shape: vec![k.iter.b.clone(), k.iter.h.clone(), rows.clone(), width.clone()],
             kind: TensorKind::Output,
