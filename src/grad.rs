@@ -122,18 +122,46 @@ fn num(s: attnc_ir::reference::Scalar) -> f64 {
     }
 }
 
-/// Adds `x` to `g` (the gradient of `tensor`) at the index `idx` evaluates to at `vals`.
-fn add_at(g: &mut Tensor, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
+/// The flat (row-major) position in a tensor of `shape` (named `tensor`) of the index
+/// `idx` evaluates to at `vals`.
+fn flat_index(shape: &[usize], tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar]) -> Result<usize, CompiledGradError> {
     let (mut flat, mut stride) = (0usize, 1usize);
     for a in (0..idx.len()).rev() {
         let attnc_ir::reference::Scalar::Int(v) = idx[a].eval(vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
-        if v < 0 || v as usize >= g.shape[a] {
+        if v < 0 || v as usize >= shape[a] {
             return Err(other(format!("`{tensor}` index {v} on axis {a} is out of bounds")));
         }
         flat += v as usize * stride;
-        stride *= g.shape[a];
+        stride *= shape[a];
     }
-    g.data[flat] += x;
+    Ok(flat)
+}
+
+/// The float leaves of `e` with their index and partial prepared at `vars`; a leaf under a
+/// reduction is refused.
+#[allow(clippy::type_complexity)]
+fn leaves<'e, 'a>(
+    k: &Kernel,
+    e: &attnc_ir::Expr,
+    what: &str,
+    vars: &[&str],
+    eval: &'e attnc_ir::reference::ExprEval<'a>,
+) -> Result<Vec<(String, Vec<attnc_ir::reference::Prepared<'e, 'a>>, attnc_ir::reference::Prepared<'e, 'a>)>, CompiledGradError> {
+    let mut out = Vec::new();
+    for t in attnc_ir::diff::partials(k, e).map_err(other)? {
+        let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other(format!("{what} that reads a float variable"))) };
+        if !t.binders.is_empty() {
+            return Err(CompiledGradError::Unsupported(attnc_ir::backward::Unsupported(format!("{what} that sums over `{tensor}`"))));
+        }
+        out.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, vars)).collect(), eval.prepare(&t.adj, vars)));
+    }
+    Ok(out)
+}
+
+/// Adds `x` to `g` (the gradient of `tensor`) at the index `idx` evaluates to at `vals`.
+fn add_at(g: &mut Tensor, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
+    let n = flat_index(&g.shape, tensor, idx, vals)?;
+    g.data[n] += x;
     Ok(())
 }
 
@@ -192,14 +220,7 @@ pub fn compiled(
     if let Some(gate) = &k.gate {
         let vars = ["b", "h", "i", "e"];
         let gv = eval.prepare(gate, &vars);
-        let mut leaves = Vec::new();
-        for t in attnc_ir::diff::partials(k, gate).map_err(other)? {
-            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a gate that reads a float variable")) };
-            if !t.binders.is_empty() {
-                return Err(CompiledGradError::Unsupported(attnc_ir::backward::Unsupported(format!("a gate that sums over `{tensor}`"))));
-            }
-            leaves.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &vars)).collect::<Vec<_>>(), eval.prepare(&t.adj, &vars)));
-        }
+        let leaves = leaves(k, gate, "a gate", &vars, &eval)?;
         for b in 0..nb {
             for h in 0..nh {
                 for i in 0..ni {
@@ -243,24 +264,14 @@ pub fn compiled(
         }
         let part = Tensor::new(shape, data.into_iter().map(f64::from).collect());
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
-        let gstrides: Vec<usize> = (0..g.shape.len()).map(|a| g.shape[a + 1..].iter().product()).collect();
         let [pb, ph, pr, pe] = part.shape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
         // The index is affine in `e` along the gradient's last axis (`q[b, h, i, e]`): one
         // evaluation per row; otherwise one per element.
         let last = gk.idx.len().checked_sub(1);
         let contiguous = last.is_some_and(|l| gk.idx[l] == attnc_ir::Expr::var("e") && gk.idx[..l].iter().all(|x| !x.free_vars().contains("e")));
         let prepared: Vec<_> = gk.idx.iter().map(|x| eval.prepare(x, &["b", "h", "i", "e"])).collect();
-        let at = |vals: &[Scalar]| -> Result<usize, CompiledGradError> {
-            let mut flat = 0usize;
-            for (a, p) in prepared.iter().enumerate() {
-                let Scalar::Int(x) = p.eval(vals).map_err(other)? else { return Err(other("an index that is not an integer")) };
-                if x < 0 || x as usize >= g.shape[a] {
-                    return Err(other(format!("`{}` index {x} on axis {a} is out of bounds", gk.target)));
-                }
-                flat += x as usize * gstrides[a];
-            }
-            Ok(flat)
-        };
+        let shape = g.shape.clone();
+        let at = |vals: &[Scalar]| flat_index(&shape, &gk.target, &prepared, vals);
         for b in 0..pb {
             for h in 0..ph {
                 for r in 0..pr {
@@ -285,12 +296,7 @@ pub fn compiled(
     if let attnc_ir::Norm::Softmax { sink: Some(se), .. } = &k.branches[0].norm {
         let rows = ["b", "h", "i"];
         let sink = eval.prepare(se, &rows);
-        let terms = attnc_ir::diff::partials(k, se).map_err(other)?;
-        let mut prepared = Vec::new();
-        for t in &terms {
-            let attnc_ir::diff::Target::Load { tensor, idx } = &t.target else { return Err(other("a sink that reads a float variable")) };
-            prepared.push((tensor.clone(), idx.iter().map(|x| eval.prepare(x, &rows)).collect::<Vec<_>>(), eval.prepare(&t.adj, &rows)));
-        }
+        let prepared = leaves(k, se, "a sink", &rows, &eval)?;
         let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
         for b in 0..nb {
             for h in 0..nh {
