@@ -47,7 +47,7 @@ def main():
         for n in a.n:
             dims = {d: v for d, v in dict(B=1, H=8, G=8, N=n, M=n, D=64, Dv=64).items() if d in kern._k.dims()}
             ins = kern.random_inputs(seed=0, **dims)
-            do = np.random.default_rng(0).standard_normal(kern(**ins).shape)
+            do = np.random.default_rng(0).standard_normal(kern(**ins).shape).astype(np.float32)
             kern.grad(cotangent=do, backend="cpu", **ins)  # compile and warm up
             best_a = best_t = float("inf")
             for _ in range(a.rounds):

@@ -158,18 +158,22 @@ fn leaves<'e, 'a>(
     Ok(out)
 }
 
+/// A gradient from the compiled backward: f32, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Grad32 {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
 /// Adds `x` to `g` (the gradient of `tensor`) at the index `idx` evaluates to at `vals`.
-fn add_at(g: &mut Tensor, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
+fn add_at(g: &mut Grad32, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
     let n = flat_index(&g.shape, tensor, idx, vals)?;
-    g.data[n] += x;
+    g.data[n] += x as f32;
     Ok(())
 }
 
 /// The gradients of `Σ dout · o` with respect to every float input, by compiled kernels on
-/// the CPU: the forward with its saved log-sum-exp, `D = Σ_e dO ∘ O` per row, then the
-/// backward kernels of [`attnc_ir::backward`], each added into its input's gradient at the
-/// leaf's index (grouped heads and repeated reads summed). f32 arithmetic; the same
-/// contract as [`attnc_ir::grad::grad`] (a row with no live key contributes nothing).
+/// the CPU ([`compiled_f32`]), from and to f64 tensors.
 pub fn compiled(
     k: &Kernel,
     dims: &Bindings,
@@ -177,6 +181,29 @@ pub fn compiled(
     dout: &Tensor,
     options: &attnc_codegen::cpu::CpuOptions,
 ) -> Result<BTreeMap<String, Tensor>, CompiledGradError> {
+    let declared: BTreeMap<String, Tensor> = k.inputs().filter_map(|t| inputs.get(&t.name).map(|x| (t.name.clone(), x.clone()))).collect();
+    let storage = attnc_codegen::host::Storage::from_f64(k, &declared);
+    if dout.shape != dims.shape(k.output()) {
+        return Err(other(format!("the cotangent `{}` has shape {:?}; the output has shape {:?}", k.output().name, dout.shape, dims.shape(k.output()))));
+    }
+    let d32: Vec<f32> = dout.data.iter().map(|x| *x as f32).collect();
+    let g = compiled_f32(k, dims, &storage.view(), &d32, options)?;
+    Ok(g.into_iter().map(|(n, g)| (n, Tensor::new(g.shape, g.data.into_iter().map(f64::from).collect()))).collect())
+}
+
+/// The gradients of `Σ dout · o` with respect to every float input, by compiled kernels on
+/// the CPU, reading the caller's f32/i32 buffers in place: the forward with its saved
+/// log-sum-exp, `D = Σ_e dO ∘ O` per row, then the backward kernels of
+/// [`attnc_ir::backward`], each added into its input's gradient at the leaf's index (grouped
+/// heads and repeated reads summed). f32 arithmetic; the same contract as
+/// [`attnc_ir::grad::grad`] (a row with no live key contributes nothing).
+pub fn compiled_f32(
+    k: &Kernel,
+    dims: &Bindings,
+    inputs: &attnc_codegen::host::Inputs<'_>,
+    dout: &[f32],
+    options: &attnc_codegen::cpu::CpuOptions,
+) -> Result<BTreeMap<String, Grad32>, CompiledGradError> {
     use attnc_codegen::cpu::CpuBackend;
     use attnc_codegen::{Backend, Compiled};
     use attnc_ir::backward::{backward_kernels, DD, DO, LSE};
@@ -200,23 +227,48 @@ pub fn compiled(
         Ok(made)
     };
     let explicit = dims.dims.clone();
+    let want = dims.shape(k.output());
+    if dout.len() != want.iter().product::<usize>() {
+        return Err(other(format!("the cotangent `{}` has {} values; the output has shape {want:?}", k.output().name, dout.len())));
+    }
     // The forward without its gate (the kernels differentiate the ungated output; the gate
     // is applied here), with its statistics.
     let ungated = Kernel { gate: None, ..k.clone() };
-    let (acc, stats) = compile(&ungated)?.run_with_stats(inputs, &explicit).map_err(other)?;
-    let want = dims.shape(k.output());
-    if dout.shape != want {
-        return Err(other(format!("the cotangent `{}` has shape {:?}; the output has shape {want:?}", k.output().name, dout.shape)));
-    }
-    let (nb, nh, ni) = (stats.shape[0], stats.shape[1], stats.shape[2]);
+    let mut acc = vec![0f32; dout.len()];
+    let stats_shape = attnc_ir::reference::stats_shape(k, dims);
+    let mut stats = vec![0f32; stats_shape.iter().product()];
+    compile(&ungated)?.run_stats_into(inputs, &explicit, &mut acc, &mut stats).map_err(other)?;
+    let (nb, nh, ni) = (stats_shape[0], stats_shape[1], stats_shape[2]);
     let axis = |v: &str| k.out.iter().position(|x| x == v).expect("verified: out lists b h i e");
     let strides: Vec<usize> = (0..want.len()).map(|a| want[a + 1..].iter().product()).collect();
     let (sb, sh, si, se, ne) = (strides[axis("b")], strides[axis("h")], strides[axis("i")], strides[axis("e")], want[axis("e")]);
-    let eval = ExprEval::new(k, dims, inputs).map_err(other)?;
-    let mut grads: BTreeMap<String, Tensor> =
-        k.inputs().filter(|t| !t.dtype.is_int()).map(|t| (t.name.clone(), Tensor::zeros(inputs[&t.name].shape.clone()))).collect();
+    // The host evaluates indices, the gate and the sink: f64 copies of the tensors those
+    // read (most read none), in a kernel that declares only them.
+    let gate_sink = k.gate.iter().chain(match &k.branches[0].norm {
+        attnc_ir::Norm::Softmax { sink: Some(s), .. } => Some(s),
+        _ => None,
+    });
+    let read: std::collections::BTreeSet<String> = gate_sink.chain(kernels.iter().flat_map(|g| &g.idx)).flat_map(|e| e.loads()).collect();
+    let slim = Kernel { tensors: k.tensors.iter().filter(|t| t.kind == attnc_ir::TensorKind::Input && read.contains(&t.name)).cloned().collect(), ..k.clone() };
+    let host: BTreeMap<String, Tensor> = slim
+        .inputs()
+        .map(|t| {
+            let bits = inputs.bufs.get(&t.name).ok_or_else(|| other(format!("no data for `{}`", t.name)))?;
+            let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
+            Ok((t.name.clone(), Tensor::new(inputs.shapes[&t.name].clone(), data)))
+        })
+        .collect::<Result<_, CompiledGradError>>()?;
+    let eval = ExprEval::new(&slim, dims, &host).map_err(other)?;
+    let mut grads: BTreeMap<String, Grad32> = k
+        .inputs()
+        .filter(|t| !t.dtype.is_int())
+        .map(|t| {
+            let shape = inputs.shapes.get(&t.name).cloned().unwrap_or_else(|| dims.shape(t));
+            (t.name.clone(), Grad32 { data: vec![0.0; shape.iter().product()], shape })
+        })
+        .collect();
     // A gate: the kernels' cotangent is `dO ∘ gate`; the gate's leaves get `dO · acc · ∂gate`.
-    let mut d_eff = dout.clone();
+    let mut d_eff = dout.to_vec();
     if let Some(gate) = &k.gate {
         let vars = ["b", "h", "i", "e"];
         let gv = eval.prepare(gate, &vars);
@@ -227,8 +279,8 @@ pub fn compiled(
                     for e in 0..ne {
                         let n = b * sb + h * sh + i * si + e * se;
                         let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64), Scalar::Int(e as i64)];
-                        d_eff.data[n] = dout.data[n] * num(gv.eval(&vals).map_err(other)?);
-                        let up = dout.data[n] * acc.data[n];
+                        d_eff[n] = (dout[n] as f64 * num(gv.eval(&vals).map_err(other)?)) as f32;
+                        let up = dout[n] as f64 * acc[n] as f64;
                         for (tensor, idx, adj) in &leaves {
                             let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
                             add_at(g, tensor, idx, &vals, up * num(adj.eval(&vals).map_err(other)?))?;
@@ -239,32 +291,38 @@ pub fn compiled(
         }
     }
     // D per row (b, h, i): Σ_e dO ∘ O, the output's axes in its order.
-    let mut dd = vec![0f64; nb * nh * ni];
+    let mut dd = vec![0f32; nb * nh * ni];
     for b in 0..nb {
         for h in 0..nh {
             for i in 0..ni {
                 let base = b * sb + h * sh + i * si;
-                dd[(b * nh + h) * ni + i] = (0..ne).map(|e| d_eff.data[base + e * se] * acc.data[base + e * se]).sum();
+                dd[(b * nh + h) * ni + i] = (0..ne).map(|e| d_eff[base + e * se] as f64 * acc[base + e * se] as f64).sum::<f64>() as f32;
             }
         }
     }
-    let mut ins = inputs.clone();
-    ins.insert(LSE.into(), Tensor::new(vec![nb, nh, ni], stats.data));
-    ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], dd));
-    ins.insert(DO.into(), d_eff);
-    // Every backward kernel reads the same inputs: stored as f32 once.
-    let mut storage = attnc_codegen::host::Storage::from_f64(kernels.first().map_or(k, |g| &g.kernel), &ins);
+    // The kernels read the caller's inputs in place and three more.
+    let bits = |x: &[f32]| -> Vec<u32> { x.iter().map(|v| v.to_bits()).collect() };
+    let (lse_bits, do_bits) = (bits(&stats), bits(&d_eff));
+    let mut dd_bits = bits(&dd);
     for gk in &kernels {
-        let (shape, data) = compile(&gk.kernel)?.run_storage(&storage, &explicit).map_err(|e| other(format!("{}: {e}", gk.what)))?;
+        let mut view = inputs.clone();
+        for (name, shape) in [(LSE, vec![nb, nh, ni]), (DD, vec![nb, nh, ni]), (DO, want.clone())] {
+            view.shapes.insert(name.into(), shape);
+        }
+        view.bufs.insert(LSE.into(), &lse_bits);
+        view.bufs.insert(DD.into(), &dd_bits);
+        view.bufs.insert(DO.into(), &do_bits);
+        let pshape = dims.shape(gk.kernel.output());
+        let mut part = vec![0f32; pshape.iter().product()];
+        compile(&gk.kernel)?.run_into(&view, &explicit, &mut part).map_err(|e| other(format!("{}: {e}", gk.what)))?;
         // A post-map's `D` (the first kernel, one value per row) replaces `Σ dO ∘ O`.
         if gk.target == DD {
-            storage.bufs.insert(DD.into(), data.iter().map(|x| x.to_bits()).collect());
-            ins.insert(DD.into(), Tensor::new(vec![nb, nh, ni], data.into_iter().map(f64::from).collect()));
+            dd_bits = bits(&part);
+            dd = part;
             continue;
         }
-        let part = Tensor::new(shape, data.into_iter().map(f64::from).collect());
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
-        let [pb, ph, pr, pe] = part.shape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
+        let [pb, ph, pr, pe] = pshape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
         // The index is affine in `e` along the gradient's last axis (`q[b, h, i, e]`): one
         // evaluation per row; otherwise one per element.
         let last = gk.idx.len().checked_sub(1);
@@ -275,12 +333,12 @@ pub fn compiled(
         for b in 0..pb {
             for h in 0..ph {
                 for r in 0..pr {
-                    let row = &part.data[((b * ph + h) * pr + r) * pe..][..pe];
+                    let row = &part[((b * ph + h) * pr + r) * pe..][..pe];
                     let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
                     if contiguous {
                         let base = at(&v(0))?;
-                        for (e, x) in row.iter().enumerate() {
-                            g.data[base + e] += x;
+                        for (d, x) in g.data[base..base + pe].iter_mut().zip(row) {
+                            *d += x;
                         }
                     } else {
                         for (e, x) in row.iter().enumerate() {
@@ -297,16 +355,15 @@ pub fn compiled(
         let rows = ["b", "h", "i"];
         let sink = eval.prepare(se, &rows);
         let prepared = leaves(k, se, "a sink", &rows, &eval)?;
-        let (lse, dd) = (&ins[LSE].data, &ins[DD].data);
         for b in 0..nb {
             for h in 0..nh {
                 for i in 0..ni {
                     let r = (b * nh + h) * ni + i;
-                    if lse[r] == f64::NEG_INFINITY {
+                    if stats[r] == f32::NEG_INFINITY {
                         continue; // no live key: no gradient
                     }
                     let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(i as i64)];
-                    let ds = -(num(sink.eval(&vals).map_err(other)?) - lse[r]).exp() * dd[r];
+                    let ds = -(num(sink.eval(&vals).map_err(other)?) - stats[r] as f64).exp() * dd[r] as f64;
                     for (tensor, idx, adj) in &prepared {
                         let g = grads.get_mut(tensor).ok_or_else(|| other(format!("`{tensor}` is not a float input")))?;
                         add_at(g, tensor, idx, &vals, num(adj.eval(&vals).map_err(other)?) * ds)?;

@@ -55,3 +55,9 @@ pub fn random_inputs(kernel: &Kernel, dims: &Bindings, ranges: &BTreeMap<String,
     }
     Ok(out)
 }
+
+/// A seeded standard-normal cotangent of `n` elements (f32), for timing a backward pass.
+pub fn random_cotangent(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x636f_7461_6e67_656e);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}

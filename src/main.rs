@@ -439,6 +439,12 @@ enum Cmd {
         untuned: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Time the forward and the compiled backward together (CPU; what a training step
+        /// runs: the forward with its saved statistics, then the backward kernels, for a
+        /// seeded random cotangent), with the peak memory beyond inputs, output, cotangent
+        /// and gradients. Useful work counts the backward as 2.5× the forward (FA2's count).
+        #[arg(long)]
+        backward: bool,
         #[command(flatten)]
         opt: OptArgs,
     },
@@ -897,8 +903,12 @@ fn run(cli: Cli) -> Result<()> {
             untuned,
             seed,
             precision,
+            backward,
             opt,
         } => {
+            if backward && backend != Backend::Cpu {
+                return Err(anyhow!("--backward runs the compiled backward, on the CPU backend only"));
+            }
             if precision != Precision::Exact && backend != Backend::Ptx {
                 return Err(anyhow!("--precision is an option of the PTX backend"));
             }
@@ -988,6 +998,33 @@ fn run(cli: Cli) -> Result<()> {
             let dims_text = given.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
             let mut times = Vec::new();
             let (compile_ms, peak_extra, label) = match backend {
+                Backend::Cpu if backward => {
+                    let k = &spec_c.kernel;
+                    ir::backward::backward_kernels(k).map_err(|e| anyhow!("{}: {e}", k.name))?;
+                    let st = attnc_codegen::host::Storage::from_f64(k, &inputs);
+                    drop(inputs);
+                    let shape = b.shape(k.output());
+                    let dout = attnc::inputs::random_cotangent(shape.iter().product(), seed);
+                    let (mut peak_extra, mut compile_ms) = (0usize, 0.0);
+                    for n in 0..=runs {
+                        let base = IN_USE.load(std::sync::atomic::Ordering::Relaxed);
+                        PEAK.store(base, std::sync::atomic::Ordering::Relaxed);
+                        let t = Instant::now();
+                        let g = attnc::grad::compiled_f32(k, &b, &st.view(), &dout, &opts).map_err(|e| anyhow!("{}: {e}", k.name))?;
+                        let dt = t.elapsed().as_secs_f64();
+                        let grad_bytes: usize = g.values().map(|x| x.data.len() * 4).sum();
+                        let peak = PEAK.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(base).saturating_sub(grad_bytes);
+                        peak_extra = peak_extra.max(peak);
+                        drop(g);
+                        match n {
+                            0 => compile_ms = dt * 1e3,
+                            _ => times.push(dt),
+                        }
+                    }
+                    let label =
+                        format!("cpu, forward + compiled backward, {}; {}", attnc_codegen::BackendOptions::describe(&opts), CpuBackend::default().device());
+                    (compile_ms, peak_extra, label)
+                }
                 Backend::Cpu => {
                     let t0 = Instant::now();
                     let kern = CpuBackend::default().compile(&c.kernel, &c.info, &opts)?.checking(&spec_c.kernel);
@@ -1056,18 +1093,26 @@ fn run(cli: Cli) -> Result<()> {
             let med = times[times.len() / 2];
             outln!("{}  {dims_text}  [{label}]", c.kernel.name);
             outln!("  options  {from}");
-            outln!("  compile  {compile_ms:.1} ms");
+            if backward {
+                outln!("  compile  {compile_ms:.1} ms (the forward and backward kernels, with the first run)");
+            } else {
+                outln!("  compile  {compile_ms:.1} ms");
+            }
             outln!("  time     median {:.3} ms (min {:.3}, max {:.3}; {} runs)", med * 1e3, times[0] * 1e3, times[times.len() - 1] * 1e3, times.len());
+            // The backward's useful work: FA2's count, 2.5 forwards (5 matmuls to 2).
+            let flops = if backward { work.flops * 3.5 } else { work.flops };
             outln!(
-                "  useful   {:.3} GFLOP ({:.1}% of pairs live) -> {:.1} GFLOP/s",
-                work.flops / 1e9,
+                "  useful   {:.3} GFLOP{} ({:.1}% of pairs live) -> {:.1} GFLOP/s",
+                flops / 1e9,
+                if backward { ", forward + backward" } else { "" },
                 100.0 * work.pairs as f64 / work.total_pairs.max(1) as f64,
-                work.flops / med / 1e9
+                flops / med / 1e9
             );
             if matches!(backend, Backend::Wgsl | Backend::Ptx) {
                 outln!("  memory   on the device: inputs, derived tensors and the output, nothing more");
             } else {
-                outln!("  memory   peak {:.2} MiB beyond inputs and outputs", peak_extra as f64 / (1024.0 * 1024.0));
+                let beyond = if backward { "inputs, output, cotangent and gradients" } else { "inputs and outputs" };
+                outln!("  memory   peak {:.2} MiB beyond {beyond}", peak_extra as f64 / (1024.0 * 1024.0));
             }
         }
         Cmd::Tune { spec, dims, backend, top_k, samples, threads, report, seed, opt } => {

@@ -177,7 +177,9 @@ class Kernel:
 
     def grad(self, cotangent=None, dims=None, backend="auto", **arrays):
         """Gradients of ``sum(cotangent * output)`` with respect to every float input, derived
-        from the spec, as ``{name: float64 array}`` (torch in, torch out). ``cotangent`` has
+        from the spec, as ``{name: array}`` (torch in, torch out): float32 from the compiled
+        backward (f32 arithmetic, reading the input arrays in place), float64 from the
+        reference. ``cotangent`` has
         the output's shape (default: ones, the gradient of the output's sum). Integer inputs
         have no gradient; a row with no live key has gradient zero; NaN propagates.
         ``backend``: ``"cpu"`` runs the compiled backward kernels (f32; one softmax or
@@ -189,16 +191,18 @@ class Kernel:
         a, torch_in = self._arrays(arrays)
         shape = tuple(self._k.output_shape({n: list(x.shape) for n, x in a.items()}, dims))
         if cotangent is None:
-            dout = np.ones(shape, np.float64)
+            dout = np.ones(shape, np.float32)
         else:
             if _is_torch(cotangent):
                 import torch
 
-                cotangent = cotangent.detach().cpu().to(torch.float64).numpy()
-            dout = np.ascontiguousarray(np.asarray(cotangent, dtype=np.float64))
+                c = cotangent.detach().cpu()
+                cotangent = (c if c.dtype in (torch.float32, torch.float64) else c.to(torch.float32)).numpy()
+            c = np.asarray(cotangent)
+            dout = np.ascontiguousarray(c if c.dtype in (np.float32, np.float64) else c.astype(np.float64))
             if dout.shape != shape:
                 raise ValueError(f"the cotangent of `{self.output_name}` has shape {dout.shape}; the output has shape {shape}")
-        grads = {n: np.frombuffer(b, dtype=np.float64).reshape(s).copy() for n, s, b in self._k.grad(a, dout, dims, backend)}
+        grads = {n: np.frombuffer(b, dtype=d).reshape(s).copy() for n, s, b, d in self._k.grad(a, dout, dims, backend)}
         if torch_in:
             import torch
 

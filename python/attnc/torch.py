@@ -8,8 +8,9 @@
     o = torch.compile(lambda q, k, v, s: alibi(q=q, k=k, v=v, slope=s))(q, k, v, s)
 
 ``loss.backward()`` works through the op: the backward is derived from the spec
-(:meth:`attnc.Kernel.grad`, the reference backward in f64: exact, slow, for small shapes and
-for checking; compiled backward kernels are not written yet). Integer inputs get no gradient.
+(:meth:`attnc.Kernel.grad`: the compiled backward kernels where they cover the spec and the
+kernel runs on the CPU, else the reference backward in f64, exact and slow). Integer inputs
+get no gradient.
 """
 
 import torch

@@ -138,7 +138,9 @@ type Choice = (Opts, Vec<String>, String);
 
 /// A random input: name, dtype, shape and little-endian bytes.
 type RawTensor = (String, String, Vec<usize>, Vec<u8>);
-type RawGrad = (String, Vec<usize>, Vec<u8>);
+/// A gradient: name, shape, little-endian bytes and their dtype (`float32` from the compiled
+/// backward, `float64` from the reference).
+type RawGrad = (String, Vec<usize>, Vec<u8>, &'static str);
 
 /// Buffers of the declared inputs (float32 or int32, C-contiguous) with their shapes.
 struct Buffers {
@@ -387,8 +389,9 @@ impl Kernel {
     }
 
     /// Gradients of `Σ cotangent · output` with respect to every float input, derived from
-    /// the spec: `[(name, shape, bytes)]` of little-endian float64 data. `cotangent` is a
-    /// C-contiguous float64 buffer of the output's shape. `backend`: `cpu` (the compiled
+    /// the spec: `[(name, shape, bytes, dtype)]`, little-endian float32 from the compiled
+    /// backward (which reads the input buffers in place), float64 from the reference.
+    /// `cotangent` is a C-contiguous float32 or float64 buffer of the output's shape. `backend`: `cpu` (the compiled
     /// backward kernels, f32), `reference` (the f64 reference backward, every spec), `auto`
     /// (cpu where the compiled backward covers the spec and the kernel runs on the CPU).
     #[pyo3(signature = (arrays, cotangent, dims=None, backend="auto"))]
@@ -414,22 +417,39 @@ impl Kernel {
         let mut parts = attnc::memory_parts(&self.spec, &bound, true);
         parts.push(("for the gradients", parts[0].1 * 2 / 3));
         attnc_codegen::host::check_memory(&parts).map_err(run_error)?;
-        let data = self.tensors(&b, &|_| true);
         let o = self.spec.kernel.output();
         let want = bound.shape(o);
-        let cb = PyBuffer::<f64>::get(cotangent).map_err(|_| PyValueError::new_err("the cotangent must be a C-contiguous float64 buffer"))?;
-        if cb.shape() != want.as_slice() {
-            return Err(PyValueError::new_err(format!("the cotangent of `{}` has shape {:?}; the output has shape {want:?}", o.name, cb.shape())));
-        }
-        let dout = Tensor::new(want, cb.to_vec(py)?);
-        let spec = &self.spec;
-        let g = if compiled {
-            let options = CpuOptions { threads: self.threads, ..CpuOptions::default() };
-            py.detach(|| attnc::grad::compiled(&spec.kernel, &bound, &data, &dout, &options)).map_err(|e| PyValueError::new_err(e.to_string()))?
-        } else {
-            py.detach(|| ir::grad::grad(&spec.kernel, &bound, &data, &dout)).map_err(|e| PyValueError::new_err(e.to_string()))?
+        let bad = || PyValueError::new_err("the cotangent must be a C-contiguous float32 or float64 buffer");
+        let (shape, d64): (Vec<usize>, Vec<f64>) = match PyBuffer::<f32>::get(cotangent) {
+            Ok(cb) if cb.is_c_contiguous() => (cb.shape().to_vec(), cb.to_vec(py)?.into_iter().map(f64::from).collect()),
+            Ok(_) => return Err(bad()),
+            Err(_) => {
+                let cb = PyBuffer::<f64>::get(cotangent).map_err(|_| bad())?;
+                if !cb.is_c_contiguous() {
+                    return Err(bad());
+                }
+                (cb.shape().to_vec(), cb.to_vec(py)?)
+            }
         };
-        Ok(g.into_iter().map(|(n, t)| (n, t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect())).collect())
+        if shape != want {
+            return Err(PyValueError::new_err(format!("the cotangent of `{}` has shape {shape:?}; the output has shape {want:?}", o.name)));
+        }
+        let spec = &self.spec;
+        if compiled {
+            // The caller's buffers in place, f32 throughout.
+            let inputs = Inputs {
+                shapes: b.bufs.iter().map(|(n, _, s)| (n.clone(), s.clone())).collect(),
+                bufs: b.bufs.iter().map(|(n, buf, _)| (n.clone(), buf.bits())).collect(),
+            };
+            let d32: Vec<f32> = d64.iter().map(|x| *x as f32).collect();
+            let options = CpuOptions { threads: self.threads, ..CpuOptions::default() };
+            let g = py.detach(|| attnc::grad::compiled_f32(&spec.kernel, &bound, &inputs, &d32, &options)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+            return Ok(g.into_iter().map(|(n, t)| (n, t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), "float32")).collect());
+        }
+        let data = self.tensors(&b, &|_| true);
+        let dout = Tensor::new(want, d64);
+        let g = py.detach(|| ir::grad::grad(&spec.kernel, &bound, &data, &dout)).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        Ok(g.into_iter().map(|(n, t)| (n, t.shape, t.data.iter().flat_map(|x| x.to_le_bytes()).collect(), "float64")).collect())
     }
 
     /// Seeded random inputs at these dims (value ranges from the spec's `in lo..hi`), as

@@ -397,6 +397,7 @@ def test_compiled_grad_matches_the_reference_backward():
     cpu = kern.grad(cotangent=dout, backend="cpu", **ins)
     ref = kern.grad(cotangent=dout, backend="reference", **ins)
     assert sorted(cpu) == sorted(ref) == ["k", "q", "slope", "v"]
+    assert all(g.dtype == np.float32 for g in cpu.values()) and all(g.dtype == np.float64 for g in ref.values())
     for n in ref:
         scale = max(1.0, np.abs(ref[n]).max())
         np.testing.assert_allclose(cpu[n], ref[n], rtol=0, atol=1e-4 * scale, err_msg=n)
