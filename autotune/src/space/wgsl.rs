@@ -94,7 +94,7 @@ fn tiled_shapes(max_invocations: u32) -> Vec<WgslOptions> {
         for bk in TILE_K {
             for lanes in ROW_LANES {
                 let wg = bq as u32 * lanes;
-                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true, panels: 1, map_dot: false }.task_bytes(0, 0);
+                let bytes = TileWorkspace { block_q: bq, block_k: bk, staged: true, panels: 1, map_dot: false, key_stat: false }.task_bytes(0, 0);
                 if wg < 32 || wg > max_invocations || !(bk as u32).is_multiple_of(lanes) || bytes > WORKGROUP_BYTES as u128 {
                     continue;
                 }
@@ -323,7 +323,8 @@ mod tests {
             block_k: o.schedule.block_k,
             staged: true,
             panels: 1,
-            map_dot: false
+            map_dot: false,
+            key_stat: false
         }
         .task_bytes(0, 0)
             <= WORKGROUP_BYTES as u128));

@@ -81,6 +81,8 @@ pub(crate) enum FuncKind {
     QkMax,
     /// The microkernel's second-pass softmax weights (imported, never generated).
     Weights,
+    /// The microkernel's weights of a per-key statistic (imported, never generated).
+    ExpCols,
 }
 
 impl FuncKind {
@@ -95,6 +97,7 @@ impl FuncKind {
             FuncKind::Softmax => "softmax_step".into(),
             FuncKind::QkMax => "qk_max".into(),
             FuncKind::Weights => "softmax_weights".into(),
+            FuncKind::ExpCols => "exp_cols".into(),
         }
     }
 
@@ -110,6 +113,7 @@ impl FuncKind {
             FuncKind::Softmax => microkernel::SoftmaxFn::pointers(),
             FuncKind::QkMax => microkernel::QkMaxFn::pointers(),
             FuncKind::Weights => microkernel::WeightsFn::pointers(),
+            FuncKind::ExpCols => microkernel::ExpColsFn::pointers(),
         }
     }
 }
@@ -145,6 +149,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
                 step: module.declare_func_in_func(m.step, b.func),
                 qk_max: module.declare_func_in_func(m.qk_max, b.func),
                 weights: module.declare_func_in_func(m.weights, b.func),
+                exp_cols: module.declare_func_in_func(m.exp_cols, b.func),
             }),
         )
     });
@@ -159,7 +164,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         FuncKind::Tile => g.tile(tiled(), [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], mm.expect("matmuls declared")),
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
-        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights => unreachable!("the softmax helpers are imported, not generated"),
+        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols => unreachable!("the softmax helpers are imported, not generated"),
     }
     g.finish(module.target_config());
 }
@@ -207,6 +212,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
     jb.symbol("attnc_mk_softmax", microkernel::softmax_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_qk_max", microkernel::qk_max_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_weights", microkernel::weights_kernel(mk) as *const u8);
+    jb.symbol("attnc_mk_exp_cols", microkernel::exp_cols_kernel(mk) as *const u8);
     let mut module = JITModule::new(jb);
     let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
     let mut libs = BTreeMap::new();
@@ -231,7 +237,8 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
                 let s = import("attnc_mk_softmax", FuncKind::Softmax)?;
                 let m = import("attnc_mk_qk_max", FuncKind::QkMax)?;
                 let w = import("attnc_mk_weights", FuncKind::Weights)?;
-                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w }))
+                let x = import("attnc_mk_exp_cols", FuncKind::ExpCols)?;
+                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x }))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
@@ -302,7 +309,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
                 FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                 FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                 FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights => {}
+                FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols => {}
             }
         }
     }

@@ -145,6 +145,33 @@ pub unsafe extern "C" fn weights_portable(s: *mut f32, ld: i64, rows: i64, n: i6
 
 pub type WeightsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32, *const f32);
 
+/// The weights `exp(s − t)` of a statistic `t` per key (the backward kernels' `P = exp(s −
+/// lse)` over the keys): `s[r][c] = 2^(s[r][c] − t[c])` in place for `c < n`, all in base 2
+/// (`t[c] = −inf`, a query row with no live key, subtracts 0: its pairs are masked).
+/// # Safety
+/// `s` holds `rows` rows of `ld` floats (at least `n` used); `t` holds `n` floats.
+pub unsafe extern "C" fn exp_cols_portable(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
+    let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+    let t = std::slice::from_raw_parts(t, n);
+    for r in 0..rows {
+        for (x, &tc) in std::slice::from_raw_parts_mut(s.add(r * ld), n).iter_mut().zip(t) {
+            *x = exp2_nonpos(*x - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
+        }
+    }
+}
+
+pub type ExpColsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32);
+
+/// The per-key weights (AVX2+FMA when the host has it).
+pub fn exp_cols_kernel(isa: Isa) -> ExpColsFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma(isa) {
+        return x86::exp_cols_avx2;
+    }
+    let _ = isa;
+    exp_cols_portable
+}
+
 /// The second-pass weights (AVX2+FMA when the host has it).
 pub fn weights_kernel(isa: Isa) -> WeightsFn {
     #[cfg(target_arch = "x86_64")]
@@ -462,6 +489,30 @@ mod x86 {
             }
             for c in n8..n {
                 *row.add(c) = exp2_nonpos(*row.add(c) - mu) * k;
+            }
+        }
+    }
+
+    /// AVX2+FMA: [`super::exp_cols_portable`] 8 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::exp_cols_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn exp_cols_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let n8 = n - n % 8;
+        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let mut c = 0;
+            while c < n8 {
+                let tc = _mm256_loadu_ps(t.add(c));
+                let tc = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(tc, ninf), tc);
+                _mm256_storeu_ps(row.add(c), exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), tc)));
+                c += 8;
+            }
+            for c in n8..n {
+                let tc = *t.add(c);
+                *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
             }
         }
     }
@@ -909,6 +960,38 @@ mod tests {
                 let mu = if m[r] == f32::NEG_INFINITY { 0.0 } else { m[r] as f64 };
                 for c in 0..n {
                     let want = ((before[r * ld + c] as f64 - mu).exp2().max(2f64.powi(-126))) * scale[r] as f64;
+                    let got = s[r * ld + c] as f64;
+                    assert!((got - want).abs() <= 1e-6 * want, "{isa:?} ({r},{c}): {got} vs {want}");
+                }
+                assert_eq!(s[r * ld + n], before[r * ld + n], "{isa:?} row {r}: past n untouched");
+            }
+        }
+    }
+
+    /// The per-key weights against f64: a dead column (t = −inf), a large statistic, a
+    /// column tail, a score slightly above its statistic.
+    #[test]
+    fn per_key_weights_match_f64() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let (rows, n, ld) = (3usize, 19usize, 20usize);
+            let before: Vec<f32> = (0..rows * ld).map(|x| -((x * 13 % 17) as f32) / 2.0 + 0.25).collect();
+            let t: Vec<f32> = (0..n)
+                .map(|c| {
+                    if c == 3 {
+                        f32::NEG_INFINITY
+                    } else if c == 7 {
+                        3000.0
+                    } else {
+                        c as f32 / 4.0
+                    }
+                })
+                .collect();
+            let mut s = before.clone();
+            unsafe { exp_cols_kernel(isa)(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, t.as_ptr()) };
+            for r in 0..rows {
+                for c in 0..n {
+                    let tc = if t[c] == f32::NEG_INFINITY { 0.0 } else { t[c] as f64 };
+                    let want = (before[r * ld + c] as f64 - tc).exp2().max(2f64.powi(-126));
                     let got = s[r * ld + c] as f64;
                     assert!((got - want).abs() <= 1e-6 * want, "{isa:?} ({r},{c}): {got} vs {want}");
                 }

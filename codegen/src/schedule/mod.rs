@@ -129,6 +129,7 @@ pub fn plan(k: &Kernel, _info: &KernelInfo, o: &ScheduleOptions, limits: &Limits
                     staged: limits.staged_tiles,
                     panels: plan.panels.len().max(1),
                     map_dot: plan.branches.iter().any(|b| b.map_dot.is_some()),
+                    key_stat: plan.branches.iter().any(|b| b.exp_stat.as_ref().is_some_and(|e| e.per_key)),
                 },
                 plan,
                 block_q: o.block_q,

@@ -38,6 +38,61 @@ pub struct BranchPlan {
     /// A normalization map that reads a second separable dot (the backward kernels' `dP =
     /// dO·Vᵀ`): run as a second matmul per tile.
     pub map_dot: Option<MapDot>,
+    /// A normalization map that reads its plain dot score only through `exp(s − t)`, `t` a
+    /// statistic of the row or of the key (the backward kernels' `P = exp(s − lse)`).
+    pub exp_stat: Option<ExpStat>,
+}
+
+/// `exp(s − t)` in a normalization map over plain dot scores, `t` per row (free of `j`) or
+/// per key (free of `i`): a target may fold `log2 e` into the packed queries and compute
+/// the tile's `2^(s − t·log2 e)` in place in one routine (as a softmax's weights), then
+/// evaluate [`ExpStat::rest`], the map (or its [`MapDot::rest`]) with `exp(s − t)`
+/// replaced by `s`. A target that ignores it evaluates the map as written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpStat {
+    pub stat: Expr,
+    /// `t` reads the key (`j`), not the row.
+    pub per_key: bool,
+    pub rest: Expr,
+}
+
+impl ExpStat {
+    /// The `exp(s − t)` of map `f` (which reads `s` nowhere else), over the score variable
+    /// `s`; `t` free of `s`, of reductions and of one of `i` and `j`.
+    pub fn find(f: &Expr) -> Option<ExpStat> {
+        use attnc_ir::{BinOp, UnOp};
+        let mut found: Option<Expr> = None;
+        f.walk(&mut |x| {
+            if let Expr::Unary(UnOp::Exp, a) = x {
+                if let Expr::Binary(BinOp::Sub, l, t) = &**a {
+                    if **l == Expr::var("s") && found.is_none() {
+                        found = Some((**t).clone());
+                    }
+                }
+            }
+        });
+        let stat = found?;
+        let vars = stat.free_vars();
+        let mut reduces = false;
+        stat.walk(&mut |x| reduces |= matches!(x, Expr::Reduce { .. }));
+        if vars.contains("s") || reduces || (vars.contains("i") && vars.contains("j")) {
+            return None;
+        }
+        let p = Expr::un(attnc_ir::UnOp::Exp, Expr::bin(attnc_ir::BinOp::Sub, Expr::var("s"), stat.clone()));
+        let marker = "__exp_stat";
+        fn replace(e: &Expr, what: &Expr, with: &Expr) -> Expr {
+            if e == what {
+                with.clone()
+            } else {
+                e.map_children(&mut |c| replace(c, what, with))
+            }
+        }
+        let rest = replace(f, &p, &Expr::var(marker));
+        if rest.free_vars().contains("s") {
+            return None;
+        }
+        Some(ExpStat { per_key: vars.contains("j"), stat, rest: rest.subst(marker, &Expr::var("s")) })
+    }
 }
 
 /// The second dot of a normalization map: its query features against its own key panel,
@@ -164,7 +219,14 @@ impl TiledPlan {
                     }
                     _ => None,
                 };
-                BranchPlan { dot, panel, fold, rest, softmax, map_dot }
+                // exp(s − t) of a map over plain dot scores (the folded dot, no bias, no decay).
+                let exp_stat = match &br.norm {
+                    Norm::Map(f) if fold.is_some() && rest == Expr::var(DOT) && br.bias.is_none() && br.decay.is_none() => {
+                        ExpStat::find(map_dot.as_ref().map_or(f, |m| &m.rest))
+                    }
+                    _ => None,
+                };
+                BranchPlan { dot, panel, fold, rest, softmax, map_dot, exp_stat }
             })
             .collect();
         Some(TiledPlan { branches, panels })
@@ -257,6 +319,27 @@ mod tests {
         assert!(p.branches.iter().all(|b| b.fold.is_some() && b.log2e_folded()));
         // Dots of different lengths: no common query tile.
         assert!(TiledPlan::new(&two("k", "q", "4")).is_none());
+    }
+
+    #[test]
+    fn a_maps_exp_of_a_row_or_key_statistic_is_found() {
+        let map = |f: &str| TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (map {f})))"))).expect("tiled").branches.remove(0);
+        // The backward's P over the keys: a statistic of the key, the map reads P only.
+        let dv = map("(exp (- s (load s j)))");
+        let es = dv.exp_stat.expect("found");
+        assert!(es.per_key);
+        assert_eq!(es.rest, Expr::var("s"));
+        // dS over the rows: P times a row term.
+        let dq = map("(* (exp (- s (load s i))) (- 2.0 (load s i)))").exp_stat.expect("found");
+        assert!(!dq.per_key);
+        assert_eq!(dq.rest, Expr::bin(attnc_ir::BinOp::Mul, Expr::var("s"), Expr::bin(attnc_ir::BinOp::Sub, Expr::float(2.0), Expr::Load("s".into(), vec![Expr::var("i")]))));
+        // The map reads s elsewhere, the statistic reads both i and j, or no exp of s − t.
+        for f in ["(* (exp (- s (load s i))) s)", "(exp (- s (load s (+ i j))))", "(sigmoid s)", "(exp (- 1.0 s))"] {
+            assert!(map(f).exp_stat.is_none(), "{f}");
+        }
+        // A bias: the tile's scores are not the whole score.
+        let biased = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (bias (load s h)) (norm (map (exp (- s (load s i))))))"))).expect("tiled");
+        assert!(biased.branches[0].exp_stat.is_none());
     }
 
     #[test]

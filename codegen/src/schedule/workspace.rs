@@ -47,6 +47,9 @@ pub enum Rows {
     /// The query rows of a tile when some branch's normalization map has its own dot
     /// ([`crate::schedule::tiled::MapDot`]), else none.
     MapTile,
+    /// One row when some branch's normalization map takes `exp(s − t)` of a per-key
+    /// statistic `t` ([`crate::schedule::tiled::ExpStat`]), else none.
+    KeyStat,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,7 +65,7 @@ const fn region(name: &'static str, what: &'static str, rows: Rows, cols: Cols) 
 }
 
 /// The regions of a task's workspace, in order (each starts where the previous ends).
-pub const TASK: [Region; 12] = [
+pub const TASK: [Region; 13] = [
     region("A", "packed query features", Rows::QueryTile, Cols::Channels),
     region("S", "scores, then weights", Rows::QueryTile, Cols::Keys),
     region("O", "the branch's accumulator", Rows::QueryTile, Cols::Values),
@@ -75,6 +78,7 @@ pub const TASK: [Region; 12] = [
     region("tmax", "row maxima of a tile's scores, from the matmul", Rows::QueryTile, Cols::One),
     region("A2", "packed query features of a normalization map's dot", Rows::MapTile, Cols::Channels),
     region("S2", "a normalization map's dot, per pair", Rows::MapTile, Cols::Keys),
+    region("kstat", "a per-key statistic of the key tile (base 2), for a map's exp(s − t)", Rows::KeyStat, Cols::Keys),
 ];
 
 /// Indices into [`TASK`].
@@ -91,6 +95,7 @@ pub mod task {
     pub const TMAX: usize = 9;
     pub const A2: usize = 10;
     pub const S2: usize = 11;
+    pub const KSTAT: usize = 12;
 }
 
 /// The regions of a GPU workgroup's shared memory when the tile kernel stages its operands.
@@ -133,6 +138,9 @@ pub struct TileWorkspace {
     pub panels: usize,
     /// Some branch's normalization map has its own dot (the `A2` and `S2` regions).
     pub map_dot: bool,
+    /// Some branch's normalization map takes `exp(s − t)` of a per-key statistic (the
+    /// `kstat` region).
+    pub key_stat: bool,
 }
 
 impl TileWorkspace {
@@ -149,6 +157,7 @@ impl TileWorkspace {
                     0
                 }
             }
+            Rows::KeyStat => self.key_stat as u128,
         }
     }
 
@@ -219,19 +228,21 @@ mod tests {
 
     #[test]
     fn sizes_add_up_region_by_region() {
-        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1, map_dot: false };
+        let w = TileWorkspace { block_q: 64, block_k: 32, staged: false, panels: 1, map_dot: false, key_stat: false };
         // A 64×16, S 64×32, O and OUT 64×8, six vectors of 64.
         assert_eq!(w.task_floats(16, 8), 64 * 16 + 64 * 32 + 2 * 64 * 8 + 6 * 64);
         assert_eq!(w.task_bytes(0, 8), 4 * (64 * 32 + 2 * 64 * 8 + 6 * 64), "no dot: no A");
         // A normalization map's dot: A2 and S2 as A and S.
         assert_eq!(TileWorkspace { map_dot: true, ..w }.task_floats(16, 8), 2 * (64 * 16 + 64 * 32) + 2 * 64 * 8 + 6 * 64);
+        // A per-key statistic: one row of keys.
+        assert_eq!(TileWorkspace { key_stat: true, ..w }.task_floats(16, 8), w.task_floats(16, 8) + 32);
         // 70 keys pad to 96.
         assert_eq!(w.pack_floats(70, 16, 8), (96 * 16, 96 * 8));
         assert_eq!(TileWorkspace { panels: 2, ..w }.pack_floats(70, 16, 8), (2 * 96 * 16, 96 * 8), "a panel per key factor");
         assert_eq!(TASK[task::TMAX].name, "tmax");
         assert_eq!(TASK[task::S].cols, Cols::Keys);
         // Staged: A 16×16, K and V 32×16, S, P, W and live 16×32, whatever the dims.
-        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true, panels: 1, map_dot: false };
+        let g = TileWorkspace { block_q: 16, block_k: 32, staged: true, panels: 1, map_dot: false, key_stat: false };
         assert_eq!(g.task_floats(128, 256), 16 * 16 + 2 * 32 * 16 + 4 * 16 * 32);
         assert_eq!(g.task_floats(1, 1), g.task_floats(4096, 4096));
         assert_eq!(g.task_region(staged::S, 0, 0), (16 * 16 + 2 * 32 * 16, 16 * 32));

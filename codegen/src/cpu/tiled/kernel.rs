@@ -8,7 +8,7 @@ use attnc_ir::{Expr, Norm};
 use cranelift::codegen::ir::FuncRef;
 use cranelift::prelude::*;
 
-use crate::schedule::tiled::{Dot, MapDot, SoftmaxPass, DOT, DOT2};
+use crate::schedule::tiled::{Dot, ExpStat, MapDot, SoftmaxPass, DOT, DOT2};
 use crate::schedule::workspace::{Cols, TileWorkspace, TASK};
 use crate::schedule::TiledSchedule;
 use attnc_ir::Branch;
@@ -42,6 +42,7 @@ struct TileFrame {
     tmax_ws: Value,
     a2_ws: Value,
     s2_ws: Value,
+    kstat_ws: Value,
     zero: Value,
     zf: Value,
     one_f: Value,
@@ -74,6 +75,10 @@ struct PassFrame<'a> {
     kept: Option<Kept>,
     /// The normalization map's own dot (into `S2`).
     map_dot: Option<&'a MapDot>,
+    /// The map's `exp(s − t)`, and whether the microkernel computes it on the tile (else
+    /// the rows do, from the base-2 scores).
+    exp_stat: Option<&'a ExpStat>,
+    exp_in_tile: bool,
 }
 
 /// The kept first-pass weights of a two-pass softmax (`BoundTiled::keep_weights`), after the
@@ -151,8 +156,9 @@ impl Gen<'_, '_> {
         // The task workspace (`schedule::workspace::TASK`): A, S, O, OUT, then the row state.
         let (regions, bq_dv, end) = self.workspace(ws, &ts.workspace, dlen, ev);
         use crate::schedule::workspace::task;
-        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws, a2_ws, s2_ws] =
-            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX, task::A2, task::S2].map(|r| regions[r]);
+        let [a_ws, s_ws, o_ws, out_ws, m_ws, l_ws, corr_ws, live_ws, blive_ws, tmax_ws, a2_ws, s2_ws, kstat_ws] =
+            [task::A, task::S, task::O, task::OUT, task::M, task::L, task::CORR, task::LIVE, task::BLIVE, task::TMAX, task::A2, task::S2, task::KSTAT]
+                .map(|r| regions[r]);
         let zero = self.iconst(0);
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
@@ -183,6 +189,7 @@ impl Gen<'_, '_> {
             tmax_ws,
             a2_ws,
             s2_ws,
+            kstat_ws,
             zero,
             zf,
             one_f,
@@ -223,14 +230,20 @@ impl Gen<'_, '_> {
             // The branch's queries A (its dot's query factor, its row factor folded; zero
             // rows past the end), and its state.
             let padded = |d: &Dot| plan.channels_all().as_ref() != Some(&d.len);
+            // A map's `exp(s − t)` runs in base 2 as a softmax does.
+            let exp_stat = bp.exp_stat.as_ref();
+            let folds_log2e = bp.log2e_folded() || exp_stat.is_some();
             if let Some(dot) = &bp.dot {
-                self.pack_queries(dot, bp.fold.as_ref(), bp.log2e_folded(), f.a_ws, padded(dot), &f);
+                self.pack_queries(dot, bp.fold.as_ref(), folds_log2e, f.a_ws, padded(dot), &f);
             }
             // A normalization map's dot: its query features into A2.
             if let Some(md) = &bp.map_dot {
                 self.pack_queries(&md.dot, None, false, f.a2_ws, padded(&md.dot), &f);
             }
             self.branch_state(&f, &sink);
+            if let Some(es) = exp_stat.filter(|e| !e.per_key) {
+                self.row_stats(&f, &es.stat);
+            }
             let one_pass = [SoftmaxPass { accumulate: true, fused_step: false, final_weights: false }];
             let passes: &[SoftmaxPass] = bp.softmax.as_ref().map_or(&one_pass, |s| &s.passes);
             for &pass in passes {
@@ -262,9 +275,11 @@ impl Gen<'_, '_> {
                     softmax_mk,
                     iota,
                     panel: bp.panel,
-                    folds_log2e: bp.log2e_folded(),
+                    folds_log2e,
                     kept: kept.filter(|_| plain_scores && passes.len() == 2),
                     map_dot: bp.map_dot.as_ref(),
+                    exp_stat,
+                    exp_in_tile: softmax_mk.is_some(),
                 };
                 self.key_tiles(&f, &p);
             }
@@ -366,12 +381,49 @@ impl Gen<'_, '_> {
         });
     }
 
+    /// A map's per-row statistic `t` in base 2 into `m` and 1 into `corr`: the second-pass
+    /// weights routine then computes `2^(s − t·log2 e)` (rows past the end read the last).
+    fn row_stats(&mut self, f: &TileFrame, stat: &Expr) {
+        let TileFrame { i0, ni, bqv, m_ws, corr_ws, zero, one_f, .. } = *f;
+        self.for_range(zero, bqv, &mut |g, r| {
+            let i = g.b.ins().iadd(i0, r);
+            let il = g.b.ins().iadd_imm_s(ni, -1);
+            let i = g.b.ins().smin(i, il);
+            g.bind("i", i);
+            let t = g.expr(stat);
+            g.unbind(1);
+            let l2e = g.fconst(std::f32::consts::LOG2_E);
+            let t = g.b.ins().fmul(t, l2e);
+            g.store_f32(m_ws, r, t);
+            g.store_f32(corr_ws, r, one_f);
+        });
+    }
+
+    /// A map's per-key statistic `t` of key tile `j0` in base 2 into `kstat` (keys past the
+    /// end read the last).
+    fn key_stats(&mut self, f: &TileFrame, stat: &Expr, j0: Value) {
+        let TileFrame { mj, bkv, kstat_ws, zero, .. } = *f;
+        self.for_range(zero, bkv, &mut |g, c| {
+            let j = g.b.ins().iadd(j0, c);
+            let jl = g.b.ins().iadd_imm_s(mj, -1);
+            let j = g.b.ins().smin(j, jl);
+            g.bind("j", j);
+            let t = g.expr(stat);
+            g.unbind(1);
+            let l2e = g.fconst(std::f32::consts::LOG2_E);
+            let t = g.b.ins().fmul(t, l2e);
+            g.store_f32(kstat_ws, c, t);
+        });
+    }
+
     /// One pass over the live key tiles: the scores' matmul, the rows, the softmax step and `P·V`.
     fn key_tiles(&mut self, f: &TileFrame, p: &PassFrame) {
         let TileFrame {
             kt, vb, classes, mj, ev, dlen, nq, bqv, bkv, ntiles, a_ws, s_ws, o_ws, m_ws, l_ws, corr_ws, blive_ws, tmax_ws, zero, one_f, bk, ..
         } = *f;
-        let PassFrame { bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, map_dot, .. } = *p;
+        let PassFrame {
+            bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, map_dot, exp_stat, ..
+        } = *p;
         let (a2_ws, s2_ws) = (f.a2_ws, f.s2_ws);
         if weights.is_some() {
             self.for_range(zero, bqv, &mut |g, r| {
@@ -462,6 +514,15 @@ impl Gen<'_, '_> {
                     let ktp = g.ptr_off(kt, off);
                     g.b.ins().call(qk, &[a2_ws, dlen, ktp, s2_ws, nq, dlen, bkv]);
                 }
+                // A map's exp(s − t): the tile's weights in place, by the microkernel.
+                if let (Some(es), Some(mk)) = (exp_stat, softmax_mk) {
+                    if es.per_key {
+                        g.key_stats(f, &es.stat, j0);
+                        g.b.ins().call(mk.exp_cols, &[s_ws, bkv, nq, bkv, f.kstat_ws]);
+                    } else {
+                        g.b.ins().call(mk.weights, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
+                    }
+                }
                 let j0v = g.b.ins().ireduce(types::I32, j0);
                 let j0v = g.b.ins().splat(types::I32X4, j0v);
                 let jbase = g.b.ins().iadd(j0v, iota);
@@ -502,7 +563,23 @@ impl Gen<'_, '_> {
         let g = self;
         let _k = g.kernel;
         let TileFrame { i0, nq, s_ws, m_ws, l_ws, corr_ws, blive_ws, zf, one_f, ninf, bk, .. } = *f;
-        let PassFrame { br, score_rest, post, softmax, linear_eps, plain_scores, accumulate, two_pass_second, helper, weights, folds_log2e, map_dot, .. } = *p;
+        let PassFrame {
+            br,
+            score_rest,
+            post,
+            softmax,
+            linear_eps,
+            plain_scores,
+            accumulate,
+            two_pass_second,
+            helper,
+            weights,
+            folds_log2e,
+            map_dot,
+            exp_stat,
+            exp_in_tile,
+            ..
+        } = *p;
         let s2_ws = f.s2_ws;
         let z = g.iconst(0);
         g.for_range(z, nq, &mut |g, r| {
@@ -513,9 +590,13 @@ impl Gen<'_, '_> {
             row_exprs.extend(br.mask.iter());
             row_exprs.extend(br.decay.iter());
             row_exprs.extend(post.iter());
-            match (&br.norm, map_dot) {
-                (_, Some(md)) => row_exprs.push(&md.rest),
-                (Norm::Map(f), None) => row_exprs.push(f),
+            match (&br.norm, map_dot, exp_stat) {
+                (_, _, Some(es)) => {
+                    row_exprs.push(&es.rest);
+                    row_exprs.push(&es.stat);
+                }
+                (_, Some(md), None) => row_exprs.push(&md.rest),
+                (Norm::Map(f), None, None) => row_exprs.push(f),
                 _ => {}
             }
             let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string(), "w".to_string()]);
@@ -624,6 +705,19 @@ impl Gen<'_, '_> {
                         };
                         sel(g, pw, zero_v)
                     } else {
+                        // A map's exp(s − t): the tile holds 2^(s − t·log2 e) when the
+                        // microkernel computed it, else it is computed here from the
+                        // base-2 score; the map reads it as `s`.
+                        let s = match exp_stat {
+                            Some(_) if exp_in_tile => s,
+                            Some(es) => {
+                                let t = g.vexpr_f(&es.stat, &vecs);
+                                let t = g.b.ins().fmul(t, l2e);
+                                let d = g.b.ins().fsub(s, t);
+                                g.vexp2_nonpos(d)
+                            }
+                            None => s,
+                        };
                         let pw = match (&br.norm, map_dot) {
                             (_, Some(md)) => {
                                 // The map's own dot, from S2.
@@ -632,14 +726,14 @@ impl Gen<'_, '_> {
                                 g.bind(DOT2, d2);
                                 g.bind("s", s);
                                 let vecs2 = vec!["j".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string()];
-                                let p = g.vexpr_f(&md.rest, &vecs2);
+                                let p = g.vexpr_f(exp_stat.map_or(&md.rest, |e| &e.rest), &vecs2);
                                 g.unbind(2);
                                 p
                             }
                             (Norm::Map(f), None) => {
                                 g.bind("s", s);
                                 let vecs2 = vec!["j".to_string(), DOT.to_string(), "s".to_string()];
-                                let p = g.vexpr_f(f, &vecs2);
+                                let p = g.vexpr_f(exp_stat.map_or(f, |e| &e.rest), &vecs2);
                                 g.unbind(1);
                                 p
                             }

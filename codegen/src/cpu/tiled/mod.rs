@@ -42,4 +42,6 @@ pub(crate) struct SoftmaxKernels<F> {
     pub step: F,
     pub qk_max: F,
     pub weights: F,
+    /// `2^(s − t[c])` of a per-key statistic ([`crate::schedule::tiled::ExpStat`]).
+    pub exp_cols: F,
 }
