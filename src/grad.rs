@@ -209,22 +209,56 @@ pub fn compiled_f32(
     use attnc_ir::backward::{backward_kernels, DD, DO, LSE};
     use attnc_ir::reference::{ExprEval, Scalar};
     let kernels = backward_kernels(k)?;
-    // Compiled once per kernel and options (a training loop calls this every step).
-    type Cache = Vec<(Kernel, attnc_codegen::cpu::CpuOptions, std::sync::Arc<attnc_codegen::cpu::CpuKernel>)>;
+    // Each kernel optimized by the passes once (the low-rank bias makes ALiBi's scores plain
+    // dot products) and compiled once per options (a training loop calls this every step).
+    type Prep = Vec<(Kernel, std::sync::Arc<crate::Prepared>)>;
+    type Cache = Vec<((Kernel, attnc_codegen::cpu::CpuOptions), std::sync::Arc<attnc_codegen::cpu::CpuKernel>)>;
+    static PREPARED: std::sync::Mutex<Prep> = std::sync::Mutex::new(Vec::new());
     static CACHE: std::sync::Mutex<Cache> = std::sync::Mutex::new(Vec::new());
+    fn remember<K: PartialEq + Clone, V: Clone>(
+        cache: &std::sync::Mutex<Vec<(K, V)>>,
+        key: &K,
+        make: impl FnOnce() -> Result<V, CompiledGradError>,
+    ) -> Result<V, CompiledGradError> {
+        if let Some((_, v)) = cache.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(k, _)| k == key) {
+            return Ok(v.clone());
+        }
+        let v = make()?;
+        let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if c.len() >= 64 {
+            c.remove(0);
+        }
+        c.push((key.clone(), v.clone()));
+        Ok(v)
+    }
     let compile = |kern: &Kernel| -> Result<std::sync::Arc<attnc_codegen::cpu::CpuKernel>, CompiledGradError> {
-        let cached = CACHE.lock().unwrap_or_else(|e| e.into_inner()).iter().find(|(c, o, _)| c == kern && o == options).map(|(_, _, x)| x.clone());
-        if let Some(x) = cached {
-            return Ok(x);
-        }
-        let info = attnc_ir::verify(kern).map_err(|e| other(format!("the backward kernel {} does not verify (a bug in attnc): {e}", kern.name)))?;
-        let made = std::sync::Arc::new(CpuBackend::default().compile(kern, &info, options).map_err(other)?);
-        let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= 64 {
-            cache.remove(0);
-        }
-        cache.push((kern.clone(), options.clone(), made.clone()));
-        Ok(made)
+        let prep = remember(&PREPARED, kern, || {
+            let info = attnc_ir::verify(kern).map_err(|e| other(format!("the backward kernel {} does not verify (a bug in attnc): {e}", kern.name)))?;
+            let c = attnc_dsl::Checked { kernel: kern.clone(), info, ranges: BTreeMap::new(), defaults: vec![] };
+            Ok(std::sync::Arc::new(crate::Prepared::new(&c, &crate::passes::PassConfig::default()).map_err(other)?))
+        })?;
+        // The low-rank bias only where these inputs round as well with it as without.
+        let small: BTreeMap<String, Tensor> = prep
+            .bias_reads
+            .iter()
+            .filter_map(|n| {
+                let (t, bits) = (kern.tensor(n)?, inputs.bufs.get(n)?);
+                let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
+                Some((n.clone(), Tensor::new(inputs.shapes[n].clone(), data)))
+            })
+            .collect();
+        let oracle = crate::passes::tiles::DataOracle::new(
+            small.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), kern.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
+            1 << 14,
+        );
+        let (chosen, _, _) = prep.pick(dims, &crate::passes::bounds::Bounded::new(oracle));
+        // The forward's statistics are laid out by the spec's branches: a rewrite that
+        // changed them runs the kernel as written.
+        let chosen = if attnc_ir::reference::same_stats_layout(&chosen.kernel, kern) { &chosen.kernel } else { kern };
+        remember(&CACHE, &(chosen.clone(), options.clone()), || {
+            let info = attnc_ir::verify(chosen).map_err(other)?;
+            Ok(std::sync::Arc::new(CpuBackend::default().compile(chosen, &info, options).map_err(other)?))
+        })
     };
     let explicit = dims.dims.clone();
     let want = dims.shape(k.output());
