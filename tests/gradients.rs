@@ -233,7 +233,28 @@ fn compiled_backward_matches_the_reference_backward() {
         ("rows", CpuOptions::with_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() })),
     ];
     let (mut failures, mut covered, mut refused, mut compared) = (Vec::new(), Vec::new(), Vec::new(), 0usize);
-    for (name, c) in examples() {
+    // Beyond the examples: a score nonlinear in its dot under a bias (which the backward
+    // kernels move into their maps), with a pointwise map and with a softmax post-map.
+    let softcapped = |norm: &str| {
+        format!(
+            "attention softcap_alibi {{
+               dims B, H, N, M, D, Dv
+               input q: f32[B, H, N, D]
+               input k: f32[B, H, M, D]
+               input v: f32[B, H, M, Dv]
+               input slope: f32[H]
+               output o: f32[B, H, N, Dv]
+               score = 5.0 * tanh(dot(q[b, h, i, :], k[b, h, j, :]) / sqrt(D) / 5.0)
+               bias = -slope[h] * (p - j)
+               mask = j <= p
+               normalize = {norm}
+               value = v[b, h, j, e]
+             }}"
+        )
+    };
+    let extra = [("softcap_alibi_sigmoid", softcapped("sigmoid")), ("softcap_alibi_clipped", softcapped("softmax(post = clamp(1.003 * w - 0.003, 0.0, 1.0))"))]
+        .map(|(n, src)| (n.to_string(), attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{n}: {}", d.message))));
+    for (name, c) in examples().into_iter().chain(extra) {
         if let Err(why) = attnc::ir::backward::backward_kernels(&c.kernel) {
             refused.push(format!("{name}: {why}"));
             continue;
@@ -265,5 +286,5 @@ fn compiled_backward_matches_the_reference_backward() {
     }
     eprintln!("covered ({}): {}\nrefused:\n{}\n{compared} gradient elements compared", covered.len(), covered.join(", "), refused.join("\n"));
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(covered.len() >= 18, "only {} examples have a compiled backward", covered.len());
+    assert!(covered.len() >= 21, "only {} specs have a compiled backward", covered.len());
 }

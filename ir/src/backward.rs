@@ -25,11 +25,15 @@
 //! A softmax post-map `p = post(w)` has `dw = dP · post'(w)`, `dS = w (dw − D)` with `D =
 //! Σ_j w dw`, computed by a first row kernel (its target [`DD`]: the host reads it as `D`).
 //!
+//! A score nonlinear in its one dot `R` (softcap's `c·tanh(R/c)`) is `F(R)`: the kernels'
+//! score is `R` with no bias, their maps read `F(s) + bias` where the forward's read `s`, and
+//! the dot's leaves are weighted by `dS · F'(s)` (the bias's by `dS`).
+//!
 //! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
 //! branches, a linear normalization, decay, a branch weight, a sink logit with a
 //! reduction, derived tensors, a leaf whose index reads both the query and
-//! the key (a relative-position table, a dense bias), or whose partial still holds a
-//! reduction (a score nonlinear in its dot: softcap, cosine).
+//! the key (a relative-position table, a dense bias), a score nonlinear in several
+//! reductions (cosine's norms) or reading a float tensor outside its dot.
 
 use crate::diff::{partials, Target};
 use crate::expr::{BinOp, Expr, RedOp, UnOp};
@@ -114,7 +118,17 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     // The cotangent at (row `i`, channel `ch`), the output's axes in its order.
     let d_o = |ch: &Expr| Expr::Load(DO.into(), k.out.iter().map(|v| if v == "e" { ch.clone() } else { Expr::var(v) }).collect());
     let row_stat = |name: &str| Expr::Load(name.into(), vec![Expr::var("b"), Expr::var("h"), Expr::var("i")]);
-    let s = Expr::var("s");
+    // A score nonlinear in its one dot `R` (softcap's `c·tanh(R/c)`): the kernels' score is
+    // `R` with no bias, and their maps read the whole score `F(s) + bias` where the forward's
+    // read `s`; the score's leaves (all in `R`) are weighted by `dS · F'(s)`.
+    let nonlinear = nonlinear_score(k, &br.score)?;
+    let s = match &nonlinear {
+        Some(n) => match &br.bias {
+            Some(b) => Expr::bin(BinOp::Add, n.f.clone(), b.clone()),
+            None => n.f.clone(),
+        },
+        None => Expr::var("s"),
+    };
     let ev = "__e";
     let d_p = Expr::Reduce {
         op: RedOp::Sum,
@@ -129,7 +143,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     let (p, d_s) = match &br.norm {
         Norm::Map(f) => {
             let df = crate::diff::derivative_by_var(k, f, "s").map_err(|e| Unsupported(e.to_string()))?;
-            (f.clone(), df.map(|df| Expr::bin(BinOp::Mul, d_p, df)))
+            (f.subst("s", &s), df.map(|df| Expr::bin(BinOp::Mul, d_p, df.subst("s", &s))))
         }
         Norm::Softmax { post: None, .. } | Norm::Linear { .. } => {
             let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
@@ -176,7 +190,10 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
             iter: Iter { b: k.iter.b.clone(), h: k.iter.h.clone(), i: rows, j: cols, e: width },
             value: f(value),
             out: ["b", "h", "i", "e"].map(String::from).to_vec(),
-            branches: vec![Branch { score: f(&br.score), bias: br.bias.as_ref().map(f), mask: br.mask.as_ref().map(f), norm, decay: None, weight: None }],
+            branches: vec![match &nonlinear {
+                Some(n) => Branch { score: f(&n.dot), bias: None, mask: br.mask.as_ref().map(f), norm, decay: None, weight: None },
+                None => Branch { score: f(&br.score), bias: br.bias.as_ref().map(f), mask: br.mask.as_ref().map(f), norm, decay: None, weight: None },
+            }],
             gate: None,
         }
     };
@@ -210,11 +227,21 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     }
     // The score's and bias's leaves: weight dS, value ∂s/∂leaf, the leaf's channel as `e`.
     let Some(d_s) = d_s else { return Ok(kernels) };
-    let mut terms = partials(k, &br.score).map_err(|e| Unsupported(e.to_string()))?;
-    if let Some(b) = &br.bias {
-        terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?);
+    // Each term with its weight: the score's (`dS · F'(s)` for a nonlinear score, whose
+    // leaves are the dot's), the bias's (`dS`).
+    let score_ds = match &nonlinear {
+        Some(n) => n.df.as_ref().map(|df| Expr::bin(BinOp::Mul, d_s.clone(), df.clone())),
+        None => Some(d_s.clone()),
+    };
+    let mut terms = Vec::new();
+    if let Some(w) = score_ds {
+        let leaves = partials(k, nonlinear.as_ref().map_or(&br.score, |n| &n.dot)).map_err(|e| Unsupported(e.to_string()))?;
+        terms.extend(leaves.into_iter().map(|t| (t, w.clone())));
     }
-    for t in terms {
+    if let Some(b) = &br.bias {
+        terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, d_s.clone())));
+    }
+    for (t, d_s) in terms {
         let Target::Load { tensor, idx } = t.target else { return no("a score that reads a float variable") };
         if !float(&tensor) {
             return no(format!("a score that reads `{tensor}`"));
@@ -257,4 +284,47 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         kernels.push(GradKernel { kernel: make(&format!("d{tensor}"), &norm, &value, width, keys), idx, what: format!("d{tensor} ({side})"), target: tensor });
     }
     Ok(kernels)
+}
+
+/// A score `F(R)` nonlinear in its one dot `R`: `R`, `F` over the variable `s` (`F(s)`),
+/// and `F'(s)` (`None` when `F` does not depend on `R`).
+struct Nonlinear {
+    dot: Expr,
+    f: Expr,
+    df: Option<Expr>,
+}
+
+/// `Some` when the score's partials hold a reduction (it is not linear in its dot): then it
+/// must read exactly one reduction, and no float leaf outside it.
+fn nonlinear_score(k: &Kernel, score: &Expr) -> Result<Option<Nonlinear>, Unsupported> {
+    let terms = partials(k, score).map_err(|e| Unsupported(e.to_string()))?;
+    if !terms.iter().any(|t| has_reduce(&t.adj)) {
+        return Ok(None);
+    }
+    let mut dots = Vec::new();
+    fn outer(e: &Expr, out: &mut Vec<Expr>) {
+        match e {
+            Expr::Reduce { .. } => out.push(e.clone()),
+            _ => e.children().into_iter().for_each(|c| outer(c, out)),
+        }
+    }
+    outer(score, &mut dots);
+    let [dot] = dots.as_slice() else { return no(format!("a score nonlinear in {} reductions", dots.len())) };
+    fn replace(e: &Expr, what: &Expr, with: &Expr) -> Expr {
+        if e == what {
+            with.clone()
+        } else {
+            e.map_children(&mut |c| replace(c, what, with))
+        }
+    }
+    let x = Expr::var(crate::DOT_VAR);
+    let f = replace(score, dot, &x);
+    for t in partials(k, &f).map_err(|e| Unsupported(e.to_string()))? {
+        if let Target::Load { tensor, .. } = t.target {
+            return no(format!("a score nonlinear in its dot product that reads `{tensor}` outside it"));
+        }
+    }
+    let df = crate::diff::derivative_by_var(k, &f, crate::DOT_VAR).map_err(|e| Unsupported(e.to_string()))?;
+    let s = Expr::var("s");
+    Ok(Some(Nonlinear { dot: dot.clone(), f: f.subst(crate::DOT_VAR, &s), df: df.map(|d| d.subst(crate::DOT_VAR, &s)) }))
 }
