@@ -356,6 +356,37 @@ fn branches_with_their_own_queries_over_shared_keys_match_reference() {
     check_cases(&On::all(WgslBackend, WgslOptions::default()), cases(), &profiles, 4);
 }
 
+/// A score with no dot product (a positional softmax alone, as gpsa's second branch):
+/// the tiled kernels have no key panel (the CPU's pack once panicked on it).
+#[test]
+fn a_score_without_a_dot_product_matches_reference() {
+    let src = "attention nodot {
+      dims B, H, N, M, Dv
+      input v: f32[B, H, M, Dv]
+      input slope: f32[H]
+      input g: f32[B, H, N]
+      output o: f32[B, H, N, Dv]
+      score = -slope[h] * float(p - j) + 0.25 * float((p + 3 * j) % 5)
+      mask = j <= p
+      normalize = softmax
+      value = v[b, h, j, e]
+      gate = sigmoid(g[b, h, i])
+    }";
+    let c = attnc::dsl::compile(src).expect("spec");
+    let cases = || vec![("nodot".to_string(), c.clone())];
+    let profiles = |p: &str| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows");
+    check_cases(&cpu_schedule(ScheduleOptions::default()), cases(), &profiles, 4);
+    check_cases(
+        &cpu(CpuOptions { microkernel: false, ..CpuOptions::with_schedule(ScheduleOptions { block_q: 16, block_k: 32, ..Default::default() }) }),
+        cases(),
+        &profiles,
+        4,
+    );
+    check_cases(&cpu_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }), cases(), &profiles, 4);
+    check_cases(&On::all(WgslBackend, WgslOptions::default()), cases(), &profiles, 4);
+    check_cases(&On::all(PtxSimBackend, PtxOptions::default()), cases(), &profiles, 4);
+}
+
 /// Floor division and modulo by negative constants (−1, −3, −4) and a positive one, in a
 /// bias and a mask, of terms that mix the query and the key (a row-only term would cancel in
 /// the softmax): `x % −1` once came out as `2x` on the CPU (the fuzz test's find).

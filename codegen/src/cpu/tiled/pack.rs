@@ -34,7 +34,8 @@ impl Gen<'_, '_> {
         }
         let hoisted = self.hoist(&roots, &inner);
         // Every panel has the tile's channels (`channels_all`); a shorter dot's are zero-padded.
-        let all = plan.channels_all().expect("panels have a channel count");
+        // A kernel whose scores have no dot product has no panel.
+        let all = plan.channels_all().unwrap_or(attnc_ir::Expr::Int(0));
         let dlen = self.expr(&all);
         for (n, dot) in plan.panels.iter().enumerate() {
             let padded = dot.len != all;
