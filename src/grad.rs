@@ -165,10 +165,17 @@ pub struct Grad32 {
     pub data: Vec<f32>,
 }
 
+/// A gradient while the kernels' shares are added into it: f64, so that a per-head
+/// parameter summed over every row and head does not lose the f32 kernels' precision.
+struct Acc {
+    shape: Vec<usize>,
+    data: Vec<f64>,
+}
+
 /// Adds `x` to `g` (the gradient of `tensor`) at the index `idx` evaluates to at `vals`.
-fn add_at(g: &mut Grad32, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
+fn add_at(g: &mut Acc, tensor: &str, idx: &[attnc_ir::reference::Prepared], vals: &[attnc_ir::reference::Scalar], x: f64) -> Result<(), CompiledGradError> {
     let n = flat_index(&g.shape, tensor, idx, vals)?;
-    g.data[n] += x as f32;
+    g.data[n] += x;
     Ok(())
 }
 
@@ -293,12 +300,12 @@ pub fn compiled_f32(
         })
         .collect::<Result<_, CompiledGradError>>()?;
     let eval = ExprEval::new(&slim, dims, &host).map_err(other)?;
-    let mut grads: BTreeMap<String, Grad32> = k
+    let mut grads: BTreeMap<String, Acc> = k
         .inputs()
         .filter(|t| !t.dtype.is_int())
         .map(|t| {
             let shape = inputs.shapes.get(&t.name).cloned().unwrap_or_else(|| dims.shape(t));
-            (t.name.clone(), Grad32 { data: vec![0.0; shape.iter().product()], shape })
+            (t.name.clone(), Acc { data: vec![0.0; shape.iter().product()], shape })
         })
         .collect();
     // A gate: the kernels' cotangent is `dO ∘ gate`; the gate's leaves get `dO · acc · ∂gate`.
@@ -340,7 +347,7 @@ pub fn compiled_f32(
     let mut dd_bits = bits(&dd);
     for gk in &kernels {
         let mut view = inputs.clone();
-        for (name, shape) in [(LSE, vec![nb, nh, ni]), (DD, vec![nb, nh, ni]), (DO, want.clone())] {
+        for (name, shape) in [(LSE, stats_shape.clone()), (DD, vec![nb, nh, ni]), (DO, want.clone())] {
             view.shapes.insert(name.into(), shape);
         }
         view.bufs.insert(LSE.into(), &lse_bits);
@@ -372,12 +379,12 @@ pub fn compiled_f32(
                     if contiguous {
                         let base = at(&v(0))?;
                         for (d, x) in g.data[base..base + pe].iter_mut().zip(row) {
-                            *d += x;
+                            *d += *x as f64;
                         }
                     } else {
                         for (e, x) in row.iter().enumerate() {
                             let n = at(&v(e))?;
-                            g.data[n] += x;
+                            g.data[n] += *x as f64;
                         }
                     }
                 }
@@ -406,5 +413,5 @@ pub fn compiled_f32(
             }
         }
     }
-    Ok(grads)
+    Ok(grads.into_iter().map(|(n, g)| (n, Grad32 { shape: g.shape, data: g.data.into_iter().map(|x| x as f32).collect() })).collect())
 }

@@ -273,10 +273,15 @@ fn compiled_backward_matches_the_reference_backward() {
                 };
                 for (input, w) in &want {
                     let g = &got[input];
+                    // gpsa's positional logits reach |vpos|·2·13² ≈ 300 on its 14×14 grid, where
+                    // f32 holds them to ~2e-5, and `vpos`'s gradient sums terms ~10² times its
+                    // size (the partials are grid distances): f32 gives ~1e-3 of it (the row
+                    // kernel as much as the tiled one).
+                    let rel = if (name.as_str(), input.as_str()) == ("gpsa", "vpos") { 5e-3 } else { 1e-4 };
                     let scale = w.data.iter().fold(1f64, |a, x| a.max(x.abs()));
                     compared += w.data.len();
                     if let Some((n, (x, y))) =
-                        g.data.iter().zip(&w.data).enumerate().find(|(_, (x, y))| !((*x - *y).abs() <= 1e-4 * scale || (x.is_nan() && y.is_nan())))
+                        g.data.iter().zip(&w.data).enumerate().find(|(_, (x, y))| !((*x - *y).abs() <= rel * scale || (x.is_nan() && y.is_nan())))
                     {
                         failures.push(format!("{name} [{profile}, {sname}] `{input}` element {n}: compiled {x}, reference {y} (scale {scale:.2e})"));
                     }
@@ -286,5 +291,5 @@ fn compiled_backward_matches_the_reference_backward() {
     }
     eprintln!("covered ({}): {}\nrefused:\n{}\n{compared} gradient elements compared", covered.len(), covered.join(", "), refused.join("\n"));
     assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
-    assert!(covered.len() >= 21, "only {} specs have a compiled backward", covered.len());
+    assert!(covered.len() >= 23, "only {} specs have a compiled backward", covered.len());
 }

@@ -87,25 +87,27 @@ fn has_reduce(e: &Expr) -> bool {
 
 /// The backward kernels of `k` (see the module's documentation).
 pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
-    let [br] = k.branches.as_slice() else { return no(format!("{} branches (one is derived so far)", k.branches.len())) };
-    match &br.norm {
-        Norm::Softmax { sink: Some(s), .. } => {
-            // The sink's own gradient is per row, `−exp(sink − lse) · D` (the host adds it):
-            // a sink of tensor elements and indices, no reduction.
-            for t in partials(k, s).map_err(|e| Unsupported(e.to_string()))? {
-                if !t.binders.is_empty() || !matches!(t.target, Target::Load { .. }) {
-                    return no("a sink logit with a reduction");
+    let several = k.branches.len() > 1;
+    for br in &k.branches {
+        match &br.norm {
+            Norm::Softmax { sink: Some(s), .. } => {
+                if several {
+                    return no("a sink logit in one of several branches");
+                }
+                // The sink's own gradient is per row, `−exp(sink − lse) · D` (the host adds
+                // it): a sink of tensor elements and indices, no reduction.
+                for t in partials(k, s).map_err(|e| Unsupported(e.to_string()))? {
+                    if !t.binders.is_empty() || !matches!(t.target, Target::Load { .. }) {
+                        return no("a sink logit with a reduction");
+                    }
                 }
             }
+            Norm::Softmax { .. } | Norm::Map(_) => {}
+            Norm::Linear { .. } => return no("a linear normalization"),
         }
-        Norm::Softmax { .. } | Norm::Map(_) => {}
-        Norm::Linear { .. } => return no("a linear normalization"),
-    }
-    if br.decay.is_some() {
-        return no("decay");
-    }
-    if br.weight.is_some() {
-        return no("a branch weight");
+        if br.decay.is_some() {
+            return no("decay");
+        }
     }
     if let Some(t) = k.derived().next() {
         return no(format!("the derived tensor `{}`", t.name));
@@ -113,19 +115,43 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     if let Some(t) = k.tensors.iter().find(|t| [LSE, DD, DO, GRAD].contains(&t.name.as_str())) {
         return no(format!("the spec declares `{}`, a name the backward kernels use", t.name));
     }
-    let float = |name: &str| k.tensor(name).is_some_and(|t| !t.dtype.is_int());
     let out = k.output();
+    let mut inputs: Vec<TensorDecl> = k.inputs().cloned().collect();
+    let rows_shape = vec![k.iter.b.clone(), k.iter.h.clone(), k.iter.i.clone()];
+    // The saved statistics, [B, H, N, branches] as the forward writes them.
+    let mut lse_shape = rows_shape.clone();
+    lse_shape.push(Extent::Fixed(k.branches.len() as i64));
+    inputs.push(TensorDecl { name: LSE.into(), dtype: DType::F32, shape: lse_shape, kind: TensorKind::Input });
+    inputs.push(TensorDecl { name: DD.into(), dtype: DType::F32, shape: rows_shape, kind: TensorKind::Input });
+    inputs.push(TensorDecl { name: DO.into(), dtype: DType::F32, shape: out.shape.clone(), kind: TensorKind::Input });
+    let mut kernels = Vec::new();
+    for (n, br) in k.branches.iter().enumerate() {
+        branch_kernels(k, n, br, &inputs, &mut kernels)?;
+    }
+    Ok(kernels)
+}
+
+/// The backward kernels of branch `n` of `k` (the host adds every branch's into the same
+/// gradients). Its output's share is `Σ_j norm_ij · weight_ij · value(j, e)`: the
+/// normalization's cotangent is `dP · weight`.
+fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kernels: &mut Vec<GradKernel>) -> Result<(), Unsupported> {
+    let float = |name: &str| k.tensor(name).is_some_and(|t| !t.dtype.is_int());
+    let several = k.branches.len() > 1;
+    let tag = if several { format!(", branch {n}") } else { String::new() };
+    let suffix = if several { format!("_b{n}") } else { String::new() };
     // The cotangent at (row `i`, channel `ch`), the output's axes in its order.
     let d_o = |ch: &Expr| Expr::Load(DO.into(), k.out.iter().map(|v| if v == "e" { ch.clone() } else { Expr::var(v) }).collect());
-    let row_stat = |name: &str| Expr::Load(name.into(), vec![Expr::var("b"), Expr::var("h"), Expr::var("i")]);
+    let row = || vec![Expr::var("b"), Expr::var("h"), Expr::var("i")];
+    let lse = Expr::Load(LSE.into(), [row(), vec![Expr::Int(n as i64)]].concat());
+    let dd = Expr::Load(DD.into(), row());
     // A score nonlinear in its one dot `R` (softcap's `c·tanh(R/c)`): the kernels' score is
     // `R` with no bias, and their maps read the whole score `F(s) + bias` where the forward's
     // read `s`; the score's leaves (all in `R`) are weighted by `dS · F'(s)`.
     let nonlinear = nonlinear_score(k, &br.score)?;
     let s = match &nonlinear {
-        Some(n) => match &br.bias {
-            Some(b) => Expr::bin(BinOp::Add, n.f.clone(), b.clone()),
-            None => n.f.clone(),
+        Some(nl) => match &br.bias {
+            Some(b) => Expr::bin(BinOp::Add, nl.f.clone(), b.clone()),
+            None => nl.f.clone(),
         },
         None => Expr::var("s"),
     };
@@ -137,36 +163,38 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         hi: Box::new(k.iter.e.to_expr()),
         body: Box::new(Expr::bin(BinOp::Mul, d_o(&Expr::var(ev)), k.value.subst("e", &Expr::var(ev)))),
     };
-    // Softmax: P = exp(s − lse_i) and dS = P (dP − D_i), with dP = Σ_e dO_ie · value(j, e).
-    // A map p = f(s): P = f(s) and dS = dP · f'(s) (none when f does not read s).
-    let mut post_d = None;
+    // The normalization's cotangent: dP, times the branch weight.
+    let weighted = |x: Expr| match &br.weight {
+        Some(w) => Expr::bin(BinOp::Mul, x, w.clone()),
+        None => x,
+    };
+    let d_norm = weighted(d_p.clone());
+    // Softmax: P = exp(s − lse_i) and dS = P (dnorm − D_i), D_i = Σ_j P dnorm (`Σ_e dO ∘ O`
+    // when the branch is the output, computed by the host; else a row kernel of its own).
+    // A map p = f(s): P = f(s) and dS = dnorm · f'(s) (none when f does not read s).
+    // A post-map `p = post(w)`: `dw = dnorm · post'(w)`, `dS = w (dw − D)` with `D = Σ_j w dw`.
+    let mut own_d = None;
     let (p, d_s) = match &br.norm {
         Norm::Map(f) => {
             let df = crate::diff::derivative_by_var(k, f, "s").map_err(|e| Unsupported(e.to_string()))?;
-            (f.subst("s", &s), df.map(|df| Expr::bin(BinOp::Mul, d_p, df.subst("s", &s))))
+            (f.subst("s", &s), df.map(|df| Expr::bin(BinOp::Mul, d_norm.clone(), df.subst("s", &s))))
         }
         Norm::Softmax { post: None, .. } | Norm::Linear { .. } => {
-            let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
-            let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_p, row_stat(DD)));
+            let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, lse));
+            if several || br.weight.is_some() {
+                own_d = Some(Expr::bin(BinOp::Mul, p.clone(), d_norm.clone()));
+            }
+            let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_norm.clone(), dd));
             (p, Some(d_s))
         }
-        // A post-map `p = post(w)`: `dw = dP · post'(w)`, `dS = w (dw − D)` with
-        // `D = Σ_j w dw` (a kernel of its own, [`DD`] as its target), not `Σ dO ∘ O`.
         Norm::Softmax { post: Some(post), .. } => {
-            let w = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, row_stat(LSE)));
+            let w = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, lse));
             let dpost = crate::diff::derivative_by_var(k, post, "w").map_err(|e| Unsupported(e.to_string()))?.unwrap_or(Expr::float(0.0));
-            let dw = Expr::bin(BinOp::Mul, d_p, dpost.subst("w", &w));
-            post_d = Some(Expr::bin(BinOp::Mul, w.clone(), dw.clone()));
-            (post.subst("w", &w), Some(Expr::bin(BinOp::Mul, w, Expr::bin(BinOp::Sub, dw, row_stat(DD)))))
+            let dw = Expr::bin(BinOp::Mul, d_norm.clone(), dpost.subst("w", &w));
+            own_d = Some(Expr::bin(BinOp::Mul, w.clone(), dw.clone()));
+            (post.subst("w", &w), Some(Expr::bin(BinOp::Mul, w, Expr::bin(BinOp::Sub, dw, dd))))
         }
     };
-
-    let mut inputs: Vec<TensorDecl> = k.inputs().cloned().collect();
-    let stat_shape = vec![k.iter.b.clone(), k.iter.h.clone(), k.iter.i.clone()];
-    for name in [LSE, DD] {
-        inputs.push(TensorDecl { name: name.into(), dtype: DType::F32, shape: stat_shape.clone(), kind: TensorKind::Input });
-    }
-    inputs.push(TensorDecl { name: DO.into(), dtype: DType::F32, shape: out.shape.clone(), kind: TensorKind::Input });
 
     // A kernel over the rows (`keys: false`) or the keys, in the forward's frame: the
     // normalization map `norm`, the value `value` (of `e` over `width`).
@@ -174,7 +202,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         let f = |e: &Expr| if keys { swap(e) } else { e.clone() };
         let rows = if keys { k.iter.j.clone() } else { k.iter.i.clone() };
         let cols = if keys { k.iter.i.clone() } else { k.iter.j.clone() };
-        let mut tensors = inputs.clone();
+        let mut tensors = inputs.to_vec();
         tensors.push(TensorDecl {
             name: GRAD.into(),
             dtype: DType::F32,
@@ -183,7 +211,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         });
         let norm = Norm::Map(f(norm));
         Kernel {
-            name: format!("{}_{what}", k.name),
+            name: format!("{}_{what}{suffix}", k.name),
             dims: k.dims.clone(),
             tensors,
             requires: k.requires.clone(),
@@ -191,24 +219,25 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
             value: f(value),
             out: ["b", "h", "i", "e"].map(String::from).to_vec(),
             branches: vec![match &nonlinear {
-                Some(n) => Branch { score: f(&n.dot), bias: None, mask: br.mask.as_ref().map(f), norm, decay: None, weight: None },
+                Some(nl) => Branch { score: f(&nl.dot), bias: None, mask: br.mask.as_ref().map(f), norm, decay: None, weight: None },
                 None => Branch { score: f(&br.score), bias: br.bias.as_ref().map(f), mask: br.mask.as_ref().map(f), norm, decay: None, weight: None },
             }],
             gate: None,
         }
     };
 
-    let mut kernels = Vec::new();
-    // A post-map's `D` first: a row kernel of width 1 (the host reads it as `__dd`).
-    if let Some(wdw) = &post_d {
+    // The branch's `D` first: a row kernel of width 1 (the host reads it as `__dd`).
+    if let Some(wdw) = &own_d {
         kernels.push(GradKernel {
             kernel: make("dd", wdw, &Expr::float(1.0), Extent::Fixed(1), false),
             idx: vec![],
-            what: "D (rows)".into(),
+            what: format!("D (rows{tag})"),
             target: DD.into(),
         });
     }
-    // The value's leaves: over the keys, weight P, value dO_ie · ∂value/∂leaf.
+    // The value's leaves: over the keys, weight P (times the branch weight), value
+    // dO_ie · ∂value/∂leaf.
+    let p_weighted = weighted(p.clone());
     for t in partials(k, &k.value).map_err(|e| Unsupported(e.to_string()))? {
         let Target::Load { tensor, idx } = t.target else { return no("a value that reads a float variable") };
         if !t.binders.is_empty() {
@@ -219,27 +248,31 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         }
         let value = Expr::bin(BinOp::Mul, d_o(&Expr::var("e")), t.adj);
         kernels.push(GradKernel {
-            kernel: make(&format!("d{tensor}"), &p, &value, k.iter.e.clone(), true),
+            kernel: make(&format!("d{tensor}"), &p_weighted, &value, k.iter.e.clone(), true),
             idx: idx.iter().map(swap).collect(),
-            what: format!("d{tensor} (keys)"),
+            what: format!("d{tensor} (keys{tag})"),
             target: tensor,
         });
     }
-    // The score's and bias's leaves: weight dS, value ∂s/∂leaf, the leaf's channel as `e`.
-    let Some(d_s) = d_s else { return Ok(kernels) };
-    // Each term with its weight: the score's (`dS · F'(s)` for a nonlinear score, whose
-    // leaves are the dot's), the bias's (`dS`).
-    let score_ds = match &nonlinear {
-        Some(n) => n.df.as_ref().map(|df| Expr::bin(BinOp::Mul, d_s.clone(), df.clone())),
-        None => Some(d_s.clone()),
-    };
+    // Each leaf with its pair weight: the score's (dS, times `F'(s)` for a nonlinear score,
+    // whose leaves are the dot's), the bias's (dS), the branch weight's (P · dP).
     let mut terms = Vec::new();
-    if let Some(w) = score_ds {
-        let leaves = partials(k, nonlinear.as_ref().map_or(&br.score, |n| &n.dot)).map_err(|e| Unsupported(e.to_string()))?;
-        terms.extend(leaves.into_iter().map(|t| (t, w.clone())));
+    if let Some(d_s) = &d_s {
+        let score_ds = match &nonlinear {
+            Some(nl) => nl.df.as_ref().map(|df| Expr::bin(BinOp::Mul, d_s.clone(), df.clone())),
+            None => Some(d_s.clone()),
+        };
+        if let Some(w) = score_ds {
+            let leaves = partials(k, nonlinear.as_ref().map_or(&br.score, |nl| &nl.dot)).map_err(|e| Unsupported(e.to_string()))?;
+            terms.extend(leaves.into_iter().map(|t| (t, w.clone())));
+        }
+        if let Some(b) = &br.bias {
+            terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, d_s.clone())));
+        }
     }
-    if let Some(b) = &br.bias {
-        terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, d_s.clone())));
+    if let Some(w) = &br.weight {
+        let pd = Expr::bin(BinOp::Mul, p, d_p);
+        terms.extend(partials(k, w).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, pd.clone())));
     }
     for (t, d_s) in terms {
         let Target::Load { tensor, idx } = t.target else { return no("a score that reads a float variable") };
@@ -281,9 +314,14 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
         } else {
             (d_s.clone(), adj)
         };
-        kernels.push(GradKernel { kernel: make(&format!("d{tensor}"), &norm, &value, width, keys), idx, what: format!("d{tensor} ({side})"), target: tensor });
+        kernels.push(GradKernel {
+            kernel: make(&format!("d{tensor}"), &norm, &value, width, keys),
+            idx,
+            what: format!("d{tensor} ({side}{tag})"),
+            target: tensor,
+        });
     }
-    Ok(kernels)
+    Ok(())
 }
 
 /// A score `F(R)` nonlinear in its one dot `R`: `R`, `F` over the variable `s` (`F(s)`),

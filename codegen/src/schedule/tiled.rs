@@ -332,7 +332,10 @@ mod tests {
         // dS over the rows: P times a row term.
         let dq = map("(* (exp (- s (load s i))) (- 2.0 (load s i)))").exp_stat.expect("found");
         assert!(!dq.per_key);
-        assert_eq!(dq.rest, Expr::bin(attnc_ir::BinOp::Mul, Expr::var("s"), Expr::bin(attnc_ir::BinOp::Sub, Expr::float(2.0), Expr::Load("s".into(), vec![Expr::var("i")]))));
+        assert_eq!(
+            dq.rest,
+            Expr::bin(attnc_ir::BinOp::Mul, Expr::var("s"), Expr::bin(attnc_ir::BinOp::Sub, Expr::float(2.0), Expr::Load("s".into(), vec![Expr::var("i")])))
+        );
         // The map reads s elsewhere, the statistic reads both i and j, or no exp of s − t.
         for f in ["(* (exp (- s (load s i))) s)", "(exp (- s (load s (+ i j))))", "(sigmoid s)", "(exp (- 1.0 s))"] {
             assert!(map(f).exp_stat.is_none(), "{f}");
