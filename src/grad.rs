@@ -300,9 +300,11 @@ pub fn compiled_f32(
         })
         .collect::<Result<_, CompiledGradError>>()?;
     let eval = ExprEval::new(&slim, dims, &host).map_err(other)?;
+    // Float inputs, and derived tensors (their gradients are passed on to the inputs last).
     let mut grads: BTreeMap<String, Acc> = k
-        .inputs()
-        .filter(|t| !t.dtype.is_int())
+        .tensors
+        .iter()
+        .filter(|t| !t.dtype.is_int() && t.kind != attnc_ir::TensorKind::Output)
         .map(|t| {
             let shape = inputs.shapes.get(&t.name).cloned().unwrap_or_else(|| dims.shape(t));
             (t.name.clone(), Acc { data: vec![0.0; shape.iter().product()], shape })
@@ -410,6 +412,28 @@ pub fn compiled_f32(
                         add_at(g, tensor, idx, &vals, num(adj.eval(&vals).map_err(other)?) * ds)?;
                     }
                 }
+            }
+        }
+    }
+    // Derived tensors' gradients on to the inputs (f64, by the reference's rules).
+    let mut seeds: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for t in k.derived() {
+        if let Some(g) = grads.remove(&t.name).filter(|g| g.data.iter().any(|x| *x != 0.0)) {
+            seeds.insert(t.name.clone(), g.data);
+        }
+    }
+    if !seeds.is_empty() {
+        let all: BTreeMap<String, Tensor> = k
+            .inputs()
+            .map(|t| {
+                let bits = inputs.bufs.get(&t.name).ok_or_else(|| other(format!("no data for `{}`", t.name)))?;
+                let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
+                Ok((t.name.clone(), Tensor::new(inputs.shapes[&t.name].clone(), data)))
+            })
+            .collect::<Result<_, CompiledGradError>>()?;
+        for (n, g) in attnc_ir::grad::derived_grads(k, dims, &all, &seeds).map_err(other)? {
+            if let Some(acc) = grads.get_mut(&n) {
+                acc.data.iter_mut().zip(&g.data).for_each(|(a, x)| *a += x);
             }
         }
     }

@@ -29,11 +29,19 @@
 //! score is `R` with no bias, their maps read `F(s) + bias` where the forward's read `s`, and
 //! the dot's leaves are weighted by `dS · F'(s)` (the bias's by `dS`).
 //!
-//! What this derivation does not cover yet is refused by name ([`Unsupported`]): several
-//! branches, a linear normalization, decay, a branch weight, a sink logit with a
-//! reduction, derived tensors, a leaf whose index reads both the query and
-//! the key (a relative-position table, a dense bias), a score nonlinear in several
-//! reductions (cosine's norms) or reading a float tensor outside its dot.
+//! Leaves `F` reads outside the dot (channel attention's temperature and norms) are weighted
+//! by `dS · ∂F/∂leaf`, a function of `s`.
+//!
+//! Several branches each get their kernels (their own `lse`, and `D = Σ_j P · dnorm` from a
+//! row kernel of their own); a branch weight makes the normalization's cotangent `dnorm =
+//! dP · weight`, and its leaves are weighted by `P · dP`. Derived tensors are computed by each
+//! kernel as by the forward; a leaf that reads one gets a gradient the host passes on to the
+//! inputs ([`crate::grad::derived_grads`]).
+//!
+//! What this derivation does not cover yet is refused by name ([`Unsupported`]): a linear
+//! normalization, decay, a sink logit with a reduction or in one of several branches, a
+//! leaf whose index reads both the query and the key (a relative-position table, a dense
+//! bias), a score nonlinear in several reductions (cosine's norms).
 
 use crate::diff::{partials, Target};
 use crate::expr::{BinOp, Expr, RedOp, UnOp};
@@ -109,9 +117,6 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
             return no("decay");
         }
     }
-    if let Some(t) = k.derived().next() {
-        return no(format!("the derived tensor `{}`", t.name));
-    }
     if let Some(t) = k.tensors.iter().find(|t| [LSE, DD, DO, GRAD].contains(&t.name.as_str())) {
         return no(format!("the spec declares `{}`, a name the backward kernels use", t.name));
     }
@@ -124,6 +129,9 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
     inputs.push(TensorDecl { name: LSE.into(), dtype: DType::F32, shape: lse_shape, kind: TensorKind::Input });
     inputs.push(TensorDecl { name: DD.into(), dtype: DType::F32, shape: rows_shape, kind: TensorKind::Input });
     inputs.push(TensorDecl { name: DO.into(), dtype: DType::F32, shape: out.shape.clone(), kind: TensorKind::Input });
+    // Derived tensors: each kernel computes them as the forward does; a leaf that reads
+    // one gets its gradient, which the host passes on to the inputs.
+    inputs.extend(k.derived().cloned());
     let mut kernels = Vec::new();
     for (n, br) in k.branches.iter().enumerate() {
         branch_kernels(k, n, br, &inputs, &mut kernels)?;
@@ -269,6 +277,9 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         if let Some(b) = &br.bias {
             terms.extend(partials(k, b).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, d_s.clone())));
         }
+        if let Some(nl) = &nonlinear {
+            terms.extend(nl.outer.iter().map(|t| (t.clone(), d_s.clone())));
+        }
     }
     if let Some(w) = &br.weight {
         let pd = Expr::bin(BinOp::Mul, p, d_p);
@@ -330,10 +341,12 @@ struct Nonlinear {
     dot: Expr,
     f: Expr,
     df: Option<Expr>,
+    /// The leaves `F` reads outside the dot (a temperature, a norm), partials over `s`.
+    outer: Vec<crate::diff::Term>,
 }
 
 /// `Some` when the score's partials hold a reduction (it is not linear in its dot): then it
-/// must read exactly one reduction, and no float leaf outside it.
+/// must read exactly one reduction.
 fn nonlinear_score(k: &Kernel, score: &Expr) -> Result<Option<Nonlinear>, Unsupported> {
     let terms = partials(k, score).map_err(|e| Unsupported(e.to_string()))?;
     if !terms.iter().any(|t| has_reduce(&t.adj)) {
@@ -357,12 +370,13 @@ fn nonlinear_score(k: &Kernel, score: &Expr) -> Result<Option<Nonlinear>, Unsupp
     }
     let x = Expr::var(crate::DOT_VAR);
     let f = replace(score, dot, &x);
-    for t in partials(k, &f).map_err(|e| Unsupported(e.to_string()))? {
-        if let Target::Load { tensor, .. } = t.target {
-            return no(format!("a score nonlinear in its dot product that reads `{tensor}` outside it"));
-        }
-    }
-    let df = crate::diff::derivative_by_var(k, &f, crate::DOT_VAR).map_err(|e| Unsupported(e.to_string()))?;
     let s = Expr::var("s");
-    Ok(Some(Nonlinear { dot: dot.clone(), f: f.subst(crate::DOT_VAR, &s), df: df.map(|d| d.subst(crate::DOT_VAR, &s)) }))
+    let outer = partials(k, &f)
+        .map_err(|e| Unsupported(e.to_string()))?
+        .into_iter()
+        .filter(|t| matches!(t.target, Target::Load { .. }))
+        .map(|t| crate::diff::Term { adj: t.adj.subst(crate::DOT_VAR, &s), ..t })
+        .collect();
+    let df = crate::diff::derivative_by_var(k, &f, crate::DOT_VAR).map_err(|e| Unsupported(e.to_string()))?;
+    Ok(Some(Nonlinear { dot: dot.clone(), f: f.subst(crate::DOT_VAR, &s), df: df.map(|d| d.subst(crate::DOT_VAR, &s)), outer }))
 }

@@ -144,6 +144,32 @@ pub fn grad(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, dout
     Ok(out)
 }
 
+/// The gradients of the float inputs of `k` given only `seeds`, gradients of some of its
+/// derived tensors (by name): each derived tensor passes its gradient on to what its body
+/// reads, last tensor first (what a compiled backward that stops at derived tensors adds).
+pub fn derived_grads(
+    k: &Kernel,
+    dims: &Bindings,
+    inputs: &BTreeMap<String, Tensor>,
+    seeds: &BTreeMap<String, Vec<f64>>,
+) -> Result<BTreeMap<String, Tensor>, GradError> {
+    let m = machine(k, dims, inputs)?;
+    let mut g: Vec<Vec<f64>> = m.tensors.iter().map(|t| vec![0.0; if t.is_int { 0 } else { t.data.len() }]).collect();
+    for (name, seed) in seeds {
+        let n = m.names[name];
+        if g[n].len() == seed.len() {
+            g[n].clone_from(seed);
+        }
+    }
+    derived_backward(k, &m, &mut g)?;
+    let mut out = BTreeMap::new();
+    for t in k.inputs().filter(|t| !t.dtype.is_int()) {
+        let n = m.names[&t.name];
+        out.insert(t.name.clone(), Tensor::new(m.tensors[n].shape.clone(), std::mem::take(&mut g[n])));
+    }
+    Ok(out)
+}
+
 /// Whether attnc derives the gradient of every expression of `k` (a float `max`/`min`
 /// reduction is the one construct it refuses).
 pub fn differentiable(k: &Kernel) -> Result<(), DiffError> {
