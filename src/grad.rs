@@ -289,7 +289,7 @@ pub fn compiled_f32(
         attnc_ir::Norm::Softmax { sink: Some(s), .. } => Some(s),
         _ => None,
     });
-    let read: std::collections::BTreeSet<String> = gate_sink.chain(kernels.iter().flat_map(|g| &g.idx)).flat_map(|e| e.loads()).collect();
+    let read: std::collections::BTreeSet<String> = gate_sink.chain(kernels.iter().flat_map(|g| g.idx.iter().chain(&g.scale))).flat_map(|e| e.loads()).collect();
     let slim = Kernel { tensors: k.tensors.iter().filter(|t| t.kind == attnc_ir::TensorKind::Input && read.contains(&t.name)).cloned().collect(), ..k.clone() };
     let host: BTreeMap<String, Tensor> = slim
         .inputs()
@@ -373,12 +373,20 @@ pub fn compiled_f32(
         let prepared: Vec<_> = gk.idx.iter().map(|x| eval.prepare(x, &["b", "h", "i", "e"])).collect();
         let shape = g.shape.clone();
         let at = |vals: &[Scalar]| flat_index(&shape, &gk.target, &prepared, vals);
+        // The host's factor of the partial, per element.
+        let scale = gk.scale.as_ref().map(|x| eval.prepare(x, &["b", "h", "i", "e"]));
+        let factor = |vals: &[Scalar]| -> Result<f64, CompiledGradError> {
+            match &scale {
+                Some(sc) => Ok(num(sc.eval(vals).map_err(other)?)),
+                None => Ok(1.0),
+            }
+        };
         for b in 0..pb {
             for h in 0..ph {
                 for r in 0..pr {
                     let row = &part[((b * ph + h) * pr + r) * pe..][..pe];
                     let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
-                    if contiguous {
+                    if contiguous && scale.is_none() {
                         let base = at(&v(0))?;
                         for (d, x) in g.data[base..base + pe].iter_mut().zip(row) {
                             *d += *x as f64;
@@ -386,7 +394,7 @@ pub fn compiled_f32(
                     } else {
                         for (e, x) in row.iter().enumerate() {
                             let n = at(&v(e))?;
-                            g.data[n] += *x as f64;
+                            g.data[n] += *x as f64 * factor(&v(e))?;
                         }
                     }
                 }

@@ -152,6 +152,48 @@ fn nan_propagates_through_the_backward() {
     }
 }
 
+/// On every example the compiled backward covers: a NaN in the first float input (the
+/// queries, mostly) makes the compiled gradients NaN exactly where the reference's are.
+#[test]
+fn compiled_backward_nan_pattern_matches_the_reference_on_every_covered_example() {
+    let (mut failures, mut checked) = (Vec::new(), 0);
+    for (name, c) in examples() {
+        if attnc::ir::backward::backward_kernels(&c.kernel).is_err() {
+            continue;
+        }
+        let Some((b, mut ins, dout)) = setup(&c, PROFILES[0].1, 8) else { continue };
+        let first = c.kernel.inputs().find(|t| !t.dtype.is_int()).expect("a float input").name.clone();
+        let x = ins.get_mut(&first).expect("input");
+        let at = x.data.len() / 3;
+        x.data[at] = f64::NAN;
+        let want = attnc::ir::grad::grad(&c.kernel, &b, &ins, &dout).expect("reference backward");
+        let got = match attnc::grad::compiled(&c.kernel, &b, &ins, &dout, &attnc::codegen::cpu::CpuOptions::default()) {
+            Ok(g) => g,
+            Err(e) => {
+                failures.push(format!("{name}: {e}"));
+                continue;
+            }
+        };
+        checked += 1;
+        for (input, w) in &want {
+            let nan = |t: &attnc::ir::reference::Tensor| t.data.iter().map(|x| x.is_nan()).collect::<Vec<_>>();
+            let (g, w) = (nan(&got[input]), nan(w));
+            if g != w {
+                let n = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+                let first = g.iter().zip(&w).position(|(a, b)| a != b).expect("a difference");
+                failures.push(format!(
+                    "{name}: `{input}` NaN in {n} elements where the reference differs ({} NaN there, {} here; first at {first}: reference NaN {})",
+                    w.iter().filter(|x| **x).count(),
+                    g.iter().filter(|x| **x).count(),
+                    w[first]
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} failures:\n{}", failures.len(), failures.join("\n"));
+    assert!(checked >= 25, "only {checked} examples checked");
+}
+
 /// The forward's saved statistics (what a backward reads: each row's softmax log-sum-exp, or
 /// its linear denominator) from every CPU algorithm (tiled with the default and with small
 /// tiles, the row kernel, chunked) against the reference's, on every example and profile;

@@ -38,8 +38,14 @@
 //! kernel as by the forward; a leaf that reads one gets a gradient the host passes on to the
 //! inputs ([`crate::grad::derived_grads`]).
 //!
-//! What this derivation does not cover yet is refused by name ([`Unsupported`]): a linear
-//! normalization, decay, a sink logit with a reduction or in one of several branches, a
+//! A decay multiplies the weights after the normalization as a branch weight does: `dnorm =
+//! dP · decay · weight`, the decay's leaves weighted by `P · dP · weight` (quadratic kernels:
+//! the chunked form of the backward is not derived yet).
+//!
+//! A linear normalization `P = s / den` (the saved denominator) has `dS = (dnorm − D) / den`,
+//! `D` as for softmax.
+//!
+//! What this derivation does not cover yet is refused by name ([`Unsupported`]): a sink logit with a reduction or in one of several branches, a
 //! leaf whose index reads both the query and the key (a relative-position table, a dense
 //! bias), a score nonlinear in several reductions (cosine's norms).
 
@@ -63,6 +69,10 @@ pub struct GradKernel {
     pub idx: Vec<Expr>,
     /// What it computes, for messages: `dq (rows)`, `dk (keys)`, `dv (keys)`.
     pub what: String,
+    /// A factor of the partial that reads the row and the channel but not the column (a
+    /// feature map's derivative, `elu'(q[b, h, i, e])`): the host multiplies each output
+    /// element by it (an expression of `b`, `h`, `i`, `e`) before adding it.
+    pub scale: Option<Expr>,
 }
 
 /// Why a kernel has no compiled backward yet.
@@ -110,11 +120,7 @@ pub fn backward_kernels(k: &Kernel) -> Result<Vec<GradKernel>, Unsupported> {
                     }
                 }
             }
-            Norm::Softmax { .. } | Norm::Map(_) => {}
-            Norm::Linear { .. } => return no("a linear normalization"),
-        }
-        if br.decay.is_some() {
-            return no("decay");
+            Norm::Softmax { .. } | Norm::Map(_) | Norm::Linear { .. } => {}
         }
     }
     if let Some(t) = k.tensors.iter().find(|t| [LSE, DD, DO, GRAD].contains(&t.name.as_str())) {
@@ -171,11 +177,13 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         hi: Box::new(k.iter.e.to_expr()),
         body: Box::new(Expr::bin(BinOp::Mul, d_o(&Expr::var(ev)), k.value.subst("e", &Expr::var(ev)))),
     };
-    // The normalization's cotangent: dP, times the branch weight.
-    let weighted = |x: Expr| match &br.weight {
-        Some(w) => Expr::bin(BinOp::Mul, x, w.clone()),
+    // The normalization's cotangent: dP times the pair's factors after it, the decay and
+    // the branch weight (`p = norm · decay · weight`).
+    let times = |x: Expr, f: &Option<Expr>| match f {
+        Some(f) => Expr::bin(BinOp::Mul, x, f.clone()),
         None => x,
     };
+    let weighted = |x: Expr| times(times(x, &br.decay), &br.weight);
     let d_norm = weighted(d_p.clone());
     // Softmax: P = exp(s − lse_i) and dS = P (dnorm − D_i), D_i = Σ_j P dnorm (`Σ_e dO ∘ O`
     // when the branch is the output, computed by the host; else a row kernel of its own).
@@ -187,9 +195,19 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             let df = crate::diff::derivative_by_var(k, f, "s").map_err(|e| Unsupported(e.to_string()))?;
             (f.subst("s", &s), df.map(|df| Expr::bin(BinOp::Mul, d_norm.clone(), df.subst("s", &s))))
         }
-        Norm::Softmax { post: None, .. } | Norm::Linear { .. } => {
+        // Linear: P = s / den_i (the saved denominator `Σ_j s + eps`), dS = (dnorm − D_i) / den_i
+        // with D_i = Σ_j P dnorm as for softmax (`Σ_e dO ∘ O` too when the branch is the output).
+        Norm::Linear { .. } => {
+            let den = lse;
+            let p = Expr::bin(BinOp::Div, s, den.clone());
+            if several || br.weight.is_some() || br.decay.is_some() {
+                own_d = Some(Expr::bin(BinOp::Mul, p.clone(), d_norm.clone()));
+            }
+            (p, Some(Expr::bin(BinOp::Div, Expr::bin(BinOp::Sub, d_norm.clone(), dd), den)))
+        }
+        Norm::Softmax { post: None, .. } => {
             let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, lse));
-            if several || br.weight.is_some() {
+            if several || br.weight.is_some() || br.decay.is_some() {
                 own_d = Some(Expr::bin(BinOp::Mul, p.clone(), d_norm.clone()));
             }
             let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_norm.clone(), dd));
@@ -241,6 +259,7 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             idx: vec![],
             what: format!("D (rows{tag})"),
             target: DD.into(),
+            scale: None,
         });
     }
     // The value's leaves: over the keys, weight P (times the branch weight), value
@@ -260,6 +279,7 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             idx: idx.iter().map(swap).collect(),
             what: format!("d{tensor} (keys{tag})"),
             target: tensor,
+            scale: None,
         });
     }
     // Each leaf with its pair weight: the score's (dS, times `F'(s)` for a nonlinear score,
@@ -281,9 +301,13 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             terms.extend(nl.outer.iter().map(|t| (t.clone(), d_s.clone())));
         }
     }
-    if let Some(w) = &br.weight {
-        let pd = Expr::bin(BinOp::Mul, p, d_p);
-        terms.extend(partials(k, w).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, pd.clone())));
+    // The decay's and the weight's leaves: P · dP times the other factor.
+    let pd = Expr::bin(BinOp::Mul, p, d_p);
+    for (f, other) in [(&br.decay, &br.weight), (&br.weight, &br.decay)] {
+        if let Some(f) = f {
+            let w = times(pd.clone(), other);
+            terms.extend(partials(k, f).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, w.clone())));
+        }
     }
     for (t, d_s) in terms {
         let Target::Load { tensor, idx } = t.target else { return no("a score that reads a float variable") };
@@ -318,10 +342,18 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         let side = if keys { "keys" } else { "rows" };
         // A value reads the key and the channel, not the row: a partial without a channel
         // (a slope's `j − i`) goes into the weight, with the value 1.
+        // A partial that reads the row and the channel (a feature map's derivative): its
+        // factors that read the row go to the host, the others stay the value.
+        let (row_var, col_var) = if keys { ("j", "i") } else { ("i", "j") };
+        let mut scale = None;
         let (norm, value) = if width == Extent::Fixed(1) {
             (Expr::bin(BinOp::Mul, d_s.clone(), adj), Expr::float(1.0))
-        } else if adj.free_vars().contains(if keys { "j" } else { "i" }) {
-            return no(format!("the partial for `{tensor}` reads both the row and the channel"));
+        } else if adj.free_vars().contains(row_var) {
+            let Some((a, c, w)) = split_sides(&adj, row_var, col_var) else {
+                return no(format!("the partial for `{tensor}` reads the row, the key and the channel in one factor"));
+            };
+            scale = Some(if keys { swap(&a) } else { a });
+            (Expr::bin(BinOp::Mul, d_s.clone(), w), c)
         } else {
             (d_s.clone(), adj)
         };
@@ -330,9 +362,42 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             idx,
             what: format!("d{tensor} ({side}{tag})"),
             target: tensor,
+            scale,
         });
     }
     Ok(())
+}
+
+/// A partial (of a leaf read at row and channel `e`) as `A · C · W` from its product and
+/// quotient factors: `A` reads the row and the channel (the host's), `C` the channel and not
+/// the row (the kernel's value), `W` no channel (into the kernel's weight); `None` when a
+/// factor reads the row, the column and the channel.
+fn split_sides(e: &Expr, row: &str, col: &str) -> Option<(Expr, Expr, Expr)> {
+    let one = || Expr::float(1.0);
+    match e {
+        Expr::Binary(op @ (BinOp::Mul | BinOp::Div), x, y) => {
+            let ((ax, cx, wx), (ay, cy, wy)) = (split_sides(x, row, col)?, split_sides(y, row, col)?);
+            Some((Expr::bin(*op, ax, ay), Expr::bin(*op, cx, cy), Expr::bin(*op, wx, wy)))
+        }
+        Expr::Unary(UnOp::Neg, x) => {
+            let (a, c, w) = split_sides(x, row, col)?;
+            Some((Expr::un(UnOp::Neg, a), c, w))
+        }
+        // A piecewise factor of the row (`relu'(q)`): `select(c, x, 0) = select(c, 1, 0) · x`.
+        Expr::Select(c, x, z) if **z == Expr::float(0.0) && !c.free_vars().contains(col) => {
+            let (a, cx, w) = split_sides(x, row, col)?;
+            Some((Expr::bin(BinOp::Mul, Expr::Select(c.clone(), Box::new(one()), Box::new(Expr::float(0.0))), a), cx, w))
+        }
+        _ => {
+            let vars = e.free_vars();
+            match (vars.contains("e"), vars.contains(row), vars.contains(col)) {
+                (false, _, _) => Some((one(), one(), e.clone())),
+                (true, true, true) => None,
+                (true, true, false) => Some((e.clone(), one(), one())),
+                (true, false, _) => Some((one(), e.clone(), one())),
+            }
+        }
+    }
 }
 
 /// A score `F(R)` nonlinear in its one dot `R`: `R`, `F` over the variable `s` (`F(s)`),

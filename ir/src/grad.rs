@@ -421,6 +421,11 @@ fn derived_backward(k: &Kernel, m: &Machine, g: &mut [Vec<f64>]) -> Result<(), G
         let cx = format!("backward of tensor `{}`", t.name);
         let mut env = vec![V::I(0); vars.len()];
         for (flat, &s) in seed.iter().enumerate() {
+            // A zero cotangent contributes nothing (not `0 · NaN`: moba_route's routing scores
+            // get none, and a NaN query must not reach every key of its block through them).
+            if s == 0.0 {
+                continue;
+            }
             let mut rem = flat;
             for (a, st) in strides.iter().enumerate() {
                 env[a] = V::I((rem / st) as i64);
