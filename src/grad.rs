@@ -158,6 +158,23 @@ fn leaves<'e, 'a>(
     Ok(out)
 }
 
+/// The kernel the compiled backward differentiates and its backward kernels: the spec's,
+/// or, when that is refused, the spec with its per-row and per-key reductions hoisted into
+/// derived tensors (cosine's norms: the score becomes linear in one dot), whose gradients
+/// the host passes on to the inputs.
+pub fn backward_plan(k: &Kernel) -> Result<(Kernel, Vec<attnc_ir::backward::GradKernel>), attnc_ir::backward::Unsupported> {
+    let first = match attnc_ir::backward::backward_kernels(k) {
+        Ok(g) => return Ok((k.clone(), g)),
+        Err(e) => e,
+    };
+    let mut cfg = crate::passes::PassConfig::none();
+    cfg.set("hoist", true).expect("a pass");
+    match crate::passes::optimize(k, &cfg) {
+        Ok(o) if o.kernel != *k => attnc_ir::backward::backward_kernels(&o.kernel).map(|g| (o.kernel, g)).map_err(|_| first),
+        _ => Err(first),
+    }
+}
+
 /// A gradient from the compiled backward: f32, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grad32 {
@@ -213,9 +230,10 @@ pub fn compiled_f32(
 ) -> Result<BTreeMap<String, Grad32>, CompiledGradError> {
     use attnc_codegen::cpu::CpuBackend;
     use attnc_codegen::{Backend, Compiled};
-    use attnc_ir::backward::{backward_kernels, DD, DO, LSE};
+    use attnc_ir::backward::{DD, DO, LSE};
     use attnc_ir::reference::{ExprEval, Scalar};
-    let kernels = backward_kernels(k)?;
+    let (kb, kernels) = backward_plan(k)?;
+    let k = &kb;
     // Each kernel optimized by the passes once (the low-rank bias makes ALiBi's scores plain
     // dot products) and compiled once per options (a training loop calls this every step).
     type Prep = Vec<(Kernel, std::sync::Arc<crate::Prepared>)>;

@@ -815,7 +815,7 @@ fn run(cli: Cli) -> Result<()> {
                     attnc::grad::ones_like_output(&c.kernel, &b)
                 }
             };
-            let compiled = match (backend, ir::backward::backward_kernels(&c.kernel)) {
+            let compiled = match (backend, attnc::grad::backward_plan(&c.kernel)) {
                 (GradBackend::Reference, _) => false,
                 (_, Ok(_)) => true,
                 (GradBackend::Cpu, Err(e)) => return Err(anyhow!("{}: {e} (--backend reference runs every spec)", c.kernel.name)),
@@ -1000,7 +1000,7 @@ fn run(cli: Cli) -> Result<()> {
             let (compile_ms, peak_extra, label) = match backend {
                 Backend::Cpu if backward => {
                     let k = &spec_c.kernel;
-                    ir::backward::backward_kernels(k).map_err(|e| anyhow!("{}: {e}", k.name))?;
+                    attnc::grad::backward_plan(k).map_err(|e| anyhow!("{}: {e}", k.name))?;
                     let st = attnc_codegen::host::Storage::from_f64(k, &inputs);
                     drop(inputs);
                     let shape = b.shape(k.output());

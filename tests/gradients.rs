@@ -158,7 +158,7 @@ fn nan_propagates_through_the_backward() {
 fn compiled_backward_nan_pattern_matches_the_reference_on_every_covered_example() {
     let (mut failures, mut checked) = (Vec::new(), 0);
     for (name, c) in examples() {
-        if attnc::ir::backward::backward_kernels(&c.kernel).is_err() {
+        if attnc::grad::backward_plan(&c.kernel).is_err() {
             continue;
         }
         let Some((b, mut ins, dout)) = setup(&c, PROFILES[0].1, 8) else { continue };
@@ -297,7 +297,7 @@ fn compiled_backward_matches_the_reference_backward() {
     let extra = [("softcap_alibi_sigmoid", softcapped("sigmoid")), ("softcap_alibi_clipped", softcapped("softmax(post = clamp(1.003 * w - 0.003, 0.0, 1.0))"))]
         .map(|(n, src)| (n.to_string(), attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{n}: {}", d.message))));
     for (name, c) in examples().into_iter().chain(extra) {
-        if let Err(why) = attnc::ir::backward::backward_kernels(&c.kernel) {
+        if let Err(why) = attnc::grad::backward_plan(&c.kernel) {
             refused.push(format!("{name}: {why}"));
             continue;
         }

@@ -403,7 +403,7 @@ impl Kernel {
         dims: Option<BTreeMap<String, i64>>,
         backend: &str,
     ) -> PyResult<Vec<RawGrad>> {
-        let covered = ir::backward::backward_kernels(&self.spec.kernel);
+        let covered = attnc::grad::backward_plan(&self.spec.kernel);
         let compiled = match (backend, &covered) {
             ("reference", _) => false,
             ("cpu", Err(e)) => return Err(PyValueError::new_err(format!("{e} (backend=\"reference\" runs every spec)"))),
