@@ -175,6 +175,17 @@ pub fn backward_plan(k: &Kernel) -> Result<(Kernel, Vec<attnc_ir::backward::Grad
     }
 }
 
+/// f64 copies of the inputs `k` declares, from storage form.
+fn f64_inputs(k: &Kernel, inputs: &attnc_codegen::host::Inputs<'_>) -> Result<BTreeMap<String, Tensor>, CompiledGradError> {
+    k.inputs()
+        .map(|t| {
+            let bits = inputs.bufs.get(&t.name).ok_or_else(|| other(format!("no data for `{}`", t.name)))?;
+            let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
+            Ok((t.name.clone(), Tensor::new(inputs.shapes[&t.name].clone(), data)))
+        })
+        .collect()
+}
+
 /// A gradient from the compiled backward: f32, row-major.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Grad32 {
@@ -309,14 +320,7 @@ pub fn compiled_f32(
     });
     let read: std::collections::BTreeSet<String> = gate_sink.chain(kernels.iter().flat_map(|g| g.idx.iter().chain(&g.scale))).flat_map(|e| e.loads()).collect();
     let slim = Kernel { tensors: k.tensors.iter().filter(|t| t.kind == attnc_ir::TensorKind::Input && read.contains(&t.name)).cloned().collect(), ..k.clone() };
-    let host: BTreeMap<String, Tensor> = slim
-        .inputs()
-        .map(|t| {
-            let bits = inputs.bufs.get(&t.name).ok_or_else(|| other(format!("no data for `{}`", t.name)))?;
-            let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
-            Ok((t.name.clone(), Tensor::new(inputs.shapes[&t.name].clone(), data)))
-        })
-        .collect::<Result<_, CompiledGradError>>()?;
+    let host = f64_inputs(&slim, inputs)?;
     let eval = ExprEval::new(&slim, dims, &host).map_err(other)?;
     // Float inputs, and derived tensors (their gradients are passed on to the inputs last).
     let mut grads: BTreeMap<String, Acc> = k
@@ -449,14 +453,7 @@ pub fn compiled_f32(
         }
     }
     if !seeds.is_empty() {
-        let all: BTreeMap<String, Tensor> = k
-            .inputs()
-            .map(|t| {
-                let bits = inputs.bufs.get(&t.name).ok_or_else(|| other(format!("no data for `{}`", t.name)))?;
-                let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
-                Ok((t.name.clone(), Tensor::new(inputs.shapes[&t.name].clone(), data)))
-            })
-            .collect::<Result<_, CompiledGradError>>()?;
+        let all = f64_inputs(k, inputs)?;
         for (n, g) in attnc_ir::grad::derived_grads(k, dims, &all, &seeds).map_err(other)? {
             if let Some(acc) = grads.get_mut(&n) {
                 acc.data.iter_mut().zip(&g.data).for_each(|(a, x)| *a += x);

@@ -133,15 +133,25 @@ pub fn grad(k: &Kernel, dims: &Bindings, inputs: &BTreeMap<String, Tensor>, dout
     if dout.shape != want {
         return Err(GradError::Cotangent { name: k.output().name.clone(), got: dout.shape.clone(), want });
     }
-    let mut g: Vec<Vec<f64>> = m.tensors.iter().map(|t| vec![0.0; if t.is_int { 0 } else { t.data.len() }]).collect();
+    let mut g = zero_grads(&m);
     attend_backward(k, &m, dout, &mut g)?;
     derived_backward(k, &m, &mut g)?;
+    Ok(input_grads(k, &m, g))
+}
+
+/// A zero gradient per float tensor of the machine (none for integer ones).
+fn zero_grads(m: &Machine) -> Vec<Vec<f64>> {
+    m.tensors.iter().map(|t| vec![0.0; if t.is_int { 0 } else { t.data.len() }]).collect()
+}
+
+/// The float inputs' gradients, by name and shaped as the inputs.
+fn input_grads(k: &Kernel, m: &Machine, mut g: Vec<Vec<f64>>) -> BTreeMap<String, Tensor> {
     let mut out = BTreeMap::new();
     for t in k.inputs().filter(|t| !t.dtype.is_int()) {
         let n = m.names[&t.name];
         out.insert(t.name.clone(), Tensor::new(m.tensors[n].shape.clone(), std::mem::take(&mut g[n])));
     }
-    Ok(out)
+    out
 }
 
 /// The gradients of the float inputs of `k` given only `seeds`, gradients of some of its
@@ -154,20 +164,14 @@ pub fn derived_grads(
     seeds: &BTreeMap<String, Vec<f64>>,
 ) -> Result<BTreeMap<String, Tensor>, GradError> {
     let m = machine(k, dims, inputs)?;
-    let mut g: Vec<Vec<f64>> = m.tensors.iter().map(|t| vec![0.0; if t.is_int { 0 } else { t.data.len() }]).collect();
+    let mut g = zero_grads(&m);
     for (name, seed) in seeds {
-        let n = m.names[name];
-        if g[n].len() == seed.len() {
+        if let Some(&n) = m.names.get(name).filter(|&&n| g[n].len() == seed.len()) {
             g[n].clone_from(seed);
         }
     }
     derived_backward(k, &m, &mut g)?;
-    let mut out = BTreeMap::new();
-    for t in k.inputs().filter(|t| !t.dtype.is_int()) {
-        let n = m.names[&t.name];
-        out.insert(t.name.clone(), Tensor::new(m.tensors[n].shape.clone(), std::mem::take(&mut g[n])));
-    }
-    Ok(out)
+    Ok(input_grads(k, &m, g))
 }
 
 /// Whether attnc derives the gradient of every expression of `k` (a float `max`/`min`

@@ -149,7 +149,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
                 step: module.declare_func_in_func(m.step, b.func),
                 qk_max: module.declare_func_in_func(m.qk_max, b.func),
                 weights: module.declare_func_in_func(m.weights, b.func),
-                exp_cols: module.declare_func_in_func(m.exp_cols, b.func),
+                exp_cols: m.exp_cols.map(|x| module.declare_func_in_func(x, b.func)),
             }),
         )
     });
@@ -228,8 +228,10 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
     let mut kinds: Vec<FuncKind> = k.derived().map(|t| FuncKind::Derive(t.name.clone())).collect();
     let mut mm = None;
     match &s.algorithm {
-        Algorithm::Tiled(_) => {
+        Algorithm::Tiled(t) => {
             kinds.push(FuncKind::Pack);
+            // The per-key weights routine only where a map takes `exp(s − t)` of a key statistic.
+            let key_stat = t.workspace.key_stat;
             let mut import = |name: &str, kind: FuncKind| module.declare_function(name, Linkage::Import, &signature(&module, &kind)).map_err(err);
             mm = Some(if o.microkernel {
                 let q = import("attnc_mk_qk", FuncKind::MmQk)?;
@@ -237,7 +239,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
                 let s = import("attnc_mk_softmax", FuncKind::Softmax)?;
                 let m = import("attnc_mk_qk_max", FuncKind::QkMax)?;
                 let w = import("attnc_mk_weights", FuncKind::Weights)?;
-                let x = import("attnc_mk_exp_cols", FuncKind::ExpCols)?;
+                let x = if key_stat { Some(import("attnc_mk_exp_cols", FuncKind::ExpCols)?) } else { None };
                 (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x }))
             } else {
                 kinds.push(FuncKind::MmQk);

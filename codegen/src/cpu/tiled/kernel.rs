@@ -381,39 +381,37 @@ impl Gen<'_, '_> {
         });
     }
 
-    /// A map's per-row statistic `t` in base 2 into `m` and 1 into `corr`: the second-pass
-    /// weights routine then computes `2^(s − t·log2 e)` (rows past the end read the last).
-    fn row_stats(&mut self, f: &TileFrame, stat: &Expr) {
-        let TileFrame { i0, ni, bqv, m_ws, corr_ws, zero, one_f, .. } = *f;
-        self.for_range(zero, bqv, &mut |g, r| {
-            let i = g.b.ins().iadd(i0, r);
-            let il = g.b.ins().iadd_imm_s(ni, -1);
-            let i = g.b.ins().smin(i, il);
-            g.bind("i", i);
+    /// A map's statistic `t` in base 2 at `var = first + n` for `n < count` (clamped below
+    /// `limit`: rows or keys past the end read the last) into `dst[n]`, and 1 into `ones[n]`
+    /// when given.
+    #[allow(clippy::too_many_arguments)]
+    fn stats_base2(&mut self, stat: &Expr, var: &str, first: Value, count: Value, limit: Value, dst: Value, ones: Option<Value>) {
+        let (zero, one_f) = (self.iconst(0), self.fconst(1.0));
+        self.for_range(zero, count, &mut |g, n| {
+            let x = g.b.ins().iadd(first, n);
+            let last = g.b.ins().iadd_imm_s(limit, -1);
+            let x = g.b.ins().smin(x, last);
+            g.bind(var, x);
             let t = g.expr(stat);
             g.unbind(1);
             let l2e = g.fconst(std::f32::consts::LOG2_E);
             let t = g.b.ins().fmul(t, l2e);
-            g.store_f32(m_ws, r, t);
-            g.store_f32(corr_ws, r, one_f);
+            g.store_f32(dst, n, t);
+            if let Some(o) = ones {
+                g.store_f32(o, n, one_f);
+            }
         });
     }
 
-    /// A map's per-key statistic `t` of key tile `j0` in base 2 into `kstat` (keys past the
-    /// end read the last).
+    /// A map's per-row statistic into `m` and 1 into `corr`: the second-pass weights routine
+    /// then computes `2^(s − t·log2 e)`.
+    fn row_stats(&mut self, f: &TileFrame, stat: &Expr) {
+        self.stats_base2(stat, "i", f.i0, f.bqv, f.ni, f.m_ws, Some(f.corr_ws));
+    }
+
+    /// A map's per-key statistic of key tile `j0` into `kstat`.
     fn key_stats(&mut self, f: &TileFrame, stat: &Expr, j0: Value) {
-        let TileFrame { mj, bkv, kstat_ws, zero, .. } = *f;
-        self.for_range(zero, bkv, &mut |g, c| {
-            let j = g.b.ins().iadd(j0, c);
-            let jl = g.b.ins().iadd_imm_s(mj, -1);
-            let j = g.b.ins().smin(j, jl);
-            g.bind("j", j);
-            let t = g.expr(stat);
-            g.unbind(1);
-            let l2e = g.fconst(std::f32::consts::LOG2_E);
-            let t = g.b.ins().fmul(t, l2e);
-            g.store_f32(kstat_ws, c, t);
-        });
+        self.stats_base2(stat, "j", j0, f.bkv, f.mj, f.kstat_ws, None);
     }
 
     /// One pass over the live key tiles: the scores' matmul, the rows, the softmax step and `P·V`.
@@ -518,7 +516,8 @@ impl Gen<'_, '_> {
                 if let (Some(es), Some(mk)) = (exp_stat, softmax_mk) {
                     if es.per_key {
                         g.key_stats(f, &es.stat, j0);
-                        g.b.ins().call(mk.exp_cols, &[s_ws, bkv, nq, bkv, f.kstat_ws]);
+                        let exp_cols = mk.exp_cols.expect("the schedule's key_stat imports exp_cols");
+                        g.b.ins().call(exp_cols, &[s_ws, bkv, nq, bkv, f.kstat_ws]);
                     } else {
                         g.b.ins().call(mk.weights, &[s_ws, bkv, nq, bkv, m_ws, corr_ws]);
                     }

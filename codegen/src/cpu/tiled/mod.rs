@@ -42,6 +42,7 @@ pub(crate) struct SoftmaxKernels<F> {
     pub step: F,
     pub qk_max: F,
     pub weights: F,
-    /// `2^(s − t[c])` of a per-key statistic ([`crate::schedule::tiled::ExpStat`]).
-    pub exp_cols: F,
+    /// `2^(s − t[c])` of a per-key statistic ([`crate::schedule::tiled::ExpStat`]), where a
+    /// map has one.
+    pub exp_cols: Option<F>,
 }
