@@ -318,7 +318,10 @@ pub fn compiled_f32(
         attnc_ir::Norm::Softmax { sink: Some(s), .. } => Some(s),
         _ => None,
     });
-    let read: std::collections::BTreeSet<String> = gate_sink.chain(kernels.iter().flat_map(|g| g.idx.iter().chain(&g.scale))).flat_map(|e| e.loads()).collect();
+    let read: std::collections::BTreeSet<String> = gate_sink
+        .chain(kernels.iter().flat_map(|g| g.idx.iter().chain(&g.scale).chain(g.extras.iter().flat_map(|x| x.idx.iter().chain([&x.factor])))))
+        .flat_map(|e| e.loads())
+        .collect();
     let slim = Kernel { tensors: k.tensors.iter().filter(|t| t.kind == attnc_ir::TensorKind::Input && read.contains(&t.name)).cloned().collect(), ..k.clone() };
     let host = f64_inputs(&slim, inputs)?;
     let eval = ExprEval::new(&slim, dims, &host).map_err(other)?;
@@ -377,7 +380,7 @@ pub fn compiled_f32(
         view.bufs.insert(LSE.into(), &lse_bits);
         view.bufs.insert(DD.into(), &dd_bits);
         view.bufs.insert(DO.into(), &do_bits);
-        let pshape = dims.shape(gk.kernel.output());
+        let pshape = dims.complete(&gk.kernel).shape(gk.kernel.output());
         let mut part = vec![0f32; pshape.iter().product()];
         compile(&gk.kernel)?.run_into(&view, &explicit, &mut part).map_err(|e| other(format!("{}: {e}", gk.what)))?;
         // A post-map's `D` (the first kernel, one value per row) replaces `Σ dO ∘ O`.
@@ -386,8 +389,20 @@ pub fn compiled_f32(
             dd = part;
             continue;
         }
+        let [pb, ph, pr, width] = pshape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
+        // The extras' channels come last: `Σ_j weight · c(j)` per row, times the factor.
+        let pe = width - gk.extras.len();
+        for (n, x) in gk.extras.iter().enumerate() {
+            let rows = ["b", "h", "i"];
+            let (idx, factor): (Vec<_>, _) = (x.idx.iter().map(|e| eval.prepare(e, &rows)).collect(), eval.prepare(&x.factor, &rows));
+            let t = grads.get_mut(&x.target).ok_or_else(|| other(format!("`{}` is not a float input", x.target)))?;
+            for (row, y) in part.chunks(width).enumerate() {
+                let (b, h, r) = (row / (ph * pr), row / pr % ph, row % pr);
+                let vals = [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64)];
+                add_at(t, &x.target, &idx, &vals, y[pe + n] as f64 * num(factor.eval(&vals).map_err(other)?))?;
+            }
+        }
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
-        let [pb, ph, pr, pe] = pshape[..] else { return Err(other("a backward kernel's output is not [B, H, rows, E]")) };
         // The index is affine in `e` along the gradient's last axis (`q[b, h, i, e]`): one
         // evaluation per row; otherwise one per element.
         let last = gk.idx.len().checked_sub(1);
@@ -406,7 +421,7 @@ pub fn compiled_f32(
         for b in 0..pb {
             for h in 0..ph {
                 for r in 0..pr {
-                    let row = &part[((b * ph + h) * pr + r) * pe..][..pe];
+                    let row = &part[((b * ph + h) * pr + r) * width..][..pe];
                     let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
                     if contiguous && scale.is_none() {
                         let base = at(&v(0))?;

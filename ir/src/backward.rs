@@ -73,6 +73,19 @@ pub struct GradKernel {
     /// feature map's derivative, `elu'(q[b, h, i, e])`): the host multiplies each output
     /// element by it (an expression of `b`, `h`, `i`, `e`) before adding it.
     pub scale: Option<Expr>,
+    /// Scalars of the same weight riding along as the output's last channels, one each
+    /// (ALiBi's slope: `Σ_j dS_ij (j − p) = Σ_j dS_ij j − p Σ_j dS_ij`, two channels of the
+    /// `dq` kernel instead of a kernel of its own).
+    pub extras: Vec<Extra>,
+}
+
+/// One extra output channel of a backward kernel: `Σ_j weight_ij · c(j)` per row, which the
+/// host multiplies by `factor` (of `b`, `h`, `i`) and adds into `target` at `idx`.
+#[derive(Clone, Debug)]
+pub struct Extra {
+    pub target: String,
+    pub idx: Vec<Expr>,
+    pub factor: Expr,
 }
 
 /// Why a kernel has no compiled backward yet.
@@ -224,7 +237,7 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
 
     // A kernel over the rows (`keys: false`) or the keys, in the forward's frame: the
     // normalization map `norm`, the value `value` (of `e` over `width`).
-    let make = |what: &str, norm: &Expr, value: &Expr, width: Extent, keys: bool| -> Kernel {
+    let make = |what: &str, norm: &Expr, value: &Expr, width: Extent, keys: bool, more_dims: &[DimDecl]| -> Kernel {
         let f = |e: &Expr| if keys { swap(e) } else { e.clone() };
         let rows = if keys { k.iter.j.clone() } else { k.iter.i.clone() };
         let cols = if keys { k.iter.i.clone() } else { k.iter.j.clone() };
@@ -238,7 +251,7 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         let norm = Norm::Map(f(norm));
         Kernel {
             name: format!("{}_{what}{suffix}", k.name),
-            dims: k.dims.clone(),
+            dims: [k.dims.as_slice(), more_dims].concat(),
             tensors,
             requires: k.requires.clone(),
             iter: Iter { b: k.iter.b.clone(), h: k.iter.h.clone(), i: rows, j: cols, e: width },
@@ -255,11 +268,12 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
     // The branch's `D` first: a row kernel of width 1 (the host reads it as `__dd`).
     if let Some(wdw) = &own_d {
         kernels.push(GradKernel {
-            kernel: make("dd", wdw, &Expr::float(1.0), Extent::Fixed(1), false),
+            kernel: make("dd", wdw, &Expr::float(1.0), Extent::Fixed(1), false, &[]),
             idx: vec![],
             what: format!("D (rows{tag})"),
             target: DD.into(),
             scale: None,
+            extras: vec![],
         });
     }
     // The value's leaves: over the keys, weight P (times the branch weight), value
@@ -275,11 +289,12 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         }
         let value = Expr::bin(BinOp::Mul, d_o(&Expr::var("e")), t.adj);
         kernels.push(GradKernel {
-            kernel: make(&format!("d{tensor}"), &p_weighted, &value, k.iter.e.clone(), true),
+            kernel: make(&format!("d{tensor}"), &p_weighted, &value, k.iter.e.clone(), true, &[]),
             idx: idx.iter().map(swap).collect(),
             what: format!("d{tensor} (keys{tag})"),
             target: tensor,
             scale: None,
+            extras: vec![],
         });
     }
     // Each leaf with its pair weight: the score's (dS, times `F'(s)` for a nonlinear score,
@@ -309,6 +324,7 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             terms.extend(partials(k, f).map_err(|e| Unsupported(e.to_string()))?.into_iter().map(|t| (t, w.clone())));
         }
     }
+    let mut jobs: Vec<Job> = Vec::new();
     for (t, d_s) in terms {
         let Target::Load { tensor, idx } = t.target else { return no("a score that reads a float variable") };
         if !float(&tensor) {
@@ -346,6 +362,9 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         // factors that read the row go to the host, the others stay the value.
         let (row_var, col_var) = if keys { ("j", "i") } else { ("i", "j") };
         let mut scale = None;
+        // A scalar over the rows whose partial is a sum of row terms times key terms may ride
+        // along a wider kernel of the same weight (below).
+        let low_rank = if width == Extent::Fixed(1) && !keys { low_rank_terms(&adj, row_var, col_var) } else { None };
         let (norm, value) = if width == Extent::Fixed(1) {
             (Expr::bin(BinOp::Mul, d_s.clone(), adj), Expr::float(1.0))
         } else if adj.free_vars().contains(row_var) {
@@ -357,15 +376,109 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         } else {
             (d_s.clone(), adj)
         };
+        jobs.push(Job { what: format!("d{tensor} ({side}{tag})"), tensor, idx, norm, value, width, keys, scale, weight: d_s, low_rank, extras: vec![] });
+    }
+    // Scalars that ride along: into the first wide rows kernel of the same weight (whose own
+    // channels need no host factor).
+    let mut n = 0;
+    while n < jobs.len() {
+        let host = jobs.iter().position(|h| !h.keys && h.width != Extent::Fixed(1) && h.scale.is_none() && h.low_rank.is_none() && h.weight == jobs[n].weight);
+        match (host, jobs[n].low_rank.is_some()) {
+            (Some(h), true) if h != n => {
+                let job = jobs.remove(n);
+                let h = if h > n { h - 1 } else { h };
+                for (a, c) in job.low_rank.expect("checked") {
+                    jobs[h].extras.push((c, Extra { target: job.tensor.clone(), idx: job.idx.clone(), factor: a }));
+                }
+                jobs[h].what = format!("{} + {}", jobs[h].what, job.what);
+            }
+            _ => n += 1,
+        }
+    }
+    for job in jobs {
+        let (width, value, dims) = if job.extras.is_empty() {
+            (job.width, job.value, vec![])
+        } else {
+            // The value's channels, then one per extra: `select(e < W, value, c_0, c_1, ...)`.
+            let base = job.width.to_expr();
+            let name = "__EX".to_string();
+            let def = Expr::bin(BinOp::Add, base.clone(), Expr::Int(job.extras.len() as i64));
+            let mut value = Expr::float(0.0);
+            for (r, (c, _)) in job.extras.iter().enumerate().rev() {
+                let at = Expr::bin(BinOp::Add, base.clone(), Expr::Int(r as i64));
+                value = Expr::Select(Box::new(Expr::bin(BinOp::Eq, Expr::var("e"), at)), Box::new(c.clone()), Box::new(value));
+            }
+            let value = Expr::Select(Box::new(Expr::bin(BinOp::Lt, Expr::var("e"), base)), Box::new(job.value), Box::new(value));
+            (Extent::Dim(name.clone()), value, vec![DimDecl { name, def: Some(def) }])
+        };
         kernels.push(GradKernel {
-            kernel: make(&format!("d{tensor}"), &norm, &value, width, keys),
-            idx,
-            what: format!("d{tensor} ({side}{tag})"),
-            target: tensor,
-            scale,
+            kernel: make(job.what.split(' ').next().unwrap_or("d"), &job.norm, &value, width, job.keys, &dims),
+            idx: job.idx,
+            what: job.what,
+            target: job.tensor,
+            scale: job.scale,
+            extras: job.extras.into_iter().map(|(_, x)| x).collect(),
         });
     }
     Ok(())
+}
+
+/// A leaf's backward kernel before it is built (see the merge in [`branch_kernels`]).
+struct Job {
+    tensor: String,
+    idx: Vec<Expr>,
+    norm: Expr,
+    value: Expr,
+    width: Extent,
+    keys: bool,
+    scale: Option<Expr>,
+    what: String,
+    /// The pair weight the partial multiplies (`dS`).
+    weight: Expr,
+    /// For a scalar over the rows: its partial as `Σ A_r(row) · C_r(key)`.
+    low_rank: Option<Vec<(Expr, Expr)>>,
+    extras: Vec<(Expr, Extra)>,
+}
+
+/// `e` (free of the channel) as a sum of products `A_r · C_r`, `A_r` free of `col` and
+/// `C_r` free of `row` (ALiBi's `−float(p − j)` is `−float(p) · 1 + 1 · float(j)`); at most
+/// four terms.
+fn low_rank_terms(e: &Expr, row: &str, col: &str) -> Option<Vec<(Expr, Expr)>> {
+    fn terms(e: &Expr, sign: bool, out: &mut Vec<(bool, Expr)>) {
+        match e {
+            Expr::Binary(BinOp::Add, a, b) => {
+                terms(a, sign, out);
+                terms(b, sign, out);
+            }
+            Expr::Binary(BinOp::Sub, a, b) => {
+                terms(a, sign, out);
+                terms(b, !sign, out);
+            }
+            Expr::Unary(UnOp::Neg, a) => terms(a, !sign, out),
+            // An integer sum converts term by term (exact below 2^24).
+            Expr::Unary(UnOp::ToFloat, a) if matches!(**a, Expr::Binary(BinOp::Add | BinOp::Sub, ..) | Expr::Unary(UnOp::Neg, _)) => {
+                let mut inner = Vec::new();
+                terms(a, sign, &mut inner);
+                out.extend(inner.into_iter().map(|(s, t)| (s, Expr::un(UnOp::ToFloat, t))));
+            }
+            _ => out.push((sign, e.clone())),
+        }
+    }
+    if e.free_vars().contains("e") {
+        return None;
+    }
+    let mut ts = Vec::new();
+    terms(e, true, &mut ts);
+    if ts.len() > 4 {
+        return None;
+    }
+    ts.into_iter()
+        .map(|(sign, t)| {
+            let (a, c, w) = split_sides_of(&t, row, col)?;
+            let a = Expr::bin(BinOp::Mul, a, w);
+            Some((if sign { a } else { Expr::un(UnOp::Neg, a) }, c))
+        })
+        .collect()
 }
 
 /// A partial (of a leaf read at row and channel `e`) as `A · C · W` from its product and
@@ -395,6 +508,29 @@ fn split_sides(e: &Expr, row: &str, col: &str) -> Option<(Expr, Expr, Expr)> {
                 (true, true, true) => None,
                 (true, true, false) => Some((e.clone(), one(), one())),
                 (true, false, _) => Some((one(), e.clone(), one())),
+            }
+        }
+    }
+}
+
+/// A product (free of the channel) as `A · C · 1`, `A` free of `col` and `C` free of `row`
+/// (`None` when a factor reads both).
+fn split_sides_of(e: &Expr, row: &str, col: &str) -> Option<(Expr, Expr, Expr)> {
+    match e {
+        Expr::Binary(op @ (BinOp::Mul | BinOp::Div), x, y) => {
+            let ((ax, cx, _), (ay, cy, _)) = (split_sides_of(x, row, col)?, split_sides_of(y, row, col)?);
+            Some((Expr::bin(*op, ax, ay), Expr::bin(*op, cx, cy), Expr::float(1.0)))
+        }
+        Expr::Unary(UnOp::Neg, x) => {
+            let (a, c, w) = split_sides_of(x, row, col)?;
+            Some((Expr::un(UnOp::Neg, a), c, w))
+        }
+        _ => {
+            let vars = e.free_vars();
+            match (vars.contains(row), vars.contains(col)) {
+                (true, true) => None,
+                (false, true) => Some((Expr::float(1.0), e.clone(), Expr::float(1.0))),
+                _ => Some((e.clone(), Expr::float(1.0), Expr::float(1.0))),
             }
         }
     }
