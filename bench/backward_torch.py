@@ -16,7 +16,6 @@ Ratio = PyTorch time / attnc time (> 1: attnc is faster).
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -28,16 +27,6 @@ import attnc  # noqa: E402
 ROOT = ct.ROOT
 # Tier A softmax variants the compiled backward covers (see docs/backward.md).
 VARIANTS = ["sdpa_causal", "alibi", "sliding_window_sink", "document_mask", "prefix_lm", "softcap", "sink_softmax"]
-
-
-def median(fn, runs):
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def main():
@@ -85,25 +74,25 @@ def main():
                     x.grad = None
                 fwd().backward(do_t)
 
-            attnc_step()  # compile and warm up
+            # Each timing warms up first (compiles on the first call); medians in ms.
             best, failed = {"attnc": float("inf")}, {}
             for name, fwd in base:
                 try:
-                    torch_step(fwd)  # compile and warm up
+                    torch_step(fwd)
                 except Exception as e:  # noqa: BLE001
                     failed[name] = ct.first_line(e)
             for _ in range(a.rounds):
-                best["attnc"] = min(best["attnc"], median(attnc_step, a.runs))
+                best["attnc"] = min(best["attnc"], ct.median_time(attnc_step, a.runs))
                 for name, fwd in base:
                     if name not in failed:
-                        best[name] = min(best.get(name, float("inf")), median(lambda: torch_step(fwd), a.runs))
-            ms = best["attnc"] * 1e3
+                        best[name] = min(best.get(name, float("inf")), ct.median_time(lambda: torch_step(fwd), a.runs))
+            ms = best["attnc"]
             print(f"{spec:20} {n:>5} {ms:9.1f}")
             for name, _ in base:
                 if name in failed:
                     print(f"{'':20} {n:>5} {'':9} {name:>6} failed: {failed[name]}")
                 else:
-                    print(f"{'':20} {n:>5} {'':9} {name:>6} {best[name] * 1e3:9.1f} {best[name] * 1e3 / ms:6.2f}")
+                    print(f"{'':20} {n:>5} {'':9} {name:>6} {best[name]:9.1f} {best[name] / ms:6.2f}")
             sys.stdout.flush()
 
 
