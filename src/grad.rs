@@ -274,20 +274,8 @@ pub fn compiled_f32(
             Ok(std::sync::Arc::new(crate::Prepared::new(&c, &crate::passes::PassConfig::default()).map_err(other)?))
         })?;
         // The low-rank bias only where these inputs round as well with it as without.
-        let small: BTreeMap<String, Tensor> = prep
-            .bias_reads
-            .iter()
-            .filter_map(|n| {
-                let (t, bits) = (kern.tensor(n)?, inputs.bufs.get(n)?);
-                let data = bits.iter().map(|x| if t.dtype.is_int() { *x as i32 as f64 } else { f32::from_bits(*x) as f64 }).collect();
-                Some((n.clone(), Tensor::new(inputs.shapes[n].clone(), data)))
-            })
-            .collect();
-        let oracle = crate::passes::tiles::DataOracle::new(
-            small.iter().map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), kern.tensor(n).is_some_and(|d| d.dtype.is_int())))).collect(),
-            1 << 14,
-        );
-        let (chosen, _, _) = prep.pick(dims, &crate::passes::bounds::Bounded::new(oracle));
+        let bias = Kernel { tensors: kern.inputs().filter(|t| prep.bias_reads.contains(&t.name)).cloned().collect(), ..kern.clone() };
+        let (chosen, _, _) = prep.pick_in(kern, dims, &f64_inputs(&bias, inputs)?);
         // The forward's statistics are laid out by the spec's branches: a rewrite that
         // changed them runs the kernel as written.
         let chosen = if attnc_ir::reference::same_stats_layout(&chosen.kernel, kern) { &chosen.kernel } else { kern };

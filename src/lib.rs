@@ -160,6 +160,25 @@ impl Prepared {
         }
         (&self.optimized, &self.log, None)
     }
+
+    /// [`Prepared::pick`] with the bias's tensors read from `tensors` (f64; only those in
+    /// [`Prepared::bias_reads`] are looked at), `k` the kernel that declares them.
+    pub fn pick_in(
+        &self,
+        k: &ir::Kernel,
+        dims: &ir::Bindings,
+        tensors: &std::collections::BTreeMap<String, ir::reference::Tensor>,
+    ) -> (&dsl::Checked, &[passes::Applied], Option<String>) {
+        let oracle = passes::tiles::DataOracle::new(
+            tensors
+                .iter()
+                .filter(|(n, _)| self.bias_reads.contains(*n))
+                .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), k.tensor(n).is_some_and(|d| d.dtype.is_int()))))
+                .collect(),
+            1 << 14,
+        );
+        self.pick(dims, &passes::bounds::Bounded::new(oracle))
+    }
 }
 
 /// [`optimize`] for these inputs ([`Prepared::pick`]): the third value says why the exact
@@ -176,15 +195,7 @@ pub fn optimize_for(
     }
     let shapes = inputs.iter().map(|(n, t)| (n.clone(), t.shape.clone())).collect();
     let Ok(dims) = ir::bind(&c.kernel, &shapes, given) else { return Ok((p.optimized, p.log, None)) };
-    let oracle = passes::tiles::DataOracle::new(
-        inputs
-            .iter()
-            .filter(|(n, _)| p.bias_reads.contains(*n))
-            .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), c.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
-            .collect(),
-        1 << 14,
-    );
-    let (k, log, why) = p.pick(&dims, &passes::bounds::Bounded::new(oracle));
+    let (k, log, why) = p.pick_in(&c.kernel, &dims, inputs);
     Ok((k.clone(), log.to_vec(), why))
 }
 

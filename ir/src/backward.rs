@@ -202,6 +202,8 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
     // when the branch is the output, computed by the host; else a row kernel of its own).
     // A map p = f(s): P = f(s) and dS = dnorm · f'(s) (none when f does not read s).
     // A post-map `p = post(w)`: `dw = dnorm · post'(w)`, `dS = w (dw − D)` with `D = Σ_j w dw`.
+    // The branch's `D` is `Σ_e dO ∘ O` only when the branch alone, unweighted, is the output.
+    let not_the_output = several || br.weight.is_some() || br.decay.is_some();
     let mut own_d = None;
     let (p, d_s) = match &br.norm {
         Norm::Map(f) => {
@@ -213,14 +215,14 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         Norm::Linear { .. } => {
             let den = lse;
             let p = Expr::bin(BinOp::Div, s, den.clone());
-            if several || br.weight.is_some() || br.decay.is_some() {
+            if not_the_output {
                 own_d = Some(Expr::bin(BinOp::Mul, p.clone(), d_norm.clone()));
             }
             (p, Some(Expr::bin(BinOp::Div, Expr::bin(BinOp::Sub, d_norm.clone(), dd), den)))
         }
         Norm::Softmax { post: None, .. } => {
             let p = Expr::un(UnOp::Exp, Expr::bin(BinOp::Sub, s, lse));
-            if several || br.weight.is_some() || br.decay.is_some() {
+            if not_the_output {
                 own_d = Some(Expr::bin(BinOp::Mul, p.clone(), d_norm.clone()));
             }
             let d_s = Expr::bin(BinOp::Mul, p.clone(), Expr::bin(BinOp::Sub, d_norm.clone(), dd));

@@ -317,14 +317,7 @@ impl Kernel {
         };
         // The kernel for these inputs: the low-rank guard reads only the bias's tensors.
         let small = self.tensors(&b, &|n| self.prepared.bias_reads.contains(n));
-        let oracle = attnc::passes::tiles::DataOracle::new(
-            small
-                .iter()
-                .map(|(n, t)| (n.clone(), (t.shape.as_slice(), t.data.as_slice(), self.spec.kernel.tensor(n).is_some_and(|d| d.dtype.is_int()))))
-                .collect(),
-            1 << 14,
-        );
-        let (oc, _, off) = self.prepared.pick(&bound, &attnc::passes::bounds::Bounded::new(oracle));
+        let (oc, _, off) = self.prepared.pick_in(&self.spec.kernel, &bound, &small);
         let (options, passes_off, _) = self.choose(&bound, &|| self.tensors(&b, &|_| true));
         let (kc, label) = if passes_off.is_empty() && off.is_none() {
             (oc.clone(), "optimized".to_string())
