@@ -695,6 +695,40 @@ fn a_mask_may_read_data_at_a_neighbouring_key() {
     }
 }
 
+/// One compiled kernel, called with other mask data, then with the first again: the tile
+/// classes (kept with the data they came from) follow the data.
+#[test]
+fn a_compiled_kernel_follows_its_mask_data_from_call_to_call() {
+    let src = std::fs::read_to_string("examples/document_mask.attn").expect("spec");
+    let c = attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{}", d.render("document_mask.attn", &src)));
+    let dims: BTreeMap<String, i64> =
+        [("B", 2), ("H", 2), ("G", 1), ("N", 200), ("M", 200), ("D", 8), ("Dv", 8)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+    let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+    let base = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 11).expect("inputs");
+    // Four documents per row (whole key tiles empty), then one; then the four again (the
+    // first table's data).
+    let four = |x: usize| ((x % 200) / 50) as f64;
+    let layouts: [&dyn Fn(usize) -> f64; 3] = [&four, &|_| 0.0, &four];
+    let on: Vec<(&str, Box<dyn Compiled>)> = {
+        let (oc, _) = attnc::optimize(&c, &PassConfig::all()).expect("passes");
+        let mut v: Vec<(&str, Box<dyn Compiled>)> = Vec::new();
+        v.push(("cpu", Box::new(CpuBackend::default().compile(&oc.kernel, &oc.info, &CpuOptions::default()).expect("cpu").checking(&c.kernel))));
+        if WgslBackend.available().is_ok() {
+            v.push(("wgsl", Box::new(WgslBackend.compile(&oc.kernel, &oc.info, &WgslOptions::default()).expect("wgsl").checking(&c.kernel))));
+        }
+        v
+    };
+    for (n, layout) in layouts.iter().enumerate() {
+        let mut ins = base.clone();
+        ins.get_mut("seg").expect("seg").data.iter_mut().enumerate().for_each(|(x, s)| *s = layout(x));
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+        for (name, k) in &on {
+            let got = k.run(&ins, &BTreeMap::new()).unwrap_or_else(|e| panic!("{name}: {e}"));
+            compare(&format!("document_mask, layout {n}, on {name}"), &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
 /// `floor`, `ceil`, `round` (half to even, on exact halves), `cos`, `sin` and `int` (of
 /// `log(0) = -inf`, saturated and then scaled and offset: it must not wrap on one backend
 /// and not on another) in a bias, on the CPU (vector and scalar code) and WGSL (tiled and

@@ -157,8 +157,17 @@ pub fn value_tensors(k: &Kernel) -> Vec<String> {
 /// key would reach rows the reference keeps it from (0 · NaN is NaN); a call where this is
 /// false runs the row kernel, which skips masked pairs. (The chunked forms sum only the
 /// pairs their masks keep, within a chunk and across chunks, and need no such check.)
+/// The values are scanned in parallel, in blocks without an early exit (so the test
+/// vectorizes): a small share of a call even when attention itself is sparse.
 pub fn values_finite(names: &[String], bufs: &BTreeMap<String, &[u32]>) -> bool {
-    names.iter().all(|n| bufs.get(n).is_none_or(|b| b.iter().all(|w| f32::from_bits(*w).is_finite())))
+    use rayon::prelude::*;
+    names.iter().all(|n| bufs.get(n).is_none_or(|b| b.par_chunks(1 << 16).all(|c| c.chunks(1024).all(finite_bits))))
+}
+
+/// Whether no f32 (as bits) in `w` is a NaN or an infinity (all exponent bits set).
+fn finite_bits(w: &[u32]) -> bool {
+    const EXP: u32 = 0x7f80_0000;
+    w.iter().fold(0u32, |acc, x| acc | u32::from(x & EXP == EXP)) == 0
 }
 
 /// Refuses a run whose estimate (`parts`: what and bytes) exceeds [`memory_limit`].
@@ -348,7 +357,7 @@ pub fn derive_tasks(t: &TensorDecl, shape: &[usize]) -> Vec<(i64, i64)> {
 }
 
 /// Tensors as f64, for the run-time analyses: the masks' tensors for the tile classifier
-/// ([`TensorData::masks`]), the index tensors for the bounds check ([`TensorData::indices`]).
+/// ([`tile_classes`]), the index tensors for the bounds check ([`TensorData::indices`]).
 pub struct TensorData {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f64>, bool)>,
 }
@@ -368,16 +377,33 @@ impl TensorData {
         TensorData { tensors }
     }
 
-    /// The tensors the masks read.
-    pub fn masks(k: &Kernel, dims: &Bindings, bufs: &BTreeMap<String, &[u32]>) -> TensorData {
-        let names: std::collections::BTreeSet<String> = k.branches.iter().flat_map(|b| b.mask.iter().flat_map(|m| m.loads())).collect();
-        TensorData::new(k, dims, bufs, &names)
-    }
-
     /// The classifier's view (boxes of up to 2^14 elements are read exactly).
     pub fn oracle(&self) -> attnc_passes::tiles::DataOracle<'_> {
         attnc_passes::tiles::DataOracle::new(self.tensors.iter().map(|(n, (s, v, i))| (n.clone(), (s.as_slice(), v.as_slice(), *i))).collect(), 1 << 14)
     }
+}
+
+/// The tile classes of kernel `k` at `grid` (`nb` batches, `nh` heads) as every runtime gets
+/// them: from the masks alone (kept per shape), or from the tensors the masks read, here in
+/// `bufs` (the last table is reused while those tensors hold the same values).
+pub fn tile_classes(
+    classifier: &crate::schedule::classes::TileClassifier,
+    k: &Kernel,
+    grid: &crate::schedule::classes::TileGrid,
+    nb: i64,
+    nh: i64,
+    dims: &Bindings,
+    bufs: &BTreeMap<String, &[u32]>,
+) -> crate::schedule::classes::TileClassTable {
+    let names: std::collections::BTreeSet<String> = k.branches.iter().flat_map(|b| b.mask.iter().flat_map(|m| m.loads())).collect();
+    if names.is_empty() {
+        return classifier.table(k, grid, nb, nh, &dims.dims, &attnc_passes::interval::NoData);
+    }
+    let data: Vec<(&str, &[u32])> = names.iter().filter_map(|n| bufs.get(n).map(|b| (n.as_str(), *b))).collect();
+    classifier.with_data(grid, nb, nh, &dims.dims, &data, &mut |c| {
+        let data = TensorData::new(k, dims, bufs, &names);
+        c.table(k, grid, nb, nh, &dims.dims, &data.oracle())
+    })
 }
 
 /// The bounds check of `attnc_passes::bounds` as a runtime runs it, on the kernel whose
@@ -466,5 +492,25 @@ mod tests {
         assert_eq!(derive_tasks(&t("C"), &[3, 8, 100]), vec![(0, 3)]);
         let r = derive_tasks(&t("R"), &[200]);
         assert_eq!((r.len(), r[0], *r.last().unwrap()), (67, (0, 3), (198, 200)));
+    }
+
+    #[test]
+    fn values_finite_finds_any_nan_or_infinity() {
+        // Longer than a parallel block (2^16) and not a multiple of the inner one (1024).
+        let n = (1 << 17) + 37;
+        let finite: Vec<u32> = (0..n).map(|x| (x as f32 * 1e30 - 3e35).to_bits()).collect();
+        let names = vec!["v".to_string(), "w".to_string()];
+        let ok = BTreeMap::from([("v".to_string(), finite.as_slice())]);
+        assert!(values_finite(&names, &ok), "finite values (and a tensor without a buffer)");
+        for at in [0, 1023, 1024, 1 << 16, n - 1] {
+            for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                let mut v = finite.clone();
+                v[at] = bad.to_bits();
+                let b = BTreeMap::from([("v".to_string(), finite.as_slice()), ("w".to_string(), v.as_slice())]);
+                assert!(!values_finite(&names, &b), "{bad} at {at}");
+            }
+        }
+        let edge: Vec<u32> = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, 0.0, -0.0, 1e-45].iter().map(|x| x.to_bits()).collect();
+        assert!(values_finite(&names, &BTreeMap::from([("v".to_string(), edge.as_slice())])));
     }
 }

@@ -24,7 +24,7 @@ mod tiled;
 
 pub use emit::CpuArtifact;
 
-use crate::host::{derive_tasks, ArgLayout, BoundsCheck, Inputs, RunError, RunStart, Storage, TensorData};
+use crate::host::{derive_tasks, ArgLayout, BoundsCheck, Inputs, RunError, RunStart, Storage};
 use crate::schedule::{BoundAlgorithm, Limits, Schedule, ScheduleOptions};
 use crate::{Backend, BackendOptions, CodegenError, Compiled, Tolerance};
 use attnc_ir::{Bindings, Kernel, KernelInfo, TensorKind};
@@ -571,8 +571,7 @@ impl CpuKernel {
         let grid = t.tiles;
         let (nqb, ntiles, nbr) = (grid.query_tiles(), grid.key_tiles(), k.branches.len() as i64);
         let g = crate::schedule::Grid::of(k, dims);
-        let data = TensorData::masks(k, dims, bufs);
-        let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
+        let table = crate::host::tile_classes(&self.classifier, k, &grid, g.batches, g.heads, dims, bufs);
         // The task's workspace, then the room a two-pass softmax keeps its weights in.
         let kept = if self.keeps_weights(t) { ts.workspace.kept_floats(g.keys) } else { 0 };
         let ws_len = (ts.workspace.task_floats(t.channels, g.values) + kept) as usize;

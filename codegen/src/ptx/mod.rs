@@ -515,8 +515,7 @@ impl Call {
             Some(p) if p.classes => {
                 let g = crate::schedule::Grid::of(k, &dims);
                 let grid = TileGrid { block_q: tensor::BLOCK_Q as i64, block_k: p.block_k as i64, queries: g.queries, keys: g.keys };
-                let data = crate::host::TensorData::masks(k, &dims, &st.bufs);
-                classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle()).device_bytes(g.batches, g.heads)
+                crate::host::tile_classes(classifier, k, &grid, g.batches, g.heads, &dims, &st.bufs).device_bytes(g.batches, g.heads)
             }
             _ => Vec::new(),
         };

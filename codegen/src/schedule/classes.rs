@@ -4,9 +4,11 @@
 //!
 //! A mask that reads no tensor has the same classes at every call with the same dims: they
 //! are computed once per shape and kept ([`TileClassifier`]'s cache, the compile-time
-//! classification). A mask that reads data (segment ids, block lists) is classified at every
-//! call, from the data. A mask that does not depend on the batch (or the head) is classified
-//! for one and shared by all.
+//! classification). A mask that reads data (segment ids, block lists) is classified from the
+//! data; the last such table is kept with a copy of the data it was classified from, and a
+//! call whose mask tensors hold the same values (a model's per-head window flags, a batch's
+//! document layout reused across layers) reuses it ([`TileClassifier::with_data`]). A mask
+//! that does not depend on the batch (or the head) is classified for one and shared by all.
 //!
 //! Generated code reads classes as bytes: [`TileClass`] is `repr(u8)` (0 empty, 1 full,
 //! 2 partial), and [`TileClassTable::head`] lays a head's classes out as
@@ -175,13 +177,69 @@ fn batch_or_head(a: Deps, d: Deps) -> Deps {
 
 type CacheKey = (usize, i64, i64, TileGrid, BTreeMap<String, i64>);
 
-/// Classifies a kernel's tiles, keeping the classes of static masks per shape.
+/// Mask data larger than this (in 32-bit words, all mask tensors together) is not copied
+/// to key the data cache: comparing it would cost more than it saves.
+const DATA_KEY_LIMIT: usize = 1 << 22;
+
+/// The last table classified from data, and what it was classified from.
+struct DataTable {
+    grid: TileGrid,
+    nb: i64,
+    nh: i64,
+    dims: BTreeMap<String, i64>,
+    data: Vec<(String, Vec<u32>)>,
+    table: TileClassTable,
+}
+
+impl DataTable {
+    fn matches(&self, grid: &TileGrid, nb: i64, nh: i64, dims: &BTreeMap<String, i64>, data: &[(&str, &[u32])]) -> bool {
+        self.grid == *grid
+            && (self.nb, self.nh) == (nb, nh)
+            && self.dims == *dims
+            && self.data.len() == data.len()
+            && self.data.iter().zip(data).all(|((n, v), (m, w))| n == m && v.as_slice() == *w)
+    }
+}
+
+/// Classifies a kernel's tiles, keeping the classes of static masks per shape and the last
+/// table of masks that read data.
 #[derive(Default)]
 pub struct TileClassifier {
     cache: Mutex<BTreeMap<CacheKey, Arc<Vec<TileClass>>>>,
+    last_data: Mutex<Option<DataTable>>,
 }
 
 impl TileClassifier {
+    /// The table of masks that read tensors: `data` holds the storage-form values (f32 or
+    /// i32 bits) of every tensor the masks read, by name; `classify` computes the table
+    /// (with [`Self::table`]) when the last one was classified from other data or dims.
+    pub fn with_data(
+        &self,
+        grid: &TileGrid,
+        nb: i64,
+        nh: i64,
+        dims: &BTreeMap<String, i64>,
+        data: &[(&str, &[u32])],
+        classify: &mut dyn FnMut(&Self) -> TileClassTable,
+    ) -> TileClassTable {
+        if let Some(last) = self.last_data.lock().expect("classes lock").as_ref().filter(|l| l.matches(grid, nb, nh, dims, data)) {
+            return last.table.clone();
+        }
+        let table = classify(self);
+        if data.iter().map(|d| d.1.len()).sum::<usize>() <= DATA_KEY_LIMIT {
+            let kept = DataTable {
+                grid: *grid,
+                nb,
+                nh,
+                dims: dims.clone(),
+                data: data.iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect(),
+                table: table.clone(),
+            };
+            *self.last_data.lock().expect("classes lock") = Some(kept);
+        }
+        table
+    }
+
     /// The classes of every branch at `grid`, for the batches and heads each mask depends
     /// on; `data` answers the loads of masks that read tensors.
     pub fn table(&self, k: &Kernel, grid: &TileGrid, nb: i64, nh: i64, dims: &BTreeMap<String, i64>, data: &(dyn LoadOracle + Sync)) -> TileClassTable {
@@ -250,5 +308,38 @@ mod tests {
         assert_eq!(all, t.counts(0, 0, 0));
         let sampled = count_tiles(k.branches[0].mask.as_ref(), 0, 0, &grid, &dims, &NoData, 4);
         assert_eq!(sampled.total(), 12.0, "query tiles 0 and 2, each counted twice");
+    }
+
+    #[test]
+    fn a_table_from_data_is_reused_while_the_data_is_the_same() {
+        let k = kernel("(mask (<= j i))");
+        let grid = TileGrid { block_q: 16, block_k: 16, queries: 40, keys: 40 };
+        let dims = BTreeMap::from([("N".to_string(), 40)]);
+        let c = TileClassifier::default();
+        let calls = std::cell::Cell::new(0);
+        let mut classify = |c: &TileClassifier| {
+            calls.set(calls.get() + 1);
+            c.table(&k, &grid, 1, 2, &dims, &NoData)
+        };
+        let (seg, other) = (vec![0u32, 0, 1, 1], vec![0u32, 1, 1, 1]);
+        let t = c.with_data(&grid, 1, 2, &dims, &[("seg", &seg)], &mut classify);
+        assert_eq!(calls.get(), 1);
+        assert_eq!(t.of(0, 0, 1), c.table(&k, &grid, 1, 2, &dims, &NoData).of(0, 0, 1));
+        c.with_data(&grid, 1, 2, &dims, &[("seg", &seg.clone())], &mut classify);
+        assert_eq!(calls.get(), 1, "same values, another buffer: reused");
+        c.with_data(&grid, 1, 2, &dims, &[("seg", &other)], &mut classify);
+        assert_eq!(calls.get(), 2, "other values");
+        c.with_data(&grid, 1, 2, &dims, &[("seg", &other), ("blocks", &seg)], &mut classify);
+        assert_eq!(calls.get(), 3, "another tensor");
+        c.with_data(&grid, 1, 3, &dims, &[("seg", &other), ("blocks", &seg)], &mut classify);
+        assert_eq!(calls.get(), 4, "another head count");
+        let dims2 = BTreeMap::from([("N".to_string(), 41)]);
+        c.with_data(&grid, 1, 3, &dims2, &[("seg", &other), ("blocks", &seg)], &mut classify);
+        assert_eq!(calls.get(), 5, "other dims");
+        let grid2 = TileGrid { block_q: 32, ..grid };
+        c.with_data(&grid2, 1, 3, &dims2, &[("seg", &other), ("blocks", &seg)], &mut classify);
+        assert_eq!(calls.get(), 6, "another grid");
+        c.with_data(&grid2, 1, 3, &dims2, &[("seg", &other), ("blocks", &seg)], &mut classify);
+        assert_eq!(calls.get(), 6, "the last table again");
     }
 }

@@ -3,7 +3,7 @@
 //! failure is an error value, never wgpu's panic.
 
 use super::emit::{Entry, WgslArtifact, DERIVE_WORKGROUP};
-use crate::host::{bytes, BoundsCheck, Inputs, RunError, RunStart, TensorData};
+use crate::host::{bytes, BoundsCheck, Inputs, RunError, RunStart};
 use crate::schedule::classes::{TileClassifier, TileGrid};
 use crate::schedule::Schedule;
 use crate::{CodegenError, Compiled};
@@ -427,8 +427,7 @@ impl WgslKernel {
             }
             return Ok(vec![0; (len as usize).div_ceil(4)]);
         }
-        let data = TensorData::masks(k, dims, &st.bufs);
-        let table = self.classifier.table(k, &grid, g.batches, g.heads, &dims.dims, &data.oracle());
+        let table = crate::host::tile_classes(&self.classifier, k, &grid, g.batches, g.heads, dims, &st.bufs);
         let bytes = table.device_bytes(g.batches, g.heads);
         if bytes.len() > i32::MAX as usize {
             return Err(RunError::Device(format!("{} tile classes do not fit WGSL's 32-bit indices (raise block_q)", bytes.len())));
