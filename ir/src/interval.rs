@@ -196,6 +196,13 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
         Expr::Bool(b) => Iv::bool(*b),
         Expr::Var(v) => vars.iter().rev().find(|(n, _)| n == v).map_or(Iv::Unknown, |(_, iv)| *iv),
         Expr::Dim(d) => dims.get(d).map_or(Iv::Unknown, |v| Iv::point(*v)),
+        Expr::Load(t, idx) if idx.len() <= 8 => {
+            let mut ix = [Iv::Unknown; 8];
+            for (slot, x) in ix.iter_mut().zip(idx) {
+                *slot = rec(x, vars);
+            }
+            data.load(t, &ix[..idx.len()])
+        }
         Expr::Load(t, idx) => {
             let ix: Vec<Iv> = idx.iter().map(|x| rec(x, vars)).collect();
             data.load(t, &ix)
@@ -286,10 +293,10 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
             // Exact bounds: unroll a short concrete range.
             if l0 == l1 && h0 == h1 && h0 - l0 <= UNROLL {
                 let mut acc: Option<Iv> = None;
+                vars.push((var.clone(), Iv::Unknown));
                 for x in l0..h0 {
-                    vars.push((var.clone(), Iv::point(x)));
+                    vars.last_mut().expect("pushed").1 = Iv::point(x);
                     let v = rec(body, vars);
-                    vars.pop();
                     acc = Some(match acc {
                         None => v,
                         Some(a) => match (op, a, v) {
@@ -302,6 +309,7 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
                         },
                     });
                 }
+                vars.pop();
                 return acc.unwrap_or_else(|| ident(*op));
             }
             // Any / All over a range: what the body can be anywhere in it.

@@ -33,19 +33,26 @@ pub struct TileBox {
 
 /// Classifies a tile; `mask = None` (no mask) is always `Full`.
 pub fn classify(mask: Option<&Expr>, bx: TileBox, dims: &BTreeMap<String, i64>, data: &dyn LoadOracle) -> TileClass {
+    classify_in(mask, &mut box_vars(bx.b, bx.h, bx.i), bx.j, dims, data)
+}
+
+/// The variables of a box of query rows `i` (half-open) of head `(b, h)`; `j` is set by
+/// [`classify_in`].
+fn box_vars(b: i64, h: i64, i: (i64, i64)) -> Vec<(String, Iv)> {
+    vec![("b".to_string(), Iv::point(b)), ("h".to_string(), Iv::point(h)), ("i".to_string(), Iv::Int(i.0, i.1 - 1)), ("j".to_string(), Iv::Unknown)]
+}
+
+/// [`classify`] with the box's variables made once ([`box_vars`]) and keys `j` (half-open).
+fn classify_in(mask: Option<&Expr>, vars: &mut Vec<(String, Iv)>, j: (i64, i64), dims: &BTreeMap<String, i64>, data: &dyn LoadOracle) -> TileClass {
     let Some(mask) = mask else {
         return TileClass::Full;
     };
-    if bx.i.0 >= bx.i.1 || bx.j.0 >= bx.j.1 {
+    let Iv::Int(i0, i1) = vars[2].1 else { unreachable!("box_vars sets the rows") };
+    if i0 > i1 || j.0 >= j.1 {
         return TileClass::Empty;
     }
-    let mut vars = vec![
-        ("b".to_string(), Iv::point(bx.b)),
-        ("h".to_string(), Iv::point(bx.h)),
-        ("i".to_string(), Iv::Int(bx.i.0, bx.i.1 - 1)),
-        ("j".to_string(), Iv::Int(bx.j.0, bx.j.1 - 1)),
-    ];
-    match eval(mask, &mut vars, dims, data) {
+    vars[3].1 = Iv::Int(j.0, j.1 - 1);
+    match eval(mask, vars, dims, data) {
         Iv::Bool { t: false, .. } => TileClass::Empty,
         Iv::Bool { f: false, t: true } => TileClass::Full,
         _ => TileClass::Partial,
@@ -74,7 +81,7 @@ pub fn classify_row(
     if mask.is_none() {
         return out;
     }
-    fn go(out: &mut [TileClass], t0: usize, t1: usize, cx: &dyn Fn(i64, i64) -> TileClass, bk: i64, nj: i64) {
+    fn go(out: &mut [TileClass], t0: usize, t1: usize, cx: &mut dyn FnMut(i64, i64) -> TileClass, bk: i64, nj: i64) {
         let c = cx(t0 as i64 * bk, (t1 as i64 * bk).min(nj));
         if c != TileClass::Partial || t1 - t0 == 1 {
             out[t0..t1].iter_mut().for_each(|x| *x = c);
@@ -85,11 +92,17 @@ pub fn classify_row(
         go(out, mid, t1, cx, bk, nj);
     }
     if ntiles > 0 {
-        let cx = |j0: i64, j1: i64| classify(mask, TileBox { b, h, i, j: (j0, j1) }, dims, data);
-        go(&mut out, 0, ntiles, &cx, bk, nj);
+        let mut vars = box_vars(b, h, i);
+        let mut cx = |j0: i64, j1: i64| classify_in(mask, &mut vars, (j0, j1), dims, data);
+        go(&mut out, 0, ntiles, &mut cx, bk, nj);
     }
     out
 }
+
+/// Boxes of up to this many elements are scanned at every request (not kept).
+const SMALL_BOX: usize = 64;
+/// Ranks up to this are indexed without allocating.
+const SMALL_RANK: usize = 8;
 
 /// A tensor and an index box (inclusive ranges per axis).
 type BoxKey = (String, Vec<(usize, usize)>);
@@ -115,7 +128,14 @@ impl<'a> DataOracle<'a> {
 fn scan_box(shape: &[usize], data: &[f64], ranges: &[(usize, usize)], is_int: bool) -> Iv {
     let (mut lo, mut hi, mut nan) = (f64::INFINITY, f64::NEG_INFINITY, false);
     let last = ranges.len() - 1;
-    let mut idx: Vec<usize> = ranges.iter().map(|r| r.0).collect();
+    let (mut small, mut big) = ([0usize; SMALL_RANK], Vec::new());
+    let idx: &mut [usize] = if ranges.len() <= SMALL_RANK {
+        &mut small[..ranges.len()]
+    } else {
+        big.resize(ranges.len(), 0);
+        &mut big
+    };
+    idx.iter_mut().zip(ranges).for_each(|(x, r)| *x = r.0);
     loop {
         // The innermost axis is contiguous: one slice.
         let flat = idx.iter().zip(shape.iter()).fold(0usize, |f, (i, n)| f * n + i);
@@ -148,9 +168,13 @@ impl LoadOracle for DataOracle<'_> {
         let Some((shape, data, is_int)) = self.tensors.get(tensor) else {
             return Iv::Unknown;
         };
-        let mut ranges = Vec::with_capacity(index.len());
+        if index.len() != shape.len() {
+            return Iv::Unknown;
+        }
+        let mut ranges = [(0usize, 0usize); SMALL_RANK];
+        let mut big = Vec::new();
         let mut count = 1usize;
-        for (ix, &len) in index.iter().zip(shape.iter()) {
+        for (a, (ix, &len)) in index.iter().zip(shape.iter()).enumerate() {
             let Iv::Int(lo, hi) = *ix else {
                 return Iv::Unknown;
             };
@@ -160,15 +184,29 @@ impl LoadOracle for DataOracle<'_> {
                 return Iv::Unknown;
             }
             count = count.saturating_mul((hi - lo + 1) as usize);
-            ranges.push((lo as usize, hi as usize));
+            match ranges.get_mut(a) {
+                Some(r) => *r = (lo as usize, hi as usize),
+                None => big.push((lo as usize, hi as usize)),
+            }
         }
-        if count > self.limit || ranges.len() != shape.len() {
+        if count > self.limit {
             return Iv::Unknown;
         }
-        if ranges.is_empty() {
+        if index.is_empty() {
             let x = data[0];
             return if *is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
         }
+        let rank = index.len();
+        let ranges: Vec<(usize, usize)> = if rank <= SMALL_RANK {
+            // A small box (a point of a block list) is read again rather than kept: cheaper
+            // than the memo's key.
+            if count <= SMALL_BOX {
+                return scan_box(shape, data, &ranges[..rank], *is_int);
+            }
+            ranges[..rank].to_vec()
+        } else {
+            ranges.iter().copied().chain(big).collect()
+        };
         let key = (tensor.to_string(), ranges);
         if let Some(v) = self.memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return *v;
@@ -221,6 +259,13 @@ mod tests {
             assert_eq!(o.load("t", &[Iv::Int(0, 3), Iv::Int(0, 0), Iv::Int(0, 0)]), Iv::Unknown);
             let small = DataOracle::new([("t".to_string(), (&shape[..], &data[..], is_int))].into(), 10);
             assert_eq!(small.load("t", &[Iv::Int(0, 2), Iv::Int(0, 4), Iv::Int(0, 0)]), Iv::Unknown);
+        }
+        // A rank past the small-index path: [3, 5, 7] with six unit axes in front.
+        let tall = [1usize, 1, 1, 1, 1, 1, 3, 5, 7];
+        let o = DataOracle::new([("t".to_string(), (&tall[..], &ints[..], true))].into(), 1 << 10);
+        for ranges in [[(0, 2), (0, 4), (0, 6)], [(1, 1), (2, 3), (5, 6)]] {
+            let index: Vec<Iv> = [Iv::point(0); 6].into_iter().chain(ranges.iter().map(|&(lo, hi)| Iv::Int(lo as i64, hi as i64))).collect();
+            assert_eq!(o.load("t", &index), joined(&shape, &ints, &ranges, true), "rank 9, {ranges:?}");
         }
     }
 }
