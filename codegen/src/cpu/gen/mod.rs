@@ -162,6 +162,8 @@ pub(crate) struct Gen<'f, 'k> {
 /// it reads is bound to the same value as then.
 pub(crate) struct Memo {
     pub expr: Expr,
+    /// The vector variables it was generated under; empty: any list (a key-only value
+    /// loaded per key vector, which is a vector under every list that holds `j`).
     pub vecs: Vec<String>,
     pub binds: Vec<Option<Value>>,
     pub value: Value,
@@ -268,7 +270,7 @@ impl<'f, 'k> Gen<'f, 'k> {
 
     /// A memoized vector value of `e` (see [`Memo`]): `(value, is_vector)`.
     pub(crate) fn memo_get(&self, e: &Expr, vecs: &[String]) -> Option<(Value, bool)> {
-        let m = self.memo.iter().rev().find(|m| m.expr == *e && m.vecs == vecs)?;
+        let m = self.memo.iter().rev().find(|m| m.expr == *e && (m.vecs == vecs || m.vecs.is_empty()))?;
         (m.binds == self.binds_of(e)).then_some((m.value, m.vector))
     }
 

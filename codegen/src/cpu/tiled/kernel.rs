@@ -4,7 +4,7 @@
 
 use super::super::gen::{flags, Gen};
 use super::*;
-use attnc_ir::{Expr, Norm};
+use attnc_ir::{BinOp, Expr, Norm};
 use cranelift::codegen::ir::FuncRef;
 use cranelift::prelude::*;
 
@@ -557,6 +557,58 @@ impl Gen<'_, '_> {
         });
     }
 
+    /// The key-only parts of a tile's row expressions worth computing once per key tile
+    /// rather than once per row (`(j // 16 − 4) % 16`, `seg[b, j]`: divisions, selects and
+    /// gathers on the lanes): each is evaluated for the tile's `bk` keys (lanes past the
+    /// last key read the last, as the rows do) into a stack slot. Returns the slot's address
+    /// and each expression with its lane type; [`Self::load_key_invariants`] reads them.
+    fn key_invariants(&mut self, exprs: &[&Expr], jbase: Value, mjv: Value, bk: i64) -> KeyInvariants {
+        use attnc_ir::analysis::{invariants, Invariant};
+        let per_row = ["i".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string(), "w".to_string()];
+        let mut picked: Vec<Expr> = Vec::new();
+        for inv in invariants(exprs, &per_row) {
+            if let Invariant::Value(e) = inv {
+                if self.varying(e, &["j".to_string()]) && worth_keeping(e) && !picked.contains(e) && picked.len() < MAX_KEY_INVARIANTS {
+                    picked.push(e.clone());
+                }
+            }
+        }
+        if picked.is_empty() {
+            return KeyInvariants::default();
+        }
+        let slot = self.b.create_sized_stack_slot(StackSlotData::new(StackSlotKind::ExplicitSlot, (picked.len() as i64 * bk * 4) as u32, 4));
+        let base = self.b.ins().stack_addr(types::I64, slot, 0);
+        let tys = std::cell::RefCell::new(vec![types::F32X4; picked.len()]);
+        let z = self.iconst(0);
+        let nvec = self.iconst(bk / 4);
+        self.for_range(z, nvec, &mut |g, cv| {
+            let c4 = g.b.ins().imul_imm_s(cv, 4);
+            let (_, jcl) = key_lanes(g, jbase, c4, mjv);
+            g.bind("j", jcl);
+            for (n, e) in picked.iter().enumerate() {
+                let v = g.vexpr_f(e, &["j".to_string()]);
+                tys.borrow_mut()[n] = g.b.func.dfg.value_type(v);
+                let at = g.b.ins().iadd_imm_s(c4, n as i64 * bk);
+                let addr = g.ptr_off(base, at);
+                g.b.ins().store(flags(), v, addr, 0);
+            }
+            g.unbind(1);
+        });
+        KeyInvariants { base: Some(base), bk, exprs: picked.into_iter().zip(tys.into_inner()).collect() }
+    }
+
+    /// Makes the key vector at `c4`'s values of the tile's key invariants known to the
+    /// vector code (`j` must be bound to that vector's keys).
+    fn load_key_invariants(&mut self, k: &KeyInvariants, c4: Value) {
+        let Some(base) = k.base else { return };
+        for (n, (e, ty)) in k.exprs.iter().enumerate() {
+            let at = self.b.ins().iadd_imm_s(c4, n as i64 * k.bk);
+            let addr = self.ptr_off(base, at);
+            let v = self.b.ins().load(*ty, flags(), addr, 0);
+            self.memo_put(e, &[], v, true);
+        }
+    }
+
     /// The rows of one key tile: scores, mask and the per-row state (none for a `plain` tile).
     fn tile_rows(&mut self, f: &TileFrame, p: &PassFrame, check: Value, jbase: Value, mjv: Value) {
         let g = self;
@@ -580,24 +632,25 @@ impl Gen<'_, '_> {
             ..
         } = *p;
         let s2_ws = f.s2_ws;
+        let mut row_exprs: Vec<&Expr> = vec![score_rest];
+        row_exprs.extend(br.bias.iter());
+        row_exprs.extend(br.mask.iter());
+        row_exprs.extend(br.decay.iter());
+        row_exprs.extend(post.iter());
+        match (&br.norm, map_dot, exp_stat) {
+            (_, _, Some(es)) => {
+                row_exprs.push(&es.rest);
+                row_exprs.push(&es.stat);
+            }
+            (_, Some(md), None) => row_exprs.push(&md.rest),
+            (Norm::Map(f), None, None) => row_exprs.push(f),
+            _ => {}
+        }
+        let keyed = g.key_invariants(&row_exprs, jbase, mjv, bk);
         let z = g.iconst(0);
         g.for_range(z, nq, &mut |g, r| {
             let i = g.b.ins().iadd(i0, r);
             g.bind("i", i);
-            let mut row_exprs: Vec<&Expr> = vec![score_rest];
-            row_exprs.extend(br.bias.iter());
-            row_exprs.extend(br.mask.iter());
-            row_exprs.extend(br.decay.iter());
-            row_exprs.extend(post.iter());
-            match (&br.norm, map_dot, exp_stat) {
-                (_, _, Some(es)) => {
-                    row_exprs.push(&es.rest);
-                    row_exprs.push(&es.stat);
-                }
-                (_, Some(md), None) => row_exprs.push(&md.rest),
-                (Norm::Map(f), None, None) => row_exprs.push(f),
-                _ => {}
-            }
             let hoisted = g.hoist(&row_exprs, &["j".to_string(), DOT.to_string(), DOT2.to_string(), "s".to_string(), "w".to_string()]);
             let srow = g.b.ins().imul_imm_s(r, bk);
             let ninf_v = g.b.ins().splat(types::F32X4, ninf);
@@ -629,6 +682,7 @@ impl Gen<'_, '_> {
                     let dotv = g.b.ins().load(types::F32X4, flags(), addr, 0);
                     g.bind("j", jcl);
                     g.bind(DOT, dotv);
+                    g.load_key_invariants(&keyed, c4);
                     let vecs = vec!["j".to_string(), DOT.to_string()];
                     // Softmax runs in base 2: s·log2(e), then exp2 (the factor is in
                     // the packed queries when folded, so only the bias needs it).
@@ -1003,4 +1057,28 @@ pub(super) fn key_lanes(g: &mut Gen, jbase: Value, c4: Value, mjv: Value) -> (Va
 pub(super) fn vb_tile(g: &mut Gen, vb: Value, j0: Value, ev: Value) -> Value {
     let off = g.b.ins().imul(j0, ev);
     g.ptr_off(vb, off)
+}
+
+/// At most this many key-only expressions are kept per key tile.
+const MAX_KEY_INVARIANTS: usize = 8;
+
+/// The key-only expressions of a key tile, computed once ([`Gen::key_invariants`]):
+/// expression `n` for key vector `c4` is at `base + 4·(n·bk + c4)` bytes.
+#[derive(Default)]
+struct KeyInvariants {
+    base: Option<Value>,
+    bk: i64,
+    exprs: Vec<(Expr, Type)>,
+}
+
+/// Whether a key-only expression costs more on the lanes than a load: a gather, a division
+/// or modulo, a select, a reduction or a power, or three operations or more.
+fn worth_keeping(e: &Expr) -> bool {
+    let (mut ops, mut dear) = (0, false);
+    e.walk(&mut |x| match x {
+        Expr::Load(..) | Expr::Reduce { .. } | Expr::Select(..) | Expr::Binary(BinOp::FloorDiv | BinOp::Mod | BinOp::Div | BinOp::Pow, ..) => dear = true,
+        Expr::Unary(..) | Expr::Binary(..) => ops += 1,
+        _ => {}
+    });
+    dear || ops >= 3
 }
