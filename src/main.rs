@@ -407,6 +407,11 @@ enum Cmd {
         /// Run the tile matmuls in generated f32x4 code instead of the std::arch microkernel.
         #[arg(long)]
         no_microkernel: bool,
+        /// Keep queries and keys in their positions' order (CPU): a mask with class
+        /// equalities (Swin's windows, NATTEN's dilation groups) is otherwise run over tokens
+        /// sorted by class, where that reorders them.
+        #[arg(long)]
+        no_permute: bool,
         /// Query rows per tile (default 64 on the CPU, 16 on wgsl; the wgsl row kernel's
         /// rows per row of tile classes).
         #[arg(long)]
@@ -894,6 +899,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             no_tiled,
             no_microkernel,
+            no_permute,
             block_q,
             block_k,
             workgroup,
@@ -980,12 +986,15 @@ fn run(cli: Cli) -> Result<()> {
                     block_q: block_q.unwrap_or(d.block_q),
                     block_k: block_k.unwrap_or(d.block_k),
                     chunk: chunk.unwrap_or(d.chunk),
+                    permute: d.permute,
                 };
                 let o = CpuOptions { schedule, microkernel: !no_microkernel, threads, ..CpuOptions::default() };
                 tune::Chosen { options: o, passes_off: vec![], from: "given options".to_string() }
             } else {
                 tune::chosen_options(&CpuSpace::new(threads), &c, &b, &inputs)
             };
+            let mut chosen = chosen;
+            chosen.options.schedule.permute &= !no_permute;
             // A tuned winner may run the spec without a pass (the low-rank bias).
             let c = match &wgsl {
                 Some(w) => w.kernel(&spec_c, &opt.config()?, &c)?,

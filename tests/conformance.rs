@@ -254,6 +254,13 @@ conformance!(
     cpu(CpuOptions { microkernel: false, ..CpuOptions::with_schedule(ScheduleOptions { block_q: 16, block_k: 32, ..Default::default() }) }),
     |_| true
 );
+conformance!(
+    /// Masks with class equalities (swin_window, neighborhood_2d) in the positions' order,
+    /// as they run with `permute` off (the default sorts tokens by class).
+    cpu_in_position_order_matches_reference,
+    cpu_schedule(ScheduleOptions { permute: false, ..Default::default() }),
+    |p| matches!(p, "basic" | "cross_gqa_b2" | "grid256")
+);
 conformance!(cpu_without_fma_matches_reference, cpu(CpuOptions { fma: false, ..CpuOptions::default() }), |p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
 conformance!(cpu_without_fma_or_microkernel_matches_reference, cpu(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), |p| matches!(
     p,
@@ -692,6 +699,32 @@ fn a_mask_may_read_data_at_a_neighbouring_key() {
         }
         let got = r.run(&c, &ins).unwrap_or_else(|e| panic!("{}: {e}", r.name()));
         compare(&format!("doc_starts on {}", r.name()), &got, &want, Tweak::None, r.tolerance()).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+/// The CPU sorts tokens by the classes of a mask with class equalities (and says so), and
+/// the sorted kernel gives the reference's rows in their places, saved statistics included.
+#[test]
+fn masks_with_class_equalities_run_over_sorted_tokens() {
+    let cases = examples();
+    let by_name = |n: &str| cases.iter().find(|(x, _)| x == n).expect("example").1.clone();
+    for (name, sorted) in [("swin_window", true), ("neighborhood_2d", true), ("axial_rows", true), ("sdpa_causal", false), ("document_mask", false)] {
+        let c = by_name(name);
+        let k = CpuBackend::default().compile(&c.kernel, &c.info, &CpuOptions::default()).expect("compiles");
+        assert_eq!(k.describe().contains("sorted by the mask's classes"), sorted, "{name}: {}", k.describe());
+    }
+    let c = by_name("swin_window");
+    let dims: BTreeMap<String, i64> =
+        [("B", 2), ("H", 2), ("G", 1), ("N", 300), ("M", 300), ("D", 8), ("Dv", 8)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+    let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+    let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 5).expect("inputs");
+    let (want, want_stats) = attnc::ir::reference::run_with_stats(&c.kernel, &b, &ins).expect("reference");
+    for permute in [true, false] {
+        let o = CpuOptions::with_schedule(ScheduleOptions { permute, ..Default::default() });
+        let k = CpuBackend::default().compile(&c.kernel, &c.info, &o).expect("compiles").checking(&c.kernel);
+        let (got, stats) = k.run_with_stats(&ins, &BTreeMap::new()).expect("runs");
+        compare(&format!("swin_window, permute {permute}"), &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
+        compare(&format!("swin_window's statistics, permute {permute}"), &stats, &want_stats, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
     }
 }
 

@@ -190,7 +190,7 @@ fn cpu_agrees_with_the_reference() {
             _ => {}
         }
         let (tiled, microkernel, bq, bk, chunk, clif_opt, passes) = opts;
-        let schedule = ScheduleOptions { tiled, block_q: [16, 32, 64][bq], block_k: [16, 32][bk], chunk: [0, 16, 64][chunk] };
+        let schedule = ScheduleOptions { tiled, block_q: [16, 32, 64][bq], block_k: [16, 32][bk], chunk: [0, 16, 64][chunk], permute: true };
         let o = CpuOptions { schedule, microkernel, clif_opt, ..CpuOptions::default() };
         let cfg = if passes { PassConfig::all() } else { PassConfig::none() };
         let want = outcome(attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()));

@@ -543,8 +543,13 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
         return Ok(Opts::Wgsl(c));
     }
     only(&["tiled", "microkernel", "block_q", "block_k", "chunk"])?;
-    let schedule =
-        ScheduleOptions { tiled: get("tiled", 1) != 0, block_q: get("block_q", d.block_q), block_k: get("block_k", d.block_k), chunk: get("chunk", d.chunk) };
+    let schedule = ScheduleOptions {
+        tiled: get("tiled", 1) != 0,
+        block_q: get("block_q", d.block_q),
+        block_k: get("block_k", d.block_k),
+        chunk: get("chunk", d.chunk),
+        permute: get("permute", 1) != 0,
+    };
     let c = CpuOptions { schedule, microkernel: get("microkernel", 1) != 0, threads, ..CpuOptions::default() };
     CpuBackend::default().check_options(&c).map_err(PyValueError::new_err)?;
     Ok(Opts::Cpu(c))

@@ -123,7 +123,7 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
                         + pairs * pair_ops * PAIR_OP_S
                         + (ni + nj) * dk * 2e-10;
                     let name = format!("tiled {bq}x{bk}{}", if microkernel { "" } else { " generated-mm" });
-                    let schedule = ScheduleOptions { tiled: true, block_q: bq, block_k: bk, chunk: quadratic_chunk };
+                    let schedule = ScheduleOptions { tiled: true, block_q: bq, block_k: bk, chunk: quadratic_chunk, permute: true };
                     let options = CpuOptions { schedule, microkernel, threads, ..CpuOptions::default() };
                     out.push(Candidate { name, options, predicted: per_head * heads / threads.max(1) as f64, passes_off: vec![] });
                 }

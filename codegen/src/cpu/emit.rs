@@ -338,6 +338,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         bounds_source: None,
         value_tensors,
         row_fallback: Default::default(),
+        permuted: None,
         derived_pool: Default::default(),
         _module: module,
         clif,

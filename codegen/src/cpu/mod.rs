@@ -83,7 +83,8 @@ impl BackendOptions for CpuOptions {
     }
     fn describe(&self) -> String {
         let s = &self.schedule;
-        format!("tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}", s.tiled, self.microkernel, self.fma, s.block_q, s.block_k, s.chunk)
+        let sorted = if s.permute { "" } else { ", permute=false" };
+        format!("tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}{sorted}", s.tiled, self.microkernel, self.fma, s.block_q, s.block_k, s.chunk)
     }
 }
 
@@ -238,6 +239,90 @@ impl Backend for CpuBackend {
     fn describe(&self, s: &Schedule, o: &CpuOptions) -> String {
         describe(s, o)
     }
+
+    /// Plans, emits, validates and loads; a tiled kernel whose mask has class equalities
+    /// also gets its sorted form ([`crate::schedule::permute`]), compiled alike.
+    fn compile(&self, k: &Kernel, info: &KernelInfo, o: &CpuOptions) -> Result<CpuKernel, CodegenError> {
+        let s = self.plan(k, info, o)?;
+        let a = self.emit(k, info, &s, o)?;
+        self.validate(&a)?;
+        let mut kern = self.load(a)?;
+        if s.tiled().is_some() && o.schedule.permute {
+            if let Some(p) = crate::schedule::permute::rewrite(k) {
+                let info = attnc_ir::verify(&p.kernel).map_err(|e| CodegenError::Unsupported(format!("the sorted form of the kernel: {e}")))?;
+                let sorted = self.plan(&p.kernel, &info, o)?;
+                if sorted.tiled().is_some() {
+                    let a = self.emit(&p.kernel, &info, &sorted, o)?;
+                    self.validate(&a)?;
+                    let mut inner = self.load(a)?;
+                    inner.bounds_source = Some(k.clone());
+                    kern.permuted = Some(Box::new(Permuted { permutation: p, kernel: inner, orders: Default::default() }));
+                }
+            }
+        }
+        Ok(kern)
+    }
+}
+
+/// A kernel's sorted form ([`crate::schedule::permute`]) and the orders of the shapes it
+/// ran at.
+struct Permuted {
+    permutation: crate::schedule::permute::Permutation,
+    kernel: CpuKernel,
+    /// Per dims: the four order inputs (as i32 bits), or none where nothing reorders.
+    orders: std::sync::Mutex<BTreeMap<BTreeMap<String, i64>, Option<OrderInputs>>>,
+}
+
+/// The four order inputs of one shape ([`crate::schedule::permute::Orders`]) as i32 bits.
+type OrderInputs = std::sync::Arc<[Vec<u32>; 4]>;
+
+impl Permuted {
+    /// The orders at these dims (computed once per shape).
+    fn orders(&self, dims: &Bindings, n: usize, m: usize) -> Option<OrderInputs> {
+        if let Some(o) = self.orders.lock().unwrap_or_else(|e| e.into_inner()).get(&dims.dims) {
+            return o.clone();
+        }
+        let made = self.permutation.orders(&dims.dims, n, m).map(|o| {
+            let bits = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
+            std::sync::Arc::new([bits(o.pq), bits(o.pk), bits(o.cq), bits(o.ck)])
+        });
+        self.orders.lock().unwrap_or_else(|e| e.into_inner()).insert(dims.dims.clone(), made.clone());
+        made
+    }
+
+    /// Runs the sorted kernel on `st` and the orders, and puts the output rows (and the
+    /// saved statistics) back in the queries' order.
+    fn run(
+        &self,
+        st: &Inputs,
+        explicit: &BTreeMap<String, i64>,
+        out: &mut [f32],
+        stats: Option<&mut [f32]>,
+        dims: &Bindings,
+        orders: &[Vec<u32>; 4],
+    ) -> Result<(), RunError> {
+        use crate::schedule::permute::{scatter_rows, CK, CQ, PK, PQ};
+        let mut ins = Inputs { shapes: st.shapes.clone(), bufs: st.bufs.clone() };
+        for (name, v) in [PQ, PK, CQ, CK].into_iter().zip(orders.iter()) {
+            ins.shapes.insert(name.to_string(), vec![v.len()]);
+            ins.bufs.insert(name.to_string(), v.as_slice());
+        }
+        let mut sorted = vec![0f32; out.len()];
+        let mut sorted_stats = stats.as_ref().map(|s| vec![0f32; s.len()]);
+        self.kernel.run_inner(&ins, explicit, &mut sorted, sorted_stats.as_deref_mut())?;
+        let pq: Vec<i32> = orders[0].iter().map(|&x| x as i32).collect();
+        let k = &self.kernel.kernel;
+        let shape = dims.shape(k.output());
+        let axis = k.out.iter().position(|v| v == "i").expect("the output has a query axis");
+        let (outer, inner) = (shape[..axis].iter().product(), shape[axis + 1..].iter().product());
+        scatter_rows(&sorted, out, outer, shape[axis], inner, &pq);
+        if let (Some(s), Some(sorted)) = (stats, sorted_stats) {
+            // Statistics are [B, H, N, branches].
+            let sshape = attnc_ir::reference::stats_shape(k, dims);
+            scatter_rows(&sorted, s, sshape[0] * sshape[1], sshape[2], sshape[3], &pq);
+        }
+        Ok(())
+    }
 }
 
 /// CLIF and disassembled machine code (VCode) of every generated function for this host.
@@ -284,6 +369,9 @@ pub struct CpuKernel {
     /// pages cost a fault each: a quarter of a chunked call's time at N = 8192). The derive
     /// functions write every element, so a reused buffer is not cleared.
     derived_pool: std::sync::Mutex<BTreeMap<String, Vec<u32>>>,
+    /// The kernel over queries and keys sorted by the mask's classes, run at the shapes
+    /// where that reorders them ([`crate::schedule::permute`]).
+    permuted: Option<Box<Permuted>>,
     /// Owns the machine code the function pointers point into.
     _module: JITModule,
     /// Each function's CLIF, as emitted.
@@ -335,6 +423,9 @@ impl Compiled for CpuKernel {
     }
 
     fn set_bounds_source(&mut self, spec: Kernel) {
+        if let Some(p) = &mut self.permuted {
+            p.kernel.bounds_source = Some(spec.clone());
+        }
         self.bounds_source = Some(spec);
     }
 
@@ -343,7 +434,8 @@ impl Compiled for CpuKernel {
     }
 
     fn describe(&self) -> String {
-        describe(&self.schedule, &self.options)
+        let sorted = if self.permuted.is_some() { ", tokens sorted by the mask's classes where that reorders them" } else { "" };
+        format!("{}{sorted}", describe(&self.schedule, &self.options))
     }
 
     fn run_into(&self, st: &Inputs, explicit: &BTreeMap<String, i64>, out: &mut [f32]) -> Result<(), RunError> {
@@ -368,6 +460,12 @@ impl CpuKernel {
                     name: "stats".into(),
                     why: format!("the statistics buffer holds {} values, the statistics have {want}", sb.len()),
                 });
+            }
+        }
+        if let Some(p) = &self.permuted {
+            let g = bound.grid;
+            if let Some(o) = p.orders(&dims, g.queries as usize, g.keys as usize) {
+                return p.run(st, explicit, out, stats, &dims, &o);
             }
         }
         self.check_memory(&dims, &bound)?;

@@ -109,7 +109,7 @@ pub fn lower_precision(k: &Kernel, dtype: attnc_ir::DType) -> Kernel {
 impl Default for PtxOptions {
     fn default() -> Self {
         PtxOptions {
-            schedule: ScheduleOptions { tiled: true, chunk: crate::schedule::gpu_chunk::MAX_CHUNK, block_q: tensor::BLOCK_Q, block_k: 32 },
+            schedule: ScheduleOptions { tiled: true, chunk: crate::schedule::gpu_chunk::MAX_CHUNK, block_q: tensor::BLOCK_Q, block_k: 32, permute: true },
             arch: "sm_80".into(),
             threads: 128,
             channels: 8,

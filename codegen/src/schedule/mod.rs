@@ -16,6 +16,7 @@
 pub mod classes;
 pub mod gpu_chunk;
 pub mod groups;
+pub mod permute;
 pub mod tiled;
 pub mod workspace;
 
@@ -38,11 +39,14 @@ pub struct ScheduleOptions {
     /// Keys per chunk of the chunked algorithm, for kernels in the normal form of
     /// `attnc_passes::linear` (linear and decay attention); 0: the quadratic kernels.
     pub chunk: usize,
+    /// Sort queries and keys by the classes of a mask with class equalities (Swin's
+    /// windows, NATTEN's dilation groups), where that reorders them ([`permute`]).
+    pub permute: bool,
 }
 
 impl Default for ScheduleOptions {
     fn default() -> Self {
-        ScheduleOptions { tiled: true, block_q: 64, block_k: 64, chunk: 64 }
+        ScheduleOptions { tiled: true, block_q: 64, block_k: 64, chunk: 64, permute: true }
     }
 }
 

@@ -54,7 +54,7 @@ pub struct WgslOptions {
 
 impl Default for WgslOptions {
     fn default() -> Self {
-        WgslOptions { schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: 16, block_k: 16 }, workgroup: 256, channels: 8 }
+        WgslOptions { schedule: ScheduleOptions { tiled: true, chunk: 0, block_q: 16, block_k: 16, permute: true }, workgroup: 256, channels: 8 }
     }
 }
 
