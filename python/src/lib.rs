@@ -548,7 +548,7 @@ fn given_options(backend: &str, o: &BTreeMap<String, i64>, threads: usize) -> Py
         block_q: get("block_q", d.block_q),
         block_k: get("block_k", d.block_k),
         chunk: get("chunk", d.chunk),
-        permute: get("permute", 1) != 0,
+        permute: d.permute,
     };
     let c = CpuOptions { schedule, microkernel: get("microkernel", 1) != 0, threads, ..CpuOptions::default() };
     CpuBackend::default().check_options(&c).map_err(PyValueError::new_err)?;
