@@ -196,9 +196,9 @@ impl Gen<'_, '_> {
             ninf,
             bk,
         };
-        // Clear OUT and the live flags.
-        self.zero_fill(out_ws, bq_dv);
-        self.zero_fill(live_ws, bqv);
+        // One branch, no gate and output rows along `e`: the branch folds straight into the
+        // output when its rows are contiguous (no OUT to clear, add to and copy out).
+        let direct = k.branches.len() == 1 && k.gate.is_none() && attnc_ir::analysis::output_rows_along(k, "e");
 
         let iota = self.iota4();
         // Room for the kept weights follows the workspace.
@@ -283,12 +283,31 @@ impl Gen<'_, '_> {
                 };
                 self.key_tiles(&f, &p);
             }
-            // Fold the branch into OUT: O · weight / denominator, for live rows.
-            self.fold_branch(&f, bn, br, softmax, &post, linear_eps);
+            // Fold the branch into OUT (cleared before the first): O · weight / denominator,
+            // for live rows; or, `direct`, into the output rows.
+            let mut through_out = |g: &mut Self| {
+                if bn == 0 {
+                    g.zero_fill(out_ws, bq_dv);
+                    g.zero_fill(live_ws, bqv);
+                }
+                g.fold_branch(&f, bn, br, softmax, &post, linear_eps, false);
+                if direct {
+                    g.store_tile(&f);
+                }
+            };
+            if direct {
+                let out = self.tens[&k.output().name].clone();
+                let unit = self.b.ins().icmp_imm_s(IntCC::Equal, out.stride[k.out.len() - 1], 1);
+                self.if_else(unit, &mut |g| g.fold_branch(&f, bn, br, softmax, &post, linear_eps, true), &mut through_out);
+            } else {
+                through_out(self);
+            }
         }
         // Gate and store: f32x4 stores when the output rows are contiguous along `e` and
         // there is no gate, else element by element.
-        self.store_tile(&f);
+        if !direct {
+            self.store_tile(&f);
+        }
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
@@ -929,7 +948,10 @@ impl Gen<'_, '_> {
     }
 
     /// Adds the branch to OUT: O · weight / denominator, for live rows.
-    fn fold_branch(&mut self, f: &TileFrame, bn: usize, br: &Branch, softmax: bool, post: &Option<Expr>, linear_eps: Option<f64>) {
+    /// `direct`: the kernel's only branch, written into its output rows (contiguous along
+    /// `e`; zeros for rows with no live key) instead of added to OUT.
+    #[allow(clippy::too_many_arguments)]
+    fn fold_branch(&mut self, f: &TileFrame, bn: usize, br: &Branch, softmax: bool, post: &Option<Expr>, linear_eps: Option<f64>, direct: bool) {
         let TileFrame { i0, ev, nq, o_ws, out_ws, m_ws, l_ws, live_ws, blive_ws, zero, zf, one_f, ninf, .. } = *f;
         self.for_range(zero, nq, &mut |g, r| {
             let i = g.b.ins().iadd(i0, r);
@@ -973,6 +995,25 @@ impl Gen<'_, '_> {
                 let wv = g.expr(w);
                 factor = g.b.ins().fmul(factor, wv);
             }
+            if direct {
+                let dst = g.output_row();
+                g.unbind(1);
+                let row = g.b.ins().imul(r, ev);
+                let o_row = g.ptr_off(o_ws, row);
+                g.if_else(
+                    live,
+                    &mut |g| {
+                        g.for_lanes(ev, &mut |g, e, ty| {
+                            let o = g.load_at(o_row, e, ty);
+                            let fl = g.lanes_of(factor, ty);
+                            let o = g.b.ins().fmul(o, fl);
+                            g.store_at(dst, e, o);
+                        })
+                    },
+                    &mut |g| g.zero_fill(dst, ev),
+                );
+                return;
+            }
             g.unbind(1);
             g.if_then(live, &mut |g| {
                 let one = g.fconst(1.0);
@@ -989,6 +1030,20 @@ impl Gen<'_, '_> {
                 });
             });
         });
+    }
+
+    /// The address of the output row at the bound `b`, `h` and `i` (its element `e = 0`;
+    /// the output's rows run along `e`).
+    fn output_row(&mut self) -> Value {
+        let k = self.kernel;
+        let out = self.tens[&k.output().name].clone();
+        let mut off = self.iconst(0);
+        for (axis, var) in k.out[..k.out.len() - 1].iter().enumerate() {
+            let x = self.expr(&Expr::var(var));
+            let p = self.b.ins().imul(x, out.stride[axis]);
+            off = self.b.ins().iadd(off, p);
+        }
+        self.ptr_off(out.base, off)
     }
 
     /// Applies the gate and stores the tile's output rows (zeros for rows with no live key).
@@ -1008,13 +1063,7 @@ impl Gen<'_, '_> {
                 let row = g.b.ins().imul(r, ev);
                 if vector {
                     let out_row = g.ptr_off(out_ws, row);
-                    let mut off = g.iconst(0);
-                    for (axis, var) in k.out[..k.out.len() - 1].iter().enumerate() {
-                        let x = g.expr(&Expr::var(var));
-                        let p = g.b.ins().imul(x, out.stride[axis]);
-                        off = g.b.ins().iadd(off, p);
-                    }
-                    let dst = g.ptr_off(out.base, off);
+                    let dst = g.output_row();
                     g.if_else(live, &mut |g| g.copy_row(out_row, ev, None, &mut |g, e, v| g.store_at(dst, e, v)), &mut |g| g.zero_fill(dst, ev));
                 } else {
                     let z = g.iconst(0);
