@@ -83,6 +83,8 @@ pub(crate) enum FuncKind {
     Weights,
     /// The microkernel's weights of a per-key statistic (imported, never generated).
     ExpCols,
+    /// The microkernel's capped scores (imported, never generated).
+    TanhScale,
 }
 
 impl FuncKind {
@@ -98,6 +100,7 @@ impl FuncKind {
             FuncKind::QkMax => "qk_max".into(),
             FuncKind::Weights => "softmax_weights".into(),
             FuncKind::ExpCols => "exp_cols".into(),
+            FuncKind::TanhScale => "tanh_scale".into(),
         }
     }
 
@@ -114,6 +117,7 @@ impl FuncKind {
             FuncKind::QkMax => microkernel::QkMaxFn::pointers(),
             FuncKind::Weights => microkernel::WeightsFn::pointers(),
             FuncKind::ExpCols => microkernel::ExpColsFn::pointers(),
+            FuncKind::TanhScale => microkernel::TanhScaleFn::pointers(),
         }
     }
 }
@@ -150,6 +154,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
                 qk_max: module.declare_func_in_func(m.qk_max, b.func),
                 weights: module.declare_func_in_func(m.weights, b.func),
                 exp_cols: m.exp_cols.map(|x| module.declare_func_in_func(x, b.func)),
+                tanh_scale: m.tanh_scale.map(|x| module.declare_func_in_func(x, b.func)),
             }),
         )
     });
@@ -164,7 +169,9 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         FuncKind::Tile => g.tile(tiled(), [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], mm.expect("matmuls declared")),
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
-        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols => unreachable!("the softmax helpers are imported, not generated"),
+        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols | FuncKind::TanhScale => {
+            unreachable!("the softmax helpers are imported, not generated")
+        }
     }
     g.finish(module.target_config());
 }
@@ -213,6 +220,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
     jb.symbol("attnc_mk_qk_max", microkernel::qk_max_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_weights", microkernel::weights_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_exp_cols", microkernel::exp_cols_kernel(mk) as *const u8);
+    jb.symbol("attnc_mk_tanh_scale", microkernel::tanh_scale_kernel(mk) as *const u8);
     let mut module = JITModule::new(jb);
     let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
     let mut libs = BTreeMap::new();
@@ -240,7 +248,10 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
                 let m = import("attnc_mk_qk_max", FuncKind::QkMax)?;
                 let w = import("attnc_mk_weights", FuncKind::Weights)?;
                 let x = if key_stat { Some(import("attnc_mk_exp_cols", FuncKind::ExpCols)?) } else { None };
-                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x }))
+                // The capped-score routine only where a softmax branch has a tanh cap.
+                let capped = t.plan.branches.iter().any(|b| b.softmax.as_ref().is_some_and(|s| s.tanh_cap.is_some()));
+                let c = if capped { Some(import("attnc_mk_tanh_scale", FuncKind::TanhScale)?) } else { None };
+                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x, tanh_scale: c }))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
@@ -311,7 +322,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
                 FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                 FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                 FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols => {}
+                FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols | FuncKind::TanhScale => {}
             }
         }
     }

@@ -162,6 +162,49 @@ pub unsafe extern "C" fn exp_cols_portable(s: *mut f32, ld: i64, rows: i64, n: i
 
 pub type ExpColsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32);
 
+/// `c · tanh(x)` by the vector paths' rational form (see the generated `vtanh`: Eigen's fast
+/// tanh, clamped at ±7.905311; NaN stays NaN).
+fn tanh_rational(x: f32) -> f32 {
+    use crate::cpu::tiled::{TANH_DEN, TANH_NUM};
+    const HI: f32 = 7.905_311;
+    let xc = if x > HI {
+        HI
+    } else if x < -HI {
+        -HI
+    } else {
+        x
+    };
+    let x2 = xc * xc;
+    let p = TANH_NUM[1..].iter().fold(TANH_NUM[0], |p, &k| x2.mul_add(p, k));
+    let q = TANH_DEN[1..].iter().fold(TANH_DEN[0], |p, &k| x2.mul_add(p, k));
+    xc * p / q
+}
+
+/// A capped score in place (softcapping, `c · tanh(s)` with the cap and `log2 e` in `c`,
+/// passed as its f32 bits): `s[r][x] = c · tanh(s[r][x])` for `x < n`.
+/// # Safety
+/// `s` holds `rows` rows of `ld` floats (at least `n` used).
+pub unsafe extern "C" fn tanh_scale_portable(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
+    let (ld, rows, n, c) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
+    for r in 0..rows {
+        for x in std::slice::from_raw_parts_mut(s.add(r * ld), n) {
+            *x = c * tanh_rational(*x);
+        }
+    }
+}
+
+pub type TanhScaleFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, i64);
+
+/// The capped scores (AVX2+FMA when the host has it).
+pub fn tanh_scale_kernel(isa: Isa) -> TanhScaleFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx2_fma(isa) {
+        return x86::tanh_scale_avx2;
+    }
+    let _ = isa;
+    tanh_scale_portable
+}
+
 /// The per-key weights (AVX2+FMA when the host has it).
 pub fn exp_cols_kernel(isa: Isa) -> ExpColsFn {
     #[cfg(target_arch = "x86_64")]
@@ -513,6 +556,42 @@ mod x86 {
             for c in n8..n {
                 let tc = *t.add(c);
                 *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
+            }
+        }
+    }
+
+    /// AVX2+FMA: [`super::tanh_scale_portable`] 8 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::tanh_scale_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn tanh_scale_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
+        use crate::cpu::tiled::{TANH_DEN, TANH_NUM};
+        let (ld, rows, n, cs) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
+        let n8 = n - n % 8;
+        let (hi, lo, cv) = (_mm256_set1_ps(7.905_311), _mm256_set1_ps(-7.905_311), _mm256_set1_ps(cs));
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let mut x = 0;
+            while x < n8 {
+                let v = _mm256_loadu_ps(row.add(x));
+                // Compare-and-select clamps (NaN compares false and stays).
+                let v = _mm256_blendv_ps(v, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(v, hi));
+                let v = _mm256_blendv_ps(v, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(v, lo));
+                let x2 = _mm256_mul_ps(v, v);
+                let mut p = _mm256_set1_ps(TANH_NUM[0]);
+                for &k in &TANH_NUM[1..] {
+                    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(k));
+                }
+                let mut q = _mm256_set1_ps(TANH_DEN[0]);
+                for &k in &TANH_DEN[1..] {
+                    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(k));
+                }
+                let t = _mm256_div_ps(_mm256_mul_ps(v, p), q);
+                _mm256_storeu_ps(row.add(x), _mm256_mul_ps(cv, t));
+                x += 8;
+            }
+            for x in n8..n {
+                *row.add(x) = cs * super::tanh_rational(*row.add(x));
             }
         }
     }
@@ -996,6 +1075,40 @@ mod tests {
                     assert!((got - want).abs() <= 1e-6 * want, "{isa:?} ({r},{c}): {got} vs {want}");
                 }
                 assert_eq!(s[r * ld + n], before[r * ld + n], "{isa:?} row {r}: past n untouched");
+            }
+        }
+    }
+
+    /// The capped scores against f64 `c · tanh(x)`: both signs, 0, tiny and huge values, the
+    /// clamp, NaN and infinities, a column tail.
+    #[test]
+    fn capped_scores_match_f64() {
+        for isa in [Isa::Portable, Isa::detect()] {
+            let (rows, n, ld) = (3usize, 19usize, 20usize);
+            let mut before: Vec<f32> = (0..rows * ld).map(|x| (x as f32 - 30.0) * 0.37).collect();
+            before[2] = 0.0;
+            before[3] = 1e-30;
+            before[4] = -7.9;
+            before[5] = 8.0;
+            before[6] = f32::INFINITY;
+            before[7] = f32::NEG_INFINITY;
+            before[21] = f32::NAN;
+            before[22] = 1e30;
+            let c = 50.0 * std::f32::consts::LOG2_E;
+            let mut s = before.clone();
+            unsafe { tanh_scale_kernel(isa)(s.as_mut_ptr(), ld as i64, rows as i64, n as i64, c.to_bits() as i64) };
+            for r in 0..rows {
+                for x in 0..n {
+                    let v = before[r * ld + x] as f64;
+                    let got = s[r * ld + x] as f64;
+                    if v.is_nan() {
+                        assert!(got.is_nan(), "{isa:?} ({r},{x}): NaN stays");
+                        continue;
+                    }
+                    let want = c as f64 * v.tanh();
+                    assert!((got - want).abs() <= 1e-6 * want.abs().max(1e-30), "{isa:?} ({r},{x}) of {v}: {got} vs {want}");
+                }
+                assert_eq!(s[r * ld + n].to_bits(), before[r * ld + n].to_bits(), "{isa:?} row {r}: past n untouched");
             }
         }
     }

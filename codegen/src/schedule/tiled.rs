@@ -2,7 +2,7 @@
 //! evaluates per pair, and how each branch normalizes. Pure IR analysis: every backend's
 //! tile kernel (CPU microkernels, GPU tensor cores or workgroup tiles) reads it.
 
-use attnc_ir::{Expr, Kernel, Norm};
+use attnc_ir::{BinOp, Expr, Kernel, Norm};
 
 pub use attnc_passes::separable::{extract, Dot, DOT};
 
@@ -120,6 +120,38 @@ pub struct SoftmaxPlan {
     /// The passes over the key tiles: one; or two when a post-map follows the softmax (the
     /// first finds each row's final maximum and denominator, the second maps the weights).
     pub passes: Vec<SoftmaxPass>,
+    /// A capped score `c · tanh(dot · a)` (softcapping, Gemma 2): `a` is the branch's
+    /// [`BranchPlan::fold`] (in the packed queries, without `log2 e`) and [`BranchPlan::rest`]
+    /// is `c · tanh(DOT)`; a target may cap a whole tile of dot products in one routine,
+    /// after which its scores are plain (base 2 with `c · log2 e`). A target that ignores it
+    /// evaluates `rest` per element.
+    pub tanh_cap: Option<f64>,
+}
+
+/// `c · tanh(DOT · a)`, `c` a positive constant and `a` free of the key: `(c, a)`.
+fn tanh_cap(rest: &Expr) -> Option<(f64, Expr)> {
+    use attnc_ir::UnOp;
+    let (c, t) = match rest {
+        Expr::Binary(BinOp::Mul, c, t) | Expr::Binary(BinOp::Mul, t, c) if matches!(**t, Expr::Unary(UnOp::Tanh, _)) => (c, t),
+        _ => return None,
+    };
+    let (Expr::Float(c), Expr::Unary(UnOp::Tanh, inner)) = (&**c, &**t) else { return None };
+    let c = c.0;
+    if !(c > 0.0 && c.is_finite()) {
+        return None;
+    }
+    Some((c, dot_factor(inner)?))
+}
+
+/// `a` when `e` is `DOT` times factors free of the key and of `DOT` (`DOT / sqrt(D) / 50`).
+fn dot_factor(e: &Expr) -> Option<Expr> {
+    let free = |c: &Expr| !c.free_vars().contains("j") && !c.free_vars().contains(DOT);
+    match e {
+        Expr::Var(v) if v == DOT => Some(Expr::float(1.0)),
+        Expr::Binary(BinOp::Mul, x, f) | Expr::Binary(BinOp::Mul, f, x) if free(f) && !free(x) => Some(Expr::bin(BinOp::Mul, dot_factor(x)?, (**f).clone())),
+        Expr::Binary(BinOp::Div, x, f) if free(f) => Some(Expr::bin(BinOp::Div, dot_factor(x)?, (**f).clone())),
+        _ => None,
+    }
 }
 
 /// One pass of a softmax branch over its live key tiles.
@@ -198,12 +230,21 @@ impl TiledPlan {
             .zip(&k.branches)
             .map(|((dot, panel, mut rest, map_dot), br)| {
                 // Only a factor that folds exactly (finite and nonzero, or the operand's norm).
-                let fold =
-                    dot.as_ref().and_then(|d| attnc_passes::separable::row_factor(&rest).filter(|f| attnc_passes::separable::fold_exact(k, f, &d.a, &d.r)));
+                let exact = |f: &Expr| dot.as_ref().is_some_and(|d| attnc_passes::separable::fold_exact(k, f, &d.a, &d.r));
+                let mut fold = dot.as_ref().and_then(|_| attnc_passes::separable::row_factor(&rest).filter(|f| exact(f)));
                 if fold.is_some() {
                     rest = Expr::var(DOT);
                 }
-                let log2e_folded = fold.is_some() && matches!(br.norm, Norm::Softmax { .. });
+                // A capped score of a one-pass softmax with no bias: the inner factor folds.
+                let mut cap = None;
+                if let (None, Some(_), Norm::Softmax { post: None, .. }, None, None) = (&fold, &dot, &br.norm, &br.bias, &br.decay) {
+                    if let Some((c, a)) = tanh_cap(&rest).filter(|(_, a)| exact(a)) {
+                        fold = Some(a);
+                        rest = Expr::bin(BinOp::Mul, Expr::float(c), Expr::Unary(attnc_ir::UnOp::Tanh, Box::new(Expr::var(DOT))));
+                        cap = Some(c);
+                    }
+                }
+                let log2e_folded = fold.is_some() && cap.is_none() && matches!(br.norm, Norm::Softmax { .. });
                 let softmax = match &br.norm {
                     Norm::Softmax { post, .. } => {
                         let plain = log2e_folded && rest == Expr::var(DOT) && br.bias.is_none();
@@ -215,7 +256,7 @@ impl TiledPlan {
                         } else {
                             vec![SoftmaxPass { accumulate: true, fused_step: br.decay.is_none(), final_weights: false }]
                         };
-                        Some(SoftmaxPlan { log2e_folded, plain, passes })
+                        Some(SoftmaxPlan { log2e_folded, plain, passes, tanh_cap: cap })
                     }
                     _ => None,
                 };
@@ -297,6 +338,23 @@ mod tests {
         assert!(passes[1].final_weights && passes[1].accumulate && !passes[1].fused_step);
         let map = TiledPlan::new(&kernel(&format!("(branch {DOT_SCORE} (norm (map (sigmoid s))))"))).expect("tiled");
         assert!(map.branches[0].softmax.is_none() && !map.branches[0].log2e_folded());
+    }
+
+    #[test]
+    fn a_capped_score_folds_its_inner_factor_without_log2e() {
+        let dot = "(reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))";
+        let capped = |c: &str, extra: &str| kernel(&format!("(branch (score (* {c} (tanh (/ (/ {dot} (sqrt (float $D))) 50.0)))) {extra} (norm (softmax)))"));
+        let p = TiledPlan::new(&capped("50.0", "")).expect("tiled");
+        let b = &p.branches[0];
+        let s = b.softmax.as_ref().expect("softmax");
+        assert_eq!(s.tanh_cap, Some(50.0));
+        assert!(b.fold.is_some() && !b.log2e_folded() && !s.plain, "the cap is nonlinear: log2 e stays out of the queries");
+        assert_eq!(b.rest, Expr::bin(BinOp::Mul, Expr::float(50.0), Expr::Unary(attnc_ir::UnOp::Tanh, Box::new(Expr::var(DOT)))));
+        // A negative cap, a bias or a key-dependent factor: evaluated as written.
+        assert_eq!(TiledPlan::new(&capped("-50.0", "")).unwrap().branches[0].softmax.as_ref().unwrap().tanh_cap, None);
+        assert_eq!(TiledPlan::new(&capped("50.0", "(bias (load s h))")).unwrap().branches[0].softmax.as_ref().unwrap().tanh_cap, None);
+        let keyed = kernel(&format!("(branch (score (* 50.0 (tanh (* {dot} (float j))))) (norm (softmax)))"));
+        assert_eq!(TiledPlan::new(&keyed).unwrap().branches[0].softmax.as_ref().unwrap().tanh_cap, None);
     }
 
     #[test]

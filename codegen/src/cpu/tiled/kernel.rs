@@ -79,6 +79,9 @@ struct PassFrame<'a> {
     /// the rows do, from the base-2 scores).
     exp_stat: Option<&'a ExpStat>,
     exp_in_tile: bool,
+    /// A capped score's `c · log2 e` as f32 bits, when the microkernel caps the tile's dot
+    /// products in place (the scores are then plain, see `SoftmaxPlan::tanh_cap`).
+    capped: Option<i64>,
 }
 
 /// The kept first-pass weights of a two-pass softmax (`BoundTiled::keep_weights`), after the
@@ -214,10 +217,19 @@ impl Gen<'_, '_> {
             _ => None,
         };
 
+        let dot_var = Expr::var(DOT);
         for (bn, (br, bp)) in k.branches.iter().zip(&plan.branches).enumerate() {
-            let score_rest = &bp.rest;
+            // A capped score with the microkernel: the tile's dot products capped in place
+            // (`c · log2 e · tanh`), after which the score is the plain base-2 logit.
+            let capped = bp
+                .softmax
+                .as_ref()
+                .and_then(|s| s.tanh_cap)
+                .filter(|_| softmax_mk.is_some_and(|m| m.tanh_scale.is_some()))
+                .map(|c| ((c * std::f64::consts::LOG2_E) as f32).to_bits() as i64);
+            let score_rest = if capped.is_some() { &dot_var } else { &bp.rest };
             // The score is the bare dot in base 2, no bias (see `SoftmaxPlan::plain`).
-            let plain_scores = bp.softmax.as_ref().is_some_and(|s| s.plain);
+            let plain_scores = bp.softmax.as_ref().is_some_and(|s| s.plain) || capped.is_some();
             let (softmax, sink, post) = match &br.norm {
                 Norm::Softmax { sink, post } => (true, sink.clone(), post.clone()),
                 _ => (false, None, None),
@@ -232,10 +244,12 @@ impl Gen<'_, '_> {
             let padded = |d: &Dot| plan.channels_all().as_ref() != Some(&d.len);
             // A map's `exp(s − t)` runs in base 2 as a softmax does.
             let exp_stat = bp.exp_stat.as_ref();
-            let folds_log2e = bp.log2e_folded() || exp_stat.is_some();
+            let packs_log2e = bp.log2e_folded() || exp_stat.is_some();
             if let Some(dot) = &bp.dot {
-                self.pack_queries(dot, bp.fold.as_ref(), folds_log2e, f.a_ws, padded(dot), &f);
+                self.pack_queries(dot, bp.fold.as_ref(), packs_log2e, f.a_ws, padded(dot), &f);
             }
+            // The scores the rows read are in base 2 already.
+            let folds_log2e = packs_log2e || capped.is_some();
             // A normalization map's dot: its query features into A2.
             if let Some(md) = &bp.map_dot {
                 self.pack_queries(&md.dot, None, false, f.a2_ws, padded(&md.dot), &f);
@@ -280,6 +294,7 @@ impl Gen<'_, '_> {
                     map_dot: bp.map_dot.as_ref(),
                     exp_stat,
                     exp_in_tile: softmax_mk.is_some(),
+                    capped,
                 };
                 self.key_tiles(&f, &p);
             }
@@ -439,7 +454,23 @@ impl Gen<'_, '_> {
             kt, vb, classes, mj, ev, dlen, nq, bqv, bkv, ntiles, a_ws, s_ws, o_ws, m_ws, l_ws, corr_ws, blive_ws, tmax_ws, zero, one_f, bk, ..
         } = *f;
         let PassFrame {
-            bn, softmax, plain_scores, accumulate, two_pass_second, helper, weights, qk, pv, softmax_mk, iota, panel, kept, map_dot, exp_stat, ..
+            bn,
+            softmax,
+            plain_scores,
+            accumulate,
+            two_pass_second,
+            helper,
+            weights,
+            qk,
+            pv,
+            softmax_mk,
+            iota,
+            panel,
+            kept,
+            map_dot,
+            exp_stat,
+            capped,
+            ..
         } = *p;
         let (a2_ws, s2_ws) = (f.a2_ws, f.s2_ws);
         if weights.is_some() {
@@ -497,6 +528,13 @@ impl Gen<'_, '_> {
                         let off = g.b.ins().imul_imm_s(off, bk);
                         let ktp = g.ptr_off(kt, off);
                         match softmax_mk.filter(|_| plain) {
+                            // Capped scores: the dot products, then the cap on the whole tile
+                            // (the step finds the row maxima).
+                            Some(SoftmaxKernels { tanh_scale: Some(cap), .. }) if capped.is_some() => {
+                                g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                                let c = g.iconst(capped.expect("capped"));
+                                g.b.ins().call(cap, &[s_ws, bkv, nq, bkv, c]);
+                            }
                             // A full tile of plain dot products: the row maxima come with the scores.
                             Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
                                 check,
@@ -561,7 +599,7 @@ impl Gen<'_, '_> {
                 }
                 if let Some(step) = helper {
                     let null = g.iconst(0);
-                    let tmax = if plain { g.b.ins().select(check, null, tmax_ws) } else { null };
+                    let tmax = if plain && capped.is_none() { g.b.ins().select(check, null, tmax_ws) } else { null };
                     g.b.ins().call(step, &[s_tile, bkv, nq, bkv, m_ws, l_ws, corr_ws, tmax]);
                 }
                 if let Some((k, keep)) = keep {

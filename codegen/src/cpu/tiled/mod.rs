@@ -31,6 +31,7 @@ mod vector;
 pub(crate) use matmul::{gen_pv, gen_qk};
 
 pub(crate) use super::microkernel::EXP2_POLY;
+pub(crate) use vector::{TANH_DEN, TANH_NUM};
 
 /// The functions a tile calls: `qk`, `pv` and, with the microkernel, its softmax helpers.
 pub(crate) type Matmuls<F> = (F, F, Option<SoftmaxKernels<F>>);
@@ -45,4 +46,7 @@ pub(crate) struct SoftmaxKernels<F> {
     /// `2^(s − t[c])` of a per-key statistic ([`crate::schedule::tiled::ExpStat`]), where a
     /// map has one.
     pub exp_cols: Option<F>,
+    /// A capped score `c · tanh(s)` in place ([`crate::schedule::tiled::SoftmaxPlan::tanh_cap`]),
+    /// where a branch has one.
+    pub tanh_scale: Option<F>,
 }
