@@ -167,13 +167,8 @@ pub type ExpColsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32);
 fn tanh_rational(x: f32) -> f32 {
     use crate::cpu::tiled::{TANH_DEN, TANH_NUM};
     const HI: f32 = 7.905_311;
-    let xc = if x > HI {
-        HI
-    } else if x < -HI {
-        -HI
-    } else {
-        x
-    };
+    // NaN stays NaN (as `clamp` leaves it).
+    let xc = x.clamp(-HI, HI);
     let x2 = xc * xc;
     let p = TANH_NUM[1..].iter().fold(TANH_NUM[0], |p, &k| x2.mul_add(p, k));
     let q = TANH_DEN[1..].iter().fold(TANH_DEN[0], |p, &k| x2.mul_add(p, k));
