@@ -180,13 +180,7 @@ mod tests {
     use super::*;
 
     fn kernel(mask: &str) -> Kernel {
-        attnc_ir::parse_kernel(&format!(
-            "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
-               (input q f32 [B H N D]) (input k f32 [B H M D]) (output o f32 [B H N D])
-               (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e)
-               (branch (score (reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))) (mask {mask}) (norm (softmax))))"
-        ))
-        .expect("kernel")
+        crate::schedule::test_kernel(&format!("(branch (score {}) (mask {mask}) (norm (softmax)))", crate::schedule::TEST_DOT))
     }
 
     #[test]
