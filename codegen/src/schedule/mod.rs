@@ -297,6 +297,22 @@ impl ChunkPlan {
     }
 }
 
+/// A test kernel over `q` and `k` (`[B, H, N|M, D]`, the values `k`) with these branches;
+/// [`TEST_DOT`] is its dot product.
+#[cfg(test)]
+pub(crate) fn test_kernel(branches: &str) -> Kernel {
+    attnc_ir::parse_kernel(&format!(
+        "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
+           (input q f32 [B H N D]) (input k f32 [B H M D]) (output o f32 [B H N D])
+           (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e) {branches})"
+    ))
+    .expect("kernel")
+}
+
+/// The dot product of [`test_kernel`]'s queries and keys.
+#[cfg(test)]
+pub(crate) const TEST_DOT: &str = "(reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,19 +386,3 @@ mod tests {
         assert_eq!((0..4).map(|i| p.last_key(i)).collect::<Vec<_>>(), vec![None, None, Some(0), Some(1)]);
     }
 }
-
-/// A test kernel over `q` and `k` (`[B, H, N|M, D]`, the values `k`) with these branches;
-/// [`TEST_DOT`] is its dot product.
-#[cfg(test)]
-pub(crate) fn test_kernel(branches: &str) -> Kernel {
-    attnc_ir::parse_kernel(&format!(
-        "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
-           (input q f32 [B H N D]) (input k f32 [B H M D]) (output o f32 [B H N D])
-           (iter (b B) (h H) (i N) (j M) (e D)) (value (load k b h j e)) (out b h i e) {branches})"
-    ))
-    .expect("kernel")
-}
-
-/// The dot product of [`test_kernel`]'s queries and keys.
-#[cfg(test)]
-pub(crate) const TEST_DOT: &str = "(reduce sum r0 0 $D (* (load q b h i r0) (load k b h j r0)))";
