@@ -357,7 +357,7 @@ pub fn derive_tasks(t: &TensorDecl, shape: &[usize]) -> Vec<(i64, i64)> {
 }
 
 /// Tensors as f64, for the run-time analyses: the masks' tensors for the tile classifier
-/// ([`tile_classes`]), the index tensors for the bounds check ([`TensorData::indices`]).
+/// ([`tile_classes`]), the index tensors for the bounds check ([`BoundsCheck::with_data`]).
 pub struct TensorData {
     tensors: BTreeMap<String, (Vec<usize>, Vec<f64>, bool)>,
 }

@@ -8,7 +8,8 @@
 //! share one key/value pack ([`groups`]), the workspace a task needs ([`workspace`], checked
 //! against the target's [`Limits`]) and, for the chunked form, its [`ChunkPlan`]. Tile
 //! classes (empty, full, partial) are computed at run time by [`classes`] (once per shape
-//! for static masks, at every call for masks that read data).
+//! for static masks; for masks that read data, again when that data changes). A mask with
+//! class equalities may run over tokens sorted by class ([`permute`]).
 //!
 //! It is pure data: no Cranelift, no PTX, no WGSL. A backend's emitter reads a
 //! [`Schedule`]; it decides nothing the schedule already decides (see `docs/backends.md`).
