@@ -191,6 +191,18 @@ fn bench_runs_on_given_inputs() {
     assert_eq!(attnc(&["bench", "examples/document_mask.attn"]).0, 2);
 }
 
+/// `bench` says when tokens run sorted by the mask's classes, and `--no-permute` turns it off.
+#[test]
+fn bench_names_the_sorted_tokens_and_no_permute_keeps_the_order() {
+    let dims = "B=1,H=2,G=1,N=64,M=64,D=8,Dv=8";
+    let (code, out, err) = attnc(&["bench", "examples/swin_window.attn", "--dims", dims, "--runs", "1"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sorted by the mask's classes"), "{out}");
+    let (code, out, err) = attnc(&["bench", "examples/swin_window.attn", "--dims", dims, "--runs", "1", "--no-permute"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("sorted") && out.contains("useful"), "{out}");
+}
+
 /// The WGSL backend from the command line: the module without an adapter, a run checked
 /// against the reference where an adapter is, and without one a message naming what to
 /// install (exit 1, no crash).
