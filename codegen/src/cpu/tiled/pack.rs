@@ -49,7 +49,10 @@ impl Gen<'_, '_> {
                     self.ptr_off(kt, base)
                 }
             };
-            self.for_range(zero, mpad, &mut |g, j| {
+            // One key's panel column: its channels (a contiguous row by vector loads and one
+            // store per lane, else element by element), zeros past its own channels, and
+            // zeros for a key past the end.
+            let one_key = |g: &mut Self, j: Value| {
                 let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
                 let jc = g.b.ins().iadd_imm_s(mj, -1);
                 let jc = g.b.ins().smin(j, jc);
@@ -71,7 +74,6 @@ impl Gen<'_, '_> {
                         g.store_f32(kt, off, v);
                     });
                 };
-                // A key row read from a contiguous tensor: vector loads, one store per lane.
                 match g.contiguous_row(&dot.b, &dot.r, own) {
                     Some((src, ok)) => {
                         let fast = g.b.ins().band(ok, inside);
@@ -102,6 +104,87 @@ impl Gen<'_, '_> {
                     });
                 }
                 g.unbind(1);
+            };
+            // Keys four at a time (a tile holds whole groups of four): four contiguous rows
+            // inside the keys are transposed in registers, four channels at a time (four
+            // loads, eight shuffles, four stores where one store per element was).
+            let groups = self.b.ins().sshr_imm_u(mpad, 2);
+            self.for_range(zero, groups, &mut |g, j4| {
+                let j = g.b.ins().imul_imm_s(j4, 4);
+                let last = g.b.ins().iadd_imm_s(j, 3);
+                let all_in = g.b.ins().icmp(IntCC::SignedLessThan, last, mj);
+                let mut rows = Vec::new();
+                let mut ok = all_in;
+                for t in 0..4 {
+                    let jt = g.b.ins().iadd_imm_s(j, t);
+                    // Clamped: the rows' addresses are computed for every group.
+                    let jc = g.b.ins().iadd_imm_s(mj, -1);
+                    let jc = g.b.ins().smin(jt, jc);
+                    g.bind("j", jc);
+                    let row = g.contiguous_row(&dot.b, &dot.r, own);
+                    g.unbind(1);
+                    match row {
+                        Some((src, o)) => {
+                            ok = g.b.ins().band(ok, o);
+                            rows.push(src);
+                        }
+                        None => break,
+                    }
+                }
+                if rows.len() < 4 {
+                    for t in 0..4 {
+                        let jt = g.b.ins().iadd_imm_s(j, t);
+                        one_key(g, jt);
+                    }
+                    return;
+                }
+                g.if_else(
+                    ok,
+                    &mut |g| {
+                        let (tile, _) = g.floor_div(j, bkv);
+                        let c = g.b.ins().srem(j, bkv);
+                        let panel = g.b.ins().imul(tile, dlen);
+                        let panel = g.b.ins().imul_imm_s(panel, bk);
+                        let col = g.b.ins().iadd(panel, c);
+                        let dst = g.ptr_off(kt, col);
+                        let nvec = g.b.ins().sshr_imm_u(own, 2);
+                        let z = g.iconst(0);
+                        g.for_range(z, nvec, &mut |g, x4| {
+                            let x = g.b.ins().imul_imm_s(x4, 4);
+                            let v: Vec<Value> = rows.iter().map(|&src| g.load_at(src, x, types::F32X4)).collect();
+                            let w = transpose4(g, [v[0], v[1], v[2], v[3]]);
+                            for (n, wn) in w.into_iter().enumerate() {
+                                // Channel x + n of the four keys: offset (x + n)·bk.
+                                let r = g.b.ins().iadd_imm_s(x, n as i64);
+                                let off = g.b.ins().imul_imm_s(r, bk);
+                                g.store_at(dst, off, wn);
+                            }
+                        });
+                        // The channels past the last group of four, element by element.
+                        let tail = g.b.ins().imul_imm_s(nvec, 4);
+                        g.for_range(tail, own, &mut |g, r| {
+                            let off = g.b.ins().imul_imm_s(r, bk);
+                            for (t, &src) in rows.iter().enumerate() {
+                                let v = g.load_at(src, r, types::F32);
+                                let o = g.b.ins().iadd_imm_s(off, t as i64);
+                                g.store_at(dst, o, v);
+                            }
+                        });
+                        if padded {
+                            g.for_range(own, dlen, &mut |g, r| {
+                                let off = g.b.ins().imul_imm_s(r, bk);
+                                let z4 = g.fconst4(0.0);
+                                g.store_at(dst, off, z4);
+                            });
+                        }
+                    },
+                    &mut |g| {
+                        for t in 0..4 {
+                            let jt = g.b.ins().iadd_imm_s(j, t);
+                            one_key(g, jt);
+                        }
+                    },
+                );
             });
         }
         self.for_range(zero, mpad, &mut |g, j| {
@@ -134,4 +217,32 @@ impl Gen<'_, '_> {
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
+}
+
+/// The 4 × 4 transpose of four f32x4 rows: `out[c][t] = rows[t][c]` (unpack low/high, then
+/// move the halves together).
+fn transpose4(g: &mut Gen, rows: [Value; 4]) -> [Value; 4] {
+    let bytes = |lanes: [u8; 4]| -> [u8; 16] {
+        let mut m = [0u8; 16];
+        for (n, &l) in lanes.iter().enumerate() {
+            for b in 0..4 {
+                m[4 * n + b] = 4 * l + b as u8;
+            }
+        }
+        m
+    };
+    // Lanes 0–3 name the first operand's, 4–7 the second's.
+    let shuf = |g: &mut Gen, a: Value, b: Value, lanes: [u8; 4]| -> Value {
+        let m = g.b.func.dfg.immediates.push(cranelift::codegen::ir::ConstantData::from(bytes(lanes).as_ref()));
+        let ai = g.b.ins().bitcast(types::I8X16, super::vector::little(), a);
+        let bi = g.b.ins().bitcast(types::I8X16, super::vector::little(), b);
+        let r = g.b.ins().shuffle(ai, bi, m);
+        g.b.ins().bitcast(types::F32X4, super::vector::little(), r)
+    };
+    let [v0, v1, v2, v3] = rows;
+    let t0 = shuf(g, v0, v1, [0, 4, 1, 5]);
+    let t1 = shuf(g, v2, v3, [0, 4, 1, 5]);
+    let t2 = shuf(g, v0, v1, [2, 6, 3, 7]);
+    let t3 = shuf(g, v2, v3, [2, 6, 3, 7]);
+    [shuf(g, t0, t1, [0, 1, 4, 5]), shuf(g, t0, t1, [2, 3, 6, 7]), shuf(g, t2, t3, [0, 1, 4, 5]), shuf(g, t2, t3, [2, 3, 6, 7])]
 }
