@@ -139,8 +139,37 @@ pub fn explain_schedule<B: attnc_codegen::Backend>(backend: &B, oc: &crate::dsl:
                 .unwrap();
                 if let Some(sm) = &ts.plan.branches[n].softmax {
                     let passes = if sm.passes.len() == 2 { "two passes (post-map)" } else { "one pass, online" };
-                    writeln!(s, "  softmax   branch {n}: {passes}; log2 e folded into the queries: {}; plain dot scores: {}", sm.log2e_folded, sm.plain)
+                    let cap = sm.tanh_cap.map_or(String::new(), |c| format!("; capped score {c}·tanh, capped per tile on the CPU"));
+                    writeln!(s, "  softmax   branch {n}: {passes}; log2 e folded into the queries: {}; plain dot scores: {}{cap}", sm.log2e_folded, sm.plain)
                         .unwrap();
+                }
+            }
+            // The CPU runs a mask with class equalities over tokens sorted by class.
+            let permuted = attnc_codegen::schedule::permute::rewrite(k).filter(|_| B::NAME == "cpu" && attnc_codegen::BackendOptions::schedule(o).permute);
+            if let Some(p) = permuted {
+                match p.orders(&dims.dims, g.queries as usize, g.keys as usize) {
+                    Some(ord) => {
+                        use attnc_codegen::schedule::permute::{CK, CQ, PK, PQ};
+                        let (n, m) = ([g.queries as usize], [g.keys as usize]);
+                        let f64s = |v: &[i32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+                        let vals = [f64s(&ord.pq), f64s(&ord.pk), f64s(&ord.cq), f64s(&ord.ck)];
+                        let shapes: [&[usize]; 4] = [&n, &m, &n, &m];
+                        let tensors =
+                            [PQ, PK, CQ, CK].iter().zip(shapes).zip(&vals).map(|((name, sh), v)| (name.to_string(), (sh, v.as_slice(), true))).collect();
+                        let oracle = crate::passes::tiles::DataOracle::new(tensors, 1 << 14);
+                        let c = classes::count_tiles(p.kernel.branches[0].mask.as_ref(), 0, 0, &grid, &dims.dims, &oracle, i64::MAX);
+                        let count = ord.cq.iter().chain(&ord.ck).max().map_or(0, |x| x + 1);
+                        writeln!(
+                            s,
+                            "  sorted    queries and keys sorted by the mask's {count} classes (what runs): {} empty, {} full, {} partial; {:.1}% live",
+                            c.empty,
+                            c.full,
+                            c.partial,
+                            100.0 * c.live() / c.total().max(1.0)
+                        )
+                        .unwrap();
+                    }
+                    None => writeln!(s, "  sorted    no: the positions are in class order already").unwrap(),
                 }
             }
             let shared = t.groups.iter().filter(|gr| gr.heads.len() > 1).count();

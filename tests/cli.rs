@@ -201,6 +201,14 @@ fn bench_names_the_sorted_tokens_and_no_permute_keeps_the_order() {
     let (code, out, err) = attnc(&["bench", "examples/swin_window.attn", "--dims", dims, "--runs", "1", "--no-permute"]);
     assert_eq!(code, 0, "{err}");
     assert!(!out.contains("sorted") && out.contains("useful"), "{out}");
+    // `explain` gives the classes of the sorted problem (swin's 9 window classes, every live
+    // tile full at 64×64 on 2048 tokens), or says the order is already sorted.
+    let (code, out, err) = attnc(&["explain", "examples/swin_window.attn", "--dims", "B=1,H=2,G=1,N=2048,M=2048,D=8,Dv=8"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("sorted by the mask's 9 classes (what runs): 880 empty, 144 full, 0 partial; 14.1% live"), "{out}");
+    let (code, out, err) = attnc(&["explain", "examples/axial_rows.attn", "--dims", dims]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("in class order already"), "{out}");
 }
 
 /// The WGSL backend from the command line: the module without an adapter, a run checked
