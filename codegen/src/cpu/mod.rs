@@ -277,7 +277,7 @@ struct Permuted {
 type OrderInputs = std::sync::Arc<[Vec<u32>; 4]>;
 
 impl Permuted {
-    /// The orders at these dims (computed once per shape).
+    /// The orders at these dims (computed once per shape; the last few shapes are kept).
     fn orders(&self, dims: &Bindings, n: usize, m: usize) -> Option<OrderInputs> {
         if let Some(o) = self.orders.lock().unwrap_or_else(|e| e.into_inner()).get(&dims.dims) {
             return o.clone();
@@ -286,7 +286,12 @@ impl Permuted {
             let bits = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
             std::sync::Arc::new([bits(o.pq), bits(o.pk), bits(o.cq), bits(o.ck)])
         });
-        self.orders.lock().unwrap_or_else(|e| e.into_inner()).insert(dims.dims.clone(), made.clone());
+        let mut kept = self.orders.lock().unwrap_or_else(|e| e.into_inner());
+        // A few shapes are kept (a run of growing lengths does not pile up orders).
+        if kept.len() >= 8 {
+            kept.clear();
+        }
+        kept.insert(dims.dims.clone(), made.clone());
         made
     }
 
