@@ -726,6 +726,21 @@ fn masks_with_class_equalities_run_over_sorted_tokens() {
         compare(&format!("swin_window, permute {permute}"), &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
         compare(&format!("swin_window's statistics, permute {permute}"), &stats, &want_stats, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
     }
+    // A NaN or an infinity among the values: the sorted problem takes its row kernel, and the
+    // bad key reaches only the rows of its class, put back in their places.
+    let k = CpuBackend::default().compile(&c.kernel, &c.info, &CpuOptions::default()).expect("compiles").checking(&c.kernel);
+    for bad in [f64::NAN, f64::INFINITY] {
+        let mut bad_ins = ins.clone();
+        let v = bad_ins.get_mut("v").expect("v");
+        let at = 8 * 137; // batch 0, key 137, channel 0
+        v.data[at] = bad;
+        let want = attnc::ir::reference::run(&c.kernel, &c.info, &bad_ins, &BTreeMap::new()).expect("reference");
+        let got = k.run(&bad_ins, &BTreeMap::new()).expect("runs");
+        let non_finite = |t: &Tensor| t.data.iter().filter(|x| !x.is_finite()).count();
+        assert!(non_finite(&want) > 0 && non_finite(&want) < want.data.len() / 4, "the reference keeps the bad key to its class");
+        assert_eq!(non_finite(&got), non_finite(&want), "{bad}: reaches the rows the reference does");
+        compare(&format!("swin_window, {bad} in v"), &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
+    }
 }
 
 /// One compiled kernel, called with other mask data, then with the first again: the tile
