@@ -54,14 +54,9 @@ impl Gen<'_, '_> {
             // zeros for a key past the end.
             let one_key = |g: &mut Self, j: Value| {
                 let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
-                let jc = g.b.ins().iadd_imm_s(mj, -1);
-                let jc = g.b.ins().smin(j, jc);
+                let jc = clamp_key(g, j, mj);
                 g.bind("j", jc);
-                let (tile, _) = g.floor_div(j, bkv);
-                let c = g.b.ins().srem(j, bkv);
-                let panel = g.b.ins().imul(tile, dlen);
-                let panel = g.b.ins().imul_imm_s(panel, bk);
-                let col = g.b.ins().iadd(panel, c);
+                let col = panel_column(g, j, bkv, dlen, bk);
                 let mut generic = |g: &mut Self| {
                     let z = g.iconst(0);
                     g.for_range(z, own, &mut |g, r| {
@@ -118,8 +113,7 @@ impl Gen<'_, '_> {
                 for t in 0..4 {
                     let jt = g.b.ins().iadd_imm_s(j, t);
                     // Clamped: the rows' addresses are computed for every group.
-                    let jc = g.b.ins().iadd_imm_s(mj, -1);
-                    let jc = g.b.ins().smin(jt, jc);
+                    let jc = clamp_key(g, jt, mj);
                     g.bind("j", jc);
                     let row = g.contiguous_row(&dot.b, &dot.r, own);
                     g.unbind(1);
@@ -141,11 +135,7 @@ impl Gen<'_, '_> {
                 g.if_else(
                     ok,
                     &mut |g| {
-                        let (tile, _) = g.floor_div(j, bkv);
-                        let c = g.b.ins().srem(j, bkv);
-                        let panel = g.b.ins().imul(tile, dlen);
-                        let panel = g.b.ins().imul_imm_s(panel, bk);
-                        let col = g.b.ins().iadd(panel, c);
+                        let col = panel_column(g, j, bkv, dlen, bk);
                         let dst = g.ptr_off(kt, col);
                         let nvec = g.b.ins().sshr_imm_u(own, 2);
                         let z = g.iconst(0);
@@ -189,8 +179,7 @@ impl Gen<'_, '_> {
         }
         self.for_range(zero, mpad, &mut |g, j| {
             let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
-            let jc = g.b.ins().iadd_imm_s(mj, -1);
-            let jc = g.b.ins().smin(j, jc);
+            let jc = clamp_key(g, j, mj);
             g.bind("j", jc);
             let row = g.b.ins().imul(j, ev);
             let mut generic = |g: &mut Self| {
@@ -217,6 +206,23 @@ impl Gen<'_, '_> {
         self.unbind(2);
         self.b.ins().return_(&[]);
     }
+}
+
+/// Key `j` clamped into `[0, M)` (`j ≥ 0`): a padding key reads the last key's values, which
+/// the pack then replaces with zeros.
+fn clamp_key(g: &mut Gen, j: Value, mj: Value) -> Value {
+    let last = g.b.ins().iadd_imm_s(mj, -1);
+    g.b.ins().smin(j, last)
+}
+
+/// Where key `j`'s column starts in a panel of `ceil(M / bk)` tiles of `dlen × bk` floats:
+/// tile `j / bk`, column `j % bk` (channel `r` is `r · bk` further).
+fn panel_column(g: &mut Gen, j: Value, bkv: Value, dlen: Value, bk: i64) -> Value {
+    let (tile, _) = g.floor_div(j, bkv);
+    let c = g.b.ins().srem(j, bkv);
+    let panel = g.b.ins().imul(tile, dlen);
+    let panel = g.b.ins().imul_imm_s(panel, bk);
+    g.b.ins().iadd(panel, c)
 }
 
 /// The 4 × 4 transpose of four f32x4 rows: `out[c][t] = rows[t][c]` (unpack low/high, then
