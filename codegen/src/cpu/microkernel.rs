@@ -165,10 +165,9 @@ pub type ExpColsFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *const f32);
 /// `c · tanh(x)` by the vector paths' rational form (see the generated `vtanh`: Eigen's fast
 /// tanh, clamped at ±7.905311; NaN stays NaN).
 fn tanh_rational(x: f32) -> f32 {
-    use crate::cpu::tiled::{TANH_DEN, TANH_NUM};
-    const HI: f32 = 7.905_311;
+    use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
     // NaN stays NaN (as `clamp` leaves it).
-    let xc = x.clamp(-HI, HI);
+    let xc = x.clamp(-TANH_CLAMP, TANH_CLAMP);
     let x2 = xc * xc;
     let p = TANH_NUM[1..].iter().fold(TANH_NUM[0], |p, &k| x2.mul_add(p, k));
     let q = TANH_DEN[1..].iter().fold(TANH_DEN[0], |p, &k| x2.mul_add(p, k));
@@ -560,10 +559,10 @@ mod x86 {
     /// As [`super::tanh_scale_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn tanh_scale_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
-        use crate::cpu::tiled::{TANH_DEN, TANH_NUM};
+        use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
         let (ld, rows, n, cs) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
         let n8 = n - n % 8;
-        let (hi, lo, cv) = (_mm256_set1_ps(7.905_311), _mm256_set1_ps(-7.905_311), _mm256_set1_ps(cs));
+        let (hi, lo, cv) = (_mm256_set1_ps(TANH_CLAMP), _mm256_set1_ps(-TANH_CLAMP), _mm256_set1_ps(cs));
         for r in 0..rows {
             let row = s.add(r * ld);
             let mut x = 0;

@@ -31,7 +31,7 @@ mod vector;
 pub(crate) use matmul::{gen_pv, gen_qk};
 
 pub(crate) use super::microkernel::EXP2_POLY;
-pub(crate) use vector::{TANH_DEN, TANH_NUM};
+pub(crate) use vector::{TANH_CLAMP, TANH_DEN, TANH_NUM};
 
 /// The functions a tile calls: `qk`, `pv` and, with the microkernel, its softmax helpers.
 pub(crate) type Matmuls<F> = (F, F, Option<SoftmaxKernels<F>>);

@@ -20,6 +20,8 @@ pub(super) fn little() -> MemFlagsData {
 
 /// `tanh`'s numerator coefficients (odd powers, from x^13 down to x^1, in x²).
 pub(crate) const TANH_NUM: [f32; 7] = [-2.760_768_5e-16, 2.000_188e-13, -8.604_672e-11, 5.122_297e-8, 1.485_722_4e-5, 6.372_619_3e-4, 4.893_524_6e-3];
+/// Where `tanh`'s rational form is clamped (±1 in f32 beyond).
+pub(crate) const TANH_CLAMP: f32 = 7.905_311;
 /// `tanh`'s denominator coefficients (even powers, from x^6 down to x^0, in x²).
 pub(crate) const TANH_DEN: [f32; 4] = [1.198_258_4e-6, 1.185_347_1e-4, 2.268_434_6e-3, 4.893_525e-3];
 
@@ -192,8 +194,8 @@ impl Gen<'_, '_> {
     /// relative accuracy holds near 0 too, where `1 − 2/(e^{2x} + 1)` cancels. NaN stays NaN
     /// (the clamps compare false and the arithmetic carries it).
     pub(crate) fn vtanh(&mut self, x: Value) -> Value {
-        let hi = self.fconst4(7.905_311);
-        let lo = self.fconst4(-7.905_311);
+        let hi = self.fconst4(TANH_CLAMP);
+        let lo = self.fconst4(-TANH_CLAMP);
         let over = self.b.ins().fcmp(FloatCC::GreaterThan, x, hi);
         let xc = self.fselect(over, hi, x);
         let under = self.b.ins().fcmp(FloatCC::LessThan, x, lo);
