@@ -149,15 +149,12 @@ pub fn explain_schedule<B: attnc_codegen::Backend>(backend: &B, oc: &crate::dsl:
             if let Some(p) = permuted {
                 match p.orders(&dims.dims, g.queries as usize, g.keys as usize) {
                     Some(ord) => {
-                        use attnc_codegen::schedule::permute::{CK, CQ, PK, PQ};
-                        let (n, m) = ([g.queries as usize], [g.keys as usize]);
-                        let f64s = |v: &[i32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-                        let vals = [f64s(&ord.pq), f64s(&ord.pk), f64s(&ord.cq), f64s(&ord.ck)];
-                        let shapes: [&[usize]; 4] = [&n, &m, &n, &m];
-                        let tensors =
-                            [PQ, PK, CQ, CK].iter().zip(shapes).zip(&vals).map(|((name, sh), v)| (name.to_string(), (sh, v.as_slice(), true))).collect();
-                        let oracle = crate::passes::tiles::DataOracle::new(tensors, 1 << 14);
-                        let c = classes::count_tiles(p.kernel.branches[0].mask.as_ref(), 0, 0, &grid, &dims.dims, &oracle, i64::MAX);
+                        // Classified as the CPU runtime does, from the order inputs.
+                        let inputs = ord.inputs();
+                        let bufs = inputs.iter().map(|(name, v)| (name.to_string(), v.as_slice())).collect();
+                        let classifier = classes::TileClassifier::default();
+                        let table = attnc_codegen::host::tile_classes(&classifier, &p.kernel, &grid, 1, 1, dims, &bufs);
+                        let c = table.counts(0, 0, 0);
                         let count = ord.cq.iter().chain(&ord.ck).max().map_or(0, |x| x + 1);
                         writeln!(
                             s,

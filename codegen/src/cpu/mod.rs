@@ -269,12 +269,12 @@ impl Backend for CpuBackend {
 struct Permuted {
     permutation: crate::schedule::permute::Permutation,
     kernel: CpuKernel,
-    /// Per dims: the four order inputs (as i32 bits), or none where nothing reorders.
+    /// Per dims: the four order inputs, or none where nothing reorders.
     orders: std::sync::Mutex<BTreeMap<BTreeMap<String, i64>, Option<OrderInputs>>>,
 }
 
-/// The four order inputs of one shape ([`crate::schedule::permute::Orders`]) as i32 bits.
-type OrderInputs = std::sync::Arc<[Vec<u32>; 4]>;
+/// The four order inputs of one shape ([`crate::schedule::permute::Orders::inputs`]).
+type OrderInputs = std::sync::Arc<[(&'static str, Vec<u32>); 4]>;
 
 impl Permuted {
     /// The orders at these dims (computed once per shape; the last few shapes are kept).
@@ -282,10 +282,7 @@ impl Permuted {
         if let Some(o) = self.orders.lock().unwrap_or_else(|e| e.into_inner()).get(&dims.dims) {
             return o.clone();
         }
-        let made = self.permutation.orders(&dims.dims, n, m).map(|o| {
-            let bits = |v: Vec<i32>| v.into_iter().map(|x| x as u32).collect::<Vec<u32>>();
-            std::sync::Arc::new([bits(o.pq), bits(o.pk), bits(o.cq), bits(o.ck)])
-        });
+        let made = self.permutation.orders(&dims.dims, n, m).map(|o| std::sync::Arc::new(o.inputs()));
         let mut kept = self.orders.lock().unwrap_or_else(|e| e.into_inner());
         // A few shapes are kept (a run of growing lengths does not pile up orders).
         if kept.len() >= 8 {
@@ -304,27 +301,27 @@ impl Permuted {
         out: &mut [f32],
         stats: Option<&mut [f32]>,
         dims: &Bindings,
-        orders: &[Vec<u32>; 4],
+        orders: &[(&'static str, Vec<u32>); 4],
     ) -> Result<(), RunError> {
-        use crate::schedule::permute::{scatter_rows, CK, CQ, PK, PQ};
+        use crate::schedule::permute::scatter_rows;
         let mut ins = Inputs { shapes: st.shapes.clone(), bufs: st.bufs.clone() };
-        for (name, v) in [PQ, PK, CQ, CK].into_iter().zip(orders.iter()) {
+        for (name, v) in orders {
             ins.shapes.insert(name.to_string(), vec![v.len()]);
             ins.bufs.insert(name.to_string(), v.as_slice());
         }
         let mut sorted = vec![0f32; out.len()];
         let mut sorted_stats = stats.as_ref().map(|s| vec![0f32; s.len()]);
         self.kernel.run_inner(&ins, explicit, &mut sorted, sorted_stats.as_deref_mut())?;
-        let pq: Vec<i32> = orders[0].iter().map(|&x| x as i32).collect();
+        let pq = &orders[0].1;
         let k = &self.kernel.kernel;
         let shape = dims.shape(k.output());
         let axis = k.out.iter().position(|v| v == "i").expect("the output has a query axis");
         let (outer, inner) = (shape[..axis].iter().product(), shape[axis + 1..].iter().product());
-        scatter_rows(&sorted, out, outer, shape[axis], inner, &pq);
+        scatter_rows(&sorted, out, outer, shape[axis], inner, pq);
         if let (Some(s), Some(sorted)) = (stats, sorted_stats) {
             // Statistics are [B, H, N, branches].
             let sshape = attnc_ir::reference::stats_shape(k, dims);
-            scatter_rows(&sorted, s, sshape[0] * sshape[1], sshape[2], sshape[3], &pq);
+            scatter_rows(&sorted, s, sshape[0] * sshape[1], sshape[2], sshape[3], pq);
         }
         Ok(())
     }

@@ -51,6 +51,14 @@ pub struct Orders {
     pub ck: Vec<i32>,
 }
 
+impl Orders {
+    /// The four inputs by name in storage form (i32 bits), as the sorted kernel reads them.
+    pub fn inputs(&self) -> [(&'static str, Vec<u32>); 4] {
+        let bits = |v: &[i32]| v.iter().map(|&x| x as u32).collect::<Vec<u32>>();
+        [(PQ, bits(&self.pq)), (PK, bits(&self.pk)), (CQ, bits(&self.cq)), (CK, bits(&self.ck))]
+    }
+}
+
 /// The conjuncts of `e` (`a && b && c`).
 fn conjuncts(e: &Expr) -> Vec<&Expr> {
     match e {
@@ -163,8 +171,8 @@ impl Permutation {
 
 /// Moves the rows of `sorted` (laid out with `outer` blocks of `rows` rows of `inner`
 /// values, the rows in the sorted order) to their places in `out`: row `t` of each block
-/// goes to row `order[t]`.
-pub fn scatter_rows(sorted: &[f32], out: &mut [f32], outer: usize, rows: usize, inner: usize, order: &[i32]) {
+/// goes to row `order[t]` (the [`PQ`] input, as stored).
+pub fn scatter_rows(sorted: &[f32], out: &mut [f32], outer: usize, rows: usize, inner: usize, order: &[u32]) {
     debug_assert_eq!(sorted.len(), outer * rows * inner);
     for o in 0..outer {
         let base = o * rows * inner;
