@@ -1158,12 +1158,13 @@ struct KeyInvariants {
     exprs: Vec<(Expr, Type)>,
 }
 
-/// Whether a key-only expression costs more on the lanes than a load: a gather, a division
-/// or modulo, a select, a reduction or a power, or three operations or more.
+/// Whether a key-only expression costs more on the lanes than a load: what
+/// [`costly`](super::super::gen::costly) names (a gather, a reduction, a power), a division or
+/// modulo, a select, or three operations or more.
 fn worth_keeping(e: &Expr) -> bool {
-    let (mut ops, mut dear) = (0, false);
+    let (mut ops, mut dear) = (0, super::super::gen::costly(e));
     e.walk(&mut |x| match x {
-        Expr::Load(..) | Expr::Reduce { .. } | Expr::Select(..) | Expr::Binary(BinOp::FloorDiv | BinOp::Mod | BinOp::Div | BinOp::Pow, ..) => dear = true,
+        Expr::Select(..) | Expr::Binary(BinOp::FloorDiv | BinOp::Mod | BinOp::Div, ..) => dear = true,
         Expr::Unary(..) | Expr::Binary(..) => ops += 1,
         _ => {}
     });
