@@ -104,6 +104,17 @@ const SMALL_BOX: usize = 64;
 /// Ranks up to this are indexed without allocating.
 const SMALL_RANK: usize = 8;
 
+/// `n` elements on the stack (`n ≤ SMALL_RANK`) or in `heap`: an index per axis without
+/// allocating for the usual ranks.
+fn small_slice<'a, T: Copy + Default>(stack: &'a mut [T; SMALL_RANK], heap: &'a mut Vec<T>, n: usize) -> &'a mut [T] {
+    if n <= SMALL_RANK {
+        &mut stack[..n]
+    } else {
+        heap.resize(n, T::default());
+        heap
+    }
+}
+
 /// A tensor and an index box (inclusive ranges per axis).
 type BoxKey = (String, Vec<(usize, usize)>);
 
@@ -128,13 +139,8 @@ impl<'a> DataOracle<'a> {
 fn scan_box(shape: &[usize], data: &[f64], ranges: &[(usize, usize)], is_int: bool) -> Iv {
     let (mut lo, mut hi, mut nan) = (f64::INFINITY, f64::NEG_INFINITY, false);
     let last = ranges.len() - 1;
-    let (mut small, mut big) = ([0usize; SMALL_RANK], Vec::new());
-    let idx: &mut [usize] = if ranges.len() <= SMALL_RANK {
-        &mut small[..ranges.len()]
-    } else {
-        big.resize(ranges.len(), 0);
-        &mut big
-    };
+    let (mut stack, mut heap) = ([0usize; SMALL_RANK], Vec::new());
+    let idx = small_slice(&mut stack, &mut heap, ranges.len());
     idx.iter_mut().zip(ranges).for_each(|(x, r)| *x = r.0);
     loop {
         // The innermost axis is contiguous: one slice.
@@ -171,10 +177,10 @@ impl LoadOracle for DataOracle<'_> {
         if index.len() != shape.len() {
             return Iv::Unknown;
         }
-        let mut ranges = [(0usize, 0usize); SMALL_RANK];
-        let mut big = Vec::new();
+        let (mut stack, mut heap) = ([(0usize, 0usize); SMALL_RANK], Vec::new());
+        let ranges = small_slice(&mut stack, &mut heap, index.len());
         let mut count = 1usize;
-        for (a, (ix, &len)) in index.iter().zip(shape.iter()).enumerate() {
+        for (r, (ix, &len)) in ranges.iter_mut().zip(index.iter().zip(shape.iter())) {
             let Iv::Int(lo, hi) = *ix else {
                 return Iv::Unknown;
             };
@@ -184,10 +190,7 @@ impl LoadOracle for DataOracle<'_> {
                 return Iv::Unknown;
             }
             count = count.saturating_mul((hi - lo + 1) as usize);
-            match ranges.get_mut(a) {
-                Some(r) => *r = (lo as usize, hi as usize),
-                None => big.push((lo as usize, hi as usize)),
-            }
+            *r = (lo as usize, hi as usize);
         }
         if count > self.limit {
             return Iv::Unknown;
@@ -196,18 +199,12 @@ impl LoadOracle for DataOracle<'_> {
             let x = data[0];
             return if *is_int { Iv::point(x as i64) } else { Iv::fpoint(x) };
         }
-        let rank = index.len();
-        let ranges: Vec<(usize, usize)> = if rank <= SMALL_RANK {
-            // A small box (a point of a block list) is read again rather than kept: cheaper
-            // than the memo's key.
-            if count <= SMALL_BOX {
-                return scan_box(shape, data, &ranges[..rank], *is_int);
-            }
-            ranges[..rank].to_vec()
-        } else {
-            ranges.iter().copied().chain(big).collect()
-        };
-        let key = (tensor.to_string(), ranges);
+        // A small box (a point of a block list) is read again rather than kept: cheaper than
+        // the memo's key.
+        if count <= SMALL_BOX {
+            return scan_box(shape, data, ranges, *is_int);
+        }
+        let key = (tensor.to_string(), ranges.to_vec());
         if let Some(v) = self.memo.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
             return *v;
         }
