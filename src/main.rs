@@ -412,6 +412,10 @@ enum Cmd {
         /// sorted by class, where that reorders them.
         #[arg(long)]
         no_permute: bool,
+        /// The CPU microkernels' instruction set: avx512, avx2 or portable (default: the
+        /// widest this CPU has), to compare them on one machine.
+        #[arg(long)]
+        isa: Option<attnc_codegen::cpu::microkernel::Isa>,
         /// Query rows per tile (default 64 on the CPU, 16 on wgsl; the wgsl row kernel's
         /// rows per row of tile classes).
         #[arg(long)]
@@ -900,6 +904,7 @@ fn run(cli: Cli) -> Result<()> {
             no_tiled,
             no_microkernel,
             no_permute,
+            isa,
             block_q,
             block_k,
             workgroup,
@@ -932,6 +937,10 @@ fn run(cli: Cli) -> Result<()> {
             if backend != Backend::Wgsl && (workgroup.is_some() || channels.is_some()) {
                 return Err(anyhow!("--workgroup and --channels are options of the wgsl backend"));
             }
+            if isa.is_some() && backend != Backend::Cpu {
+                return Err(anyhow!("--isa is an option of the CPU backend"));
+            }
+            attnc_codegen::cpu::microkernel::Isa::resolve(isa).map_err(|e| anyhow!("--isa: {e}"))?;
             let runs = runs as usize;
             let (given, inputs) = match &input {
                 Some(path) => {
@@ -995,6 +1004,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut chosen = chosen;
             chosen.options.schedule.permute &= !no_permute;
+            chosen.options.isa = isa.or(chosen.options.isa);
             // A tuned winner may run the spec without a pass (the low-rank bias).
             let c = match &wgsl {
                 Some(w) => w.kernel(&spec_c, &opt.config()?, &c)?,

@@ -212,7 +212,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
     for (name, _, addr) in &lib_list {
         jb.symbol(*name, *addr);
     }
-    let mk = microkernel::Isa::detect();
+    let mk = microkernel::Isa::resolve(o.isa).map_err(CodegenError::Unsupported)?;
     let (mk_qk, mk_pv) = microkernel::kernels(mk);
     jb.symbol("attnc_mk_qk", mk_qk as *const u8);
     jb.symbol("attnc_mk_pv", mk_pv as *const u8);

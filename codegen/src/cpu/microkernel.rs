@@ -19,15 +19,62 @@
 //! all 16 ymm registers, no address arithmetic in the loop. Each matmul prefetches the next
 //! key tile's panel into L2, which long sequences need.
 
-/// Which implementation the host runs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Which implementation the microkernels run: the widest the host has by default
+/// ([`Isa::detect`]), or one chosen ([`crate::cpu::CpuOptions::isa`]) among those the host
+/// runs ([`Isa::available`]), to compare them or test each on one machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Isa {
     Avx512,
     Avx2,
     Portable,
 }
 
+impl std::str::FromStr for Isa {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Isa, String> {
+        match s {
+            "avx512" => Ok(Isa::Avx512),
+            "avx2" => Ok(Isa::Avx2),
+            "portable" => Ok(Isa::Portable),
+            _ => Err(format!("unknown instruction set `{s}` (avx512, avx2 or portable)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Isa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Isa::Avx512 => "avx512",
+            Isa::Avx2 => "avx2",
+            Isa::Portable => "portable",
+        })
+    }
+}
+
 impl Isa {
+    /// Every implementation this host runs, widest first.
+    pub fn available() -> Vec<Isa> {
+        match Isa::detect() {
+            Isa::Avx512 => vec![Isa::Avx512, Isa::Avx2, Isa::Portable],
+            Isa::Avx2 => vec![Isa::Avx2, Isa::Portable],
+            Isa::Portable => vec![Isa::Portable],
+        }
+    }
+
+    /// `chosen`, or the widest the host has; an error names what the host lacks.
+    pub fn resolve(chosen: Option<Isa>) -> Result<Isa, String> {
+        match chosen {
+            None => Ok(Isa::detect()),
+            Some(i) if Isa::available().contains(&i) => Ok(i),
+            Some(i) => Err(format!(
+                "this CPU cannot run the {i} microkernels (it has: {})",
+                Isa::available().iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+
+    /// The widest implementation the host has: AVX-512F, else AVX2 with FMA, else portable.
     pub fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
@@ -62,8 +109,27 @@ fn avx2_fma(isa: Isa) -> bool {
     }
 }
 
-/// The softmax step for an ISA (AVX2+FMA when the host has it).
+/// Whether the AVX-512F routines serve `isa` on this host.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn avx512(isa: Isa) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = isa;
+        false
+    }
+}
+
+/// The softmax step for an ISA (its weights on 16 lanes with AVX-512F, else on 8 with
+/// AVX2+FMA when the host has it).
 pub fn softmax_kernel(isa: Isa) -> SoftmaxFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx512(isa) {
+        return x86::softmax_avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma(isa) {
         return x86::softmax_avx2;
@@ -199,8 +265,12 @@ pub fn tanh_scale_kernel(isa: Isa) -> TanhScaleFn {
     tanh_scale_portable
 }
 
-/// The per-key weights (AVX2+FMA when the host has it).
+/// The per-key weights (AVX-512F, else AVX2+FMA, when the host has it).
 pub fn exp_cols_kernel(isa: Isa) -> ExpColsFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx512(isa) {
+        return x86::exp_cols_avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma(isa) {
         return x86::exp_cols_avx2;
@@ -209,8 +279,12 @@ pub fn exp_cols_kernel(isa: Isa) -> ExpColsFn {
     exp_cols_portable
 }
 
-/// The second-pass weights (AVX2+FMA when the host has it).
+/// The second-pass weights (AVX-512F, else AVX2+FMA, when the host has it).
 pub fn weights_kernel(isa: Isa) -> WeightsFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx512(isa) {
+        return x86::weights_avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma(isa) {
         return x86::weights_avx2;
@@ -230,12 +304,11 @@ pub unsafe extern "C" fn qk_max_portable(a: *const f32, lda: i64, kt: *const f32
     }
 }
 
-/// `qk` with the row maxima, for the softmax step: AVX-512 keeps its wider `qk` and scans
-/// the rows after it; AVX2+FMA takes the maxima from the accumulators.
+/// `qk` with the row maxima, for the softmax step, taken from the accumulators.
 pub fn qk_max_kernel(isa: Isa) -> QkMaxFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if isa == Isa::Avx512 && std::arch::is_x86_feature_detected!("avx512f") {
+        if avx512(isa) {
             return x86::qk_max_avx512;
         }
         if avx2_fma(isa) {
@@ -354,6 +427,29 @@ mod x86 {
         _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e))
     }
 
+    /// `2^x` on 16 lanes for `x <= 0`, as [`exp2_nonpos8`] (the same steps and constants).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn exp2_nonpos16(x: __m512) -> __m512 {
+        let magic = _mm512_set1_ps(ROUND_MAGIC);
+        let x = _mm512_max_ps(_mm512_set1_ps(-126.0), x);
+        let t = _mm512_add_ps(x, magic);
+        let f = _mm512_sub_ps(x, _mm512_sub_ps(t, magic));
+        let mut p = _mm512_set1_ps(EXP2_POLY[0]);
+        for k in &EXP2_POLY[1..] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(*k));
+        }
+        let e = _mm512_slli_epi32::<23>(_mm512_castps_si512(t));
+        _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e))
+    }
+
+    /// The sum of a vector's two halves, as 8 lanes.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn halves(v: __m512) -> __m256 {
+        _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))))
+    }
+
     /// Horizontal max of 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -399,6 +495,46 @@ mod x86 {
         sum
     }
 
+    /// [`exp_rows`] 16 lanes at a time (a last block of 8 on 8), each row's sum folded to 8
+    /// lanes.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn exp_rows16<const R: usize>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
+        let mu16: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(mu[r]));
+        let mut sum16 = [_mm512_setzero_ps(); R];
+        let mut c = 0;
+        while c + 16 <= n8 {
+            for r in 0..R {
+                let at = s.add(r * ld + c);
+                let p = exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(at), mu16[r]));
+                _mm512_storeu_ps(at, p);
+                sum16[r] = _mm512_add_ps(sum16[r], p);
+            }
+            c += 16;
+        }
+        let mut sum: [__m256; R] = std::array::from_fn(|r| halves(sum16[r]));
+        if c < n8 {
+            for (r, sum_r) in sum.iter_mut().enumerate() {
+                let at = s.add(r * ld + c);
+                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(at), _mm256_set1_ps(mu[r])));
+                _mm256_storeu_ps(at, p);
+                *sum_r = _mm256_add_ps(*sum_r, p);
+            }
+        }
+        sum
+    }
+
+    /// The weights of `R` rows on 16 lanes (`WIDE`, AVX-512F) or 8.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn exp_rows_on<const R: usize, const WIDE: bool>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
+        if WIDE {
+            exp_rows16::<R>(s, ld, n8, mu)
+        } else {
+            exp_rows::<R>(s, ld, n8, mu)
+        }
+    }
+
     /// The horizontal sums of 8 vectors, as one vector (lane `i` sums `v[i]`).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -416,9 +552,10 @@ mod x86 {
     /// denominator, rescale factor) 8 rows to a vector. A NaN score is not tracked in the
     /// max pass: its weight is NaN, so is the row's sum, and the row's state becomes NaN from
     /// there (the weights of other lanes stay finite, the row's output is NaN all the same).
+    /// `WIDE`: the weights on 16 lanes (the caller has AVX-512F).
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn softmax_group(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
+    unsafe fn softmax_group<const WIDE: bool>(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
         let n8 = n - n % 8;
         // Each row's maximum over the tile: given, or one pass over its scores.
         let mut tmax = [f32::NEG_INFINITY; 8];
@@ -461,10 +598,10 @@ mod x86 {
             let sr = s.add(r * ld);
             let k = (g - r).min(4);
             match k {
-                4 => sums[r..r + 4].copy_from_slice(&exp_rows::<4>(sr, ld, n8, &mu[r..])),
-                3 => sums[r..r + 3].copy_from_slice(&exp_rows::<3>(sr, ld, n8, &mu[r..])),
-                2 => sums[r..r + 2].copy_from_slice(&exp_rows::<2>(sr, ld, n8, &mu[r..])),
-                _ => sums[r..r + 1].copy_from_slice(&exp_rows::<1>(sr, ld, n8, &mu[r..])),
+                4 => sums[r..r + 4].copy_from_slice(&exp_rows_on::<4, WIDE>(sr, ld, n8, &mu[r..])),
+                3 => sums[r..r + 3].copy_from_slice(&exp_rows_on::<3, WIDE>(sr, ld, n8, &mu[r..])),
+                2 => sums[r..r + 2].copy_from_slice(&exp_rows_on::<2, WIDE>(sr, ld, n8, &mu[r..])),
+                _ => sums[r..r + 1].copy_from_slice(&exp_rows_on::<1, WIDE>(sr, ld, n8, &mu[r..])),
             }
             r += k;
         }
@@ -501,7 +638,22 @@ mod x86 {
         while r < rows {
             let g = (rows - r).min(8);
             let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
-            softmax_group(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
+            softmax_group::<false>(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
+            r += g;
+        }
+    }
+
+    /// AVX-512F: [`softmax_avx2`] with the weights 16 lanes at a time.
+    /// # Safety
+    /// As [`super::softmax_portable`]; the CPU has AVX-512F (and so AVX2 and FMA).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub unsafe extern "C" fn softmax_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let mut r = 0;
+        while r < rows {
+            let g = (rows - r).min(8);
+            let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
+            softmax_group::<true>(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
             r += g;
         }
     }
@@ -548,6 +700,55 @@ mod x86 {
                 c += 8;
             }
             for c in n8..n {
+                let tc = *t.add(c);
+                *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
+            }
+        }
+    }
+
+    /// AVX-512F: [`super::weights_portable`] 16 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::weights_portable`]; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn weights_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let n16 = n - n % 16;
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let (mr, k) = (*m.add(r), *scale.add(r));
+            let mu = if mr == f32::NEG_INFINITY { 0.0 } else { mr };
+            let (mv, kv) = (_mm512_set1_ps(mu), _mm512_set1_ps(k));
+            let mut c = 0;
+            while c < n16 {
+                let p = exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), mv));
+                _mm512_storeu_ps(row.add(c), _mm512_mul_ps(p, kv));
+                c += 16;
+            }
+            for c in n16..n {
+                *row.add(c) = exp2_nonpos(*row.add(c) - mu) * k;
+            }
+        }
+    }
+
+    /// AVX-512F: [`super::exp_cols_portable`] 16 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::exp_cols_portable`]; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn exp_cols_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let n16 = n - n % 16;
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let mut c = 0;
+            while c < n16 {
+                // A −inf statistic subtracts 0.
+                let tc = _mm512_loadu_ps(t.add(c));
+                let tc = _mm512_mask_mov_ps(tc, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(tc, ninf), _mm512_setzero_ps());
+                _mm512_storeu_ps(row.add(c), exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), tc)));
+                c += 16;
+            }
+            for c in n16..n {
                 let tc = *t.add(c);
                 *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
             }
@@ -821,105 +1022,194 @@ mod x86 {
         }
     }
 
-    /// AVX-512F: 6 rows × 32 columns (12 zmm) when `bk` allows, else 16 columns.
+    /// `acc[r][w] += rows[r · ld + x] · panel[x · step + 16w ..][..16]` for `r < R`, `w < W`,
+    /// `x < n` (`ld`, `step` in floats): the inner loop both AVX-512 matmuls share. With
+    /// `R = 6`, `W = 4` its 24 accumulators, 4 panel vectors and a broadcast fit the 32 zmm
+    /// registers: per step 4 loads and 6 broadcasts feed 24 FMAs.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn fma_zmm<const R: usize, const W: usize>(acc: &mut [[__m512; W]; R], rows: *const f32, ld: usize, panel: *const f32, step: usize, n: usize) {
+        let mut kp = panel;
+        for x in 0..n {
+            let k: [__m512; W] = std::array::from_fn(|w| _mm512_loadu_ps(kp.add(16 * w)));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*rows.add(r * ld + x));
+                for (a, kw) in acc_r.iter_mut().zip(&k) {
+                    *a = _mm512_fmadd_ps(av, *kw, *a);
+                }
+            }
+            kp = kp.add(step);
+        }
+    }
+
+    /// `R` rows × `16W` columns of `s` from `a` and the key panel; returns each row's
+    /// 16-lane maximum of them (a NaN score left out).
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn qk_block_avx512<const R: usize, const W: usize>(
+        a: *const f32,
+        lda: usize,
+        kt: *const f32,
+        s: *mut f32,
+        d: usize,
+        bk: usize,
+        c: usize,
+        mx: &mut [__m512; R],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
+        fma_zmm::<R, W>(&mut acc, a, lda, kt.add(c), bk, d);
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (w, x) in acc_r.iter().enumerate() {
+                _mm512_storeu_ps(s.add(r * bk + c + 16 * w), *x);
+                // `max(x, m)` returns `m` where `x` is NaN.
+                mx[r] = _mm512_max_ps(*x, mx[r]);
+            }
+        }
+    }
+
+    /// `R` rows of `s`, all `bk` columns (64 at a time, then the remaining 16s); with
+    /// `rowmax` non-null, also each row's maximum.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn qk_rows_avx512<const R: usize>(a: *const f32, lda: usize, kt: *const f32, s: *mut f32, d: usize, bk: usize, rowmax: *mut f32) {
+        let mut mx = [_mm512_set1_ps(f32::NEG_INFINITY); R];
+        let mut c = 0;
+        while c < bk {
+            let w = ((bk - c) / 16).min(4);
+            match w {
+                4 => qk_block_avx512::<R, 4>(a, lda, kt, s, d, bk, c, &mut mx),
+                3 => qk_block_avx512::<R, 3>(a, lda, kt, s, d, bk, c, &mut mx),
+                2 => qk_block_avx512::<R, 2>(a, lda, kt, s, d, bk, c, &mut mx),
+                _ => qk_block_avx512::<R, 1>(a, lda, kt, s, d, bk, c, &mut mx),
+            }
+            c += 16 * w.max(1);
+        }
+        if !rowmax.is_null() {
+            for (r, m) in mx.iter().enumerate() {
+                *rowmax.add(r) = _mm512_reduce_max_ps(*m);
+            }
+        }
+    }
+
+    /// AVX-512F: blocks of 6 rows × 64 columns (24 zmm accumulators), broadcasting `a`.
     /// # Safety
     /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe extern "C" fn qk_avx512(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64) {
+        qk_max_avx512(a, lda, kt, s, rows, d, bk, std::ptr::null_mut())
+    }
+
+    /// [`qk_avx512`] that also writes each row's maximum score to `rowmax` (when not null),
+    /// taken from the accumulators.
+    /// # Safety
+    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn qk_max_avx512(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
         let (lda, rows, d, bk) = (lda as usize, rows as usize, d as usize, bk as usize);
+        let next = kt.wrapping_add(d * bk);
         let mut r = 0;
         while r < rows {
             let nr = (rows - r).min(6);
-            let mut c = 0;
-            while c < bk {
-                let wide = c + 32 <= bk;
-                let mut acc = [[_mm512_setzero_ps(); 2]; 6];
-                let ap = a.add(r * lda);
-                for x in 0..d {
-                    let k0 = _mm512_loadu_ps(kt.add(x * bk + c));
-                    let k1 = if wide { _mm512_loadu_ps(kt.add(x * bk + c + 16)) } else { _mm512_setzero_ps() };
-                    for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                        let av = _mm512_set1_ps(*ap.add(rr * lda + x));
-                        acc_r[0] = _mm512_fmadd_ps(av, k0, acc_r[0]);
-                        if wide {
-                            acc_r[1] = _mm512_fmadd_ps(av, k1, acc_r[1]);
-                        }
-                    }
-                }
-                for (rr, acc_r) in acc.iter().enumerate().take(nr) {
-                    let sp = s.add((r + rr) * bk + c);
-                    _mm512_storeu_ps(sp, acc_r[0]);
-                    if wide {
-                        _mm512_storeu_ps(sp.add(16), acc_r[1]);
-                    }
-                }
-                c += if wide { 32 } else { 16 };
+            prefetch_share(next, d * bk * 4, r / 6, rows.div_ceil(6));
+            let (ar, sr) = (a.add(r * lda), s.add(r * bk));
+            let mr = if rowmax.is_null() { rowmax } else { rowmax.add(r) };
+            match nr {
+                6 => qk_rows_avx512::<6>(ar, lda, kt, sr, d, bk, mr),
+                5 => qk_rows_avx512::<5>(ar, lda, kt, sr, d, bk, mr),
+                4 => qk_rows_avx512::<4>(ar, lda, kt, sr, d, bk, mr),
+                3 => qk_rows_avx512::<3>(ar, lda, kt, sr, d, bk, mr),
+                2 => qk_rows_avx512::<2>(ar, lda, kt, sr, d, bk, mr),
+                _ => qk_rows_avx512::<1>(ar, lda, kt, sr, d, bk, mr),
             }
             r += nr;
         }
     }
 
-    /// [`qk_avx512`], then each row's maximum by a scan of the scores.
-    /// # Safety
-    /// As [`super::qk_max_portable`]; `bk` is a multiple of 16; the CPU has AVX-512F.
+    /// `R` rows × `16W` channels of `o` from channel `e`: scale by `corr`, then add `p·v`
+    /// over `nk` keys.
     #[target_feature(enable = "avx512f")]
-    pub unsafe extern "C" fn qk_max_avx512(a: *const f32, lda: i64, kt: *const f32, s: *mut f32, rows: i64, d: i64, bk: i64, rowmax: *mut f32) {
-        qk_avx512(a, lda, kt, s, rows, d, bk);
-        let (rows, bk) = (rows as usize, bk as usize);
-        for r in 0..rows {
-            let row = s.add(r * bk);
-            let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut c = 0;
-            while c < bk {
-                mx = _mm512_max_ps(_mm512_loadu_ps(row.add(c)), mx);
-                c += 16;
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_block_avx512<const R: usize, const W: usize>(
+        p: *const f32,
+        ldp: usize,
+        v: *const f32,
+        ldv: usize,
+        o: *mut f32,
+        ldo: usize,
+        corr: *const f32,
+        nk: usize,
+        e: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); W]; R];
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let op = o.add(r * ldo + e);
+            for (w, x) in acc_r.iter_mut().enumerate() {
+                *x = _mm512_loadu_ps(op.add(16 * w));
+                if !corr.is_null() {
+                    *x = _mm512_mul_ps(*x, _mm512_set1_ps(*corr.add(r)));
+                }
             }
-            *rowmax.add(r) = _mm512_reduce_max_ps(mx);
+        }
+        fma_zmm::<R, W>(&mut acc, p, ldp, v.add(e), ldv, nk);
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (w, x) in acc_r.iter().enumerate() {
+                _mm512_storeu_ps(o.add(r * ldo + e + 16 * w), *x);
+            }
         }
     }
 
-    /// AVX-512F: 4 rows × 32 output channels per block (16-wide and scalar tails).
+    /// `R` rows of `o`: 64 channels at a time, then the remaining 16s, then a scalar tail.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pv_rows_avx512<const R: usize>(
+        p: *const f32,
+        ldp: usize,
+        v: *const f32,
+        ldv: usize,
+        o: *mut f32,
+        ldo: usize,
+        corr: *const f32,
+        nk: usize,
+        dv: usize,
+    ) {
+        let mut e = 0;
+        while e + 16 <= dv {
+            let w = ((dv - e) / 16).min(4);
+            match w {
+                4 => pv_block_avx512::<R, 4>(p, ldp, v, ldv, o, ldo, corr, nk, e),
+                3 => pv_block_avx512::<R, 3>(p, ldp, v, ldv, o, ldo, corr, nk, e),
+                2 => pv_block_avx512::<R, 2>(p, ldp, v, ldv, o, ldo, corr, nk, e),
+                _ => pv_block_avx512::<R, 1>(p, ldp, v, ldv, o, ldo, corr, nk, e),
+            }
+            e += 16 * w;
+        }
+        pv_tail(p, ldp, v, ldv, o, ldo, corr, 0, R, nk, e, dv);
+    }
+
+    /// AVX-512F: blocks of 6 rows × 64 output channels (24 zmm accumulators), broadcasting
+    /// `p`; scalar channel tail.
     /// # Safety
     /// As [`super::pv_portable`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe extern "C" fn pv_avx512(p: *const f32, ldp: i64, v: *const f32, ldv: i64, o: *mut f32, ldo: i64, corr: *const f32, rows: i64, nk: i64, dv: i64) {
         let (ldp, ldv, ldo, rows, nk, dv) = (ldp as usize, ldv as usize, ldo as usize, rows as usize, nk as usize, dv as usize);
+        let next = v.wrapping_add(nk * ldv);
         let mut r = 0;
         while r < rows {
-            let nr = (rows - r).min(4);
-            let mut e = 0;
-            while e + 16 <= dv {
-                let wide = e + 32 <= dv;
-                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-                for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                    let op = o.add((r + rr) * ldo + e);
-                    let cv = _mm512_set1_ps(if corr.is_null() { 1.0 } else { *corr.add(r + rr) });
-                    acc_r[0] = _mm512_mul_ps(_mm512_loadu_ps(op), cv);
-                    if wide {
-                        acc_r[1] = _mm512_mul_ps(_mm512_loadu_ps(op.add(16)), cv);
-                    }
-                }
-                for c in 0..nk {
-                    let v0 = _mm512_loadu_ps(v.add(c * ldv + e));
-                    let v1 = if wide { _mm512_loadu_ps(v.add(c * ldv + e + 16)) } else { _mm512_setzero_ps() };
-                    for (rr, acc_r) in acc.iter_mut().enumerate().take(nr) {
-                        let pv = _mm512_set1_ps(*p.add((r + rr) * ldp + c));
-                        acc_r[0] = _mm512_fmadd_ps(pv, v0, acc_r[0]);
-                        if wide {
-                            acc_r[1] = _mm512_fmadd_ps(pv, v1, acc_r[1]);
-                        }
-                    }
-                }
-                for (rr, acc_r) in acc.iter().enumerate().take(nr) {
-                    let op = o.add((r + rr) * ldo + e);
-                    _mm512_storeu_ps(op, acc_r[0]);
-                    if wide {
-                        _mm512_storeu_ps(op.add(16), acc_r[1]);
-                    }
-                }
-                e += if wide { 32 } else { 16 };
+            let nr = (rows - r).min(6);
+            prefetch_share(next, nk * ldv * 4, r / 6, rows.div_ceil(6));
+            let (pr, or) = (p.add(r * ldp), o.add(r * ldo));
+            let cr = if corr.is_null() { corr } else { corr.add(r) };
+            match nr {
+                6 => pv_rows_avx512::<6>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
+                5 => pv_rows_avx512::<5>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
+                4 => pv_rows_avx512::<4>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
+                3 => pv_rows_avx512::<3>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
+                2 => pv_rows_avx512::<2>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
+                _ => pv_rows_avx512::<1>(pr, ldp, v, ldv, or, ldo, cr, nk, dv),
             }
-            pv_tail(p, ldp, v, ldv, o, ldo, corr, r, nr, nk, e, dv);
             r += nr;
         }
     }
@@ -929,9 +1219,16 @@ mod x86 {
 mod tests {
     use super::*;
 
+    /// Each shape exercises other blocks: row tails (13, 7), a tile of 64 (AVX-512's 6 × 64
+    /// block), 48 and 80 columns or channels (blocks of 3 and 4 + 1 vectors), channel tails.
     fn check(isa: Isa) {
+        for (rows, d, bk, dv, lda) in [(13usize, 19usize, 32usize, 21usize, 24usize), (64, 64, 64, 64, 64), (7, 5, 48, 70, 9), (6, 8, 80, 37, 8)] {
+            check_shape(isa, rows, d, bk, dv, lda);
+        }
+    }
+
+    fn check_shape(isa: Isa, rows: usize, d: usize, bk: usize, dv: usize, lda: usize) {
         let (qk, pv) = kernels(isa);
-        let (rows, d, bk, dv, lda) = (13usize, 19usize, 32usize, 21usize, 24usize);
         let a: Vec<f32> = (0..rows * lda).map(|x| ((x * 7 % 11) as f32 - 5.0) / 3.0).collect();
         let kt: Vec<f32> = (0..d * bk).map(|x| ((x * 5 % 13) as f32 - 6.0) / 4.0).collect();
         let mut s = vec![0f32; rows * bk];
@@ -1023,7 +1320,7 @@ mod tests {
     /// a large logit, a column tail.
     #[test]
     fn second_pass_weights_match_f64() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in Isa::available() {
             let (rows, n, ld) = (3usize, 19usize, 20usize);
             let before: Vec<f32> = (0..rows * ld).map(|x| -((x * 13 % 17) as f32) / 2.0).collect();
             let (m, scale) = ([0.5f32, f32::NEG_INFINITY, 3000.0], [0.25f32, 1.0, 2.0]);
@@ -1045,7 +1342,7 @@ mod tests {
     /// column tail, a score slightly above its statistic.
     #[test]
     fn per_key_weights_match_f64() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in Isa::available() {
             let (rows, n, ld) = (3usize, 19usize, 20usize);
             let before: Vec<f32> = (0..rows * ld).map(|x| -((x * 13 % 17) as f32) / 2.0 + 0.25).collect();
             let t: Vec<f32> = (0..n)
@@ -1077,7 +1374,7 @@ mod tests {
     /// clamp, NaN and infinities, a column tail.
     #[test]
     fn capped_scores_match_f64() {
-        for isa in [Isa::Portable, Isa::detect()] {
+        for isa in Isa::available() {
             let (rows, n, ld) = (3usize, 19usize, 20usize);
             let mut before: Vec<f32> = (0..rows * ld).map(|x| (x as f32 - 30.0) * 0.37).collect();
             before[2] = 0.0;
@@ -1110,8 +1407,9 @@ mod tests {
     #[test]
     fn softmax_step_matches_f64() {
         for given in [false, true] {
-            check_softmax(Isa::Portable, given);
-            check_softmax(Isa::detect(), given);
+            for isa in Isa::available() {
+                check_softmax(isa, given);
+            }
         }
     }
 

@@ -59,11 +59,24 @@ pub struct CpuOptions {
     /// for the second when the schedule allows ([`crate::schedule::BoundTiled::keep_weights`]);
     /// off: the second pass computes the scores again.
     pub keep_weights: bool,
+    /// The microkernels' instruction set (None: the widest the host has); one the host
+    /// lacks is refused at compile time.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub isa: Option<microkernel::Isa>,
 }
 
 impl Default for CpuOptions {
     fn default() -> Self {
-        CpuOptions { schedule: ScheduleOptions::default(), fma: true, microkernel: true, rows_per_task: 16, threads: 0, clif_opt: false, keep_weights: true }
+        CpuOptions {
+            schedule: ScheduleOptions::default(),
+            fma: true,
+            microkernel: true,
+            rows_per_task: 16,
+            threads: 0,
+            clif_opt: false,
+            keep_weights: true,
+            isa: None,
+        }
     }
 }
 
@@ -84,7 +97,8 @@ impl BackendOptions for CpuOptions {
     fn describe(&self) -> String {
         let s = &self.schedule;
         let sorted = if s.permute { "" } else { ", permute=false" };
-        format!("tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}{sorted}", s.tiled, self.microkernel, self.fma, s.block_q, s.block_k, s.chunk)
+        let isa = self.isa.map(|i| format!(", isa={i}")).unwrap_or_default();
+        format!("tiled={}, microkernel={}, fma={}, tiles={}x{}, chunk={}{sorted}{isa}", s.tiled, self.microkernel, self.fma, s.block_q, s.block_k, s.chunk)
     }
 }
 
@@ -573,7 +587,8 @@ impl CpuKernel {
 fn describe(s: &Schedule, o: &CpuOptions) -> String {
     match s.tiled() {
         Some(_) => {
-            let mk = if o.microkernel { format!("{:?} microkernel", microkernel::Isa::detect()) } else { "generated f32x4 matmuls".into() };
+            let isa = microkernel::Isa::resolve(o.isa).unwrap_or(microkernel::Isa::Portable);
+            let mk = if o.microkernel { format!("{isa:?} microkernel") } else { "generated f32x4 matmuls".into() };
             format!("{s}, {mk}")
         }
         None => s.to_string(),
