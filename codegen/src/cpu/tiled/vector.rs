@@ -154,7 +154,8 @@ impl Gen<'_, '_> {
     }
 
     /// `2^x` on 4 lanes for `x <= 0` (softmax weights `exp2(s - max)`): no overflow is
-    /// possible, so only underflow is clamped (at 2^-126, a weight of ~1e-38); NaN stays NaN.
+    /// possible, and below 2^-126 it is 0 (no subnormal weights: see the microkernels'
+    /// `exp2_nonpos`); NaN stays NaN.
     /// Round-to-nearest by the 1.5·2^23 trick, a degree-5 minimax polynomial for 2^f on
     /// [-1/2, 1/2] (relative error < 3e-7), and the exponent built in the bits.
     pub(crate) fn vexp2_nonpos(&mut self, x: Value) -> Value {
@@ -179,7 +180,9 @@ impl Gen<'_, '_> {
         let e = self.b.ins().iadd(ni, e);
         let e = self.b.ins().ishl_imm_u(e, 23);
         let scale = self.b.ins().bitcast(types::F32X4, little(), e);
-        self.b.ins().fmul(p, scale)
+        let y = self.b.ins().fmul(p, scale);
+        let zero = self.fconst4(0.0);
+        self.fselect(under, zero, y)
     }
 
     /// Lane select on floats by an i32x4 mask.
