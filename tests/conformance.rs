@@ -7,6 +7,7 @@ use attnc::dsl::Checked;
 use attnc::ir::reference::Tensor;
 use attnc::ir::DType;
 use attnc::passes::PassConfig;
+use attnc_codegen::cpu::microkernel::Isa;
 use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::ptx::{Precision, PtxBackend, PtxOptions, PtxSimBackend};
 use attnc_codegen::schedule::{Algorithm, ScheduleOptions};
@@ -261,6 +262,22 @@ conformance!(
     cpu_schedule(ScheduleOptions { permute: false, ..Default::default() }),
     |p| matches!(p, "basic" | "cross_gqa_b2" | "grid256")
 );
+/// The microkernels of every instruction set this host runs besides its widest (which
+/// every other CPU test uses): AVX2 and the portable routines on an AVX-512 host, the
+/// portable ones on an AVX2 host.
+#[test]
+fn cpu_narrower_microkernels_match_reference() {
+    let narrower = Isa::available().into_iter().skip(1).collect::<Vec<_>>();
+    if narrower.is_empty() {
+        eprintln!("skipping: this host runs only the portable microkernels, which the other tests cover");
+    }
+    for isa in narrower {
+        check_backend(&cpu(CpuOptions { isa: Some(isa), ..CpuOptions::default() }), &|p| {
+            matches!(p, "basic" | "mqa_n70" | "masked_rows" | "large_logits" | "nan")
+        });
+    }
+}
+
 conformance!(cpu_without_fma_matches_reference, cpu(CpuOptions { fma: false, ..CpuOptions::default() }), |p| matches!(p, "basic" | "cross_gqa_b2" | "nan"));
 conformance!(cpu_without_fma_or_microkernel_matches_reference, cpu(CpuOptions { fma: false, microkernel: false, ..CpuOptions::default() }), |p| matches!(
     p,

@@ -259,8 +259,12 @@ pub unsafe extern "C" fn tanh_scale_portable(s: *mut f32, ld: i64, rows: i64, n:
 
 pub type TanhScaleFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, i64);
 
-/// The capped scores (AVX2+FMA when the host has it).
+/// The capped scores (AVX-512F, else AVX2+FMA, when the host has it).
 pub fn tanh_scale_kernel(isa: Isa) -> TanhScaleFn {
+    #[cfg(target_arch = "x86_64")]
+    if avx512(isa) {
+        return x86::tanh_scale_avx512;
+    }
     #[cfg(target_arch = "x86_64")]
     if avx2_fma(isa) {
         return x86::tanh_scale_avx2;
@@ -795,6 +799,42 @@ mod x86 {
                 x += 8;
             }
             for x in n8..n {
+                *row.add(x) = cs * super::tanh_rational(*row.add(x));
+            }
+        }
+    }
+
+    /// AVX-512F: [`tanh_scale_avx2`] 16 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::tanh_scale_portable`]; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn tanh_scale_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
+        use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
+        let (ld, rows, n, cs) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
+        let n16 = n - n % 16;
+        let (hi, lo, cv) = (_mm512_set1_ps(TANH_CLAMP), _mm512_set1_ps(-TANH_CLAMP), _mm512_set1_ps(cs));
+        for r in 0..rows {
+            let row = s.add(r * ld);
+            let mut x = 0;
+            while x < n16 {
+                let v = _mm512_loadu_ps(row.add(x));
+                // Masked clamps (NaN compares false and stays).
+                let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, hi), hi);
+                let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo), lo);
+                let x2 = _mm512_mul_ps(v, v);
+                let mut p = _mm512_set1_ps(TANH_NUM[0]);
+                for &k in &TANH_NUM[1..] {
+                    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(k));
+                }
+                let mut q = _mm512_set1_ps(TANH_DEN[0]);
+                for &k in &TANH_DEN[1..] {
+                    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(k));
+                }
+                let t = _mm512_div_ps(_mm512_mul_ps(v, p), q);
+                _mm512_storeu_ps(row.add(x), _mm512_mul_ps(cv, t));
+                x += 16;
+            }
+            for x in n16..n {
                 *row.add(x) = cs * super::tanh_rational(*row.add(x));
             }
         }
