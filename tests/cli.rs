@@ -211,6 +211,34 @@ fn bench_names_the_sorted_tokens_and_no_permute_keeps_the_order() {
     assert!(out.contains("in class order already"), "{out}");
 }
 
+/// `bench --isa` runs the microkernels of the instruction set asked for (and says so), refuses
+/// one this CPU lacks (exit 1, naming what it has) and an unknown name (usage error), and is
+/// an option of the CPU backend only.
+#[test]
+fn bench_isa_picks_the_microkernels_and_refuses_what_the_cpu_lacks() {
+    use attnc_codegen::cpu::microkernel::Isa;
+    let dims = "B=1,H=2,N=64,M=64,D=16,Dv=16";
+    let (code, out, err) = attnc(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--runs", "1", "--isa", "portable"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Portable microkernel"), "{out}");
+    for isa in [Isa::Avx512, Isa::Avx2] {
+        let (code, out, err) = attnc(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--runs", "1", "--isa", &isa.to_string()]);
+        if Isa::available().contains(&isa) {
+            assert_eq!(code, 0, "{err}");
+            assert!(out.contains(&format!("{isa:?} microkernel")), "{out}");
+        } else {
+            assert_eq!(code, 1, "{out}");
+            assert!(err.contains(&format!("cannot run the {isa} microkernels")) && err.contains("portable"), "{err}");
+        }
+    }
+    let (code, _, err) = attnc(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--isa", "sse9"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("avx512, avx2 or portable"), "{err}");
+    let (code, _, err) = attnc(&["bench", "examples/sdpa_causal.attn", "--dims", dims, "--isa", "avx2", "--backend", "wgsl"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--isa is an option of the CPU backend"), "{err}");
+}
+
 /// The WGSL backend from the command line: the module without an adapter, a run checked
 /// against the reference where an adapter is, and without one a message naming what to
 /// install (exit 1, no crash).

@@ -1095,6 +1095,7 @@ mod x86 {
     /// 16-lane maximum of them (a NaN score left out).
     #[target_feature(enable = "avx512f")]
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn qk_block_avx512<const R: usize, const W: usize>(
         a: *const f32,
         lda: usize,
