@@ -413,6 +413,7 @@ unsafe fn pv_tail(
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{exp2_nonpos, pv_tail, EXP2_POLY, ROUND_MAGIC};
+    use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
     use std::arch::x86_64::*;
 
     /// `2^x` on 8 lanes for `x <= 0`, as [`super::exp2_nonpos`] (`max(lo, x)` returns `x`
@@ -671,173 +672,233 @@ mod x86 {
         }
     }
 
-    /// AVX2+FMA: [`super::weights_portable`] 8 lanes at a time (scalar tail).
+    /// The element-wise routines' vector operations at one width: 8 lanes (AVX2+FMA) or 16
+    /// (AVX-512F). The generic routines below are `inline(always)` and called only from
+    /// functions with that width's target features, into which these inline.
+    trait Lanes: Copy {
+        const N: usize;
+        unsafe fn splat(x: f32) -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn store(self, p: *mut f32);
+        unsafe fn sub(self, b: Self) -> Self;
+        unsafe fn mul(self, b: Self) -> Self;
+        unsafe fn exp2_nonpos(self) -> Self;
+        /// 0 in the lanes that hold −inf.
+        unsafe fn ninf_to_zero(self) -> Self;
+        /// `c · tanh(self)` by the rational form, clamped at ±[`TANH_CLAMP`] (NaN stays).
+        unsafe fn tanh_times(self, c: Self) -> Self;
+    }
+
+    impl Lanes for __m256 {
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            _mm256_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self)
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            _mm256_sub_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            _mm256_mul_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn exp2_nonpos(self) -> Self {
+            exp2_nonpos8(self)
+        }
+        #[inline(always)]
+        unsafe fn ninf_to_zero(self) -> Self {
+            _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(self, _mm256_set1_ps(f32::NEG_INFINITY)), self)
+        }
+        #[inline(always)]
+        unsafe fn tanh_times(self, c: Self) -> Self {
+            let (hi, lo) = (_mm256_set1_ps(TANH_CLAMP), _mm256_set1_ps(-TANH_CLAMP));
+            // Compare-and-select clamps (NaN compares false and stays).
+            let v = _mm256_blendv_ps(self, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(self, hi));
+            let v = _mm256_blendv_ps(v, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(v, lo));
+            let x2 = _mm256_mul_ps(v, v);
+            let mut p = _mm256_set1_ps(TANH_NUM[0]);
+            for &k in &TANH_NUM[1..] {
+                p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(k));
+            }
+            let mut q = _mm256_set1_ps(TANH_DEN[0]);
+            for &k in &TANH_DEN[1..] {
+                q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(k));
+            }
+            _mm256_mul_ps(c, _mm256_div_ps(_mm256_mul_ps(v, p), q))
+        }
+    }
+
+    impl Lanes for __m512 {
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn splat(x: f32) -> Self {
+            _mm512_set1_ps(x)
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self)
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            _mm512_sub_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            _mm512_mul_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn exp2_nonpos(self) -> Self {
+            exp2_nonpos16(self)
+        }
+        #[inline(always)]
+        unsafe fn ninf_to_zero(self) -> Self {
+            _mm512_mask_mov_ps(self, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(self, _mm512_set1_ps(f32::NEG_INFINITY)), _mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn tanh_times(self, c: Self) -> Self {
+            let (hi, lo) = (_mm512_set1_ps(TANH_CLAMP), _mm512_set1_ps(-TANH_CLAMP));
+            // Masked clamps (NaN compares false and stays).
+            let v = _mm512_mask_mov_ps(self, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(self, hi), hi);
+            let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo), lo);
+            let x2 = _mm512_mul_ps(v, v);
+            let mut p = _mm512_set1_ps(TANH_NUM[0]);
+            for &k in &TANH_NUM[1..] {
+                p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(k));
+            }
+            let mut q = _mm512_set1_ps(TANH_DEN[0]);
+            for &k in &TANH_DEN[1..] {
+                q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(k));
+            }
+            _mm512_mul_ps(c, _mm512_div_ps(_mm512_mul_ps(v, p), q))
+        }
+    }
+
+    /// Per row `r`: `p = init(r)` (what the row's elements share), then `f(p, c, at)` on its
+    /// first `n − n % V::N` elements, `V::N` lanes at a time, and `tail(p, c, at)` on the rest.
+    #[inline(always)]
+    unsafe fn each_row<V: Lanes, P: Copy>(
+        s: *mut f32,
+        ld: i64,
+        rows: i64,
+        n: i64,
+        mut init: impl FnMut(usize) -> P,
+        mut f: impl FnMut(P, usize, *mut f32),
+        mut tail: impl FnMut(P, usize, *mut f32),
+    ) {
+        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
+        let nv = n - n % V::N;
+        for r in 0..rows {
+            let (row, p) = (s.add(r * ld), init(r));
+            let mut c = 0;
+            while c < nv {
+                f(p, c, row.add(c));
+                c += V::N;
+            }
+            for c in nv..n {
+                tail(p, c, row.add(c));
+            }
+        }
+    }
+
+    /// [`super::weights_portable`] on `V`'s lanes (scalar tail).
+    #[inline(always)]
+    unsafe fn weights_on<V: Lanes>(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
+        each_row::<V, (f32, f32)>(
+            s,
+            ld,
+            rows,
+            n,
+            // A row with no live key so far (m = −inf) subtracts 0.
+            |r| (if *m.add(r) == f32::NEG_INFINITY { 0.0 } else { *m.add(r) }, *scale.add(r)),
+            |(mu, k), _, at| V::load(at).sub(V::splat(mu)).exp2_nonpos().mul(V::splat(k)).store(at),
+            |(mu, k), _, at| *at = exp2_nonpos(*at - mu) * k,
+        );
+    }
+
+    /// [`super::exp_cols_portable`] on `V`'s lanes (scalar tail; a −inf statistic subtracts 0).
+    #[inline(always)]
+    unsafe fn exp_cols_on<V: Lanes>(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
+        each_row::<V, ()>(
+            s,
+            ld,
+            rows,
+            n,
+            |_| (),
+            |_, c, at| V::load(at).sub(V::load(t.add(c)).ninf_to_zero()).exp2_nonpos().store(at),
+            |_, c, at| {
+                let tc = *t.add(c);
+                *at = exp2_nonpos(*at - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
+            },
+        );
+    }
+
+    /// [`super::tanh_scale_portable`] on `V`'s lanes (scalar tail).
+    #[inline(always)]
+    unsafe fn tanh_scale_on<V: Lanes>(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
+        let cs = f32::from_bits(c as u32);
+        each_row::<V, ()>(s, ld, rows, n, |_| (), |_, _, at| V::load(at).tanh_times(V::splat(cs)).store(at), |_, _, at| *at = cs * super::tanh_rational(*at));
+    }
+
+    /// AVX2+FMA: [`super::weights_portable`] 8 lanes at a time.
     /// # Safety
     /// As [`super::weights_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn weights_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
-        let n8 = n - n % 8;
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let (mr, k) = (*m.add(r), *scale.add(r));
-            let mu = if mr == f32::NEG_INFINITY { 0.0 } else { mr };
-            let (mv, kv) = (_mm256_set1_ps(mu), _mm256_set1_ps(k));
-            let mut c = 0;
-            while c < n8 {
-                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), mv));
-                _mm256_storeu_ps(row.add(c), _mm256_mul_ps(p, kv));
-                c += 8;
-            }
-            for c in n8..n {
-                *row.add(c) = exp2_nonpos(*row.add(c) - mu) * k;
-            }
-        }
+        weights_on::<__m256>(s, ld, rows, n, m, scale)
     }
 
-    /// AVX2+FMA: [`super::exp_cols_portable`] 8 lanes at a time (scalar tail).
-    /// # Safety
-    /// As [`super::exp_cols_portable`]; the CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe extern "C" fn exp_cols_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
-        let n8 = n - n % 8;
-        let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let mut c = 0;
-            while c < n8 {
-                let tc = _mm256_loadu_ps(t.add(c));
-                let tc = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(tc, ninf), tc);
-                _mm256_storeu_ps(row.add(c), exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(row.add(c)), tc)));
-                c += 8;
-            }
-            for c in n8..n {
-                let tc = *t.add(c);
-                *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
-            }
-        }
-    }
-
-    /// AVX-512F: [`super::weights_portable`] 16 lanes at a time (scalar tail).
+    /// AVX-512F: [`super::weights_portable`] 16 lanes at a time.
     /// # Safety
     /// As [`super::weights_portable`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe extern "C" fn weights_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, m: *const f32, scale: *const f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
-        let n16 = n - n % 16;
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let (mr, k) = (*m.add(r), *scale.add(r));
-            let mu = if mr == f32::NEG_INFINITY { 0.0 } else { mr };
-            let (mv, kv) = (_mm512_set1_ps(mu), _mm512_set1_ps(k));
-            let mut c = 0;
-            while c < n16 {
-                let p = exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), mv));
-                _mm512_storeu_ps(row.add(c), _mm512_mul_ps(p, kv));
-                c += 16;
-            }
-            for c in n16..n {
-                *row.add(c) = exp2_nonpos(*row.add(c) - mu) * k;
-            }
-        }
+        weights_on::<__m512>(s, ld, rows, n, m, scale)
     }
 
-    /// AVX-512F: [`super::exp_cols_portable`] 16 lanes at a time (scalar tail).
+    /// AVX2+FMA: [`super::exp_cols_portable`] 8 lanes at a time.
+    /// # Safety
+    /// As [`super::exp_cols_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn exp_cols_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
+        exp_cols_on::<__m256>(s, ld, rows, n, t)
+    }
+
+    /// AVX-512F: [`super::exp_cols_portable`] 16 lanes at a time.
     /// # Safety
     /// As [`super::exp_cols_portable`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe extern "C" fn exp_cols_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, t: *const f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
-        let n16 = n - n % 16;
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let mut c = 0;
-            while c < n16 {
-                // A −inf statistic subtracts 0.
-                let tc = _mm512_loadu_ps(t.add(c));
-                let tc = _mm512_mask_mov_ps(tc, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(tc, ninf), _mm512_setzero_ps());
-                _mm512_storeu_ps(row.add(c), exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(row.add(c)), tc)));
-                c += 16;
-            }
-            for c in n16..n {
-                let tc = *t.add(c);
-                *row.add(c) = exp2_nonpos(*row.add(c) - if tc == f32::NEG_INFINITY { 0.0 } else { tc });
-            }
-        }
+        exp_cols_on::<__m512>(s, ld, rows, n, t)
     }
 
-    /// AVX2+FMA: [`super::tanh_scale_portable`] 8 lanes at a time (scalar tail).
+    /// AVX2+FMA: [`super::tanh_scale_portable`] 8 lanes at a time.
     /// # Safety
     /// As [`super::tanh_scale_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe extern "C" fn tanh_scale_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
-        use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
-        let (ld, rows, n, cs) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
-        let n8 = n - n % 8;
-        let (hi, lo, cv) = (_mm256_set1_ps(TANH_CLAMP), _mm256_set1_ps(-TANH_CLAMP), _mm256_set1_ps(cs));
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let mut x = 0;
-            while x < n8 {
-                let v = _mm256_loadu_ps(row.add(x));
-                // Compare-and-select clamps (NaN compares false and stays).
-                let v = _mm256_blendv_ps(v, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(v, hi));
-                let v = _mm256_blendv_ps(v, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(v, lo));
-                let x2 = _mm256_mul_ps(v, v);
-                let mut p = _mm256_set1_ps(TANH_NUM[0]);
-                for &k in &TANH_NUM[1..] {
-                    p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(k));
-                }
-                let mut q = _mm256_set1_ps(TANH_DEN[0]);
-                for &k in &TANH_DEN[1..] {
-                    q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(k));
-                }
-                let t = _mm256_div_ps(_mm256_mul_ps(v, p), q);
-                _mm256_storeu_ps(row.add(x), _mm256_mul_ps(cv, t));
-                x += 8;
-            }
-            for x in n8..n {
-                *row.add(x) = cs * super::tanh_rational(*row.add(x));
-            }
-        }
+        tanh_scale_on::<__m256>(s, ld, rows, n, c)
     }
 
-    /// AVX-512F: [`tanh_scale_avx2`] 16 lanes at a time (scalar tail).
+    /// AVX-512F: [`super::tanh_scale_portable`] 16 lanes at a time.
     /// # Safety
     /// As [`super::tanh_scale_portable`]; the CPU has AVX-512F.
     #[target_feature(enable = "avx512f")]
     pub unsafe extern "C" fn tanh_scale_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, c: i64) {
-        use crate::cpu::tiled::{TANH_CLAMP, TANH_DEN, TANH_NUM};
-        let (ld, rows, n, cs) = (ld as usize, rows as usize, n as usize, f32::from_bits(c as u32));
-        let n16 = n - n % 16;
-        let (hi, lo, cv) = (_mm512_set1_ps(TANH_CLAMP), _mm512_set1_ps(-TANH_CLAMP), _mm512_set1_ps(cs));
-        for r in 0..rows {
-            let row = s.add(r * ld);
-            let mut x = 0;
-            while x < n16 {
-                let v = _mm512_loadu_ps(row.add(x));
-                // Masked clamps (NaN compares false and stays).
-                let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(v, hi), hi);
-                let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo), lo);
-                let x2 = _mm512_mul_ps(v, v);
-                let mut p = _mm512_set1_ps(TANH_NUM[0]);
-                for &k in &TANH_NUM[1..] {
-                    p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(k));
-                }
-                let mut q = _mm512_set1_ps(TANH_DEN[0]);
-                for &k in &TANH_DEN[1..] {
-                    q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(k));
-                }
-                let t = _mm512_div_ps(_mm512_mul_ps(v, p), q);
-                _mm512_storeu_ps(row.add(x), _mm512_mul_ps(cv, t));
-                x += 16;
-            }
-            for x in n16..n {
-                *row.add(x) = cs * super::tanh_rational(*row.add(x));
-            }
-        }
+        tanh_scale_on::<__m512>(s, ld, rows, n, c)
     }
 
     /// The 6 × 16 inner loop both tile matmuls share, in assembly so that the 12
