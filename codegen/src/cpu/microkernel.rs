@@ -685,8 +685,21 @@ mod x86 {
         unsafe fn exp2_nonpos(self) -> Self;
         /// 0 in the lanes that hold −inf.
         unsafe fn ninf_to_zero(self) -> Self;
+        unsafe fn div(self, b: Self) -> Self;
+        /// `self · b + c`.
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self;
+        /// Clamped into `[lo, hi]` (NaN stays).
+        unsafe fn clamp(self, lo: f32, hi: f32) -> Self;
+
         /// `c · tanh(self)` by the rational form, clamped at ±[`TANH_CLAMP`] (NaN stays).
-        unsafe fn tanh_times(self, c: Self) -> Self;
+        #[inline(always)]
+        unsafe fn tanh_times(self, c: Self) -> Self {
+            let v = self.clamp(-TANH_CLAMP, TANH_CLAMP);
+            let x2 = v.mul(v);
+            let p = TANH_NUM[1..].iter().fold(Self::splat(TANH_NUM[0]), |p, &k| x2.fmadd(p, Self::splat(k)));
+            let q = TANH_DEN[1..].iter().fold(Self::splat(TANH_DEN[0]), |q, &k| x2.fmadd(q, Self::splat(k)));
+            c.mul(v.mul(p).div(q))
+        }
     }
 
     impl Lanes for __m256 {
@@ -720,21 +733,19 @@ mod x86 {
             _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(self, _mm256_set1_ps(f32::NEG_INFINITY)), self)
         }
         #[inline(always)]
-        unsafe fn tanh_times(self, c: Self) -> Self {
-            let (hi, lo) = (_mm256_set1_ps(TANH_CLAMP), _mm256_set1_ps(-TANH_CLAMP));
-            // Compare-and-select clamps (NaN compares false and stays).
+        unsafe fn div(self, b: Self) -> Self {
+            _mm256_div_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+            _mm256_fmadd_ps(self, b, c)
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+            let (hi, lo) = (_mm256_set1_ps(hi), _mm256_set1_ps(lo));
+            // Compare-and-select (NaN compares false and stays).
             let v = _mm256_blendv_ps(self, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(self, hi));
-            let v = _mm256_blendv_ps(v, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(v, lo));
-            let x2 = _mm256_mul_ps(v, v);
-            let mut p = _mm256_set1_ps(TANH_NUM[0]);
-            for &k in &TANH_NUM[1..] {
-                p = _mm256_fmadd_ps(x2, p, _mm256_set1_ps(k));
-            }
-            let mut q = _mm256_set1_ps(TANH_DEN[0]);
-            for &k in &TANH_DEN[1..] {
-                q = _mm256_fmadd_ps(x2, q, _mm256_set1_ps(k));
-            }
-            _mm256_mul_ps(c, _mm256_div_ps(_mm256_mul_ps(v, p), q))
+            _mm256_blendv_ps(v, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(v, lo))
         }
     }
 
@@ -769,21 +780,19 @@ mod x86 {
             _mm512_mask_mov_ps(self, _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(self, _mm512_set1_ps(f32::NEG_INFINITY)), _mm512_setzero_ps())
         }
         #[inline(always)]
-        unsafe fn tanh_times(self, c: Self) -> Self {
-            let (hi, lo) = (_mm512_set1_ps(TANH_CLAMP), _mm512_set1_ps(-TANH_CLAMP));
-            // Masked clamps (NaN compares false and stays).
+        unsafe fn div(self, b: Self) -> Self {
+            _mm512_div_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+            _mm512_fmadd_ps(self, b, c)
+        }
+        #[inline(always)]
+        unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+            let (hi, lo) = (_mm512_set1_ps(hi), _mm512_set1_ps(lo));
+            // Masked moves (NaN compares false and stays).
             let v = _mm512_mask_mov_ps(self, _mm512_cmp_ps_mask::<_CMP_GT_OQ>(self, hi), hi);
-            let v = _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo), lo);
-            let x2 = _mm512_mul_ps(v, v);
-            let mut p = _mm512_set1_ps(TANH_NUM[0]);
-            for &k in &TANH_NUM[1..] {
-                p = _mm512_fmadd_ps(x2, p, _mm512_set1_ps(k));
-            }
-            let mut q = _mm512_set1_ps(TANH_DEN[0]);
-            for &k in &TANH_DEN[1..] {
-                q = _mm512_fmadd_ps(x2, q, _mm512_set1_ps(k));
-            }
-            _mm512_mul_ps(c, _mm512_div_ps(_mm512_mul_ps(v, p), q))
+            _mm512_mask_mov_ps(v, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(v, lo), lo)
         }
     }
 
