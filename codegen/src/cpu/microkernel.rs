@@ -16,8 +16,12 @@
 //!   that a full tile of plain dot products needs no max pass in `softmax`.
 //!
 //! On AVX2 the 6 × 16 inner loop that both matmuls share is assembly (`x86::fma_6x16`):
-//! all 16 ymm registers, no address arithmetic in the loop. Each matmul prefetches the next
-//! key tile's panel into L2, which long sequences need.
+//! all 16 ymm registers, no address arithmetic in the loop. On AVX-512 they share a 6 × 64
+//! block (`x86::fma_zmm`: 24 of the 32 zmm registers accumulate; an assembly twin of it
+//! measured no faster). Each matmul prefetches the next key tile's panel into L2, which
+//! long sequences need. The element-wise routines (weights, capped scores) are written once
+//! over `x86::Lanes`, for 8 and 16 lanes. The instruction set is the widest the host has
+//! unless [`crate::cpu::CpuOptions::isa`] names a narrower one.
 
 /// Which implementation the microkernels run: the widest the host has by default
 /// ([`Isa::detect`]), or one chosen ([`crate::cpu::CpuOptions::isa`]) among those the host
