@@ -493,64 +493,33 @@ mod x86 {
     }
 
     /// The weights of `R` rows (`2^(s − mu[r])` in place over the first `n8` columns, a
-    /// multiple of 8), interleaved so that their dependency chains overlap; returns each
-    /// row's 8-lane sum.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn exp_rows<const R: usize>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
-        let mu: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(mu[r]));
-        let mut sum = [_mm256_setzero_ps(); R];
-        let mut c = 0;
-        while c < n8 {
-            for r in 0..R {
-                let at = s.add(r * ld + c);
-                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(at), mu[r]));
-                _mm256_storeu_ps(at, p);
-                sum[r] = _mm256_add_ps(sum[r], p);
-            }
-            c += 8;
-        }
-        sum
-    }
-
-    /// [`exp_rows`] 16 lanes at a time (a last block of 8 on 8), each row's sum folded to 8
+    /// multiple of 8), `V::N` lanes at a time (on 16 lanes, a last block of 8 on 8),
+    /// interleaved so that their dependency chains overlap; returns each row's sum on 8
     /// lanes.
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    #[inline]
-    unsafe fn exp_rows16<const R: usize>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
-        let mu16: [__m512; R] = std::array::from_fn(|r| _mm512_set1_ps(mu[r]));
-        let mut sum16 = [_mm512_setzero_ps(); R];
+    #[inline(always)]
+    unsafe fn exp_rows<V: Lanes, const R: usize>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
+        let muv: [V; R] = std::array::from_fn(|r| V::splat(mu[r]));
+        let mut sum = [V::splat(0.0); R];
         let mut c = 0;
-        while c + 16 <= n8 {
+        while c + V::N <= n8 {
             for r in 0..R {
                 let at = s.add(r * ld + c);
-                let p = exp2_nonpos16(_mm512_sub_ps(_mm512_loadu_ps(at), mu16[r]));
-                _mm512_storeu_ps(at, p);
-                sum16[r] = _mm512_add_ps(sum16[r], p);
+                let p = V::load(at).sub(muv[r]).exp2_nonpos();
+                p.store(at);
+                sum[r] = sum[r].add(p);
             }
-            c += 16;
+            c += V::N;
         }
-        let mut sum: [__m256; R] = std::array::from_fn(|r| halves(sum16[r]));
+        let mut sum8: [__m256; R] = std::array::from_fn(|r| sum[r].fold8());
         if c < n8 {
-            for (r, sum_r) in sum.iter_mut().enumerate() {
+            for (r, sum_r) in sum8.iter_mut().enumerate() {
                 let at = s.add(r * ld + c);
-                let p = exp2_nonpos8(_mm256_sub_ps(_mm256_loadu_ps(at), _mm256_set1_ps(mu[r])));
-                _mm256_storeu_ps(at, p);
-                *sum_r = _mm256_add_ps(*sum_r, p);
+                let p = __m256::load(at).sub(__m256::splat(mu[r])).exp2_nonpos();
+                p.store(at);
+                *sum_r = sum_r.add(p);
             }
         }
-        sum
-    }
-
-    /// The weights of `R` rows on 16 lanes (`WIDE`, AVX-512F) or 8.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn exp_rows_on<const R: usize, const WIDE: bool>(s: *mut f32, ld: usize, n8: usize, mu: &[f32]) -> [__m256; R] {
-        if WIDE {
-            exp_rows16::<R>(s, ld, n8, mu)
-        } else {
-            exp_rows::<R>(s, ld, n8, mu)
-        }
+        sum8
     }
 
     /// The horizontal sums of 8 vectors, as one vector (lane `i` sums `v[i]`).
@@ -570,10 +539,9 @@ mod x86 {
     /// denominator, rescale factor) 8 rows to a vector. A NaN score is not tracked in the
     /// max pass: its weight is NaN, so is the row's sum, and the row's state becomes NaN from
     /// there (the weights of other lanes stay finite, the row's output is NaN all the same).
-    /// `WIDE`: the weights on 16 lanes (the caller has AVX-512F).
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn softmax_group<const WIDE: bool>(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
+    /// The weights on `V`'s lanes (the caller has its target features, and AVX2+FMA).
+    #[inline(always)]
+    unsafe fn softmax_group<V: Lanes>(s: *mut f32, ld: usize, g: usize, n: usize, [m, l, corr]: [*mut f32; 3], given: *const f32) {
         let n8 = n - n % 8;
         // Each row's maximum over the tile: given, or one pass over its scores.
         let mut tmax = [f32::NEG_INFINITY; 8];
@@ -616,10 +584,10 @@ mod x86 {
             let sr = s.add(r * ld);
             let k = (g - r).min(4);
             match k {
-                4 => sums[r..r + 4].copy_from_slice(&exp_rows_on::<4, WIDE>(sr, ld, n8, &mu[r..])),
-                3 => sums[r..r + 3].copy_from_slice(&exp_rows_on::<3, WIDE>(sr, ld, n8, &mu[r..])),
-                2 => sums[r..r + 2].copy_from_slice(&exp_rows_on::<2, WIDE>(sr, ld, n8, &mu[r..])),
-                _ => sums[r..r + 1].copy_from_slice(&exp_rows_on::<1, WIDE>(sr, ld, n8, &mu[r..])),
+                4 => sums[r..r + 4].copy_from_slice(&exp_rows::<V, 4>(sr, ld, n8, &mu[r..])),
+                3 => sums[r..r + 3].copy_from_slice(&exp_rows::<V, 3>(sr, ld, n8, &mu[r..])),
+                2 => sums[r..r + 2].copy_from_slice(&exp_rows::<V, 2>(sr, ld, n8, &mu[r..])),
+                _ => sums[r..r + 1].copy_from_slice(&exp_rows::<V, 1>(sr, ld, n8, &mu[r..])),
             }
             r += k;
         }
@@ -645,20 +613,26 @@ mod x86 {
         std::ptr::copy_nonoverlapping(co.as_ptr(), corr, g);
     }
 
-    /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail), rows in
-    /// groups of 8.
-    /// # Safety
-    /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe extern "C" fn softmax_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
+    /// [`super::softmax_portable`], rows in groups of 8, the weights on `V`'s lanes.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn softmax_on<V: Lanes>(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
         let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
         let mut r = 0;
         while r < rows {
             let g = (rows - r).min(8);
             let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
-            softmax_group::<false>(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
+            softmax_group::<V>(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
             r += g;
         }
+    }
+
+    /// AVX2+FMA: [`super::softmax_portable`] 8 lanes at a time (scalar tail).
+    /// # Safety
+    /// As [`super::softmax_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn softmax_avx2(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
+        softmax_on::<__m256>(s, ld, rows, n, m, l, corr, tmax)
     }
 
     /// AVX-512F: [`softmax_avx2`] with the weights 16 lanes at a time.
@@ -666,14 +640,7 @@ mod x86 {
     /// As [`super::softmax_portable`]; the CPU has AVX-512F (and so AVX2 and FMA).
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe extern "C" fn softmax_avx512(s: *mut f32, ld: i64, rows: i64, n: i64, m: *mut f32, l: *mut f32, corr: *mut f32, tmax: *const f32) {
-        let (ld, rows, n) = (ld as usize, rows as usize, n as usize);
-        let mut r = 0;
-        while r < rows {
-            let g = (rows - r).min(8);
-            let tr = if tmax.is_null() { tmax } else { tmax.add(r) };
-            softmax_group::<true>(s.add(r * ld), ld, g, n, [m.add(r), l.add(r), corr.add(r)], tr);
-            r += g;
-        }
+        softmax_on::<__m512>(s, ld, rows, n, m, l, corr, tmax)
     }
 
     /// The element-wise routines' vector operations at one width: 8 lanes (AVX2+FMA) or 16
@@ -686,6 +653,9 @@ mod x86 {
         unsafe fn store(self, p: *mut f32);
         unsafe fn sub(self, b: Self) -> Self;
         unsafe fn mul(self, b: Self) -> Self;
+        unsafe fn add(self, b: Self) -> Self;
+        /// The lanes summed down to 8 (the 8-lane vector itself).
+        unsafe fn fold8(self) -> __m256;
         unsafe fn exp2_nonpos(self) -> Self;
         /// 0 in the lanes that hold −inf.
         unsafe fn ninf_to_zero(self) -> Self;
@@ -727,6 +697,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, b: Self) -> Self {
             _mm256_mul_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            _mm256_add_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fold8(self) -> __m256 {
+            self
         }
         #[inline(always)]
         unsafe fn exp2_nonpos(self) -> Self {
@@ -774,6 +752,14 @@ mod x86 {
         #[inline(always)]
         unsafe fn mul(self, b: Self) -> Self {
             _mm512_mul_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            _mm512_add_ps(self, b)
+        }
+        #[inline(always)]
+        unsafe fn fold8(self) -> __m256 {
+            halves(self)
         }
         #[inline(always)]
         unsafe fn exp2_nonpos(self) -> Self {
