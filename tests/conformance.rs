@@ -1045,3 +1045,44 @@ fn two_pass_softmax_keeps_or_recomputes_its_weights_alike() {
         }
     }
 }
+
+/// Sparse rows of tiles: live key tiles separated by runs of empty ones (eight or more, fewer,
+/// at the row's end), which the tiled kernel skips eight class bytes at a time; and values
+/// read in place (`v[b, hk, j, e]`) against values the pack must compute (`2 · v`).
+#[test]
+fn sparse_tile_rows_and_values_in_place_match_reference() {
+    let spec = |value: &str| {
+        format!(
+            "attention sparse_rows {{
+  dims B, H, G, N, M, D, Dv
+  input q: f32[B, H, N, D]
+  input k: f32[B, G, M, D]
+  input v: f32[B, G, M, Dv]
+  output o: f32[B, H, N, Dv]
+  let hk = h // (H // G)
+  score = dot(q[b, h, i, :], k[b, hk, j, :]) / sqrt(D)
+  mask = (j // 16) % 11 == (p // 16) % 3 || j == p || j >= M - 5
+  normalize = softmax
+  value = {value}
+}}"
+        )
+    };
+    for value in ["v[b, hk, j, e]", "2.0 * v[b, hk, j, e]"] {
+        let src = spec(value);
+        let c = attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{}", d.render("sparse_rows.attn", &src)));
+        for (n, m) in [(403, 403), (37, 421)] {
+            let dims: BTreeMap<String, i64> =
+                [("B", 1), ("H", 2), ("G", 1), ("N", n), ("M", m), ("D", 8), ("Dv", 12)].iter().map(|(x, v)| (x.to_string(), *v)).collect();
+            let b = attnc::bind_dims(&c, &dims).expect("dims bind");
+            let ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 11).expect("inputs");
+            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+            for microkernel in [true, false] {
+                let o = CpuOptions { microkernel, ..CpuOptions::with_schedule(ScheduleOptions { block_q: 16, block_k: 16, ..Default::default() }) };
+                let k = CpuBackend::default().compile(&c.kernel, &c.info, &o).expect("compiles").checking(&c.kernel);
+                let got = k.run(&ins, &BTreeMap::new()).expect("runs");
+                compare(&format!("{value}, N={n} M={m}, microkernel {microkernel}"), &got, &want, Tweak::None, Tolerance::F32)
+                    .unwrap_or_else(|e| panic!("{e}"));
+            }
+        }
+    }
+}

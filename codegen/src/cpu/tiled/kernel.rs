@@ -20,6 +20,9 @@ struct TileFrame {
     i0: Value,
     kt: Value,
     vb: Value,
+    /// Key 0's value row, the keys' row distance and whether the values are read there
+    /// instead of from `vb` ([`Gen::value_rows`]).
+    values: Option<(Value, Value, Value)>,
     classes: Value,
     ni: Value,
     mj: Value,
@@ -166,7 +169,10 @@ impl Gen<'_, '_> {
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
         let ninf = self.fconst(f32::NEG_INFINITY);
+        // Values read in place where `pack` left them (see `value_rows`).
+        let values = self.value_rows(mj, ev);
         let f = TileFrame {
+            values,
             i0,
             kt,
             vb,
@@ -481,9 +487,9 @@ impl Gen<'_, '_> {
             });
         }
         let class_base = self.b.ins().imul_imm_s(ntiles, bn as i64);
-        self.for_range(zero, ntiles, &mut |g, kb| {
-            let coff = g.b.ins().iadd(class_base, kb);
-            let caddr = g.b.ins().iadd(classes, coff);
+        let row = self.b.ins().iadd(classes, class_base);
+        self.for_tiles_skipping_empty(row, ntiles, &mut |g, kb| {
+            let caddr = g.b.ins().iadd(row, kb);
             let class = g.b.ins().load(types::I8, flags(), caddr, 0);
             let live_tile = g.b.ins().icmp_imm_s(IntCC::NotEqual, class, 0);
             g.if_then(live_tile, &mut |g| {
@@ -607,8 +613,16 @@ impl Gen<'_, '_> {
                 }
                 if accumulate {
                     let corr_arg = if softmax && !two_pass_second { corr_ws } else { g.iconst(0) };
-                    let vt = vb_tile(g, vb, j0, ev);
-                    g.b.ins().call(pv, &[s_ws, bkv, vt, ev, o_ws, ev, corr_arg, nq, nk, ev]);
+                    let packed = vb_tile(g, vb, j0, ev);
+                    let (vt, ldv) = match f.values {
+                        Some((v0, ldv, in_place)) => {
+                            let off = g.b.ins().imul(j0, ldv);
+                            let at = g.ptr_off(v0, off);
+                            (g.b.ins().select(in_place, at, packed), g.b.ins().select(in_place, ldv, ev))
+                        }
+                        None => (packed, ev),
+                    };
+                    g.b.ins().call(pv, &[s_ws, bkv, vt, ldv, o_ws, ev, corr_arg, nq, nk, ev]);
                 }
             });
         });

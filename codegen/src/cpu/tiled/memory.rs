@@ -23,6 +23,29 @@ impl Gen<'_, '_> {
         Some((addr, self.b.ins().band(covers, unit)))
     }
 
+    /// When the kernel's value is `v[…, j, e]` (`j` the second-to-last index and in no other,
+    /// `e` the last): the address of key 0's value row, the distance between keys' rows in
+    /// floats, and a run-time flag that the rows are contiguous along `e` (at least `ev`
+    /// long) and the key axis holds all `mj` keys. `tile` then reads the values in place
+    /// and `pack` leaves them alone; `b` and `h` must be bound.
+    pub(super) fn value_rows(&mut self, mj: Value, ev: Value) -> Option<(Value, Value, Value)> {
+        let k = self.kernel;
+        let row = attnc_ir::analysis::row_access(k, &k.value, "e")?;
+        let (last, rest) = row.prefix.split_last()?;
+        if *last != Expr::var("j") || rest.iter().any(|x| x.free_vars().contains("j")) {
+            return None;
+        }
+        let zero = self.iconst(0);
+        self.bind("j", zero);
+        let found = self.contiguous_row(&k.value, "e", ev);
+        self.unbind(1);
+        let (addr, ok) = found?;
+        let tv = self.tens[row.tensor].clone();
+        let axis = rest.len();
+        let keys = self.b.ins().icmp(IntCC::SignedGreaterThanOrEqual, tv.ext[axis], mj);
+        Some((addr, tv.stride[axis], self.b.ins().band(ok, keys)))
+    }
+
     /// Copies `len` floats from `src` (a byte address), times `factor` when given: f32x4
     /// loads, then a scalar tail. `store(x, v)` writes each value `v` (an F32X4 or an F32)
     /// for float offset `x` wherever the caller's layout puts it.
@@ -39,12 +62,22 @@ impl Gen<'_, '_> {
         });
     }
 
-    /// `body(x, ty)` for `x in 0..len`: f32x4 steps (`ty` F32X4, `x` a multiple of 4), then
-    /// a scalar tail (`ty` F32).
+    /// `body(x, ty)` for `x in 0..len`: f32x4 steps (`ty` F32X4, `x` a multiple of 4), four
+    /// to a loop iteration while 16 floats remain (a loop step costs as much as a vector
+    /// copy), then single f32x4 steps, then a scalar tail (`ty` F32).
     pub(crate) fn for_lanes(&mut self, len: Value, body: &mut dyn FnMut(&mut Self, Value, Type)) {
-        let nvec = self.b.ins().sshr_imm_u(len, 2);
+        let n16 = self.b.ins().sshr_imm_u(len, 4);
         let zero = self.iconst(0);
-        self.for_range(zero, nvec, &mut |g, x4| {
+        self.for_range(zero, n16, &mut |g, x16| {
+            let x = g.b.ins().imul_imm_s(x16, 16);
+            for step in 0..4 {
+                let xs = g.b.ins().iadd_imm_s(x, 4 * step);
+                body(g, xs, types::F32X4);
+            }
+        });
+        let first = self.b.ins().ishl_imm_u(n16, 2);
+        let nvec = self.b.ins().sshr_imm_u(len, 2);
+        self.for_range(first, nvec, &mut |g, x4| {
             let x = g.b.ins().imul_imm_s(x4, 4);
             body(g, x, types::F32X4);
         });

@@ -5,9 +5,11 @@
 //! they decide. Per head group:
 //!
 //! - `pack(frame, b, h, kt, vb)` writes `B` transposed in panels of `BK` keys
-//!   (`kt[tile][r][c]`) and the value rows `vb[j][e]`, zero-padded to whole tiles;
+//!   (`kt[tile][r][c]`) and the value rows `vb[j][e]`, zero-padded to whole tiles (values
+//!   that are a plain row-major load stay where they are and `P·V` reads them there);
 //! - `tile(frame, b, h, i0, kt, vb, ws, classes)` computes query rows `[i0, i0 + BQ)`: packs
-//!   `A`, then for each live key tile calls `qk` (S = A·Bᵀ), evaluates the rest of the
+//!   `A`, then for each live key tile (empty ones skipped eight class bytes at a time)
+//!   calls `qk` (S = A·Bᵀ), evaluates the rest of the
 //!   score, bias, mask (only on partial tiles and the last tile), the normalization with
 //!   its state per row (online softmax: running max, denominator, rescale factor; in the
 //!   microkernel's `softmax` step when no post-map or decay follows it, and then a full

@@ -1,6 +1,7 @@
 //! `pack(frame, b, h, kt, vb)`: a head group's key panels (each distinct key factor of the
 //! branches' dots, transposed in panels of `BK` keys, one after the other) and value rows,
-//! zero-padded to whole key tiles.
+//! zero-padded to whole key tiles. Values that are a plain row-major load (`v[b, hk, j, e]`)
+//! are not copied: `tile` reads them in place (`Gen::value_rows`).
 
 use super::super::gen::Gen;
 use crate::schedule::TiledSchedule;
@@ -177,6 +178,21 @@ impl Gen<'_, '_> {
                 );
             });
         }
+        // Values `tile` reads in place need no copy.
+        let packed = match self.value_rows(mj, ev) {
+            Some((_, _, in_place)) => self.b.ins().bxor_imm_u(in_place, 1),
+            None => self.b.ins().iconst(types::I8, 1),
+        };
+        self.if_then(packed, &mut |g| g.pack_values(vb, mj, ev, mpad));
+        self.unhoist(hoisted);
+        self.unbind(2);
+        self.b.ins().return_(&[]);
+    }
+
+    /// The value rows `vb[j][e]`, zero rows past the last key.
+    fn pack_values(&mut self, vb: Value, mj: Value, ev: Value, mpad: Value) {
+        let k = self.kernel;
+        let (zero, zf) = (self.iconst(0), self.fconst(0.0));
         self.for_range(zero, mpad, &mut |g, j| {
             let inside = g.b.ins().icmp(IntCC::SignedLessThan, j, mj);
             let jc = clamp_key(g, j, mj);
@@ -202,9 +218,6 @@ impl Gen<'_, '_> {
             }
             g.unbind(1);
         });
-        self.unhoist(hoisted);
-        self.unbind(2);
-        self.b.ins().return_(&[]);
     }
 }
 

@@ -44,6 +44,14 @@ impl Gen<'_, '_> {
 
     /// A uniform value as a vector of 4 lanes (ints as i32, conditions as lane masks).
     pub(super) fn splat(&mut self, v: Value) -> Value {
+        if let Some(&(_, s)) = self.splats.iter().rev().find(|(x, _)| *x == v) {
+            return s;
+        }
+        self.splat_now(v)
+    }
+
+    /// [`Self::splat`] generated here.
+    fn splat_now(&mut self, v: Value) -> Value {
         let ty = self.b.func.dfg.value_type(v);
         if ty == types::F32 {
             self.b.ins().splat(types::F32X4, v)
@@ -583,14 +591,29 @@ impl Gen<'_, '_> {
                 Some((t, idx)) => self.uniform_offset(t, idx, vecs),
                 None => self.expr(&key),
             };
-            self.cache.push((key, v));
+            self.keep_hoisted(key, v);
+        }
+        // The constants and uniform variables the lanes read (`W` in `p − j < W`, `i`).
+        for leaf in uniform_leaves(exprs, vecs) {
+            if !self.cache.iter().any(|(x, _)| x == leaf) {
+                let v = self.expr(leaf);
+                self.keep_hoisted(leaf.clone(), v);
+            }
         }
         self.cache.len() - before
+    }
+
+    /// Caches a hoisted value with its 4-lane form (`splats`).
+    fn keep_hoisted(&mut self, key: Expr, v: Value) {
+        let lanes = self.splat_now(v);
+        self.cache.push((key, v));
+        self.splats.push((v, lanes));
     }
 
     pub(crate) fn unhoist(&mut self, n: usize) {
         let len = self.cache.len();
         self.cache.truncate(len - n);
+        self.splats.truncate(len - n);
     }
 
     pub(crate) fn vexpr_f(&mut self, e: &Expr, vecs: &[String]) -> Value {
@@ -606,6 +629,32 @@ impl Gen<'_, '_> {
         }
         acc
     }
+}
+
+/// The leaves of `exprs` (constants, dims, variables) that do not vary with `vecs` but are
+/// operands of an expression that does: vector code splats each of them.
+fn uniform_leaves<'e>(exprs: &[&'e Expr], vecs: &[String]) -> Vec<&'e Expr> {
+    fn go<'e>(e: &'e Expr, vecs: &[String], out: &mut Vec<&'e Expr>) {
+        if !attnc_ir::analysis::varies(e, vecs) {
+            let leaf = matches!(e, Expr::Int(_) | Expr::Float(_) | Expr::Bool(_) | Expr::Var(_) | Expr::Dim(_));
+            if leaf && !out.contains(&e) {
+                out.push(e);
+            }
+            return;
+        }
+        match e {
+            Expr::Reduce { lo, hi, .. } => {
+                go(lo, vecs, out);
+                go(hi, vecs, out);
+            }
+            _ => e.children().into_iter().for_each(|c| go(c, vecs, out)),
+        }
+    }
+    let mut out = Vec::new();
+    for e in exprs {
+        go(e, vecs, &mut out);
+    }
+    out
 }
 
 /// The cache key of a load's hoisted uniform offset (`#` cannot occur in a tensor name).
