@@ -911,9 +911,7 @@ impl Gen<'_, '_> {
                 let is_ninf = g.b.ins().fcmp(FloatCC::Equal, m_new, ninf);
                 let m_use = g.b.ins().select(is_ninf, zf, m_new);
                 let dm = g.b.ins().fsub(mrow, m_use);
-                let ln2 = g.fconst(std::f32::consts::LN_2);
-                let dm = g.b.ins().fmul(dm, ln2);
-                let corr = g.call("attnc_expf", &[dm]);
+                let corr = g.exp2_nonpos(dm);
                 let mu = g.b.ins().splat(types::F32X4, m_use);
                 let sum = g.b.declare_var(types::F32X4);
                 g.b.def_var(sum, zero_v);
@@ -984,9 +982,7 @@ impl Gen<'_, '_> {
             let mt = g.load_f32(k.km, row);
             let m = g.load_f32(m_ws, r);
             let d = g.b.ins().fsub(mt, m);
-            let ln2 = g.fconst(std::f32::consts::LN_2);
-            let d = g.b.ins().fmul(d, ln2);
-            let e = g.call("attnc_expf", &[d]);
+            let e = g.exp2_nonpos(d);
             let inv = g.load_f32(corr_ws, r);
             let factor = g.b.ins().fmul(e, inv);
             let dead = g.b.ins().fcmp(FloatCC::Equal, mt, ninf);

@@ -193,6 +193,14 @@ impl Gen<'_, '_> {
         self.fselect(under, zero, y)
     }
 
+    /// `2^x` of a scalar `x <= 0` by [`Self::vexp2_nonpos`] on one lane (a softmax's rescale
+    /// factor, once per row and key tile: no libm call).
+    pub(crate) fn exp2_nonpos(&mut self, x: Value) -> Value {
+        let v = self.b.ins().splat(types::F32X4, x);
+        let y = self.vexp2_nonpos(v);
+        self.b.ins().extractlane(y, 0)
+    }
+
     /// Lane select on floats by an i32x4 mask.
     pub(crate) fn fselect(&mut self, mask: Value, a: Value, b: Value) -> Value {
         let m = if self.b.func.dfg.value_type(mask) == types::F32X4 { mask } else { self.b.ins().bitcast(types::F32X4, little(), mask) };
