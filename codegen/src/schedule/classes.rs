@@ -3,8 +3,8 @@
 //! from the block-sparsity analysis of `attnc_passes::tiles`.
 //!
 //! A mask that reads no tensor has the same classes at every call with the same dims: they
-//! are computed once per shape and kept ([`TileClassifier`]'s cache, the compile-time
-//! classification). A mask that reads data (segment ids, block lists) is classified from the
+//! are computed once per shape and kept for the last few shapes ([`TileClassifier`]'s
+//! cache, the compile-time classification). A mask that reads data (segment ids, block lists) is classified from the
 //! data; the last such table is kept with a copy of the data it was classified from, and a
 //! call whose mask tensors hold the same values (a model's per-head window flags, a batch's
 //! document layout reused across layers) reuses it ([`TileClassifier::with_data`]). A mask
@@ -175,7 +175,13 @@ fn batch_or_head(a: Deps, d: Deps) -> Deps {
     Deps { b: a.b || d.b, h: a.h || d.h, ..a }
 }
 
-type CacheKey = (usize, i64, i64, TileGrid, BTreeMap<String, i64>);
+/// A shape: the tile grid and the dims. Per shape, the classes by (branch, batch, head).
+type ShapeKey = (TileGrid, BTreeMap<String, i64>);
+type ShapeClasses = BTreeMap<(usize, i64, i64), Arc<Vec<TileClass>>>;
+
+/// Shapes whose static classes are kept; a call at another shape when this many are kept
+/// starts over (a training run over many sequence lengths does not pile up tables).
+const SHAPES_KEPT: usize = 8;
 
 /// Mask data larger than this (in 32-bit words, all mask tensors together) is not copied
 /// to key the data cache: comparing it would cost more than it saves.
@@ -205,7 +211,7 @@ impl DataTable {
 /// table of masks that read data.
 #[derive(Default)]
 pub struct TileClassifier {
-    cache: Mutex<BTreeMap<CacheKey, Arc<Vec<TileClass>>>>,
+    cache: Mutex<BTreeMap<ShapeKey, ShapeClasses>>,
     last_data: Mutex<Option<DataTable>>,
 }
 
@@ -251,12 +257,17 @@ impl TileClassifier {
             let mut by_head = BTreeMap::new();
             for b in if deps.b { 0..nb } else { 0..1 } {
                 for h in if deps.h { 0..nh } else { 0..1 } {
-                    let key = (br, b, h, *grid, dims.clone());
-                    let cached = if static_mask { self.cache.lock().expect("classes lock").get(&key).cloned() } else { None };
+                    let shape = (*grid, dims.clone());
+                    let cached =
+                        if static_mask { self.cache.lock().expect("classes lock").get(&shape).and_then(|c| c.get(&(br, b, h))).cloned() } else { None };
                     let classes = cached.unwrap_or_else(|| {
                         let c = Arc::new(classify_head(mask, b, h, grid, dims, data));
                         if static_mask {
-                            self.cache.lock().expect("classes lock").insert(key, c.clone());
+                            let mut kept = self.cache.lock().expect("classes lock");
+                            if kept.len() >= SHAPES_KEPT && !kept.contains_key(&shape) {
+                                kept.clear();
+                            }
+                            kept.entry(shape).or_default().insert((br, b, h), c.clone());
                         }
                         c
                     });
@@ -302,6 +313,25 @@ mod tests {
         assert_eq!(all, t.counts(0, 0, 0));
         let sampled = count_tiles(k.branches[0].mask.as_ref(), 0, 0, &grid, &dims, &NoData, 4);
         assert_eq!(sampled.total(), 12.0, "query tiles 0 and 2, each counted twice");
+    }
+
+    #[test]
+    fn static_classes_are_kept_for_a_few_shapes() {
+        let k = kernel("(mask (<= j i))");
+        let c = TileClassifier::default();
+        let shapes = |c: &TileClassifier| c.cache.lock().expect("lock").len();
+        for n in 1..=3 * SHAPES_KEPT as i64 {
+            let grid = TileGrid { block_q: 16, block_k: 16, queries: n, keys: n };
+            let dims = BTreeMap::from([("N".to_string(), n)]);
+            let t = c.table(&k, &grid, 1, 2, &dims, &NoData);
+            assert_eq!(t.counts(0, 0, 0).total(), (grid.query_tiles() * grid.key_tiles()) as f64);
+            assert!(shapes(&c) <= SHAPES_KEPT, "{} shapes kept after {n}", shapes(&c));
+        }
+        // The latest shape is served from the cache: the same table object.
+        let grid = TileGrid { block_q: 16, block_k: 16, queries: 24, keys: 24 };
+        let dims = BTreeMap::from([("N".to_string(), 24)]);
+        let (a, b) = (c.table(&k, &grid, 1, 2, &dims, &NoData), c.table(&k, &grid, 1, 2, &dims, &NoData));
+        assert!(Arc::ptr_eq(&a.branches[0].by_head[&(0, 0)], &b.branches[0].by_head[&(0, 0)]));
     }
 
     #[test]
