@@ -111,13 +111,17 @@ pub fn cpu_candidates(k: &Kernel, dims: &Bindings, threads: usize, data: &dyn Lo
             for bk in KEY_TILES {
                 let counts = live_tiles(k, dims, bq as i64, bk as i64, data);
                 let (live, partial) = (counts.live(), counts.partial);
-                let pairs = live * (bq * bk) as f64;
+                // A tile holds at most the problem's rows (one query row when decoding): the
+                // microkernels run the rows a tile has, not the tile's height.
+                let rows = (bq as f64).min(ni);
+                let pairs = live * rows * bk as f64;
                 for microkernel in [true, false] {
                     let flops = pairs * 2.0 * (dk + ne);
                     let rate = if microkernel { MICROKERNEL_FLOPS } else { GENERATED_FLOPS };
                     let working_set = 4.0 * (bq as f64 * dk + bq as f64 * bk as f64 + dk * bk as f64);
                     let rate = if working_set > 1.5 * L1_BYTES { rate / SPILL_SLOWDOWN } else { rate };
                     let per_head = flops / rate
+                        // (the tile's state and accumulator are cleared for its height)
                         + live * (TILE_OVERHEAD_S + bq as f64 * ROW_OVERHEAD_S)
                         + pairs * PAIR_OVERHEAD_S * (1.0 + partial / live.max(1.0))
                         + pairs * pair_ops * PAIR_OP_S
@@ -280,6 +284,19 @@ mod tests {
         assert_eq!(on_16[0].name, format!("{} 1 thread", all_cores[0].name));
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert!(thread_twins(&all_cores, 2, cores).iter().all(|t| names.contains(&t.name)));
+    }
+
+    /// A decode step (one query row against many keys) runs tiled: the model counts the
+    /// rows a tile holds, not its height (it once priced 16 padding rows per tile and chose
+    /// the row kernel, 5× slower at M = 4096).
+    #[test]
+    fn a_decode_step_runs_tiled() {
+        let (k, mut dims) = bound(4096);
+        dims.dims.insert("N".into(), 1);
+        let k = attnc_ir::Kernel { branches: k.branches.iter().map(|b| attnc_ir::Branch { mask: None, ..b.clone() }).collect(), ..k };
+        let all = cpu_candidates(&k, &dims, 2, &NoData);
+        assert!(all[0].options.schedule.tiled && all[0].options.microkernel, "{:?}", all[0]);
+        assert_eq!(all[0].options.schedule.block_q, 16, "the shortest tile: {:?}", all[0]);
     }
 
     /// Linear attention in the passes' normal form: the chunked candidates join the space,
