@@ -85,6 +85,8 @@ pub(crate) enum FuncKind {
     ExpCols,
     /// The microkernel's capped scores (imported, never generated).
     TanhScale,
+    /// The microkernel's `qk` against key rows in place (imported, never generated).
+    QkDirect,
 }
 
 impl FuncKind {
@@ -101,6 +103,7 @@ impl FuncKind {
             FuncKind::Weights => "softmax_weights".into(),
             FuncKind::ExpCols => "exp_cols".into(),
             FuncKind::TanhScale => "tanh_scale".into(),
+            FuncKind::QkDirect => "qk_direct".into(),
         }
     }
 
@@ -118,6 +121,7 @@ impl FuncKind {
             FuncKind::Weights => microkernel::WeightsFn::pointers(),
             FuncKind::ExpCols => microkernel::ExpColsFn::pointers(),
             FuncKind::TanhScale => microkernel::TanhScaleFn::pointers(),
+            FuncKind::QkDirect => microkernel::QkDirectFn::pointers(),
         }
     }
 }
@@ -155,12 +159,14 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
                 weights: module.declare_func_in_func(m.weights, b.func),
                 exp_cols: m.exp_cols.map(|x| module.declare_func_in_func(x, b.func)),
                 tanh_scale: m.tanh_scale.map(|x| module.declare_func_in_func(x, b.func)),
+                qk_direct: m.qk_direct.map(|x| module.declare_func_in_func(x, b.func)),
             }),
         )
     });
     let framed = !matches!(kind, FuncKind::MmQk | FuncKind::MmPv);
     let (mut g, p) = Gen::new(b, cx.k, if framed { Some(cx.layout) } else { None }, refs);
     g.optimized = cx.o.clif_opt;
+    g.direct = cx.mm.is_some_and(|(_, _, s)| s.is_some_and(|s| s.qk_direct.is_some()));
     let tiled = || cx.schedule.tiled().expect("a tiled schedule");
     match kind {
         FuncKind::Derive(t) => g.derive(t, p[1], p[2]),
@@ -169,7 +175,7 @@ fn build(module: &mut JITModule, ctx: &mut Context, fctx: &mut FunctionBuilderCo
         FuncKind::Tile => g.tile(tiled(), [p[1], p[2], p[3], p[4], p[5], p[6], p[7]], mm.expect("matmuls declared")),
         FuncKind::MmQk => tiled::gen_qk(&mut g, &p),
         FuncKind::MmPv => tiled::gen_pv(&mut g, &p),
-        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols | FuncKind::TanhScale => {
+        FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols | FuncKind::TanhScale | FuncKind::QkDirect => {
             unreachable!("the softmax helpers are imported, not generated")
         }
     }
@@ -221,6 +227,7 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
     jb.symbol("attnc_mk_weights", microkernel::weights_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_exp_cols", microkernel::exp_cols_kernel(mk) as *const u8);
     jb.symbol("attnc_mk_tanh_scale", microkernel::tanh_scale_kernel(mk) as *const u8);
+    jb.symbol("attnc_mk_qk_direct", microkernel::qk_direct_kernel(mk) as *const u8);
     let mut module = JITModule::new(jb);
     let err = |e: cranelift_module::ModuleError| CodegenError::Emit(e.to_string());
     let mut libs = BTreeMap::new();
@@ -251,7 +258,9 @@ pub(crate) fn emit(k: &Kernel, s: &Schedule, o: &CpuOptions, isa: isa::OwnedTarg
                 // The capped-score routine only where a softmax branch has a tanh cap.
                 let capped = t.plan.branches.iter().any(|b| b.softmax.as_ref().is_some_and(|s| s.tanh_cap.is_some()));
                 let c = if capped { Some(import("attnc_mk_tanh_scale", FuncKind::TanhScale)?) } else { None };
-                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x, tanh_scale: c }))
+                // The keys in place for a few query rows where the plan has one key panel.
+                let d = if tiled::direct_keys_apply(&t.plan) { Some(import("attnc_mk_qk_direct", FuncKind::QkDirect)?) } else { None };
+                (q, p, Some(tiled::SoftmaxKernels { step: s, qk_max: m, weights: w, exp_cols: x, tanh_scale: c, qk_direct: d }))
             } else {
                 kinds.push(FuncKind::MmQk);
                 kinds.push(FuncKind::MmPv);
@@ -322,7 +331,14 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
                 FuncKind::Attend => attend = Some(std::mem::transmute::<*const u8, AttendFn>(p)),
                 FuncKind::Pack => pack = Some(std::mem::transmute::<*const u8, PackFn>(p)),
                 FuncKind::Tile => tile = Some(std::mem::transmute::<*const u8, TileFn>(p)),
-                FuncKind::MmQk | FuncKind::MmPv | FuncKind::Softmax | FuncKind::QkMax | FuncKind::Weights | FuncKind::ExpCols | FuncKind::TanhScale => {}
+                FuncKind::MmQk
+                | FuncKind::MmPv
+                | FuncKind::Softmax
+                | FuncKind::QkMax
+                | FuncKind::Weights
+                | FuncKind::ExpCols
+                | FuncKind::TanhScale
+                | FuncKind::QkDirect => {}
             }
         }
     }
@@ -351,6 +367,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         row_fallback: Default::default(),
         permuted: None,
         derived_pool: Default::default(),
+        scratch: Default::default(),
         _module: module,
         clif,
         asm,

@@ -98,6 +98,13 @@ pub type PvFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32,
 
 pub type SoftmaxFn = unsafe extern "C" fn(*mut f32, i64, i64, i64, *mut f32, *mut f32, *mut f32, *const f32);
 pub type QkMaxFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i64, i64, i64, *mut f32);
+/// `qk` against key rows in place (not a transposed panel): see [`qk_direct_portable`].
+pub type QkDirectFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32, i64, i64, i64, i64, *mut f32);
+
+/// At most this many query rows run `qk` against the keys in place ([`qk_direct_portable`]):
+/// a decode step's few rows would otherwise pay a transposed copy of every key for one
+/// product each.
+pub const DIRECT_ROWS: i64 = 4;
 
 /// Whether the AVX2+FMA helpers serve `isa` on this host (every AVX-512 host has AVX2+FMA).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -314,6 +321,62 @@ pub unsafe extern "C" fn qk_max_portable(a: *const f32, lda: i64, kt: *const f32
         let row = std::slice::from_raw_parts(s.add(r * bk as usize), bk as usize);
         *rowmax.add(r) = row.iter().fold(f32::NEG_INFINITY, |a, &x| if x > a { x } else { a });
     }
+}
+
+/// `s[r][c] = Σ_x a[r][x] · k[c][x]` for `r < rows`, `c < n`, with the keys' rows in place
+/// (`ldk` floats apart) instead of a transposed panel; columns `[n, lds)` of each row of `s`
+/// are set to 0 (a tail tile's padding, as the packed panel's zero keys give), and each
+/// row's maximum over its `n` scores goes to `rowmax` when it is not null (NaN ignored, as
+/// [`qk_max_portable`] does).
+/// # Safety
+/// `a` holds `rows` rows of `lda` floats (at least `d` used), `k` holds `n` rows of `ldk`
+/// floats (at least `d` used), `s` holds `rows` rows of `lds ≥ n` floats, `rowmax` is null
+/// or holds `rows` floats.
+pub unsafe extern "C" fn qk_direct_portable(
+    a: *const f32,
+    lda: i64,
+    k: *const f32,
+    ldk: i64,
+    s: *mut f32,
+    lds: i64,
+    rows: i64,
+    d: i64,
+    n: i64,
+    rowmax: *mut f32,
+) {
+    let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
+    for r in 0..rows {
+        let ar = std::slice::from_raw_parts(a.add(r * lda), d);
+        let sr = std::slice::from_raw_parts_mut(s.add(r * lds), lds);
+        let mut mx = f32::NEG_INFINITY;
+        for (c, out) in sr[..n].iter_mut().enumerate() {
+            let kc = std::slice::from_raw_parts(k.add(c * ldk), d);
+            let v = ar.iter().zip(kc).fold(0.0f32, |acc, (x, y)| x.mul_add(*y, acc));
+            *out = v;
+            if v > mx {
+                mx = v;
+            }
+        }
+        sr[n..].iter_mut().for_each(|x| *x = 0.0);
+        if !rowmax.is_null() {
+            *rowmax.add(r) = mx;
+        }
+    }
+}
+
+/// [`qk_direct_portable`] for an ISA.
+pub fn qk_direct_kernel(isa: Isa) -> QkDirectFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if avx512(isa) {
+            return x86::qk_direct_avx512;
+        }
+        if avx2_fma(isa) {
+            return x86::qk_direct_avx2;
+        }
+    }
+    let _ = isa;
+    qk_direct_portable
 }
 
 /// `qk` with the row maxima, for the softmax step, taken from the accumulators.
@@ -1032,6 +1095,107 @@ mod x86 {
         }
     }
 
+    /// AVX2+FMA: [`super::qk_direct_portable`], 8 channels at a time (the last ones by a
+    /// masked load), one key row per step.
+    /// # Safety
+    /// As [`super::qk_direct_portable`]; the CPU has AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe extern "C" fn qk_direct_avx2(
+        a: *const f32,
+        lda: i64,
+        k: *const f32,
+        ldk: i64,
+        s: *mut f32,
+        lds: i64,
+        rows: i64,
+        d: i64,
+        n: i64,
+        rowmax: *mut f32,
+    ) {
+        let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
+        let full = d - d % 8;
+        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((d % 8) as i32), lanes);
+        for r in 0..rows {
+            let (ar, sr) = (a.add(r * lda), s.add(r * lds));
+            let mut mx = f32::NEG_INFINITY;
+            for c in 0..n {
+                let kc = k.add(c * ldk);
+                let mut acc = _mm256_setzero_ps();
+                let mut x = 0;
+                while x < full {
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(x)), _mm256_loadu_ps(kc.add(x)), acc);
+                    x += 8;
+                }
+                if x < d {
+                    acc = _mm256_fmadd_ps(_mm256_maskload_ps(ar.add(x), mask), _mm256_maskload_ps(kc.add(x), mask), acc);
+                }
+                let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let v = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+                *sr.add(c) = v;
+                if v > mx {
+                    mx = v;
+                }
+            }
+            for c in n..lds {
+                *sr.add(c) = 0.0;
+            }
+            if !rowmax.is_null() {
+                *rowmax.add(r) = mx;
+            }
+        }
+    }
+
+    /// AVX-512F: [`super::qk_direct_portable`], 16 channels at a time (the last ones by a
+    /// masked load), one key row per step.
+    /// # Safety
+    /// As [`super::qk_direct_portable`]; the CPU has AVX-512F.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe extern "C" fn qk_direct_avx512(
+        a: *const f32,
+        lda: i64,
+        k: *const f32,
+        ldk: i64,
+        s: *mut f32,
+        lds: i64,
+        rows: i64,
+        d: i64,
+        n: i64,
+        rowmax: *mut f32,
+    ) {
+        let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
+        let full = d - d % 16;
+        let mask: __mmask16 = ((1u32 << (d % 16)) - 1) as __mmask16;
+        for r in 0..rows {
+            let (ar, sr) = (a.add(r * lda), s.add(r * lds));
+            let mut mx = f32::NEG_INFINITY;
+            for c in 0..n {
+                let kc = k.add(c * ldk);
+                let mut acc = _mm512_setzero_ps();
+                let mut x = 0;
+                while x < full {
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(ar.add(x)), _mm512_loadu_ps(kc.add(x)), acc);
+                    x += 16;
+                }
+                if x < d {
+                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, ar.add(x)), _mm512_maskz_loadu_ps(mask, kc.add(x)), acc);
+                }
+                let v = _mm512_reduce_add_ps(acc);
+                *sr.add(c) = v;
+                if v > mx {
+                    mx = v;
+                }
+            }
+            for c in n..lds {
+                *sr.add(c) = 0.0;
+            }
+            if !rowmax.is_null() {
+                *rowmax.add(r) = mx;
+            }
+        }
+    }
+
     /// AVX2: blocks of 6 rows × 16 columns (12 ymm accumulators), broadcasting `a`.
     /// # Safety
     /// As [`super::qk_portable`]; `bk` is a multiple of 16; the CPU has AVX2 and FMA.
@@ -1357,6 +1521,22 @@ mod tests {
             let row = &s2[r * bk..(r + 1) * bk];
             assert!(row.iter().zip(&s[r * bk..(r + 1) * bk]).all(|(x, y)| (x - y).abs() < 1e-4), "{isa:?} qk_max row {r} scores");
             assert_eq!(rowmax[r], row.iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{isa:?} qk_max row {r} maximum");
+        }
+        // The same scores from the key rows in place (`kt` transposed into rows of `ldk`
+        // floats), on the first `n` columns; the rest of each row zeroed.
+        let ldk = d + 3;
+        let krows: Vec<f32> = (0..bk * ldk).map(|x| if x % ldk < d { kt[(x % ldk) * bk + x / ldk] } else { f32::NAN }).collect();
+        for n in [bk, bk - 5] {
+            let mut s3 = vec![f32::NAN; rows * bk];
+            let mut rowmax = vec![0f32; rows];
+            let f = qk_direct_kernel(isa);
+            unsafe { f(a.as_ptr(), lda as i64, krows.as_ptr(), ldk as i64, s3.as_mut_ptr(), bk as i64, rows as i64, d as i64, n as i64, rowmax.as_mut_ptr()) };
+            for r in 0..rows {
+                let (got, want) = (&s3[r * bk..(r + 1) * bk], &s[r * bk..(r + 1) * bk]);
+                assert!(got[..n].iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-4), "{isa:?} qk_direct row {r}, {n} keys");
+                assert!(got[n..].iter().all(|&x| x == 0.0), "{isa:?} qk_direct row {r}: columns past {n} are 0");
+                assert_eq!(rowmax[r], got[..n].iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{isa:?} qk_direct row {r} maximum");
+            }
         }
         let nk = 27;
         let v: Vec<f32> = (0..nk * dv).map(|x| ((x * 3 % 7) as f32 - 3.0) / 2.0).collect();

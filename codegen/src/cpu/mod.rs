@@ -385,6 +385,10 @@ pub struct CpuKernel {
     /// pages cost a fault each: a quarter of a chunked call's time at N = 8192). The derive
     /// functions write every element, so a reused buffer is not cleared.
     derived_pool: std::sync::Mutex<BTreeMap<String, Vec<u32>>>,
+    /// The tiled kernel's key/value packs and task workspaces, kept from call to call: a
+    /// fresh one is cleared, and at a decode step's shapes (one query row, many keys) the
+    /// clearing and page faults of a 2 MiB pack per head group took a third of the call.
+    scratch: Scratch,
     /// The kernel over queries and keys sorted by the mask's classes, run at the shapes
     /// where that reorders them ([`crate::schedule::permute`]).
     permuted: Option<Box<Permuted>>,
@@ -697,7 +701,7 @@ impl CpuKernel {
         // The panels are reused from group to group within a worker's run of groups: `pack`
         // writes every element a tile reads, and the zero padding stays where it was.
         t.groups.par_iter().for_each_init(
-            || (vec![0f32; kt_len as usize], vec![0f32; vb_len as usize]),
+            || (self.scratch.take(kt_len as usize), self.scratch.take(vb_len as usize)),
             |(kt, vb), group| {
                 let (b, heads) = (group.batch, &group.heads);
                 // SAFETY: kt and vb hold the padded panels `pack` writes.
@@ -712,7 +716,7 @@ impl CpuKernel {
                 let clsp = SendPtr(cls.as_ptr() as *const u8);
                 let tasks: Vec<(usize, i64)> = (0..heads.len()).flat_map(|n| (0..nqb).map(move |qb| (n, qb))).collect();
                 tasks.par_chunks(per_task).for_each_init(
-                    || vec![0f32; ws_len],
+                    || self.scratch.take(ws_len),
                     |ws, chunk| {
                         for &(n, qb) in chunk {
                             // SAFETY: the classes are `repr(u8)` bytes, laid out as `tile` reads them.
@@ -724,6 +728,54 @@ impl CpuKernel {
                 );
             },
         );
+    }
+}
+
+/// Float buffers lent to the tiled kernel's workers and given back when a worker's run
+/// ends, for the next run or call: no allocation and no clearing once the pool holds as
+/// many as run at once. The generated code writes every element it reads (a buffer is
+/// already reused from group to group and task to task within a run), so a lent buffer
+/// keeps what its last user left; a new one starts cleared.
+#[derive(Default)]
+struct Scratch(std::sync::Mutex<Vec<Vec<f32>>>);
+
+impl Scratch {
+    /// A buffer of at least `len` floats.
+    fn take(&self, len: usize) -> Lent<'_> {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        // The smallest kept buffer that is long enough, else the longest (packs and
+        // workspaces share the pool).
+        let fits = (0..pool.len()).filter(|&n| pool[n].len() >= len).min_by_key(|&n| pool[n].len());
+        let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&n| pool[n].len()));
+        let mut buf = pick.map(|n| pool.swap_remove(n)).unwrap_or_default();
+        drop(pool);
+        if buf.len() < len {
+            buf.resize(len, 0.0);
+        }
+        Lent { pool: self, buf }
+    }
+}
+
+/// A buffer of a [`Scratch`], given back when dropped.
+struct Lent<'a> {
+    pool: &'a Scratch,
+    buf: Vec<f32>,
+}
+
+impl Lent<'_> {
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.buf.as_mut_ptr()
+    }
+
+    fn as_ptr(&self) -> *const f32 {
+        self.buf.as_ptr()
+    }
+}
+
+impl Drop for Lent<'_> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        self.pool.0.lock().unwrap_or_else(|e| e.into_inner()).push(buf);
     }
 }
 

@@ -146,6 +146,9 @@ pub(crate) struct Gen<'f, 'k> {
     /// not once per vector (the generated code runs without Cranelift's optimizer, so
     /// nothing else moves a splat out of a loop).
     pub(crate) splats: Vec<(Value, Value)>,
+    /// The tile reads its keys in place for a few query rows (the microkernel's `qk_direct`
+    /// is imported): `pack` and `tile` then ask `direct_keys` alike.
+    pub(crate) direct: bool,
     /// Cranelift's optimizer will run on this function (`CpuOptions::clif_opt`): it turns
     /// scalar division by a constant into multiplications and shares repeated scalar
     /// subexpressions, which some lowerings rely on instead of their own vector forms.
@@ -196,6 +199,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                     writing: None,
                     cache: vec![],
                     splats: vec![],
+                    direct: false,
                     optimized: false,
                     memo: vec![],
                     arms: vec![],
@@ -231,6 +235,7 @@ impl<'f, 'k> Gen<'f, 'k> {
                 writing: None,
                 cache: vec![],
                 splats: vec![],
+                direct: false,
                 optimized: false,
                 memo: vec![],
                 arms: vec![],

@@ -23,6 +23,9 @@ struct TileFrame {
     /// Key 0's value row, the keys' row distance and whether the values are read there
     /// instead of from `vb` ([`Gen::value_rows`]).
     values: Option<(Value, Value, Value)>,
+    /// Key 0's row of the key factor, the keys' row distance and whether `qk` reads the
+    /// keys there instead of from the packed panel ([`Gen::direct_keys`]).
+    keys: Option<(Value, Value, Value)>,
     classes: Value,
     ni: Value,
     mj: Value,
@@ -169,10 +172,13 @@ impl Gen<'_, '_> {
         let zf = self.fconst(0.0);
         let one_f = self.fconst(1.0);
         let ninf = self.fconst(f32::NEG_INFINITY);
-        // Values read in place where `pack` left them (see `value_rows`).
+        // Values read in place where `pack` left them (see `value_rows`), and keys where a
+        // few query rows read them in place (`direct_keys`).
         let values = self.value_rows(mj, ev);
+        let keys = self.direct_keys(plan, mj);
         let f = TileFrame {
             values,
+            keys,
             i0,
             kt,
             vb,
@@ -533,27 +539,40 @@ impl Gen<'_, '_> {
                         let off = g.b.ins().imul(t, dlen);
                         let off = g.b.ins().imul_imm_s(off, bk);
                         let ktp = g.ptr_off(kt, off);
+                        // `Q·Kᵀ` into `s`, with the row maxima into `tmax` when given: from the
+                        // packed panel, or from the key rows in place for a few query rows.
+                        let product = |g: &mut Self, s: Value, tmax: Option<Value>| {
+                            let mut packed = |g: &mut Self| {
+                                match (tmax, softmax_mk) {
+                                    (Some(m), Some(mk)) => g.b.ins().call(mk.qk_max, &[a_ws, dlen, ktp, s, nq, dlen, bkv, m]),
+                                    _ => g.b.ins().call(qk, &[a_ws, dlen, ktp, s, nq, dlen, bkv]),
+                                };
+                            };
+                            match (f.keys, softmax_mk.and_then(|m| m.qk_direct)) {
+                                (Some((k0, ldk, direct)), Some(qd)) => g.if_else(
+                                    direct,
+                                    &mut |g| {
+                                        let off = g.b.ins().imul(j0, ldk);
+                                        let kp = g.ptr_off(k0, off);
+                                        let m = tmax.unwrap_or_else(|| g.iconst(0));
+                                        g.b.ins().call(qd, &[a_ws, dlen, kp, ldk, s, bkv, nq, dlen, nk, m]);
+                                    },
+                                    &mut packed,
+                                ),
+                                _ => packed(g),
+                            }
+                        };
                         match softmax_mk.filter(|_| plain) {
                             // Capped scores: the dot products, then the cap on the whole tile
                             // (the step finds the row maxima).
                             Some(SoftmaxKernels { tanh_scale: Some(cap), .. }) if capped.is_some() => {
-                                g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
+                                product(g, s_ws, None);
                                 let c = g.iconst(capped.expect("capped"));
                                 g.b.ins().call(cap, &[s_ws, bkv, nq, bkv, c]);
                             }
                             // A full tile of plain dot products: the row maxima come with the scores.
-                            Some(SoftmaxKernels { qk_max, .. }) => g.if_else(
-                                check,
-                                &mut |g| {
-                                    g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
-                                },
-                                &mut |g| {
-                                    g.b.ins().call(qk_max, &[a_ws, dlen, ktp, s_tile, nq, dlen, bkv, tmax_ws]);
-                                },
-                            ),
-                            None => {
-                                g.b.ins().call(qk, &[a_ws, dlen, ktp, s_ws, nq, dlen, bkv]);
-                            }
+                            Some(_) => g.if_else(check, &mut |g| product(g, s_ws, None), &mut |g| product(g, s_tile, Some(tmax_ws))),
+                            None => product(g, s_ws, None),
                         }
                     }
                     if let Some(w) = weights {

@@ -29,15 +29,41 @@ impl Gen<'_, '_> {
     /// long) and the key axis holds all `mj` keys. `tile` then reads the values in place
     /// and `pack` leaves them alone; `b` and `h` must be bound.
     pub(super) fn value_rows(&mut self, mj: Value, ev: Value) -> Option<(Value, Value, Value)> {
+        self.key_rows(&self.kernel.value, "e", ev, mj)
+    }
+
+    /// Where the tile reads its keys in place ([`super::SoftmaxKernels::qk_direct`]): key 0's
+    /// row of the one panel's key factor, the keys' row distance and a run-time flag (rows
+    /// along the channels, every key, at most [`crate::cpu::microkernel::DIRECT_ROWS`] query
+    /// rows). `pack` and `tile` ask the same question; `b` and `h` must be bound.
+    pub(super) fn direct_keys(&mut self, plan: &crate::schedule::tiled::TiledPlan, mj: Value) -> Option<(Value, Value, Value)> {
+        if !self.direct || !super::direct_keys_apply(plan) {
+            return None;
+        }
+        let dot = &plan.panels[0];
+        if plan.channels_all().as_ref() != Some(&dot.len) {
+            return None;
+        }
+        let len = self.expr(&dot.len);
+        let (addr, ldk, rows_ok) = self.key_rows(&dot.b, &dot.r, len, mj)?;
+        let ni = self.expr(&self.kernel.iter.i.to_expr());
+        let few = self.b.ins().icmp_imm_s(IntCC::SignedLessThanOrEqual, ni, crate::cpu::microkernel::DIRECT_ROWS);
+        Some((addr, ldk, self.b.ins().band(rows_ok, few)))
+    }
+
+    /// `e` reads `t[…, j, var]` (`j` the second-to-last index and in no other, `var` the
+    /// last): the address of its row at `j = 0`, the keys' row distance, and whether the rows
+    /// are contiguous along `var` for `len` floats and the key axis holds `mj` keys.
+    fn key_rows(&mut self, e: &Expr, var: &str, len: Value, mj: Value) -> Option<(Value, Value, Value)> {
         let k = self.kernel;
-        let row = attnc_ir::analysis::row_access(k, &k.value, "e")?;
+        let row = attnc_ir::analysis::row_access(k, e, var)?;
         let (last, rest) = row.prefix.split_last()?;
         if *last != Expr::var("j") || rest.iter().any(|x| x.free_vars().contains("j")) {
             return None;
         }
         let zero = self.iconst(0);
         self.bind("j", zero);
-        let found = self.contiguous_row(&k.value, "e", ev);
+        let found = self.contiguous_row(e, var, len);
         self.unbind(1);
         let (addr, ok) = found?;
         let tv = self.tens[row.tensor].clone();

@@ -51,4 +51,15 @@ pub(crate) struct SoftmaxKernels<F> {
     /// A capped score `c · tanh(s)` in place ([`crate::schedule::tiled::SoftmaxPlan::tanh_cap`]),
     /// where a branch has one.
     pub tanh_scale: Option<F>,
+    /// `qk` against the key rows in place ([`crate::cpu::microkernel::qk_direct_portable`]),
+    /// where [`direct_keys_apply`]: `pack` then transposes no key panel and a tile of at most
+    /// [`crate::cpu::microkernel::DIRECT_ROWS`] query rows reads the keys where they are.
+    pub qk_direct: Option<F>,
+}
+
+/// Whether a plan can read its keys in place: one key panel, no normalization map with a dot
+/// of its own. (The run-time condition, rows along the channels and few query rows, is
+/// [`super::gen::Gen::direct_keys`].)
+pub(crate) fn direct_keys_apply(plan: &crate::schedule::tiled::TiledPlan) -> bool {
+    plan.panels.len() == 1 && plan.branches.iter().all(|b| b.map_dot.is_none())
 }

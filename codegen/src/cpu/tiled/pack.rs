@@ -21,8 +21,6 @@ impl Gen<'_, '_> {
         let bkv = self.iconst(bk);
         let (ntiles, _) = self.floor_div(t, bkv);
         let mpad = self.b.ins().imul_imm_s(ntiles, bk);
-        let zero = self.iconst(0);
-        let zf = self.fconst(0.0);
         // What does not vary along keys, channels and values (`h // (H // G)`: two integer
         // divisions) is computed once per pack, not per element.
         let mut inner = vec!["j".to_string(), "e".to_string()];
@@ -38,6 +36,29 @@ impl Gen<'_, '_> {
         // A kernel whose scores have no dot product has no panel.
         let all = plan.channels_all().unwrap_or(attnc_ir::Expr::Int(0));
         let dlen = self.expr(&all);
+        // Keys `tile` reads in place (a few query rows) need no panel.
+        match self.direct_keys(plan, mj) {
+            Some((_, _, direct)) => {
+                let packed = self.b.ins().bxor_imm_u(direct, 1);
+                self.if_then(packed, &mut |g| g.pack_panels(plan, kt, mj, mpad, dlen, bk));
+            }
+            None => self.pack_panels(plan, kt, mj, mpad, dlen, bk),
+        }
+        // Values `tile` reads in place need no copy.
+        let packed = match self.value_rows(mj, ev) {
+            Some((_, _, in_place)) => self.b.ins().bxor_imm_u(in_place, 1),
+            None => self.b.ins().iconst(types::I8, 1),
+        };
+        self.if_then(packed, &mut |g| g.pack_values(vb, mj, ev, mpad));
+        self.unhoist(hoisted);
+        self.unbind(2);
+        self.b.ins().return_(&[]);
+    }
+
+    /// The key panels: each distinct key factor transposed in panels of `bk` keys.
+    fn pack_panels(&mut self, plan: &crate::schedule::tiled::TiledPlan, kt: Value, mj: Value, mpad: Value, dlen: Value, bk: i64) {
+        let (zero, zf, bkv) = (self.iconst(0), self.fconst(0.0), self.iconst(bk));
+        let all = plan.channels_all().unwrap_or(attnc_ir::Expr::Int(0));
         for (n, dot) in plan.panels.iter().enumerate() {
             let padded = dot.len != all;
             let own = if padded { self.expr(&dot.len) } else { dlen };
@@ -178,15 +199,6 @@ impl Gen<'_, '_> {
                 );
             });
         }
-        // Values `tile` reads in place need no copy.
-        let packed = match self.value_rows(mj, ev) {
-            Some((_, _, in_place)) => self.b.ins().bxor_imm_u(in_place, 1),
-            None => self.b.ins().iconst(types::I8, 1),
-        };
-        self.if_then(packed, &mut |g| g.pack_values(vb, mj, ev, mpad));
-        self.unhoist(hoisted);
-        self.unbind(2);
-        self.b.ins().return_(&[]);
     }
 
     /// The value rows `vb[j][e]`, zero rows past the last key.
