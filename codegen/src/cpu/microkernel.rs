@@ -1095,8 +1095,7 @@ mod x86 {
         }
     }
 
-    /// AVX2+FMA: [`super::qk_direct_portable`], 8 channels at a time (the last ones by a
-    /// masked load), one key row per step.
+    /// AVX2+FMA: [`super::qk_direct_portable`], 8 channels at a time, one key row per step.
     /// # Safety
     /// As [`super::qk_direct_portable`]; the CPU has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
@@ -1112,46 +1111,13 @@ mod x86 {
         n: i64,
         rowmax: *mut f32,
     ) {
-        let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
-        let full = d - d % 8;
-        let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((d % 8) as i32), lanes);
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), s.add(r * lds));
-            let mut mx = f32::NEG_INFINITY;
-            for c in 0..n {
-                let kc = k.add(c * ldk);
-                let mut acc = _mm256_setzero_ps();
-                let mut x = 0;
-                while x < full {
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(ar.add(x)), _mm256_loadu_ps(kc.add(x)), acc);
-                    x += 8;
-                }
-                if x < d {
-                    acc = _mm256_fmadd_ps(_mm256_maskload_ps(ar.add(x), mask), _mm256_maskload_ps(kc.add(x), mask), acc);
-                }
-                let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let v = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
-                *sr.add(c) = v;
-                if v > mx {
-                    mx = v;
-                }
-            }
-            for c in n..lds {
-                *sr.add(c) = 0.0;
-            }
-            if !rowmax.is_null() {
-                *rowmax.add(r) = mx;
-            }
-        }
+        qk_direct_on::<__m256>(a, lda, k, ldk, s, lds, rows, d, n, rowmax)
     }
 
-    /// AVX-512F: [`super::qk_direct_portable`], 16 channels at a time (the last ones by a
-    /// masked load), one key row per step.
+    /// AVX-512F: [`super::qk_direct_portable`], 16 channels at a time, one key row per step.
     /// # Safety
     /// As [`super::qk_direct_portable`]; the CPU has AVX-512F.
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,avx2,fma")]
     pub unsafe extern "C" fn qk_direct_avx512(
         a: *const f32,
         lda: i64,
@@ -1164,24 +1130,34 @@ mod x86 {
         n: i64,
         rowmax: *mut f32,
     ) {
+        qk_direct_on::<__m512>(a, lda, k, ldk, s, lds, rows, d, n, rowmax)
+    }
+
+    /// [`super::qk_direct_portable`] at one vector width: each score a vector dot product
+    /// over the channels (a scalar tail), summed across the lanes.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn qk_direct_on<V: Lanes>(a: *const f32, lda: i64, k: *const f32, ldk: i64, s: *mut f32, lds: i64, rows: i64, d: i64, n: i64, rowmax: *mut f32) {
         let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
-        let full = d - d % 16;
-        let mask: __mmask16 = ((1u32 << (d % 16)) - 1) as __mmask16;
+        let full = d - d % V::N;
         for r in 0..rows {
             let (ar, sr) = (a.add(r * lda), s.add(r * lds));
             let mut mx = f32::NEG_INFINITY;
             for c in 0..n {
                 let kc = k.add(c * ldk);
-                let mut acc = _mm512_setzero_ps();
+                let mut acc = V::splat(0.0);
                 let mut x = 0;
                 while x < full {
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(ar.add(x)), _mm512_loadu_ps(kc.add(x)), acc);
-                    x += 16;
+                    acc = V::load(ar.add(x)).fmadd(V::load(kc.add(x)), acc);
+                    x += V::N;
                 }
-                if x < d {
-                    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, ar.add(x)), _mm512_maskz_loadu_ps(mask, kc.add(x)), acc);
+                let h = acc.fold8();
+                let h = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                let mut v = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+                for y in x..d {
+                    v = (*ar.add(y)).mul_add(*kc.add(y), v);
                 }
-                let v = _mm512_reduce_add_ps(acc);
                 *sr.add(c) = v;
                 if v > mx {
                     mx = v;
