@@ -152,6 +152,20 @@ pub fn value_tensors(k: &Kernel) -> Vec<String> {
     names
 }
 
+/// How many shapes a per-shape cache keeps (the tile classes of static masks, the sorted
+/// token orders): a call at another shape when this many are kept starts the cache over, so
+/// a run over many sequence lengths does not pile them up.
+pub const SHAPES_KEPT: usize = 8;
+
+/// The entry for `key` in a per-shape cache of at most [`SHAPES_KEPT`] keys, made (from
+/// `V::default()`) after clearing the cache when it is full and `key` is not in it.
+pub fn shape_entry<K: Ord, V: Default>(cache: &mut BTreeMap<K, V>, key: K) -> &mut V {
+    if cache.len() >= SHAPES_KEPT && !cache.contains_key(&key) {
+        cache.clear();
+    }
+    cache.entry(key).or_default()
+}
+
 /// Whether every value the kernel aggregates is finite. A tiled kernel multiplies every value
 /// of a key tile by its weight, zero for a masked pair, so a NaN or an infinity at a masked
 /// key would reach rows the reference keeps it from (0 · NaN is NaN); a call where this is
@@ -514,7 +528,7 @@ mod tests {
 
     #[test]
     fn values_finite_finds_any_nan_or_infinity() {
-        // Longer than a parallel block (2^16) and not a multiple of the inner one (1024).
+        // Longer than a parallel block (2^16) and not a multiple of it.
         let n = (1 << 17) + 37;
         let finite: Vec<u32> = (0..n).map(|x| (x as f32 * 1e30 - 3e35).to_bits()).collect();
         let names = vec!["v".to_string(), "w".to_string()];

@@ -531,6 +531,15 @@ mod x86 {
         _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v))))
     }
 
+    /// Horizontal sum of 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)))
+    }
+
     /// Horizontal max of 8 lanes.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -1151,10 +1160,7 @@ mod x86 {
                     acc = V::load(ar.add(x)).fmadd(V::load(kc.add(x)), acc);
                     x += V::N;
                 }
-                let h = acc.fold8();
-                let h = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                let mut v = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps::<1>(h, h)));
+                let mut v = hsum(acc.fold8());
                 for y in x..d {
                     v = (*ar.add(y)).mul_add(*kc.add(y), v);
                 }

@@ -175,13 +175,10 @@ fn batch_or_head(a: Deps, d: Deps) -> Deps {
     Deps { b: a.b || d.b, h: a.h || d.h, ..a }
 }
 
-/// A shape: the tile grid and the dims. Per shape, the classes by (branch, batch, head).
+/// A shape: the tile grid and the dims. Per shape, the classes by (branch, batch, head);
+/// the last [`crate::host::SHAPES_KEPT`] shapes are kept.
 type ShapeKey = (TileGrid, BTreeMap<String, i64>);
 type ShapeClasses = BTreeMap<(usize, i64, i64), Arc<Vec<TileClass>>>;
-
-/// Shapes whose static classes are kept; a call at another shape when this many are kept
-/// starts over (a training run over many sequence lengths does not pile up tables).
-const SHAPES_KEPT: usize = 8;
 
 /// Mask data larger than this (in 32-bit words, all mask tensors together) is not copied
 /// to key the data cache: comparing it would cost more than it saves.
@@ -264,10 +261,7 @@ impl TileClassifier {
                         let c = Arc::new(classify_head(mask, b, h, grid, dims, data));
                         if static_mask {
                             let mut kept = self.cache.lock().expect("classes lock");
-                            if kept.len() >= SHAPES_KEPT && !kept.contains_key(&shape) {
-                                kept.clear();
-                            }
-                            kept.entry(shape).or_default().insert((br, b, h), c.clone());
+                            crate::host::shape_entry(&mut kept, shape).insert((br, b, h), c.clone());
                         }
                         c
                     });
@@ -320,12 +314,12 @@ mod tests {
         let k = kernel("(mask (<= j i))");
         let c = TileClassifier::default();
         let shapes = |c: &TileClassifier| c.cache.lock().expect("lock").len();
-        for n in 1..=3 * SHAPES_KEPT as i64 {
+        for n in 1..=3 * crate::host::SHAPES_KEPT as i64 {
             let grid = TileGrid { block_q: 16, block_k: 16, queries: n, keys: n };
             let dims = BTreeMap::from([("N".to_string(), n)]);
             let t = c.table(&k, &grid, 1, 2, &dims, &NoData);
             assert_eq!(t.counts(0, 0, 0).total(), (grid.query_tiles() * grid.key_tiles()) as f64);
-            assert!(shapes(&c) <= SHAPES_KEPT, "{} shapes kept after {n}", shapes(&c));
+            assert!(shapes(&c) <= crate::host::SHAPES_KEPT, "{} shapes kept after {n}", shapes(&c));
         }
         // The latest shape is served from the cache: the same table object.
         let grid = TileGrid { block_q: 16, block_k: 16, queries: 24, keys: 24 };
