@@ -316,7 +316,7 @@ fn ptx_gpu_matches_reference_on_every_example() {
 /// A NaN or an infinity in the values at a key that the mask hides from most rows reaches
 /// only the rows that keep it (the reference skips masked pairs; a matmul would multiply it
 /// by their zero weights). The PTX backend runs such a call on its row kernel; so does the
-/// CPU here. (The CPU's tiled kernel does leak it: a known bug, not fixed yet.)
+/// CPU's tiled kernel.
 #[test]
 fn non_finite_values_at_masked_keys_reach_only_the_rows_that_keep_them() {
     let read = |name: &str| std::fs::read_to_string(format!("{}/examples/{name}.attn", env!("CARGO_MANIFEST_DIR"))).expect("example");
@@ -361,6 +361,36 @@ fn non_finite_values_at_masked_keys_reach_only_the_rows_that_keep_them() {
             assert_eq!(non_finite(&got), reached, "{what}: it leaks past the rows that keep the key");
             compare(&what, &got, &want, Tweak::None, r.tolerance()).unwrap_or_else(|e| panic!("{e}"));
         }
+    }
+}
+
+/// Without a mask every pair is in the reference's sum, so a NaN or an infinity among the
+/// values reaches every row either way: the tiled kernel runs such a call itself (no pass
+/// over the values to find it, no row kernel), and matches.
+#[test]
+fn non_finite_values_without_a_mask_run_tiled_and_reach_every_row() {
+    let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sdpa.attn")).expect("example");
+    let c = attnc::dsl::compile(&src).expect("spec");
+    // A prefill and a decode step (one query row: keys read in place).
+    for rows in [40, 1] {
+        let dims: BTreeMap<String, i64> =
+            [("B", 1), ("H", 2), ("N", rows), ("M", 70), ("D", 16), ("Dv", 16)].iter().map(|(d, v)| (d.to_string(), *v)).collect();
+        let b = attnc::bind_dims(&c, &dims).expect("dims");
+        let schedule = ScheduleOptions { tiled: true, chunk: 0, ..Default::default() };
+        let k = CpuBackend::default().compile(&c.kernel, &c.info, &CpuOptions::with_schedule(schedule)).expect("compiles");
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut ins = attnc::inputs::random_inputs(&c.kernel, &b, &c.ranges, 3).expect("inputs");
+            let v = ins.get_mut("v").expect("v");
+            v.data[69 * 16 + 5] = bad; // batch 0, head 0, the last key (a tail of its tile), channel 5
+            let want = attnc::ir::reference::run(&c.kernel, &c.info, &ins, &BTreeMap::new()).expect("reference");
+            let got = k.run(&ins, &BTreeMap::new()).expect("runs");
+            let non_finite = |t: &Tensor| t.data.iter().filter(|x| !x.is_finite()).count();
+            let what = format!("sdpa, {rows} query rows, {bad} at v[key 69]");
+            assert_eq!(non_finite(&want), rows as usize, "the reference: channel 5 of head 0's rows ({what})");
+            assert_eq!(non_finite(&got), non_finite(&want), "{what}");
+            compare(&what, &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
+        }
+        assert!(!k.has_fallen_back_to_rows(), "{rows} query rows: the tiled kernel ran every call");
     }
 }
 

@@ -20,15 +20,13 @@ use attnc_codegen::cpu::{CpuBackend, CpuOptions};
 use attnc_codegen::schedule::ScheduleOptions;
 use attnc_codegen::{Backend, Compiled, Tolerance};
 use proptest::prelude::*;
-use proptest::test_runner::{Config, RngSeed};
+use proptest::test_runner::Config;
 use std::collections::BTreeMap;
 mod common;
 use common::example_sources as examples;
 
 fn config(default_cases: u32) -> Config {
-    let scale: f64 = std::env::var("ATTNC_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
-    let seed = std::env::var("ATTNC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_a77c);
-    Config { cases: ((default_cases as f64 * scale) as u32).max(1), rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
+    Config { failure_persistence: None, ..common::proptest_config(default_cases) }
 }
 
 /// Tokens of a spec: names, numbers, operators, punctuation, blanks and comments, so that

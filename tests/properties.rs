@@ -3,6 +3,7 @@
 
 use attnc::ir::{self, BinOp, Expr, RedOp, UnOp};
 use proptest::prelude::*;
+mod common;
 
 fn leaf() -> impl Strategy<Value = Expr> {
     prop_oneof![
@@ -33,7 +34,7 @@ fn expr() -> impl Strategy<Value = Expr> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    #![proptest_config(common::proptest_config(512))]
 
     #[test]
     fn expr_text_round_trips(e in expr()) {

@@ -9,6 +9,7 @@ use attnc_passes::interval::{eval, Iv, NoData};
 use attnc_passes::tiles::{classify, classify_row, DataOracle, TileBox, TileClass};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
+mod common;
 
 fn example(name: &str) -> attnc::dsl::Checked {
     let src = std::fs::read_to_string(format!("{}/examples/{name}.attn", env!("CARGO_MANIFEST_DIR"))).unwrap();
@@ -159,7 +160,7 @@ fn pair_box() -> (ir::Kernel, BTreeMap<String, i64>, ir::Bindings) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(common::proptest_config(256))]
 
     /// Float intervals are sound too, NaN included: a value outside the interval, or NaN
     /// where the interval rules it out, fails; `int` of an operand the analysis proves a

@@ -139,6 +139,18 @@ pub fn memory_limit() -> Option<(u128, String)> {
     Some((kib * 1024, "available on this machine".to_string()))
 }
 
+/// The value tensors whose finiteness a matmul over whole key tiles depends on
+/// ([`values_finite`]): those of [`value_tensors`] when some branch masks pairs, none when no
+/// pair is masked (every pair's product is then in the reference's sum too, so a NaN or an
+/// infinity reaches the same rows either way: a decode step skips a pass over its values).
+pub fn masked_value_tensors(k: &Kernel) -> Vec<String> {
+    if k.branches.iter().any(|b| b.mask.is_some()) {
+        value_tensors(k)
+    } else {
+        Vec::new()
+    }
+}
+
 /// The float tensors the value expression reads (inputs or derived).
 pub fn value_tensors(k: &Kernel) -> Vec<String> {
     let mut names = Vec::new();

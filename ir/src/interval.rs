@@ -151,7 +151,10 @@ fn float_bin(op: BinOp, x: (f64, f64, bool), y: (f64, f64, bool)) -> Iv {
             if p.iter().any(|v| v.is_nan()) {
                 return Iv::ANY_FLOAT;
             }
-            mk(p.iter().cloned().fold(f64::INFINITY, f64::min), p.iter().cloned().fold(f64::NEG_INFINITY, f64::max), false)
+            // The corners miss a zero inside one range times an infinity of the other.
+            let inf_times_zero = |(a, b): (f64, f64), (c, d): (f64, f64)| (a.is_infinite() || b.is_infinite()) && c <= 0.0 && 0.0 <= d;
+            let extra = inf_times_zero((a, b), (c, d)) || inf_times_zero((c, d), (a, b));
+            mk(p.iter().cloned().fold(f64::INFINITY, f64::min), p.iter().cloned().fold(f64::NEG_INFINITY, f64::max), extra)
         }
         BinOp::Div if c > 0.0 || d < 0.0 => {
             let p = [a / c, a / d, b / c, b / d];
@@ -330,5 +333,23 @@ pub fn eval(e: &Expr, vars: &mut Vec<(String, Iv)>, dims: &BTreeMap<String, i64>
             }
             Iv::Unknown
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `-inf * 0` is NaN: a product whose one range holds an infinity and whose other holds
+    /// zero (inside, not only at a corner) may be NaN (found by `tests/tiles.rs`'s property
+    /// test: `log(0.0) * log(float(abs(i + j + i)))` at `i = 0, j = 1`).
+    #[test]
+    fn an_infinity_times_a_range_through_zero_may_be_nan() {
+        let iv = |lo, hi| (lo, hi, false);
+        let nan = |v: Iv| matches!(v, Iv::Float { nan: true, .. });
+        assert!(nan(float_bin(BinOp::Mul, iv(f64::NEG_INFINITY, f64::NEG_INFINITY), iv(f64::NEG_INFINITY, 2f64.ln()))));
+        assert!(nan(float_bin(BinOp::Mul, iv(-1.0, 3.0), iv(1.0, f64::INFINITY))));
+        assert!(!nan(float_bin(BinOp::Mul, iv(1.0, 3.0), iv(1.0, f64::INFINITY))));
+        assert!(!nan(float_bin(BinOp::Mul, iv(-1.0, 3.0), iv(1.0, 2.0))));
     }
 }

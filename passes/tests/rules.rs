@@ -10,6 +10,15 @@ use egg::{Id, RecExpr};
 use proptest::prelude::*;
 use std::collections::BTreeMap;
 
+/// A fixed seed, as the root crate's property tests (`tests/common/mod.rs`): CI runs what
+/// the submission ran; `ATTNC_FUZZ_CASES` scales the cases, `ATTNC_FUZZ_SEED` explores.
+fn config(default_cases: u32) -> ProptestConfig {
+    let scale: f64 = std::env::var("ATTNC_FUZZ_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let seed = std::env::var("ATTNC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x5eed_a77c);
+    let cases = ((default_cases as f64 * scale) as u32).max(1);
+    ProptestConfig { cases, rng_seed: proptest::test_runner::RngSeed::Fixed(seed), failure_persistence: None, ..ProptestConfig::default() }
+}
+
 fn kernel() -> Kernel {
     attnc_ir::parse_kernel(
         "(kernel t (dim B) (dim H) (dim N) (dim M) (dim D)
@@ -62,7 +71,7 @@ fn close(a: &Scalar, b: &Scalar) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(config(96))]
 
     #[test]
     fn every_rule_preserves_values(pick in proptest::collection::vec(0usize..64, 3), pts in proptest::collection::vec((0i64..9, 0i64..11, 0i64..3), 6), seed in 0u64..1000) {

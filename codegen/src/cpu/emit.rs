@@ -351,7 +351,7 @@ pub(crate) fn load(a: CpuArtifact, disasm: bool) -> Result<CpuKernel, CodegenErr
         0 => None,
         n => Some(rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| CodegenError::Unsupported(format!("thread pool: {e}")))?),
     };
-    let value_tensors = crate::host::value_tensors(&kernel);
+    let value_tensors = crate::host::masked_value_tensors(&kernel);
     Ok(CpuKernel {
         kernel,
         schedule,

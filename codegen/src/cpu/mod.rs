@@ -372,7 +372,8 @@ pub struct CpuKernel {
     bounds: BoundsCheck,
     /// The kernel the bounds are checked on (the spec as written), when given.
     bounds_source: Option<Kernel>,
-    /// The float tensors the values read ([`crate::host::value_tensors`]).
+    /// The float tensors the values read where a mask hides pairs from the tiled kernel's
+    /// matmuls ([`crate::host::masked_value_tensors`]).
     value_tensors: Vec<String>,
     /// The row kernel of the same spec, compiled on the first call whose values hold a NaN or
     /// an infinity (the tiled kernel would spread it to masked pairs).
@@ -596,6 +597,12 @@ fn describe(s: &Schedule, o: &CpuOptions) -> String {
 }
 
 impl CpuKernel {
+    /// Whether a call has run on the row kernel instead of the tiled one (values that are not
+    /// all finite where a mask hides pairs: [`crate::host::masked_value_tensors`]).
+    pub fn has_fallen_back_to_rows(&self) -> bool {
+        self.row_fallback.get().is_some()
+    }
+
     /// The row kernel of this spec (compiled once, on first use): it skips masked pairs, so
     /// a NaN or an infinity among the values reaches only the rows that keep its key.
     fn row_fallback(&self) -> Result<&CpuKernel, RunError> {

@@ -507,8 +507,9 @@ impl Call {
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
         let mut table = table;
         // A NaN or infinite value at a masked key (the tensor cores multiply it by a zero
-        // weight) runs the row kernel: see [`crate::host::values_finite`].
-        let tc = art.tensor_cores_fit(&dims).ok().filter(|p| crate::host::values_finite(std::slice::from_ref(&p.v.tensor), &st.bufs));
+        // weight) runs the row kernel: see [`crate::host::masked_value_tensors`].
+        let check = !crate::host::masked_value_tensors(k).is_empty();
+        let tc = art.tensor_cores_fit(&dims).ok().filter(|p| !check || crate::host::values_finite(std::slice::from_ref(&p.v.tensor), &st.bufs));
         // The tensor-core kernel's tile classes (one byte per tile, `[slot][query tile][key
         // tile]`) follow the inputs; the table's extra slot holds their byte offset.
         let classes = match tc {
