@@ -101,10 +101,11 @@ pub type QkMaxFn = unsafe extern "C" fn(*const f32, i64, *const f32, *mut f32, i
 /// `qk` against key rows in place (not a transposed panel): see [`qk_direct_portable`].
 pub type QkDirectFn = unsafe extern "C" fn(*const f32, i64, *const f32, i64, *mut f32, i64, i64, i64, i64, *mut f32);
 
-/// At most this many query rows run `qk` against the keys in place ([`qk_direct_portable`]):
-/// a decode step's few rows would otherwise pay a transposed copy of every key for one
-/// product each.
-pub const DIRECT_ROWS: i64 = 4;
+/// At most this many query rows (the problem's, not a tile's) run `qk` against the keys in
+/// place ([`qk_direct_portable`]): a decode step's or a short speculative block's rows would
+/// otherwise pay a transposed copy of every key (a third of the call at 8 rows) for a few
+/// products each.
+pub const DIRECT_ROWS: i64 = 16;
 
 /// Whether the AVX2+FMA helpers serve `isa` on this host (every AVX-512 host has AVX2+FMA).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -1142,39 +1143,82 @@ mod x86 {
         qk_direct_on::<__m512>(a, lda, k, ldk, s, lds, rows, d, n, rowmax)
     }
 
-    /// [`super::qk_direct_portable`] at one vector width: each score a vector dot product
-    /// over the channels (a scalar tail), summed across the lanes.
+    /// [`super::qk_direct_portable`] at one vector width. Eight keys at a time, and for them
+    /// each query row of a block of [`super::DIRECT_ROWS`] (the eight key rows stay in L1
+    /// across the rows): eight vectors of partial dot products over the channels (eight
+    /// independent chains, the query row loaded once per step), summed across their lanes
+    /// together ([`hsum8`]: one vector of eight scores), plus a scalar tail of channels. The
+    /// keys past the last eight one at a time.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     unsafe fn qk_direct_on<V: Lanes>(a: *const f32, lda: i64, k: *const f32, ldk: i64, s: *mut f32, lds: i64, rows: i64, d: i64, n: i64, rowmax: *mut f32) {
+        const R: usize = super::DIRECT_ROWS as usize;
         let (lda, ldk, lds, rows, d, n) = (lda as usize, ldk as usize, lds as usize, rows as usize, d as usize, n as usize);
         let full = d - d % V::N;
-        for r in 0..rows {
-            let (ar, sr) = (a.add(r * lda), s.add(r * lds));
-            let mut mx = f32::NEG_INFINITY;
-            for c in 0..n {
+        let n8 = n - n % 8;
+        let dot_tail = |ar: *const f32, kc: *const f32, v: f32| (full..d).fold(v, |v, y| (*ar.add(y)).mul_add(*kc.add(y), v));
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = (rows - r0).min(R);
+            // NaN scores stay out of the maxima: `max_ps` returns its second operand when
+            // either is NaN, and a running maximum is never NaN.
+            let mut vmx = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+            let mut c = 0;
+            while c < n8 {
                 let kc = k.add(c * ldk);
-                let mut acc = V::splat(0.0);
-                let mut x = 0;
-                while x < full {
-                    acc = V::load(ar.add(x)).fmadd(V::load(kc.add(x)), acc);
-                    x += V::N;
+                for (rr, vmx) in vmx[..nr].iter_mut().enumerate() {
+                    let ar = a.add((r0 + rr) * lda);
+                    let mut acc = [V::splat(0.0); 8];
+                    let mut x = 0;
+                    while x < full {
+                        let av = V::load(ar.add(x));
+                        for (t, acc) in acc.iter_mut().enumerate() {
+                            *acc = av.fmadd(V::load(kc.add(t * ldk + x)), *acc);
+                        }
+                        x += V::N;
+                    }
+                    let mut folded = [_mm256_setzero_ps(); 8];
+                    for (f, acc) in folded.iter_mut().zip(acc) {
+                        *f = acc.fold8();
+                    }
+                    let mut sums = hsum8(&folded);
+                    if full < d {
+                        let mut tail = [0f32; 8];
+                        for (t, v) in tail.iter_mut().enumerate() {
+                            *v = dot_tail(ar, kc.add(t * ldk), 0.0);
+                        }
+                        sums = _mm256_add_ps(sums, _mm256_loadu_ps(tail.as_ptr()));
+                    }
+                    _mm256_storeu_ps(s.add((r0 + rr) * lds + c), sums);
+                    *vmx = _mm256_max_ps(sums, *vmx);
                 }
-                let mut v = hsum(acc.fold8());
-                for y in x..d {
-                    v = (*ar.add(y)).mul_add(*kc.add(y), v);
+                c += 8;
+            }
+            for (rr, vmx) in vmx[..nr].iter().enumerate() {
+                let (ar, sr) = (a.add((r0 + rr) * lda), s.add((r0 + rr) * lds));
+                let mut mx = hmax(*vmx);
+                for c in n8..n {
+                    let kc = k.add(c * ldk);
+                    let mut acc = V::splat(0.0);
+                    let mut x = 0;
+                    while x < full {
+                        acc = V::load(ar.add(x)).fmadd(V::load(kc.add(x)), acc);
+                        x += V::N;
+                    }
+                    let v = dot_tail(ar, kc, hsum(acc.fold8()));
+                    *sr.add(c) = v;
+                    if v > mx {
+                        mx = v;
+                    }
                 }
-                *sr.add(c) = v;
-                if v > mx {
-                    mx = v;
+                for c in n..lds {
+                    *sr.add(c) = 0.0;
+                }
+                if !rowmax.is_null() {
+                    *rowmax.add(r0 + rr) = mx;
                 }
             }
-            for c in n..lds {
-                *sr.add(c) = 0.0;
-            }
-            if !rowmax.is_null() {
-                *rowmax.add(r) = mx;
-            }
+            r0 += nr;
         }
     }
 
@@ -1519,6 +1563,37 @@ mod tests {
                 assert!(got[n..].iter().all(|&x| x == 0.0), "{isa:?} qk_direct row {r}: columns past {n} are 0");
                 assert_eq!(rowmax[r], got[..n].iter().cloned().fold(f32::NEG_INFINITY, f32::max), "{isa:?} qk_direct row {r} maximum");
             }
+        }
+        // A NaN key (one of a block of eight, and the last, one at a time): its scores are
+        // NaN and stay out of each row's maximum.
+        let mut knan = krows.clone();
+        let n = bk - 1;
+        knan[2 * ldk] = f32::NAN;
+        knan[(n - 1) * ldk] = f32::NAN;
+        let mut s4 = vec![0f32; rows * bk];
+        let mut rowmax = vec![0f32; rows];
+        unsafe {
+            qk_direct_kernel(isa)(
+                a.as_ptr(),
+                lda as i64,
+                knan.as_ptr(),
+                ldk as i64,
+                s4.as_mut_ptr(),
+                bk as i64,
+                rows as i64,
+                d as i64,
+                n as i64,
+                rowmax.as_mut_ptr(),
+            )
+        };
+        for r in 0..rows {
+            let got = &s4[r * bk..r * bk + n];
+            assert!(got[2].is_nan() && got[n - 1].is_nan(), "{isa:?} qk_direct row {r}: NaN keys' scores");
+            assert_eq!(
+                rowmax[r],
+                got.iter().cloned().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max),
+                "{isa:?} qk_direct row {r}: NaN left out of the maximum"
+            );
         }
         let nk = 27;
         let v: Vec<f32> = (0..nk * dv).map(|x| ((x * 3 % 7) as f32 - 3.0) / 2.0).collect();
