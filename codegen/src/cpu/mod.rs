@@ -753,7 +753,11 @@ impl Scratch {
         let mut buf = pick.map(|n| pool.swap_remove(n)).unwrap_or_default();
         drop(pool);
         if buf.len() < len {
-            buf.resize(len, 0.0);
+            // A fresh zeroed allocation rather than growing the old one (its contents are
+            // scratch): the allocator's fresh pages are zero already, so a buffer that a call
+            // never touches (the key panel of a decode step, which reads its keys in place)
+            // costs neither the clearing nor resident memory.
+            buf = vec![0.0; len];
         }
         Lent { pool: self, buf }
     }
