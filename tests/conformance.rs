@@ -374,11 +374,14 @@ fn non_finite_values_at_masked_keys_reach_only_the_rows_that_keep_them() {
 
 /// Without a mask every pair is in the reference's sum, so a NaN or an infinity among the
 /// values reaches every row either way: the tiled kernel runs such a call itself (no pass
-/// over the values to find it, no row kernel), and matches.
+/// over the values to find it, no row kernel), and matches; so does the PTX tensor-core
+/// kernel (bf16, in the interpreter).
 #[test]
 fn non_finite_values_without_a_mask_run_tiled_and_reach_every_row() {
     let src = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/sdpa.attn")).expect("example");
     let c = attnc::dsl::compile(&src).expect("spec");
+    let bf16 = attnc::dsl::compile(&src.replace(": f32[", ": bf16[").replace("output o: bf16[", "output o: f32[")).expect("bf16 spec");
+    let ptx = PtxTensorCores(DType::BF16, false);
     // A prefill and a decode step (one query row: keys read in place).
     for rows in [40, 1] {
         let dims: BTreeMap<String, i64> =
@@ -397,6 +400,15 @@ fn non_finite_values_without_a_mask_run_tiled_and_reach_every_row() {
             assert_eq!(non_finite(&want), rows as usize, "the reference: channel 5 of head 0's rows ({what})");
             assert_eq!(non_finite(&got), non_finite(&want), "{what}");
             compare(&what, &got, &want, Tweak::None, Tolerance::F32).unwrap_or_else(|e| panic!("{e}"));
+            // The same inputs rounded to bf16 (what the kernel reads) on the tensor cores.
+            let mut hins = ins.clone();
+            for t in hins.values_mut() {
+                t.data.iter_mut().for_each(|x| *x = half::bf16::from_f64(*x).to_f64());
+            }
+            let want = attnc::ir::reference::run(&bf16.kernel, &bf16.info, &hins, &BTreeMap::new()).expect("reference");
+            let got = ptx.run(&bf16, &hins).expect("runs");
+            assert_eq!(non_finite(&got), non_finite(&want), "{} ({what})", ptx.name());
+            compare(&format!("{} ({what})", ptx.name()), &got, &want, Tweak::None, ptx.tolerance()).unwrap_or_else(|e| panic!("{e}"));
         }
         assert!(!k.has_fallen_back_to_rows(), "{rows} query rows: the tiled kernel ran every call");
     }
