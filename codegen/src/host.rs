@@ -139,12 +139,19 @@ pub fn memory_limit() -> Option<(u128, String)> {
     Some((kib * 1024, "available on this machine".to_string()))
 }
 
+/// Whether some branch masks pairs: only then does a matmul over whole key tiles multiply a
+/// value by a weight the reference leaves out (a masked pair's zero). Without a mask every
+/// pair's product is in the reference's sum too, so a NaN or an infinity among the values
+/// reaches the same rows either way, and [`values_finite`] need not run (a decode step skips
+/// a pass over its values).
+pub fn masks_pairs(k: &Kernel) -> bool {
+    k.branches.iter().any(|b| b.mask.is_some())
+}
+
 /// The value tensors whose finiteness a matmul over whole key tiles depends on
-/// ([`values_finite`]): those of [`value_tensors`] when some branch masks pairs, none when no
-/// pair is masked (every pair's product is then in the reference's sum too, so a NaN or an
-/// infinity reaches the same rows either way: a decode step skips a pass over its values).
+/// ([`values_finite`]): those of [`value_tensors`] where [`masks_pairs`], else none.
 pub fn masked_value_tensors(k: &Kernel) -> Vec<String> {
-    if k.branches.iter().any(|b| b.mask.is_some()) {
+    if masks_pairs(k) {
         value_tensors(k)
     } else {
         Vec::new()

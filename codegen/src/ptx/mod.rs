@@ -507,8 +507,8 @@ impl Call {
             .map_err(|_| RunError::Device("a size or offset does not fit PTX's 32-bit integers at this shape".into()))?;
         let mut table = table;
         // A NaN or infinite value at a masked key (the tensor cores multiply it by a zero
-        // weight) runs the row kernel: see [`crate::host::masked_value_tensors`].
-        let check = !crate::host::masked_value_tensors(k).is_empty();
+        // weight) runs the row kernel: see [`crate::host::masks_pairs`].
+        let check = crate::host::masks_pairs(k);
         let tc = art.tensor_cores_fit(&dims).ok().filter(|p| !check || crate::host::values_finite(std::slice::from_ref(&p.v.tensor), &st.bufs));
         // The tensor-core kernel's tile classes (one byte per tile, `[slot][query tile][key
         // tile]`) follow the inputs; the table's extra slot holds their byte offset.
