@@ -391,10 +391,21 @@ pub fn compiled_f32(
             }
         }
         let g = grads.get_mut(&gk.target).ok_or_else(|| other(format!("`{}` is not a float input", gk.target)))?;
-        // The index is affine in `e` along the gradient's last axis (`q[b, h, i, e]`): one
-        // evaluation per row; otherwise one per element.
-        let last = gk.idx.len().checked_sub(1);
-        let contiguous = last.is_some_and(|l| gk.idx[l] == attnc_ir::Expr::var("e") && gk.idx[..l].iter().all(|x| !x.free_vars().contains("e")));
+        // The channel moves one axis of the index (`q[b, h, i, e]`, a folded dense bias's
+        // `bias[b, h, i, t · 64 + e]`): one evaluation per row, the channels a fixed distance
+        // apart, up to the axis's end; otherwise one evaluation per element.
+        let along = {
+            let e = attnc_ir::Expr::var("e");
+            let reads: Vec<usize> = (0..gk.idx.len()).filter(|a| gk.idx[*a].free_vars().contains("e")).collect();
+            match reads[..] {
+                [a] => match &gk.idx[a] {
+                    x if *x == e => Some(a),
+                    attnc_ir::Expr::Binary(attnc_ir::BinOp::Add, x, y) if **y == e && !x.free_vars().contains("e") => Some(a),
+                    _ => None,
+                },
+                _ => None,
+            }
+        };
         let prepared: Vec<_> = gk.idx.iter().map(|x| eval.prepare(x, &["b", "h", "i", "e"])).collect();
         let shape = g.shape.clone();
         let at = |vals: &[Scalar]| flat_index(&shape, &gk.target, &prepared, vals);
@@ -411,13 +422,24 @@ pub fn compiled_f32(
                 for r in 0..pr {
                     let row = &part[((b * ph + h) * pr + r) * width..][..pe];
                     let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
-                    if contiguous && scale.is_none() {
-                        let base = at(&v(0))?;
-                        for (d, x) in g.data[base..base + pe].iter_mut().zip(row) {
-                            *d += *x as f64;
+                    if let (Some(a), None) = (along, &scale) {
+                        let attnc_ir::reference::Scalar::Int(c0) = prepared[a].eval(&v(0)).map_err(other)? else {
+                            return Err(other("an index that is not an integer"));
+                        };
+                        // Channels past the axis's end (a folded dense bias's last key block)
+                        // stand for no key: zero, or NaN where the row's weights are.
+                        let count = pe.min(shape[a].saturating_sub(c0.max(0) as usize));
+                        if count == 0 {
+                            continue;
+                        }
+                        let (base, stride) = (at(&v(0))?, shape[a + 1..].iter().product::<usize>());
+                        for (e, x) in row[..count].iter().enumerate() {
+                            g.data[base + e * stride] += *x as f64;
                         }
                     } else {
-                        for (e, x) in row.iter().enumerate() {
+                        // Without a host factor (which may be infinite), a zero adds nothing:
+                        // a folded table's head is zero on most rows.
+                        for (e, x) in row.iter().enumerate().filter(|(_, x)| **x != 0.0 || scale.is_some()) {
                             let n = at(&v(e))?;
                             g.data[n] += *x as f64 * factor(&v(e))?;
                         }

@@ -443,9 +443,15 @@ fn grad_writes_a_gradient_per_float_input_and_checks_it() {
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("compiled backward (CPU, f32)") && err.contains("check: `slope`: max |difference|"), "{err}");
     // A spec it does not cover: refused with the reason under --backend cpu.
-    let (code, _, err) = attnc(&["grad", "examples/t5_bias.attn", "--random", "--dims", "B=1,H=1,N=4,D=4", "-o", &tmp("g_t5.safetensors"), "--backend", "cpu"]);
+    let (code, _, err) =
+        attnc(&["grad", "examples/gla.attn", "--random", "--dims", "B=1,H=1,N=4,M=4,D=4,Dv=4", "-o", &tmp("g_gla.safetensors"), "--backend", "cpu"]);
     assert_eq!(code, 1, "{err}");
-    assert!(err.contains("no compiled backward for this spec yet: `rel` is read at an index of both the query and the key"), "{err}");
+    assert!(err.contains("no compiled backward for this spec yet: the partial for `q` reads the row, the key and the channel in one factor"), "{err}");
+    // A table read per pair (T5's buckets): compiled, and checked.
+    let (code, _, err) =
+        attnc(&["grad", "examples/t5_bias.attn", "--random", "--dims", "B=1,H=2,N=20,D=4", "-o", &tmp("g_t5.safetensors"), "--backend", "cpu", "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("compiled backward (CPU, f32)") && err.contains("check: `rel`"), "{err}");
     let bytes = std::fs::read(&grads).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
@@ -470,7 +476,7 @@ fn bench_times_the_forward_and_the_compiled_backward() {
     assert!(out.contains("forward + compiled backward") && out.contains("GFLOP, forward + backward"), "{out}");
     assert!(out.contains("MiB beyond inputs, output, cotangent and gradients"), "{out}");
     // Refused: a spec the compiled backward does not cover, another backend.
-    let (code, _, err) = attnc(&["bench", "examples/t5_bias.attn", "--dims", "B=1,H=1,N=8,D=4", "--backward"]);
+    let (code, _, err) = attnc(&["bench", "examples/gla.attn", "--dims", "B=1,H=1,N=8,M=8,D=4,Dv=4", "--backward"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no compiled backward for this spec yet"), "{err}");
     let (code, _, err) = attnc(&["bench", "examples/sdpa.attn", "--dims", "B=1,H=1,N=8,M=8,D=4,Dv=4", "--backward", "--backend", "reference"]);

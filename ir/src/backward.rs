@@ -45,9 +45,13 @@
 //! A linear normalization `P = s / den` (the saved denominator) has `dS = (dnorm − D) / den`,
 //! `D` as for softmax.
 //!
-//! What this derivation does not cover yet is refused by name ([`Unsupported`]): a sink logit with a reduction or in one of several branches, a
-//! leaf whose index reads both the query and the key (a relative-position table, a dense
-//! bias), a score nonlinear in several reductions (cosine's norms).
+//! A leaf whose index reads both the query and the key (a relative-position table, a dense
+//! bias) has a gradient scattered by the pair: its table elements fold into the kernel's
+//! heads ([`PairFold`]), each head summing `dS` over the pairs of its element.
+//!
+//! What this derivation does not cover yet is refused by name ([`Unsupported`]): a sink logit
+//! with a reduction or in one of several branches, a per-pair read inside a reduction, a score
+//! nonlinear in several reductions (cosine's norms).
 
 use crate::diff::{partials, Target};
 use crate::expr::{BinOp, Expr, RedOp, UnOp};
@@ -61,7 +65,10 @@ pub const DO: &str = "__do";
 pub const GRAD: &str = "__grad";
 
 /// One backward kernel: its output, added element by element into the gradient of
-/// `target` at `idx` (expressions of `b`, `h`, `i` (the kernel's row) and `e`).
+/// `target` at `idx` (expressions of `b`, `h`, `i` (the kernel's row) and `e`; a table read
+/// per pair has its elements folded into the kernel's heads, `h` there is the folded head,
+/// see [`PairFold`]; along `e`, an index past the table's end stands for no key and is
+/// skipped: a dense bias's last key block).
 #[derive(Clone, Debug)]
 pub struct GradKernel {
     pub kernel: Kernel,
@@ -346,8 +353,18 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         };
         let vars: std::collections::BTreeSet<String> = idx.iter().flat_map(|x| x.free_vars()).collect();
         let (reads_i, reads_j) = (vars.contains("i"), vars.contains("j"));
+        // A table read per pair: its elements folded into the kernel's heads (`pair_fold`).
+        let mut fold = None;
         let keys = match (reads_i, reads_j) {
-            (true, true) => return no(format!("`{tensor}` is read at an index of both the query and the key (its gradient is per pair)")),
+            (true, true) => {
+                if width != Extent::Fixed(1) {
+                    return no(format!("`{tensor}` is read per pair inside a reduction"));
+                }
+                let f = pair_fold(k, &tensor, &idx);
+                idx = f.idx.clone();
+                fold = Some(f);
+                false
+            }
             (false, true) => true,
             (_, false) => false,
         };
@@ -366,8 +383,10 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         let mut scale = None;
         // A scalar over the rows whose partial is a sum of row terms times key terms may ride
         // along a wider kernel of the same weight (below).
-        let low_rank = if width == Extent::Fixed(1) && !keys { low_rank_terms(&adj, row_var, col_var) } else { None };
-        let (norm, value) = if width == Extent::Fixed(1) {
+        let low_rank = if width == Extent::Fixed(1) && !keys && fold.is_none() { low_rank_terms(&adj, row_var, col_var) } else { None };
+        let (norm, value) = if let Some(f) = &fold {
+            (Expr::bin(BinOp::Mul, d_s.clone(), adj), f.value.clone())
+        } else if width == Extent::Fixed(1) {
             (Expr::bin(BinOp::Mul, d_s.clone(), adj), Expr::float(1.0))
         } else if adj.free_vars().contains(row_var) {
             let Some((a, c, w)) = split_sides(&adj, row_var, col_var) else {
@@ -378,13 +397,19 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
         } else {
             (d_s.clone(), adj)
         };
-        jobs.push(Job { what: format!("d{tensor} ({side}{tag})"), tensor, idx, norm, value, width, keys, scale, weight: d_s, low_rank, extras: vec![] });
+        let (side, width) = match &fold {
+            Some(f) => ("pairs", Extent::Fixed(f.width)),
+            None => (side, width),
+        };
+        jobs.push(Job { what: format!("d{tensor} ({side}{tag})"), tensor, idx, norm, value, width, keys, scale, weight: d_s, low_rank, extras: vec![], fold });
     }
     // Scalars that ride along: into the first wide rows kernel of the same weight (whose own
     // channels need no host factor).
     let mut n = 0;
     while n < jobs.len() {
-        let host = jobs.iter().position(|h| !h.keys && h.width != Extent::Fixed(1) && h.scale.is_none() && h.low_rank.is_none() && h.weight == jobs[n].weight);
+        let host = jobs.iter().position(|h| {
+            !h.keys && h.width != Extent::Fixed(1) && h.scale.is_none() && h.low_rank.is_none() && h.fold.is_none() && h.weight == jobs[n].weight
+        });
         match (host, jobs[n].low_rank.is_some()) {
             (Some(h), true) if h != n => {
                 let job = jobs.remove(n);
@@ -413,8 +438,12 @@ fn branch_kernels(k: &Kernel, n: usize, br: &Branch, inputs: &[TensorDecl], kern
             let value = Expr::Select(Box::new(Expr::bin(BinOp::Lt, Expr::var("e"), base)), Box::new(job.value), Box::new(value));
             (Extent::Dim(name.clone()), value, vec![DimDecl { name, def: Some(def) }])
         };
+        let kernel = make(job.what.split(' ').next().unwrap_or("d"), &job.norm, &value, width, job.keys, &dims);
         kernels.push(GradKernel {
-            kernel: make(job.what.split(' ').next().unwrap_or("d"), &job.norm, &value, width, job.keys, &dims),
+            kernel: match &job.fold {
+                Some(f) => fold_heads(kernel, k, f),
+                None => kernel,
+            },
             idx: job.idx,
             what: job.what,
             target: job.tensor,
@@ -440,6 +469,94 @@ struct Job {
     /// For a scalar over the rows: its partial as `Σ A_r(row) · C_r(key)`.
     low_rank: Option<Vec<(Expr, Expr)>>,
     extras: Vec<(Expr, Extra)>,
+    /// A table read per pair: how its elements fold into the heads.
+    fold: Option<PairFold>,
+}
+
+/// The fold of a table read per pair (`rel[h, bucket(i − j)]`, `bias[b, h, i, j]`) into the
+/// heads of its backward kernel. The gradient `Σ_ij dS_ij · ∂ · [idx(i, j) = x]` is a scatter
+/// by the pair's table element; no kernel output is indexed by the pair, so each table element
+/// `x` along the axes that read the key (`c`, flattened, `E` of them) gets a head of its own:
+/// head `h' = h · T + t` keeps the pairs whose element is `t` (its mask gains `c == t`, which
+/// the tile classes resolve per head: a head's work is the tiles where its element occurs)
+/// and sums `dS · ∂` over their keys into one channel (`T = E`). A key axis that is the key
+/// itself (a dense bias) folds by blocks of `W = 64` keys instead (`c // W == t`, value
+/// `[c % W == e]`: one live key tile per query tile and head, `W` channels), so the work is
+/// that of one `dQ` kernel rather than `M` times it.
+#[derive(Clone, Debug)]
+struct PairFold {
+    /// The gradient's index, of `b`, the folded `h`, `i` and `e` (`h // T` where the leaf read
+    /// `h`, the element `(h % T) · W + e` unflattened along the key axes).
+    idx: Vec<Expr>,
+    /// `T`, the folded heads per head (an expression of the dims).
+    per_head: Expr,
+    /// Whether the pair is in folded head `h` (of `h`, `i`, `j`; the leaf's own `h` already
+    /// replaced by `h // T`).
+    sel: Expr,
+    /// The kernel's value (`1`, or `[c % W == e]`) and its channels `W`.
+    value: Expr,
+    width: i64,
+}
+
+/// Key blocks of a dense bias's fold (see [`PairFold`]).
+const FOLD_KEYS: i64 = 64;
+
+fn pair_fold(k: &Kernel, tensor: &str, idx: &[Expr]) -> PairFold {
+    let shape = &k.tensor(tensor).expect("a leaf is a declared tensor").shape;
+    let key_axes: Vec<usize> = (0..idx.len()).filter(|a| idx[*a].free_vars().contains("j")).collect();
+    let (int, var, dim) = (Expr::Int, Expr::var, |a: usize| shape[a].to_expr());
+    let mul = |a: Expr, b: Expr| Expr::bin(BinOp::Mul, a, b);
+    let add = |a: Expr, b: Expr| Expr::bin(BinOp::Add, a, b);
+    let div = |a: Expr, b: Expr| Expr::bin(BinOp::FloorDiv, a, b);
+    let rem = |a: Expr, b: Expr| Expr::bin(BinOp::Mod, a, b);
+    let eq = |a: Expr, b: Expr| Expr::bin(BinOp::Eq, a, b);
+    // The key axes' element, flattened row-major, and how many there are.
+    let flat = key_axes.iter().fold(int(0), |acc, a| if acc == int(0) { idx[*a].clone() } else { add(mul(acc, dim(*a)), idx[*a].clone()) });
+    let elements = key_axes.iter().fold(int(1), |acc, a| if acc == int(1) { dim(*a) } else { mul(acc, dim(*a)) });
+    let blocked = matches!(key_axes.as_slice(), [a] if idx[*a] == var("j"));
+    let width = if blocked { FOLD_KEYS } else { 1 };
+    let per_head = if blocked { div(add(elements, int(width - 1)), int(width)) } else { elements };
+    let (t, outer_h) = (rem(var("h"), per_head.clone()), div(var("h"), per_head.clone()));
+    // The pair's element (the leaf's `h` is the folded head's `h // T`) against this head's.
+    let flat = flat.subst("h", &outer_h);
+    let sel = if blocked { eq(div(flat, int(width)), t.clone()) } else { eq(flat, t.clone()) };
+    let value = if blocked { Expr::select(eq(rem(var("j"), int(width)), var("e")), Expr::float(1.0), Expr::float(0.0)) } else { Expr::float(1.0) };
+    // The gradient's index: the element `(h % T) · W + e` along the key axes.
+    let element = if blocked { add(mul(t, int(width)), var("e")) } else { t };
+    let mut after = int(1);
+    let mut out: Vec<Expr> = idx.iter().map(|x| x.subst("h", &outer_h)).collect();
+    for a in key_axes.iter().rev() {
+        out[*a] = if key_axes.len() == 1 { element.clone() } else { rem(div(element.clone(), after.clone()), dim(*a)) };
+        after = if after == int(1) { dim(*a) } else { mul(after, dim(*a)) };
+    }
+    PairFold { idx: out, per_head, sel, value, width }
+}
+
+/// A pair leaf's kernel with its heads folded (see [`PairFold`]): `h` becomes `h // T` in
+/// everything it read, its heads `H · T`, its mask gains the fold's selection.
+fn fold_heads(mut kern: Kernel, k: &Kernel, f: &PairFold) -> Kernel {
+    let outer = Expr::bin(BinOp::FloorDiv, Expr::var("h"), f.per_head.clone());
+    let hh = |e: &Expr| e.subst("h", &outer);
+    const HEADS: &str = "__HT";
+    kern.dims.push(DimDecl { name: HEADS.into(), def: Some(Expr::bin(BinOp::Mul, k.iter.h.to_expr(), f.per_head.clone())) });
+    kern.iter.h = Extent::Dim(HEADS.into());
+    if let Some(t) = kern.tensors.iter_mut().find(|t| t.kind == TensorKind::Output) {
+        t.shape[1] = Extent::Dim(HEADS.into());
+    }
+    kern.value = hh(&kern.value);
+    for br in &mut kern.branches {
+        br.score = hh(&br.score);
+        br.bias = br.bias.as_ref().map(hh);
+        br.norm = match &br.norm {
+            Norm::Map(m) => Norm::Map(hh(m)),
+            other => other.clone(),
+        };
+        br.mask = Some(match br.mask.as_ref().map(hh) {
+            Some(m) => Expr::bin(BinOp::And, f.sel.clone(), m),
+            None => f.sel.clone(),
+        });
+    }
+    kern
 }
 
 /// `e` (free of the channel) as a sum of products `A_r · C_r`, `A_r` free of `col` and
