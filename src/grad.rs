@@ -417,22 +417,39 @@ pub fn compiled_f32(
                 None => Ok(1.0),
             }
         };
+        // And the row one axis (`i` itself, no other index reading it): then one evaluation per
+        // (b, h), the rows a fixed distance apart.
+        let row_axis = {
+            let reads: Vec<usize> = (0..gk.idx.len()).filter(|a| gk.idx[*a].free_vars().contains("i")).collect();
+            match reads[..] {
+                [a] if gk.idx[a] == attnc_ir::Expr::var("i") && pr <= shape[a] => Some(a),
+                _ => None,
+            }
+        };
+        let stride_of = |a: usize| shape[a + 1..].iter().product::<usize>();
         for b in 0..pb {
             for h in 0..ph {
+                // Row 0's start and channel count, for the rows after it.
+                let mut first: Option<(usize, usize)> = None;
                 for r in 0..pr {
                     let row = &part[((b * ph + h) * pr + r) * width..][..pe];
                     let v = |e: usize| [Scalar::Int(b as i64), Scalar::Int(h as i64), Scalar::Int(r as i64), Scalar::Int(e as i64)];
                     if let (Some(a), None) = (along, &scale) {
-                        let attnc_ir::reference::Scalar::Int(c0) = prepared[a].eval(&v(0)).map_err(other)? else {
-                            return Err(other("an index that is not an integer"));
+                        let (base, count) = match (row_axis, first) {
+                            (Some(ra), Some((base, count))) => (base + r * stride_of(ra), count),
+                            _ => {
+                                let attnc_ir::reference::Scalar::Int(c0) = prepared[a].eval(&v(0)).map_err(other)? else {
+                                    return Err(other("an index that is not an integer"));
+                                };
+                                // Channels past the axis's end (a folded dense bias's last key
+                                // block) stand for no key: zero, or NaN where the row's weights are.
+                                let count = pe.min(shape[a].saturating_sub(c0.max(0) as usize));
+                                let base = if count == 0 { 0 } else { at(&v(0))? };
+                                first = Some((base, count));
+                                (base, count)
+                            }
                         };
-                        // Channels past the axis's end (a folded dense bias's last key block)
-                        // stand for no key: zero, or NaN where the row's weights are.
-                        let count = pe.min(shape[a].saturating_sub(c0.max(0) as usize));
-                        if count == 0 {
-                            continue;
-                        }
-                        let (base, stride) = (at(&v(0))?, shape[a + 1..].iter().product::<usize>());
+                        let stride = stride_of(a);
                         for (e, x) in row[..count].iter().enumerate() {
                             g.data[base + e * stride] += *x as f64;
                         }
