@@ -616,6 +616,58 @@ fn passes_apply_where_expected() {
     assert_eq!(rewritten_by("lowrank"), ["alibi", "sigmoid_alibi"]);
     assert_eq!(rewritten_by("hoist"), ["cosine"]);
     assert_eq!(rewritten_by("linear"), ["cosformer", "cosine", "gla", "linear_elu", "retnet"]);
+    assert_eq!(rewritten_by("relpos"), ["t5_bias"]);
+}
+
+/// Biases of the offset `p − j` alone become tables over the offsets (the `relpos` pass):
+/// a relative-position table read only where the mask keeps the pair (its index is outside
+/// the table at the masked offsets: the table clamps them), T5's decoder buckets (causal,
+/// one direction) with N ≠ M, and a log distance under a sigmoid; on the CPU schedules, WGSL
+/// and the PTX interpreter, each with the pass on and off.
+#[test]
+fn biases_of_the_offset_alone_match_reference() {
+    let spec = |name: &str, bias: &str, mask: &str, norm: &str| {
+        let src = format!(
+            "attention {name} {{
+               dims B, H, G, N, M, D, Dv
+               input q: f32[B, H, N, D]
+               input k: f32[B, G, M, D]
+               input v: f32[B, G, M, Dv]
+               input rel: f32[H, 32]
+               output o: f32[B, H, N, Dv]
+               require H % G == 0
+               score = dot(q[b, h, i, :], k[b, h // (H // G), j, :]) / sqrt(D)
+               bias = {bias}
+               {mask}
+               normalize = {norm}
+               value = v[b, h // (H // G), j, e]
+             }}"
+        );
+        let c = attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{name}: {}", d.message));
+        assert!(attnc::optimize(&c, &PassConfig::all()).expect("passes").1.iter().any(|a| a.pass == "relpos"), "{name}: no table");
+        (name.to_string(), c)
+    };
+    let cases = || {
+        vec![
+            spec("window_table", "rel[h, p - j]", "mask = j <= p && p - j < 32", "softmax"),
+            spec(
+                "t5_decoder",
+                "rel[h, select(p - j < 16, p - j, min(31, 16 + int(log(float(abs(p - j)) / 16.0) / log(8.0) * 16.0)))]",
+                "mask = j <= p",
+                "softmax",
+            ),
+            spec("log_distance", "-rel[h, 0] * log(1.0 + float(abs(p - j)))", "", "sigmoid"),
+        ]
+    };
+    let profiles = |p: &str| matches!(p, "basic" | "cross_gqa_b2" | "decode" | "masked_rows" | "few_rows");
+    let mut off = PassConfig::all();
+    off.set("relpos", false).expect("a pass");
+    for passes in [PassConfig::all(), off] {
+        check_cases(&On { passes: passes.clone(), ..cpu_schedule(ScheduleOptions::default()) }, cases(), &profiles, 6);
+        check_cases(&On { passes: passes.clone(), ..cpu_schedule(ScheduleOptions { tiled: false, chunk: 0, ..Default::default() }) }, cases(), &profiles, 6);
+        check_cases(&On { passes: passes.clone(), ..On::all(WgslBackend, WgslOptions::default()) }, cases(), &profiles, 6);
+        check_cases(&On { passes, ..On::all(PtxSimBackend, PtxOptions::default()) }, cases(), &profiles, 6);
+    }
 }
 
 /// The chunked algorithm with several chunks (state carried between them), and the

@@ -8,7 +8,7 @@
 //!   bounds where the reference reads ([`bounds`]);
 //! - the e-graph ([`egraph`], the only user of egg) with its rules and cost functions;
 //! - the passes, each `run(&Kernel) -> Option<(Kernel, what it did)>`, in the order of
-//!   [`PASSES`]: [`simplify`], [`hoist`], [`fold`], [`lowrank`], [`linear`].
+//!   [`PASSES`]: [`simplify`], [`hoist`], [`fold`], [`lowrank`], [`linear`], [`relpos`].
 //!
 //! Every rewrite is checked against the reference interpreter in the tests: the optimized
 //! kernel must compute what the original computes. It knows nothing of the surface language
@@ -23,6 +23,7 @@ pub mod hoist;
 pub use attnc_ir::interval;
 pub mod linear;
 pub mod lowrank;
+pub mod relpos;
 pub mod separable;
 pub mod simplify;
 pub mod tiles;
@@ -36,13 +37,16 @@ use std::collections::BTreeSet;
 /// - `hoist` before `fold`: folding a factor into the dot's operands evaluates it once per
 ///   channel, which is only cheap once per-row reductions (cosine norms) are tensors;
 /// - `fold` before `lowrank`: a bias joins the dot only when the score is a bare dot;
-/// - `linear` last: it reads the folded dot and materializes the chunked form's operands.
+/// - `linear` after those: it reads the folded dot and materializes the chunked form's operands;
+/// - `relpos` last: a bias the low-rank pass turned into dot channels is cheaper still, and
+///   it leaves the linear family's branches (a decay) alone.
 pub const PASSES: &[Pass] = &[
     Pass { name: "simplify", what: "constant folding and algebraic identities (e-graph, smallest form)", run: simplify::run },
     Pass { name: "hoist", what: "per-row and per-key reductions in the score (cosine norms) become tensors computed once", run: hoist::run },
     Pass { name: "fold", what: "query- and key-only factors of the score move into the dot's operands (scale, norms)", run: fold::run },
     Pass { name: "lowrank", what: "FlashBias: a bias that is a sum of query-term × key-term products becomes extra dot channels", run: lowrank::run },
     Pass { name: "linear", what: "linear and decay attention in the normal form of the chunked algorithm (retnet, gla, cosine, linear_elu)", run: linear::run },
+    Pass { name: "relpos", what: "a costly bias of the offset i − j alone (T5's buckets) becomes a table over the offsets, computed once", run: relpos::run },
 ];
 
 /// One pass of the pipeline: its name (`--opt NAME=off`), what it does, and the pass.
