@@ -619,6 +619,57 @@ fn passes_apply_where_expected() {
     assert_eq!(rewritten_by("relpos"), ["t5_bias"]);
 }
 
+/// The tiled CPU kernel's vector `log` (`vlog`) value by value against Rust's `ln` of the
+/// same f32 (one key per row, so each output is one log): zeros, negatives, infinities and
+/// NaN give what `ln` gives, powers of two exactly `k · ln 2` rounded once (T5's buckets
+/// compare such values with integers), every other value within 2 ulp.
+#[test]
+fn the_vector_log_matches_ln_value_by_value() {
+    let src = "attention logs {
+      dims B, H, N, M, Dv
+      input x: f32[B, H, N, M]
+      input v: f32[B, H, M, Dv]
+      output o: f32[B, H, N, Dv]
+      score = log(x[b, h, i, j])
+      normalize = none
+      value = v[b, h, j, e]
+    }";
+    let c = attnc::dsl::compile(src).unwrap_or_else(|d| panic!("{}", d.render("logs.attn", src)));
+    let mut xs: Vec<f32> = vec![0.0, -0.0, -1.0, -1e-30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.0, f32::MIN_POSITIVE, 1e-45, 2f32.powi(-130), f32::MAX];
+    xs.extend((-149..=127).map(|k| 2f32.powi(k)));
+    xs.extend([std::f32::consts::SQRT_2, 1.414_213_7, std::f32::consts::FRAC_1_SQRT_2, 0.707_106_7, 1.000_000_1, 0.999_999_94, 3.0, 10.0, 1e10, 1e-10]);
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    for _ in 0..700 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        // Uniform exponents over the normal range, uniform mantissas.
+        xs.push(f32::from_bits(((state >> 40) as u32 % (254 << 23)) + (1 << 23)));
+    }
+    let n = xs.len();
+    let x = Tensor::new(vec![1, 1, n, 1], xs.iter().map(|v| *v as f64).collect());
+    let v = Tensor::new(vec![1, 1, 1, 1], vec![1.0]);
+    let ins: BTreeMap<String, Tensor> = [("x".to_string(), x), ("v".to_string(), v)].into_iter().collect();
+    // The tiled kernel (the cost model would take the row kernel's scalar `ln` for one key).
+    let tiled = CpuOptions::with_schedule(ScheduleOptions::default());
+    for r in [cpu(tiled.clone()), cpu(CpuOptions { microkernel: false, ..tiled })] {
+        let got = r.run(&c, &ins).unwrap_or_else(|e| panic!("{}: {e}", r.name()));
+        for (n, (x, g)) in xs.iter().zip(&got.data).enumerate() {
+            let (want, g) = (x.ln(), *g as f32);
+            let ok = if want.is_nan() || want.is_infinite() {
+                g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan())
+            } else if x.to_bits() & 0x007f_ffff == 0 && x.is_normal() || *x == 2f32.powi(-149) {
+                // A power of two: k · ln 2 rounded once.
+                let k = if x.is_normal() { ((x.to_bits() >> 23) as i32) - 127 } else { -149 };
+                g == (k as f64 * std::f64::consts::LN_2) as f32
+            } else {
+                (g.to_bits() as i64 - want.to_bits() as i64).abs() <= 2 || (g - want).abs() <= 2.0 * f32::EPSILON * want.abs().max(f32::MIN_POSITIVE)
+            };
+            assert!(ok, "{}: log({x:e}) (element {n}) = {g:e}, ln gives {want:e}", r.name());
+        }
+    }
+}
+
 /// Biases of the offset `p − j` alone become tables over the offsets (the `relpos` pass):
 /// a relative-position table read only where the mask keeps the pair (its index is outside
 /// the table at the masked offsets: the table clamps them), T5's decoder buckets (causal,

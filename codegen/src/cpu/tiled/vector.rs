@@ -234,6 +234,77 @@ impl Gen<'_, '_> {
         self.b.ins().fdiv(p, q)
     }
 
+    /// `ln` on 4 lanes (Cephes `logf`, ~1 ulp): `x = m · 2^k` with `m ∈ [√½, √2)` from the
+    /// bits (subnormals scaled by 2^23 first), `ln m = f − f²/2 + f³·P(f)` for `f = m − 1`,
+    /// plus `k · ln 2` in two parts, so `ln(2^k)` is `k · ln 2` rounded once (T5's buckets
+    /// compare such values with integers). `ln 0 = −inf`, `ln(x < 0) = NaN`, `ln inf = inf`,
+    /// NaN stays NaN.
+    pub(crate) fn vlog(&mut self, x: Value) -> Value {
+        let tiny = self.fconst4(f32::MIN_POSITIVE);
+        let sub = self.b.ins().fcmp(FloatCC::LessThan, x, tiny);
+        let two23 = self.fconst4(8_388_608.0);
+        let scaled = self.b.ins().fmul(x, two23);
+        let xs = self.fselect(sub, scaled, x);
+        let bits = self.b.ins().bitcast(types::I32X4, little(), xs);
+        let exp = self.b.ins().ushr_imm_u(bits, 23);
+        let bias = self.b.ins().iconst(types::I32, 127);
+        let bias = self.b.ins().splat(types::I32X4, bias);
+        let k = self.b.ins().isub(exp, bias);
+        let mask = self.b.ins().iconst(types::I32, 0x007f_ffff);
+        let mask = self.b.ins().splat(types::I32X4, mask);
+        let one_bits = self.b.ins().iconst(types::I32, 0x3f80_0000);
+        let one_bits = self.b.ins().splat(types::I32X4, one_bits);
+        let mb = self.b.ins().band(bits, mask);
+        let mb = self.b.ins().bor(mb, one_bits);
+        let m = self.b.ins().bitcast(types::F32X4, little(), mb);
+        // m ∈ [1, 2): above √2, halve it and count one more power of two.
+        let sqrt2 = self.fconst4(std::f32::consts::SQRT_2);
+        let big = self.b.ins().fcmp(FloatCC::GreaterThan, m, sqrt2);
+        let half = self.fconst4(0.5);
+        let mh = self.b.ins().fmul(m, half);
+        let m = self.fselect(big, mh, m);
+        let k = self.b.ins().isub(k, big); // a lane mask: −1 where set
+        let z23 = self.b.ins().iconst(types::I32, 23);
+        let z23 = self.b.ins().splat(types::I32X4, z23);
+        let zero_i = self.b.ins().iconst(types::I32, 0);
+        let zero_i = self.b.ins().splat(types::I32X4, zero_i);
+        let adj = self.b.ins().bitselect(sub, z23, zero_i);
+        let k = self.b.ins().isub(k, adj);
+        let kf = self.b.ins().fcvt_from_sint(types::F32X4, k);
+        let one = self.fconst4(1.0);
+        let f = self.b.ins().fsub(m, one);
+        let z = self.b.ins().fmul(f, f);
+        let coeffs =
+            [7.037_683_6e-2, -1.151_461e-1, 1.167_699_9e-1, -1.242_014_1e-1, 1.424_932_3e-1, -1.666_805_8e-1, 2.000_071_4e-1, -2.499_999_4e-1, 3.333_333_1e-1];
+        let mut p = self.fconst4(coeffs[0]);
+        for c in &coeffs[1..] {
+            let cv = self.fconst4(*c);
+            p = self.b.ins().fma(p, f, cv);
+        }
+        let fz = self.b.ins().fmul(f, z);
+        let y = self.b.ins().fmul(p, fz);
+        let ln2_lo = self.fconst4(-2.121_944_4e-4);
+        let y = self.b.ins().fma(kf, ln2_lo, y);
+        let mhalf = self.fconst4(-0.5);
+        let y = self.b.ins().fma(z, mhalf, y);
+        let r = self.b.ins().fadd(f, y);
+        let ln2_hi = self.fconst4(0.693_359_4);
+        let r = self.b.ins().fma(kf, ln2_hi, r);
+        // The special values: 0 → −inf, negative → NaN, +inf → +inf, NaN → NaN.
+        let zero = self.fconst4(0.0);
+        let is0 = self.b.ins().fcmp(FloatCC::Equal, x, zero);
+        let ninf = self.fconst4(f32::NEG_INFINITY);
+        let r = self.fselect(is0, ninf, r);
+        let neg = self.b.ins().fcmp(FloatCC::LessThan, x, zero);
+        let nan = self.fconst4(f32::NAN);
+        let r = self.fselect(neg, nan, r);
+        let inf = self.fconst4(f32::INFINITY);
+        let isinf = self.b.ins().fcmp(FloatCC::Equal, x, inf);
+        let r = self.fselect(isinf, inf, r);
+        let unord = self.b.ins().fcmp(FloatCC::Unordered, x, x);
+        self.fselect(unord, x, r)
+    }
+
     pub(super) fn vsigmoid(&mut self, x: Value) -> Value {
         let nx = self.b.ins().fneg(x);
         let e = self.vexp(nx);
@@ -321,7 +392,8 @@ impl Gen<'_, '_> {
                         let x = self.b.ins().fmin(x, hi);
                         self.b.ins().fcvt_to_sint_sat(types::I32X4, x)
                     }
-                    UnOp::Log | UnOp::Cos | UnOp::Sin => return VV::V(self.lanewise(e)),
+                    UnOp::Log => self.vlog(x),
+                    UnOp::Cos | UnOp::Sin => return VV::V(self.lanewise(e)),
                 })
             }
             Expr::Binary(op, a, b) => {
