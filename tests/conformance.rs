@@ -637,7 +637,10 @@ fn the_vector_log_matches_ln_value_by_value() {
     let c = attnc::dsl::compile(src).unwrap_or_else(|d| panic!("{}", d.render("logs.attn", src)));
     let mut xs: Vec<f32> = vec![0.0, -0.0, -1.0, -1e-30, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 1.0, f32::MIN_POSITIVE, 1e-45, 2f32.powi(-130), f32::MAX];
     xs.extend((-149..=127).map(|k| 2f32.powi(k)));
-    xs.extend([std::f32::consts::SQRT_2, 1.414_213_7, std::f32::consts::FRAC_1_SQRT_2, 0.707_106_7, 1.000_000_1, 0.999_999_94, 3.0, 10.0, 1e10, 1e-10]);
+    // Around the reduction's edges (√2, √½, 1) and a few others.
+    let (r2, r12) = (std::f32::consts::SQRT_2.to_bits(), std::f32::consts::FRAC_1_SQRT_2.to_bits());
+    xs.extend([r2 - 1, r2, r2 + 1, r12 - 1, r12, r12 + 1, 0x3f7f_ffff, 0x3f80_0001].map(f32::from_bits));
+    xs.extend([3.0, 10.0, 1e10, 1e-10]);
     let mut state = 0x2545_f491_4f6c_dd1d_u64;
     for _ in 0..700 {
         state ^= state << 13;
