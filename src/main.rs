@@ -361,9 +361,10 @@ enum Cmd {
         /// Elements per input that --check compares.
         #[arg(long, default_value_t = 16)]
         check_samples: usize,
-        /// `cpu`: compiled backward kernels (f32; specs with one softmax or pointwise-map
-        /// branch whose score is linear in its dot, see `docs/backward.md`); `reference`: the f64 reference
-        /// backward (every spec, slow); `auto` (default): cpu where it applies, else reference.
+        /// `cpu`: compiled backward kernels (f32; every example but gla, whose per-channel
+        /// decay sits inside the dot: what is refused and why in `docs/backward.md`);
+        /// `reference`: the f64 reference backward (every spec, slow); `auto` (default): cpu
+        /// where it applies, else reference.
         #[arg(long, value_enum, default_value = "auto")]
         backend: GradBackend,
     },

@@ -182,9 +182,9 @@ class Kernel:
         reference. ``cotangent`` has
         the output's shape (default: ones, the gradient of the output's sum). Integer inputs
         have no gradient; a row with no live key has gradient zero; NaN propagates.
-        ``backend``: ``"cpu"`` runs the compiled backward kernels (f32; one softmax or
-        pointwise-map branch whose score is linear in its dot: sdpa, causal, ALiBi, sinks,
-        masks, gates, sigmoid, ...; raises
+        ``backend``: ``"cpu"`` runs the compiled backward kernels (f32; every example but
+        gla: softmax, sinks, post-maps, sigmoid and other maps, linear normalizations,
+        branches, decays, gates, softcap, tables read per pair; raises
         ``ValueError`` naming what it does not cover), ``"reference"`` the f64 reference
         backward (every spec; slow, small shapes), ``"auto"`` (default) the compiled one where
         it applies."""
