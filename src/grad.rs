@@ -175,6 +175,34 @@ pub fn backward_plan(k: &Kernel) -> Result<(Kernel, Vec<attnc_ir::backward::Grad
     }
 }
 
+/// Table elements per head past which the compiled backward refuses a table read per pair:
+/// it folds each element into a head of its own (`attnc_ir::backward`'s `PairFold`), and a
+/// flattened pair index (`t[h, i * M + j]`) would make N·M of them. The reference backward
+/// computes such gradients.
+pub const MAX_FOLDED_HEADS: i64 = 1 << 12;
+
+/// Whether the compiled backward covers `k` at these dims: [`backward_plan`], and no table
+/// read per pair with more than [`MAX_FOLDED_HEADS`] elements per head.
+pub fn compiled_applies(k: &Kernel, dims: &Bindings) -> Result<(), String> {
+    let (_, kernels) = backward_plan(k).map_err(|e| e.to_string())?;
+    check_folds(k, &kernels, dims)
+}
+
+fn check_folds(k: &Kernel, kernels: &[attnc_ir::backward::GradKernel], dims: &Bindings) -> Result<(), String> {
+    let folded = attnc_ir::Extent::Dim(attnc_ir::backward::FOLDED_HEADS.into());
+    for gk in kernels.iter().filter(|g| g.kernel.iter.h == folded) {
+        let all = dims.complete(&gk.kernel);
+        let per_head = all.extent(&folded) / all.extent(&k.iter.h).max(1);
+        if per_head > MAX_FOLDED_HEADS {
+            return Err(format!(
+                "no compiled backward at these dims: `{}`'s gradient is scattered over {per_head} table elements per head (at most {MAX_FOLDED_HEADS}: the compiled backward folds each into a head of its own)",
+                gk.target
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// f64 copies of the inputs `k` declares, from storage form.
 fn f64_inputs(k: &Kernel, inputs: &attnc_codegen::host::Inputs<'_>) -> Result<BTreeMap<String, Tensor>, CompiledGradError> {
     k.inputs()
@@ -244,6 +272,7 @@ pub fn compiled_f32(
     use attnc_ir::backward::{DD, DO, LSE};
     use attnc_ir::reference::{ExprEval, Scalar};
     let (kb, kernels) = backward_plan(k)?;
+    check_folds(&kb, &kernels, dims).map_err(other)?;
     let k = &kb;
     // Each kernel optimized by the passes once (the low-rank bias makes ALiBi's scores plain
     // dot products) and compiled once per options (a training loop calls this every step).

@@ -825,7 +825,7 @@ fn run(cli: Cli) -> Result<()> {
                     attnc::grad::ones_like_output(&c.kernel, &b)
                 }
             };
-            let compiled = match (backend, attnc::grad::backward_plan(&c.kernel)) {
+            let compiled = match (backend, attnc::grad::compiled_applies(&c.kernel, &b)) {
                 (GradBackend::Reference, _) => false,
                 (_, Ok(_)) => true,
                 (GradBackend::Cpu, Err(e)) => return Err(anyhow!("{}: {e} (--backend reference runs every spec)", c.kernel.name)),

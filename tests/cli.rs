@@ -447,6 +447,36 @@ fn grad_writes_a_gradient_per_float_input_and_checks_it() {
         attnc(&["grad", "examples/gla.attn", "--random", "--dims", "B=1,H=1,N=4,M=4,D=4,Dv=4", "-o", &tmp("g_gla.safetensors"), "--backend", "cpu"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("no compiled backward for this spec yet: the partial for `q` reads the row, the key and the channel in one factor"), "{err}");
+    // A flattened pair index folds into one head per element: compiled at small dims,
+    // refused past `MAX_FOLDED_HEADS` (by name under --backend cpu; `auto` runs the reference).
+    let flat = tmp("flat_pair_bias.attn");
+    std::fs::write(
+        &flat,
+        "attention flat_pair_bias {
+           dims B, H, N, M, D, P
+           input q: f32[B, H, N, D]
+           input k: f32[B, H, M, D]
+           input v: f32[B, H, M, D]
+           input bt: f32[H, P]
+           output o: f32[B, H, N, D]
+           require P == N * M
+           score = dot(q[b, h, i, :], k[b, h, j, :])
+           bias = bt[h, i * M + j]
+           value = v[b, h, j, e]
+         }",
+    )
+    .unwrap();
+    let (code, _, err) =
+        attnc(&["grad", &flat, "--random", "--dims", "B=1,H=2,N=5,M=7,D=4,P=35", "-o", &tmp("g_flat.safetensors"), "--backend", "cpu", "--check"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("compiled backward (CPU, f32)") && err.contains("check: `bt`"), "{err}");
+    let big = ["grad", &flat, "--random", "--dims", "B=1,H=1,N=70,M=70,D=4,P=4900", "-o", &tmp("g_flat_big.safetensors")];
+    let (code, _, err) = attnc(&[&big[..], &["--backend", "cpu"]].concat());
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`bt`'s gradient is scattered over 4900 table elements per head (at most 4096"), "{err}");
+    let (code, _, err) = attnc(&big);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("running the reference backward") && err.contains("reference backward (f64)"), "{err}");
     // A table read per pair (T5's buckets): compiled, and checked.
     let (code, _, err) =
         attnc(&["grad", "examples/t5_bias.attn", "--random", "--dims", "B=1,H=2,N=20,D=4", "-o", &tmp("g_t5.safetensors"), "--backend", "cpu", "--check"]);

@@ -498,6 +498,9 @@ struct PairFold {
     width: i64,
 }
 
+/// The dim of a per-pair table's kernel's heads (`H · T`, see [`PairFold`]).
+pub const FOLDED_HEADS: &str = "__HT";
+
 /// Key blocks of a dense bias's fold (see [`PairFold`]).
 const FOLD_KEYS: i64 = 64;
 
@@ -537,7 +540,7 @@ fn pair_fold(k: &Kernel, tensor: &str, idx: &[Expr]) -> PairFold {
 fn fold_heads(mut kern: Kernel, k: &Kernel, f: &PairFold) -> Kernel {
     let outer = Expr::bin(BinOp::FloorDiv, Expr::var("h"), f.per_head.clone());
     let hh = |e: &Expr| e.subst("h", &outer);
-    const HEADS: &str = "__HT";
+    const HEADS: &str = FOLDED_HEADS;
     kern.dims.push(DimDecl { name: HEADS.into(), def: Some(Expr::bin(BinOp::Mul, k.iter.h.to_expr(), f.per_head.clone())) });
     kern.iter.h = Extent::Dim(HEADS.into());
     if let Some(t) = kern.tensors.iter_mut().find(|t| t.kind == TensorKind::Output) {

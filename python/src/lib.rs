@@ -396,17 +396,19 @@ impl Kernel {
         dims: Option<BTreeMap<String, i64>>,
         backend: &str,
     ) -> PyResult<Vec<RawGrad>> {
-        let covered = attnc::grad::backward_plan(&self.spec.kernel);
+        if !["auto", "cpu", "reference"].contains(&backend) {
+            return Err(PyValueError::new_err(format!("backend must be \"auto\", \"cpu\" or \"reference\" (got {backend:?})")));
+        }
+        let explicit = dims.unwrap_or_default();
+        let b = input_buffers(&self.spec, arrays)?;
+        let bound = self.bind(&b, &explicit)?;
+        let covered = attnc::grad::compiled_applies(&self.spec.kernel, &bound);
         let compiled = match (backend, &covered) {
             ("reference", _) => false,
             ("cpu", Err(e)) => return Err(PyValueError::new_err(format!("{e} (backend=\"reference\" runs every spec)"))),
             ("cpu", Ok(_)) => true,
-            ("auto", c) => c.is_ok() && self.backend == CpuBackend::NAME,
-            (other, _) => return Err(PyValueError::new_err(format!("backend must be \"auto\", \"cpu\" or \"reference\" (got {other:?})"))),
+            (_, c) => c.is_ok() && self.backend == CpuBackend::NAME,
         };
-        let explicit = dims.unwrap_or_default();
-        let b = input_buffers(&self.spec, arrays)?;
-        let bound = self.bind(&b, &explicit)?;
         let mut parts = attnc::memory_parts(&self.spec, &bound, true);
         parts.push(("for the gradients", parts[0].1 * 2 / 3));
         attnc_codegen::host::check_memory(&parts).map_err(run_error)?;
