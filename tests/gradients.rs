@@ -294,8 +294,26 @@ fn compiled_backward_matches_the_reference_backward() {
              }}"
         )
     };
-    let extra = [("softcap_alibi_sigmoid", softcapped("sigmoid")), ("softcap_alibi_clipped", softcapped("softmax(post = clamp(1.003 * w - 0.003, 0.0, 1.0))"))]
-        .map(|(n, src)| (n.to_string(), attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{n}: {}", d.message))));
+    // And a table read per pair along two axes (the fold's element unflattened over both).
+    let rel2d = "attention rel2d {
+                   dims B, H, G, N, M, D, Dv
+                   input q: f32[B, H, N, D]
+                   input k: f32[B, G, M, D]
+                   input v: f32[B, G, M, Dv]
+                   input rpb: f32[H, 7, 5]
+                   output o: f32[B, H, N, Dv]
+                   require H % G == 0
+                   score = dot(q[b, h, i, :], k[b, h // (H // G), j, :])
+                   bias = rpb[h, (p // 4 - j // 4) % 7, (p % 4 - j % 4) % 5]
+                   value = v[b, h // (H // G), j, e]
+                 }"
+    .to_string();
+    let extra = [
+        ("softcap_alibi_sigmoid", softcapped("sigmoid")),
+        ("softcap_alibi_clipped", softcapped("softmax(post = clamp(1.003 * w - 0.003, 0.0, 1.0))")),
+        ("rel2d", rel2d),
+    ]
+    .map(|(n, src)| (n.to_string(), attnc::dsl::compile(&src).unwrap_or_else(|d| panic!("{n}: {}", d.message))));
     for (name, c) in examples().into_iter().chain(extra) {
         if let Err(why) = attnc::grad::backward_plan(&c.kernel) {
             refused.push(format!("{name}: {why}"));

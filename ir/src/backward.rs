@@ -514,8 +514,9 @@ fn pair_fold(k: &Kernel, tensor: &str, idx: &[Expr]) -> PairFold {
     let rem = |a: Expr, b: Expr| Expr::bin(BinOp::Mod, a, b);
     let eq = |a: Expr, b: Expr| Expr::bin(BinOp::Eq, a, b);
     // The key axes' element, flattened row-major, and how many there are.
-    let flat = key_axes.iter().fold(int(0), |acc, a| if acc == int(0) { idx[*a].clone() } else { add(mul(acc, dim(*a)), idx[*a].clone()) });
-    let elements = key_axes.iter().fold(int(1), |acc, a| if acc == int(1) { dim(*a) } else { mul(acc, dim(*a)) });
+    let (first, rest) = key_axes.split_first().expect("a leaf read per pair reads the key");
+    let flat = rest.iter().fold(idx[*first].clone(), |acc, a| add(mul(acc, dim(*a)), idx[*a].clone()));
+    let elements = rest.iter().fold(dim(*first), |acc, a| mul(acc, dim(*a)));
     let blocked = matches!(key_axes.as_slice(), [a] if idx[*a] == var("j"));
     let width = if blocked { FOLD_KEYS } else { 1 };
     let per_head = if blocked { div(add(elements, int(width - 1)), int(width)) } else { elements };
@@ -526,11 +527,15 @@ fn pair_fold(k: &Kernel, tensor: &str, idx: &[Expr]) -> PairFold {
     let value = if blocked { Expr::select(eq(rem(var("j"), int(width)), var("e")), Expr::float(1.0), Expr::float(0.0)) } else { Expr::float(1.0) };
     // The gradient's index: the element `(h % T) · W + e` along the key axes.
     let element = if blocked { add(mul(t, int(width)), var("e")) } else { t };
-    let mut after = int(1);
     let mut out: Vec<Expr> = idx.iter().map(|x| x.subst("h", &outer_h)).collect();
-    for a in key_axes.iter().rev() {
-        out[*a] = if key_axes.len() == 1 { element.clone() } else { rem(div(element.clone(), after.clone()), dim(*a)) };
-        after = if after == int(1) { dim(*a) } else { mul(after, dim(*a)) };
+    if let [a] = key_axes.as_slice() {
+        out[*a] = element;
+    } else {
+        for (n, a) in key_axes.iter().enumerate() {
+            // The element's digit on this axis: over the axes after it, modulo its own.
+            let inner = key_axes[n + 1..].iter().map(|b| dim(*b)).reduce(mul);
+            out[*a] = rem(inner.map_or(element.clone(), |d| div(element.clone(), d)), dim(*a));
+        }
     }
     PairFold { idx: out, per_head, sel, value, width }
 }
@@ -540,11 +545,10 @@ fn pair_fold(k: &Kernel, tensor: &str, idx: &[Expr]) -> PairFold {
 fn fold_heads(mut kern: Kernel, k: &Kernel, f: &PairFold) -> Kernel {
     let outer = Expr::bin(BinOp::FloorDiv, Expr::var("h"), f.per_head.clone());
     let hh = |e: &Expr| e.subst("h", &outer);
-    const HEADS: &str = FOLDED_HEADS;
-    kern.dims.push(DimDecl { name: HEADS.into(), def: Some(Expr::bin(BinOp::Mul, k.iter.h.to_expr(), f.per_head.clone())) });
-    kern.iter.h = Extent::Dim(HEADS.into());
+    kern.dims.push(DimDecl { name: FOLDED_HEADS.into(), def: Some(Expr::bin(BinOp::Mul, k.iter.h.to_expr(), f.per_head.clone())) });
+    kern.iter.h = Extent::Dim(FOLDED_HEADS.into());
     if let Some(t) = kern.tensors.iter_mut().find(|t| t.kind == TensorKind::Output) {
-        t.shape[1] = Extent::Dim(HEADS.into());
+        t.shape[1] = Extent::Dim(FOLDED_HEADS.into());
     }
     kern.value = hh(&kern.value);
     for br in &mut kern.branches {

@@ -148,10 +148,20 @@ pub fn optimize(k: &Kernel, cfg: &PassConfig) -> Result<Optimized, PassError> {
 
 /// A tensor name not yet used in `k`, starting from `base`.
 pub(crate) fn fresh_tensor(k: &Kernel, base: &str) -> String {
-    if k.tensor(base).is_none() {
+    fresh(base, |n| k.tensor(n).is_some())
+}
+
+/// A dim name not yet declared in `k`, starting from `base`.
+pub(crate) fn fresh_dim(k: &Kernel, base: &str) -> String {
+    fresh(base, |n| k.dims.iter().any(|d| d.name == n))
+}
+
+/// `base`, or `base_1`, `base_2`, … : the first that is not `taken`.
+fn fresh(base: &str, taken: impl Fn(&str) -> bool) -> String {
+    if !taken(base) {
         return base.to_string();
     }
-    (1..).map(|n| format!("{base}_{n}")).find(|n| k.tensor(n).is_none()).expect("a free name")
+    (1..).map(|n| format!("{base}_{n}")).find(|n| !taken(n)).expect("a free name")
 }
 
 /// Appends a derived tensor (derived tensors are computed in declaration order, so it may

@@ -21,7 +21,7 @@
 //!   the linear family's forms.
 
 use crate::separable::{has_reduction, only_pair_indices, side, Side};
-use crate::{add_derived, fresh_tensor, Applied};
+use crate::{add_derived, fresh_dim, fresh_tensor, Applied};
 use attnc_ir::{BinOp, DType, DimDecl, Expr, Extent, Kernel, Norm, TensorDecl, TensorDef, TensorKind, Ty, UnOp};
 
 /// The offset `i − j` in an expression of the offset.
@@ -157,15 +157,7 @@ pub fn run(k: &Kernel) -> Option<(Kernel, Vec<Applied>)> {
         let fv = f.free_vars();
         let (rows, cols) = (k.iter.i.to_expr(), k.iter.j.to_expr());
         let last_row = Expr::bin(BinOp::Sub, rows.clone(), Expr::Int(1));
-        let dim = {
-            let taken = |d: &str| out.dims.iter().any(|x| x.name == d);
-            let base = "__RELPOS";
-            if taken(base) {
-                (1..).map(|m| format!("{base}{m}")).find(|d| !taken(d)).expect("a free name")
-            } else {
-                base.to_string()
-            }
-        };
+        let dim = fresh_dim(&out, "__RELPOS");
         out.dims.push(DimDecl { name: dim.clone(), def: Some(Expr::bin(BinOp::Sub, Expr::bin(BinOp::Add, rows, cols), Expr::Int(1))) });
         let mut vars = Vec::new();
         let mut shape = Vec::new();
